@@ -1,0 +1,183 @@
+//! QUIC-LB connection-ID layout, plaintext mode (draft-ietf-quic-load-balancers).
+//!
+//! ```text
+//! First Octet { Config Rotation (3), CID Length - 1 (5) } | Server ID (server_id_len) | Nonce (>= 4)
+//! ```
+//! The same code decodes in the XDP program and encodes in the worker's CID generator, so the two
+//! can never disagree about where the server ID sits.
+
+/// Longest connection ID QUIC v1 allows.
+pub const MAX_CID_LEN: usize = 20;
+/// We keep server IDs in a u64 map key, so at most 8 bytes (the draft allows 15).
+pub const MAX_SERVER_ID_LEN: usize = 8;
+/// The draft requires a nonce of at least 4 bytes so CIDs stay unlinkable.
+pub const MIN_NONCE_LEN: usize = 4;
+/// Config-rotation value the draft reserves for "this CID carries no routing information".
+pub const CR_UNROUTABLE: u8 = 0b111;
+
+/// Why a layout is not usable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// `cid_len` must be 1..=20.
+    CidLength,
+    /// `server_id_len` must be 1..=8.
+    ServerIdLength,
+    /// `cid_len - 1 - server_id_len` must be at least [`MIN_NONCE_LEN`].
+    NonceTooShort,
+    /// Config rotation must be 0..=6 (7 means unroutable).
+    ConfigRotation,
+    /// The server ID does not fit in `server_id_len` bytes.
+    ServerIdTooLarge,
+}
+
+impl LayoutError {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            LayoutError::CidLength => "cid_len must be between 1 and 20",
+            LayoutError::ServerIdLength => "server_id_len must be between 1 and 8",
+            LayoutError::NonceTooShort => "cid_len - 1 - server_id_len must leave a nonce of at least 4 bytes",
+            LayoutError::ConfigRotation => "config rotation must be 0..=6 (7 is reserved for unroutable CIDs)",
+            LayoutError::ServerIdTooLarge => "server id does not fit in server_id_len bytes",
+        }
+    }
+}
+
+impl core::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// Where the server ID sits in a server-issued connection ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidLayout {
+    cid_len: u8,
+    server_id_len: u8,
+}
+
+impl Default for CidLayout {
+    /// 8-byte CIDs with a 2-byte server ID (5-byte nonce).
+    fn default() -> Self {
+        Self { cid_len: 8, server_id_len: 2 }
+    }
+}
+
+impl CidLayout {
+    pub const fn new(cid_len: u8, server_id_len: u8) -> Result<Self, LayoutError> {
+        if cid_len == 0 || cid_len as usize > MAX_CID_LEN {
+            return Err(LayoutError::CidLength);
+        }
+        if server_id_len == 0 || server_id_len as usize > MAX_SERVER_ID_LEN {
+            return Err(LayoutError::ServerIdLength);
+        }
+        if (cid_len as usize) < 1 + server_id_len as usize + MIN_NONCE_LEN {
+            return Err(LayoutError::NonceTooShort);
+        }
+        Ok(Self { cid_len, server_id_len })
+    }
+
+    pub const fn cid_len(&self) -> usize {
+        self.cid_len as usize
+    }
+
+    pub const fn server_id_len(&self) -> usize {
+        self.server_id_len as usize
+    }
+
+    pub const fn nonce_len(&self) -> usize {
+        self.cid_len as usize - 1 - self.server_id_len as usize
+    }
+
+    /// Largest server ID this layout can carry.
+    pub const fn max_server_id(&self) -> u64 {
+        if self.server_id_len as usize >= 8 { u64::MAX } else { (1u64 << (8 * self.server_id_len as u32)) - 1 }
+    }
+
+    /// The first octet: config rotation in the top 3 bits, `cid_len - 1` in the low 5 bits.
+    pub const fn first_octet(&self, config_rotation: u8) -> u8 {
+        (config_rotation << 5) | ((self.cid_len - 1) & 0x1f)
+    }
+
+    /// Writes a routable CID into `out[..cid_len]`. `nonce` supplies at least `nonce_len` bytes
+    /// (the worker passes fresh random bytes).
+    pub fn encode(&self, config_rotation: u8, server_id: u64, nonce: &[u8], out: &mut [u8]) -> Result<(), LayoutError> {
+        if config_rotation >= CR_UNROUTABLE {
+            return Err(LayoutError::ConfigRotation);
+        }
+        if server_id > self.max_server_id() {
+            return Err(LayoutError::ServerIdTooLarge);
+        }
+        let (sid_len, nonce_len) = (self.server_id_len(), self.nonce_len());
+        if out.len() < self.cid_len() || nonce.len() < nonce_len {
+            return Err(LayoutError::CidLength);
+        }
+        out[0] = self.first_octet(config_rotation);
+        let sid_bytes = server_id.to_be_bytes();
+        out[1..1 + sid_len].copy_from_slice(&sid_bytes[8 - sid_len..]);
+        out[1 + sid_len..self.cid_len()].copy_from_slice(&nonce[..nonce_len]);
+        Ok(())
+    }
+
+    /// The server ID a CID carries, or `None` if it is too short for the layout or marked
+    /// unroutable (config rotation `0b111`): the caller then falls back to hashing.
+    #[inline(always)]
+    pub fn decode_server_id(&self, cid: &[u8]) -> Option<u64> {
+        let sid_len = self.server_id_len();
+        if cid.len() < 1 + sid_len || sid_len > MAX_SERVER_ID_LEN {
+            return None;
+        }
+        if config_rotation(cid[0]) == CR_UNROUTABLE {
+            return None;
+        }
+        let mut id = 0u64;
+        let mut i = 0;
+        while i < sid_len {
+            id = (id << 8) | cid[1 + i] as u64;
+            i += 1;
+        }
+        Some(id)
+    }
+}
+
+/// The config-rotation bits of a CID's first octet.
+#[inline(always)]
+pub const fn config_rotation(first_octet: u8) -> u8 {
+    first_octet >> 5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_validation_names_the_problem() {
+        assert_eq!(CidLayout::new(0, 2), Err(LayoutError::CidLength));
+        assert_eq!(CidLayout::new(21, 2), Err(LayoutError::CidLength));
+        assert_eq!(CidLayout::new(8, 0), Err(LayoutError::ServerIdLength));
+        assert_eq!(CidLayout::new(8, 9), Err(LayoutError::ServerIdLength));
+        assert_eq!(CidLayout::new(8, 4), Err(LayoutError::NonceTooShort));
+        assert!(CidLayout::new(8, 3).is_ok());
+        assert_eq!(CidLayout::default().nonce_len(), 5);
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips() {
+        let layout = CidLayout::new(12, 3).unwrap();
+        let mut cid = [0u8; 12];
+        layout.encode(2, 0xabcdef, &[9; 8], &mut cid).unwrap();
+        assert_eq!(cid[0], (2 << 5) | 11);
+        assert_eq!(layout.decode_server_id(&cid), Some(0xabcdef));
+    }
+
+    #[test]
+    fn unroutable_and_short_cids_fall_back() {
+        let layout = CidLayout::default();
+        let mut cid = [0u8; 8];
+        layout.encode(0, 7, &[1; 5], &mut cid).unwrap();
+        cid[0] |= CR_UNROUTABLE << 5;
+        assert_eq!(layout.decode_server_id(&cid), None);
+        assert_eq!(layout.decode_server_id(&[0x07, 1]), None);
+        assert_eq!(layout.encode(7, 1, &[0; 5], &mut cid), Err(LayoutError::ConfigRotation));
+        assert_eq!(layout.encode(0, 0x1_0000, &[0; 5], &mut cid), Err(LayoutError::ServerIdTooLarge));
+    }
+}

@@ -1,0 +1,1 @@
+//! placeholder: the embedded XDP object (data-plane work fills this in).

@@ -1,0 +1,20 @@
+//! `cargo xtask test`: everything the README promises, in one command.
+use crate::util::{self, cargo, require_root};
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Extra arguments passed to every `cargo test` (e.g. a test name filter after `--`).
+    #[arg(trailing_var_arg = true)]
+    pub args: Vec<String>,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    require_root("cargo xtask test")?;
+    // Unit and property tests of every crate but the netns/BPF integration suite.
+    util::run(cargo().args(["test", "--workspace", "--exclude", "baton-tests"]).args(&opts.args))?;
+    // Integration tests share network namespaces and the bpffs pin directory: one at a time.
+    util::run(cargo().args(["test", "-p", "baton-tests", "--", "--test-threads=1"]).args(&opts.args))?;
+    eprintln!("[xtask] all tests passed");
+    Ok(())
+}
