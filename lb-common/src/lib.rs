@@ -4,10 +4,15 @@
 //! both sides. The BTF the XDP object carries names these structs, which is what makes
 //! `bpftool map dump pinned /sys/fs/bpf/baton/<map>` print readable keys and values.
 #![no_std]
+#[cfg(test)]
+extern crate std;
 
 pub mod cid;
 
-pub use cid::{CidLayout, LayoutError, CR_UNROUTABLE, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN};
+pub use cid::{
+    CR_UNROUTABLE, CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, config_rotation,
+    self_described_len,
+};
 
 /// Directory under bpffs where the controller pins maps and the XDP link.
 pub const PIN_DIR: &str = "/sys/fs/bpf/baton";
@@ -71,7 +76,8 @@ pub const AF_INET6: u8 = 6;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipValue {
-    /// Reserved for per-VIP flags; 1 = enabled.
+    /// Reserved for per-VIP flags; 1 = enabled. The XDP program passes traffic to an entry
+    /// without bit 0 set as if the VIP were not configured.
     pub flags: u32,
 }
 
@@ -99,6 +105,51 @@ impl CidKey {
         &self.bytes[..(self.len as usize).min(MAX_CID_LEN)]
     }
 }
+
+/// A [`CidKey`]'s 24 bytes as three little-endian u64 words: `[len, cid[0..7]]`,
+/// `[cid[7..15]]`, `[cid[15..20], pad]`. The XDP program builds these straight from the packet
+/// with three loads and masks, and hashes and decodes from them; this is the host-side view.
+#[inline(always)]
+pub fn cid_key_words(key: &CidKey) -> [u64; 3] {
+    let mut raw = [0u8; 24];
+    raw[0] = key.len;
+    raw[1..21].copy_from_slice(&key.bytes);
+    raw[21..24].copy_from_slice(&key._pad);
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&raw[8 * i..8 * i + 8]);
+        u64::from_le_bytes(w)
+    };
+    [word(0), word(1), word(2)]
+}
+
+/// Hash of a connection ID for the Maglev lookup: the XDP program picks
+/// `BATON_MAGLEV[cid_hash(key) % LbConfig::maglev_size]`, and `baton route` uses the same function
+/// to explain a routing decision. Covers the length and the zero-padded bytes, so it is a hash of
+/// the CID alone.
+#[inline(always)]
+pub fn cid_hash(key: &CidKey) -> u32 {
+    cid_hash_words(&cid_key_words(key))
+}
+
+/// [`cid_hash`] over [`cid_key_words`]. Three independent multiplies and a finaliser: a serial
+/// byte-at-a-time hash (FNV) would cost as much as the rest of the XDP program.
+#[inline(always)]
+pub fn cid_hash_words(w: &[u64; 3]) -> u32 {
+    let mut h = w[0].wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ w[1].rotate_left(23).wrapping_mul(0xd6e8_feb8_6659_fd93)
+        ^ w[2].rotate_left(41).wrapping_mul(0xa076_1d64_78bd_642f);
+    // Avalanche so every input bit reaches the low bits the modulo keeps.
+    h ^= h >> 32;
+    h = h.wrapping_mul(0xe703_7ed1_a0b4_28db);
+    h ^= h >> 29;
+    h as u32
+}
+
+/// QUIC version 1 (RFC 9000).
+pub const QUIC_V1: u32 = 0x0000_0001;
+/// QUIC version 2 (RFC 9369): same invariants, different long-header type numbers.
+pub const QUIC_V2: u32 = 0x6b33_43cf;
 
 /// Value of `BATON_CID_OVERRIDE` and `BATON_SERVER_IDS`: which worker gets the packet.
 #[repr(C)]
@@ -141,7 +192,8 @@ pub const TX_SAME_IFACE: u32 = u32::MAX;
 pub enum Stat {
     /// Not UDP to a configured VIP/port (or not yet configured): XDP_PASS.
     Passed = 0,
-    /// UDP to a VIP with a truncated or malformed QUIC header: XDP_DROP.
+    /// UDP to a VIP with a truncated or malformed QUIC header: XDP_DROP. Also counts what no
+    /// client sends to a VIP: IPv4 first fragments (QUIC sets DF) and Retry packets.
     Malformed = 1,
     /// Routed by an exact-CID override.
     RoutedOverride = 2,
@@ -198,6 +250,49 @@ impl Stat {
             Stat::Ipv4 => "ipv4",
             Stat::Ipv6 => "ipv6",
             Stat::Bytes => "bytes",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cid_hash_depends_on_every_byte_and_the_length() {
+        let base = CidKey::new(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]).unwrap();
+        let h = cid_hash(&base);
+        assert_eq!(h, cid_hash(&base), "deterministic");
+        for i in 0..8 {
+            let mut k = base;
+            k.bytes[i] ^= 1;
+            assert_ne!(cid_hash(&k), h, "byte {i} must matter");
+        }
+        // Same bytes, different length (a trailing zero byte) must differ.
+        let longer = CidKey::new(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0]).unwrap();
+        assert_ne!(cid_hash(&longer), h);
+    }
+
+    #[test]
+    fn key_words_lay_out_the_key_bytes_little_endian() {
+        let key = CidKey::new(&(1..=20).collect::<std::vec::Vec<u8>>()).unwrap();
+        let w = cid_key_words(&key);
+        assert_eq!(w[0], u64::from_le_bytes([20, 1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(w[1], u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]));
+        assert_eq!(w[2], u64::from_le_bytes([16, 17, 18, 19, 20, 0, 0, 0]));
+    }
+
+    #[test]
+    fn cid_hash_spreads_over_a_maglev_table() {
+        // 20,000 sequential 8-byte CIDs over 7 buckets: each bucket within 10% of the mean.
+        let mut buckets = [0u32; 7];
+        for i in 0u64..20_000 {
+            let k = CidKey::new(&i.to_be_bytes()).unwrap();
+            buckets[(cid_hash(&k) % 7) as usize] += 1;
+        }
+        let mean = 20_000 / 7;
+        for b in buckets {
+            assert!(b.abs_diff(mean) < mean / 10, "uneven spread: {buckets:?}");
         }
     }
 }

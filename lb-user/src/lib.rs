@@ -3,3 +3,18 @@
 
 /// The compiled XDP object, embedded at build time (see `build.rs`).
 pub mod object;
+
+pub mod config;
+pub mod control;
+pub mod controller;
+pub mod dataplane;
+pub mod health;
+pub mod maglev;
+pub mod metrics;
+pub mod neigh;
+pub mod pinned;
+pub mod sys;
+
+/// Pin directory used when `--pin-dir` is not given.
+pub const DEFAULT_PIN_DIR: &str = lb_common::PIN_DIR;
+pub mod testrun;

@@ -2,6 +2,7 @@
 mod bench;
 mod ebpf;
 mod lab;
+mod patch;
 mod test;
 mod util;
 
@@ -25,6 +26,8 @@ enum Command {
     },
     /// Run every test: unit, property, BPF_PROG_TEST_RUN fixtures and netns integration tests. Needs root.
     Test(test::Options),
+    /// Unpack the pinned dependency sources we patch into .patched/ and apply patches/<crate>/*.patch.
+    PatchDeps,
     /// Run the benchmarks (XDP per-packet cost, migration pipeline) and print a side-by-side report.
     Bench(bench::Options),
 }
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Command::Lab { action } => lab::run(action),
         Command::Test(opts) => test::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::PatchDeps => patch::prepare(),
     }
 }

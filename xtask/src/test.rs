@@ -10,6 +10,7 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    crate::patch::prepare()?;
     require_root("cargo xtask test")?;
     // Unit and property tests of every crate but the netns/BPF integration suite.
     util::run(cargo().args(["test", "--workspace", "--exclude", "baton-tests"]).args(&opts.args))?;

@@ -1,0 +1,577 @@
+//! The byte form of a [`Handoff`], for moving it between processes.
+//!
+//! A versioned, length-checked binary layout (little-endian integers, length-prefixed byte
+//! strings). It includes the TLS secrets, so the buffer is zeroized on drop; the migration channel
+//! encrypts and authenticates it (issue 5), this module only encodes.
+use crate::Handoff;
+use crate::capture::SessionSecrets;
+use crate::handoff::{
+    ConnectionSnapshot, PendingAcksSnapshot, RecvStreamSnapshot, SendStreamSnapshot,
+    StreamsSnapshot,
+};
+use crate::schedule::Suite;
+use crate::secret::Secret;
+use quinn_proto::transport_parameters::TransportParameters;
+use quinn_proto::{ConnectionId, Side, StreamId, VarInt};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+const MAGIC: &[u8; 4] = b"BHO1";
+
+/// Why bytes do not decode to a [`Handoff`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a handoff (bad magic or version)")]
+    Magic,
+    #[error("truncated")]
+    Truncated,
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+    #[error("trailing bytes")]
+    Trailing,
+}
+
+struct W(Zeroizing<Vec<u8>>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn bool(&mut self, v: bool) {
+        self.u8(v as u8);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u128(&mut self, v: u128) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+    }
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                f(self, v)
+            }
+        }
+    }
+    fn dur(&mut self, d: Duration) {
+        self.u64(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+    fn cid(&mut self, c: &ConnectionId) {
+        self.bytes(c);
+    }
+    fn pair(&mut self, v: [u64; 2]) {
+        self.u64(v[0]);
+        self.u64(v[1]);
+    }
+    fn addr(&mut self, a: SocketAddr) {
+        self.ip(a.ip());
+        self.u16(a.port());
+    }
+    fn ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => {
+                self.u8(4);
+                self.0.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                self.u8(6);
+                self.0.extend_from_slice(&v6.octets());
+            }
+        }
+    }
+    fn stream_id(&mut self, id: StreamId) {
+        self.u64(VarInt::from(id).into_inner());
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+type Res<T> = Result<T, DecodeError>;
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Res<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn arr<const N: usize>(&mut self) -> Res<[u8; N]> {
+        Ok(self.take(N)?.try_into().unwrap())
+    }
+    fn u8(&mut self) -> Res<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn bool(&mut self) -> Res<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Invalid("bool")),
+        }
+    }
+    fn u16(&mut self) -> Res<u16> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    fn u32(&mut self) -> Res<u32> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Res<u64> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn u128(&mut self) -> Res<u128> {
+        Ok(u128::from_le_bytes(self.arr()?))
+    }
+    fn i32(&mut self) -> Res<i32> {
+        Ok(i32::from_le_bytes(self.arr()?))
+    }
+    fn bytes(&mut self) -> Res<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Res<T>) -> Res<Option<T>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(f(self)?)),
+            _ => Err(DecodeError::Invalid("option tag")),
+        }
+    }
+    fn dur(&mut self) -> Res<Duration> {
+        Ok(Duration::from_nanos(self.u64()?))
+    }
+    fn cid(&mut self) -> Res<ConnectionId> {
+        let b = self.bytes()?;
+        if b.len() > 20 {
+            return Err(DecodeError::Invalid("connection ID length"));
+        }
+        Ok(ConnectionId::new(b))
+    }
+    fn pair(&mut self) -> Res<[u64; 2]> {
+        Ok([self.u64()?, self.u64()?])
+    }
+    fn addr(&mut self) -> Res<SocketAddr> {
+        let ip = self.ip()?;
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+    fn ip(&mut self) -> Res<IpAddr> {
+        match self.u8()? {
+            4 => Ok(IpAddr::from(self.arr::<4>()?)),
+            6 => Ok(IpAddr::from(self.arr::<16>()?)),
+            _ => Err(DecodeError::Invalid("address family")),
+        }
+    }
+    fn stream_id(&mut self) -> Res<StreamId> {
+        let v = VarInt::from_u64(self.u64()?).map_err(|_| DecodeError::Invalid("stream id"))?;
+        Ok(StreamId::from(v))
+    }
+    fn count(&mut self, max: usize) -> Res<usize> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(DecodeError::Invalid("count"));
+        }
+        Ok(n)
+    }
+}
+
+/// Encodes a handoff. The buffer holds secrets and is zeroized on drop.
+pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
+    let mut w = W(Zeroizing::new(Vec::with_capacity(1024)));
+    w.0.extend_from_slice(MAGIC);
+    // Secrets
+    let s = &h.secrets;
+    w.u8(match s.suite {
+        Suite::Aes128GcmSha256 => 1,
+        Suite::Aes256GcmSha384 => 2,
+    });
+    w.bytes(s.client_secret_0.expose());
+    w.bytes(s.server_secret_0.expose());
+    w.bytes(s.exporter_secret.expose());
+    w.u64(s.generation);
+    w.opt(s.alpn.as_deref(), |w, v| w.bytes(v));
+    w.opt(s.server_name.as_deref(), |w, v| w.bytes(v.as_bytes()));
+    // Connection
+    let c = &h.connection;
+    w.u32(c.version);
+    w.addr(c.remote);
+    w.opt(c.local_ip, |w, v| w.ip(v));
+    w.cid(&c.handshake_cid);
+    w.cid(&c.rem_handshake_cid);
+    w.cid(&c.orig_rem_cid);
+    w.cid(&c.initial_dst_cid);
+    w.opt(c.retry_src_cid.as_ref(), |w, v| w.cid(v));
+    let mut params = Vec::new();
+    c.peer_params.write(&mut params);
+    w.bytes(&params);
+    w.u32(c.local_cids.len() as u32);
+    for (seq, cid) in &c.local_cids {
+        w.u64(*seq);
+        w.cid(cid);
+    }
+    w.u64(c.cids_issued);
+    w.u32(c.local_cid_active_seq.len() as u32);
+    for s in &c.local_cid_active_seq {
+        w.u64(*s);
+    }
+    w.u64(c.local_cid_prev_retire_seq);
+    w.u64(c.local_cid_retire_seq);
+    w.u64(c.remote_cid_offset);
+    w.u32(c.remote_cids.len() as u32);
+    for slot in &c.remote_cids {
+        w.opt(slot.as_ref(), |w, (cid, token)| {
+            w.cid(cid);
+            w.opt(token.as_ref(), |w, t| w.0.extend_from_slice(t));
+        });
+    }
+    w.u64(c.next_packet_number);
+    w.u64(c.rx_packet);
+    w.u128(c.dedup_window);
+    w.u64(c.dedup_next);
+    let p = &c.pending_acks;
+    w.u32(p.ranges.len() as u32);
+    for r in &p.ranges {
+        w.u64(r.start);
+        w.u64(r.end);
+    }
+    w.opt(p.largest_packet, |w, (pn, age)| {
+        w.u64(pn);
+        w.dur(age);
+    });
+    w.opt(p.largest_ack_eliciting_packet, W::u64);
+    w.opt(p.largest_acked, W::u64);
+    w.u64(p.ack_eliciting_since_last_ack_sent);
+    w.u64(p.non_ack_eliciting_since_last_ack_sent);
+    w.opt(c.largest_acked_packet, W::u64);
+    w.u64(c.largest_ack_eliciting_sent);
+    for v in c.ecn_counters.iter().chain(&c.ecn_feedback) {
+        w.u64(*v);
+    }
+    w.u64(c.crypto_offset);
+    w.u64(c.sent_with_keys);
+    w.u64(c.pn_filter.0);
+    w.opt(c.pn_filter.1, W::u64);
+    w.u32(c.pn_filter.2);
+    w.bool(c.key_phase);
+    w.u64(c.key_phase_size);
+    w.bool(c.path_validated);
+    w.dur(c.rtt.0);
+    w.opt(c.rtt.1, W::dur);
+    w.dur(c.rtt.2);
+    w.dur(c.rtt.3);
+    w.bool(c.sending_ecn);
+    w.u16(c.mtu);
+    w.u64(c.congestion_window);
+    w.bool(c.spin_enabled);
+    w.bool(c.spin);
+    w.bool(c.receiving_ecn);
+    w.u64(c.total_authed_packets);
+    let st = &c.streams;
+    for pair in [
+        st.next,
+        st.max,
+        st.max_remote,
+        st.sent_max_remote,
+        st.allocated_remote_count,
+        st.max_concurrent_remote_count,
+        st.next_remote,
+        st.next_reported_remote,
+    ] {
+        w.pair(pair);
+    }
+    w.bool(st.flow_control_adjusted);
+    w.u64(st.send_streams);
+    w.u32(st.connection_blocked.len() as u32);
+    for id in &st.connection_blocked {
+        w.stream_id(*id);
+    }
+    for v in [
+        st.max_data,
+        st.receive_window,
+        st.local_max_data,
+        st.sent_max_data,
+        st.data_sent,
+        st.data_recvd,
+        st.send_window,
+        st.stream_receive_window,
+        st.initial_max_stream_data_uni,
+        st.initial_max_stream_data_bidi_local,
+        st.initial_max_stream_data_bidi_remote,
+        st.receive_window_shrink_debt,
+    ] {
+        w.u64(v);
+    }
+    w.opt(st.data_blocked_limit, W::u64);
+    w.u32(st.send.len() as u32);
+    for (id, s) in &st.send {
+        w.stream_id(*id);
+        w.opt(s.as_ref(), |w, s| {
+            w.u64(s.offset);
+            w.u64(s.max_data);
+            w.opt(s.finish_acked, W::bool);
+            w.i32(s.priority);
+            w.bool(s.connection_blocked);
+            w.opt(s.data_blocked_limit, W::u64);
+            w.opt(s.stop_reason, W::u64);
+        });
+    }
+    w.u32(st.recv.len() as u32);
+    for (id, r) in &st.recv {
+        w.stream_id(*id);
+        w.opt(r.as_ref(), |w, r| {
+            w.bool(r.open);
+            w.u64(r.bytes_read);
+            w.opt(r.final_size, W::u64);
+            w.u64(r.sent_max_stream_data);
+            w.bool(r.stopped);
+        });
+    }
+    w.0
+}
+
+/// Decodes what [`encode`] produced.
+pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
+    const MAX: usize = 1 << 20;
+    let mut r = R(bytes);
+    if r.take(4)? != MAGIC {
+        return Err(DecodeError::Magic);
+    }
+    let suite = match r.u8()? {
+        1 => Suite::Aes128GcmSha256,
+        2 => Suite::Aes256GcmSha384,
+        _ => return Err(DecodeError::Invalid("cipher suite")),
+    };
+    let secret = |r: &mut R<'_>| -> Res<Secret> {
+        let b = r.bytes()?;
+        if b.len() != suite.hash_len() {
+            return Err(DecodeError::Invalid("secret length"));
+        }
+        Ok(Secret::new(b))
+    };
+    let client_secret_0 = secret(&mut r)?;
+    let server_secret_0 = secret(&mut r)?;
+    let exporter_secret = secret(&mut r)?;
+    let generation = r.u64()?;
+    let alpn = r.opt(|r| Ok(r.bytes()?.to_vec()))?;
+    let server_name = r.opt(|r| {
+        String::from_utf8(r.bytes()?.to_vec()).map_err(|_| DecodeError::Invalid("server name"))
+    })?;
+    let secrets = SessionSecrets {
+        suite,
+        client_secret_0,
+        server_secret_0,
+        exporter_secret,
+        generation,
+        alpn,
+        server_name,
+    };
+
+    let version = r.u32()?;
+    let remote = r.addr()?;
+    let local_ip = r.opt(R::ip)?;
+    let handshake_cid = r.cid()?;
+    let rem_handshake_cid = r.cid()?;
+    let orig_rem_cid = r.cid()?;
+    let initial_dst_cid = r.cid()?;
+    let retry_src_cid = r.opt(R::cid)?;
+    let mut params = r.bytes()?;
+    let peer_params =
+        // Read as a client would: quinn keeps the reset token of the client CID in use in the
+        // peer's parameters, which the server-side check would reject.
+        TransportParameters::read(Side::Client, &mut params).map_err(|_| DecodeError::Invalid("transport parameters"))?;
+    let n = r.count(MAX)?;
+    let mut local_cids = Vec::with_capacity(n);
+    for _ in 0..n {
+        local_cids.push((r.u64()?, r.cid()?));
+    }
+    let cids_issued = r.u64()?;
+    let n = r.count(MAX)?;
+    let local_cid_active_seq = (0..n).map(|_| r.u64()).collect::<Res<Vec<_>>>()?;
+    let local_cid_prev_retire_seq = r.u64()?;
+    let local_cid_retire_seq = r.u64()?;
+    let remote_cid_offset = r.u64()?;
+    let n = r.count(64)?;
+    let mut remote_cids = Vec::with_capacity(n);
+    for _ in 0..n {
+        remote_cids.push(r.opt(|r| Ok((r.cid()?, r.opt(|r| r.arr::<16>())?)))?);
+    }
+    let next_packet_number = r.u64()?;
+    let rx_packet = r.u64()?;
+    let dedup_window = r.u128()?;
+    let dedup_next = r.u64()?;
+    let n = r.count(MAX)?;
+    let mut ranges = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (start, end) = (r.u64()?, r.u64()?);
+        if start > end {
+            return Err(DecodeError::Invalid("ack range"));
+        }
+        ranges.push(start..end);
+    }
+    let pending_acks = PendingAcksSnapshot {
+        ranges,
+        largest_packet: r.opt(|r| Ok((r.u64()?, r.dur()?)))?,
+        largest_ack_eliciting_packet: r.opt(R::u64)?,
+        largest_acked: r.opt(R::u64)?,
+        ack_eliciting_since_last_ack_sent: r.u64()?,
+        non_ack_eliciting_since_last_ack_sent: r.u64()?,
+    };
+    let largest_acked_packet = r.opt(R::u64)?;
+    let largest_ack_eliciting_sent = r.u64()?;
+    let ecn_counters = [r.u64()?, r.u64()?, r.u64()?];
+    let ecn_feedback = [r.u64()?, r.u64()?, r.u64()?];
+    let crypto_offset = r.u64()?;
+    let sent_with_keys = r.u64()?;
+    let pn_filter = (r.u64()?, r.opt(R::u64)?, r.u32()?);
+    let key_phase = r.bool()?;
+    let key_phase_size = r.u64()?;
+    let path_validated = r.bool()?;
+    let rtt = (r.dur()?, r.opt(R::dur)?, r.dur()?, r.dur()?);
+    let sending_ecn = r.bool()?;
+    let mtu = r.u16()?;
+    let congestion_window = r.u64()?;
+    let spin_enabled = r.bool()?;
+    let spin = r.bool()?;
+    let receiving_ecn = r.bool()?;
+    let total_authed_packets = r.u64()?;
+    let next = r.pair()?;
+    let max = r.pair()?;
+    let max_remote = r.pair()?;
+    let sent_max_remote = r.pair()?;
+    let allocated_remote_count = r.pair()?;
+    let max_concurrent_remote_count = r.pair()?;
+    let next_remote = r.pair()?;
+    let next_reported_remote = r.pair()?;
+    let flow_control_adjusted = r.bool()?;
+    let send_streams = r.u64()?;
+    let n = r.count(MAX)?;
+    let connection_blocked = (0..n).map(|_| r.stream_id()).collect::<Res<Vec<_>>>()?;
+    let mut v = [0u64; 12];
+    for x in v.iter_mut() {
+        *x = r.u64()?;
+    }
+    let data_blocked_limit = r.opt(R::u64)?;
+    let n = r.count(MAX)?;
+    let mut send = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.stream_id()?;
+        let s = r.opt(|r| {
+            Ok(SendStreamSnapshot {
+                offset: r.u64()?,
+                max_data: r.u64()?,
+                finish_acked: r.opt(R::bool)?,
+                priority: r.i32()?,
+                connection_blocked: r.bool()?,
+                data_blocked_limit: r.opt(R::u64)?,
+                stop_reason: r.opt(R::u64)?,
+            })
+        })?;
+        send.push((id, s));
+    }
+    let n = r.count(MAX)?;
+    let mut recv = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.stream_id()?;
+        let s = r.opt(|r| {
+            Ok(RecvStreamSnapshot {
+                open: r.bool()?,
+                bytes_read: r.u64()?,
+                final_size: r.opt(R::u64)?,
+                sent_max_stream_data: r.u64()?,
+                stopped: r.bool()?,
+            })
+        })?;
+        recv.push((id, s));
+    }
+    if !r.0.is_empty() {
+        return Err(DecodeError::Trailing);
+    }
+    let streams = StreamsSnapshot {
+        next,
+        max,
+        max_remote,
+        sent_max_remote,
+        allocated_remote_count,
+        max_concurrent_remote_count,
+        flow_control_adjusted,
+        next_remote,
+        next_reported_remote,
+        send_streams,
+        connection_blocked,
+        max_data: v[0],
+        receive_window: v[1],
+        local_max_data: v[2],
+        sent_max_data: v[3],
+        data_sent: v[4],
+        data_recvd: v[5],
+        send_window: v[6],
+        stream_receive_window: v[7],
+        initial_max_stream_data_uni: v[8],
+        initial_max_stream_data_bidi_local: v[9],
+        initial_max_stream_data_bidi_remote: v[10],
+        receive_window_shrink_debt: v[11],
+        data_blocked_limit,
+        send,
+        recv,
+    };
+    let connection = ConnectionSnapshot {
+        version,
+        remote,
+        local_ip,
+        handshake_cid,
+        rem_handshake_cid,
+        orig_rem_cid,
+        initial_dst_cid,
+        retry_src_cid,
+        peer_params,
+        local_cids,
+        cids_issued,
+        local_cid_active_seq,
+        local_cid_prev_retire_seq,
+        local_cid_retire_seq,
+        remote_cid_offset,
+        remote_cids,
+        next_packet_number,
+        rx_packet,
+        dedup_window,
+        dedup_next,
+        pending_acks,
+        largest_acked_packet,
+        largest_ack_eliciting_sent,
+        ecn_counters,
+        ecn_feedback,
+        crypto_offset,
+        sent_with_keys,
+        pn_filter,
+        key_phase,
+        key_phase_size,
+        path_validated,
+        rtt,
+        sending_ecn,
+        mtu,
+        congestion_window,
+        spin_enabled,
+        spin,
+        receiving_ecn,
+        total_authed_packets,
+        streams,
+    };
+    Ok(Handoff {
+        connection,
+        secrets,
+    })
+}

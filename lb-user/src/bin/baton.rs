@@ -1,0 +1,471 @@
+//! `baton`: the operator CLI. Reads (and, for overrides, writes) the pinned maps directly, and asks
+//! the running baton-lb over its control socket for what only it knows (names, health, mode).
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use lb_common::{CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry, WorkerRef};
+use lb_user::config::format_mac;
+use lb_user::control::{self, DaemonStatus, Request};
+use lb_user::controller::{WorkerStatus, hex, override_key, parse_hex};
+use lb_user::dataplane::AttachedMode;
+use lb_user::pinned::{LINK_PIN_NAME, PinnedMaps};
+use lb_user::sys;
+use serde::Serialize;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "Operate a Baton QUIC load balancer: status, workers, routing decisions, CID overrides",
+    long_about = "Operate a Baton QUIC load balancer.\n\n\
+Works on the maps baton-lb pinned under --pin-dir (what the XDP program really uses), and asks \
+the running baton-lb over its control socket for worker names, health and the attach mode. \
+Needs root. Output is for people by default; --json prints one JSON document for scripts.",
+    after_help = "Examples:\n  baton status\n  baton workers --json\n  baton route 01000112345678ab\n  baton override set 01000112345678ab w2\n  baton override del 01000112345678ab"
+)]
+struct Cli {
+    /// bpffs directory baton-lb pinned its maps and link in.
+    #[arg(long, env = "BATON_PIN_DIR", default_value = lb_user::DEFAULT_PIN_DIR, global = true)]
+    pin_dir: PathBuf,
+    /// baton-lb's control socket.
+    #[arg(long, env = "BATON_SOCKET", default_value = lb_user::config::DEFAULT_CONTROL_SOCKET, global = true)]
+    control_socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The attached program (interface, mode, ids) and the data plane's counters, summed over CPUs.
+    Status,
+    /// The workers the data plane knows: slot, server ID, MAC, tx path, health, Maglev share.
+    Workers,
+    /// Which worker a short-header packet with this destination CID reaches, and why
+    /// (exact-CID override, the server ID in the CID, or Maglev hashing).
+    Route {
+        /// The connection ID in hex, e.g. 0100011122334455.
+        cid: String,
+    },
+    /// Exact-CID overrides: send one connection ID to a chosen worker (migrated connections).
+    Override {
+        #[command(subcommand)]
+        action: OverrideCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverrideCmd {
+    /// Route CID to WORKER (a worker name, or its server ID as a number).
+    Set {
+        /// The connection ID in hex; exactly the configured cid.length bytes.
+        cid: String,
+        /// A worker name from `baton workers` (needs baton-lb running) or a server ID (decimal or 0x-hex).
+        worker: String,
+    },
+    /// Remove the override for CID (it routes by its server ID again).
+    Del {
+        /// The connection ID in hex.
+        cid: String,
+    },
+    /// List every override.
+    List,
+}
+
+fn main() {
+    // Behave like other CLI tools in pipelines (`baton status | head`): exit quietly on a closed pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    sys::require_root("baton")?;
+    match &cli.command {
+        Cmd::Status => status(cli),
+        Cmd::Workers => workers(cli),
+        Cmd::Route { cid } => route(cli, cid),
+        Cmd::Override { action } => match action {
+            OverrideCmd::Set { cid, worker } => override_set(cli, cid, worker),
+            OverrideCmd::Del { cid } => override_del(cli, cid),
+            OverrideCmd::List => override_list(cli),
+        },
+    }
+}
+
+fn daemon(cli: &Cli) -> Option<DaemonStatus> {
+    match control::request(&cli.control_socket, &Request::Status) {
+        Ok(Some(v)) => serde_json::from_value(v).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("warning: {e:#}");
+            None
+        }
+    }
+}
+
+fn open_maps(cli: &Cli) -> Result<PinnedMaps> {
+    PinnedMaps::open(&cli.pin_dir)
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn status(cli: &Cli) -> Result<()> {
+    let link = sys::pinned_link_info(&cli.pin_dir.join(LINK_PIN_NAME))?;
+    let maps = open_maps(cli).map_err(|e| {
+        if link.is_none() { e.context("nothing is attached (no pinned link): start baton-lb") } else { e }
+    })?;
+    let lbc = maps.lb_config()?;
+    let stats = maps.stats()?;
+    let d = daemon(cli);
+    let prog_name = link.and_then(|l| {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .find(|p| p.id() == l.prog_id)
+            .and_then(|p| p.name_as_str().map(str::to_string))
+    });
+    let local = local_interface(link);
+    let interface = d
+        .as_ref()
+        .map(|d| d.interface.clone())
+        .or_else(|| local.as_ref().map(|(name, _)| name.clone()))
+        .unwrap_or_else(|| {
+            link.map(|l| format!("ifindex {} (another network namespace)", l.ifindex)).unwrap_or_default()
+        });
+    // The daemon knows the mode; without it, ask the kernel if the interface is visible here.
+    let mode = d.as_ref().map(|d| d.mode.clone()).or_else(|| {
+        local.as_ref().map(|(_, m)| *m).filter(|m| *m != AttachedMode::Unknown).map(|m| m.to_string())
+    });
+    if cli.json {
+        let counters: serde_json::Map<String, serde_json::Value> =
+            stats.iter().map(|(s, v)| (s.name().to_string(), json!(v))).collect();
+        return print_json(&json!({
+            "attached": link.is_some(),
+            "interface": interface,
+            "mode": mode,
+            "program": prog_name,
+            "prog_id": link.map(|l| l.prog_id),
+            "link_id": link.map(|l| l.id),
+            "pin_dir": cli.pin_dir,
+            "ready": lbc.ready != 0,
+            "cid_len": lbc.cid_len,
+            "server_id_len": lbc.server_id_len,
+            "maglev_size": lbc.maglev_size,
+            "daemon": d.as_ref().map(|d| json!({"pid": d.pid, "uptime_secs": d.uptime_secs, "config": d.config, "readopted": d.readopted})),
+            "counters": counters,
+        }));
+    }
+    match link {
+        Some(l) => println!(
+            "program   {} (prog id {}, link id {}) on {} in {} mode",
+            prog_name.as_deref().unwrap_or("?"),
+            l.prog_id,
+            l.id,
+            interface,
+            mode.as_deref().unwrap_or("unknown (baton-lb not running)")
+        ),
+        None => println!("program   NOT ATTACHED (maps are pinned under {} but no link is)", cli.pin_dir.display()),
+    }
+    match &d {
+        Some(d) => println!("daemon    baton-lb pid {} up {}s, config {}", d.pid, d.uptime_secs, d.config.display()),
+        None => println!("daemon    not running (forwarding continues on the pinned program)"),
+    }
+    println!(
+        "tables    {} (CIDs {} bytes, server ID {} bytes, Maglev {} slots)",
+        if lbc.ready != 0 { "ready" } else { "NOT READY: every packet passes" },
+        lbc.cid_len,
+        lbc.server_id_len,
+        lbc.maglev_size
+    );
+    println!("counters  (summed over CPUs)");
+    for (s, v) in stats {
+        println!("  {:<18} {v}", s.name());
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct WorkerRow {
+    index: u32,
+    name: Option<String>,
+    server_id: u64,
+    mac: String,
+    tx: String,
+    in_use: bool,
+    healthy: bool,
+    maglev_slots: u32,
+    address: Option<String>,
+}
+
+/// The interface the pinned link is attached to, if it is in *this* network namespace. A link
+/// only records an ifindex, which may name an unrelated interface here when baton-lb runs in
+/// another namespace; the program attached to it must be the link's to count.
+fn local_interface(link: Option<sys::LinkInfo>) -> Option<(String, AttachedMode)> {
+    let l = link?;
+    let name = sys::if_indextoname(l.ifindex)?;
+    let (mode, prog) = lb_user::dataplane::query_xdp(&name);
+    (prog == Some(l.prog_id)).then_some((name, mode))
+}
+
+fn worker_rows(cli: &Cli, maps: &PinnedMaps) -> Result<Vec<WorkerRow>> {
+    // Devmap ifindexes can only be named here if the data plane lives in this namespace.
+    let same_netns = local_interface(sys::pinned_link_info(&cli.pin_dir.join(LINK_PIN_NAME))?).is_some();
+    let d = daemon(cli);
+    let by_index: std::collections::HashMap<u32, WorkerStatus> =
+        d.map(|d| d.workers.into_iter().map(|w| (w.index, w)).collect()).unwrap_or_default();
+    let lbc = maps.lb_config()?;
+    let mut slots = std::collections::HashMap::<u32, u32>::new();
+    if lbc.maglev_size > 0 && by_index.is_empty() {
+        // No daemon to ask: count the table ourselves.
+        for i in 0..lbc.maglev_size.min(MAGLEV_TABLE_SIZE) {
+            *slots.entry(maps.maglev.get(&i, 0)?).or_default() += 1;
+        }
+    }
+    Ok(maps
+        .workers()?
+        .into_iter()
+        .map(|(i, e): (u32, WorkerEntry)| {
+            let ds = by_index.get(&i);
+            WorkerRow {
+                index: i,
+                name: ds.map(|w| w.name.clone()),
+                server_id: e.server_id,
+                mac: format_mac(&e.mac),
+                tx: if e.tx_port == TX_SAME_IFACE {
+                    "XDP_TX".into()
+                } else {
+                    let ifname = ds
+                        .map(|w| w.tx_interface.clone())
+                        .or_else(|| {
+                            let ifindex = maps.tx_ports.get(e.tx_port, 0).ok()?.if_index;
+                            Some(if same_netns {
+                                sys::if_indextoname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"))
+                            } else {
+                                format!("ifindex {ifindex}")
+                            })
+                        });
+                    format!("redirect devmap[{}] {}", e.tx_port, ifname.unwrap_or_default())
+                },
+                in_use: e.flags & lb_common::WORKER_IN_USE != 0,
+                healthy: e.flags & lb_common::WORKER_HEALTHY != 0,
+                maglev_slots: ds.map(|w| w.maglev_slots).unwrap_or_else(|| slots.get(&i).copied().unwrap_or(0)),
+                address: ds.map(|w| w.address.clone()),
+            }
+        })
+        .collect())
+}
+
+fn workers(cli: &Cli) -> Result<()> {
+    let maps = open_maps(cli)?;
+    let rows = worker_rows(cli, &maps)?;
+    if cli.json {
+        return print_json(&rows);
+    }
+    println!(
+        "{:<5} {:<12} {:>10} {:<17} {:<16} {:<8} {:>7}  TX",
+        "SLOT", "NAME", "SERVER_ID", "MAC", "ADDRESS", "HEALTH", "MAGLEV"
+    );
+    for r in rows {
+        println!(
+            "{:<5} {:<12} {:>10} {:<17} {:<16} {:<8} {:>6.1}%  {}",
+            r.index,
+            r.name.as_deref().unwrap_or("-"),
+            r.server_id,
+            r.mac,
+            r.address.as_deref().unwrap_or("-"),
+            if r.healthy { "healthy" } else { "DOWN" },
+            100.0 * r.maglev_slots as f64 / MAGLEV_TABLE_SIZE as f64,
+            r.tx
+        );
+    }
+    Ok(())
+}
+
+fn parse_cid(s: &str) -> Result<Vec<u8>> {
+    let cid = parse_hex(s).with_context(|| format!("{s:?} is not a hex connection ID (e.g. 0100011122334455)"))?;
+    if cid.len() > lb_common::MAX_CID_LEN {
+        bail!("a QUIC connection ID is at most 20 bytes; {s:?} is {}", cid.len());
+    }
+    Ok(cid)
+}
+
+#[derive(Serialize)]
+struct RouteAnswer {
+    cid: String,
+    reason: String,
+    detail: String,
+    worker_index: Option<u32>,
+    worker: Option<String>,
+    server_id: Option<u64>,
+    mac: Option<String>,
+}
+
+fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
+    let cid = parse_cid(cid_hex)?;
+    let maps = open_maps(cli)?;
+    let lbc: LbConfig = maps.lb_config()?;
+    let names = names_by_index(cli);
+    let key = CidKey::new(&cid).unwrap();
+    let mut notes = Vec::new();
+    if cid.len() != lbc.cid_len as usize {
+        notes.push(format!(
+            "note: short-header packets carry {}-byte CIDs here; the data plane reads only that many bytes",
+            lbc.cid_len
+        ));
+    }
+    // Same order as the XDP program: override, server ID, Maglev.
+    let in_use = |w: u32| maps.workers.get(&w, 0).is_ok_and(|e| e.flags & lb_common::WORKER_IN_USE != 0);
+    let (reason, detail, idx) = if let Some(w) =
+        maps.overrides.get(&key, 0).ok().filter(|w: &WorkerRef| in_use(w.worker))
+    {
+        ("override", "exact-CID override".to_string(), Some(w.worker))
+    } else {
+        let sid = CidLayout::new(lbc.cid_len, lbc.server_id_len).ok().and_then(|l| l.decode_server_id(&cid));
+        let by_sid = sid.and_then(|s| {
+            maps.server_ids
+                .get(&lb_common::ServerIdKey { server_id: s }, 0)
+                .ok()
+                .filter(|w| in_use(w.worker))
+                .map(|w| (s, w.worker))
+        });
+        match (sid, by_sid) {
+            (Some(s), Some((_, w))) => ("server_id", format!("server ID {s} (0x{s:x}) in the CID"), Some(w)),
+            _ => {
+                let why = match sid {
+                    None if cid.first().is_some_and(|b| lb_common::config_rotation(*b) == lb_common::CR_UNROUTABLE) => {
+                        "config rotation 0b111 (unroutable)".to_string()
+                    }
+                    None => "too short to carry a server ID".to_string(),
+                    Some(s) => format!("server ID {s} (0x{s:x}) belongs to no worker"),
+                };
+                let size = lbc.maglev_size.min(MAGLEV_TABLE_SIZE);
+                if size == 0 {
+                    ("no_worker", format!("{why}; Maglev table empty (no healthy worker): dropped"), None)
+                } else {
+                    let slot = lb_common::cid_hash(&key) % size;
+                    let w = maps.maglev.get(&slot, 0)?;
+                    ("hash", format!("{why}; Maglev slot {slot}"), Some(w))
+                }
+            }
+        }
+    };
+    let entry = idx.and_then(|i| maps.workers.get(&i, 0).ok());
+    let ans = RouteAnswer {
+        cid: hex(&cid),
+        reason: reason.into(),
+        detail,
+        worker_index: idx,
+        worker: idx.and_then(|i| names.get(&i).cloned()),
+        server_id: entry.map(|e| e.server_id),
+        mac: entry.map(|e| format_mac(&e.mac)),
+    };
+    if cli.json {
+        return print_json(&ans);
+    }
+    for n in notes {
+        eprintln!("{n}");
+    }
+    match idx {
+        Some(i) => println!(
+            "{} -> worker {} (slot {i}, server ID {}, MAC {}) by {}: {}",
+            ans.cid,
+            ans.worker.as_deref().unwrap_or("?"),
+            ans.server_id.unwrap_or(0),
+            ans.mac.as_deref().unwrap_or("?"),
+            ans.reason,
+            ans.detail
+        ),
+        None => println!("{} -> dropped: {}", ans.cid, ans.detail),
+    }
+    Ok(())
+}
+
+fn names_by_index(cli: &Cli) -> std::collections::HashMap<u32, String> {
+    daemon(cli).map(|d| d.workers.into_iter().map(|w| (w.index, w.name)).collect()).unwrap_or_default()
+}
+
+/// A worker name (via the daemon) or a server ID (decimal or 0x-hex, via the maps) -> slot.
+fn resolve_worker(cli: &Cli, maps: &PinnedMaps, worker: &str) -> Result<u32> {
+    if let Some(d) = daemon(cli) {
+        if let Some(w) = d.workers.iter().find(|w| w.name == worker) {
+            return Ok(w.index);
+        }
+    }
+    let sid =
+        if let Some(h) = worker.strip_prefix("0x") { u64::from_str_radix(h, 16).ok() } else { worker.parse().ok() };
+    if let Some(sid) = sid {
+        if let Ok(w) = maps.server_ids.get(&lb_common::ServerIdKey { server_id: sid }, 0) {
+            return Ok(w.worker);
+        }
+    }
+    bail!(
+        "no worker {worker:?}: give a worker name (needs baton-lb running, see `baton workers`) or a server ID \
+         that `baton workers` lists"
+    )
+}
+
+fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
+    let cid = parse_cid(cid_hex)?;
+    let mut maps = open_maps(cli)?;
+    let lbc = maps.lb_config()?;
+    let key = override_key(&cid, lbc.cid_len as usize)?;
+    let idx = resolve_worker(cli, &maps, worker)?;
+    maps.overrides
+        .insert(key, WorkerRef { worker: idx }, 0)
+        .context("cannot write the override (is the override map full?)")?;
+    if cli.json {
+        return print_json(&json!({"cid": hex(&cid), "worker": worker, "worker_index": idx}));
+    }
+    println!("{} -> {worker} (slot {idx})", hex(&cid));
+    Ok(())
+}
+
+fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
+    let cid = parse_cid(cid_hex)?;
+    let mut maps = open_maps(cli)?;
+    let key = CidKey::new(&cid).unwrap();
+    if maps.overrides.get(&key, 0).is_err() {
+        bail!("there is no override for {}", hex(&cid));
+    }
+    maps.overrides.remove(&key)?;
+    if cli.json {
+        return print_json(&json!({"cid": hex(&cid), "deleted": true}));
+    }
+    println!("override for {} removed", hex(&cid));
+    Ok(())
+}
+
+fn override_list(cli: &Cli) -> Result<()> {
+    let maps = open_maps(cli)?;
+    let names = names_by_index(cli);
+    let list = maps.overrides()?;
+    if cli.json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|(k, w)| json!({"cid": hex(k.as_slice()), "worker_index": w.worker, "worker": names.get(&w.worker)}))
+            .collect();
+        return print_json(&v);
+    }
+    if list.is_empty() {
+        println!("no overrides");
+    }
+    for (k, w) in list {
+        println!(
+            "{} -> {} (slot {})",
+            hex(k.as_slice()),
+            names.get(&w.worker).map(String::as_str).unwrap_or("?"),
+            w.worker
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! `baton-lb`'s TOML configuration: parsed with serde, then validated into [`Config`] so every
+//! mistake is reported with the field it concerns and what to do about it.
+//!
+//! ```toml
+//! interface = "eth0"          # where clients' packets arrive; the XDP program attaches here
+//! xdp_mode = "auto"           # native | skb | auto (native, falling back to skb with a warning)
+//!
+//! [cid]
+//! length = 8                  # length of the CIDs the workers issue
+//! server_id_length = 2        # bytes of server ID after the first octet
+//!
+//! [[vips]]
+//! address = "192.0.2.10"
+//! ports = [443]
+//!
+//! [[workers]]
+//! name = "w1"
+//! server_id = 1
+//! address = "10.0.0.11"       # used for MAC resolution, the tx interface and health checks
+//! mac = "auto"                # or "02:00:00:00:00:11"
+//! # interface = "eth1"        # tx interface; default: the route to `address`
+//! # weight = 1
+//! ```
+use anyhow::{Context, Result};
+use lb_common::CidLayout;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Default place of the control socket the CLI talks to.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/baton/baton.sock";
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Driver (native) mode; fail if the driver cannot do it.
+    Native,
+    /// Generic (SKB) mode: works on every interface, slower.
+    Skb,
+    /// Native, falling back to generic with a logged warning.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpModeSetting::Native => "native",
+            XdpModeSetting::Skb => "skb",
+            XdpModeSetting::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for XdpModeSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Self::Native),
+            "skb" => Ok(Self::Skb),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("unknown XDP mode {other:?}: use native, skb or auto")),
+        }
+    }
+}
+
+/// A worker's MAC address: given, or resolved from the neighbour table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacSetting {
+    Fixed([u8; 6]),
+    /// Look up `address` in the neighbour table (ARP / NDP), provoking resolution if needed.
+    Auto,
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Health-check probe kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// No probing: every worker counts as healthy.
+    #[default]
+    None,
+    /// A TCP connect to `address:port` must succeed.
+    Tcp,
+    /// A UDP datagram with `payload` to `address:port` must be answered.
+    Udp,
+}
+
+// ---- raw (as written) ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: String,
+    #[serde(default)]
+    xdp_mode: XdpModeSetting,
+    #[serde(default)]
+    cid: RawCid,
+    #[serde(default)]
+    vips: Vec<RawVip>,
+    #[serde(default)]
+    workers: Vec<RawWorker>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCid {
+    #[serde(default = "default_cid_len")]
+    length: u8,
+    #[serde(default = "default_sid_len")]
+    server_id_length: u8,
+}
+
+impl Default for RawCid {
+    fn default() -> Self {
+        Self { length: default_cid_len(), server_id_length: default_sid_len() }
+    }
+}
+
+fn default_cid_len() -> u8 {
+    CidLayout::default().cid_len() as u8
+}
+fn default_sid_len() -> u8 {
+    CidLayout::default().server_id_len() as u8
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    ports: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    name: String,
+    server_id: u64,
+    address: String,
+    #[serde(default)]
+    mac: Option<String>,
+    #[serde(default)]
+    interface: Option<String>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    kind: HealthKind,
+    port: Option<u16>,
+    #[serde(default)]
+    payload: Option<String>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<PathBuf>,
+    metrics: Option<String>,
+}
+
+// ---- validated ----
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub interface: String,
+    pub xdp_mode: XdpModeSetting,
+    pub layout: CidLayout,
+    pub vips: Vec<Vip>,
+    pub workers: Vec<Worker>,
+    pub health: Health,
+    pub control_socket: PathBuf,
+    /// Where to serve Prometheus metrics (`None` = off).
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Worker {
+    pub name: String,
+    pub server_id: u64,
+    pub address: IpAddr,
+    pub mac: MacSetting,
+    /// Interface to redirect to; `None` = whatever the route to `address` uses.
+    pub interface: Option<String>,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub kind: HealthKind,
+    pub port: u16,
+    pub payload: Vec<u8>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy worker healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy worker unhealthy.
+    pub fall: u32,
+}
+
+/// A configuration mistake: the field, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn bad(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), problem: problem.into() }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        // toml's own errors name the line, column and key (unknown fields, wrong types).
+        let raw: RawConfig = toml::from_str(text)?;
+        Ok(validate(raw)?)
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, FieldError> {
+    if raw.interface.trim().is_empty() {
+        return Err(bad("interface", "must name the interface clients' packets arrive on (e.g. \"eth0\")"));
+    }
+    if raw.interface.len() > 15 {
+        return Err(bad("interface", format!("{:?} is longer than the 15 characters Linux allows", raw.interface)));
+    }
+    let layout = CidLayout::new(raw.cid.length, raw.cid.server_id_length).map_err(|e| {
+        bad("cid", format!("length = {}, server_id_length = {}: {e}", raw.cid.length, raw.cid.server_id_length))
+    })?;
+
+    if raw.vips.is_empty() {
+        return Err(bad("vips", "at least one [[vips]] entry (address and ports) is required"));
+    }
+    let mut vips = Vec::new();
+    let mut seen_vip_ports = HashSet::new();
+    for (i, v) in raw.vips.iter().enumerate() {
+        let field = format!("vips[{i}]");
+        let address: IpAddr = v
+            .address
+            .parse()
+            .map_err(|_| bad(format!("{field}.address"), format!("{:?} is not an IPv4 or IPv6 address", v.address)))?;
+        if v.ports.is_empty() {
+            return Err(bad(format!("{field}.ports"), "list at least one UDP port (e.g. [443])"));
+        }
+        for &port in &v.ports {
+            if port == 0 {
+                return Err(bad(format!("{field}.ports"), "port 0 is not a usable UDP port"));
+            }
+            if !seen_vip_ports.insert((address, port)) {
+                return Err(bad(format!("{field}.ports"), format!("{address} port {port} is listed twice")));
+            }
+        }
+        vips.push(Vip { address, ports: v.ports.clone() });
+    }
+    if seen_vip_ports.len() > lb_common::MAX_VIPS as usize {
+        return Err(bad("vips", format!("at most {} (address, port) pairs are supported", lb_common::MAX_VIPS)));
+    }
+
+    if raw.workers.is_empty() {
+        return Err(bad("workers", "at least one [[workers]] entry is required"));
+    }
+    if raw.workers.len() > lb_common::MAX_WORKERS as usize {
+        return Err(bad("workers", format!("at most {} workers are supported", lb_common::MAX_WORKERS)));
+    }
+    let mut workers = Vec::new();
+    let (mut names, mut sids) = (HashSet::new(), HashSet::new());
+    for (i, w) in raw.workers.iter().enumerate() {
+        let field = format!("workers[{i}]");
+        if w.name.is_empty() || w.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(format!("{field}.name"), format!("{:?} must be non-empty without spaces", w.name)));
+        }
+        if !names.insert(w.name.clone()) {
+            return Err(bad(format!("{field}.name"), format!("{:?} is used by another worker", w.name)));
+        }
+        if w.server_id > layout.max_server_id() {
+            return Err(bad(
+                format!("{field}.server_id"),
+                format!(
+                    "{} does not fit in cid.server_id_length = {} bytes (largest is {})",
+                    w.server_id,
+                    layout.server_id_len(),
+                    layout.max_server_id()
+                ),
+            ));
+        }
+        if !sids.insert(w.server_id) {
+            return Err(bad(format!("{field}.server_id"), format!("{} is used by another worker", w.server_id)));
+        }
+        let address: IpAddr = w
+            .address
+            .parse()
+            .map_err(|_| bad(format!("{field}.address"), format!("{:?} is not an IPv4 or IPv6 address", w.address)))?;
+        let mac = match w.mac.as_deref() {
+            None | Some("auto") => MacSetting::Auto,
+            Some(s) => MacSetting::Fixed(parse_mac(s).ok_or_else(|| {
+                bad(format!("{field}.mac"), format!("{s:?} is not a MAC like \"02:00:00:00:00:01\" (or use \"auto\")"))
+            })?),
+        };
+        if let Some(ifname) = &w.interface {
+            if ifname.is_empty() || ifname.len() > 15 {
+                return Err(bad(format!("{field}.interface"), format!("{ifname:?} is not a valid interface name")));
+            }
+        }
+        let weight = w.weight.unwrap_or(1);
+        if weight == 0 || weight > 1000 {
+            return Err(bad(format!("{field}.weight"), format!("{weight} must be between 1 and 1000")));
+        }
+        workers.push(Worker {
+            name: w.name.clone(),
+            server_id: w.server_id,
+            address,
+            mac,
+            interface: w.interface.clone(),
+            weight,
+        });
+    }
+
+    let h = &raw.health;
+    let port = match (h.kind, h.port) {
+        (HealthKind::None, p) => p.unwrap_or(0),
+        (_, Some(p)) if p != 0 => p,
+        (_, _) => return Err(bad("health.port", "a tcp or udp health check needs the port to probe")),
+    };
+    let interval = Duration::from_millis(h.interval_ms.unwrap_or(1000));
+    let timeout = Duration::from_millis(h.timeout_ms.unwrap_or(500));
+    if interval < Duration::from_millis(50) {
+        return Err(bad("health.interval_ms", "must be at least 50"));
+    }
+    if timeout.is_zero() || timeout > interval {
+        return Err(bad("health.timeout_ms", "must be between 1 and health.interval_ms"));
+    }
+    let (rise, fall) = (h.rise.unwrap_or(2), h.fall.unwrap_or(3));
+    if rise == 0 {
+        return Err(bad("health.rise", "must be at least 1"));
+    }
+    if fall == 0 {
+        return Err(bad("health.fall", "must be at least 1"));
+    }
+    let health = Health {
+        kind: h.kind,
+        port,
+        payload: h.payload.clone().unwrap_or_else(|| "baton-health".into()).into_bytes(),
+        interval,
+        timeout,
+        rise,
+        fall,
+    };
+
+    let metrics = match &raw.control.metrics {
+        None => None,
+        Some(s) => Some(
+            s.parse::<SocketAddr>()
+                .map_err(|_| bad("control.metrics", format!("{s:?} is not an address:port like \"127.0.0.1:9650\"")))?,
+        ),
+    };
+    let control_socket = raw.control.socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
+    if control_socket.as_os_str().is_empty() {
+        return Err(bad("control.socket", "must be a path"));
+    }
+
+    Ok(Config {
+        interface: raw.interface,
+        xdp_mode: raw.xdp_mode,
+        layout,
+        vips,
+        workers,
+        health,
+        control_socket,
+        metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+xdp_mode = "skb"
+[cid]
+length = 8
+server_id_length = 2
+[[vips]]
+address = "192.0.2.10"
+ports = [443, 4433]
+[[vips]]
+address = "2001:db8::10"
+ports = [443]
+[[workers]]
+name = "w1"
+server_id = 1
+address = "10.0.0.11"
+mac = "02:00:00:00:00:11"
+interface = "eth1"
+[[workers]]
+name = "w2"
+server_id = 2
+address = "10.0.0.12"
+weight = 2
+[health]
+kind = "udp"
+port = 4433
+[control]
+metrics = "127.0.0.1:9650"
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.interface, "eth0");
+        assert_eq!(c.xdp_mode, XdpModeSetting::Skb);
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.workers[0].mac, MacSetting::Fixed([2, 0, 0, 0, 0, 0x11]));
+        assert_eq!(c.workers[1].mac, MacSetting::Auto);
+        assert_eq!(c.workers[1].weight, 2);
+        assert_eq!(c.health.kind, HealthKind::Udp);
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(&GOOD.replace("server_id = 2", "server_id = 70000"));
+        assert!(e.contains("workers[1].server_id") && e.contains("65535"), "{e}");
+        let e = err(&GOOD.replace("server_id = 2", "server_id = 1"));
+        assert!(e.contains("workers[1].server_id") && e.contains("another worker"), "{e}");
+        let e = err(&GOOD.replace("02:00:00:00:00:11", "02:00:00:00:11"));
+        assert!(e.contains("workers[0].mac"), "{e}");
+        let e = err(&GOOD.replace("192.0.2.10", "192.0.2"));
+        assert!(e.contains("vips[0].address"), "{e}");
+        let e = err(&GOOD.replace("server_id_length = 2", "server_id_length = 4"));
+        assert!(e.contains("cid") && e.contains("nonce"), "{e}");
+        let e = err(&GOOD.replace("xdp_mode = \"skb\"", "xdp_mode = \"fast\""));
+        assert!(e.contains("xdp_mode"), "{e}");
+        let e = err(&GOOD.replace("kind = \"udp\"\nport = 4433", "kind = \"udp\""));
+        assert!(e.contains("health.port"), "{e}");
+        let e = err(&GOOD.replace("weight = 2", "wieght = 2"));
+        assert!(e.contains("wieght"), "{e}");
+    }
+}

@@ -1,0 +1,346 @@
+//! The controller's view of the workers and how it is written into the pinned maps.
+//!
+//! Every write is ordered so the data plane never sees a half-made state: new entries go in
+//! before anything points at them, and stale entries go only after nothing points at them. A
+//! restarted controller computes the same state from the same config, so its writes are no-ops
+//! for the XDP program: restarts cannot drop or misroute packets.
+use crate::config::{Config, HealthKind, MacSetting, Worker, format_mac};
+use crate::maglev;
+use crate::pinned::PinnedMaps;
+use crate::{neigh, sys};
+use anyhow::{Context, Result};
+use lb_common::{
+    CidKey, LbConfig, MAGLEV_TABLE_SIZE, ServerIdKey, TX_SAME_IFACE, VipKey, VipValue, WORKER_HEALTHY, WORKER_IN_USE,
+    WorkerEntry, WorkerRef,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct ResolvedWorker {
+    pub cfg: Worker,
+    /// Slot in `BATON_WORKERS` (stable across restarts: matched by server ID).
+    pub index: u32,
+    /// `None` until the MAC is known; such a worker receives nothing.
+    pub mac: Option<[u8; 6]>,
+    pub tx_interface: String,
+    pub tx_ifindex: u32,
+    /// Devmap slot, or [`TX_SAME_IFACE`].
+    pub tx_port: u32,
+    pub healthy: bool,
+}
+
+impl ResolvedWorker {
+    pub fn usable(&self) -> bool {
+        self.healthy && self.mac.is_some()
+    }
+}
+
+/// What `baton workers` shows.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub index: u32,
+    pub server_id: u64,
+    pub address: String,
+    pub mac: Option<String>,
+    pub tx_interface: String,
+    pub tx: String,
+    pub healthy: bool,
+    pub maglev_slots: u32,
+}
+
+pub struct Controller {
+    pub cfg: Config,
+    pub maps: PinnedMaps,
+    pub workers: Vec<ResolvedWorker>,
+    lb_ifindex: u32,
+    /// Our copy of `BATON_MAGLEV`, so updates write only the slots that change.
+    maglev: Vec<u32>,
+    maglev_slots: HashMap<u32, u32>,
+}
+
+fn vip_key(addr: IpAddr, port: u16) -> VipKey {
+    let mut k = VipKey { port, ..Default::default() };
+    match addr {
+        IpAddr::V4(a) => {
+            k.addr[..4].copy_from_slice(&a.octets());
+            k.family = lb_common::AF_INET;
+        }
+        IpAddr::V6(a) => {
+            k.addr = a.octets();
+            k.family = lb_common::AF_INET6;
+        }
+    }
+    k
+}
+
+impl Controller {
+    /// Resolves where each worker is (tx interface, MAC) and which slot it keeps. Health starts
+    /// from the map (a restart keeps what the previous controller knew) or healthy for new workers;
+    /// the caller runs a first probe round before the first [`Controller::sync`] on a fresh start.
+    pub fn new(cfg: Config, maps: PinnedMaps) -> Result<Self> {
+        let lb_ifindex = sys::if_nametoindex(&cfg.interface)
+            .with_context(|| format!("interface {:?} (config `interface`) does not exist here", cfg.interface))?;
+        let existing = maps.workers()?;
+        let by_sid: HashMap<u64, (u32, WorkerEntry)> = existing.iter().map(|(i, e)| (e.server_id, (*i, *e))).collect();
+        let taken: HashSet<u32> = existing.iter().map(|(i, _)| *i).collect();
+        let mut assigned = HashSet::new();
+        let max = maps.workers.len();
+
+        let mut workers = Vec::new();
+        let mut tx_slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for w in &cfg.workers {
+            let tx_interface = match &w.interface {
+                Some(i) => i.clone(),
+                None => neigh::route_interface(w.address)
+                    .with_context(|| format!("worker {:?}: cannot find its interface", w.name))?,
+            };
+            let tx_ifindex = sys::if_nametoindex(&tx_interface)
+                .with_context(|| format!("worker {:?}: interface {tx_interface:?} does not exist here", w.name))?;
+            let tx_port = if tx_ifindex == lb_ifindex {
+                TX_SAME_IFACE
+            } else {
+                let next = tx_slots.len() as u32;
+                *tx_slots.entry(tx_ifindex).or_insert(next)
+            };
+            let previous = by_sid.get(&w.server_id);
+            let index = match previous {
+                Some((i, _)) => *i,
+                None => (0..max)
+                    .find(|i| !taken.contains(i) && !assigned.contains(i))
+                    .or_else(|| (0..max).find(|i| !assigned.contains(i)))
+                    .context("no free worker slot")?,
+            };
+            assigned.insert(index);
+            let mac = match w.mac {
+                MacSetting::Fixed(m) => Some(m),
+                MacSetting::Auto => match neigh::resolve_mac(w.address, &tx_interface, Duration::from_secs(3)) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        // Keep what the previous controller used rather than dropping its traffic.
+                        let kept = previous.map(|(_, e)| e.mac).filter(|m| *m != [0; 6]);
+                        tracing::warn!(worker = %w.name, error = %format!("{e:#}"), kept = ?kept.map(|m| format_mac(&m)), "MAC not resolved");
+                        kept
+                    }
+                },
+            };
+            let healthy = match (cfg.health.kind, previous) {
+                (HealthKind::None, _) => true,
+                (_, Some((_, e))) => e.flags & WORKER_HEALTHY != 0,
+                (_, None) => true,
+            };
+            workers.push(ResolvedWorker { cfg: w.clone(), index, mac, tx_interface, tx_ifindex, tx_port, healthy });
+        }
+        let dev_len = maps.tx_ports.len();
+        if tx_slots.len() as u32 > dev_len {
+            anyhow::bail!("workers use {} tx interfaces but the devmap holds {dev_len}", tx_slots.len());
+        }
+        // Start from what the data plane has, so the first sync only writes differences.
+        let mut maglev = Vec::with_capacity(MAGLEV_TABLE_SIZE as usize);
+        for i in 0..maps.maglev.len() {
+            maglev.push(maps.maglev.get(&i, 0).unwrap_or(u32::MAX));
+        }
+        Ok(Self { cfg, maps, workers, lb_ifindex, maglev, maglev_slots: HashMap::new() })
+    }
+
+    /// Writes the whole state into the maps (idempotent).
+    pub fn sync(&mut self) -> Result<()> {
+        let m = &mut self.maps;
+        // 1. Devmap slots and worker entries, before anything routes to them.
+        for w in &self.workers {
+            if w.tx_port != TX_SAME_IFACE {
+                m.tx_ports
+                    .set(w.tx_port, w.tx_ifindex, None, 0)
+                    .with_context(|| format!("cannot set devmap slot {} to {}", w.tx_port, w.tx_interface))?;
+            }
+        }
+        // The healthy bit is only raised after the Maglev table includes the worker (step 3b), so
+        // whoever reads it (the CLI, a test) sees a state the data plane already routes by.
+        self.write_worker_entries(false)?;
+        let m = &mut self.maps;
+        // 2. Server IDs.
+        let current_sids: HashMap<u64, u32> = m.server_ids()?.into_iter().collect();
+        for w in &self.workers {
+            if w.mac.is_some() && current_sids.get(&w.cfg.server_id) != Some(&w.index) {
+                m.server_ids.insert(ServerIdKey { server_id: w.cfg.server_id }, WorkerRef { worker: w.index }, 0)?;
+            }
+        }
+        // 3. Maglev over usable workers, then the healthy bits.
+        let size = self.write_maglev()?;
+        self.write_worker_entries(true)?;
+        // 4. VIPs.
+        let m = &mut self.maps;
+        let wanted: HashSet<VipKey> =
+            self.cfg.vips.iter().flat_map(|v| v.ports.iter().map(move |p| vip_key(v.address, *p))).collect();
+        let present: HashSet<VipKey> = m.vips()?.into_iter().collect();
+        for k in wanted.difference(&present) {
+            m.vips.insert(*k, VipValue { flags: 1 }, 0)?;
+        }
+        // 5. Global config last: this is what makes a fresh data plane start routing.
+        let lbc = LbConfig {
+            cid_len: self.cfg.layout.cid_len() as u8,
+            server_id_len: self.cfg.layout.server_id_len() as u8,
+            ready: 1,
+            _pad: 0,
+            maglev_size: size,
+        };
+        if m.lb_config().ok() != Some(lbc) {
+            m.config.set(0, lbc, 0)?;
+        }
+        // 6. Removals, now that nothing new points at them.
+        for k in present.difference(&wanted) {
+            m.vips.remove(k)?;
+        }
+        let live: HashMap<u32, &ResolvedWorker> = self.workers.iter().map(|w| (w.index, w)).collect();
+        for (sid, idx) in m.server_ids()? {
+            let keep = live.get(&idx).is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
+            if !keep {
+                m.server_ids.remove(&ServerIdKey { server_id: sid })?;
+            }
+        }
+        for (key, wref) in m.overrides()? {
+            if !live.contains_key(&wref.worker) {
+                tracing::warn!(cid = %hex(key.as_slice()), worker = wref.worker, "removing an override to a worker that left the config");
+                m.overrides.remove(&key)?;
+            }
+        }
+        for (i, _) in m.workers()? {
+            if !live.contains_key(&i) {
+                m.workers.set(i, WorkerEntry::default(), 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes each worker's slot. With `raise_healthy` false, a healthy bit is kept only where the
+    /// map already has it (falling is immediate, rising waits for the table).
+    fn write_worker_entries(&mut self, raise_healthy: bool) -> Result<()> {
+        for w in &self.workers {
+            let current = self.maps.workers.get(&w.index, 0).ok();
+            // Without a MAC the worker cannot receive anything: leave the slot unused so the data
+            // plane skips overrides to it instead of sending frames to 00:00:00:00:00:00.
+            let mut flags = if w.mac.is_some() { WORKER_IN_USE } else { 0 };
+            let was_healthy = current.is_some_and(|e| e.flags & WORKER_HEALTHY != 0);
+            if w.usable() && (raise_healthy || was_healthy) {
+                flags |= WORKER_HEALTHY;
+            }
+            let entry = WorkerEntry {
+                mac: w.mac.unwrap_or([0; 6]),
+                flags,
+                tx_port: w.tx_port,
+                _pad: 0,
+                server_id: w.cfg.server_id,
+            };
+            if current != Some(entry) {
+                self.maps.workers.set(w.index, entry, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the Maglev table over usable workers and writes the slots that changed. Returns
+    /// the usable size (0 when no worker is usable).
+    fn write_maglev(&mut self) -> Result<u32> {
+        let members: Vec<maglev::Member<'_>> = self
+            .workers
+            .iter()
+            .filter(|w| w.usable())
+            .map(|w| maglev::Member { key: &w.cfg.name, weight: w.cfg.weight, value: w.index })
+            .collect();
+        let table = maglev::build(&members, MAGLEV_TABLE_SIZE);
+        self.maglev_slots.clear();
+        if table.is_empty() {
+            tracing::error!("no worker is healthy: new connections are dropped until one recovers");
+            return Ok(0);
+        }
+        let mut changed = 0;
+        for (i, &v) in table.iter().enumerate() {
+            *self.maglev_slots.entry(v).or_default() += 1;
+            if self.maglev.get(i) != Some(&v) {
+                self.maps.maglev.set(i as u32, v, 0)?;
+                if i < self.maglev.len() {
+                    self.maglev[i] = v;
+                }
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            tracing::info!(changed, workers = members.len(), "Maglev table updated");
+        }
+        Ok(MAGLEV_TABLE_SIZE)
+    }
+
+    /// Records a health change; returns true if it changed anything (then call [`Self::sync`]).
+    pub fn set_healthy(&mut self, name: &str, healthy: bool) -> bool {
+        match self.workers.iter_mut().find(|w| w.cfg.name == name) {
+            Some(w) if w.healthy != healthy => {
+                w.healthy = healthy;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn set_mac(&mut self, name: &str, mac: [u8; 6]) -> bool {
+        match self.workers.iter_mut().find(|w| w.cfg.name == name) {
+            Some(w) if w.mac != Some(mac) => {
+                tracing::info!(worker = name, old = ?w.mac.map(|m| format_mac(&m)), new = %format_mac(&mac), "worker MAC changed");
+                w.mac = Some(mac);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn lb_ifindex(&self) -> u32 {
+        self.lb_ifindex
+    }
+
+    pub fn status(&self) -> Vec<WorkerStatus> {
+        self.workers
+            .iter()
+            .map(|w| WorkerStatus {
+                name: w.cfg.name.clone(),
+                index: w.index,
+                server_id: w.cfg.server_id,
+                address: w.cfg.address.to_string(),
+                mac: w.mac.map(|m| format_mac(&m)),
+                tx_interface: w.tx_interface.clone(),
+                tx: if w.tx_port == TX_SAME_IFACE {
+                    "XDP_TX".into()
+                } else {
+                    format!("redirect devmap[{}]", w.tx_port)
+                },
+                healthy: w.healthy,
+                maglev_slots: self.maglev_slots.get(&w.index).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim().trim_start_matches("0x");
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+}
+
+/// An exact-CID override key, checking the CID against the layout the data plane uses.
+pub fn override_key(cid: &[u8], cid_len: usize) -> Result<CidKey> {
+    if cid.len() != cid_len {
+        anyhow::bail!(
+            "the CID is {} bytes but this load balancer's CIDs are {cid_len} bytes (config cid.length): \
+             an override for it would never match",
+            cid.len()
+        );
+    }
+    CidKey::new(cid).context("CID longer than 20 bytes")
+}

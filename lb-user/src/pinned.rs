@@ -1,0 +1,168 @@
+//! Typed handles to the maps pinned under the pin directory. The daemon writes through these and
+//! the CLI reads (and edits overrides) through them, so both see exactly what the XDP program sees.
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// File name of the pinned XDP link inside the pin directory.
+pub const LINK_PIN_NAME: &str = "baton_xdp_link";
+
+/// Every map the controller pins, in the order they are written on start-up.
+pub const ALL_MAPS: [&str; 8] = [
+    map_names::CONFIG,
+    map_names::VIPS,
+    map_names::CID_OVERRIDE,
+    map_names::SERVER_IDS,
+    map_names::WORKERS,
+    map_names::MAGLEV,
+    map_names::TX_PORTS,
+    map_names::STATS,
+];
+
+pub struct PinnedMaps {
+    pub dir: PathBuf,
+    pub config: Array<MapData, LbConfig>,
+    pub vips: HashMap<MapData, VipKey, VipValue>,
+    pub overrides: HashMap<MapData, CidKey, WorkerRef>,
+    pub server_ids: HashMap<MapData, ServerIdKey, WorkerRef>,
+    pub workers: Array<MapData, WorkerEntry>,
+    pub maglev: Array<MapData, u32>,
+    pub tx_ports: DevMap<MapData>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<io::Error>().map(|e| e.kind()));
+        match io {
+            Some(io::ErrorKind::NotFound) => anyhow::anyhow!(
+                "no Baton map is pinned at {} : baton-lb has not run here (or uses another --pin-dir)",
+                path.display()
+            ),
+            Some(io::ErrorKind::PermissionDenied) => {
+                anyhow::anyhow!("permission denied opening {}: run as root", path.display())
+            }
+            _ => anyhow::Error::new(e).context(format!("cannot open the pinned map {}", path.display())),
+        }
+    })?;
+    Map::from_map_data(data).with_context(|| format!("{} has an unexpected map type", path.display()))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {
+        open($dir, $name)?
+            .try_into()
+            .with_context(|| format!("{} does not have the key/value layout this Baton build expects", $name))?
+    };
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.exists() {
+            if !crate::sys::is_root() {
+                bail!("cannot see {}: run as root", dir.display());
+            }
+            if crate::sys::in_private_mount_ns() && !crate::sys::is_bpffs(dir.parent().unwrap_or(dir)) {
+                bail!(
+                    "{} is not visible in this mount namespace (`ip netns exec` hides the host's bpffs): \
+                     run baton from the host namespace; it does not need to be inside the LB's netns",
+                    dir.display()
+                );
+            }
+            bail!(
+                "{} does not exist: baton-lb has not run here (start it, or pass the --pin-dir it uses)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config: typed!(dir, map_names::CONFIG),
+            vips: typed!(dir, map_names::VIPS),
+            overrides: typed!(dir, map_names::CID_OVERRIDE),
+            server_ids: typed!(dir, map_names::SERVER_IDS),
+            workers: typed!(dir, map_names::WORKERS),
+            maglev: typed!(dir, map_names::MAGLEV),
+            tx_ports: typed!(dir, map_names::TX_PORTS),
+            stats: typed!(dir, map_names::STATS),
+        })
+    }
+
+    pub fn lb_config(&self) -> Result<LbConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Counters summed over CPUs, in [`Stat::ALL`] order.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
+        let mut out = Vec::with_capacity(STAT_COUNT as usize);
+        for s in Stat::ALL {
+            let per_cpu = self.stats.get(&(s as u32), 0)?;
+            out.push((s, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Worker slots in use: (index, entry).
+    pub fn workers(&self) -> Result<Vec<(u32, WorkerEntry)>> {
+        let mut out = Vec::new();
+        for i in 0..self.workers.len() {
+            let w = self.workers.get(&i, 0)?;
+            if w.flags & lb_common::WORKER_IN_USE != 0 {
+                out.push((i, w));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn overrides(&self) -> Result<Vec<(CidKey, WorkerRef)>> {
+        let mut out = Vec::new();
+        for kv in self.overrides.iter() {
+            out.push(kv?);
+        }
+        out.sort_by(|a, b| a.0.as_slice().cmp(b.0.as_slice()));
+        Ok(out)
+    }
+
+    pub fn server_ids(&self) -> Result<Vec<(u64, u32)>> {
+        let mut out = Vec::new();
+        for kv in self.server_ids.iter() {
+            let (k, v) = kv?;
+            out.push((k.server_id, v.worker));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn vips(&self) -> Result<Vec<VipKey>> {
+        let mut out = Vec::new();
+        for k in self.vips.keys() {
+            out.push(k?);
+        }
+        Ok(out)
+    }
+}
+
+/// Removes every pin Baton made under `dir` (link first, so forwarding stops cleanly before the
+/// maps go), then the directory itself. Missing pins are fine.
+pub fn unpin_all(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let names = std::iter::once(LINK_PIN_NAME).chain(ALL_MAPS);
+    for name in names {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "pin directory not removed (other pins in it?)")
+        }
+    }
+    Ok(removed)
+}

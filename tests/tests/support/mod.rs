@@ -1,0 +1,528 @@
+//! A private copy of the lab for one test: uniquely named namespaces (`btt<pid>x<n>-*`), its own
+//! pin directory and control socket, and the real `baton-lb` / `baton` binaries. Everything is
+//! torn down in `Drop`, also when the test fails.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const VIP4: &str = "10.201.100.1";
+pub const VIP6: &str = "fd00:201:100::1";
+pub const PORT: u16 = 4433;
+pub const CID_LEN: usize = 8;
+/// Prometheus port of baton-lb, inside the test's LB namespace (so tests never collide on it).
+pub const METRICS_PORT: u16 = 9650;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds `baton-lb` and `baton` (once per test process) into the target directory this test
+/// binary was built in, so a fresh clone needs nothing but `cargo test`.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // <target>/<profile>/deps/<test>
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "lb-user", "--bins"])
+            .current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build for the baton binaries");
+        assert!(out.status.success(), "building baton-lb/baton failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        profile_dir
+    })
+}
+
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Runs `f` on a thread inside network namespace `ns`. Sockets created there stay in that
+/// namespace after the thread ends (membership is per thread, sockets keep theirs).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: valid netns fd; affects only this thread.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// Removes namespaces and pin directories left by earlier test processes that died without
+/// cleaning up (their pid is gone).
+fn sweep_leftovers() {
+    let dead = |name: &str, prefix: &str, sep: char| -> bool {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split(sep).next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name, "btt", 'x') {
+                sh_quiet(&["ip", "netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name, "baton-test-", '-') {
+                let _ = remove_pins(&e.path());
+            }
+        }
+    }
+}
+
+fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    std::fs::remove_dir(dir)
+}
+
+pub struct Lab {
+    pub client: String,
+    pub lb: String,
+    pub workers: [String; 2],
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    daemon: Option<Child>,
+}
+
+pub struct LabOptions {
+    pub xdp_mode: &'static str,
+    /// The `[health]` table body.
+    pub health: String,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self { xdp_mode: "native", health: "kind = \"none\"".into() }
+    }
+}
+
+impl Lab {
+    pub fn new(opts: LabOptions) -> Lab {
+        assert!(unsafe { libc::geteuid() } == 0, "the netns tests need root (namespaces, XDP, bpffs)");
+        sweep_leftovers();
+        let _ = bin_dir();
+        let pid = std::process::id();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let base = format!("btt{pid}x{n}");
+        let lab = Lab {
+            client: format!("{base}-cl"),
+            lb: format!("{base}-lb"),
+            workers: [format!("{base}-w1"), format!("{base}-w2")],
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/baton-test-{pid}-{n}")),
+            socket: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.sock")),
+            config: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.toml")),
+            log: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.log")),
+            daemon: None,
+        };
+        lab.build_topology();
+        let config = format!(
+            r#"
+interface = "t-lb-cl"
+xdp_mode = "{mode}"
+[cid]
+length = {CID_LEN}
+server_id_length = 2
+[[vips]]
+address = "{VIP4}"
+ports = [{PORT}]
+[[vips]]
+address = "{VIP6}"
+ports = [{PORT}]
+[[workers]]
+name = "w1"
+server_id = 1
+address = "10.201.11.2"
+mac = "auto"
+interface = "t-lb-w1"
+[[workers]]
+name = "w2"
+server_id = 2
+address = "10.201.12.2"
+mac = "auto"
+[health]
+{health}
+[control]
+socket = "{socket}"
+metrics = "127.0.0.1:{METRICS_PORT}"
+"#,
+            mode = opts.xdp_mode,
+            health = opts.health,
+            socket = lab.socket.display()
+        );
+        std::fs::write(&lab.config, config).unwrap();
+        lab
+    }
+
+    fn build_topology(&self) {
+        let all = [&self.client, &self.lb, &self.workers[0], &self.workers[1]];
+        for ns in all {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let pairs = [
+            (
+                &self.client,
+                "t-cl",
+                "10.201.1.2/24",
+                "fd00:201:1::2/64",
+                &self.lb,
+                "t-lb-cl",
+                "10.201.1.1/24",
+                "fd00:201:1::1/64",
+            ),
+            (
+                &self.workers[0],
+                "t-w1",
+                "10.201.11.2/24",
+                "fd00:201:11::2/64",
+                &self.lb,
+                "t-lb-w1",
+                "10.201.11.1/24",
+                "fd00:201:11::1/64",
+            ),
+            (
+                &self.workers[1],
+                "t-w2",
+                "10.201.12.2/24",
+                "fd00:201:12::2/64",
+                &self.lb,
+                "t-lb-w2",
+                "10.201.12.1/24",
+                "fd00:201:12::1/64",
+            ),
+        ];
+        for (ans, adev, a4, a6, bns, bdev, b4, b6) in pairs {
+            sh(&["ip", "link", "add", adev, "netns", ans, "type", "veth", "peer", "name", bdev, "netns", bns]);
+            for (ns, dev, v4, v6) in [(ans, adev, a4, a6), (bns, bdev, b4, b6)] {
+                sh(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+                sh(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+                sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            }
+        }
+        sh(&["ip", "-n", &self.client, "route", "add", "default", "via", "10.201.1.1"]);
+        sh(&["ip", "-n", &self.client, "-6", "route", "add", "default", "via", "fd00:201:1::1"]);
+        // See ENVIRONMENT.md: native redirect of locally sent UDP needs software checksums on the
+        // sender, and the target veth's peer needs NAPI (GRO) to take redirected frames.
+        sh(&["ip", "netns", "exec", &self.client, "ethtool", "-K", "t-cl", "tx", "off"]);
+        for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0"] {
+            sh(&["ip", "netns", "exec", &self.lb, "sysctl", "-qw", k]);
+        }
+        for (i, ns) in self.workers.iter().enumerate() {
+            let dev = format!("t-w{}", i + 1);
+            sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+            sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
+            sh(&["ip", "-n", ns, "route", "add", "default", "via", &format!("10.201.1{}.1", i + 1)]);
+            sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:201:1{}::1", i + 1)]);
+            for k in ["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"] {
+                sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", k]);
+            }
+            sh(&["ip", "netns", "exec", ns, "ethtool", "-K", &dev, "gro", "on"]);
+        }
+        self.wait_for_gateway();
+    }
+
+    /// Resolves the client's gateway (ARP and NDP) before a test sends its burst: packets queued
+    /// behind a neighbour solicitation lost at link-up would wait a whole retransmit second.
+    fn wait_for_gateway(&self) {
+        let start = Instant::now();
+        for gw in ["10.201.1.1", "fd00:201:1::1"] {
+            loop {
+                let ip: IpAddr = gw.parse().unwrap();
+                in_netns(&self.client, move || {
+                    let s = UdpSocket::bind(if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+                    let _ = s.send_to(b"warm-up", SocketAddr::new(ip, 9));
+                });
+                let out = sh(&["ip", "-n", &self.client, "neigh", "show", gw]);
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.contains("lladdr") && !text.contains("FAILED") && !text.contains("INCOMPLETE") {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "client cannot resolve its gateway {gw}: {text}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Starts baton-lb in the LB namespace and waits until its control socket answers.
+    pub fn start_lb(&mut self) {
+        assert!(self.daemon.is_none(), "baton-lb already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(bin_dir().join("baton-lb"))
+            .args(["--netns", &self.lb, "--config"])
+            .arg(&self.config)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .env("BATON_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn baton-lb");
+        self.daemon = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("baton-lb exited early ({status}):\n{}", self.log_text());
+            }
+            if self.status_via_socket().is_some() {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "baton-lb not ready in 30 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs baton-lb for this lab's namespace and config, but with another pin directory, and
+    /// returns how it ended (for tests of refusals; it must not keep running).
+    pub fn run_lb_with_pin_dir(&self, pin_dir: &Path) -> Output {
+        let mut child = Command::new(bin_dir().join("baton-lb"))
+            .args(["--netns", &self.lb, "--config"])
+            .arg(&self.config)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baton-lb");
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("baton-lb kept running although it should have refused to start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Sends `signal` to baton-lb and waits for it to exit.
+    pub fn stop_lb(&mut self, signal: i32) {
+        let mut child = self.daemon.take().expect("baton-lb not running");
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let _ = child.wait();
+    }
+
+    pub fn status_via_socket(&self) -> Option<Value> {
+        use std::io::{BufRead, BufReader, Write};
+        let s = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        (&s).write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).ok()?;
+        let v: Value = serde_json::from_str(&line).ok()?;
+        v["ok"].as_bool().filter(|ok| *ok).map(|_| v["data"].clone())
+    }
+
+    /// GET /metrics from baton-lb, from inside the LB namespace.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        in_netns(&self.lb, || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("metrics port");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    }
+
+    /// Rewrites the config file baton-lb reads on its next start.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, f(text)).unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the `baton` CLI against this lab; returns stdout, panics with stderr on failure.
+    pub fn baton(&self, args: &[&str]) -> String {
+        let out = self.baton_raw(args);
+        assert!(out.status.success(), "baton {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn baton_raw(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("baton"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run baton")
+    }
+
+    pub fn baton_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.baton(&a)).expect("baton --json prints JSON")
+    }
+
+    /// A UDP socket in the client namespace.
+    pub fn client_socket(&self, v6: bool) -> UdpSocket {
+        in_netns(&self.client, move || {
+            let s = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+            s
+        })
+    }
+
+    /// Starts receivers on the VIP (IPv4 and IPv6) in both worker namespaces.
+    pub fn receivers(&self) -> Receivers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let got: [Arc<Mutex<Vec<Vec<u8>>>>; 2] = Default::default();
+        let mut threads = Vec::new();
+        for (i, ns) in self.workers.iter().enumerate() {
+            for addr in [VIP4, VIP6] {
+                let sock = in_netns(ns, move || {
+                    let s = UdpSocket::bind(SocketAddr::new(addr.parse::<IpAddr>().unwrap(), PORT)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    s
+                });
+                let (stop, got) = (stop.clone(), got[i].clone());
+                threads.push(std::thread::spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(n) = sock.recv(&mut buf) {
+                            got.lock().unwrap().push(buf[..n].to_vec());
+                        }
+                    }
+                    // Drain what is still queued.
+                    while let Ok(n) = sock.recv(&mut buf) {
+                        got.lock().unwrap().push(buf[..n].to_vec());
+                    }
+                }));
+            }
+        }
+        Receivers { stop, got, threads }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- baton-lb log ----\n{}", self.log_text());
+        }
+        // Pins first (the link goes with them), then the namespaces and files.
+        let _ = remove_pins(&self.pin_dir);
+        for ns in [&self.client, &self.lb, &self.workers[0], &self.workers[1]] {
+            sh_quiet(&["ip", "netns", "del", ns]);
+        }
+        for f in [&self.socket, &self.config, &self.log] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+pub struct Receivers {
+    stop: Arc<AtomicBool>,
+    got: [Arc<Mutex<Vec<Vec<u8>>>>; 2],
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Receivers {
+    /// Stops the receivers (after letting in-flight packets land) and returns what each worker got.
+    pub fn finish(self) -> [Vec<Vec<u8>>; 2] {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.got.map(|g| std::mem::take(&mut *g.lock().unwrap()))
+    }
+
+    /// What has arrived so far, without stopping.
+    pub fn snapshot(&self) -> [Vec<Vec<u8>>; 2] {
+        [self.got[0].lock().unwrap().clone(), self.got[1].lock().unwrap().clone()]
+    }
+}
+
+/// A server-issued CID in the lb-common layout (config rotation 0).
+pub fn server_cid(server_id: u16, nonce: u32) -> Vec<u8> {
+    let layout = lb_common::CidLayout::new(CID_LEN as u8, 2).unwrap();
+    let mut cid = vec![0u8; CID_LEN];
+    let n = nonce.to_be_bytes();
+    layout.encode(0, server_id as u64, &[n[0], n[1], n[2], n[3], 0x5a], &mut cid).unwrap();
+    cid
+}
+
+/// A 1-RTT (short header) packet: fixed bit set, DCID, then a tag and sequence number we check.
+pub fn short_packet(cid: &[u8], seq: u32) -> Vec<u8> {
+    let mut p = vec![0x40 | 0x01];
+    p.extend_from_slice(cid);
+    p.extend_from_slice(b"BTST");
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.resize(64, 0xee);
+    p
+}
+
+/// A QUIC v1 Initial with a client-chosen DCID, padded to 1200 bytes as clients must.
+pub fn initial_packet(dcid: &[u8], seq: u32) -> Vec<u8> {
+    let mut p = vec![0xc0 | 0x03];
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend_from_slice(dcid);
+    p.push(8);
+    p.extend_from_slice(&[0xc1; 8]);
+    p.push(0); // token length
+    p.extend_from_slice(&[0x44, 0xa0]); // length (varint, 1184)
+    p.extend_from_slice(b"BTST");
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.resize(1200, 0);
+    p
+}
+
+/// The DCID the worker saw (short header: configured length).
+pub fn dcid_of(pkt: &[u8]) -> Vec<u8> {
+    if pkt[0] & 0x80 == 0 {
+        pkt[1..1 + CID_LEN].to_vec()
+    } else {
+        let l = pkt[5] as usize;
+        pkt[6..6 + l].to_vec()
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn vip(v6: bool) -> SocketAddr {
+    SocketAddr::new(if v6 { VIP6.parse().unwrap() } else { VIP4.parse().unwrap() }, PORT)
+}

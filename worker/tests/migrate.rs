@@ -1,0 +1,348 @@
+//! Real sockets, real tokio loops: an unmodified quinn client talks the demo protocol to two
+//! worker loops behind one VIP socket (a userspace stand-in for the XDP load balancer: routes by the
+//! CID's server ID, with per-CID overrides during a handoff; the workers send straight from the VIP
+//! socket, like direct server return). The connection moves between the workers while a long
+//! stream and a request loop run; the client checks every byte and the session's request counter.
+use baton_worker::core::{CoreConfig, WorkerCore};
+use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
+use baton_worker::io::{Inbound, WorkerHandle, spawn};
+use baton_worker::udp::UdpIo;
+use lb_common::cid::CidLayout;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+fn pattern(seed: u64, offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (x >> 29) as u8 ^ (offset as u8)
+}
+
+fn fill(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern(seed, offset + i)).collect()
+}
+
+struct Lab {
+    vip: SocketAddr,
+    workers: [WorkerHandle; 2],
+    overrides: Arc<Mutex<HashMap<Vec<u8>, usize>>>,
+    cert: rustls::pki_types::CertificateDer<'static>,
+}
+
+async fn lab() -> Lab {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key_der = certified.key_pair.serialize_der();
+    let socket = Arc::new(UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    let vip = socket.local_addr().unwrap();
+    let layout = CidLayout::default();
+    let mut senders = Vec::new();
+    let mut handles = Vec::new();
+    for server_id in [1u64, 2] {
+        let core = WorkerCore::new(
+            CoreConfig {
+                server_id,
+                layout,
+                certs: vec![cert.clone()],
+                key: rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.clone().into()),
+                vip: vip.ip(),
+                allow_mtud: !socket.may_fragment(),
+            },
+            Arc::new(DemoService),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(4096);
+        let (handle, _task) = spawn(core, socket.clone(), Inbound::Channel(rx));
+        senders.push(tx);
+        handles.push(handle);
+    }
+    let overrides: Arc<Mutex<HashMap<Vec<u8>, usize>>> = Arc::default();
+    let routes = overrides.clone();
+    tokio::spawn(async move {
+        let mut received = Vec::new();
+        loop {
+            if socket.recv(&mut received).await.is_err() {
+                return;
+            }
+            for d in received.drain(..) {
+                let w = if d.data[0] & 0x80 != 0 {
+                    0 // Initials and other long headers: worker A (the real LB hashes them)
+                } else {
+                    let cid = &d.data[1..1 + layout.cid_len()];
+                    match routes.lock().unwrap().get(cid) {
+                        Some(&w) => w,
+                        None => match layout.decode_server_id(cid) {
+                            Some(2) => 1,
+                            _ => 0,
+                        },
+                    }
+                };
+                let _ = senders[w].send(d).await;
+            }
+        }
+    });
+    let [a, b]: [WorkerHandle; 2] = handles.try_into().ok().unwrap();
+    Lab {
+        vip,
+        workers: [a, b],
+        overrides,
+        cert,
+    }
+}
+
+async fn client(lab: &Lab) -> quinn::Connection {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(lab.cert.clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![baton_worker::demo::ALPN.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+        .connect(lab.vip, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// Moves the connection from worker `from` to the other one; returns how long it took.
+async fn migrate(lab: &Lab, from: usize) -> Duration {
+    let to = 1 - from;
+    let started = Instant::now();
+    let conns = lab.workers[from].connections().await.unwrap();
+    assert_eq!(conns.len(), 1, "worker {from} holds the connection");
+    let exported = lab.workers[from]
+        .migrate_out(conns[0].id, Duration::from_secs(3))
+        .await
+        .unwrap();
+    lab.workers[to].import(exported.bytes).await.unwrap();
+    // What reached the source while frozen goes first, then the LB flips.
+    let kept = lab.workers[from].take_forward().await.unwrap();
+    lab.workers[to].inject(kept).await.unwrap();
+    {
+        let mut routes = lab.overrides.lock().unwrap();
+        for c in &exported.cids {
+            routes.insert(c.clone(), to);
+        }
+    }
+    let took = started.elapsed();
+    // Whatever reached the source meanwhile goes to the target, now and a little later.
+    for _ in 0..3 {
+        let kept = lab.workers[from].take_forward().await.unwrap();
+        lab.workers[to].inject(kept).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    lab.workers[from]
+        .forget_exported(exported.cids)
+        .await
+        .unwrap();
+    assert!(lab.workers[from].connections().await.unwrap().is_empty());
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quinn_client_keeps_its_connection_across_worker_migrations() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let lab = lab().await;
+    let conn = client(&lab).await;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The long-lived stream: the client writes continuously and checks every echoed byte.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[KIND_STREAM]).await.unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut offset = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = fill(7, offset, 4096);
+                send.write_all(&chunk).await.unwrap();
+                offset += chunk.len() as u64;
+                sent.store(offset, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            send.finish().unwrap();
+            offset
+        })
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 65536];
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            for (i, &b) in buf[..n].iter().enumerate() {
+                assert_eq!(
+                    b,
+                    pattern(7, got + i as u64),
+                    "long stream byte {}",
+                    got + i as u64
+                );
+            }
+            got += n as u64;
+        }
+        got
+    });
+
+    // Request/response loop: the session's request counter must continue across migrations.
+    let requests = {
+        let (stop, conn) = (stop.clone(), conn.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut max_gap = Duration::ZERO;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let body = fill(1000 + n, 0, 500 + (n as usize * 997) % 20_000);
+                let (mut s, mut r) = conn.open_bi().await.unwrap();
+                s.write_all(&[KIND_REQUEST]).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s.finish().unwrap();
+                let answer = r.read_to_end(1 << 21).await.unwrap();
+                assert_eq!(
+                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
+                    n,
+                    "session request counter"
+                );
+                assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            (n, max_gap)
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut owner = 0;
+    let mut took = Vec::new();
+    let migrations = 12;
+    for _ in 0..migrations {
+        took.push(migrate(&lab, owner).await);
+        owner = 1 - owner;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let echoed = reader.await.unwrap();
+    let (done, max_gap) = requests.await.unwrap();
+    assert_eq!(echoed, written, "long stream echoed completely");
+    assert!(
+        conn.close_reason().is_none(),
+        "connection alive: {:?}",
+        conn.close_reason()
+    );
+    assert!(done >= 10, "requests kept completing ({done})");
+    // The client now talks to the current owner's CIDs only; the other worker holds nothing.
+    assert_eq!(lab.workers[owner].connections().await.unwrap().len(), 1);
+    assert!(
+        lab.workers[1 - owner]
+            .connections()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stats = conn.stats();
+    eprintln!(
+        "RESULT migrations={migrations} requests={done} long_stream_bytes={echoed} max_request_gap_ms={} migrate_ms_max={} lost_packets={} rtt_ms={}",
+        max_gap.as_millis(),
+        took.iter().max().unwrap().as_millis(),
+        stats.path.lost_packets,
+        stats.path.rtt.as_millis()
+    );
+    conn.close(0u32.into(), b"done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_that_cannot_quiesce_in_time_rolls_back() {
+    let lab = lab().await;
+    let conn = client(&lab).await;
+    // Keep the long stream busy so data is always in flight.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[KIND_STREAM]).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut offset = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = fill(9, offset, 16 * 1024);
+                send.write_all(&chunk).await.unwrap();
+                offset += chunk.len() as u64;
+                tokio::task::yield_now().await;
+            }
+            send.finish().unwrap();
+            offset
+        })
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 65536];
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            for (i, &b) in buf[..n].iter().enumerate() {
+                assert_eq!(b, pattern(9, got + i as u64));
+            }
+            got += n as u64;
+        }
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A zero timeout: the first look at the frozen connection decides. Under load it is almost
+    // never quiescent; if it happens to be, the move completes and we try from the other side.
+    let mut owner = 0;
+    let mut rolled_back = false;
+    for _ in 0..50 {
+        let id = lab.workers[owner].connections().await.unwrap()[0].id;
+        match lab.workers[owner].migrate_out(id, Duration::ZERO).await {
+            Err(reason) => {
+                assert!(reason.contains("quiescent"), "{reason}");
+                rolled_back = true;
+                break;
+            }
+            Ok(exported) => {
+                lab.workers[1 - owner].import(exported.bytes).await.unwrap();
+                {
+                    let mut routes = lab.overrides.lock().unwrap();
+                    for c in &exported.cids {
+                        routes.insert(c.clone(), 1 - owner);
+                    }
+                }
+                let kept = lab.workers[owner].take_forward().await.unwrap();
+                lab.workers[1 - owner].inject(kept).await.unwrap();
+                owner = 1 - owner;
+            }
+        }
+    }
+    assert!(rolled_back, "no export was ever refused");
+    // Rolled back: still on the same worker, un-frozen, and the connection carries on.
+    let conns = lab.workers[owner].connections().await.unwrap();
+    assert_eq!(conns.len(), 1);
+    assert!(!conns[0].frozen);
+    for n in 1..=5u64 {
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        s.write_all(&[KIND_REQUEST, 42]).await.unwrap();
+        s.finish().unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
+        assert_eq!(&answer[8..], &[42]);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert_eq!(reader.await.unwrap(), written);
+    assert!(conn.close_reason().is_none());
+}
