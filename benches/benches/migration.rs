@@ -7,12 +7,18 @@
 //! numbers (like buffered API traffic), split over four stream buffers, plus a random transport
 //! blob and two small application-state entries. Deterministic (fixed xorshift seed), so runs
 //! compare. `cargo xtask bench --only migration` runs this and prints the report.
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+//!
+//! Heap: the process pins glibc's malloc thresholds first (see `warm_heap`), as a long-running
+//! worker's heap would be. Without that, glibc hands the freed 10 MiB buffers back to the kernel
+//! after each iteration and the next one pays ~4,000 page faults (about 10 ms on this VM), which
+//! measures the allocator's trimming policy rather than the pipeline.
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group};
 use migration::encryption::PlaintextBuffer;
 use migration::serialization::DEFAULT_ZSTD_LEVEL;
 use migration::{
-    Compression, ConnectionId, ConnectionStateSnapshot, EncryptionKey, EncryptionService, MigrationBinding, MigrationId, MigrationPipeline,
-    SerializationConfig, SerializationService, WorkerId,
+    Compression, ConnectionId, ConnectionStateSnapshot, EncryptionKey, EncryptionService,
+    MigrationBinding, MigrationId, MigrationPipeline, SerializationConfig, SerializationService,
+    WorkerId,
 };
 use std::hint::black_box;
 use std::io::Write;
@@ -23,7 +29,9 @@ const SIZES: [(&str, usize); 3] = [("1KiB", 1 << 10), ("1MiB", 1 << 20), ("10MiB
 const COMPRESSIONS: [Compression; 4] = [
     Compression::None,
     Compression::Gzip { level: 6 },
-    Compression::Zstd { level: DEFAULT_ZSTD_LEVEL },
+    Compression::Zstd {
+        level: DEFAULT_ZSTD_LEVEL,
+    },
     Compression::Zstd { level: 1 },
 ];
 const CHUNK_SIZE: u32 = 64 * 1024;
@@ -52,9 +60,9 @@ fn realistic_bytes(len: usize, rng: &mut XorShift) -> Vec<u8> {
         } else {
             while out.len() < block_end {
                 record += 1;
-                let _ = write!(
+                let _ = writeln!(
                     out,
-                    "{{\"id\":{record},\"user\":\"u-{}\",\"ts\":{},\"status\":\"ok\",\"items\":[{},{}]}}\n",
+                    "{{\"id\":{record},\"user\":\"u-{}\",\"ts\":{},\"status\":\"ok\",\"items\":[{},{}]}}",
                     rng.next() % 100_000,
                     1_700_000_000_000u64 + record * 37,
                     rng.next() % 1000,
@@ -81,12 +89,16 @@ fn snapshot(size: usize) -> ConnectionStateSnapshot {
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let b = binding();
     let transport = (size / 8).clamp(64, 4096);
-    let app = b"{\"session\":\"resumed\",\"tier\":\"gold\"}".len() + "session".len() + 16 + "rate".len();
+    let app =
+        b"{\"session\":\"resumed\",\"tier\":\"gold\"}".len() + "session".len() + 16 + "rate".len();
     let streams = size.saturating_sub(transport + app);
     let mut builder = ConnectionStateSnapshot::builder(b.connection_id.clone(), b.source, b.target)
         .timestamps(1_700_000_000_000, 1_700_000_042_000)
         .transport_snapshot(realistic_bytes(transport, &mut rng))
-        .add_application_state("session", b"{\"session\":\"resumed\",\"tier\":\"gold\"}".to_vec())
+        .add_application_state(
+            "session",
+            b"{\"session\":\"resumed\",\"tier\":\"gold\"}".to_vec(),
+        )
         .add_application_state("rate", 12345678u128.to_le_bytes().to_vec());
     for i in 0..4u64 {
         let part = streams / 4 + if i == 0 { streams % 4 } else { 0 };
@@ -107,7 +119,12 @@ fn label(c: Compression) -> String {
 }
 
 fn serializer(compression: Compression) -> SerializationService {
-    SerializationService::new(SerializationConfig { compression, chunk_size: CHUNK_SIZE, max_state_size: 64 << 20 }).unwrap()
+    SerializationService::new(SerializationConfig {
+        compression,
+        chunk_size: CHUNK_SIZE,
+        max_state_size: 64 << 20,
+    })
+    .unwrap()
 }
 
 fn encryption() -> EncryptionService {
@@ -123,28 +140,36 @@ fn bench_encryption(c: &mut Criterion) {
         let data = realistic_bytes(size, &mut rng);
         group.throughput(Throughput::Bytes(size as u64));
         // Seal in place; the plaintext copy is setup, outside the timing.
-        group.bench_with_input(BenchmarkId::new("seal", size_label), &data, |bench, data| {
-            bench.iter_batched(
-                || {
-                    let mut buf = PlaintextBuffer::with_capacity(data.len());
-                    buf.write_all(data).unwrap();
-                    buf
-                },
-                |buf| svc.seal(&b, buf).unwrap(),
-                BatchSize::LargeInput,
-            )
-        });
+        group.bench_with_input(
+            BenchmarkId::new("seal", size_label),
+            &data,
+            |bench, data| {
+                bench.iter_batched(
+                    || {
+                        let mut buf = PlaintextBuffer::with_capacity(data.len());
+                        buf.write_all(data).unwrap();
+                        buf
+                    },
+                    |buf| svc.seal(&b, buf).unwrap(),
+                    BatchSize::LargeInput,
+                )
+            },
+        );
         let sealed = svc.seal_slice(&b, &data).unwrap();
-        group.bench_with_input(BenchmarkId::new("open", size_label), &sealed, |bench, sealed| {
-            bench.iter_batched(
-                || sealed.clone(),
-                |mut env| {
-                    black_box(svc.open_in_place(&b, &mut env).unwrap().len());
-                    env
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        group.bench_with_input(
+            BenchmarkId::new("open", size_label),
+            &sealed,
+            |bench, sealed| {
+                bench.iter_batched(
+                    || sealed.clone(),
+                    |mut env| {
+                        black_box(svc.open_in_place(&b, &mut env).unwrap().len());
+                        env
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
     }
     group.finish();
 }
@@ -156,13 +181,17 @@ fn bench_serialization(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(size as u64));
         for compression in COMPRESSIONS {
             let ser = serializer(compression);
-            group.bench_with_input(BenchmarkId::new(format!("encode_{}", label(compression)), size_label), &snap, |bench, snap| {
-                bench.iter(|| black_box(ser.encode_to_vec(snap).unwrap()))
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("encode_{}", label(compression)), size_label),
+                &snap,
+                |bench, snap| bench.iter(|| black_box(ser.encode_to_vec(snap).unwrap())),
+            );
             let encoded = ser.encode_to_vec(&snap).unwrap();
-            group.bench_with_input(BenchmarkId::new(format!("decode_{}", label(compression)), size_label), &encoded, |bench, encoded| {
-                bench.iter(|| black_box(ser.decode_slice(encoded).unwrap()))
-            });
+            group.bench_with_input(
+                BenchmarkId::new(format!("decode_{}", label(compression)), size_label),
+                &encoded,
+                |bench, encoded| bench.iter(|| black_box(ser.decode_slice(encoded).unwrap())),
+            );
         }
     }
     group.finish();
@@ -176,12 +205,16 @@ fn bench_workflow(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(size as u64));
         for compression in COMPRESSIONS {
             let pipeline = MigrationPipeline::new(serializer(compression), encryption());
-            group.bench_with_input(BenchmarkId::new(label(compression), size_label), &snap, |bench, snap| {
-                bench.iter(|| {
-                    let sealed = pipeline.seal(&b, snap).unwrap();
-                    black_box(pipeline.open(&b, sealed.bytes).unwrap())
-                })
-            });
+            group.bench_with_input(
+                BenchmarkId::new(label(compression), size_label),
+                &snap,
+                |bench, snap| {
+                    bench.iter(|| {
+                        let sealed = pipeline.seal(&b, snap).unwrap();
+                        black_box(pipeline.open(&b, sealed.bytes).unwrap())
+                    })
+                },
+            );
         }
     }
     group.finish();
@@ -189,7 +222,25 @@ fn bench_workflow(c: &mut Criterion) {
 
 fn config() -> Criterion {
     // 10 samples keep the 10 MiB gzip cases to seconds; the xtask passes shorter times when asked.
-    Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+/// Keeps freed buffers in the heap: no mmap for large blocks, no trimming of the heap top.
+fn warm_heap() {
+    // 32 MiB is glibc's largest mmap threshold; every buffer here is smaller.
+    // SAFETY: mallopt only adjusts glibc's allocator parameters; called before any thread starts.
+    let ok = unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+    };
+    if !ok {
+        eprintln!(
+            "warning: mallopt refused the heap settings; large cases will include page-fault time"
+        );
+    }
 }
 
 criterion_group! {
@@ -197,4 +248,9 @@ criterion_group! {
     config = config();
     targets = bench_encryption, bench_serialization, bench_workflow
 }
-criterion_main!(benches);
+
+fn main() {
+    warm_heap();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

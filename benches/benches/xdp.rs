@@ -4,7 +4,13 @@
 //! other load) hits all of them alike; we report per-case medians over rounds and the ratio to
 //! the reference's median. Needs root. Run: `cargo bench -p baton-benches --bench xdp`
 //! (or `cargo xtask bench --only xdp`). Knobs: BATON_XDP_BENCH_ROUNDS (default 7),
-//! BATON_XDP_BENCH_REPEAT (default 1000000).
+//! BATON_XDP_BENCH_REPEAT (default 1000000), BATON_XDP_BENCH_BASELINE=<path to another build's
+//! lb-ebpf object> (e.g. the one under target/*/build/lb-user-*/out/ before a change): that
+//! object is loaded too, set up alike, and timed in the same rounds, for a before/after table.
+//!
+//! Besides the reference, `baton_xdp_forward_floor` is timed: the reference's walk plus the
+//! forwarding every routed packet needs whatever the routing (MAC rewrite, counters, devmap
+//! redirect). `floor+` is a case's cost above it: what the routing decision itself costs.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
@@ -42,8 +48,11 @@ fn cid(server_id: u64) -> [u8; 8] {
     c
 }
 
-fn setup() -> Result<XdpFixture> {
-    let mut f = XdpFixture::load("bench")?;
+fn setup(object: Option<&[u8]>) -> Result<XdpFixture> {
+    let mut f = match object {
+        None => XdpFixture::load("bench")?,
+        Some(bytes) => XdpFixture::load_object("bench-baseline", bytes)?,
+    };
     f.set_config(LbConfig { cid_len: 8, server_id_len: 2, ready: 1, _pad: 0, maglev_size: MAGLEV_TABLE_SIZE })?;
     let mut v4 = VipKey { port: PORT, family: AF_INET, ..Default::default() };
     v4.addr[..4].copy_from_slice(&VIP4.octets());
@@ -87,6 +96,13 @@ fn cases() -> Vec<Case> {
             program: "baton_xdp_reference",
             frame: v4(short(cid(0x0101))),
             expect: XDP_DROP,
+            routed: false,
+        },
+        Case {
+            name: "forward floor (ref + fwd, no routing)",
+            program: "baton_xdp_forward_floor",
+            frame: v4(short(cid(0x0101))),
+            expect: XDP_REDIRECT,
             routed: false,
         },
         case("short hdr, override hit", v4(short(cid(0x4242))), XDP_REDIRECT),
@@ -144,25 +160,46 @@ fn main() -> Result<()> {
     } else if repeat < 1_000_000 {
         eprintln!("note: BATON_XDP_BENCH_REPEAT={repeat} is below 1,000,000: expect noisier figures");
     }
-    let f = setup().context("setting up the XDP benchmark (run it as root)")?;
+    let f = setup(None).context("setting up the XDP benchmark (run it as root)")?;
+    let baseline_bytes = match std::env::var_os("BATON_XDP_BENCH_BASELINE") {
+        Some(path) => Some(std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?),
+        None => None,
+    };
+    let baseline = match &baseline_bytes {
+        Some(bytes) => Some(setup(Some(bytes)).context("setting up the baseline object")?),
+        None => None,
+    };
     let cases = cases();
     // Check every case takes the path it is named for before timing it.
     for c in &cases {
-        let out = f.run(c.program, &c.frame)?;
-        if out.action != c.expect {
-            bail!("case {:?} returned action {} instead of {}", c.name, out.action, c.expect);
+        for (which, fx) in [("", Some(&f)), ("baseline ", baseline.as_ref())] {
+            let Some(fx) = fx else { continue };
+            if fx.program(c.program).is_err() {
+                continue;
+            }
+            let out = fx.run(c.program, &c.frame)?;
+            if out.action != c.expect {
+                bail!("{which}case {:?} returned action {} instead of {}", c.name, out.action, c.expect);
+            }
         }
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut base_samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for round in 0..rounds {
         for (i, c) in cases.iter().enumerate() {
             let out = f.run_repeat(c.program, &c.frame, repeat)?;
             samples[i].push(out.duration_ns as f64);
+            if let Some(b) = baseline.as_ref().filter(|b| b.program(c.program).is_ok()) {
+                base_samples[i].push(b.run_repeat(c.program, &c.frame, repeat)?.duration_ns as f64);
+            }
         }
         eprintln!("round {}/{rounds} done", round + 1);
     }
     let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+    let base_medians: Vec<Option<f64>> =
+        base_samples.iter_mut().map(|s| (!s.is_empty()).then(|| median(s))).collect();
     let reference = medians[0];
+    let floor = medians[1];
     let info = f.program("baton_xdp")?.info()?;
     println!();
     println!(
@@ -174,7 +211,8 @@ fn main() -> Result<()> {
         info.size_translated().map_or("?".into(), |n| n.to_string()),
         info.size_jitted()
     );
-    println!("{:<34} {:>8} {:>6} {:>6} {:>8}  target", "case", "median", "min", "max", "ratio");
+    let base_hdr = if baseline.is_some() { format!(" {:>9} {:>7}", "baseline", "ratio") } else { String::new() };
+    println!("{:<40} {:>8} {:>6} {:>6} {:>7} {:>7}{base_hdr}  target", "case", "median", "min", "max", "ratio", "floor+");
     let mut missed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let (min, max) = samples[i].iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -187,8 +225,22 @@ fn main() -> Result<()> {
             missed.push(c.name);
             format!("MISSED (> {TARGET_RATIO}x)")
         };
-        println!("{:<34} {:>6.0}ns {:>4.0}ns {:>4.0}ns {:>7.2}x  {verdict}", c.name, medians[i], min, max, ratio);
+        let over_floor = if c.routed { format!("{:+.0}ns", medians[i] - floor) } else { "-".into() };
+        let base_col = match (baseline.is_some(), base_medians[i], base_medians[0]) {
+            (false, ..) => String::new(),
+            (true, Some(b), Some(r)) => format!(" {:>7.0}ns {:>6.2}x", b, b / r),
+            (true, ..) => format!(" {:>9} {:>7}", "-", "-"),
+        };
+        println!(
+            "{:<40} {:>6.0}ns {:>4.0}ns {:>4.0}ns {:>6.2}x {:>7}{base_col}  {verdict}",
+            c.name, medians[i], min, max, ratio, over_floor
+        );
     }
+    println!(
+        "forward floor = {:.2}x the reference: the share of the target that forwarding alone (counters, MAC rewrite, \
+         bpf_redirect_map) takes before any routing decision",
+        floor / reference
+    );
     if missed.is_empty() {
         println!("every route kind is within {TARGET_RATIO}x of the reference");
     } else {

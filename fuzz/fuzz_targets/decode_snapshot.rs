@@ -10,8 +10,12 @@ use std::sync::OnceLock;
 fn service() -> &'static SerializationService {
     static SERVICE: OnceLock<SerializationService> = OnceLock::new();
     SERVICE.get_or_init(|| {
-        SerializationService::new(SerializationConfig { compression: Compression::Zstd { level: 1 }, chunk_size: 4096, max_state_size: 1 << 20 })
-            .expect("valid config")
+        SerializationService::new(SerializationConfig {
+            compression: Compression::Zstd { level: 1 },
+            chunk_size: 4096,
+            max_state_size: 1 << 20,
+        })
+        .expect("valid config")
     })
 }
 

@@ -13,34 +13,57 @@ use quinn_proto::crypto::{
 use quinn_proto::transport_parameters::TransportParameters;
 use quinn_proto::{ConnectionId, Side, TransportError};
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The secrets a connection's keys derive from, and its current key-update generation.
+///
+/// Besides the generation-0 secrets (header protection always uses them) it keeps the current
+/// generation's secrets, stepping them along with every key update, so exporting costs the same
+/// after a million key updates as after none.
 #[derive(Default)]
 pub struct KeyState {
-    captured: Mutex<Captured>,
-    next_1rtt_calls: AtomicU64,
+    inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
-struct Captured {
+struct Inner {
     client0: Option<Secret>,
     server0: Option<Secret>,
     exporter: Option<Secret>,
+    /// Calls of `next_1rtt_keys` so far: the current generation is `calls - 1`.
+    calls: u64,
+    /// Secrets of generation `.2`, stepped towards `calls - 1`.
+    current: Option<(Secret, Secret, u64)>,
+}
+
+impl Inner {
+    /// Brings `current` to generation `calls - 1` (one step per key update, when it happens).
+    fn catch_up(&mut self) {
+        let Some(target) = self.calls.checked_sub(1) else { return };
+        if self.current.is_none() {
+            if let (Some(c), Some(s)) = (&self.client0, &self.server0) {
+                self.current = Some((c.clone(), s.clone(), 0));
+            }
+        }
+        let Some(suite) = self.client0.as_ref().and_then(|c| Suite::from_secret_len(c.len())) else {
+            return;
+        };
+        if let Some((client, server, generation)) = &mut self.current {
+            while *generation < target {
+                *client = crate::schedule::next_secret(suite, client);
+                *server = crate::schedule::next_secret(suite, server);
+                *generation += 1;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = self.captured.lock().unwrap();
+        let c = self.inner.lock().unwrap();
         f.debug_struct("KeyState")
-            .field("client0", &c.client0.is_some())
-            .field("server0", &c.server0.is_some())
-            .field("exporter", &c.exporter.is_some())
-            .field(
-                "next_1rtt_calls",
-                &self.next_1rtt_calls.load(Ordering::Relaxed),
-            )
+            .field("captured", &(c.client0.is_some() && c.server0.is_some() && c.exporter.is_some()))
+            .field("next_1rtt_calls", &c.calls)
             .finish()
     }
 }
@@ -59,30 +82,37 @@ impl KeyState {
         Arc::new(Self::default())
     }
 
-    /// State for an imported connection at key-update generation `generation`: as if quinn had
-    /// asked for generations 1..=generation already.
+    /// State for an imported connection at `secrets.generation`: as if quinn had asked for
+    /// generations 1..=generation already (the import asks for the next one).
     pub(crate) fn imported(secrets: &SessionSecrets) -> Arc<Self> {
         Arc::new(Self {
-            captured: Mutex::new(Captured {
+            inner: Mutex::new(Inner {
                 client0: Some(secrets.client_secret_0.clone()),
                 server0: Some(secrets.server_secret_0.clone()),
                 exporter: Some(secrets.exporter_secret.clone()),
+                calls: secrets.generation,
+                current: Some((
+                    secrets.client_secret.clone(),
+                    secrets.server_secret.clone(),
+                    secrets.generation,
+                )),
             }),
-            next_1rtt_calls: AtomicU64::new(secrets.generation),
         })
     }
 
     /// Current 1-RTT key-update generation (0 before the first update), once the handshake is done.
     pub fn generation(&self) -> Option<u64> {
-        self.next_1rtt_calls.load(Ordering::Acquire).checked_sub(1)
+        self.inner.lock().unwrap().calls.checked_sub(1)
     }
 
     pub(crate) fn count_next_1rtt(&self) {
-        self.next_1rtt_calls.fetch_add(1, Ordering::AcqRel);
+        let mut inner = self.inner.lock().unwrap();
+        inner.calls += 1;
+        inner.catch_up();
     }
 
     fn record(&self, label: &str, secret: &[u8]) {
-        let mut c = self.captured.lock().unwrap();
+        let mut c = self.inner.lock().unwrap();
         let slot = match label {
             "CLIENT_TRAFFIC_SECRET_0" => &mut c.client0,
             "SERVER_TRAFFIC_SECRET_0" => &mut c.server0,
@@ -99,17 +129,22 @@ impl KeyState {
         alpn: Option<Vec<u8>>,
         server_name: Option<String>,
     ) -> Result<SessionSecrets, KeyError> {
-        let generation = self.generation().ok_or(KeyError::NotCaptured)?;
-        let c = self.captured.lock().unwrap();
-        let (Some(client0), Some(server0), Some(exporter)) = (&c.client0, &c.server0, &c.exporter)
+        let mut inner = self.inner.lock().unwrap();
+        inner.catch_up();
+        let generation = inner.calls.checked_sub(1).ok_or(KeyError::NotCaptured)?;
+        let (Some(client0), Some(server0), Some(exporter), Some((client, server, at))) =
+            (&inner.client0, &inner.server0, &inner.exporter, &inner.current)
         else {
             return Err(KeyError::NotCaptured);
         };
         let suite = Suite::from_secret_len(client0.len()).ok_or(KeyError::UnsupportedSuite)?;
+        debug_assert_eq!(*at, generation);
         Ok(SessionSecrets {
             suite,
             client_secret_0: client0.clone(),
             server_secret_0: server0.clone(),
+            client_secret: client.clone(),
+            server_secret: server.clone(),
             exporter_secret: exporter.clone(),
             generation,
             alpn,
@@ -127,6 +162,10 @@ pub struct SessionSecrets {
     pub client_secret_0: Secret,
     /// `SERVER_TRAFFIC_SECRET_0`
     pub server_secret_0: Secret,
+    /// The client's traffic secret of generation `generation` (packet protection)
+    pub client_secret: Secret,
+    /// The server's traffic secret of generation `generation` (packet protection)
+    pub server_secret: Secret,
     /// `EXPORTER_SECRET`
     pub exporter_secret: Secret,
     /// Current key-update generation (packet keys derive from generation `generation`)

@@ -98,6 +98,25 @@ impl W {
     fn stream_id(&mut self, id: StreamId) {
         self.u64(VarInt::from(id).into_inner());
     }
+    /// Stream IDs as runs: (type bits, first index, count), by type then index.
+    fn runs(&mut self, ids: impl Iterator<Item = StreamId>) {
+        let mut raw: Vec<u64> = ids.map(|id| VarInt::from(id).into_inner()).collect();
+        raw.sort_by_key(|&x| (x & 3, x >> 2));
+        let mut runs: Vec<(u8, u64, u64)> = Vec::new();
+        for x in raw {
+            let (ty, index) = ((x & 3) as u8, x >> 2);
+            match runs.last_mut() {
+                Some((t, start, count)) if *t == ty && *start + *count == index => *count += 1,
+                _ => runs.push((ty, index, 1)),
+            }
+        }
+        self.u32(runs.len() as u32);
+        for (ty, start, count) in runs {
+            self.u8(ty);
+            self.u64(start);
+            self.u64(count);
+        }
+    }
 }
 
 struct R<'a>(&'a [u8]);
@@ -179,6 +198,29 @@ impl<'a> R<'a> {
     fn stream_id(&mut self) -> Res<StreamId> {
         let v = VarInt::from_u64(self.u64()?).map_err(|_| DecodeError::Invalid("stream id"))?;
         Ok(StreamId::from(v))
+    }
+    /// Appends `(id, None)` for every stream ID in the runs [`W::runs`] wrote.
+    fn runs<T>(&mut self, out: &mut Vec<(StreamId, Option<T>)>) -> Res<()> {
+        const MAX_STREAMS: u64 = 1 << 20;
+        let n = self.count(1 << 16)?;
+        let mut total = 0u64;
+        for _ in 0..n {
+            let ty = self.u8()?;
+            let (start, count) = (self.u64()?, self.u64()?);
+            total = total.saturating_add(count);
+            if ty > 3
+                || total > MAX_STREAMS
+                || start.checked_add(count).is_none_or(|end| end > 1 << 60)
+            {
+                return Err(DecodeError::Invalid("stream run"));
+            }
+            for index in start..start + count {
+                let id = VarInt::from_u64(index << 2 | ty as u64)
+                    .map_err(|_| DecodeError::Invalid("stream id"))?;
+                out.push((StreamId::from(id), None));
+            }
+        }
+        Ok(())
     }
     fn count(&mut self, max: usize) -> Res<usize> {
         let n = self.u32()? as usize;
@@ -276,6 +318,10 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
     w.bool(c.sending_ecn);
     w.u16(c.mtu);
     w.u64(c.congestion_window);
+    w.opt(c.congestion_state, |w, (window, ssthresh)| {
+        w.u64(window);
+        w.u64(ssthresh);
+    });
     w.bool(c.spin_enabled);
     w.bool(c.spin);
     w.bool(c.receiving_ecn);
@@ -316,30 +362,42 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
         w.u64(v);
     }
     w.opt(st.data_blocked_limit, W::u64);
-    w.u32(st.send.len() as u32);
-    for (id, s) in &st.send {
-        w.stream_id(*id);
-        w.opt(s.as_ref(), |w, s| {
-            w.u64(s.offset);
-            w.u64(s.max_data);
-            w.opt(s.finish_acked, W::bool);
-            w.i32(s.priority);
-            w.bool(s.connection_blocked);
-            w.opt(s.data_blocked_limit, W::u64);
-            w.opt(s.stop_reason, W::u64);
-        });
+    // Streams that exist (`Some`) one by one; the permitted-but-unopened ones (`None`, most of
+    // the table) as runs of consecutive indices.
+    let (send_some, send_none): (Vec<_>, Vec<_>) = st.send.iter().partition(|(_, s)| s.is_some());
+    let mut send_some: Vec<_> = send_some
+        .into_iter()
+        .map(|(id, s)| (*id, s.as_ref().unwrap()))
+        .collect();
+    send_some.sort_by_key(|(id, _)| *id);
+    w.u32(send_some.len() as u32);
+    for (id, s) in send_some {
+        w.stream_id(id);
+        w.u64(s.offset);
+        w.u64(s.max_data);
+        w.opt(s.finish_acked, W::bool);
+        w.i32(s.priority);
+        w.bool(s.connection_blocked);
+        w.opt(s.data_blocked_limit, W::u64);
+        w.opt(s.stop_reason, W::u64);
     }
-    w.u32(st.recv.len() as u32);
-    for (id, r) in &st.recv {
-        w.stream_id(*id);
-        w.opt(r.as_ref(), |w, r| {
-            w.bool(r.open);
-            w.u64(r.bytes_read);
-            w.opt(r.final_size, W::u64);
-            w.u64(r.sent_max_stream_data);
-            w.bool(r.stopped);
-        });
+    w.runs(send_none.iter().map(|(id, _)| *id));
+    let (recv_some, recv_none): (Vec<_>, Vec<_>) = st.recv.iter().partition(|(_, r)| r.is_some());
+    let mut recv_some: Vec<_> = recv_some
+        .into_iter()
+        .map(|(id, r)| (*id, r.as_ref().unwrap()))
+        .collect();
+    recv_some.sort_by_key(|(id, _)| *id);
+    w.u32(recv_some.len() as u32);
+    for (id, r) in recv_some {
+        w.stream_id(id);
+        w.bool(r.open);
+        w.u64(r.bytes_read);
+        w.opt(r.final_size, W::u64);
+        w.u64(r.sent_max_stream_data);
+        w.bool(r.stopped);
     }
+    w.runs(recv_none.iter().map(|(id, _)| *id));
     w.0
 }
 
@@ -444,6 +502,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let sending_ecn = r.bool()?;
     let mtu = r.u16()?;
     let congestion_window = r.u64()?;
+    let congestion_state = r.opt(|r| Ok((r.u64()?, r.u64()?)))?;
     let spin_enabled = r.bool()?;
     let spin = r.bool()?;
     let receiving_ecn = r.bool()?;
@@ -469,8 +528,9 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let mut send = Vec::with_capacity(n);
     for _ in 0..n {
         let id = r.stream_id()?;
-        let s = r.opt(|r| {
-            Ok(SendStreamSnapshot {
+        send.push((
+            id,
+            Some(SendStreamSnapshot {
                 offset: r.u64()?,
                 max_data: r.u64()?,
                 finish_acked: r.opt(R::bool)?,
@@ -478,25 +538,26 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
                 connection_blocked: r.bool()?,
                 data_blocked_limit: r.opt(R::u64)?,
                 stop_reason: r.opt(R::u64)?,
-            })
-        })?;
-        send.push((id, s));
+            }),
+        ));
     }
+    r.runs(&mut send)?;
     let n = r.count(MAX)?;
     let mut recv = Vec::with_capacity(n);
     for _ in 0..n {
         let id = r.stream_id()?;
-        let s = r.opt(|r| {
-            Ok(RecvStreamSnapshot {
+        recv.push((
+            id,
+            Some(RecvStreamSnapshot {
                 open: r.bool()?,
                 bytes_read: r.u64()?,
                 final_size: r.opt(R::u64)?,
                 sent_max_stream_data: r.u64()?,
                 stopped: r.bool()?,
-            })
-        })?;
-        recv.push((id, s));
+            }),
+        ));
     }
+    r.runs(&mut recv)?;
     if !r.0.is_empty() {
         return Err(DecodeError::Trailing);
     }
@@ -564,6 +625,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         sending_ecn,
         mtu,
         congestion_window,
+        congestion_state,
         spin_enabled,
         spin,
         receiving_ecn,

@@ -98,7 +98,7 @@ fn connection_moves_between_workers_byte_exact() {
         "key updates before and after handoffs: {generations:?}"
     );
     eprintln!(
-        "RESULT migrations={} requests={} long_stream_bytes={} bytes_verified={} key_generation first={} last={} frozen_steps_max={} handoff_bytes_max={} forced_key_updates={} steps={}",
+        "RESULT migrations={} requests={} long_stream_bytes={} bytes_verified={} key_generation first={} last={} frozen_steps_max={} handoff_bytes_max={} forced_key_updates={} cwnd_carried_max={} steps={}",
         migrations,
         sim.client.completed,
         sim.client.long_received,
@@ -108,6 +108,7 @@ fn connection_moves_between_workers_byte_exact() {
         frozen.iter().max().unwrap(),
         sim.handoff_bytes,
         sim.key_updates_forced,
+        sim.cwnd_max,
         sim.step_count,
     );
     eprintln!(
@@ -270,4 +271,47 @@ fn connection_with_many_open_streams_moves_and_its_streams_complete() {
     }
     assert_eq!(sim.client.completed, 90);
     assert_eq!(sim.client.connected, 1);
+}
+
+#[test]
+fn corrupted_handoff_bytes_never_panic_the_importer() {
+    init_tracing();
+    let mut sim = Sim::new();
+    sim.run(150);
+    let _ = sim.quiesce();
+    let owner = sim.owner();
+    let ch = sim.workers[owner].only();
+    let Live { conn, keys, app: _ } = sim.workers[owner].conns.remove(&ch).unwrap();
+    let handoff = baton_handoff::export(&mut sim.workers[owner].endpoint, ch, conn, &keys, sim.now).unwrap();
+    let bytes = baton_handoff::wire::encode(&handoff);
+    // Deterministic pseudo-random single-byte corruptions: decoding refuses or yields a handoff
+    // that the importer takes or refuses, without panicking.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let (mut decoded, mut imported) = (0, 0);
+    let target = 1 - owner;
+    for _ in 0..2_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut b = bytes.to_vec();
+        let i = (x as usize) % b.len();
+        b[i] ^= 1 << ((x >> 32) % 8);
+        if let Ok(h) = baton_handoff::wire::decode(&b) {
+            decoded += 1;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                baton_handoff::import(&mut sim.workers[target].endpoint, &h, sim.now).map(|(ch, conn, _)| (ch, conn))
+            }));
+            match result {
+                Ok(Ok((ch, conn))) => {
+                    imported += 1;
+                    // Undo: forget it, freeing its CIDs for the next attempt.
+                    drop(conn);
+                    sim.workers[target].endpoint.handle_event(ch, quinn_proto::EndpointEvent::drained());
+                }
+                Ok(Err(_)) => {}
+                Err(_) => panic!("import panicked on corrupted byte {i}"),
+            }
+        }
+    }
+    eprintln!("corruptions: decoded={decoded} imported={imported}");
 }

@@ -8,6 +8,7 @@
 extern crate std;
 
 pub mod cid;
+pub mod fastpath;
 
 pub use cid::{
     CR_UNROUTABLE, CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, config_rotation,
@@ -27,6 +28,11 @@ pub mod map_names {
     pub const MAGLEV: &str = "BATON_MAGLEV";
     pub const TX_PORTS: &str = "BATON_TX_PORTS";
     pub const STATS: &str = "BATON_STATS";
+    /// Derived fast-path maps (see [`crate::fastpath`]): filled from the maps above by
+    /// `lb_user::fastpath`, never authoritative on their own.
+    pub const FASTPATH: &str = "BATON_FASTPATH";
+    pub const VIP_TABLE: &str = "BATON_VIP_TABLE";
+    pub const SERVER_ID_TABLE: &str = "BATON_SERVER_ID_TABLE";
 }
 
 /// Size of the Maglev lookup table: a prime, as Maglev requires, large enough that moving one of
@@ -308,4 +314,8 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerRef {}
     unsafe impl aya::Pod for super::ServerIdKey {}
     unsafe impl aya::Pod for super::WorkerEntry {}
+    unsafe impl aya::Pod for super::fastpath::FastPathState {}
+    unsafe impl aya::Pod for super::fastpath::VipSlot {}
+    unsafe impl aya::Pod for super::fastpath::VipTable {}
+    unsafe impl aya::Pod for super::fastpath::ServerIdSlot {}
 }

@@ -18,8 +18,17 @@
 //! bridges never learn the client's MAC behind our port; XDP_REDIRECT through the `BATON_TX_PORTS`
 //! devmap, or XDP_TX when the worker sits behind the receiving interface.
 //!
-//! `baton_xdp_reference` (parse to the DCID, drop) is the benchmark baseline; `baton_xdp_pass`
-//! goes on veth peers so native-mode redirects into them are delivered.
+//! Fast path (`lb_common::fastpath`): while `BATON_FASTPATH`'s flags say so, the VIP check scans
+//! the `BATON_VIP_TABLE` array, the server ID indexes the `BATON_SERVER_ID_TABLE` array, the
+//! override hash lookup runs only when the packet's override bucket is non-empty, and the Maglev
+//! modulo uses a validated reciprocal. Array lookups are inlined; every hash lookup avoided is a
+//! helper call (~20 ns here). Without the flags the program uses the authoritative hash maps and
+//! decides identically.
+//!
+//! `baton_xdp_reference` (parse to the DCID, drop) is the benchmark baseline;
+//! `baton_xdp_forward_floor` (the reference plus the forwarding every routed packet needs) shows
+//! what routing itself costs; `baton_xdp_pass` goes on veth peers so native-mode redirects into
+//! them are delivered.
 #![no_std]
 #![no_main]
 
@@ -31,12 +40,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
+use lb_common::fastpath::{
+    BPF_F_MMAPABLE, FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState, SERVER_ID_TABLE_MAX_LEN,
+    SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS, VipTable, fastmod_u32, reciprocal_matches,
+};
 use lb_common::{
-    AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN, MAX_CID_OVERRIDES, MAX_VIPS,
-    MAX_WORKERS, NO_WORKER, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat, TX_SAME_IFACE, VipKey, VipValue,
-    WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words, cid_key_words, self_described_len,
+    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN, MAX_CID_OVERRIDES, MAX_VIPS,
+    MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat, TX_SAME_IFACE, VipKey, VipValue,
+    WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words, cid_key_words, config_rotation, self_described_len,
 };
 use maps::{ARRAY, DEVMAP, HASH, PERCPU_ARRAY, PinnedMap};
+
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
 
 const MAGLEV_ENTRIES: usize = MAGLEV_TABLE_SIZE as usize;
 
@@ -56,6 +71,14 @@ static MAGLEV: PinnedMap<u32, u32, ARRAY, MAGLEV_ENTRIES> = PinnedMap::new();
 static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_STATS")]
 static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STAT_COUNT as usize }> = PinnedMap::new();
+// Derived fast-path maps (lb_common::fastpath): each used only while its flag is set.
+#[btf_map(name = "BATON_FASTPATH")]
+static FASTPATH: PinnedMap<u32, FastPathState, ARRAY, 1, MMAPABLE> = PinnedMap::new();
+#[btf_map(name = "BATON_VIP_TABLE")]
+static VIP_TABLE: PinnedMap<u32, VipTable, ARRAY, 1> = PinnedMap::new();
+#[btf_map(name = "BATON_SERVER_ID_TABLE")]
+static SERVER_ID_TABLE: PinnedMap<u32, ServerIdSlot, ARRAY, { SERVER_ID_TABLE_SIZE as usize }, MMAPABLE> =
+    PinnedMap::new();
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -66,8 +89,8 @@ const UDP_LEN: usize = 8;
 
 /// What to do with a packet whose QUIC header we have read.
 enum Route {
-    /// Worker index (into `BATON_WORKERS`) and the stat that says why.
-    Worker(u32, Stat),
+    /// Worker index (into `BATON_WORKERS`), its entry (in use) and the stat that says why.
+    Worker(u32, *const WorkerEntry, Stat),
     /// Hash the DCID through Maglev.
     Hash,
     /// Malformed or not something a client sends: drop and count.
@@ -88,6 +111,11 @@ pub fn baton_xdp_pass(_ctx: XdpContext) -> u32 {
 /// IPv6, UDP, QUIC first octet and DCID bounds), no maps, then XDP_DROP.
 #[xdp]
 pub fn baton_xdp_reference(ctx: XdpContext) -> u32 {
+    reference_walk(&ctx)
+}
+
+#[inline(always)]
+fn reference_walk(ctx: &XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > end {
         return xdp_action::XDP_PASS;
@@ -120,6 +148,22 @@ pub fn baton_xdp_reference(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     xdp_action::XDP_DROP
+}
+
+/// Benchmark floor: what every routed packet costs whatever the routing: the reference's header
+/// walk, then the forwarding `baton_xdp` must do (worker 0's MAC into the frame, the per-verdict
+/// counters: IP version, route kind, bytes, redirected; XDP_REDIRECT through the devmap). The
+/// difference between this and `baton_xdp` is the cost of the routing decision alone.
+#[xdp]
+pub fn baton_xdp_forward_floor(ctx: XdpContext) -> u32 {
+    if reference_walk(&ctx) != xdp_action::XDP_DROP {
+        return xdp_action::XDP_PASS;
+    }
+    count(Stat::Ipv4);
+    match worker_entry(0) {
+        Some(entry) => forward(&ctx, 0, entry, Stat::RoutedServerId),
+        None => drop_count(Stat::NoWorker),
+    }
 }
 
 #[inline(always)]
@@ -218,11 +262,15 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         return pass();
     }
 
-    // Find UDP and build the VIP key. Until the destination port is readable we cannot tell
-    // VIP traffic from anything else, so truncation up to there passes.
-    let mut vip_mem = core::mem::MaybeUninit::uninit();
-    let vip_buf = KeyBuf::zeroed_in(&mut vip_mem);
-    let vip: &mut VipKey = vip_buf.as_mut();
+    let fp = match FASTPATH.lookup(&0) {
+        // SAFETY: array value, always valid; 16 bytes copied out.
+        Some(fp) => unsafe { *fp },
+        None => FastPathState::default(),
+    };
+
+    // Find UDP and build the VIP key as the three words of a `VipKey` (address, address,
+    // port | family << 16). Until the destination port is readable we cannot tell VIP traffic
+    // from anything else, so truncation up to there passes.
     let udp = match read_u16(data + 12) {
         ETH_P_IP => {
             let ip = data + ETH_LEN;
@@ -243,11 +291,8 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             if udp + 4 > end {
                 return pass();
             }
-            vip.family = AF_INET;
-            // SAFETY: the address is the first field of an 8-aligned key.
-            unsafe { *(vip.addr.as_mut_ptr() as *mut u32) = load_u32(ip + 16) };
-            vip.port = read_u16(udp + 2);
-            if !is_vip(vip) {
+            let port = read_u16(udp + 2) as u64;
+            if !is_vip(&fp, [load_u32(ip + 16) as u64, 0, port | (AF_INET as u64) << 16]) {
                 return pass();
             }
             count(Stat::Ipv4);
@@ -264,15 +309,8 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 return pass();
             }
             let udp = ip + IPV6_LEN;
-            vip.family = AF_INET6;
-            // SAFETY: as above, two words.
-            unsafe {
-                let addr = vip.addr.as_mut_ptr() as *mut u64;
-                *addr = load_u64(ip + 24);
-                *addr.add(1) = load_u64(ip + 32);
-            }
-            vip.port = read_u16(udp + 2);
-            if !is_vip(vip) {
+            let port = read_u16(udp + 2) as u64;
+            if !is_vip(&fp, [load_u64(ip + 24), load_u64(ip + 32), port | (AF_INET6 as u64) << 16]) {
                 return pass();
             }
             count(Stat::Ipv6);
@@ -316,9 +354,8 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         (version, quic + 5, take, 6 + dcid_len)
     };
     let mut key_mem = core::mem::MaybeUninit::uninit();
-    let key_buf = KeyBuf::zeroed_in(&mut key_mem);
-    let words = match load_cid(base, end, len, key_buf) {
-        Some(words) => words,
+    let (words, key_buf) = match load_cid(base, end, len, &mut key_mem) {
+        Some(loaded) => loaded,
         None => return drop_count(Stat::Malformed),
     };
     // The UDP length is authoritative (Ethernet padding may follow): all of it must be here,
@@ -329,7 +366,7 @@ fn route_packet(ctx: &XdpContext) -> u32 {
 
     let key: &CidKey = key_buf.as_mut();
     let route = if !long {
-        route_server_cid(&cfg, key, &words)
+        route_server_cid(&cfg, &fp, key, &words)
     } else if version != QUIC_V1 && version != QUIC_V2 {
         Route::Hash
     } else {
@@ -341,40 +378,79 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             0 | 1 => {
                 let first_octet = (words[0] >> 8) as u8;
                 if len == cfg.cid_len as usize && self_described_len(first_octet) == len {
-                    route_server_cid(&cfg, key, &words)
+                    route_server_cid(&cfg, &fp, key, &words)
                 } else {
                     Route::Hash
                 }
             }
             // Handshake.
-            2 => route_server_cid(&cfg, key, &words),
+            2 => route_server_cid(&cfg, &fp, key, &words),
             // Retry is only ever sent by servers.
             _ => Route::Malformed,
         }
     };
 
-    let (worker, why) = match route {
-        Route::Worker(worker, why) => (worker, why),
+    let (worker, entry, why) = match route {
+        Route::Worker(worker, entry, why) => (worker, entry, why),
         Route::Malformed => return drop_count(Stat::Malformed),
         Route::Hash => {
             let size = if cfg.maglev_size > MAGLEV_TABLE_SIZE { MAGLEV_TABLE_SIZE } else { cfg.maglev_size };
             if size == 0 {
                 return drop_count(Stat::NoWorker);
             }
-            let slot = cid_hash_words(&words) % size;
-            match MAGLEV.lookup(&slot) {
+            let hash = cid_hash_words(&words);
+            // `hash % size` without a 64-bit div when the controller left the reciprocal.
+            let m = fp.maglev_reciprocal;
+            let slot = if reciprocal_matches(m, size) { fastmod_u32(hash, m, size) } else { hash % size };
+            let worker = match MAGLEV.lookup(&slot) {
                 // SAFETY: array slot, always valid.
-                Some(w) => (unsafe { *w }, Stat::RoutedHash),
+                Some(w) => unsafe { *w },
+                None => return drop_count(Stat::NoWorker),
+            };
+            match worker_entry(worker) {
+                Some(entry) => (worker, entry, Stat::RoutedHash),
                 None => return drop_count(Stat::NoWorker),
             }
         }
     };
-    forward(ctx, worker, why)
+    forward(ctx, worker, entry, why)
 }
 
+/// Is `key` (a [`VipKey`] as three little-endian words) an enabled VIP? With the VIP table
+/// flag set, a scan of `BATON_VIP_TABLE`'s used slots (array lookup, inlined: no helper call);
+/// otherwise the `BATON_VIPS` hash lookup.
 #[inline(always)]
-fn is_vip(key: &VipKey) -> bool {
-    match VIPS.lookup(key) {
+fn is_vip(fp: &FastPathState, key: [u64; 3]) -> bool {
+    if fp.flags & FP_VIP_TABLE != 0 {
+        let table = match VIP_TABLE.lookup(&0) {
+            Some(t) => t as *const u64,
+            None => return false,
+        };
+        // A slot's last word is port | family << 16 | pad << 24 | flags << 32.
+        let last = key[2] | (VIP_SLOT_ENABLED as u64) << 32;
+        // SAFETY: array value of `size_of::<VipTable>()` bytes, 8-aligned; every index below
+        // is < 1 + 3 * VIP_TABLE_SLOTS words.
+        unsafe {
+            let count = *(table as *const u32) as usize;
+            let mut i = 0;
+            while i < VIP_TABLE_SLOTS {
+                if i >= count {
+                    break;
+                }
+                let slot = table.add(1 + 3 * i);
+                if *slot.add(2) == last && *slot == key[0] && *slot.add(1) == key[1] {
+                    return true;
+                }
+                i += 1;
+            }
+        }
+        return false;
+    }
+    let mut mem = core::mem::MaybeUninit::uninit();
+    let buf = KeyBuf::zeroed_in(&mut mem);
+    buf.0 = key;
+    let vip: &mut VipKey = buf.as_mut();
+    match VIPS.lookup(vip) {
         // SAFETY: hash value read right after lookup; flags bit 0 = enabled.
         Some(v) => (unsafe { (*v).flags } & 1) != 0,
         None => false,
@@ -387,8 +463,13 @@ fn is_vip(key: &VipKey) -> bool {
 /// checked against the end (`len` is not a constant, so the verifier wants a check per byte);
 /// `None` if the DCID is cut short.
 #[inline(always)]
-fn load_cid(base: usize, end: usize, len: usize, key: &mut KeyBuf) -> Option<[u64; 3]> {
-    let words = if base + 24 <= end {
+fn load_cid(
+    base: usize,
+    end: usize,
+    len: usize,
+    mem: &mut core::mem::MaybeUninit<KeyBuf>,
+) -> Option<([u64; 3], &mut KeyBuf)> {
+    if base + 24 <= end {
         // Key byte j (j ≥ 1) is DCID byte j-1 and is kept if j ≤ len; byte 0 becomes the length.
         let keep = |w: u64, first_byte: usize| {
             let n = len + 1;
@@ -401,104 +482,152 @@ fn load_cid(base: usize, end: usize, len: usize, key: &mut KeyBuf) -> Option<[u6
             }
         };
         let w0 = (load_u64(base) & !0xff) | len as u64;
-        [keep(w0, 0), keep(load_u64(base + 8), 8), keep(load_u64(base + 16), 16)]
-    } else {
-        let k: &mut CidKey = key.as_mut();
-        k.len = len as u8;
-        let src = base + 1;
-        let mut i = 0;
-        while i < MAX_CID_LEN {
-            if i < len {
-                if src + i + 1 > end {
-                    return None;
-                }
-                k.bytes[i] = read_u8(src + i);
+        let words = [keep(w0, 0), keep(load_u64(base + 8), 8), keep(load_u64(base + 16), 16)];
+        // SAFETY: three in-bounds word stores initialise all of it (no zeroing first).
+        let key = unsafe {
+            let p = mem.as_mut_ptr() as *mut u64;
+            p.write(words[0]);
+            p.add(1).write(words[1]);
+            p.add(2).write(words[2]);
+            mem.assume_init_mut()
+        };
+        return Some((words, key));
+    }
+    let key = KeyBuf::zeroed_in(mem);
+    let k: &mut CidKey = key.as_mut();
+    k.len = len as u8;
+    let src = base + 1;
+    let mut i = 0;
+    while i < MAX_CID_LEN {
+        if i < len {
+            if src + i + 1 > end {
+                return None;
             }
-            i += 1;
+            k.bytes[i] = read_u8(src + i);
         }
-        return Some(cid_key_words(k));
-    };
-    key.0 = words;
-    Some(words)
+        i += 1;
+    }
+    let words = cid_key_words(k);
+    Some((words, key))
 }
 
 /// Override map, then the server ID in the CID, then Maglev.
+///
+/// Fast path (`lb_common::fastpath`), when `BATON_FASTPATH` was built for this layout: the
+/// server ID indexes `BATON_SERVER_ID_TABLE` (server IDs of at most 2 bytes), whose slot says
+/// both the worker and whether any override has a CID with this server ID; the override hash
+/// lookup runs only if that count (or, for CIDs without such a server ID, `other_overrides`) is
+/// non-zero. Otherwise the hash maps, as the controller writes them.
 #[inline(always)]
-fn route_server_cid(cfg: &LbConfig, key: &CidKey, words: &[u64; 3]) -> Route {
-    if let Some(w) = CID_OVERRIDE.lookup(key) {
-        // SAFETY: hash value read right after lookup.
-        let worker = unsafe { (*w).worker };
-        if worker_in_use(worker) {
-            return Route::Worker(worker, Stat::RoutedOverride);
+fn route_server_cid(cfg: &LbConfig, fp: &FastPathState, key: &CidKey, words: &[u64; 3]) -> Route {
+    let same_layout = fp.cid_len == cfg.cid_len && fp.server_id_len == cfg.server_id_len;
+    let table_layout = same_layout && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
+    let sid = if table_layout && fp.flags & FP_SERVER_ID_TABLE != 0 {
+        // Userspace set the flag only for a valid layout with a 1- or 2-byte server ID, and
+        // `same_layout` says it is the live one: `decode_server_id_words` reduced to that case.
+        let len = (words[0] & 0xff) as usize;
+        if len < 1 + cfg.server_id_len as usize || config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE {
+            None
+        } else if cfg.server_id_len == 2 {
+            Some((words[0] >> 8) & 0xff00 | (words[0] >> 24) & 0xff)
+        } else {
+            Some((words[0] >> 16) & 0xff)
         }
-    }
-    let layout = match CidLayout::new(cfg.cid_len, cfg.server_id_len) {
-        Ok(layout) => layout,
-        Err(_) => return Route::Hash,
+    } else {
+        match CidLayout::new(cfg.cid_len, cfg.server_id_len) {
+            Ok(layout) => layout.decode_server_id_words(words),
+            Err(_) => None,
+        }
     };
-    if let Some(server_id) = layout.decode_server_id_words(words) {
-        if let Some(w) = SERVER_IDS.lookup(&ServerIdKey { server_id }) {
+    let slot = match sid {
+        Some(sid) if table_layout => SERVER_ID_TABLE.lookup(&(sid as u32)),
+        _ => None,
+    };
+    let may_have_override = if !same_layout || fp.flags & FP_OVERRIDE_COUNTS == 0 {
+        true
+    } else if table_layout && sid.is_some() {
+        match slot {
+            // SAFETY: array slot, always valid.
+            Some(s) => (unsafe { (*s).overrides }) != 0,
+            None => true,
+        }
+    } else {
+        fp.other_overrides != 0
+    };
+    if may_have_override {
+        if let Some(w) = CID_OVERRIDE.lookup(key) {
             // SAFETY: hash value read right after lookup.
             let worker = unsafe { (*w).worker };
-            if worker_in_use(worker) {
-                return Route::Worker(worker, Stat::RoutedServerId);
+            if let Some(entry) = worker_entry(worker) {
+                return Route::Worker(worker, entry, Stat::RoutedOverride);
             }
+        }
+    }
+    let server_id = match sid {
+        Some(sid) => sid,
+        None => return Route::Hash,
+    };
+    if table_layout && fp.flags & FP_SERVER_ID_TABLE != 0 {
+        if let Some(s) = slot {
+            // SAFETY: array slot, always valid.
+            let worker = unsafe { (*s).worker };
+            if let Some(entry) = worker_entry(worker) {
+                return Route::Worker(worker, entry, Stat::RoutedServerId);
+            }
+        }
+        return Route::Hash;
+    }
+    if let Some(w) = SERVER_IDS.lookup(&ServerIdKey { server_id }) {
+        // SAFETY: hash value read right after lookup.
+        let worker = unsafe { (*w).worker };
+        if let Some(entry) = worker_entry(worker) {
+            return Route::Worker(worker, entry, Stat::RoutedServerId);
         }
     }
     Route::Hash
 }
 
+/// The entry of worker `worker` if its slot is in use (`NO_WORKER` and out-of-range indices
+/// have none).
 #[inline(always)]
-fn worker_in_use(worker: u32) -> bool {
+fn worker_entry(worker: u32) -> Option<*const WorkerEntry> {
     match WORKERS.lookup(&worker) {
         // SAFETY: array slot, always valid.
-        Some(w) => (unsafe { (*w).flags } & WORKER_IN_USE) != 0,
-        None => false,
+        Some(w) if (unsafe { (*w).flags } & WORKER_IN_USE) != 0 => Some(w as *const WorkerEntry),
+        _ => None,
     }
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, worker: u32, why: Stat) -> u32 {
-    if worker == NO_WORKER {
-        return drop_count(Stat::NoWorker);
-    }
-    let entry = match WORKERS.lookup(&worker) {
-        // SAFETY: array slot, always valid; copied out before the next helper call.
-        Some(w) => unsafe { *w },
-        None => return drop_count(Stat::NoWorker),
-    };
-    if entry.flags & WORKER_IN_USE == 0 {
-        return drop_count(Stat::NoWorker);
-    }
+fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) -> u32 {
+    // SAFETY: an in-use `BATON_WORKERS` slot (see `worker_entry`); array values stay valid.
+    let (mac_hi, mac_lo, tx_port) =
+        unsafe { (*(entry as *const u32), *((entry as *const u8).add(4) as *const u16), (*entry).tx_port) };
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > end {
         return drop_count(Stat::Malformed);
     }
-    // SAFETY: 14 bytes checked above; XDP packet memory is writable.
+    // SAFETY: 14 bytes checked above; XDP packet memory is writable; unaligned 4- and 2-byte
+    // packet accesses are fine (see `load_u32`).
     unsafe {
         let eth = data as *mut u8;
         // New source = the MAC the frame was addressed to, i.e. ours, unless it was a group
         // address (never valid as a source): then the source stays as it was.
         if *eth & 1 == 0 {
-            let mut i = 0;
-            while i < 6 {
-                *eth.add(6 + i) = *eth.add(i);
-                i += 1;
-            }
+            let (hi, lo) = (*(eth as *const u32), *(eth.add(4) as *const u16));
+            *(eth.add(6) as *mut u32) = hi;
+            *(eth.add(10) as *mut u16) = lo;
         }
-        let mut i = 0;
-        while i < 6 {
-            *eth.add(i) = entry.mac[i];
-            i += 1;
-        }
+        *(eth as *mut u32) = mac_hi;
+        *(eth.add(4) as *mut u16) = mac_lo;
     }
     count(why);
     add(Stat::Bytes, (end - data) as u64);
-    if entry.tx_port == TX_SAME_IFACE {
+    if tx_port == TX_SAME_IFACE {
         count(Stat::Tx);
         return xdp_action::XDP_TX;
     }
-    match TX_PORTS.redirect(entry.tx_port, xdp_action::XDP_DROP as u64) {
+    match TX_PORTS.redirect(tx_port, xdp_action::XDP_DROP as u64) {
         Ok(action) => {
             count(Stat::Redirected);
             action
@@ -508,7 +637,7 @@ fn forward(ctx: &XdpContext, worker: u32, why: Stat) -> u32 {
             // it is worth a log line; the counter says how often.
             warn!(
                 ctx,
-                "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped", worker, entry.tx_port
+                "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped", worker, tx_port
             );
             drop_count(Stat::RedirectError)
         }

@@ -25,6 +25,16 @@ pub enum Request {
     Workers,
     /// Ask the daemon to exit (the XDP program stays attached).
     Shutdown,
+    /// Send the CID (hex, the configured length) to worker slot `worker`. Through the daemon,
+    /// override writes are serialised with its own map updates (e.g. the fast-path rebuild).
+    OverrideSet {
+        cid: String,
+        worker: u32,
+    },
+    /// Remove the override for the CID (hex); answers `{"removed": bool}`.
+    OverrideDel {
+        cid: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +68,10 @@ pub struct Shared {
     pub pin_dir: PathBuf,
     pub started: std::time::Instant,
     pub shutdown: tokio::sync::Notify,
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Held for the daemon's lifetime: the loaded object (program fd, log ring buffer) and the
+    /// pin-directory lock.
+    pub keep: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Shared {
@@ -113,6 +127,8 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => ok(&shared.status()),
                     Ok(Request::Workers) => ok(&shared.status().workers),
+                    Ok(Request::OverrideSet { cid, worker }) => respond(override_set(&shared, &cid, worker)),
+                    Ok(Request::OverrideDel { cid }) => respond(override_del(&shared, &cid)),
                     Ok(Request::Shutdown) => {
                         tracing::info!("shutdown requested over the control socket");
                         shared.shutdown.notify_one();
@@ -127,6 +143,36 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 }
             }
         });
+    }
+}
+
+fn override_set(shared: &Shared, cid: &str, worker: u32) -> Result<serde_json::Value> {
+    let mut ctl = shared.ctl.lock().unwrap();
+    let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
+    let key = crate::controller::override_key(&cid, ctl.cfg.layout.cid_len())?;
+    if !ctl.workers.iter().any(|w| w.index == worker) {
+        bail!("worker slot {worker} is not in use");
+    }
+    ctl.maps.set_override(key, worker)?;
+    tracing::info!(cid = %crate::controller::hex(&cid), worker, "override set");
+    Ok(serde_json::json!({"worker_index": worker}))
+}
+
+fn override_del(shared: &Shared, cid: &str) -> Result<serde_json::Value> {
+    let mut ctl = shared.ctl.lock().unwrap();
+    let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
+    let key = lb_common::CidKey::new(&cid).context("CID longer than 20 bytes")?;
+    let removed = ctl.maps.remove_override(&key)?;
+    if removed {
+        tracing::info!(cid = %crate::controller::hex(&cid), "override removed");
+    }
+    Ok(serde_json::json!({"removed": removed}))
+}
+
+fn respond(r: Result<serde_json::Value>) -> Response {
+    match r {
+        Ok(v) => Response { ok: true, data: Some(v), error: None },
+        Err(e) => Response { ok: false, data: None, error: Some(format!("{e:#}")) },
     }
 }
 

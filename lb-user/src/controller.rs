@@ -60,6 +60,8 @@ pub struct Controller {
     /// Our copy of `BATON_MAGLEV`, so updates write only the slots that change.
     maglev: Vec<u32>,
     maglev_slots: HashMap<u32, u32>,
+    /// The fast-path maps still need their full rebuild (see [`crate::fastpath`]).
+    fastpath_rebuild: bool,
 }
 
 fn vip_key(addr: IpAddr, port: u16) -> VipKey {
@@ -79,9 +81,11 @@ fn vip_key(addr: IpAddr, port: u16) -> VipKey {
 
 impl Controller {
     /// Resolves where each worker is (tx interface, MAC) and which slot it keeps. Health starts
-    /// from the map (a restart keeps what the previous controller knew) or healthy for new workers;
-    /// the caller runs a first probe round before the first [`Controller::sync`] on a fresh start.
-    pub fn new(cfg: Config, maps: PinnedMaps) -> Result<Self> {
+    /// from the map (a restart keeps what the previous controller knew). Workers the map does not
+    /// know start healthy on a fresh start (the caller probes them once before the first
+    /// [`Controller::sync`]) and unhealthy otherwise (restart, reload): with health checks on,
+    /// they join the Maglev table after `health.rise` successful probes.
+    pub fn new(cfg: Config, maps: PinnedMaps, fresh: bool) -> Result<Self> {
         let lb_ifindex = sys::if_nametoindex(&cfg.interface)
             .with_context(|| format!("interface {:?} (config `interface`) does not exist here", cfg.interface))?;
         let existing = maps.workers()?;
@@ -130,7 +134,7 @@ impl Controller {
             let healthy = match (cfg.health.kind, previous) {
                 (HealthKind::None, _) => true,
                 (_, Some((_, e))) => e.flags & WORKER_HEALTHY != 0,
-                (_, None) => true,
+                (_, None) => fresh,
             };
             workers.push(ResolvedWorker { cfg: w.clone(), index, mac, tx_interface, tx_ifindex, tx_port, healthy });
         }
@@ -143,7 +147,7 @@ impl Controller {
         for i in 0..maps.maglev.len() {
             maglev.push(maps.maglev.get(&i, 0).unwrap_or(u32::MAX));
         }
-        Ok(Self { cfg, maps, workers, lb_ifindex, maglev, maglev_slots: HashMap::new() })
+        Ok(Self { cfg, maps, workers, lb_ifindex, maglev, maglev_slots: HashMap::new(), fastpath_rebuild: true })
     }
 
     /// Writes the whole state into the maps (idempotent).
@@ -166,6 +170,10 @@ impl Controller {
         for w in &self.workers {
             if w.mac.is_some() && current_sids.get(&w.cfg.server_id) != Some(&w.index) {
                 m.server_ids.insert(ServerIdKey { server_id: w.cfg.server_id }, WorkerRef { worker: w.index }, 0)?;
+                // Authoritative map first, then its fast-path mirror.
+                if let Some(fp) = &m.fastpath {
+                    fp.set_server_id(w.cfg.server_id, w.index);
+                }
             }
         }
         // 3. Maglev over usable workers, then the healthy bits.
@@ -178,6 +186,10 @@ impl Controller {
         let present: HashSet<VipKey> = m.vips()?.into_iter().collect();
         for k in wanted.difference(&present) {
             m.vips.insert(*k, VipValue { flags: 1 }, 0)?;
+        }
+        let vips_changed = wanted != present;
+        if let (true, Some(fp)) = (vips_changed, m.fastpath.as_mut()) {
+            fp.sync_vips(&m.vips)?;
         }
         // 5. Global config last: this is what makes a fresh data plane start routing.
         let lbc = LbConfig {
@@ -194,23 +206,35 @@ impl Controller {
         for k in present.difference(&wanted) {
             m.vips.remove(k)?;
         }
+        if let (true, Some(fp)) = (vips_changed, m.fastpath.as_mut()) {
+            fp.sync_vips(&m.vips)?;
+        }
         let live: HashMap<u32, &ResolvedWorker> = self.workers.iter().map(|w| (w.index, w)).collect();
         for (sid, idx) in m.server_ids()? {
             let keep = live.get(&idx).is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
             if !keep {
                 m.server_ids.remove(&ServerIdKey { server_id: sid })?;
+                if let Some(fp) = &m.fastpath {
+                    fp.remove_server_id(sid);
+                }
             }
         }
         for (key, wref) in m.overrides()? {
             if !live.contains_key(&wref.worker) {
                 tracing::warn!(cid = %hex(key.as_slice()), worker = wref.worker, "removing an override to a worker that left the config");
-                m.overrides.remove(&key)?;
+                m.remove_override(&key)?;
             }
         }
         for (i, _) in m.workers()? {
             if !live.contains_key(&i) {
                 m.workers.set(i, WorkerEntry::default(), 0)?;
             }
+        }
+        // 7. The fast-path mirrors, rebuilt once per controller (start, restart, reload: the CID
+        // layout may have changed); afterwards the steps above keep them current incrementally.
+        if let (true, Some(fp)) = (self.fastpath_rebuild, m.fastpath.as_mut()) {
+            fp.rebuild(&lbc, &m.vips, &m.server_ids, &m.overrides).context("rebuilding the fast-path maps failed")?;
+            self.fastpath_rebuild = false;
         }
         Ok(())
     }

@@ -106,17 +106,34 @@ fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
         let info = aya::maps::MapInfo::from_pin(&path)
             .with_context(|| format!("cannot inspect the pinned map {}", path.display()))?;
         let (want_k, want_v, want_n) = (map.key_size(), map.value_size(), map.max_entries());
-        if info.key_size() != want_k || info.value_size() != want_v || info.max_entries() != want_n {
-            bail!(
-                "the pinned map {} (key {} B, value {} B, {} entries) does not match this build's {name} \
-                 (key {want_k} B, value {want_v} B, {want_n} entries): it was made by an incompatible Baton. \
-                 Run `baton-lb detach` (forwarding stops) and start again",
-                path.display(),
-                info.key_size(),
-                info.value_size(),
-                info.max_entries()
-            );
+        // The kernel adds program-access flags of its own (a DEVMAP reports BPF_F_RDONLY_PROG).
+        const KERNEL_SET: u32 = 0x80 | 0x100;
+        let same = info.key_size() == want_k
+            && info.value_size() == want_v
+            && info.max_entries() == want_n
+            && info.map_flags() & !KERNEL_SET == map.map_flags() & !KERNEL_SET;
+        if same {
+            continue;
         }
+        if crate::fastpath::MAPS.contains(&name.as_str()) {
+            // Derived maps hold nothing the controller cannot rebuild: replace the pin. The running
+            // program keeps its old map until the new one is swapped in, which starts with the
+            // fast path off (hash maps only) until the controller's rebuild.
+            tracing::info!(map = %name, "the pinned fast-path map has another layout: recreating it");
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            continue;
+        }
+        bail!(
+            "the pinned map {} (key {} B, value {} B, {} entries, flags {:#x}) does not match this build's \
+                 {name} (key {want_k} B, value {want_v} B, {want_n} entries, flags {:#x}): it was made by an \
+                 incompatible Baton. Run `baton-lb detach` (forwarding stops) and start again",
+            path.display(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+            map.map_flags()
+        );
     }
     Ok(())
 }

@@ -124,9 +124,10 @@ pub async fn run(ctl: Arc<Mutex<Controller>>) {
             last_neigh = tokio::time::Instant::now();
             for t in targets.iter().filter(|t| t.auto_mac) {
                 let (addr, dev) = (t.address, t.tx_interface.clone());
-                let res =
-                    tokio::task::spawn_blocking(move || crate::neigh::resolve_mac(addr, &dev, Duration::from_millis(500)))
-                        .await;
+                let res = tokio::task::spawn_blocking(move || {
+                    crate::neigh::resolve_mac(addr, &dev, Duration::from_millis(500))
+                })
+                .await;
                 if let Ok(Ok(mac)) = res {
                     changed |= ctl.lock().unwrap().set_mac(&t.name, mac);
                 }

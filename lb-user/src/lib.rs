@@ -3,11 +3,14 @@
 
 /// The compiled XDP object, embedded at build time (see `build.rs`).
 pub mod object;
+/// BPF_PROG_TEST_RUN helpers for the packet fixtures and the XDP benchmark.
+pub mod testrun;
 
 pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dataplane;
+pub mod fastpath;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
@@ -17,4 +20,3 @@ pub mod sys;
 
 /// Pin directory used when `--pin-dir` is not given.
 pub const DEFAULT_PIN_DIR: &str = lb_common::PIN_DIR;
-pub mod testrun;

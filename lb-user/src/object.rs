@@ -1,7 +1,9 @@
 //! The compiled XDP object (`lb-ebpf`), embedded at build time by `build.rs`.
 //!
-//! It holds three programs: `baton_xdp` (the router), `baton_xdp_reference` (benchmark baseline:
-//! parse to the DCID, drop) and `baton_xdp_pass` (for veth peers, so native redirects deliver),
+//! It holds four programs: `baton_xdp` (the router), `baton_xdp_reference` (benchmark baseline:
+//! parse to the DCID, drop), `baton_xdp_forward_floor` (benchmark floor: the reference plus the
+//! forwarding every routed packet needs) and `baton_xdp_pass` (for veth peers, so native
+//! redirects deliver),
 //! and the maps named in `lb_common::map_names`, all pinned by name.
 //!
 //! Loading with the maps pinned in (or re-adopted from) a directory, which must exist:
@@ -21,6 +23,9 @@
 pub const PROGRAM: &str = "baton_xdp";
 /// Name of the benchmark baseline program.
 pub const REFERENCE_PROGRAM: &str = "baton_xdp_reference";
+/// Name of the benchmark floor: the reference's walk plus the forwarding every routed packet
+/// needs (MAC rewrite, counters, devmap redirect), no routing decision.
+pub const FORWARD_FLOOR_PROGRAM: &str = "baton_xdp_forward_floor";
 /// Name of the pass-everything program the lab attaches to veth peers.
 pub const PASS_PROGRAM: &str = "baton_xdp_pass";
 

@@ -1,5 +1,6 @@
 //! Typed handles to the maps pinned under the pin directory. The daemon writes through these and
 //! the CLI reads (and edits overrides) through them, so both see exactly what the XDP program sees.
+use crate::fastpath::FastPath;
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names};
@@ -31,6 +32,8 @@ pub struct PinnedMaps {
     pub maglev: Array<MapData, u32>,
     pub tx_ports: DevMap<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// The derived fast-path maps, when the object has them (see [`crate::fastpath`]).
+    pub fastpath: Option<FastPath>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -87,6 +90,7 @@ impl PinnedMaps {
             maglev: typed!(dir, map_names::MAGLEV),
             tx_ports: typed!(dir, map_names::TX_PORTS),
             stats: typed!(dir, map_names::STATS),
+            fastpath: if dir.join(map_names::FASTPATH).exists() { Some(FastPath::open(dir)?) } else { None },
         })
     }
 
@@ -135,6 +139,31 @@ impl PinnedMaps {
         Ok(out)
     }
 
+    /// Sends `cid` to worker slot `worker`. Every override write goes through here (and
+    /// [`Self::remove_override`]), so derived structures that must track overrides have one place
+    /// to hook in.
+    pub fn set_override(&mut self, key: CidKey, worker: u32) -> Result<()> {
+        let value = WorkerRef { worker };
+        match &self.fastpath {
+            // Counts the override in its fast-path bucket before inserting it.
+            Some(fp) => fp.insert_override(&mut self.overrides, key, value),
+            None => self.overrides.insert(key, value, 0).map_err(Into::into),
+        }
+        .context("cannot write the override (is the override map full?)")
+    }
+
+    /// Removes the override for `key`; `Ok(false)` if there was none.
+    pub fn remove_override(&mut self, key: &CidKey) -> Result<bool> {
+        if let Some(fp) = &self.fastpath {
+            return fp.remove_override(&mut self.overrides, key);
+        }
+        if self.overrides.get(key, 0).is_err() {
+            return Ok(false);
+        }
+        self.overrides.remove(key)?;
+        Ok(true)
+    }
+
     pub fn vips(&self) -> Result<Vec<VipKey>> {
         let mut out = Vec::new();
         for k in self.vips.keys() {
@@ -145,11 +174,21 @@ impl PinnedMaps {
 }
 
 /// Removes every pin Baton made under `dir` (link first, so forwarding stops cleanly before the
-/// maps go), then the directory itself. Missing pins are fine.
+/// maps go), then the directory itself. Missing pins are fine. Maps are recognised by their
+/// `BATON_` prefix, so maps a newer object adds go too, and nothing else in a shared directory does.
 pub fn unpin_all(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let names = std::iter::once(LINK_PIN_NAME).chain(ALL_MAPS);
-    for name in names {
+    let mut names: Vec<String> = vec![LINK_PIN_NAME.to_string()];
+    names.extend(ALL_MAPS.iter().map(|s| s.to_string()));
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("BATON_") && !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    for name in &names {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),

@@ -129,6 +129,26 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Takes an exclusive lock on the pin directory for as long as the returned file lives, so two
+/// controllers never write the same maps. `Ok(None)` if another process holds it.
+pub fn try_lock_pin_dir(pin_dir: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(pin_dir)
+        .with_context(|| format!("cannot open {}", pin_dir.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(e).with_context(|| format!("cannot lock {}", pin_dir.display()));
+    }
+    Ok(Some(f))
+}
+
 /// Moves the calling thread into the named network namespace (`/run/netns/NAME`, as made by
 /// `ip netns add`). Network-namespace membership is per thread; threads spawned afterwards
 /// inherit it. The mount namespace is left alone, so bpffs pins stay host-visible.

@@ -267,20 +267,34 @@ pub mod frames {
 
 /// The embedded object loaded into the kernel with its maps pinned in a private directory
 /// (never the daemon's), for tests and benchmarks. Dropping it unpins everything.
+///
+/// The setters write the authoritative maps and, as the controller does, keep the derived
+/// fast-path maps ([`crate::fastpath`]) in step: [`XdpFixture::set_config`] rebuilds them, the
+/// others update them incrementally. [`XdpFixture::disable_fastpath`] makes the program use the
+/// hash maps only (the state of an object whose controller never filled the fast path).
 pub struct XdpFixture {
     pub ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// `None` for an object without the fast-path maps (an older build, see [`Self::load_object`])
+    /// or after [`Self::disable_fastpath`].
+    fastpath: Option<crate::fastpath::FastPath>,
 }
 
 impl XdpFixture {
-    /// Loads the object and all three programs; maps are pinned under
+    /// Loads the object and all its programs; maps are pinned under
     /// `/sys/fs/bpf/baton-<tag>-<pid>` (a fresh directory).
     pub fn load(tag: &str) -> Result<Self> {
+        let bytes = crate::object::try_bytes()
+            .ok_or_else(|| anyhow!("lb-user was built with AYA_BUILD_SKIP=1: no XDP object to load"))?;
+        Self::load_object(tag, bytes)
+    }
+
+    /// As [`Self::load`] for another build of the object (e.g. an older one, to benchmark side
+    /// by side). Its fast-path maps are used if it has them.
+    pub fn load_object(tag: &str, bytes: &[u8]) -> Result<Self> {
         if unsafe { libc::geteuid() } != 0 {
             bail!("loading XDP programs needs root: run the tests/benchmarks with sudo");
         }
-        let bytes = crate::object::try_bytes()
-            .ok_or_else(|| anyhow!("lb-user was built with AYA_BUILD_SKIP=1: no XDP object to load"))?;
         if !Path::new("/sys/fs/bpf").join(".").exists() {
             bail!("/sys/fs/bpf does not exist: mount bpffs (`mount -t bpf bpf /sys/fs/bpf`)");
         }
@@ -294,13 +308,25 @@ impl XdpFixture {
                 .load(bytes)
                 .context("loading the XDP object")?,
             pin_dir,
+            fastpath: None,
         };
-        for name in [crate::object::PROGRAM, crate::object::REFERENCE_PROGRAM, crate::object::PASS_PROGRAM] {
-            let prog: &mut Xdp = fixture
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} is missing from the XDP object"))?
-                .try_into()?;
+        if crate::fastpath::MAPS.iter().all(|m| fixture.ebpf.map(m).is_some()) {
+            fixture.fastpath = Some(crate::fastpath::FastPath::from_ebpf(&fixture.ebpf)?);
+        }
+        for name in [
+            crate::object::PROGRAM,
+            crate::object::REFERENCE_PROGRAM,
+            crate::object::PASS_PROGRAM,
+            crate::object::FORWARD_FLOOR_PROGRAM,
+        ] {
+            // The floor is a benchmark aid that older builds (`load_object`) lack.
+            let Some(prog) = fixture.ebpf.program_mut(name) else {
+                if name == crate::object::FORWARD_FLOOR_PROGRAM {
+                    continue;
+                }
+                bail!("program {name} is missing from the XDP object");
+            };
+            let prog: &mut Xdp = prog.try_into()?;
             prog.load().with_context(|| format!("the verifier rejected {name}"))?;
         }
         Ok(fixture)
@@ -324,14 +350,79 @@ impl XdpFixture {
         Ok(run_xdp(fd.as_fd(), frame, repeat)?)
     }
 
+    /// Writes `BATON_CONFIG` and rebuilds the fast-path maps for its layout from the
+    /// authoritative maps (as the controller does at start-up and on a layout change).
     pub fn set_config(&mut self, cfg: LbConfig) -> Result<()> {
+        let mut m: Array<&mut MapData, LbConfig> = Array::try_from(self.map(map_names::CONFIG)?)?;
+        m.set(0, cfg, 0)?;
+        self.rebuild_fastpath()
+    }
+
+    /// Rebuilds the fast-path maps from the authoritative ones (no-op when disabled).
+    pub fn rebuild_fastpath(&mut self) -> Result<()> {
+        let Some(fp) = self.fastpath.as_mut() else { return Ok(()) };
+        let get = |name: &str| self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name} in the XDP object"));
+        let cfg: Array<&MapData, LbConfig> = Array::try_from(get(map_names::CONFIG)?)?;
+        let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(get(map_names::VIPS)?)?;
+        let sids: HashMap<&MapData, ServerIdKey, WorkerRef> = HashMap::try_from(get(map_names::SERVER_IDS)?)?;
+        let overrides: HashMap<&MapData, CidKey, WorkerRef> = HashMap::try_from(get(map_names::CID_OVERRIDE)?)?;
+        fp.rebuild(&cfg.get(&0, 0)?, &vips, &sids, &overrides)
+    }
+
+    /// Clears the fast-path flags and stops maintaining the derived maps: the program runs on
+    /// the authoritative hash maps alone.
+    pub fn disable_fastpath(&mut self) {
+        if let Some(fp) = self.fastpath.take() {
+            fp.disable();
+        }
+    }
+
+    /// Re-enables the fast-path maps (after [`Self::disable_fastpath`]) and rebuilds them.
+    pub fn enable_fastpath(&mut self) -> Result<()> {
+        if self.fastpath.is_none() {
+            self.fastpath = Some(crate::fastpath::FastPath::from_ebpf(&self.ebpf)?);
+        }
+        self.rebuild_fastpath()
+    }
+
+    /// Writes `BATON_CONFIG` only, leaving the fast-path maps as they are (what a controller
+    /// that changes the config without a rebuild leaves behind).
+    pub fn set_config_only(&mut self, cfg: LbConfig) -> Result<()> {
         let mut m: Array<&mut MapData, LbConfig> = Array::try_from(self.map(map_names::CONFIG)?)?;
         Ok(m.set(0, cfg, 0)?)
     }
 
+    /// Inserts into `BATON_CID_OVERRIDE` directly, bypassing the override counts (what a writer
+    /// that ignores `fastpath`'s rules does).
+    pub fn set_override_uncounted(&mut self, cid: &[u8], worker: u32) -> Result<()> {
+        let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
+        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(self.map(map_names::CID_OVERRIDE)?)?;
+        Ok(m.insert(key, WorkerRef { worker }, 0)?)
+    }
+
+    /// The fast-path maps, unless disabled or absent.
+    pub fn fastpath(&self) -> Option<&crate::fastpath::FastPath> {
+        self.fastpath.as_ref()
+    }
+
     pub fn add_vip(&mut self, vip: VipKey) -> Result<()> {
         let mut m: HashMap<&mut MapData, VipKey, VipValue> = HashMap::try_from(self.map(map_names::VIPS)?)?;
-        Ok(m.insert(vip, VipValue { flags: 1 }, 0)?)
+        m.insert(vip, VipValue { flags: 1 }, 0)?;
+        self.sync_vips()
+    }
+
+    pub fn del_vip(&mut self, vip: &VipKey) -> Result<()> {
+        let mut m: HashMap<&mut MapData, VipKey, VipValue> = HashMap::try_from(self.map(map_names::VIPS)?)?;
+        m.remove(vip)?;
+        self.sync_vips()
+    }
+
+    fn sync_vips(&mut self) -> Result<()> {
+        let Some(fp) = self.fastpath.as_mut() else { return Ok(()) };
+        let map = self.ebpf.map(map_names::VIPS).ok_or_else(|| anyhow!("no map {}", map_names::VIPS))?;
+        let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(map)?;
+        fp.sync_vips(&vips)?;
+        Ok(())
     }
 
     pub fn set_worker(&mut self, index: u32, entry: WorkerEntry) -> Result<()> {
@@ -341,19 +432,45 @@ impl XdpFixture {
 
     pub fn set_server_id(&mut self, server_id: u64, worker: u32) -> Result<()> {
         let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> = HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
-        Ok(m.insert(ServerIdKey { server_id }, WorkerRef { worker }, 0)?)
+        m.insert(ServerIdKey { server_id }, WorkerRef { worker }, 0)?;
+        if let Some(fp) = &self.fastpath {
+            fp.set_server_id(server_id, worker);
+        }
+        Ok(())
+    }
+
+    pub fn remove_server_id(&mut self, server_id: u64) -> Result<()> {
+        let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> = HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
+        m.remove(&ServerIdKey { server_id })?;
+        if let Some(fp) = &self.fastpath {
+            fp.remove_server_id(server_id);
+        }
+        Ok(())
     }
 
     pub fn set_override(&mut self, cid: &[u8], worker: u32) -> Result<()> {
-        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(self.map(map_names::CID_OVERRIDE)?)?;
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
-        Ok(m.insert(key, WorkerRef { worker }, 0)?)
+        let map = self.ebpf.map_mut(map_names::CID_OVERRIDE).ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
+        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(map)?;
+        match &self.fastpath {
+            Some(fp) => fp.insert_override(&mut m, key, WorkerRef { worker }),
+            None => Ok(m.insert(key, WorkerRef { worker }, 0)?),
+        }
     }
 
     pub fn del_override(&mut self, cid: &[u8]) -> Result<()> {
-        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(self.map(map_names::CID_OVERRIDE)?)?;
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
-        Ok(m.remove(&key)?)
+        let map = self.ebpf.map_mut(map_names::CID_OVERRIDE).ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
+        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(map)?;
+        match &self.fastpath {
+            Some(fp) => {
+                if !fp.remove_override(&mut m, &key)? {
+                    bail!("no override for {cid:02x?}");
+                }
+                Ok(())
+            }
+            None => Ok(m.remove(&key)?),
+        }
     }
 
     /// Fills the first `entries.len()` Maglev slots.

@@ -14,8 +14,8 @@
 //! starts its own counter there, so counters restarting at zero never meet an old subkey; two
 //! instances would share a subkey only if their random 96-bit ids collided. No coordination or
 //! persisted counter is needed between the workers that share a key.
-use aes_gcm::aead::{self, AeadInOut, KeyInit};
 use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{self, AeadInOut, KeyInit};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
@@ -69,7 +69,8 @@ impl EncryptionKey {
     }
 
     fn derive_subkey(&self, key_id: u32, instance: &[u8; INSTANCE_ID_LEN]) -> Aes256Gcm {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes).expect("HMAC takes any key length");
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes).expect("HMAC takes any key length");
         mac.update(SUBKEY_LABEL);
         mac.update(&key_id.to_be_bytes());
         mac.update(instance);
@@ -125,7 +126,11 @@ impl Write for PlaintextBuffer {
 
 impl fmt::Debug for PlaintextBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PlaintextBuffer({} bytes)", self.buf.len() - ENVELOPE_HEADER_LEN)
+        write!(
+            f,
+            "PlaintextBuffer({} bytes)",
+            self.buf.len() - ENVELOPE_HEADER_LEN
+        )
     }
 }
 
@@ -142,21 +147,32 @@ impl EncryptionService {
     pub fn new(key_id: u32, key: EncryptionKey) -> Self {
         let mut instance = [0u8; INSTANCE_ID_LEN];
         rand::rngs::OsRng.fill_bytes(&mut instance);
-        let mut ring = Self { keys: BTreeMap::new(), retired: BTreeSet::new(), active: key_id, instance };
+        let mut ring = Self {
+            keys: BTreeMap::new(),
+            retired: BTreeSet::new(),
+            active: key_id,
+            instance,
+        };
         ring.keys.insert(key_id, ring.entry(key_id, key));
         ring
     }
 
     fn entry(&self, key_id: u32, master: EncryptionKey) -> KeyEntry {
         let sealer = master.derive_subkey(key_id, &self.instance);
-        KeyEntry { master, sealer, next_nonce: AtomicU64::new(0) }
+        KeyEntry {
+            master,
+            sealer,
+            next_nonce: AtomicU64::new(0),
+        }
     }
 
     /// Adds a key that opens envelopes; it seals only once [`activate`](Self::activate)d.
     /// Distribute a new key to every worker with `add_key` first, then activate it.
     pub fn add_key(&mut self, key_id: u32, key: EncryptionKey) -> Result<(), MigrationError> {
         if self.keys.contains_key(&key_id) || self.retired.contains(&key_id) {
-            return Err(MigrationError::Config(format!("key id {key_id} is already used; key ids are never reused")));
+            return Err(MigrationError::Config(format!(
+                "key id {key_id} is already used; key ids are never reused"
+            )));
         }
         let entry = self.entry(key_id, key);
         self.keys.insert(key_id, entry);
@@ -211,9 +227,16 @@ impl EncryptionService {
     }
 
     /// Encrypts the buffer in place under the active key and returns the envelope.
-    pub fn seal(&self, binding: &MigrationBinding, plaintext: PlaintextBuffer) -> Result<Vec<u8>, MigrationError> {
+    pub fn seal(
+        &self,
+        binding: &MigrationBinding,
+        plaintext: PlaintextBuffer,
+    ) -> Result<Vec<u8>, MigrationError> {
         let key_id = self.active;
-        let entry = self.keys.get(&key_id).expect("the active key is always in the ring");
+        let entry = self
+            .keys
+            .get(&key_id)
+            .expect("the active key is always in the ring");
         let counter = entry
             .next_nonce
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
@@ -232,13 +255,20 @@ impl EncryptionService {
         let tag = entry
             .sealer
             .encrypt_inout_detached(&nonce(&header[nonce_at..]), &aad, body.into())
-            .map_err(|_| MigrationError::SnapshotTooLarge { size: body.len() as u64, limit: 1 << 36 })?;
+            .map_err(|_| MigrationError::SnapshotTooLarge {
+                size: body.len() as u64,
+                limit: 1 << 36,
+            })?;
         buf.extend_from_slice(&tag);
         Ok(buf)
     }
 
     /// Convenience: copies `plaintext` into a buffer and seals it.
-    pub fn seal_slice(&self, binding: &MigrationBinding, plaintext: &[u8]) -> Result<Vec<u8>, MigrationError> {
+    pub fn seal_slice(
+        &self,
+        binding: &MigrationBinding,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, MigrationError> {
         let mut buf = PlaintextBuffer::with_capacity(plaintext.len());
         buf.buf.extend_from_slice(plaintext);
         self.seal(binding, buf)
@@ -246,7 +276,11 @@ impl EncryptionService {
 
     /// Decrypts in place and returns the plaintext part of `envelope`. Any altered byte of the
     /// header, ciphertext, tag or binding gives `StateCorruption(AuthenticationFailed)`.
-    pub fn open_in_place<'a>(&self, binding: &MigrationBinding, envelope: &'a mut [u8]) -> Result<&'a [u8], MigrationError> {
+    pub fn open_in_place<'a>(
+        &self,
+        binding: &MigrationBinding,
+        envelope: &'a mut [u8],
+    ) -> Result<&'a [u8], MigrationError> {
         if envelope.len() < ENVELOPE_HEADER_LEN + TAG_LEN {
             return Err(MigrationError::corrupt(Corruption::Truncated(format!(
                 "envelope of {} bytes is shorter than header and tag ({})",
@@ -255,7 +289,9 @@ impl EncryptionService {
             ))));
         }
         if envelope[..4] != ENVELOPE_MAGIC {
-            return Err(MigrationError::corrupt(Corruption::BadHeader("not a Baton envelope (bad magic)".into())));
+            return Err(MigrationError::corrupt(Corruption::BadHeader(
+                "not a Baton envelope (bad magic)".into(),
+            )));
         }
         if envelope[4] != ENVELOPE_VERSION {
             return Err(MigrationError::corrupt(Corruption::BadHeader(format!(
@@ -265,7 +301,9 @@ impl EncryptionService {
         }
         let key_id = u32::from_be_bytes(envelope[5..9].try_into().expect("4 bytes"));
         let entry = self.keys.get(&key_id).ok_or_else(|| self.missing(key_id))?;
-        let instance: [u8; INSTANCE_ID_LEN] = envelope[9..9 + INSTANCE_ID_LEN].try_into().expect("12 bytes");
+        let instance: [u8; INSTANCE_ID_LEN] = envelope[9..9 + INSTANCE_ID_LEN]
+            .try_into()
+            .expect("12 bytes");
         let derived;
         let cipher = if instance == self.instance {
             &entry.sealer
@@ -285,7 +323,11 @@ impl EncryptionService {
     }
 
     /// Convenience: opens a copy of `envelope`.
-    pub fn open(&self, binding: &MigrationBinding, envelope: &[u8]) -> Result<Vec<u8>, MigrationError> {
+    pub fn open(
+        &self,
+        binding: &MigrationBinding,
+        envelope: &[u8],
+    ) -> Result<Vec<u8>, MigrationError> {
         let mut copy = envelope.to_vec();
         let n = self.open_in_place(binding, &mut copy)?.len();
         copy.truncate(ENVELOPE_HEADER_LEN + n);

@@ -28,7 +28,11 @@ pub struct HealthReport {
 
 impl HealthReport {
     fn from_issues(issues: Vec<HealthIssue>) -> Self {
-        let status = issues.iter().map(|i| i.severity).max().unwrap_or(HealthStatus::Healthy);
+        let status = issues
+            .iter()
+            .map(|i| i.severity)
+            .max()
+            .unwrap_or(HealthStatus::Healthy);
         Self { status, issues }
     }
 }
@@ -47,7 +51,12 @@ pub struct HealthThresholds {
 
 impl Default for HealthThresholds {
     fn default() -> Self {
-        Self { min_success_rate: 0.95, min_finished: 20, slow_phase_fraction: 0.8, busy_fraction: 0.9 }
+        Self {
+            min_success_rate: 0.95,
+            min_finished: 20,
+            slow_phase_fraction: 0.8,
+            busy_fraction: 0.9,
+        }
     }
 }
 
@@ -61,13 +70,25 @@ impl HealthChecker {
         Self { thresholds }
     }
 
-    pub fn check_system(&self, sessions: &SessionManager, metrics: &MigrationMetrics, now: Instant) -> HealthReport {
+    pub fn check_system(
+        &self,
+        sessions: &SessionManager,
+        metrics: &MigrationMetrics,
+        now: Instant,
+    ) -> HealthReport {
         let t = &self.thresholds;
         let mut issues = Vec::new();
         let finished = metrics.completed() + metrics.failed();
-        if let Some(rate) = metrics.success_rate().filter(|_| finished >= t.min_finished) {
+        if let Some(rate) = metrics
+            .success_rate()
+            .filter(|_| finished >= t.min_finished)
+        {
             if rate < t.min_success_rate {
-                let severity = if rate < t.min_success_rate / 2.0 { HealthStatus::Unhealthy } else { HealthStatus::Degraded };
+                let severity = if rate < t.min_success_rate / 2.0 {
+                    HealthStatus::Unhealthy
+                } else {
+                    HealthStatus::Degraded
+                };
                 issues.push(HealthIssue {
                     severity,
                     message: format!(
@@ -90,7 +111,9 @@ impl HealthChecker {
         if active as f64 > max as f64 * t.busy_fraction {
             issues.push(HealthIssue {
                 severity: HealthStatus::Degraded,
-                message: format!("{active} of at most {max} migrations in flight; new ones will soon be refused"),
+                message: format!(
+                    "{active} of at most {max} migrations in flight; new ones will soon be refused"
+                ),
             });
         }
         for m in sessions.active_migrations() {
@@ -107,18 +130,25 @@ impl HealthChecker {
                 severity: HealthStatus::Unhealthy,
                 message: format!(
                     "migration {id} failed: {}",
-                    m.failure().map(|e| e.to_string()).unwrap_or_else(|| "unknown error".into())
+                    m.failure()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "unknown error".into())
                 ),
             }),
             phase @ (MigrationPhase::Preparing | MigrationPhase::Transferring) => {
-                let limit = m.timeouts().for_phase(phase).expect("active phases have timeouts");
+                let limit = m
+                    .timeouts()
+                    .for_phase(phase)
+                    .expect("active phases have timeouts");
                 let spent = m.time_in_phase(now);
                 if spent >= limit {
                     issues.push(HealthIssue {
                         severity: HealthStatus::Unhealthy,
                         message: format!("migration {id} is past its {phase} timeout ({spent:?} of {limit:?}); poll_timeouts has not run"),
                     });
-                } else if spent.as_secs_f64() > limit.as_secs_f64() * self.thresholds.slow_phase_fraction {
+                } else if spent.as_secs_f64()
+                    > limit.as_secs_f64() * self.thresholds.slow_phase_fraction
+                {
                     issues.push(HealthIssue {
                         severity: HealthStatus::Degraded,
                         message: format!("migration {id} has spent {spent:?} of {limit:?} in {phase}; check {} is responsive", m.binding().target),

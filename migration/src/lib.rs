@@ -17,17 +17,19 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod token;
 
-pub use encryption::{EncryptionKey, EncryptionService};
-pub use health::{HealthChecker, HealthReport, HealthStatus};
+pub use encryption::{EncryptionKey, EncryptionService, PlaintextBuffer};
+pub use health::{HealthChecker, HealthIssue, HealthReport, HealthStatus, HealthThresholds};
 pub use ids::{ConnectionId, MigrationBinding, MigrationId, WorkerId};
 pub use metrics::MigrationMetrics;
-pub use pipeline::MigrationPipeline;
+pub use pipeline::{MigrationPipeline, SealedSnapshot};
 pub use protocol::{
-    ConfirmationStatus, Corruption, ErrorKind, MigrationConfirmation, MigrationError, MigrationParty, MigrationRequest,
-    TokenRejection,
+    ConfirmationStatus, Corruption, ErrorKind, MigrationConfirmation, MigrationError,
+    MigrationParty, MigrationRequest, TokenRejection,
 };
-pub use serialization::{Compression, SerializationConfig, SerializationService};
-pub use session::SessionManager;
+pub use serialization::{Compression, EncodeStats, SerializationConfig, SerializationService};
+pub use session::{Session, SessionConfig, SessionManager};
 pub use snapshot::{ConnectionStateSnapshot, SnapshotBuilder};
-pub use state_machine::{MigrationPhase, MigrationStateMachine, RollbackAction};
-pub use token::{MigrationToken, MigrationTokenManager};
+pub use state_machine::{
+    MigrationEvent, MigrationPhase, MigrationStateMachine, PhaseTimeouts, RollbackAction,
+};
+pub use token::{MigrationToken, MigrationTokenManager, TokenConfig, TokenSecret};

@@ -9,7 +9,9 @@ use crate::protocol::ErrorKind;
 use crate::state_machine::MigrationPhase;
 
 /// Latency bucket upper bounds, seconds.
-const LATENCY_BOUNDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 /// Snapshot size bucket upper bounds, bytes.
 const SIZE_BOUNDS: &[f64] = &[
     1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
@@ -54,12 +56,23 @@ impl Histogram {
         let mut cumulative = 0;
         for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
             cumulative += bucket.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_units.load(Relaxed) as f64 / self.scale);
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_units.load(Relaxed) as f64 / self.scale
+        );
         let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
@@ -100,7 +113,9 @@ impl MigrationMetrics {
             phase_latency: [latency(), latency(), latency()],
             snapshot_bytes: Histogram::new(SIZE_BOUNDS, 1.0),
             errors: ErrorKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
-            transitions: (0..PHASES.len() * PHASES.len()).map(|_| AtomicU64::new(0)).collect(),
+            transitions: (0..PHASES.len() * PHASES.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
 
@@ -166,11 +181,29 @@ impl MigrationMetrics {
     pub fn render_prometheus(&self) -> String {
         let mut out = String::with_capacity(8192);
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
         };
-        counter(&mut out, "baton_migrations_started_total", "Migrations that entered Preparing.", self.started());
-        counter(&mut out, "baton_migrations_completed_total", "Migrations that reached Completed.", self.completed());
-        counter(&mut out, "baton_migrations_failed_total", "Migrations that reached Failed.", self.failed());
+        counter(
+            &mut out,
+            "baton_migrations_started_total",
+            "Migrations that entered Preparing.",
+            self.started(),
+        );
+        counter(
+            &mut out,
+            "baton_migrations_completed_total",
+            "Migrations that reached Completed.",
+            self.completed(),
+        );
+        counter(
+            &mut out,
+            "baton_migrations_failed_total",
+            "Migrations that reached Failed.",
+            self.failed(),
+        );
         let _ = writeln!(
             out,
             "# HELP baton_migration_success_ratio Completed / (completed + failed); NaN before any finished.\n# TYPE baton_migration_success_ratio gauge\nbaton_migration_success_ratio {}",
@@ -178,28 +211,53 @@ impl MigrationMetrics {
         );
 
         let name = "baton_migration_phase_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} Time spent per migration phase (total: start to Completed or Failed).\n# TYPE {name} histogram");
-        for (phase, h) in ["preparing", "transferring", "total"].iter().zip(&self.phase_latency) {
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time spent per migration phase (total: start to Completed or Failed).\n# TYPE {name} histogram"
+        );
+        for (phase, h) in ["preparing", "transferring", "total"]
+            .iter()
+            .zip(&self.phase_latency)
+        {
             h.render(&mut out, name, &format!("phase=\"{phase}\""));
         }
 
         let name = "baton_migration_snapshot_bytes";
-        let _ = writeln!(out, "# HELP {name} Size of sealed snapshots sent.\n# TYPE {name} histogram");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Size of sealed snapshots sent.\n# TYPE {name} histogram"
+        );
         self.snapshot_bytes.render(&mut out, name, "");
 
         let name = "baton_migration_errors_total";
-        let _ = writeln!(out, "# HELP {name} Migration errors by kind.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Migration errors by kind.\n# TYPE {name} counter"
+        );
         for kind in ErrorKind::ALL {
-            let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", kind.as_str(), self.errors(kind));
+            let _ = writeln!(
+                out,
+                "{name}{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                self.errors(kind)
+            );
         }
 
         let name = "baton_migration_transitions_total";
-        let _ = writeln!(out, "# HELP {name} State machine transitions taken.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} State machine transitions taken.\n# TYPE {name} counter"
+        );
         for from in PHASES {
             for to in PHASES {
                 let n = self.transitions(from, to);
                 if n > 0 {
-                    let _ = writeln!(out, "{name}{{from=\"{}\",to=\"{}\"}} {n}", from.as_str(), to.as_str());
+                    let _ = writeln!(
+                        out,
+                        "{name}{{from=\"{}\",to=\"{}\"}} {n}",
+                        from.as_str(),
+                        to.as_str()
+                    );
                 }
             }
         }
@@ -233,13 +291,21 @@ mod tests {
         assert!(text.contains("baton_migrations_started_total 1"));
         assert!(text.contains("baton_migrations_failed_total 1"));
         assert!(text.contains("baton_migration_success_ratio 0"));
-        assert!(text.contains("baton_migration_phase_duration_seconds_bucket{phase=\"preparing\",le=\"0.005\"} 1"));
-        assert!(text.contains("baton_migration_phase_duration_seconds_bucket{phase=\"preparing\",le=\"0.0025\"} 0"));
-        assert!(text.contains("baton_migration_phase_duration_seconds_sum{phase=\"preparing\"} 0.003"));
+        assert!(text.contains(
+            "baton_migration_phase_duration_seconds_bucket{phase=\"preparing\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "baton_migration_phase_duration_seconds_bucket{phase=\"preparing\",le=\"0.0025\"} 0"
+        ));
+        assert!(
+            text.contains("baton_migration_phase_duration_seconds_sum{phase=\"preparing\"} 0.003")
+        );
         assert!(text.contains("baton_migration_snapshot_bytes_bucket{le=\"16384\"} 1"));
         assert!(text.contains("baton_migration_snapshot_bytes_count 1"));
         assert!(text.contains("baton_migration_errors_total{kind=\"timeout\"} 1"));
-        assert!(text.contains("baton_migration_transitions_total{from=\"preparing\",to=\"failed\"} 1"));
+        assert!(
+            text.contains("baton_migration_transitions_total{from=\"preparing\",to=\"failed\"} 1")
+        );
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

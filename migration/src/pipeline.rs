@@ -20,12 +20,19 @@ pub struct MigrationPipeline {
 
 impl MigrationPipeline {
     pub fn new(serialization: SerializationService, encryption: EncryptionService) -> Self {
-        Self { serialization, encryption }
+        Self {
+            serialization,
+            encryption,
+        }
     }
 
     /// Encodes straight into the envelope buffer and encrypts it in place: the encoded state
     /// exists once, next to the snapshot.
-    pub fn seal(&self, binding: &MigrationBinding, snapshot: &ConnectionStateSnapshot) -> Result<SealedSnapshot, MigrationError> {
+    pub fn seal(
+        &self,
+        binding: &MigrationBinding,
+        snapshot: &ConnectionStateSnapshot,
+    ) -> Result<SealedSnapshot, MigrationError> {
         check_matches(binding, snapshot)?;
         // Compressed output is usually smaller than the payload; start there and let it grow.
         let mut buf = PlaintextBuffer::with_capacity(snapshot.payload_len() + 1024);
@@ -35,7 +42,11 @@ impl MigrationPipeline {
     }
 
     /// Decrypts in place and decodes. The snapshot must describe the migration it was sealed for.
-    pub fn open(&self, binding: &MigrationBinding, mut sealed: Vec<u8>) -> Result<ConnectionStateSnapshot, MigrationError> {
+    pub fn open(
+        &self,
+        binding: &MigrationBinding,
+        mut sealed: Vec<u8>,
+    ) -> Result<ConnectionStateSnapshot, MigrationError> {
         let plaintext = self.encryption.open_in_place(binding, &mut sealed)?;
         let snapshot = self.serialization.decode_slice(plaintext)?;
         check_matches(binding, &snapshot)?;
@@ -43,8 +54,14 @@ impl MigrationPipeline {
     }
 }
 
-fn check_matches(binding: &MigrationBinding, s: &ConnectionStateSnapshot) -> Result<(), MigrationError> {
-    if s.connection_id() != &binding.connection_id || s.source() != binding.source || s.target() != binding.target {
+fn check_matches(
+    binding: &MigrationBinding,
+    s: &ConnectionStateSnapshot,
+) -> Result<(), MigrationError> {
+    if s.connection_id() != &binding.connection_id
+        || s.source() != binding.source
+        || s.target() != binding.target
+    {
         return Err(MigrationError::InvalidSnapshot(format!(
             "snapshot is for connection {} from {} to {}, but the migration moves {} from {} to {}",
             s.connection_id(),

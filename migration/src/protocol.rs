@@ -134,37 +134,74 @@ impl fmt::Display for Corruption {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum MigrationError {
-    #[error("migration token rejected: {0}; check that the controller and the target share the current token secret, that their clocks agree within the allowed skew, and that each token is used once for exactly the migration it was issued for")]
+    #[error(
+        "migration token rejected: {0}; check that the controller and the target share the current token secret, that their clocks agree within the allowed skew, and that each token is used once for exactly the migration it was issued for"
+    )]
     InvalidToken(TokenRejection),
-    #[error("snapshot state rejected: {0}; check that both workers use the same key ring and compression settings, that the migration id, connection id, source and target match the ones the snapshot was sealed for, and that the transfer was not cut short")]
+    #[error(
+        "snapshot state rejected: {0}; check that both workers use the same key ring and compression settings, that the migration id, connection id, source and target match the ones the snapshot was sealed for, and that the transfer was not cut short"
+    )]
     StateCorruption(Corruption),
-    #[error("snapshot of {size} bytes exceeds the limit of {limit} bytes; check max_state_size on source and target, or reduce buffered stream data before migrating")]
+    #[error(
+        "snapshot of {size} bytes exceeds the limit of {limit} bytes; check max_state_size on source and target, or reduce buffered stream data before migrating"
+    )]
     SnapshotTooLarge { size: u64, limit: u64 },
-    #[error("encryption key id {key_id} is not in this key ring; check that the new key reached every worker before the source started sealing with it")]
+    #[error(
+        "encryption key id {key_id} is not in this key ring; check that the new key reached every worker before the source started sealing with it"
+    )]
     UnknownKey { key_id: u32 },
-    #[error("encryption key id {key_id} has been retired; check for a sealed snapshot older than the key rotation, and retire keys only after in-flight migrations finish")]
+    #[error(
+        "encryption key id {key_id} has been retired; check for a sealed snapshot older than the key rotation, and retire keys only after in-flight migrations finish"
+    )]
     RetiredKey { key_id: u32 },
     #[error("invalid encryption key: {0}")]
     InvalidKey(String),
-    #[error("target {target} is unavailable: {reason}; check the target worker's health and capacity, or pick another target")]
+    #[error(
+        "target {target} is unavailable: {reason}; check the target worker's health and capacity, or pick another target"
+    )]
     TargetUnavailable { target: WorkerId, reason: String },
-    #[error("migration phase {phase} timed out after {elapsed_ms} ms (limit {limit_ms} ms); check that the target is reachable and not overloaded, and that the phase timeout fits the snapshot size")]
-    Timeout { phase: MigrationPhase, elapsed_ms: u64, limit_ms: u64 },
-    #[error("{worker} exceeded {limit} migration requests per second; retry in {retry_after_ms} ms, and check for a controller loop re-requesting the same migrations")]
-    RateLimited { worker: WorkerId, limit: u32, retry_after_ms: u64 },
-    #[error("token replay cache is full ({capacity} live tokens); check the request rate against max_requests_per_second and token lifetime, or raise replay_cache_capacity")]
+    #[error(
+        "migration phase {phase} timed out after {elapsed_ms} ms (limit {limit_ms} ms); check that the target is reachable and not overloaded, and that the phase timeout fits the snapshot size"
+    )]
+    Timeout {
+        phase: MigrationPhase,
+        elapsed_ms: u64,
+        limit_ms: u64,
+    },
+    #[error(
+        "{worker} exceeded {limit} migration requests per second; retry in {retry_after_ms} ms, and check for a controller loop re-requesting the same migrations"
+    )]
+    RateLimited {
+        worker: WorkerId,
+        limit: u32,
+        retry_after_ms: u64,
+    },
+    #[error(
+        "token replay cache is full ({capacity} live tokens); check the request rate against max_requests_per_second and token lifetime, or raise replay_cache_capacity"
+    )]
     ReplayCacheFull { capacity: usize },
-    #[error("illegal transition: {event} in state {state}; check the order of migration events (Idle -> Preparing -> Transferring -> Completed | Failed)")]
-    IllegalTransition { state: MigrationPhase, event: String },
-    #[error("unsupported snapshot format version {found} (this build reads {supported}); check that source and target run compatible Baton versions")]
+    #[error(
+        "illegal transition: {event} in state {state}; check the order of migration events (Idle -> Preparing -> Transferring -> Completed | Failed)"
+    )]
+    IllegalTransition {
+        state: MigrationPhase,
+        event: String,
+    },
+    #[error(
+        "unsupported snapshot format version {found} (this build reads {supported}); check that source and target run compatible Baton versions"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("invalid snapshot: {0}")]
     InvalidSnapshot(String),
-    #[error("connection {0} is not registered with the session manager; check that the worker reported it")]
+    #[error(
+        "connection {0} is not registered with the session manager; check that the worker reported it"
+    )]
     UnknownConnection(ConnectionId),
     #[error("connection {0} is already being migrated; wait for that migration to finish or fail")]
     AlreadyMigrating(ConnectionId),
-    #[error("migration {0} is unknown; check that it was started here and has not finished already")]
+    #[error(
+        "migration {0} is unknown; check that it was started here and has not finished already"
+    )]
     UnknownMigration(MigrationId),
     #[error("nonce counter exhausted for encryption key id {key_id}; rotate the key")]
     NonceExhausted { key_id: u32 },

@@ -24,8 +24,9 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// zstd frames may not ask for a window larger than this (bounds the decoder's allocation).
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 const MAX_ZSTD_LEVEL: i32 = 19;
-/// A fast level: on mixed stream data it compresses within a few percent of level 1 at about
-/// twice the speed (see docs/MIGRATION-PIPELINE.md), and migration latency is the point.
+/// Migration latency is the point. On mixed stream data (benches/benches/migration.rs) levels -3
+/// to -7 give the same seal + 10 GbE transfer + open time, and -3 compresses best of them; level 1
+/// saves 4% of the bytes but makes the 10 MiB round trip about 1.6x slower.
 pub const DEFAULT_ZSTD_LEVEL: i32 = -3;
 const READ_BUFFER: usize = 64 * 1024;
 /// zstd contexts kept for reuse: creating one costs more than compressing a small snapshot.
@@ -35,9 +36,13 @@ const ZSTD_POOL: usize = 4;
 pub enum Compression {
     None,
     /// flate2 level 0..=9.
-    Gzip { level: u32 },
+    Gzip {
+        level: u32,
+    },
     /// zstd level -7..=19 (negative levels trade ratio for speed).
-    Zstd { level: i32 },
+    Zstd {
+        level: i32,
+    },
 }
 
 impl Compression {
@@ -69,7 +74,13 @@ pub struct SerializationConfig {
 
 impl Default for SerializationConfig {
     fn default() -> Self {
-        Self { compression: Compression::Zstd { level: DEFAULT_ZSTD_LEVEL }, chunk_size: 64 * 1024, max_state_size: 64 << 20 }
+        Self {
+            compression: Compression::Zstd {
+                level: DEFAULT_ZSTD_LEVEL,
+            },
+            chunk_size: 64 * 1024,
+            max_state_size: 64 << 20,
+        }
     }
 }
 
@@ -97,12 +108,18 @@ impl Clone for SerializationService {
 
 impl std::fmt::Debug for SerializationService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SerializationService").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("SerializationService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
 /// Takes a context from `pool` (or makes one) and puts it back after `f`.
-fn with_pooled<T, R>(pool: &Mutex<Vec<T>>, create: impl FnOnce() -> T, f: impl FnOnce(&mut T) -> R) -> R {
+fn with_pooled<T, R>(
+    pool: &Mutex<Vec<T>>,
+    create: impl FnOnce() -> T,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
     let taken = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
     let mut ctx = taken.unwrap_or_else(create);
     let result = f(&mut ctx);
@@ -122,14 +139,20 @@ impl SerializationService {
             )));
         }
         if config.max_state_size == 0 {
-            return Err(MigrationError::Config("max_state_size must be positive".into()));
+            return Err(MigrationError::Config(
+                "max_state_size must be positive".into(),
+            ));
         }
         match config.compression {
             Compression::Gzip { level } if level > 9 => {
-                return Err(MigrationError::Config(format!("gzip level {level} is outside 0..=9")));
+                return Err(MigrationError::Config(format!(
+                    "gzip level {level} is outside 0..=9"
+                )));
             }
             Compression::Zstd { level } if !(-7..=MAX_ZSTD_LEVEL).contains(&level) => {
-                return Err(MigrationError::Config(format!("zstd level {level} is outside -7..={MAX_ZSTD_LEVEL}")));
+                return Err(MigrationError::Config(format!(
+                    "zstd level {level} is outside -7..={MAX_ZSTD_LEVEL}"
+                )));
             }
             _ => {}
         }
@@ -137,7 +160,11 @@ impl SerializationService {
     }
 
     fn with_config(config: SerializationConfig) -> Self {
-        Self { config, cctx: Mutex::new(Vec::new()), dctx: Mutex::new(Vec::new()) }
+        Self {
+            config,
+            cctx: Mutex::new(Vec::new()),
+            dctx: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn config(&self) -> &SerializationConfig {
@@ -150,11 +177,20 @@ impl SerializationService {
 
     /// Streams `snapshot` into `out`. Fails with `SnapshotTooLarge` before writing anything if the
     /// serialized form exceeds `max_state_size`.
-    pub fn encode<W: Write>(&self, snapshot: &ConnectionStateSnapshot, out: &mut W) -> Result<EncodeStats, MigrationError> {
+    pub fn encode<W: Write>(
+        &self,
+        snapshot: &ConnectionStateSnapshot,
+        out: &mut W,
+    ) -> Result<EncodeStats, MigrationError> {
         let limit = self.config.max_state_size;
         let serialized_len = match self.bincode().serialized_size(snapshot) {
             Ok(n) => n,
-            Err(_) => return Err(MigrationError::SnapshotTooLarge { size: snapshot.payload_len() as u64, limit }),
+            Err(_) => {
+                return Err(MigrationError::SnapshotTooLarge {
+                    size: snapshot.payload_len() as u64,
+                    limit,
+                });
+            }
         };
         let mut header = [0u8; STREAM_HEADER_LEN];
         header[..4].copy_from_slice(&STREAM_MAGIC);
@@ -162,32 +198,41 @@ impl SerializationService {
         header[5] = self.config.compression.wire_id();
         header[6..8].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_be_bytes());
         header[8..12].copy_from_slice(&self.config.chunk_size.to_be_bytes());
-        out.write_all(&header).map_err(|e| encode_error(e, limit))?;
+        out.write_all(&header).map_err(encode_error)?;
 
         let chunks = ChunkWriter::new(out, self.config.chunk_size as usize, limit);
         let chunks = match self.config.compression {
             Compression::None => {
                 let mut w = chunks;
-                self.bincode().serialize_into(&mut w, snapshot).map_err(|e| bincode_encode_error(e, limit))?;
+                self.bincode()
+                    .serialize_into(&mut w, snapshot)
+                    .map_err(|e| bincode_encode_error(*e, limit))?;
                 w
             }
             Compression::Gzip { level } => {
                 let mut w = flate2::write::GzEncoder::new(chunks, flate2::Compression::new(level));
-                self.bincode().serialize_into(&mut w, snapshot).map_err(|e| bincode_encode_error(e, limit))?;
-                w.finish().map_err(|e| encode_error(e, limit))?
+                self.bincode()
+                    .serialize_into(&mut w, snapshot)
+                    .map_err(|e| bincode_encode_error(*e, limit))?;
+                w.finish().map_err(encode_error)?
             }
             Compression::Zstd { level } => with_pooled(&self.cctx, CCtx::create, |cctx| {
                 let mut w = zstd::stream::write::Encoder::with_context(chunks, cctx);
                 // A reused context keeps its parameters: set every one we rely on. The pledged
                 // size lets zstd size its tables to the input (a big win for small snapshots).
-                w.set_parameter(CParameter::CompressionLevel(level)).map_err(|e| encode_error(e, limit))?;
-                w.set_parameter(CParameter::ChecksumFlag(false)).map_err(|e| encode_error(e, limit))?;
-                w.set_pledged_src_size(Some(serialized_len)).map_err(|e| encode_error(e, limit))?;
-                self.bincode().serialize_into(&mut w, snapshot).map_err(|e| bincode_encode_error(e, limit))?;
-                w.finish().map_err(|e| encode_error(e, limit))
+                w.set_parameter(CParameter::CompressionLevel(level))
+                    .map_err(encode_error)?;
+                w.set_parameter(CParameter::ChecksumFlag(false))
+                    .map_err(encode_error)?;
+                w.set_pledged_src_size(Some(serialized_len))
+                    .map_err(encode_error)?;
+                self.bincode()
+                    .serialize_into(&mut w, snapshot)
+                    .map_err(|e| bincode_encode_error(*e, limit))?;
+                w.finish().map_err(encode_error)
             })?,
         };
-        let (chunk_bytes, chunk_count) = chunks.finish().map_err(|e| encode_error(e, limit))?;
+        let (chunk_bytes, chunk_count) = chunks.finish().map_err(encode_error)?;
         Ok(EncodeStats {
             serialized_len,
             encoded_len: STREAM_HEADER_LEN as u64 + chunk_bytes,
@@ -195,7 +240,10 @@ impl SerializationService {
         })
     }
 
-    pub fn encode_to_vec(&self, snapshot: &ConnectionStateSnapshot) -> Result<Vec<u8>, MigrationError> {
+    pub fn encode_to_vec(
+        &self,
+        snapshot: &ConnectionStateSnapshot,
+    ) -> Result<Vec<u8>, MigrationError> {
         let mut out = Vec::new();
         self.encode(snapshot, &mut out)?;
         Ok(out)
@@ -207,33 +255,48 @@ impl SerializationService {
         self.decode_buffered(BufReader::with_capacity(READ_BUFFER, input))
     }
 
-    fn decode_buffered<B: BufRead>(&self, mut input: B) -> Result<ConnectionStateSnapshot, MigrationError> {
+    fn decode_buffered<B: BufRead>(
+        &self,
+        mut input: B,
+    ) -> Result<ConnectionStateSnapshot, MigrationError> {
         let (compression, chunk_size) = read_stream_header(&mut input)?;
         let mut chunks = ChunkReader::new(input, chunk_size, self.config.max_state_size);
         let limit = self.config.max_state_size;
         let snapshot: ConnectionStateSnapshot = match compression {
             0 => {
-                let s = self.bincode().deserialize_from(&mut chunks).map_err(|e| bincode_decode_error(e, limit))?;
+                let s = self
+                    .bincode()
+                    .deserialize_from(&mut chunks)
+                    .map_err(|e| bincode_decode_error(*e, limit))?;
                 chunks.finish()?;
                 s
             }
             1 => {
                 let mut d = flate2::bufread::GzDecoder::new(chunks);
-                let s = self.bincode().deserialize_from(&mut d).map_err(|e| bincode_decode_error(e, limit))?;
+                let s = self
+                    .bincode()
+                    .deserialize_from(&mut d)
+                    .map_err(|e| bincode_decode_error(*e, limit))?;
                 expect_end(&mut d)?;
                 d.into_inner().finish()?;
                 s
             }
             2 => with_pooled(&self.dctx, DCtx::create, |dctx| {
                 let mut d = zstd::stream::read::Decoder::with_context(chunks, dctx).single_frame();
-                d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(|e| decode_io_error(e, "zstd"))?;
-                let s = self.bincode().deserialize_from(&mut d).map_err(|e| bincode_decode_error(e, limit))?;
+                d.window_log_max(ZSTD_WINDOW_LOG_MAX)
+                    .map_err(|e| decode_io_error(e, "zstd"))?;
+                let s = self
+                    .bincode()
+                    .deserialize_from(&mut d)
+                    .map_err(|e| bincode_decode_error(*e, limit))?;
                 expect_end(&mut d)?;
                 d.finish().finish()?;
                 Ok::<_, MigrationError>(s)
             })?,
             other => {
-                return Err(MigrationError::corrupt(Corruption::BadHeader(format!("unknown compression id {other}"))));
+                return Err(MigrationError::corrupt(Corruption::BadHeader(format!(
+                    "unknown compression id {other}"
+                ))));
             }
         };
         snapshot.validate()?;
@@ -248,11 +311,17 @@ impl SerializationService {
 
 fn read_stream_header<R: Read>(input: &mut R) -> Result<(u8, u32), MigrationError> {
     let mut header = [0u8; STREAM_HEADER_LEN];
-    if read_full(input, &mut header).map_err(|e| decode_io_error(e, "stream header"))? < STREAM_HEADER_LEN {
-        return Err(MigrationError::corrupt(Corruption::Truncated("inside the stream header".into())));
+    if read_full(input, &mut header).map_err(|e| decode_io_error(e, "stream header"))?
+        < STREAM_HEADER_LEN
+    {
+        return Err(MigrationError::corrupt(Corruption::Truncated(
+            "inside the stream header".into(),
+        )));
     }
     if header[..4] != STREAM_MAGIC {
-        return Err(MigrationError::corrupt(Corruption::BadHeader("not a Baton snapshot stream (bad magic)".into())));
+        return Err(MigrationError::corrupt(Corruption::BadHeader(
+            "not a Baton snapshot stream (bad magic)".into(),
+        )));
     }
     if header[4] != STREAM_VERSION {
         return Err(MigrationError::corrupt(Corruption::BadHeader(format!(
@@ -262,7 +331,10 @@ fn read_stream_header<R: Read>(input: &mut R) -> Result<(u8, u32), MigrationErro
     }
     let format = u16::from_be_bytes([header[6], header[7]]);
     if format != SNAPSHOT_FORMAT_VERSION {
-        return Err(MigrationError::UnsupportedVersion { found: format, supported: SNAPSHOT_FORMAT_VERSION });
+        return Err(MigrationError::UnsupportedVersion {
+            found: format,
+            supported: SNAPSHOT_FORMAT_VERSION,
+        });
     }
     let chunk_size = u32::from_be_bytes(header[8..12].try_into().expect("4 bytes"));
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
@@ -314,28 +386,36 @@ fn carry(e: MigrationError) -> io::Error {
 }
 
 fn uncarry(e: &io::Error) -> Option<MigrationError> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<Carried>()).map(|c| c.0.clone())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Carried>())
+        .map(|c| c.0.clone())
 }
 
-fn encode_error(e: io::Error, _limit: u64) -> MigrationError {
+fn encode_error(e: io::Error) -> MigrationError {
     uncarry(&e).unwrap_or_else(|| MigrationError::Output(e.to_string()))
 }
 
-fn bincode_encode_error(e: bincode::Error, limit: u64) -> MigrationError {
-    match *e {
-        bincode::ErrorKind::Io(io) => encode_error(io, limit),
-        bincode::ErrorKind::SizeLimit => MigrationError::SnapshotTooLarge { size: limit + 1, limit },
+fn bincode_encode_error(e: bincode::ErrorKind, limit: u64) -> MigrationError {
+    match e {
+        bincode::ErrorKind::Io(io) => encode_error(io),
+        bincode::ErrorKind::SizeLimit => MigrationError::SnapshotTooLarge {
+            size: limit + 1,
+            limit,
+        },
         other => MigrationError::InvalidSnapshot(format!("bincode: {other}")),
     }
 }
 
 fn decode_io_error(e: io::Error, stage: &str) -> MigrationError {
-    uncarry(&e).unwrap_or_else(|| MigrationError::corrupt(Corruption::Malformed(format!("{stage}: {e}"))))
+    uncarry(&e)
+        .unwrap_or_else(|| MigrationError::corrupt(Corruption::Malformed(format!("{stage}: {e}"))))
 }
 
-fn bincode_decode_error(e: bincode::Error, limit: u64) -> MigrationError {
-    match *e {
-        bincode::ErrorKind::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof && uncarry(&io).is_none() => {
+fn bincode_decode_error(e: bincode::ErrorKind, limit: u64) -> MigrationError {
+    match e {
+        bincode::ErrorKind::Io(io)
+            if io.kind() == io::ErrorKind::UnexpectedEof && uncarry(&io).is_none() =>
+        {
             MigrationError::corrupt(Corruption::Malformed("snapshot content ended early".into()))
         }
         bincode::ErrorKind::Io(io) => decode_io_error(io, "decompression"),
@@ -357,7 +437,14 @@ struct ChunkWriter<'a, W: Write> {
 
 impl<'a, W: Write> ChunkWriter<'a, W> {
     fn new(out: &'a mut W, chunk_size: usize, limit: u64) -> Self {
-        Self { out, buf: Vec::with_capacity(chunk_size), chunk_size, seq: 0, written: 0, limit }
+        Self {
+            out,
+            buf: Vec::with_capacity(chunk_size),
+            chunk_size,
+            seq: 0,
+            written: 0,
+            limit,
+        }
     }
 
     fn emit(&mut self, final_chunk: bool) -> io::Result<()> {
@@ -372,7 +459,10 @@ impl<'a, W: Write> ChunkWriter<'a, W> {
         let len = payload.len() as u64;
         // The decoder refuses more than `limit` payload bytes; refuse to produce them too.
         if self.written + len > self.limit {
-            return Err(carry(MigrationError::SnapshotTooLarge { size: self.written + len, limit: self.limit }));
+            return Err(carry(MigrationError::SnapshotTooLarge {
+                size: self.written + len,
+                limit: self.limit,
+            }));
         }
         let mut header = [0u8; CHUNK_HEADER_LEN];
         header[..4].copy_from_slice(&self.seq.to_be_bytes());
@@ -381,10 +471,12 @@ impl<'a, W: Write> ChunkWriter<'a, W> {
         self.out.write_all(&header)?;
         self.out.write_all(payload)?;
         self.written += len;
-        self.seq = self
-            .seq
-            .checked_add(1)
-            .ok_or_else(|| carry(MigrationError::SnapshotTooLarge { size: self.written, limit: self.limit }))?;
+        self.seq = self.seq.checked_add(1).ok_or_else(|| {
+            carry(MigrationError::SnapshotTooLarge {
+                size: self.written,
+                limit: self.limit,
+            })
+        })?;
         Ok(())
     }
 
@@ -392,7 +484,10 @@ impl<'a, W: Write> ChunkWriter<'a, W> {
     fn finish(mut self) -> io::Result<(u64, u32)> {
         self.emit(true)?;
         self.out.flush()?;
-        Ok((self.written + self.seq as u64 * CHUNK_HEADER_LEN as u64, self.seq))
+        Ok((
+            self.written + self.seq as u64 * CHUNK_HEADER_LEN as u64,
+            self.seq,
+        ))
     }
 }
 
@@ -424,7 +519,8 @@ impl<W: Write> Write for ChunkWriter<'_, W> {
 struct ChunkReader<R: BufRead> {
     input: R,
     chunk_size: u32,
-    next_seq: u32,
+    /// u64 so that a chunk numbered u32::MAX still leaves a distinct "next".
+    next_seq: u64,
     remaining: u32,
     final_seen: bool,
     total: u64,
@@ -433,12 +529,21 @@ struct ChunkReader<R: BufRead> {
 
 impl<R: BufRead> ChunkReader<R> {
     fn new(input: R, chunk_size: u32, limit: u64) -> Self {
-        Self { input, chunk_size, next_seq: 0, remaining: 0, final_seen: false, total: 0, limit }
+        Self {
+            input,
+            chunk_size,
+            next_seq: 0,
+            remaining: 0,
+            final_seen: false,
+            total: 0,
+            limit,
+        }
     }
 
     fn next_chunk(&mut self) -> Result<(), MigrationError> {
         let mut header = [0u8; CHUNK_HEADER_LEN];
-        let got = read_full(&mut self.input, &mut header).map_err(|e| decode_io_error(e, "chunk header"))?;
+        let got = read_full(&mut self.input, &mut header)
+            .map_err(|e| decode_io_error(e, "chunk header"))?;
         if got == 0 {
             return Err(MigrationError::corrupt(Corruption::Truncated(format!(
                 "stream ended after {} chunk(s) without the final chunk",
@@ -446,33 +551,49 @@ impl<R: BufRead> ChunkReader<R> {
             ))));
         }
         if got < CHUNK_HEADER_LEN {
-            return Err(MigrationError::corrupt(Corruption::Truncated(format!("inside the header of chunk {}", self.next_seq))));
+            return Err(MigrationError::corrupt(Corruption::Truncated(format!(
+                "inside the header of chunk {}",
+                self.next_seq
+            ))));
         }
         let seq = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
         let flags = header[4];
         let len = u32::from_be_bytes(header[5..9].try_into().expect("4 bytes"));
-        if seq < self.next_seq {
+        if u64::from(seq) < self.next_seq {
             return Err(MigrationError::corrupt(Corruption::Duplicate { seq }));
         }
-        if seq > self.next_seq {
-            return Err(MigrationError::corrupt(Corruption::OutOfOrder { expected: self.next_seq, found: seq }));
+        if u64::from(seq) > self.next_seq {
+            return Err(MigrationError::corrupt(Corruption::OutOfOrder {
+                expected: self.next_seq as u32,
+                found: seq,
+            }));
         }
         if flags & !FLAG_FINAL != 0 {
-            return Err(MigrationError::corrupt(Corruption::BadHeader(format!("unknown flags {flags:#04x} on chunk {seq}"))));
+            return Err(MigrationError::corrupt(Corruption::BadHeader(format!(
+                "unknown flags {flags:#04x} on chunk {seq}"
+            ))));
         }
         if len > self.chunk_size {
-            return Err(MigrationError::corrupt(Corruption::ChunkTooLarge { len, limit: self.chunk_size }));
+            return Err(MigrationError::corrupt(Corruption::ChunkTooLarge {
+                len,
+                limit: self.chunk_size,
+            }));
         }
         let is_final = flags & FLAG_FINAL != 0;
         if !is_final && len != self.chunk_size {
-            return Err(MigrationError::corrupt(Corruption::ShortChunk { seq, len, chunk_size: self.chunk_size }));
+            return Err(MigrationError::corrupt(Corruption::ShortChunk {
+                seq,
+                len,
+                chunk_size: self.chunk_size,
+            }));
         }
         self.total += len as u64;
         if self.total > self.limit {
-            return Err(MigrationError::corrupt(Corruption::TooLarge { limit: self.limit }));
+            return Err(MigrationError::corrupt(Corruption::TooLarge {
+                limit: self.limit,
+            }));
         }
-        // A u32::MAX sequence number can only be final: there is no next one.
-        self.next_seq = seq.checked_add(1).unwrap_or(u32::MAX);
+        self.next_seq = u64::from(seq) + 1;
         self.remaining = len;
         self.final_seen = is_final;
         Ok(())
@@ -508,7 +629,9 @@ impl<R: BufRead> BufRead for ChunkReader<R> {
         let (remaining, seq) = (self.remaining as usize, self.next_seq - 1);
         let available = self.input.fill_buf()?;
         if available.is_empty() {
-            return Err(carry(MigrationError::corrupt(Corruption::Truncated(format!("inside the payload of chunk {seq}")))));
+            return Err(carry(MigrationError::corrupt(Corruption::Truncated(
+                format!("inside the payload of chunk {seq}"),
+            ))));
         }
         Ok(&available[..available.len().min(remaining)])
     }

@@ -17,7 +17,10 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self { timeouts: PhaseTimeouts::default(), max_concurrent_migrations: 64 }
+        Self {
+            timeouts: PhaseTimeouts::default(),
+            max_concurrent_migrations: 64,
+        }
     }
 }
 
@@ -40,7 +43,12 @@ pub struct SessionManager {
 
 impl SessionManager {
     pub fn new(config: SessionConfig, metrics: Arc<MigrationMetrics>) -> Self {
-        Self { config, metrics, sessions: HashMap::new(), migrations: HashMap::new() }
+        Self {
+            config,
+            metrics,
+            sessions: HashMap::new(),
+            migrations: HashMap::new(),
+        }
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -52,15 +60,30 @@ impl SessionManager {
     }
 
     /// Records a connection served by `owner` (idempotent for the same owner).
-    pub fn register(&mut self, connection_id: ConnectionId, owner: WorkerId, now: Instant) -> Result<(), MigrationError> {
+    pub fn register(
+        &mut self,
+        connection_id: ConnectionId,
+        owner: WorkerId,
+        now: Instant,
+    ) -> Result<(), MigrationError> {
         match self.sessions.get_mut(&connection_id) {
-            Some(s) if s.migration.is_some() => Err(MigrationError::AlreadyMigrating(connection_id)),
+            Some(s) if s.migration.is_some() => {
+                Err(MigrationError::AlreadyMigrating(connection_id))
+            }
             Some(s) => {
                 s.owner = owner;
                 Ok(())
             }
             None => {
-                self.sessions.insert(connection_id, Session { owner, registered_at: now, migration: None, completed_migrations: 0 });
+                self.sessions.insert(
+                    connection_id,
+                    Session {
+                        owner,
+                        registered_at: now,
+                        migration: None,
+                        completed_migrations: 0,
+                    },
+                );
                 Ok(())
             }
         }
@@ -70,7 +93,9 @@ impl SessionManager {
     pub fn remove(&mut self, connection_id: &ConnectionId) -> Result<Session, MigrationError> {
         match self.sessions.get(connection_id) {
             None => Err(MigrationError::UnknownConnection(connection_id.clone())),
-            Some(s) if s.migration.is_some() => Err(MigrationError::AlreadyMigrating(connection_id.clone())),
+            Some(s) if s.migration.is_some() => {
+                Err(MigrationError::AlreadyMigrating(connection_id.clone()))
+            }
             Some(_) => Ok(self.sessions.remove(connection_id).expect("present")),
         }
     }
@@ -93,7 +118,12 @@ impl SessionManager {
 
     /// Starts moving `connection_id` to `target` (the machine enters Preparing). Returns the
     /// binding to issue a token and seal the snapshot for.
-    pub fn begin_migration(&mut self, connection_id: &ConnectionId, target: WorkerId, now: Instant) -> Result<MigrationBinding, MigrationError> {
+    pub fn begin_migration(
+        &mut self,
+        connection_id: &ConnectionId,
+        target: WorkerId,
+        now: Instant,
+    ) -> Result<MigrationBinding, MigrationError> {
         let result = self.try_begin(connection_id, target, now);
         if let Err(e) = &result {
             self.metrics.record_error(e.kind());
@@ -101,22 +131,42 @@ impl SessionManager {
         result
     }
 
-    fn try_begin(&mut self, connection_id: &ConnectionId, target: WorkerId, now: Instant) -> Result<MigrationBinding, MigrationError> {
+    fn try_begin(
+        &mut self,
+        connection_id: &ConnectionId,
+        target: WorkerId,
+        now: Instant,
+    ) -> Result<MigrationBinding, MigrationError> {
         if self.migrations.len() >= self.config.max_concurrent_migrations {
             return Err(MigrationError::TargetUnavailable {
                 target,
-                reason: format!("{} migrations already in flight (max_concurrent_migrations)", self.migrations.len()),
+                reason: format!(
+                    "{} migrations already in flight (max_concurrent_migrations)",
+                    self.migrations.len()
+                ),
             });
         }
-        let session = self.sessions.get_mut(connection_id).ok_or_else(|| MigrationError::UnknownConnection(connection_id.clone()))?;
+        let session = self
+            .sessions
+            .get_mut(connection_id)
+            .ok_or_else(|| MigrationError::UnknownConnection(connection_id.clone()))?;
         if session.migration.is_some() {
             return Err(MigrationError::AlreadyMigrating(connection_id.clone()));
         }
         if session.owner == target {
-            return Err(MigrationError::TargetUnavailable { target, reason: "it already owns the connection".into() });
+            return Err(MigrationError::TargetUnavailable {
+                target,
+                reason: "it already owns the connection".into(),
+            });
         }
-        let binding = MigrationBinding { migration_id: MigrationId::random(), connection_id: connection_id.clone(), source: session.owner, target };
-        let mut machine = MigrationStateMachine::new(binding.clone(), self.config.timeouts, self.metrics.clone());
+        let binding = MigrationBinding {
+            migration_id: MigrationId::random(),
+            connection_id: connection_id.clone(),
+            source: session.owner,
+            target,
+        };
+        let mut machine =
+            MigrationStateMachine::new(binding.clone(), self.config.timeouts, self.metrics.clone());
         machine.start(now)?;
         session.migration = Some(binding.migration_id);
         self.migrations.insert(binding.migration_id, machine);
@@ -124,7 +174,9 @@ impl SessionManager {
     }
 
     fn machine(&mut self, id: &MigrationId) -> Result<&mut MigrationStateMachine, MigrationError> {
-        self.migrations.get_mut(id).ok_or(MigrationError::UnknownMigration(*id))
+        self.migrations
+            .get_mut(id)
+            .ok_or(MigrationError::UnknownMigration(*id))
     }
 
     pub fn begin_transfer(&mut self, id: &MigrationId, now: Instant) -> Result<(), MigrationError> {
@@ -145,7 +197,12 @@ impl SessionManager {
     }
 
     /// Fails the migration; the connection stays with the source. Returns the rollback to run.
-    pub fn fail(&mut self, id: &MigrationId, error: MigrationError, now: Instant) -> Result<Vec<RollbackAction>, MigrationError> {
+    pub fn fail(
+        &mut self,
+        id: &MigrationId,
+        error: MigrationError,
+        now: Instant,
+    ) -> Result<Vec<RollbackAction>, MigrationError> {
         let actions = self.machine(id)?.fail(error, now)?;
         self.finish_failed(id);
         Ok(actions)
@@ -166,9 +223,10 @@ impl SessionManager {
     }
 
     fn finish_failed(&mut self, id: &MigrationId) {
-        if let Some(machine) = self.migrations.remove(id)
-            && let Some(s) = self.sessions.get_mut(&machine.binding().connection_id)
-        {
+        let Some(machine) = self.migrations.remove(id) else {
+            return;
+        };
+        if let Some(s) = self.sessions.get_mut(&machine.binding().connection_id) {
             s.migration = None;
         }
     }

@@ -27,7 +27,11 @@ pub struct ConnectionStateSnapshot {
 }
 
 impl ConnectionStateSnapshot {
-    pub fn builder(connection_id: ConnectionId, source: WorkerId, target: WorkerId) -> SnapshotBuilder {
+    pub fn builder(
+        connection_id: ConnectionId,
+        source: WorkerId,
+        target: WorkerId,
+    ) -> SnapshotBuilder {
         SnapshotBuilder {
             snapshot: ConnectionStateSnapshot {
                 format_version: SNAPSHOT_FORMAT_VERSION,
@@ -75,14 +79,20 @@ impl ConnectionStateSnapshot {
         self.application_state.get(key).map(|b| b.as_slice())
     }
     pub fn application_states(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.application_state.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+        self.application_state
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
     /// Bytes of payload held (transport + buffers + application state), for size metrics.
     pub fn payload_len(&self) -> usize {
         self.transport.len()
             + self.stream_buffers.values().map(|b| b.len()).sum::<usize>()
-            + self.application_state.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + self
+                .application_state
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
     }
 
     /// Invariants checked by the builder and again after decoding untrusted bytes.
@@ -145,24 +155,39 @@ impl SnapshotBuilder {
     }
 
     pub fn add_stream_buffer(mut self, stream_id: u64, bytes: impl Into<Vec<u8>>) -> Self {
-        if self.snapshot.stream_buffers.insert(stream_id, ByteBuf::from(bytes.into())).is_some() {
-            self.duplicate.get_or_insert_with(|| format!("stream {stream_id} added twice"));
+        if self
+            .snapshot
+            .stream_buffers
+            .insert(stream_id, ByteBuf::from(bytes.into()))
+            .is_some()
+        {
+            self.duplicate
+                .get_or_insert_with(|| format!("stream {stream_id} added twice"));
         }
         self
     }
 
-    pub fn add_application_state(mut self, key: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+    pub fn add_application_state(
+        mut self,
+        key: impl Into<String>,
+        bytes: impl Into<Vec<u8>>,
+    ) -> Self {
         let key = key.into();
         if self.snapshot.application_state.contains_key(&key) {
-            self.duplicate.get_or_insert_with(|| format!("application state key {key:?} added twice"));
+            self.duplicate
+                .get_or_insert_with(|| format!("application state key {key:?} added twice"));
         }
-        self.snapshot.application_state.insert(key, ByteBuf::from(bytes.into()));
+        self.snapshot
+            .application_state
+            .insert(key, ByteBuf::from(bytes.into()));
         self
     }
 
     pub fn build(self) -> Result<ConnectionStateSnapshot, MigrationError> {
         if let Some(dup) = self.duplicate {
-            return Err(MigrationError::InvalidSnapshot(format!("{dup}; each key may appear once")));
+            return Err(MigrationError::InvalidSnapshot(format!(
+                "{dup}; each key may appear once"
+            )));
         }
         self.snapshot.validate()?;
         Ok(self.snapshot)
@@ -191,7 +216,10 @@ mod tests {
         assert_eq!(s.transport(), &[9; 5]);
         assert_eq!(s.payload_len(), 5 + 3 + 7 + 3);
         let dbg = format!("{s:?}");
-        assert!(!dbg.contains("xyz") && !dbg.contains("120, 121, 122"), "{dbg}");
+        assert!(
+            !dbg.contains("xyz") && !dbg.contains("120, 121, 122"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -203,7 +231,9 @@ mod tests {
             .add_stream_buffer(0, vec![2])
             .build();
         assert!(matches!(dup, Err(MigrationError::InvalidSnapshot(m)) if m.contains("stream 0")));
-        let time = ConnectionStateSnapshot::builder(cid(), WorkerId(1), WorkerId(2)).timestamps(5, 4).build();
+        let time = ConnectionStateSnapshot::builder(cid(), WorkerId(1), WorkerId(2))
+            .timestamps(5, 4)
+            .build();
         assert!(time.is_err());
         assert!(ConnectionId::new(&[0; 21]).is_err());
     }

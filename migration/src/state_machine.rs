@@ -71,13 +71,22 @@ impl MigrationEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RollbackAction {
     /// Drop whatever the target received or built for this migration.
-    CleanTargetPartialState { target: WorkerId, migration_id: MigrationId },
+    CleanTargetPartialState {
+        target: WorkerId,
+        migration_id: MigrationId,
+    },
     /// Unfreeze the connection on the source and point routing back at it.
-    RestoreOnSource { source: WorkerId, connection_id: ConnectionId },
+    RestoreOnSource {
+        source: WorkerId,
+        connection_id: ConnectionId,
+    },
     /// Run the health checker on both workers before they take new migrations.
     HealthCheck { workers: [WorkerId; 2] },
     /// Tell the parties the migration failed, and why.
-    Notify { parties: [MigrationParty; 3], error: MigrationError },
+    Notify {
+        parties: [MigrationParty; 3],
+        error: MigrationError,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +97,10 @@ pub struct PhaseTimeouts {
 
 impl Default for PhaseTimeouts {
     fn default() -> Self {
-        Self { preparing: Duration::from_secs(5), transferring: Duration::from_secs(10) }
+        Self {
+            preparing: Duration::from_secs(5),
+            transferring: Duration::from_secs(10),
+        }
     }
 }
 
@@ -113,8 +125,20 @@ pub struct MigrationStateMachine {
 }
 
 impl MigrationStateMachine {
-    pub fn new(binding: MigrationBinding, timeouts: PhaseTimeouts, metrics: Arc<MigrationMetrics>) -> Self {
-        Self { binding, phase: MigrationPhase::Idle, timeouts, started_at: None, phase_entered_at: None, failure: None, metrics }
+    pub fn new(
+        binding: MigrationBinding,
+        timeouts: PhaseTimeouts,
+        metrics: Arc<MigrationMetrics>,
+    ) -> Self {
+        Self {
+            binding,
+            phase: MigrationPhase::Idle,
+            timeouts,
+            started_at: None,
+            phase_entered_at: None,
+            failure: None,
+            metrics,
+        }
     }
 
     pub fn binding(&self) -> &MigrationBinding {
@@ -137,11 +161,17 @@ impl MigrationStateMachine {
 
     /// How long the machine has been in its current phase.
     pub fn time_in_phase(&self, now: Instant) -> Duration {
-        self.phase_entered_at.map(|t| now.saturating_duration_since(t)).unwrap_or_default()
+        self.phase_entered_at
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default()
     }
 
     /// Applies `event`. Returns the rollback actions when it moves to Failed (empty otherwise).
-    pub fn handle(&mut self, event: MigrationEvent, now: Instant) -> Result<Vec<RollbackAction>, MigrationError> {
+    pub fn handle(
+        &mut self,
+        event: MigrationEvent,
+        now: Instant,
+    ) -> Result<Vec<RollbackAction>, MigrationError> {
         use MigrationPhase::*;
         let to = match (self.phase, &event) {
             (Idle, MigrationEvent::Start) => Preparing,
@@ -149,7 +179,10 @@ impl MigrationStateMachine {
             (Transferring, MigrationEvent::Complete) => Completed,
             (Preparing | Transferring, MigrationEvent::Fail(_)) => Failed,
             (state, event) => {
-                let err = MigrationError::IllegalTransition { state, event: event.name().to_string() };
+                let err = MigrationError::IllegalTransition {
+                    state,
+                    event: event.name().to_string(),
+                };
                 self.metrics.record_error(err.kind());
                 tracing::warn!(migration_id = %self.binding.migration_id, %state, event = event.name(), "illegal migration transition refused");
                 return Err(err);
@@ -167,7 +200,11 @@ impl MigrationStateMachine {
     pub fn complete(&mut self, now: Instant) -> Result<(), MigrationError> {
         self.handle(MigrationEvent::Complete, now).map(drop)
     }
-    pub fn fail(&mut self, error: MigrationError, now: Instant) -> Result<Vec<RollbackAction>, MigrationError> {
+    pub fn fail(
+        &mut self,
+        error: MigrationError,
+        now: Instant,
+    ) -> Result<Vec<RollbackAction>, MigrationError> {
         self.handle(MigrationEvent::Fail(error), now)
     }
 
@@ -186,7 +223,12 @@ impl MigrationStateMachine {
         self.fail(error, now).ok()
     }
 
-    fn transition(&mut self, to: MigrationPhase, event: MigrationEvent, now: Instant) -> Vec<RollbackAction> {
+    fn transition(
+        &mut self,
+        to: MigrationPhase,
+        event: MigrationEvent,
+        now: Instant,
+    ) -> Vec<RollbackAction> {
         let from = self.phase;
         let spent = self.time_in_phase(now);
         if from != MigrationPhase::Idle {
@@ -211,17 +253,31 @@ impl MigrationStateMachine {
                 Vec::new()
             }
             MigrationPhase::Failed => {
-                let MigrationEvent::Fail(error) = event else { unreachable!("only Fail leads to Failed") };
+                let MigrationEvent::Fail(error) = event else {
+                    unreachable!("only Fail leads to Failed")
+                };
                 self.observe_total(now);
                 self.metrics.record_error(error.kind());
                 tracing::warn!(migration_id = %b.migration_id, failed_in = %from, %error, "migration failed; rolling back");
                 self.failure = Some(error.clone());
                 vec![
-                    RollbackAction::CleanTargetPartialState { target: b.target, migration_id: b.migration_id },
-                    RollbackAction::RestoreOnSource { source: b.source, connection_id: b.connection_id.clone() },
-                    RollbackAction::HealthCheck { workers: [b.source, b.target] },
+                    RollbackAction::CleanTargetPartialState {
+                        target: b.target,
+                        migration_id: b.migration_id,
+                    },
+                    RollbackAction::RestoreOnSource {
+                        source: b.source,
+                        connection_id: b.connection_id.clone(),
+                    },
+                    RollbackAction::HealthCheck {
+                        workers: [b.source, b.target],
+                    },
                     RollbackAction::Notify {
-                        parties: [MigrationParty::Controller, MigrationParty::Source, MigrationParty::Target],
+                        parties: [
+                            MigrationParty::Controller,
+                            MigrationParty::Source,
+                            MigrationParty::Target,
+                        ],
                         error,
                     },
                 ]

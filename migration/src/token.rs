@@ -11,6 +11,7 @@ use sha2::Sha256;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::ids::{MigrationBinding, WorkerId};
@@ -22,9 +23,17 @@ const MAC_LEN: usize = 32;
 pub const TOKEN_LEN: usize = BODY_LEN + MAC_LEN;
 const MAC_LABEL: &[u8] = b"baton/migration/token/v1";
 
-/// An opaque bearer token. `Debug` does not print it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An opaque bearer token. `Debug` does not print it; `==` compares in constant time.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct MigrationToken(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl PartialEq for MigrationToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for MigrationToken {}
 
 impl MigrationToken {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
@@ -104,7 +113,9 @@ impl Default for TokenConfig {
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Issues and verifies tokens; holds the secrets, the replay cache and the rate limiter.
@@ -118,8 +129,15 @@ pub struct MigrationTokenManager {
 }
 
 impl MigrationTokenManager {
-    pub fn new(config: TokenConfig, secret_id: u32, secret: TokenSecret) -> Result<Self, MigrationError> {
-        if config.max_requests_per_second == 0 || config.replay_cache_capacity == 0 || config.max_tracked_sources == 0 {
+    pub fn new(
+        config: TokenConfig,
+        secret_id: u32,
+        secret: TokenSecret,
+    ) -> Result<Self, MigrationError> {
+        if config.max_requests_per_second == 0
+            || config.replay_cache_capacity == 0
+            || config.max_tracked_sources == 0
+        {
             return Err(MigrationError::Config(
                 "max_requests_per_second, replay_cache_capacity and max_tracked_sources must be positive".into(),
             ));
@@ -143,9 +161,15 @@ impl MigrationTokenManager {
     }
 
     /// New tokens are signed with `secret`; tokens under older secrets verify until retired.
-    pub fn rotate_secret(&mut self, secret_id: u32, secret: TokenSecret) -> Result<(), MigrationError> {
+    pub fn rotate_secret(
+        &mut self,
+        secret_id: u32,
+        secret: TokenSecret,
+    ) -> Result<(), MigrationError> {
         if self.secrets.contains_key(&secret_id) || self.retired.contains(&secret_id) {
-            return Err(MigrationError::Config(format!("token secret id {secret_id} was already used")));
+            return Err(MigrationError::Config(format!(
+                "token secret id {secret_id} was already used"
+            )));
         }
         self.secrets.insert(secret_id, secret);
         self.current = secret_id;
@@ -161,7 +185,9 @@ impl MigrationTokenManager {
             )));
         }
         if self.secrets.remove(&secret_id).is_none() {
-            return Err(MigrationError::Config(format!("token secret id {secret_id} is not held")));
+            return Err(MigrationError::Config(format!(
+                "token secret id {secret_id} is not held"
+            )));
         }
         self.retired.insert(secret_id);
         tracing::info!(secret_id, "token secret retired");
@@ -169,7 +195,11 @@ impl MigrationTokenManager {
     }
 
     /// Issues a token for exactly this migration, subject to the source's rate limit.
-    pub fn issue(&mut self, binding: &MigrationBinding, now: SystemTime) -> Result<MigrationToken, MigrationError> {
+    pub fn issue(
+        &mut self,
+        binding: &MigrationBinding,
+        now: SystemTime,
+    ) -> Result<MigrationToken, MigrationError> {
         let now_ms = unix_ms(now);
         self.limiter.admit(binding.source, now_ms)?;
         let expires = now_ms.saturating_add(self.config.ttl.as_millis() as u64);
@@ -189,7 +219,12 @@ impl MigrationTokenManager {
     }
 
     /// Checks the MAC (constant time), the validity window, and marks the token used.
-    pub fn verify(&mut self, binding: &MigrationBinding, token: &MigrationToken, now: SystemTime) -> Result<(), MigrationError> {
+    pub fn verify(
+        &mut self,
+        binding: &MigrationBinding,
+        token: &MigrationToken,
+        now: SystemTime,
+    ) -> Result<(), MigrationError> {
         let result = self.check(binding, token, unix_ms(now));
         if let Err(e) = &result {
             tracing::warn!(migration_id = %binding.migration_id, source = %binding.source, target = %binding.target, error = %e, "migration token rejected");
@@ -197,7 +232,12 @@ impl MigrationTokenManager {
         result
     }
 
-    fn check(&mut self, binding: &MigrationBinding, token: &MigrationToken, now_ms: u64) -> Result<(), MigrationError> {
+    fn check(
+        &mut self,
+        binding: &MigrationBinding,
+        token: &MigrationToken,
+        now_ms: u64,
+    ) -> Result<(), MigrationError> {
         let reject = |r| Err(MigrationError::InvalidToken(r));
         let t = token.as_bytes();
         if t.len() != TOKEN_LEN {
@@ -214,7 +254,10 @@ impl MigrationTokenManager {
             return reject(TokenRejection::UnknownSecret);
         };
         // `verify_slice` compares in constant time.
-        if compute_mac(secret, &t[..BODY_LEN], binding).verify_slice(&t[BODY_LEN..]).is_err() {
+        if compute_mac(secret, &t[..BODY_LEN], binding)
+            .verify_slice(&t[BODY_LEN..])
+            .is_err()
+        {
             return reject(TokenRejection::BadMac);
         }
         if expires <= issued || expires - issued > self.config.max_ttl.as_millis() as u64 {
@@ -264,7 +307,11 @@ struct ReplayCache {
 
 impl ReplayCache {
     fn new(capacity: usize) -> Self {
-        Self { capacity, by_id: HashMap::new(), by_expiry: BTreeSet::new() }
+        Self {
+            capacity,
+            by_id: HashMap::new(),
+            by_expiry: BTreeSet::new(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -283,7 +330,9 @@ impl ReplayCache {
             return Err(MigrationError::InvalidToken(TokenRejection::Replayed));
         }
         if self.by_id.len() >= self.capacity {
-            return Err(MigrationError::ReplayCacheFull { capacity: self.capacity });
+            return Err(MigrationError::ReplayCacheFull {
+                capacity: self.capacity,
+            });
         }
         self.by_id.insert(id, expires);
         self.by_expiry.insert((expires, id));
@@ -306,7 +355,11 @@ struct Bucket {
 
 impl RateLimiter {
     fn new(rate: u32, max_sources: usize) -> Self {
-        Self { rate, max_sources, buckets: HashMap::new() }
+        Self {
+            rate,
+            max_sources,
+            buckets: HashMap::new(),
+        }
     }
 
     fn admit(&mut self, source: WorkerId, now_ms: u64) -> Result<(), MigrationError> {
@@ -314,19 +367,31 @@ impl RateLimiter {
         if !self.buckets.contains_key(&source) && self.buckets.len() >= self.max_sources {
             // Forget sources whose buckets have refilled: they carry no state worth keeping.
             let rate = self.rate as u64;
-            self.buckets.retain(|_, b| b.milli_tokens + now_ms.saturating_sub(b.last_ms) * rate < full);
+            self.buckets
+                .retain(|_, b| b.milli_tokens + now_ms.saturating_sub(b.last_ms) * rate < full);
             if self.buckets.len() >= self.max_sources {
-                return Err(MigrationError::RateLimited { worker: source, limit: self.rate, retry_after_ms: 1000 });
+                return Err(MigrationError::RateLimited {
+                    worker: source,
+                    limit: self.rate,
+                    retry_after_ms: 1000,
+                });
             }
         }
-        let b = self.buckets.entry(source).or_insert(Bucket { milli_tokens: full, last_ms: now_ms });
+        let b = self.buckets.entry(source).or_insert(Bucket {
+            milli_tokens: full,
+            last_ms: now_ms,
+        });
         // `rate` requests per 1000 ms = `rate` milli-requests per ms.
         let refill = now_ms.saturating_sub(b.last_ms) * self.rate as u64;
         b.milli_tokens = (b.milli_tokens + refill).min(full);
         b.last_ms = b.last_ms.max(now_ms);
         if b.milli_tokens < 1000 {
             let retry_after_ms = (1000 - b.milli_tokens).div_ceil(self.rate as u64);
-            return Err(MigrationError::RateLimited { worker: source, limit: self.rate, retry_after_ms });
+            return Err(MigrationError::RateLimited {
+                worker: source,
+                limit: self.rate,
+                retry_after_ms,
+            });
         }
         b.milli_tokens -= 1000;
         Ok(())

@@ -2,7 +2,10 @@ mod common;
 
 use common::{binding, mixed_bytes};
 use migration::encryption::{ENVELOPE_HEADER_LEN, TAG_LEN};
-use migration::{ConnectionId, Corruption, EncryptionKey, EncryptionService, MigrationError, MigrationId, WorkerId};
+use migration::{
+    ConnectionId, Corruption, EncryptionKey, EncryptionService, MigrationError, MigrationId,
+    WorkerId,
+};
 use proptest::prelude::*;
 
 fn key(n: u8) -> EncryptionKey {
@@ -10,7 +13,12 @@ fn key(n: u8) -> EncryptionKey {
 }
 
 fn auth_failed(r: Result<Vec<u8>, MigrationError>) -> bool {
-    matches!(r, Err(MigrationError::StateCorruption(Corruption::AuthenticationFailed)))
+    matches!(
+        r,
+        Err(MigrationError::StateCorruption(
+            Corruption::AuthenticationFailed
+        ))
+    )
 }
 
 #[test]
@@ -19,9 +27,16 @@ fn round_trip_and_envelope_size() {
     let data = mixed_bytes(5000, 9);
     let sealed = svc.seal_slice(&binding(), &data).unwrap();
     assert_eq!(sealed.len(), ENVELOPE_HEADER_LEN + data.len() + TAG_LEN);
-    assert_ne!(&sealed[ENVELOPE_HEADER_LEN..ENVELOPE_HEADER_LEN + 64], &data[..64]);
+    assert_ne!(
+        &sealed[ENVELOPE_HEADER_LEN..ENVELOPE_HEADER_LEN + 64],
+        &data[..64]
+    );
     assert_eq!(svc.open(&binding(), &sealed).unwrap(), data);
-    assert_eq!(svc.open(&binding(), &svc.seal_slice(&binding(), &[]).unwrap()).unwrap(), Vec::<u8>::new());
+    assert_eq!(
+        svc.open(&binding(), &svc.seal_slice(&binding(), &[]).unwrap())
+            .unwrap(),
+        Vec::<u8>::new()
+    );
 }
 
 #[test]
@@ -35,9 +50,18 @@ fn flipping_any_byte_of_header_ciphertext_or_tag_fails() {
             let r = svc.open(&binding(), &t);
             match i {
                 // magic and version: refused before decryption
-                0..=4 => assert!(matches!(r, Err(MigrationError::StateCorruption(Corruption::BadHeader(_)))), "byte {i}: {r:?}"),
+                0..=4 => assert!(
+                    matches!(
+                        r,
+                        Err(MigrationError::StateCorruption(Corruption::BadHeader(_)))
+                    ),
+                    "byte {i}: {r:?}"
+                ),
                 // key id: now names a key the ring does not hold
-                5..=8 => assert!(matches!(r, Err(MigrationError::UnknownKey { .. })), "byte {i}: {r:?}"),
+                5..=8 => assert!(
+                    matches!(r, Err(MigrationError::UnknownKey { .. })),
+                    "byte {i}: {r:?}"
+                ),
                 _ => assert!(auth_failed(r), "byte {i} bit {bit:#x}"),
             }
         }
@@ -100,7 +124,10 @@ fn truncated_envelope_is_corruption() {
     let sealed = svc.seal_slice(&binding(), b"hello").unwrap();
     for len in 0..sealed.len() {
         let r = svc.open(&binding(), &sealed[..len]);
-        assert!(matches!(r, Err(MigrationError::StateCorruption(_))), "len {len}: {r:?}");
+        assert!(
+            matches!(r, Err(MigrationError::StateCorruption(_))),
+            "len {len}: {r:?}"
+        );
     }
 }
 
@@ -110,7 +137,10 @@ fn nonces_never_repeat_within_an_instance() {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..1000 {
         let sealed = svc.seal_slice(&binding(), b"x").unwrap();
-        assert!(seen.insert(sealed[9..ENVELOPE_HEADER_LEN].to_vec()), "instance id + nonce repeated");
+        assert!(
+            seen.insert(sealed[9..ENVELOPE_HEADER_LEN].to_vec()),
+            "instance id + nonce repeated"
+        );
     }
 }
 
@@ -121,7 +151,10 @@ fn another_instance_with_the_same_key_opens_and_uses_its_own_subkey() {
     let from_a = a.seal_slice(&binding(), b"same plaintext").unwrap();
     let from_b = b.seal_slice(&binding(), b"same plaintext").unwrap();
     // Both start their counters at zero, but under different subkeys (instance ids differ).
-    assert_eq!(from_a[ENVELOPE_HEADER_LEN - 12..ENVELOPE_HEADER_LEN], from_b[ENVELOPE_HEADER_LEN - 12..ENVELOPE_HEADER_LEN]);
+    assert_eq!(
+        from_a[ENVELOPE_HEADER_LEN - 12..ENVELOPE_HEADER_LEN],
+        from_b[ENVELOPE_HEADER_LEN - 12..ENVELOPE_HEADER_LEN]
+    );
     assert_ne!(from_a[9..21], from_b[9..21]);
     assert_ne!(from_a[ENVELOPE_HEADER_LEN..], from_b[ENVELOPE_HEADER_LEN..]);
     assert_eq!(b.open(&binding(), &from_a).unwrap(), b"same plaintext");
@@ -145,7 +178,10 @@ fn rotation_keeps_old_keys_until_retired() {
     // The active key cannot be retired; the old one can, and then it is reported as retired.
     assert!(matches!(svc.retire(2), Err(MigrationError::Config(_))));
     svc.retire(1).unwrap();
-    assert_eq!(svc.open(&binding(), &old), Err(MigrationError::RetiredKey { key_id: 1 }));
+    assert_eq!(
+        svc.open(&binding(), &old),
+        Err(MigrationError::RetiredKey { key_id: 1 })
+    );
     assert_eq!(svc.open(&binding(), &new).unwrap(), b"new");
     // Key ids are never reused.
     assert!(svc.add_key(1, key(9)).is_err());
@@ -171,12 +207,21 @@ fn unknown_key_id() {
 fn keys_are_exactly_32_bytes_and_never_printed() {
     for len in [0, 16, 31, 33, 64] {
         let err = EncryptionKey::from_bytes(&vec![1; len]).unwrap_err();
-        assert!(matches!(&err, MigrationError::InvalidKey(m) if m.contains("exactly 32") && m.contains(&len.to_string())), "{err}");
+        assert!(
+            matches!(&err, MigrationError::InvalidKey(m) if m.contains("exactly 32") && m.contains(&len.to_string())),
+            "{err}"
+        );
     }
     let k = EncryptionKey::from_bytes(&[0xAB; 32]).unwrap();
     assert_eq!(format!("{k:?}"), "EncryptionKey(<redacted>)");
     let svc = EncryptionService::new(3, k);
     let dbg = format!("{svc:?}");
-    assert!(!dbg.to_lowercase().contains("ab, ab") && !dbg.contains("171"), "{dbg}");
-    assert_ne!(EncryptionKey::generate().expose_secret(), EncryptionKey::generate().expose_secret());
+    assert!(
+        !dbg.to_lowercase().contains("ab, ab") && !dbg.contains("171"),
+        "{dbg}"
+    );
+    assert_ne!(
+        EncryptionKey::generate().expose_secret(),
+        EncryptionKey::generate().expose_secret()
+    );
 }

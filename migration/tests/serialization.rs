@@ -2,13 +2,25 @@ mod common;
 
 use common::{binding, snapshot_for};
 use migration::serialization::{CHUNK_HEADER_LEN, STREAM_HEADER_LEN};
-use migration::{Compression, ConnectionStateSnapshot, Corruption, MigrationError, SerializationConfig, SerializationService, WorkerId};
+use migration::{
+    Compression, ConnectionStateSnapshot, Corruption, MigrationError, SerializationConfig,
+    SerializationService, WorkerId,
+};
 use proptest::prelude::*;
 
-const COMPRESSIONS: [Compression; 3] = [Compression::None, Compression::Gzip { level: 6 }, Compression::Zstd { level: 1 }];
+const COMPRESSIONS: [Compression; 3] = [
+    Compression::None,
+    Compression::Gzip { level: 6 },
+    Compression::Zstd { level: 1 },
+];
 
 fn service(compression: Compression, chunk_size: u32) -> SerializationService {
-    SerializationService::new(SerializationConfig { compression, chunk_size, max_state_size: 1 << 20 }).unwrap()
+    SerializationService::new(SerializationConfig {
+        compression,
+        chunk_size,
+        max_state_size: 1 << 20,
+    })
+    .unwrap()
 }
 
 fn arb_snapshot() -> impl Strategy<Value = ConnectionStateSnapshot> {
@@ -16,14 +28,26 @@ fn arb_snapshot() -> impl Strategy<Value = ConnectionStateSnapshot> {
         proptest::collection::vec(any::<u8>(), 0..=20),
         0u32..4,
         proptest::collection::vec(any::<u8>(), 0..300),
-        proptest::collection::btree_map(any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2000), 0..4),
-        proptest::collection::btree_map("[a-z]{1,8}", proptest::collection::vec(0u8..4, 0..3000), 0..3),
+        proptest::collection::btree_map(
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..2000),
+            0..4,
+        ),
+        proptest::collection::btree_map(
+            "[a-z]{1,8}",
+            proptest::collection::vec(0u8..4, 0..3000),
+            0..3,
+        ),
         any::<u32>(),
     )
         .prop_map(|(cid, src, transport, streams, app, t)| {
-            let mut b = ConnectionStateSnapshot::builder(migration::ConnectionId::new(&cid).unwrap(), WorkerId(src), WorkerId(src + 1))
-                .timestamps(t as u64, t as u64 + 10)
-                .transport_snapshot(transport);
+            let mut b = ConnectionStateSnapshot::builder(
+                migration::ConnectionId::new(&cid).unwrap(),
+                WorkerId(src),
+                WorkerId(src + 1),
+            )
+            .timestamps(t as u64, t as u64 + 10)
+            .transport_snapshot(transport);
             for (id, data) in streams {
                 b = b.add_stream_buffer(id, data);
             }
@@ -106,7 +130,13 @@ fn rejects_reordered_chunks() {
         let (h, mut f) = frames(&bytes);
         assert!(f.len() >= 3, "{c:?} produced {} chunks", f.len());
         f.swap(0, 1);
-        assert_eq!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::OutOfOrder { expected: 0, found: 1 });
+        assert_eq!(
+            corruption(svc.decode_slice(&join(&h, &f))),
+            Corruption::OutOfOrder {
+                expected: 0,
+                found: 1
+            }
+        );
     }
 }
 
@@ -117,10 +147,19 @@ fn rejects_duplicated_and_missing_chunks() {
         let (h, f) = frames(&bytes);
         let mut dup = f.clone();
         dup.insert(1, f[0].clone());
-        assert_eq!(corruption(svc.decode_slice(&join(&h, &dup))), Corruption::Duplicate { seq: 0 });
+        assert_eq!(
+            corruption(svc.decode_slice(&join(&h, &dup))),
+            Corruption::Duplicate { seq: 0 }
+        );
         let mut missing = f.clone();
         missing.remove(1);
-        assert_eq!(corruption(svc.decode_slice(&join(&h, &missing))), Corruption::OutOfOrder { expected: 1, found: 2 });
+        assert_eq!(
+            corruption(svc.decode_slice(&join(&h, &missing))),
+            Corruption::OutOfOrder {
+                expected: 1,
+                found: 2
+            }
+        );
     }
 }
 
@@ -131,15 +170,27 @@ fn rejects_truncation_and_trailing_data() {
         let (h, f) = frames(&bytes);
         // Dropping the final chunk entirely.
         let c1 = corruption(svc.decode_slice(&join(&h, &f[..f.len() - 1])));
-        assert!(matches!(c1, Corruption::Truncated(_) | Corruption::Malformed(_)), "{c1:?}");
+        assert!(
+            matches!(c1, Corruption::Truncated(_) | Corruption::Malformed(_)),
+            "{c1:?}"
+        );
         // Cut inside a payload.
-        assert!(matches!(corruption(svc.decode_slice(&bytes[..STREAM_HEADER_LEN + CHUNK_HEADER_LEN + 10])), Corruption::Truncated(_)));
+        assert!(matches!(
+            corruption(svc.decode_slice(&bytes[..STREAM_HEADER_LEN + CHUNK_HEADER_LEN + 10])),
+            Corruption::Truncated(_)
+        ));
         // Cut inside a chunk header.
-        assert!(matches!(corruption(svc.decode_slice(&bytes[..STREAM_HEADER_LEN + 3])), Corruption::Truncated(_)));
+        assert!(matches!(
+            corruption(svc.decode_slice(&bytes[..STREAM_HEADER_LEN + 3])),
+            Corruption::Truncated(_)
+        ));
         // Anything after the final chunk.
         let mut extra = bytes.clone();
         extra.push(0);
-        assert_eq!(corruption(svc.decode_slice(&extra)), Corruption::TrailingData);
+        assert_eq!(
+            corruption(svc.decode_slice(&extra)),
+            Corruption::TrailingData
+        );
     }
 }
 
@@ -151,34 +202,67 @@ fn rejects_oversized_chunks_and_states_without_allocating() {
     huge.extend_from_slice(&0u32.to_be_bytes());
     huge.push(1);
     huge.extend_from_slice(&u32::MAX.to_be_bytes());
-    assert_eq!(corruption(svc.decode_slice(&huge)), Corruption::ChunkTooLarge { len: u32::MAX, limit: 256 });
+    assert_eq!(
+        corruption(svc.decode_slice(&huge)),
+        Corruption::ChunkTooLarge {
+            len: u32::MAX,
+            limit: 256
+        }
+    );
 
     // A bincode length prefix claiming a huge buffer inside a well-framed stream.
-    let tiny = SerializationService::new(SerializationConfig { compression: Compression::None, chunk_size: 64, max_state_size: 4096 }).unwrap();
+    let tiny = SerializationService::new(SerializationConfig {
+        compression: Compression::None,
+        chunk_size: 64,
+        max_state_size: 4096,
+    })
+    .unwrap();
     let big = tiny_snapshot_bytes(&service(Compression::None, 64), 10_000);
-    assert_eq!(corruption(tiny.decode_slice(&big)), Corruption::TooLarge { limit: 4096 });
+    assert_eq!(
+        corruption(tiny.decode_slice(&big)),
+        Corruption::TooLarge { limit: 4096 }
+    );
 
     // Encoding refuses what decoding would refuse.
-    let err = tiny.encode_to_vec(&snapshot_for(&binding(), 10_000)).unwrap_err();
-    assert!(matches!(err, MigrationError::SnapshotTooLarge { limit: 4096, .. }), "{err:?}");
+    let err = tiny
+        .encode_to_vec(&snapshot_for(&binding(), 10_000))
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrationError::SnapshotTooLarge { limit: 4096, .. }),
+        "{err:?}"
+    );
 }
 
 fn tiny_snapshot_bytes(svc: &SerializationService, payload: usize) -> Vec<u8> {
-    svc.encode_to_vec(&snapshot_for(&binding(), payload)).unwrap()
+    svc.encode_to_vec(&snapshot_for(&binding(), payload))
+        .unwrap()
 }
 
 #[test]
 fn rejects_compression_bomb_beyond_limit() {
     // 1 MiB of zeros compresses to almost nothing; a 64 KiB limit must stop decompression.
-    let loose = SerializationService::new(SerializationConfig { compression: Compression::Zstd { level: 3 }, chunk_size: 1024, max_state_size: 4 << 20 }).unwrap();
+    let loose = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: 3 },
+        chunk_size: 1024,
+        max_state_size: 4 << 20,
+    })
+    .unwrap();
     let s = ConnectionStateSnapshot::builder(common::cid(1), WorkerId(1), WorkerId(2))
         .add_stream_buffer(0, vec![0u8; 1 << 20])
         .build()
         .unwrap();
     let bytes = loose.encode_to_vec(&s).unwrap();
     assert!(bytes.len() < 4096);
-    let strict = SerializationService::new(SerializationConfig { compression: Compression::Zstd { level: 3 }, chunk_size: 1024, max_state_size: 65536 }).unwrap();
-    assert_eq!(corruption(strict.decode_slice(&bytes)), Corruption::TooLarge { limit: 65536 });
+    let strict = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: 3 },
+        chunk_size: 1024,
+        max_state_size: 65536,
+    })
+    .unwrap();
+    assert_eq!(
+        corruption(strict.decode_slice(&bytes)),
+        Corruption::TooLarge { limit: 65536 }
+    );
 }
 
 #[test]
@@ -187,24 +271,45 @@ fn rejects_short_non_final_chunks_and_bad_headers() {
     let (mut h, mut f) = frames(&bytes);
     f[0].truncate(CHUNK_HEADER_LEN + 10);
     f[0][5..9].copy_from_slice(&10u32.to_be_bytes());
-    assert_eq!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::ShortChunk { seq: 0, len: 10, chunk_size: 256 });
+    assert_eq!(
+        corruption(svc.decode_slice(&join(&h, &f))),
+        Corruption::ShortChunk {
+            seq: 0,
+            len: 10,
+            chunk_size: 256
+        }
+    );
 
     let (_, f) = frames(&bytes);
     let mut flags = f.clone();
     flags[0][4] = 0x80;
-    assert!(matches!(corruption(svc.decode_slice(&join(&h, &flags))), Corruption::BadHeader(_)));
+    assert!(matches!(
+        corruption(svc.decode_slice(&join(&h, &flags))),
+        Corruption::BadHeader(_)
+    ));
 
     h[0] = b'X';
-    assert!(matches!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::BadHeader(_)));
+    assert!(matches!(
+        corruption(svc.decode_slice(&join(&h, &f))),
+        Corruption::BadHeader(_)
+    ));
     h[0] = b'B';
     h[5] = 9;
-    assert!(matches!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::BadHeader(m) if m.contains("compression")));
+    assert!(
+        matches!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::BadHeader(m) if m.contains("compression"))
+    );
     h[5] = 0;
     h[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
-    assert!(matches!(corruption(svc.decode_slice(&join(&h, &f))), Corruption::BadHeader(_)));
+    assert!(matches!(
+        corruption(svc.decode_slice(&join(&h, &f))),
+        Corruption::BadHeader(_)
+    ));
     h[8..12].copy_from_slice(&256u32.to_be_bytes());
     h[7] = 99;
-    assert!(matches!(svc.decode_slice(&join(&h, &f)), Err(MigrationError::UnsupportedVersion { found: 99, .. })));
+    assert!(matches!(
+        svc.decode_slice(&join(&h, &f)),
+        Err(MigrationError::UnsupportedVersion { found: 99, .. })
+    ));
 }
 
 #[test]
@@ -212,7 +317,10 @@ fn decoder_follows_the_stream_header_compression() {
     // A worker configured for zstd still reads a gzip stream from a peer mid-rollout.
     let (_, gz) = encoded(Compression::Gzip { level: 1 });
     let zstd = service(Compression::Zstd { level: 1 }, 1024);
-    assert_eq!(zstd.decode_slice(&gz).unwrap(), snapshot_for(&binding(), 3000));
+    assert_eq!(
+        zstd.decode_slice(&gz).unwrap(),
+        snapshot_for(&binding(), 3000)
+    );
 }
 
 #[test]
@@ -229,28 +337,59 @@ fn payload_on_a_chunk_boundary_round_trips() {
 fn config_is_validated() {
     let bad = |c| SerializationService::new(c).is_err();
     let ok = SerializationConfig::default();
-    assert!(bad(SerializationConfig { chunk_size: 1, ..ok }));
-    assert!(bad(SerializationConfig { chunk_size: u32::MAX, ..ok }));
-    assert!(bad(SerializationConfig { compression: Compression::Gzip { level: 10 }, ..ok }));
-    assert!(bad(SerializationConfig { compression: Compression::Zstd { level: 22 }, ..ok }));
-    assert!(bad(SerializationConfig { max_state_size: 0, ..ok }));
+    assert!(bad(SerializationConfig {
+        chunk_size: 1,
+        ..ok
+    }));
+    assert!(bad(SerializationConfig {
+        chunk_size: u32::MAX,
+        ..ok
+    }));
+    assert!(bad(SerializationConfig {
+        compression: Compression::Gzip { level: 10 },
+        ..ok
+    }));
+    assert!(bad(SerializationConfig {
+        compression: Compression::Zstd { level: 22 },
+        ..ok
+    }));
+    assert!(bad(SerializationConfig {
+        max_state_size: 0,
+        ..ok
+    }));
 }
 
 #[test]
 fn pooled_zstd_contexts_recover_after_failures() {
-    let svc = SerializationService::new(SerializationConfig { compression: Compression::Zstd { level: 3 }, chunk_size: 256, max_state_size: 50_000 }).unwrap();
+    let svc = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: 3 },
+        chunk_size: 256,
+        max_state_size: 50_000,
+    })
+    .unwrap();
     let good = snapshot_for(&binding(), 20_000);
     let bytes = svc.encode_to_vec(&good).unwrap();
     for _ in 0..3 {
         // Fail mid-frame on both sides, then succeed with the same (pooled) contexts.
         assert!(svc.decode_slice(&bytes[..bytes.len() / 2]).is_err());
-        assert!(matches!(svc.encode_to_vec(&snapshot_for(&binding(), 60_000)), Err(MigrationError::SnapshotTooLarge { .. })));
+        assert!(matches!(
+            svc.encode_to_vec(&snapshot_for(&binding(), 60_000)),
+            Err(MigrationError::SnapshotTooLarge { .. })
+        ));
         assert_eq!(svc.decode_slice(&bytes).unwrap(), good);
         assert_eq!(svc.encode_to_vec(&good).unwrap(), bytes);
     }
     // Another level on a clone: parameters do not leak between uses.
-    let fast = SerializationService::new(SerializationConfig { compression: Compression::Zstd { level: -5 }, ..*svc.config() }).unwrap();
-    assert_eq!(fast.decode_slice(&fast.encode_to_vec(&good).unwrap()).unwrap(), good);
+    let fast = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: -5 },
+        ..*svc.config()
+    })
+    .unwrap();
+    assert_eq!(
+        fast.decode_slice(&fast.encode_to_vec(&good).unwrap())
+            .unwrap(),
+        good
+    );
     assert_eq!(svc.clone().encode_to_vec(&good).unwrap(), bytes);
 }
 
@@ -272,10 +411,19 @@ impl std::io::Read for Trickle<'_> {
 fn decodes_from_a_streaming_reader() {
     for c in COMPRESSIONS {
         let (svc, bytes) = encoded(c);
-        assert_eq!(svc.decode(Trickle(&bytes)).unwrap(), snapshot_for(&binding(), 3000));
+        assert_eq!(
+            svc.decode(Trickle(&bytes)).unwrap(),
+            snapshot_for(&binding(), 3000)
+        );
         let mut extra = bytes.clone();
         extra.extend_from_slice(b"xyz");
-        assert_eq!(corruption(svc.decode(Trickle(&extra))), Corruption::TrailingData);
-        assert!(matches!(corruption(svc.decode(Trickle(&bytes[..bytes.len() - 1]))), Corruption::Truncated(_) | Corruption::Malformed(_)));
+        assert_eq!(
+            corruption(svc.decode(Trickle(&extra))),
+            Corruption::TrailingData
+        );
+        assert!(matches!(
+            corruption(svc.decode(Trickle(&bytes[..bytes.len() - 1]))),
+            Corruption::Truncated(_) | Corruption::Malformed(_)
+        ));
     }
 }

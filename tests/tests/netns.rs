@@ -81,6 +81,11 @@ fn routes_by_server_id(mode: &'static str) {
     let st = lab.baton_json(&["status"]);
     assert_eq!(st["attached"], true);
     assert_eq!(st["interface"], "t-lb-cl");
+    // The controller rebuilt the data plane's fast-path mirrors, so routing above went through them.
+    assert_eq!(
+        st["fastpath"],
+        serde_json::json!({"vip_table": true, "server_id_table": true, "override_counts": true})
+    );
     assert_eq!(st["counters"]["routed_server_id"], 8, "{st}");
     assert_eq!(st["counters"]["routed_hash"], 41, "{st}");
     assert_eq!(st["counters"]["ipv6"], 24, "{st}");
@@ -114,6 +119,7 @@ fn override_moves_a_cid_and_del_moves_it_back() {
     let r = lab.baton_json(&["route", &hex(&cid)]);
     assert_eq!((r["reason"].as_str(), r["worker"].as_str()), (Some("override"), Some("w1")), "{r}");
     assert_eq!(send(&lab, 2), vec![0], "the override sends it to w1");
+    assert!(lab.log_text().contains("override set"), "with a daemon running, it writes the override");
     let list = lab.baton_json(&["override", "list"]);
     assert_eq!(list[0]["cid"], hex(&cid));
     assert_eq!(list[0]["worker"], "w1");
@@ -236,6 +242,14 @@ fn bpftool_and_metrics_show_the_state() {
     let w = lab.baton_json(&["workers"]);
     assert_eq!(w.as_array().unwrap().len(), 2);
     assert!(w[0]["name"].is_null() && w[0]["tx"].as_str().unwrap().contains("ifindex"), "{w}");
+    // Overrides work without the daemon too (worker by server ID), and the data plane obeys.
+    let cid = server_cid(1, 44);
+    lab.baton(&["override", "set", &hex(&cid), "2"]);
+    let p = short_packet(&cid, 44);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    lab.baton(&["override", "del", &hex(&cid)]);
+    let p = short_packet(&cid, 45);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![0]);
 }
 
 #[test]
@@ -330,18 +344,27 @@ fn restart_with_a_worker_removed_and_readded() {
 fn a_second_instance_on_the_same_pin_dir_is_refused_before_it_writes() {
     let mut a = Lab::new(LabOptions::default());
     a.start_lb();
-    let tx_before =
-        sh(&["bpftool", "map", "dump", "pinned", a.pin_dir.join("BATON_TX_PORTS").to_str().unwrap()]).stdout;
+    let dump = |lab: &Lab| {
+        sh(&["bpftool", "map", "dump", "pinned", lab.pin_dir.join("BATON_TX_PORTS").to_str().unwrap()]).stdout
+    };
+    let tx_before = dump(&a);
     // Same interface names and ifindexes, other namespaces, same pin directory.
     let b = Lab::new(LabOptions::default());
     let out = b.run_lb_with_pin_dir(&a.pin_dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    assert!(err.contains("another baton-lb is running") && err.contains("lock"), "{err}");
+    assert!(!b.socket.exists(), "a start that failed must not leave its control socket behind");
+
+    // With A's daemon gone (its data plane keeps running), B still must not take A's link or maps.
+    a.stop_lb(libc::SIGTERM);
+    let out = b.run_lb_with_pin_dir(&a.pin_dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(err.contains("its own --pin-dir"), "{err}");
-    let tx_after = sh(&["bpftool", "map", "dump", "pinned", a.pin_dir.join("BATON_TX_PORTS").to_str().unwrap()]).stdout;
-    assert_eq!(tx_before, tx_after, "the refused instance must not have touched the maps");
+    assert_eq!(tx_before, dump(&a), "the refused instance must not have touched the maps");
     let p = short_packet(&server_cid(2, 1), 1);
-    assert_eq!(worker_of(&send_and_collect(&a, &[(false, p.clone())]), &p), vec![1], "the first instance still routes");
+    assert_eq!(worker_of(&send_and_collect(&a, &[(false, p.clone())]), &p), vec![1], "A's data plane still routes");
 }
 
 #[test]
@@ -372,6 +395,117 @@ fn xdp_program_log_lines_reach_the_daemon_log() {
         assert!(start.elapsed() < Duration::from_secs(5), "aya-log line not in the daemon log:\n{}", lab.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn sighup_reloads_workers_without_a_restart() {
+    let mut lab = Lab::new(LabOptions::default());
+    let original = std::fs::read_to_string(&lab.config).unwrap();
+    lab.edit_config(|c| {
+        let start = c.find("[[workers]]\nname = \"w2\"").unwrap();
+        let end = c.find("[health]").unwrap();
+        format!("{}{}", &c[..start], &c[end..])
+    });
+    lab.start_lb();
+    let pid = lab.status_via_socket().unwrap()["pid"].clone();
+    let cid2 = server_cid(2, 31);
+    let p = short_packet(&cid2, 1);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![0], "no w2 yet: hashed to w1");
+
+    std::fs::write(&lab.config, original).unwrap();
+    lab.signal_lb(libc::SIGHUP);
+    let start = Instant::now();
+    while lab.baton_json(&["workers"]).as_array().unwrap().len() != 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "reload did not add w2:\n{}", lab.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = short_packet(&cid2, 2);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1], "server ID 2 now reaches w2");
+    assert_eq!(lab.status_via_socket().unwrap()["pid"], pid, "same daemon: a reload, not a restart");
+    assert!(lab.log_text().contains("SIGHUP: config reloaded"));
+
+    // A broken config is refused and the running state stays.
+    lab.edit_config(|c| c.replace("server_id = 2", "server_id = 1"));
+    lab.signal_lb(libc::SIGHUP);
+    let start = Instant::now();
+    while !lab.log_text().contains("reload failed") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reload error logged:\n{}", lab.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lab.log_text().contains("workers[1].server_id"), "{}", lab.log_text());
+    let p = short_packet(&cid2, 3);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+}
+
+#[test]
+fn detach_stops_the_daemon_and_removes_every_pin() {
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let out = lab.detach();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!lab.pin_dir.exists(), "the pin directory must be gone");
+    let link = sh(&["ip", "-n", &lab.lb, "-d", "link", "show", "dev", "t-lb-cl"]);
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "XDP must be off the interface");
+    // Traffic to the VIP is no longer steered: the workers get nothing.
+    let p = short_packet(&server_cid(1, 1), 1);
+    assert!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p).is_empty());
+    // And the CLI says so.
+    let out = lab.baton_raw(&["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing is attached"));
+}
+
+#[test]
+fn incompatible_pins_are_refused_and_derived_ones_recreated() {
+    let mut lab = Lab::new(LabOptions::default());
+    std::fs::create_dir_all(&lab.pin_dir).unwrap();
+    let pin = |name: &str| lab.pin_dir.join(name).to_str().unwrap().to_string();
+    // An authoritative map from an "older Baton" with another value size: refused, nothing touched.
+    let workers = pin("BATON_WORKERS");
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &workers,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "256",
+        "name",
+        "BATON_WORKERS",
+    ]);
+    let out = lab.run_lb_with_pin_dir(&lab.pin_dir.clone());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("BATON_WORKERS") && err.contains("incompatible Baton"), "{err}");
+    std::fs::remove_file(&workers).unwrap();
+    // A derived fast-path map with another layout is simply recreated, and routing works.
+    let vip_table = pin("BATON_VIP_TABLE");
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        &vip_table,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "1",
+        "name",
+        "BATON_VIP_TABLE",
+    ]);
+    lab.start_lb();
+    assert!(lab.log_text().contains("recreating it"), "{}", lab.log_text());
+    let p = short_packet(&server_cid(2, 3), 3);
+    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(lab.baton_json(&["status"])["fastpath"]["vip_table"], true);
 }
 
 #[test]

@@ -487,7 +487,8 @@ fn reference_and_pass_programs_behave() {
 fn maps_are_pinned_by_name_in_the_fixture_directory() {
     let f = setup("pins");
     use lb_common::map_names::*;
-    for name in [CONFIG, VIPS, CID_OVERRIDE, SERVER_IDS, WORKERS, MAGLEV, TX_PORTS, STATS] {
+    for name in [CONFIG, VIPS, CID_OVERRIDE, SERVER_IDS, WORKERS, MAGLEV, TX_PORTS, STATS, FASTPATH, VIP_TABLE, SERVER_ID_TABLE]
+    {
         assert!(f.pin_dir().join(name).exists(), "{name} is not pinned in {}", f.pin_dir().display());
     }
     // The maps carry BTF for keys and values, so bpftool prints fields, not hex.
@@ -547,3 +548,335 @@ fn packets_too_short_for_the_word_loads_route_the_same() {
     assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[], 17)).build(), hashed_worker(&dcid));
 }
 
+
+// ---- Fast path: the derived array maps (lb_common::fastpath, lb_user::fastpath) ----
+
+use lb_common::fastpath::{FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, ServerIdSlot, VIP_TABLE_SLOTS};
+
+fn base_config() -> LbConfig {
+    LbConfig { cid_len: 8, server_id_len: 2, ready: 1, _pad: 0, maglev_size: MAGLEV_SIZE }
+}
+
+fn vip4(addr: Ipv4Addr, port: u16) -> VipKey {
+    let mut k = VipKey { port, family: AF_INET, ..Default::default() };
+    k.addr[..4].copy_from_slice(&addr.octets());
+    k
+}
+
+fn vip6(addr: Ipv6Addr, port: u16) -> VipKey {
+    VipKey { addr: addr.octets(), port, family: AF_INET6, _pad: 0 }
+}
+
+/// A short-header datagram for server ID `SID[0]` to `addr:port`.
+fn short_to(addr: IpAddr, port: u16) -> Vec<u8> {
+    let client = if addr.is_ipv4() { IpAddr::V4(CLIENT4) } else { IpAddr::V6(CLIENT6) };
+    Datagram::udp(client, addr, port, quic_short(&server_cid(0, SID[0], 6), 30)).build()
+}
+
+fn unroutable_cid(nonce: u8) -> [u8; 8] {
+    let mut c = server_cid(0, SID[0], nonce);
+    c[0] |= 0b111 << 5;
+    c
+}
+
+/// Verdict, output frame and counter deltas of one run.
+fn outcome(f: &XdpFixture, frame: &[u8]) -> (u32, Vec<u8>, Vec<u64>) {
+    let before = stats(f);
+    let out = f.run(PROG, frame).unwrap();
+    let after = stats(f);
+    (out.action, out.frame, Stat::ALL.iter().map(|s| before.delta(&after, *s)).collect())
+}
+
+#[test]
+fn fast_path_and_hash_maps_decide_every_frame_alike() {
+    // The derived maps only mirror the authoritative ones, so every decision (what `baton route`
+    // explains from the authoritative maps) is the same with and without them.
+    let mut f = setup("fp-equivalence");
+    let st = f.fastpath().expect("the object has the fast-path maps").state();
+    assert_eq!(st.flags, FP_VIP_TABLE | FP_SERVER_ID_TABLE | FP_OVERRIDE_COUNTS);
+    assert_eq!((st.cid_len, st.server_id_len), (8, 2));
+    f.set_override(&server_cid(0, SID[0], 9), 1).unwrap();
+    f.set_override(&unroutable_cid(4), 1).unwrap();
+    f.set_override(&[0x55; 12], 0).unwrap(); // a 12-byte client DCID, as a Handshake could carry
+    let mut frames = Vec::new();
+    for cid in [
+        server_cid(0, SID[0], 9),
+        server_cid(0, SID[0], 10),
+        server_cid(3, SID[1], 1),
+        server_cid(0, SID[2], 1),
+        server_cid(0, 0x7777, 1),
+        server_cid(0, 0, 1),
+        server_cid(0, 0xffff, 1),
+        unroutable_cid(4),
+        unroutable_cid(5),
+    ] {
+        frames.push(v4(quic_short(&cid, 30)).build());
+        frames.push(v6(quic_short(&cid, 30)).build());
+        frames.push(v4(quic_long(LongType::Handshake, QUIC_V1, &cid, &[1; 8], 300)).build());
+        frames.push(v4(quic_long(LongType::Initial, QUIC_V1, &cid, &[1; 8], 1200)).build());
+        frames.push(v4(quic_short(&cid, 2)).build()); // byte-by-byte DCID copy
+    }
+    frames.push(v4(quic_long(LongType::Handshake, QUIC_V2, &[0x55; 12], &[1; 8], 300)).build());
+    frames.push(v6(quic_long(LongType::Initial, QUIC_V1, &[0x42; 17], &[1; 8], 1200)).build());
+    frames.push(short_to(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), PORT));
+    frames.push(short_to(IpAddr::V4(VIP4), 444));
+    frames.push(short_to(IpAddr::V6(VIP6), 8443));
+    let full = v4(quic_short(&server_cid(0, SID[0], 1), 4)).build();
+    for len in [14, 30, 37, 42, 45, full.len()] {
+        frames.push(full[..len].to_vec());
+    }
+
+    let fast: Vec<_> = frames.iter().map(|fr| outcome(&f, fr)).collect();
+    f.disable_fastpath();
+    let slow: Vec<_> = frames.iter().map(|fr| outcome(&f, fr)).collect();
+    f.enable_fastpath().unwrap();
+    let again: Vec<_> = frames.iter().map(|fr| outcome(&f, fr)).collect();
+    for (i, frame) in frames.iter().enumerate() {
+        assert_eq!(fast[i], slow[i], "frame {i} ({} bytes) decided differently with the fast path", frame.len());
+        assert_eq!(again[i], slow[i], "frame {i} after re-enabling the fast path");
+    }
+    // Both paths were exercised: overrides, server IDs and hashing.
+    let sum = |s: Stat| fast.iter().map(|o| o.2[s as usize]).sum::<u64>();
+    assert!(sum(Stat::RoutedOverride) >= 4 && sum(Stat::RoutedServerId) >= 8 && sum(Stat::RoutedHash) >= 8);
+}
+
+#[test]
+fn server_id_table_hit_miss_and_updates() {
+    let mut f = setup("fp-sid-table");
+    let fp = f.fastpath().unwrap();
+    for w in 0..3 {
+        assert_eq!(fp.server_id_slot(SID[w] as u32), Some(ServerIdSlot { worker: w as u32, overrides: 0 }));
+    }
+    assert_eq!(fp.server_id_slot(0x7777).unwrap().worker, NO_WORKER);
+
+    // Hit.
+    let before = stats(&f);
+    assert_forwarded(&f, &v4(quic_short(&server_cid(0, SID[1], 2), 30)).build(), 1);
+    assert_eq!(before.delta(&stats(&f), Stat::RoutedServerId), 1);
+    // Miss (NO_WORKER): Maglev.
+    let unknown = server_cid(0, 0x7777, 2);
+    let frame = v4(quic_short(&unknown, 30)).build();
+    let before = stats(&f);
+    assert_forwarded(&f, &frame, hashed_worker(&unknown));
+    assert_eq!(before.delta(&stats(&f), Stat::RoutedHash), 1);
+    // A new server ID routes at once; removing it hashes its CIDs again.
+    f.set_server_id(0x7777, 1).unwrap();
+    assert_forwarded(&f, &frame, 1);
+    f.remove_server_id(0x7777).unwrap();
+    assert_eq!(f.fastpath().unwrap().server_id_slot(0x7777).unwrap().worker, NO_WORKER);
+    assert_forwarded(&f, &frame, hashed_worker(&unknown));
+    // The table's edges: server IDs 0 and 0xffff.
+    for sid in [0u64, 0xffff] {
+        f.set_server_id(sid, 1).unwrap();
+        assert_forwarded(&f, &v4(quic_short(&server_cid(0, sid, 3), 30)).build(), 1);
+    }
+    // A worker slot that is not in use falls through to hashing, as with the hash map.
+    let mut entry = WorkerEntry { mac: MACS[1], flags: 0, tx_port: TX_SAME_IFACE, _pad: 0, server_id: SID[1] };
+    f.set_worker(1, entry).unwrap();
+    // (A CID whose Maglev slot names worker 0: worker 1 is out of use.)
+    let cid = (0..=255u8).map(|n| server_cid(0, SID[1], n)).find(|c| hashed_worker(c) == 0).unwrap();
+    assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
+    entry.flags = WORKER_IN_USE | WORKER_HEALTHY;
+    f.set_worker(1, entry).unwrap();
+    assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 1);
+}
+
+#[test]
+fn server_ids_longer_than_two_bytes_use_the_hash_map() {
+    let mut f = setup("fp-long-sid");
+    let layout = CidLayout::new(9, 3).unwrap();
+    f.set_config(LbConfig { cid_len: 9, server_id_len: 3, ..base_config() }).unwrap();
+    let st = f.fastpath().unwrap().state();
+    assert_eq!(st.flags & FP_SERVER_ID_TABLE, 0, "no array table for 3-byte server IDs");
+    assert_ne!(st.flags & FP_OVERRIDE_COUNTS, 0);
+    f.set_server_id(0x01_0203, 1).unwrap();
+    let cid = |sid: u64, nonce: u8| {
+        let mut c = [0u8; 9];
+        layout.encode(0, sid, &[nonce, 1, 2, 3, 4], &mut c).unwrap();
+        c
+    };
+    assert_forwarded(&f, &v4(quic_short(&cid(0x01_0203, 1), 30)).build(), 1);
+    assert_forwarded(&f, &v4(quic_short(&cid(SID[0], 1), 30)).build(), 0);
+    let unknown = cid(0x77_7777, 1);
+    assert_forwarded(&f, &v4(quic_short(&unknown, 30)).build(), hashed_worker(&unknown));
+    // With no table bucket, every override counts in `other_overrides`.
+    f.set_override(&cid(0x01_0203, 5), 0).unwrap();
+    assert_eq!(f.fastpath().unwrap().state().other_overrides, 1);
+    assert_forwarded(&f, &v4(quic_short(&cid(0x01_0203, 5), 30)).build(), 0);
+    f.del_override(&cid(0x01_0203, 5)).unwrap();
+    assert_eq!(f.fastpath().unwrap().state().other_overrides, 0);
+    assert_forwarded(&f, &v4(quic_short(&cid(0x01_0203, 5), 30)).build(), 1);
+}
+
+#[test]
+fn vip_table_with_several_vips_including_ipv6() {
+    let mut f = setup("fp-vips");
+    let extra = [
+        vip4(VIP4, 8443),
+        vip4(Ipv4Addr::new(10, 0, 0, 101), PORT),
+        vip6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x200), PORT),
+        vip6(VIP6, 4433),
+        vip4(Ipv4Addr::new(172, 16, 9, 1), 4433),
+    ];
+    for k in extra {
+        f.add_vip(k).unwrap();
+    }
+    let addr_of = |k: &VipKey| -> IpAddr {
+        if k.family == AF_INET {
+            IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(k.addr))
+        }
+    };
+    let table = f.fastpath().unwrap().vip_table().unwrap();
+    assert_eq!(table.count, 7);
+    assert_ne!(f.fastpath().unwrap().state().flags & FP_VIP_TABLE, 0);
+    let mut all = vec![vip4(VIP4, PORT), vip6(VIP6, PORT)];
+    all.extend(extra);
+    for k in &all {
+        assert_forwarded(&f, &short_to(addr_of(k), k.port), 0);
+    }
+    let strangers = [
+        (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 102)), PORT),
+        (IpAddr::V4(VIP4), 4433),
+        (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), 8443),
+        (IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x201)), PORT),
+        (IpAddr::V6(Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0x100)), PORT), // same low 64 bits
+        (IpAddr::V6(VIP6), 8443),
+    ];
+    let assert_passes = |f: &XdpFixture, addr: IpAddr, port: u16| {
+        let frame = short_to(addr, port);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!((out.action, &out.frame), (XDP_PASS, &frame), "{addr}:{port} is not a VIP");
+    };
+    for (addr, port) in strangers {
+        assert_passes(&f, addr, port);
+    }
+
+    // Removing a VIP from the middle: it passes, every other VIP keeps its slot and routes.
+    let gone = all.remove(3);
+    f.del_vip(&gone).unwrap();
+    let after = f.fastpath().unwrap().vip_table().unwrap();
+    for (i, slot) in table.slots.iter().enumerate() {
+        if slot.key == gone {
+            assert_eq!(after.slots[i].flags, 0, "the removed VIP's slot is freed");
+        } else {
+            assert_eq!(after.slots[i], *slot, "slot {i} kept its VIP");
+        }
+    }
+    assert_passes(&f, addr_of(&gone), gone.port);
+    for k in &all {
+        assert_forwarded(&f, &short_to(addr_of(k), k.port), 0);
+    }
+
+    // More VIPs than the table holds: the program falls back to BATON_VIPS, still exact.
+    let many: Vec<VipKey> = (0..VIP_TABLE_SLOTS as u8).map(|i| vip4(Ipv4Addr::new(10, 0, 1, i), PORT)).collect();
+    for k in &many {
+        f.add_vip(*k).unwrap();
+    }
+    assert_eq!(f.fastpath().unwrap().state().flags & FP_VIP_TABLE, 0);
+    for k in all.iter().chain(&many) {
+        assert_forwarded(&f, &short_to(addr_of(k), k.port), 0);
+    }
+    assert_passes(&f, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 200)), PORT);
+    // Back under the limit: the table is used again.
+    for k in &many {
+        f.del_vip(k).unwrap();
+    }
+    assert_ne!(f.fastpath().unwrap().state().flags & FP_VIP_TABLE, 0);
+    for k in &all {
+        assert_forwarded(&f, &short_to(addr_of(k), k.port), 0);
+    }
+    assert_passes(&f, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 3)), PORT);
+}
+
+#[test]
+fn override_lookup_is_skipped_only_when_no_override_can_match() {
+    let mut f = setup("fp-overrides");
+    let slot = |f: &XdpFixture, sid: u64| f.fastpath().unwrap().server_id_slot(sid as u32).unwrap().overrides;
+    let cid = server_cid(0, SID[0], 9);
+    let frame = v4(quic_short(&cid, 30)).build();
+    // Empty bucket: no override lookup, routed by server ID.
+    assert_eq!((slot(&f, SID[0]), f.fastpath().unwrap().state().other_overrides), (0, 0));
+    let before = stats(&f);
+    assert_forwarded(&f, &frame, 0);
+    assert_eq!(before.delta(&stats(&f), Stat::RoutedServerId), 1);
+    // One override in the bucket: looked up and hit.
+    f.set_override(&cid, 1).unwrap();
+    assert_eq!(slot(&f, SID[0]), 1);
+    let before = stats(&f);
+    assert_forwarded(&f, &frame, 1);
+    assert_eq!(before.delta(&stats(&f), Stat::RoutedOverride), 1);
+    // A second CID of the same server ID; replacing an override does not count it twice.
+    let cid2 = server_cid(0, SID[0], 10);
+    f.set_override(&cid2, 1).unwrap();
+    f.set_override(&cid2, 0).unwrap();
+    f.set_override(&cid, 1).unwrap();
+    assert_eq!(slot(&f, SID[0]), 2);
+    assert_eq!(slot(&f, SID[1]), 0, "other server IDs' buckets stay empty");
+    // A non-empty bucket whose CID has no override: looked up, missed, routed by server ID.
+    assert_forwarded(&f, &v4(quic_short(&server_cid(0, SID[0], 11), 30)).build(), 0);
+    f.del_override(&cid2).unwrap();
+    assert!(f.del_override(&cid2).is_err(), "deleting twice finds nothing and counts nothing");
+    assert_eq!(slot(&f, SID[0]), 1);
+    f.del_override(&cid).unwrap();
+    assert_eq!(slot(&f, SID[0]), 0);
+    assert_forwarded(&f, &frame, 0);
+
+    // CIDs without a server-ID bucket (unroutable) count in `other_overrides`.
+    let unroutable = unroutable_cid(4);
+    let uframe = v4(quic_short(&unroutable, 30)).build();
+    assert_forwarded(&f, &uframe, hashed_worker(&unroutable));
+    f.set_override(&unroutable, 1 - hashed_worker(&unroutable) as u32).unwrap();
+    assert_eq!(f.fastpath().unwrap().state().other_overrides, 1);
+    assert_forwarded(&f, &uframe, 1 - hashed_worker(&unroutable));
+    f.del_override(&unroutable).unwrap();
+    assert_eq!(f.fastpath().unwrap().state().other_overrides, 0);
+    assert_forwarded(&f, &uframe, hashed_worker(&unroutable));
+
+    // Why every writer must count: an override inserted behind the counts is skipped (its
+    // bucket says empty) until the maps are rebuilt, which recounts.
+    f.set_override_uncounted(&cid, 1).unwrap();
+    assert_forwarded(&f, &frame, 0);
+    f.rebuild_fastpath().unwrap();
+    assert_eq!(slot(&f, SID[0]), 1);
+    assert_forwarded(&f, &frame, 1);
+}
+
+#[test]
+fn config_changes_without_a_rebuild_fall_back_to_exact_paths() {
+    let mut f = setup("fp-stale");
+    // A new Maglev size without `set_maglev_size`: the stale reciprocal fails validation and
+    // the program divides: the slot is still cid_hash % size.
+    let size = 241;
+    f.set_config_only(LbConfig { maglev_size: size, ..base_config() }).unwrap();
+    let table = maglev_table();
+    for i in 0u8..24 {
+        let dcid = [i, 0x9e, i ^ 0x5a, 7, 1, 2, 3, 4, i];
+        let want = table[(cid_hash(&CidKey::new(&dcid).unwrap()) % size) as usize] as usize;
+        assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(), want);
+    }
+    f.fastpath().unwrap().set_maglev_size(size);
+    assert_eq!(f.fastpath().unwrap().state().maglev_reciprocal, lb_common::fastpath::maglev_reciprocal(size));
+    for i in 0u8..24 {
+        let dcid = [i, 0x9e, i ^ 0x5a, 7, 1, 2, 3, 4, i];
+        let want = table[(cid_hash(&CidKey::new(&dcid).unwrap()) % size) as usize] as usize;
+        assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(), want);
+    }
+
+    // A new CID layout without a rebuild: the override counts (bucketed for the old layout)
+    // and the server-ID table are ignored, so an override is still found.
+    f.set_config(base_config()).unwrap();
+    let cid = server_cid(0, SID[0], 9);
+    f.set_override(&cid, 1).unwrap();
+    f.set_config_only(LbConfig { server_id_len: 1, ..base_config() }).unwrap();
+    f.set_server_id(0x01, 0).unwrap(); // under the 1-byte layout, `cid` carries server ID 0x01
+    assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 1);
+    f.del_override(&cid).unwrap();
+    assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
+    // After the rebuild the 1-byte layout gets its table.
+    f.rebuild_fastpath().unwrap();
+    let st = f.fastpath().unwrap().state();
+    assert_eq!((st.server_id_len, st.flags & FP_SERVER_ID_TABLE), (1, FP_SERVER_ID_TABLE));
+    assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
+}

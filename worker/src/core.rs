@@ -16,6 +16,10 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
+/// Datagrams kept for exported connections until the importer takes them; beyond this they are
+/// dropped (QUIC retransmits), so a flood cannot grow the buffer without bound.
+pub const MAX_FORWARD: usize = 4096;
+
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -46,6 +50,8 @@ pub struct ConnInfo {
     pub id: usize,
     pub remote: SocketAddr,
     pub frozen: bool,
+    /// Local CIDs the client may still use (retired ones are gone): what the LB must route here.
+    pub cids: Vec<Vec<u8>>,
 }
 
 /// Why a connection could not be exported.
@@ -182,7 +188,11 @@ impl WorkerCore {
     ) {
         if let Some(cid) = self.dcid(data) {
             if self.exported.contains_key(cid) {
-                self.forward.push((remote, data.to_vec()));
+                if self.forward.len() < MAX_FORWARD {
+                    self.forward.push((remote, data.to_vec()));
+                } else {
+                    debug!("forward buffer full: dropping a datagram for an exported connection");
+                }
                 return;
             }
         }
@@ -282,10 +292,16 @@ impl WorkerCore {
         let mut v: Vec<ConnInfo> = self
             .conns
             .iter()
-            .map(|(ch, l)| ConnInfo {
+            .map(|(&ch, l)| ConnInfo {
                 id: ch.0,
                 remote: l.conn.remote_address(),
                 frozen: l.frozen,
+                cids: self
+                    .endpoint
+                    .local_cids(ch)
+                    .into_iter()
+                    .map(|(_, c)| c.to_vec())
+                    .collect(),
             })
             .collect();
         v.sort_by_key(|c| c.id);

@@ -115,6 +115,29 @@ async fn client(lab: &Lab) -> quinn::Connection {
         .unwrap()
 }
 
+/// Waits (up to 3 s) until worker `owner`'s connections are reachable only by CIDs carrying its
+/// server ID, i.e. the client retired the previous owner's CIDs.
+async fn wait_for_own_cids(lab: &Lab, owner: usize) {
+    let sid = owner as u64 + 1;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let conns = lab.workers[owner].connections().await.unwrap();
+        if conns.iter().all(|c| {
+            !c.cids.is_empty()
+                && c.cids
+                    .iter()
+                    .all(|cid| CidLayout::default().decode_server_id(cid) == Some(sid))
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old CIDs still in use on worker {owner}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Moves the connection from worker `from` to the other one; returns how long it took.
 async fn migrate(lab: &Lab, from: usize) -> Duration {
     let to = 1 - from;
@@ -232,6 +255,10 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
         took.push(migrate(&lab, owner).await);
         owner = 1 - owner;
         tokio::time::sleep(Duration::from_millis(150)).await;
+        // The client retired the previous owner's CIDs: every CID left routes by its server ID,
+        // so the overrides can go (what the controller does once old CIDs are retired).
+        wait_for_own_cids(&lab, owner).await;
+        lab.overrides.lock().unwrap().clear();
     }
     stop.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
@@ -345,4 +372,76 @@ async fn migration_that_cannot_quiesce_in_time_rolls_back() {
     let written = writer.await.unwrap();
     assert_eq!(reader.await.unwrap(), written);
     assert!(conn.close_reason().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_worker_moves_every_connection() {
+    let lab = lab().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    let connections = 16;
+    for c in 0..connections {
+        let conn = client(&lab).await;
+        let stop = stop.clone();
+        loops.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let body = fill(c * 1_000_000 + n, 0, 200 + (n as usize * 131) % 3_000);
+                let (mut s, mut r) = conn.open_bi().await.unwrap();
+                s.write_all(&[KIND_REQUEST]).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s.finish().unwrap();
+                let answer = r.read_to_end(1 << 16).await.unwrap();
+                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
+                assert_eq!(&answer[8..], &body[..]);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert!(conn.close_reason().is_none());
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (from, round) in [(0usize, 0), (1, 1), (0, 2)] {
+        let to = 1 - from;
+        let conns = lab.workers[from].connections().await.unwrap();
+        assert_eq!(
+            conns.len(),
+            connections as usize,
+            "round {round}: all on worker {from}"
+        );
+        let started = Instant::now();
+        for c in conns {
+            let exported = lab.workers[from]
+                .migrate_out(c.id, Duration::from_secs(3))
+                .await
+                .unwrap();
+            lab.workers[to].import(exported.bytes).await.unwrap();
+            let kept = lab.workers[from].take_forward().await.unwrap();
+            lab.workers[to].inject(kept).await.unwrap();
+            let mut routes = lab.overrides.lock().unwrap();
+            for cid in &exported.cids {
+                routes.insert(cid.clone(), to);
+            }
+        }
+        let drained_in = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let kept = lab.workers[from].take_forward().await.unwrap();
+        lab.workers[to].inject(kept).await.unwrap();
+        assert!(lab.workers[from].connections().await.unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        wait_for_own_cids(&lab, to).await;
+        lab.overrides.lock().unwrap().clear();
+        eprintln!(
+            "drain round {round}: {connections} connections moved in {} ms",
+            drained_in.as_millis()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for l in loops {
+        total += l.await.unwrap();
+    }
+    eprintln!("RESULT drain connections={connections} rounds=3 requests={total}");
+    assert!(total > connections * 10);
 }

@@ -507,6 +507,7 @@ pub struct Sim {
     pub key_updates_forced: u64,
     pub handoff_bytes: usize,
     pub refusals: HashMap<String, u64>,
+    pub cwnd_max: u64,
 }
 
 impl Sim {
@@ -530,6 +531,7 @@ impl Sim {
             key_updates_forced: 0,
             handoff_bytes: 0,
             refusals: HashMap::new(),
+            cwnd_max: 0,
         }
     }
 
@@ -705,6 +707,17 @@ impl Sim {
         for d in std::mem::take(&mut self.workers[from].forward) {
             self.wire.push((self.now, Some(to), d));
         }
+        // The congestion window carried over (quinn's default controller is Cubic).
+        let (window, _) = handoff
+            .connection
+            .congestion_state
+            .expect("Cubic state carried");
+        assert_eq!(
+            conn.stats().path.cwnd,
+            window,
+            "congestion window carried over"
+        );
+        self.cwnd_max = self.cwnd_max.max(window);
         conn.rotate_local_cids(self.now);
         app.frozen = false;
         self.workers[to]

@@ -21,6 +21,7 @@ Loads the XDP program onto the configured interface, pins its maps and link unde
 directory, and writes VIPs, workers, the Maglev table and the device map from the TOML config. \
 It health-checks workers (unhealthy ones leave the Maglev table), serves Prometheus metrics and \
 a control socket for the `baton` CLI.\n\n\
+SIGHUP reloads the config (workers, VIPs, health) without touching the program. \
 Restarting baton-lb never interrupts forwarding: the link stays pinned, and a new baton-lb \
 re-adopts the pinned maps and swaps its program into the existing link atomically. Removing \
 the program is explicit: `baton-lb detach`.",
@@ -118,10 +119,26 @@ fn detach(cli: &Cli) -> Result<()> {
     let cfg = Config::load(&cli.config).ok();
     let sock = socket_path(cli, cfg.as_ref());
     // A running daemon would keep writing maps that are about to disappear: stop it first.
-    if control::request(&sock, &Request::Shutdown)?.is_some() {
+    let asked = control::request(&sock, &Request::Shutdown)?.is_some();
+    if asked {
         tracing::info!(socket = %sock.display(), "asked the running baton-lb to exit");
+    }
+    // The pin directory's lock is free once no controller runs on it.
+    let mut _lock = None;
+    if cli.pin_dir.exists() {
         let start = Instant::now();
-        while sock.exists() && start.elapsed() < Duration::from_secs(10) {
+        loop {
+            if let Some(l) = sys::try_lock_pin_dir(&cli.pin_dir)? {
+                _lock = Some(l);
+                break;
+            }
+            if !asked || start.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!(
+                    "a baton-lb still runs on {} and did not stop through {}: stop it first (or pass its --control-socket)",
+                    cli.pin_dir.display(),
+                    sock.display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -156,9 +173,84 @@ fn run(cli: &Cli) -> Result<()> {
     result
 }
 
+/// Re-reads the config and brings the maps in line with it (workers, VIPs, CID layout, health
+/// settings), without touching the program or the link. What needs a restart is refused or named.
+fn reload(
+    cli: &Cli,
+    ctl: &Arc<Mutex<Controller>>,
+    attach: &dataplane::AttachInfo,
+    socket: &std::path::Path,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(m) = cli.xdp_mode {
+        cfg.xdp_mode = m;
+    }
+    if let Some(s) = &cli.control_socket {
+        cfg.control_socket = s.clone();
+    }
+    if cfg.interface != attach.interface {
+        anyhow::bail!(
+            "`interface` changed from {} to {}: moving the program needs `baton-lb detach` and a new start",
+            attach.interface,
+            cfg.interface
+        );
+    }
+    if cfg.control_socket != socket || cfg.metrics != metrics {
+        tracing::warn!("control.socket and control.metrics changes take effect at the next restart");
+    }
+    let maps = PinnedMaps::open(&cli.pin_dir)?;
+    let next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
+    let mut c = ctl.lock().unwrap();
+    *c = next;
+    c.sync()
+}
+
 async fn async_run(cli: &Cli, cfg: Config) -> Result<()> {
+    // Handlers first: a SIGHUP or SIGTERM during start-up must not kill us with the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
     // Refuse early if another instance owns the socket (before touching any map).
-    let listener = control::bind(&cfg.control_socket)?;
+    let socket_path = cfg.control_socket.clone();
+    let listener = control::bind(&socket_path)?;
+    let started = start(cli, cfg, listener).await;
+    let shared = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT"); break }
+            _ = shared.shutdown.notified() => break,
+            _ = hup.recv() => match reload(cli, &shared.ctl, &shared.attach, &socket_path, shared.metrics) {
+                Ok(()) => tracing::info!(config = %cli.config.display(), "SIGHUP: config reloaded"),
+                Err(e) => tracing::error!("SIGHUP: reload failed, the running state is unchanged: {e:#}"),
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!(
+        "exiting; the XDP program stays attached and keeps forwarding (pinned under {}). `baton-lb detach` removes it",
+        cli.pin_dir.display()
+    );
+    Ok(())
+}
+
+/// Everything from loading the object to serving: returns once baton-lb is running. The pin
+/// directory lock and the loaded object live as long as the returned state.
+async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Result<Arc<Shared>> {
+    sys::ensure_pin_dir(&cli.pin_dir)?;
+    // Held until exit: one controller per pin directory, whatever control socket each one uses.
+    let pin_lock = sys::try_lock_pin_dir(&cli.pin_dir)?.with_context(|| {
+        format!(
+            "another baton-lb is running on {} (it holds the pin directory's lock): stop it first",
+            cli.pin_dir.display()
+        )
+    })?;
     let object = lb_user::object::try_bytes()
         .context("this baton-lb was built with AYA_BUILD_SKIP=1 and carries no XDP program: rebuild it without that")?;
     let mut dp = Dataplane::load(object, &cli.pin_dir)?;
@@ -172,7 +264,7 @@ async fn async_run(cli: &Cli, cfg: Config) -> Result<()> {
     let mode = cfg.xdp_mode;
     let metrics_addr = cfg.metrics;
     let socket_path = cfg.control_socket.clone();
-    let ctl = tokio::task::block_in_place(|| Controller::new(cfg, maps))?;
+    let ctl = tokio::task::block_in_place(|| Controller::new(cfg, maps, fresh))?;
     let ctl = Arc::new(Mutex::new(ctl));
     if fresh {
         health::initial_round(&ctl).await;
@@ -196,6 +288,8 @@ async fn async_run(cli: &Cli, cfg: Config) -> Result<()> {
         pin_dir: cli.pin_dir.clone(),
         started: Instant::now(),
         shutdown: tokio::sync::Notify::new(),
+        metrics: metrics_addr,
+        keep: Mutex::new(vec![Box::new(dp), Box::new(pin_lock)]),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
     if let Some(addr) = metrics_addr {
@@ -220,19 +314,5 @@ async fn async_run(cli: &Cli, cfg: Config) -> Result<()> {
         interface = %attach.interface, mode = %attach.mode, pin_dir = %cli.pin_dir.display(),
         socket = %socket_path.display(), "baton-lb is running"
     );
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
-        _ = shared.shutdown.notified() => {},
-    }
-    let _ = std::fs::remove_file(&socket_path);
-    tracing::info!(
-        "exiting; the XDP program stays attached and keeps forwarding (pinned under {}). `baton-lb detach` removes it",
-        cli.pin_dir.display()
-    );
-    // Dropping the object closes our fds only; the pinned link and maps live on.
-    drop(dp);
-    Ok(())
+    Ok(shared)
 }

@@ -143,8 +143,20 @@ fn status(cli: &Cli) -> Result<()> {
             link.map(|l| format!("ifindex {} (another network namespace)", l.ifindex)).unwrap_or_default()
         });
     // The daemon knows the mode; without it, ask the kernel if the interface is visible here.
-    let mode = d.as_ref().map(|d| d.mode.clone()).or_else(|| {
-        local.as_ref().map(|(_, m)| *m).filter(|m| *m != AttachedMode::Unknown).map(|m| m.to_string())
+    let mode = d
+        .as_ref()
+        .map(|d| d.mode.clone())
+        .or_else(|| local.as_ref().map(|(_, m)| *m).filter(|m| *m != AttachedMode::Unknown).map(|m| m.to_string()));
+    // Which derived array mirrors the program uses instead of hash lookups (lb_common::fastpath).
+    let fastpath = maps.fastpath.as_ref().map(|fp| {
+        use lb_common::fastpath::{FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE};
+        let st = fp.state();
+        let layout_ok = st.cid_len == lbc.cid_len && st.server_id_len == lbc.server_id_len;
+        vec![
+            ("vip_table", st.flags & FP_VIP_TABLE != 0),
+            ("server_id_table", st.flags & FP_SERVER_ID_TABLE != 0 && layout_ok),
+            ("override_counts", st.flags & FP_OVERRIDE_COUNTS != 0 && layout_ok),
+        ]
     });
     if cli.json {
         let counters: serde_json::Map<String, serde_json::Value> =
@@ -161,6 +173,9 @@ fn status(cli: &Cli) -> Result<()> {
             "cid_len": lbc.cid_len,
             "server_id_len": lbc.server_id_len,
             "maglev_size": lbc.maglev_size,
+            "fastpath": fastpath.as_ref().map(|v| {
+                v.iter().map(|(n, on)| (n.to_string(), json!(on))).collect::<serde_json::Map<String, serde_json::Value>>()
+            }),
             "daemon": d.as_ref().map(|d| json!({"pid": d.pid, "uptime_secs": d.uptime_secs, "config": d.config, "readopted": d.readopted})),
             "counters": counters,
         }));
@@ -187,6 +202,10 @@ fn status(cli: &Cli) -> Result<()> {
         lbc.server_id_len,
         lbc.maglev_size
     );
+    if let Some(parts) = &fastpath {
+        let on: Vec<&str> = parts.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+        println!("fast path {}", if on.is_empty() { "off (hash maps only)".to_string() } else { on.join(", ") });
+    }
     println!("counters  (summed over CPUs)");
     for (s, v) in stats {
         println!("  {:<18} {v}", s.name());
@@ -244,16 +263,14 @@ fn worker_rows(cli: &Cli, maps: &PinnedMaps) -> Result<Vec<WorkerRow>> {
                 tx: if e.tx_port == TX_SAME_IFACE {
                     "XDP_TX".into()
                 } else {
-                    let ifname = ds
-                        .map(|w| w.tx_interface.clone())
-                        .or_else(|| {
-                            let ifindex = maps.tx_ports.get(e.tx_port, 0).ok()?.if_index;
-                            Some(if same_netns {
-                                sys::if_indextoname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"))
-                            } else {
-                                format!("ifindex {ifindex}")
-                            })
-                        });
+                    let ifname = ds.map(|w| w.tx_interface.clone()).or_else(|| {
+                        let ifindex = maps.tx_ports.get(e.tx_port, 0).ok()?.if_index;
+                        Some(if same_netns {
+                            sys::if_indextoname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"))
+                        } else {
+                            format!("ifindex {ifindex}")
+                        })
+                    });
                     format!("redirect devmap[{}] {}", e.tx_port, ifname.unwrap_or_default())
                 },
                 in_use: e.flags & lb_common::WORKER_IN_USE != 0,
@@ -420,9 +437,11 @@ fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
     let lbc = maps.lb_config()?;
     let key = override_key(&cid, lbc.cid_len as usize)?;
     let idx = resolve_worker(cli, &maps, worker)?;
-    maps.overrides
-        .insert(key, WorkerRef { worker: idx }, 0)
-        .context("cannot write the override (is the override map full?)")?;
+    // The running daemon writes it (serialised with its own map updates); without one, we do.
+    let req = Request::OverrideSet { cid: hex(key.as_slice()), worker: idx };
+    if control::request(&cli.control_socket, &req)?.is_none() {
+        maps.set_override(key, idx)?;
+    }
     if cli.json {
         return print_json(&json!({"cid": hex(&cid), "worker": worker, "worker_index": idx}));
     }
@@ -434,10 +453,13 @@ fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
     let mut maps = open_maps(cli)?;
     let key = CidKey::new(&cid).unwrap();
-    if maps.overrides.get(&key, 0).is_err() {
+    let removed = match control::request(&cli.control_socket, &Request::OverrideDel { cid: hex(&cid) })? {
+        Some(v) => v["removed"].as_bool().unwrap_or(false),
+        None => maps.remove_override(&key)?,
+    };
+    if !removed {
         bail!("there is no override for {}", hex(&cid));
     }
-    maps.overrides.remove(&key)?;
     if cli.json {
         return print_json(&json!({"cid": hex(&cid), "deleted": true}));
     }

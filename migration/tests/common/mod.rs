@@ -6,12 +6,20 @@ pub fn cid(n: u8) -> ConnectionId {
 }
 
 pub fn binding() -> MigrationBinding {
-    MigrationBinding { migration_id: MigrationId([7; 16]), connection_id: cid(1), source: WorkerId(1), target: WorkerId(2) }
+    MigrationBinding {
+        migration_id: MigrationId([7; 16]),
+        connection_id: cid(1),
+        source: WorkerId(1),
+        target: WorkerId(2),
+    }
 }
 
 /// Deterministic bytes: half pseudo-random, half repetitive text.
 pub fn mixed_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let line = b"GET /api/v1/items?page=42 HTTP/3 accept: application/json\n";
     (0..len)
         .map(|i| {

@@ -326,6 +326,30 @@ metrics = "127.0.0.1:{METRICS_PORT}"
         child.wait_with_output().unwrap()
     }
 
+    /// `baton-lb detach` for this lab; waits for the daemon (if any) to exit.
+    pub fn detach(&mut self) -> Output {
+        let out = Command::new(bin_dir().join("baton-lb"))
+            .arg("detach")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run baton-lb detach");
+        if let Some(mut child) = self.daemon.take() {
+            let status = child.wait().unwrap();
+            assert!(status.success(), "baton-lb should exit cleanly when asked to by detach: {status}");
+        }
+        out
+    }
+
+    /// Sends `signal` to the running baton-lb.
+    pub fn signal_lb(&self, signal: i32) {
+        let child = self.daemon.as_ref().expect("baton-lb not running");
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
     /// Sends `signal` to baton-lb and waits for it to exit.
     pub fn stop_lb(&mut self, signal: i32) {
         let mut child = self.daemon.take().expect("baton-lb not running");

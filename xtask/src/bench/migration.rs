@@ -8,7 +8,11 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 
-const SIZES: [(&str, f64); 3] = [("1KiB", 1024.0), ("1MiB", 1_048_576.0), ("10MiB", 10_485_760.0)];
+const SIZES: [(&str, f64); 3] = [
+    ("1KiB", 1024.0),
+    ("1MiB", 1_048_576.0),
+    ("10MiB", 10_485_760.0),
+];
 /// The seed's table (seconds) at 1 KB / 1 MB / 10 MB.
 const SEED_ENCRYPTION: [f64; 3] = [10e-6, 1e-3, 10e-3];
 const SEED_GZIP_SERIALIZATION: [f64; 3] = [50e-6, 5e-3, 50e-3];
@@ -28,37 +32,68 @@ pub fn run() -> Result<()> {
     util::run(&mut bench)?;
     let ceiling = OpensslCeiling::measure();
     let criterion = criterion_dir();
-    let median = |group: &str, bench: &str, size: &str| read_median_seconds(&criterion.join(group).join(bench).join(size));
+    let median = |group: &str, bench: &str, size: &str| {
+        read_median_seconds(&criterion.join(group).join(bench).join(size))
+    };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     println!();
-    println!("== Migration pipeline (criterion medians; data: alternating 1 KiB blocks of random bytes and JSON-like records) ==");
-    println!("machine load average during the run: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "== Migration pipeline (criterion medians; data: alternating 1 KiB blocks of random bytes and JSON-like records) =="
+    );
+    println!(
+        "machine load average during the run: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("criterion results: {}", criterion.display());
 
     println!("\n-- AES-256-GCM (aes-gcm crate) vs openssl speed -evp aes-256-gcm (ceiling) --");
-    println!("{:<6} {:<5} {:>11} {:>8} {:>10} {:>8} {:>13} {:>9}", "size", "op", "median", "GB/s", "seed", "speedup", "openssl GB/s", "of ceil");
+    println!(
+        "{:<6} {:<5} {:>11} {:>8} {:>10} {:>8} {:>13} {:>9}",
+        "size", "op", "median", "GB/s", "seed", "speedup", "openssl GB/s", "of ceil"
+    );
     for (i, (size, bytes)) in SIZES.iter().enumerate() {
         for op in ["seal", "open"] {
             let t = median("migration_encryption", op, size)?;
             let gbps = bytes / t / 1e9;
-            let (seed, speedup) = if op == "seal" { (fmt_time(SEED_ENCRYPTION[i]), format!("{:.1}x", SEED_ENCRYPTION[i] / t)) } else { ("-".into(), "-".into()) };
+            let (seed, speedup) = if op == "seal" {
+                (
+                    fmt_time(SEED_ENCRYPTION[i]),
+                    format!("{:.1}x", SEED_ENCRYPTION[i] / t),
+                )
+            } else {
+                ("-".into(), "-".into())
+            };
             let (ceil, pct) = match ceiling.for_size(*bytes) {
                 Some(c) => (format!("{c:.2}"), format!("{:.0}%", gbps / c * 100.0)),
                 None => ("n/a".into(), "-".into()),
             };
-            println!("{size:<6} {op:<5} {:>11} {gbps:>8.2} {seed:>10} {speedup:>8} {ceil:>13} {pct:>9}", fmt_time(t));
+            println!(
+                "{size:<6} {op:<5} {:>11} {gbps:>8.2} {seed:>10} {speedup:>8} {ceil:>13} {pct:>9}",
+                fmt_time(t)
+            );
         }
     }
 
-    println!("\n-- Serialization (bincode + compression + chunking; encode = serialize+compress) --");
-    println!("{:<6} {:<7} {:>11} {:>8} {:>11} {:>8} {:>10} {:>8}", "size", "codec", "encode", "GB/s", "decode", "GB/s", "seed", "speedup");
+    println!(
+        "\n-- Serialization (bincode + compression + chunking; encode = serialize+compress) --"
+    );
+    println!(
+        "{:<6} {:<7} {:>11} {:>8} {:>11} {:>8} {:>10} {:>8}",
+        "size", "codec", "encode", "GB/s", "decode", "GB/s", "seed", "speedup"
+    );
     for (i, (size, bytes)) in SIZES.iter().enumerate() {
         for codec in COMPRESSIONS {
             let enc = median("migration_serialization", &format!("encode_{codec}"), size)?;
             let dec = median("migration_serialization", &format!("decode_{codec}"), size)?;
             let (seed, speedup) = if codec == "gzip6" {
-                (fmt_time(SEED_GZIP_SERIALIZATION[i]), format!("{:.1}x", SEED_GZIP_SERIALIZATION[i] / enc))
+                (
+                    fmt_time(SEED_GZIP_SERIALIZATION[i]),
+                    format!("{:.1}x", SEED_GZIP_SERIALIZATION[i] / enc),
+                )
             } else {
                 ("-".into(), "-".into())
             };
@@ -72,8 +107,13 @@ pub fn run() -> Result<()> {
         }
     }
 
-    println!("\n-- Complete workflow (serialize, compress, encrypt, decrypt, decompress, deserialize) --");
-    println!("{:<6} {:<7} {:>11} {:>8} {:>10} {:>8} {:>12}", "size", "codec", "median", "GB/s", "seed", "speedup", "target >=5x");
+    println!(
+        "\n-- Complete workflow (serialize, compress, encrypt, decrypt, decompress, deserialize) --"
+    );
+    println!(
+        "{:<6} {:<7} {:>11} {:>8} {:>10} {:>8} {:>12}",
+        "size", "codec", "median", "GB/s", "seed", "speedup", "target >=5x"
+    );
     let mut all_pass = true;
     for (i, (size, bytes)) in SIZES.iter().enumerate() {
         for codec in COMPRESSIONS {
@@ -108,7 +148,11 @@ fn criterion_dir() -> PathBuf {
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            if dir.is_absolute() { dir } else { workspace_root().join(dir) }
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
         }
         None => workspace_root().join("target"),
     };
@@ -130,7 +174,9 @@ fn read_median_seconds(bench_dir: &std::path::Path) -> Result<f64> {
 fn json_number_after(json: &str, section: &str, field: &str) -> Option<f64> {
     let rest = &json[json.find(section)? + section.len()..];
     let rest = rest[rest.find(field)? + field.len()..].trim_start();
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')))
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
@@ -166,7 +212,11 @@ impl OpensslCeiling {
     /// GB/s at the largest measured block not above `bytes` (1 KiB -> 1024 B blocks,
     /// 1 and 10 MiB -> 1 MiB blocks).
     fn for_size(&self, bytes: f64) -> Option<f64> {
-        self.by_block.iter().filter(|(block, _)| *block <= bytes).max_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, bps)| bps / 1e9)
+        self.by_block
+            .iter()
+            .filter(|(block, _)| *block <= bytes)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, bps)| bps / 1e9)
     }
 
     fn print(&self) {
@@ -182,16 +232,27 @@ impl OpensslCeiling {
 
 fn run_openssl(extra: &[&str]) -> Result<Vec<(f64, f64)>> {
     let mut cmd = Command::new("openssl");
-    cmd.args(["speed", "-evp", "aes-256-gcm", "-seconds", "1", "-mr"]).args(extra);
+    cmd.args(["speed", "-evp", "aes-256-gcm", "-seconds", "1", "-mr"])
+        .args(extra);
     eprintln!("[xtask] $ {cmd:?}");
-    let out = cmd.output().context("running openssl (install it, e.g. `apt-get install openssl`)")?;
-    anyhow::ensure!(out.status.success(), "openssl speed failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let out = cmd
+        .output()
+        .context("running openssl (install it, e.g. `apt-get install openssl`)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl speed failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     parse_openssl_mr(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Machine-readable output: `+H:16:64:...` block sizes, `+F:n:AES-256-GCM:bps:bps:...`.
 fn parse_openssl_mr(text: &str) -> Result<Vec<(f64, f64)>> {
-    let fields = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(|l| l.split(':').map(str::to_owned).collect::<Vec<_>>());
+    let fields = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l.split(':').map(str::to_owned).collect::<Vec<_>>())
+    };
     let header = fields("+H:").context("no +H: line in openssl speed -mr output")?;
     let rates = fields("+F:").context("no +F: line in openssl speed -mr output")?;
     let blocks = header[1..].iter().filter_map(|b| b.parse::<f64>().ok());
@@ -206,8 +267,18 @@ mod tests {
     #[test]
     fn parses_criterion_and_openssl_output() {
         let est = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":1.5,"standard_error":0.1},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1.0,"upper_bound":2.0},"point_estimate":1234.5e3,"standard_error":0.1}}"#;
-        assert_eq!(json_number_after(est, "\"median\"", "\"point_estimate\":"), Some(1_234_500.0));
+        assert_eq!(
+            json_number_after(est, "\"median\"", "\"point_estimate\":"),
+            Some(1_234_500.0)
+        );
         let mr = "+DT:AES-256-GCM:1:16\n+R:1:AES-256-GCM:1.0\n+H:16:64:1024\n+F:25:AES-256-GCM:45275373.91:178786089.80:1752059345.45\n";
-        assert_eq!(parse_openssl_mr(mr).unwrap(), vec![(16.0, 45275373.91), (64.0, 178786089.80), (1024.0, 1752059345.45)]);
+        assert_eq!(
+            parse_openssl_mr(mr).unwrap(),
+            vec![
+                (16.0, 45275373.91),
+                (64.0, 178786089.80),
+                (1024.0, 1752059345.45)
+            ]
+        );
     }
 }
