@@ -39,13 +39,19 @@ struct Inner {
 impl Inner {
     /// Brings `current` to generation `calls - 1` (one step per key update, when it happens).
     fn catch_up(&mut self) {
-        let Some(target) = self.calls.checked_sub(1) else { return };
+        let Some(target) = self.calls.checked_sub(1) else {
+            return;
+        };
         if self.current.is_none() {
             if let (Some(c), Some(s)) = (&self.client0, &self.server0) {
                 self.current = Some((c.clone(), s.clone(), 0));
             }
         }
-        let Some(suite) = self.client0.as_ref().and_then(|c| Suite::from_secret_len(c.len())) else {
+        let Some(suite) = self
+            .client0
+            .as_ref()
+            .and_then(|c| Suite::from_secret_len(c.len()))
+        else {
             return;
         };
         if let Some((client, server, generation)) = &mut self.current {
@@ -62,7 +68,10 @@ impl std::fmt::Debug for KeyState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = self.inner.lock().unwrap();
         f.debug_struct("KeyState")
-            .field("captured", &(c.client0.is_some() && c.server0.is_some() && c.exporter.is_some()))
+            .field(
+                "captured",
+                &(c.client0.is_some() && c.server0.is_some() && c.exporter.is_some()),
+            )
             .field("next_1rtt_calls", &c.calls)
             .finish()
     }
@@ -132,9 +141,12 @@ impl KeyState {
         let mut inner = self.inner.lock().unwrap();
         inner.catch_up();
         let generation = inner.calls.checked_sub(1).ok_or(KeyError::NotCaptured)?;
-        let (Some(client0), Some(server0), Some(exporter), Some((client, server, at))) =
-            (&inner.client0, &inner.server0, &inner.exporter, &inner.current)
-        else {
+        let (Some(client0), Some(server0), Some(exporter), Some((client, server, at))) = (
+            &inner.client0,
+            &inner.server0,
+            &inner.exporter,
+            &inner.current,
+        ) else {
             return Err(KeyError::NotCaptured);
         };
         let suite = Suite::from_secret_len(client0.len()).ok_or(KeyError::UnsupportedSuite)?;

@@ -41,26 +41,19 @@ impl ImportedSession {
         peer_params: TransportParameters,
     ) -> (Self, Arc<KeyState>) {
         let suite = secrets.suite;
-        let (mut client, mut server) = (
-            secrets.client_secret_0.clone(),
-            secrets.server_secret_0.clone(),
-        );
-        for _ in 0..secrets.generation {
-            client = schedule::next_secret(suite, &client);
-            server = schedule::next_secret(suite, &server);
-        }
+        let (client, server) = (&secrets.client_secret, &secrets.server_secret);
         let current = server_keys(
             suite,
             &secrets.client_secret_0,
             &secrets.server_secret_0,
-            &client,
-            &server,
+            client,
+            server,
         );
         let keys = KeyState::imported(secrets);
         let session = Self {
             suite,
-            client_next: schedule::next_secret(suite, &client),
-            server_next: schedule::next_secret(suite, &server),
+            client_next: schedule::next_secret(suite, client),
+            server_next: schedule::next_secret(suite, server),
             current_keys: Some(current),
             exporter: secrets.exporter_secret.clone(),
             alpn: secrets.alpn.clone(),

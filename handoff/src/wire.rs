@@ -201,7 +201,7 @@ impl<'a> R<'a> {
     }
     /// Appends `(id, None)` for every stream ID in the runs [`W::runs`] wrote.
     fn runs<T>(&mut self, out: &mut Vec<(StreamId, Option<T>)>) -> Res<()> {
-        const MAX_STREAMS: u64 = 1 << 20;
+        const MAX_STREAMS: u64 = 1 << 18;
         let n = self.count(1 << 16)?;
         let mut total = 0u64;
         for _ in 0..n {
@@ -243,6 +243,8 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
     });
     w.bytes(s.client_secret_0.expose());
     w.bytes(s.server_secret_0.expose());
+    w.bytes(s.client_secret.expose());
+    w.bytes(s.server_secret.expose());
     w.bytes(s.exporter_secret.expose());
     w.u64(s.generation);
     w.opt(s.alpn.as_deref(), |w, v| w.bytes(v));
@@ -422,6 +424,8 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     };
     let client_secret_0 = secret(&mut r)?;
     let server_secret_0 = secret(&mut r)?;
+    let client_secret = secret(&mut r)?;
+    let server_secret = secret(&mut r)?;
     let exporter_secret = secret(&mut r)?;
     let generation = r.u64()?;
     let alpn = r.opt(|r| Ok(r.bytes()?.to_vec()))?;
@@ -432,6 +436,8 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         suite,
         client_secret_0,
         server_secret_0,
+        client_secret,
+        server_secret,
         exporter_secret,
         generation,
         alpn,

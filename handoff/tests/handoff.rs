@@ -282,12 +282,14 @@ fn corrupted_handoff_bytes_never_panic_the_importer() {
     let owner = sim.owner();
     let ch = sim.workers[owner].only();
     let Live { conn, keys, app: _ } = sim.workers[owner].conns.remove(&ch).unwrap();
-    let handoff = baton_handoff::export(&mut sim.workers[owner].endpoint, ch, conn, &keys, sim.now).unwrap();
+    let handoff =
+        baton_handoff::export(&mut sim.workers[owner].endpoint, ch, conn, &keys, sim.now).unwrap();
     let bytes = baton_handoff::wire::encode(&handoff);
     // Deterministic pseudo-random single-byte corruptions: decoding refuses or yields a handoff
     // that the importer takes or refuses, without panicking.
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let (mut decoded, mut imported) = (0, 0);
+    let mut errors = std::collections::BTreeMap::new();
     let target = 1 - owner;
     for _ in 0..2_000 {
         x ^= x << 13;
@@ -299,19 +301,37 @@ fn corrupted_handoff_bytes_never_panic_the_importer() {
         if let Ok(h) = baton_handoff::wire::decode(&b) {
             decoded += 1;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                baton_handoff::import(&mut sim.workers[target].endpoint, &h, sim.now).map(|(ch, conn, _)| (ch, conn))
+                baton_handoff::import(&mut sim.workers[target].endpoint, &h, sim.now).map(
+                    |(ch, mut conn, _)| {
+                        // Drive it a little: what it sends is never delivered.
+                        let mut buf = Vec::new();
+                        conn.rotate_local_cids(sim.now);
+                        for _ in 0..3 {
+                            while conn.poll_transmit(sim.now, 1, &mut buf).is_some() {
+                                buf.clear();
+                            }
+                            conn.handle_timeout(sim.now + std::time::Duration::from_secs(1));
+                            while conn.poll().is_some() {}
+                        }
+                        (ch, conn)
+                    },
+                )
             }));
             match result {
                 Ok(Ok((ch, conn))) => {
                     imported += 1;
                     // Undo: forget it, freeing its CIDs for the next attempt.
                     drop(conn);
-                    sim.workers[target].endpoint.handle_event(ch, quinn_proto::EndpointEvent::drained());
+                    sim.workers[target]
+                        .endpoint
+                        .handle_event(ch, quinn_proto::EndpointEvent::drained());
                 }
-                Ok(Err(_)) => {}
-                Err(_) => panic!("import panicked on corrupted byte {i}"),
+                Ok(Err(e)) => {
+                    *errors.entry(format!("{e}")).or_insert(0u32) += 1;
+                }
+                Err(_) => panic!("imported connection panicked, corrupted byte {i}"),
             }
         }
     }
-    eprintln!("corruptions: decoded={decoded} imported={imported}");
+    eprintln!("corruptions: decoded={decoded} imported={imported} refused={errors:?}");
 }
