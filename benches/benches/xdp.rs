@@ -196,8 +196,7 @@ fn main() -> Result<()> {
         eprintln!("round {}/{rounds} done", round + 1);
     }
     let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
-    let base_medians: Vec<Option<f64>> =
-        base_samples.iter_mut().map(|s| (!s.is_empty()).then(|| median(s))).collect();
+    let base_medians: Vec<Option<f64>> = base_samples.iter_mut().map(|s| (!s.is_empty()).then(|| median(s))).collect();
     let reference = medians[0];
     let floor = medians[1];
     let info = f.program("baton_xdp")?.info()?;
@@ -212,7 +211,10 @@ fn main() -> Result<()> {
         info.size_jitted()
     );
     let base_hdr = if baseline.is_some() { format!(" {:>9} {:>7}", "baseline", "ratio") } else { String::new() };
-    println!("{:<40} {:>8} {:>6} {:>6} {:>7} {:>7}{base_hdr}  target", "case", "median", "min", "max", "ratio", "floor+");
+    println!(
+        "{:<40} {:>8} {:>6} {:>6} {:>7} {:>7}{base_hdr}  target",
+        "case", "median", "min", "max", "ratio", "floor+"
+    );
     let mut missed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let (min, max) = samples[i].iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));

@@ -48,14 +48,17 @@ pub const FP_OVERRIDE_COUNTS: u32 = 4;
 pub struct FastPathState {
     /// `FP_*` bits.
     pub flags: u32,
-    /// Upper bound on overrides whose CID has no server-ID bucket (see [`override_bucket`]).
-    pub other_overrides: u32,
     /// The layout (`LbConfig::cid_len`, `server_id_len`) the server-ID table and the override
     /// buckets were built for. The program ignores the table and the counts when `BATON_CONFIG`
     /// says otherwise, so a layout change without a rebuild costs speed, never correctness.
+    /// Shares the first 8 bytes with `flags`: the program reads both with one load, so it never
+    /// pairs one rebuild's flags with another's layout.
     pub cid_len: u8,
     pub server_id_len: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Upper bound on overrides whose CID has no server-ID bucket (see [`override_bucket`]).
+    pub other_overrides: u32,
+    pub _pad2: u32,
     /// [`maglev_reciprocal`] of `LbConfig::maglev_size`, so the program reduces the CID hash
     /// modulo the table size with two multiplies instead of a 64-bit `div` (~10 ns here). The
     /// program checks it against the live `maglev_size` with [`reciprocal_matches`] on every
@@ -177,6 +180,8 @@ mod tests {
         assert_eq!(size_of::<ServerIdSlot>(), 8);
         assert_eq!(size_of::<FastPathState>(), 24);
         assert_eq!(core::mem::offset_of!(VipSlot, flags), 20);
+        assert_eq!(core::mem::offset_of!(FastPathState, cid_len), 4, "flags and layout in one word");
+        assert_eq!(core::mem::offset_of!(FastPathState, server_id_len), 5);
     }
 
     #[test]

@@ -45,8 +45,8 @@ use lb_common::fastpath::{
     SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS, VipTable, fastmod_u32, reciprocal_matches,
 };
 use lb_common::{
-    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN, MAX_CID_OVERRIDES, MAX_VIPS,
-    MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat, TX_SAME_IFACE, VipKey, VipValue,
+    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN, MAX_CID_OVERRIDES,
+    MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat, TX_SAME_IFACE, VipKey, VipValue,
     WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words, cid_key_words, config_rotation, self_described_len,
 };
 use maps::{ARRAY, DEVMAP, HASH, PERCPU_ARRAY, PinnedMap};
@@ -86,6 +86,37 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
 const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
+
+/// `BATON_FASTPATH` as the program uses it: flags and layout from one 8-byte load (one
+/// consistent snapshot, whatever userspace is rewriting), the rest read on use.
+struct Fast {
+    flags: u32,
+    cid_len: u8,
+    server_id_len: u8,
+    state: *const FastPathState,
+}
+
+impl Fast {
+    #[inline(always)]
+    fn read(state: *mut FastPathState) -> Fast {
+        // SAFETY: array value, valid for the program's run and 8-aligned; volatile keeps it one
+        // load (flags in the low half, cid_len and server_id_len in bytes 4 and 5).
+        let head = unsafe { core::ptr::read_volatile(state as *const u64) };
+        Fast { flags: head as u32, cid_len: (head >> 32) as u8, server_id_len: (head >> 40) as u8, state }
+    }
+
+    #[inline(always)]
+    fn other_overrides(&self) -> u32 {
+        // SAFETY: array value from `read`, valid for the program's run.
+        unsafe { (*self.state).other_overrides }
+    }
+
+    #[inline(always)]
+    fn maglev_reciprocal(&self) -> u64 {
+        // SAFETY: as above.
+        unsafe { (*self.state).maglev_reciprocal }
+    }
+}
 
 /// What to do with a packet whose QUIC header we have read.
 enum Route {
@@ -263,9 +294,9 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     }
 
     let fp = match FASTPATH.lookup(&0) {
-        // SAFETY: array value, always valid; 16 bytes copied out.
-        Some(fp) => unsafe { *fp },
-        None => FastPathState::default(),
+        Some(state) => Fast::read(state),
+        // Key 0 of a one-entry array always exists.
+        None => return pass(),
     };
 
     // Find UDP and build the VIP key as the three words of a `VipKey` (address, address,
@@ -400,7 +431,7 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             }
             let hash = cid_hash_words(&words);
             // `hash % size` without a 64-bit div when the controller left the reciprocal.
-            let m = fp.maglev_reciprocal;
+            let m = fp.maglev_reciprocal();
             let slot = if reciprocal_matches(m, size) { fastmod_u32(hash, m, size) } else { hash % size };
             let worker = match MAGLEV.lookup(&slot) {
                 // SAFETY: array slot, always valid.
@@ -420,7 +451,7 @@ fn route_packet(ctx: &XdpContext) -> u32 {
 /// flag set, a scan of `BATON_VIP_TABLE`'s used slots (array lookup, inlined: no helper call);
 /// otherwise the `BATON_VIPS` hash lookup.
 #[inline(always)]
-fn is_vip(fp: &FastPathState, key: [u64; 3]) -> bool {
+fn is_vip(fp: &Fast, key: [u64; 3]) -> bool {
     if fp.flags & FP_VIP_TABLE != 0 {
         let table = match VIP_TABLE.lookup(&0) {
             Some(t) => t as *const u64,
@@ -519,7 +550,7 @@ fn load_cid(
 /// lookup runs only if that count (or, for CIDs without such a server ID, `other_overrides`) is
 /// non-zero. Otherwise the hash maps, as the controller writes them.
 #[inline(always)]
-fn route_server_cid(cfg: &LbConfig, fp: &FastPathState, key: &CidKey, words: &[u64; 3]) -> Route {
+fn route_server_cid(cfg: &LbConfig, fp: &Fast, key: &CidKey, words: &[u64; 3]) -> Route {
     let same_layout = fp.cid_len == cfg.cid_len && fp.server_id_len == cfg.server_id_len;
     let table_layout = same_layout && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
     let sid = if table_layout && fp.flags & FP_SERVER_ID_TABLE != 0 {
@@ -552,7 +583,7 @@ fn route_server_cid(cfg: &LbConfig, fp: &FastPathState, key: &CidKey, words: &[u
             None => true,
         }
     } else {
-        fp.other_overrides != 0
+        fp.other_overrides() != 0
     };
     if may_have_override {
         if let Some(w) = CID_OVERRIDE.lookup(key) {
@@ -635,10 +666,7 @@ fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) 
         Err(_) => {
             // Only a controller/config fault gets here (worker names an empty devmap slot), so
             // it is worth a log line; the counter says how often.
-            warn!(
-                ctx,
-                "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped", worker, tx_port
-            );
+            warn!(ctx, "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped", worker, tx_port);
             drop_count(Stat::RedirectError)
         }
     }

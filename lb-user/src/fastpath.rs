@@ -66,7 +66,14 @@ impl Mmap {
         let len = bytes.div_ceil(page) * page;
         // SAFETY: a fresh shared mapping of the map's value area; checked below.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
@@ -164,7 +171,8 @@ impl FastPath {
             other_overrides: self.state.u32_at(STATE_OTHER).load(Ordering::SeqCst),
             cid_len: layout as u8,
             server_id_len: (layout >> 8) as u8,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            _pad2: 0,
             maglev_reciprocal: self.state.u64_at(STATE_RECIPROCAL).load(Ordering::SeqCst),
         }
     }
@@ -211,6 +219,9 @@ impl FastPath {
         TO: Borrow<MapData>,
     {
         self.disable();
+        // Let program runs that read the old flags finish (a run takes well under a microsecond)
+        // before their tables and counts are rewritten.
+        std::thread::sleep(std::time::Duration::from_millis(2));
         self.set_maglev_size(cfg.maglev_size);
         self.state.u32_at(STATE_LAYOUT).store(cfg.cid_len as u32 | (cfg.server_id_len as u32) << 8, Ordering::SeqCst);
         self.state.u32_at(STATE_OTHER).store(0, Ordering::SeqCst);

@@ -21,8 +21,13 @@ pub const CHUNK_HEADER_LEN: usize = 9;
 const FLAG_FINAL: u8 = 0x01;
 pub const MIN_CHUNK_SIZE: u32 = 16;
 pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
-/// zstd frames may not ask for a window larger than this (bounds the decoder's allocation).
-const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// The encoder cuts the serialized stream into independent zstd frames of at most this many
+/// bytes: each is compressed in one shot from the caller's buffer (no internal copy, no
+/// wrapped-window slow path), and encoder and decoder memory stay bounded by it.
+const ZSTD_SEGMENT: usize = 1 << 20;
+/// A frame of at most `ZSTD_SEGMENT` bytes never needs a larger window; refusing larger ones
+/// bounds what a hostile frame can make the decoder allocate.
+const ZSTD_WINDOW_LOG_MAX: u32 = 20;
 const MAX_ZSTD_LEVEL: i32 = 19;
 /// Migration latency is the point. On mixed stream data (benches/benches/migration.rs) levels -3
 /// to -7 give the same seal + 10 GbE transfer + open time, and -3 compresses best of them; level 1
@@ -217,15 +222,16 @@ impl SerializationService {
                 w.finish().map_err(encode_error)?
             }
             Compression::Zstd { level } => with_pooled(&self.cctx, CCtx::create, |cctx| {
-                let mut w = zstd::stream::write::Encoder::with_context(chunks, cctx);
-                // A reused context keeps its parameters: set every one we rely on. The pledged
-                // size lets zstd size its tables to the input (a big win for small snapshots).
-                w.set_parameter(CParameter::CompressionLevel(level))
-                    .map_err(encode_error)?;
-                w.set_parameter(CParameter::ChecksumFlag(false))
-                    .map_err(encode_error)?;
-                w.set_pledged_src_size(Some(serialized_len))
-                    .map_err(encode_error)?;
+                // A reused context keeps its parameters: set every one we rely on.
+                cctx.set_parameter(CParameter::CompressionLevel(level))
+                    .and_then(|_| cctx.set_parameter(CParameter::ChecksumFlag(false)))
+                    .map_err(|code| {
+                        MigrationError::Config(format!(
+                            "zstd: {}",
+                            zstd::zstd_safe::get_error_name(code)
+                        ))
+                    })?;
+                let mut w = ZstdSegments::new(chunks, cctx, serialized_len);
                 self.bincode()
                     .serialize_into(&mut w, snapshot)
                     .map_err(|e| bincode_encode_error(*e, limit))?;
@@ -282,7 +288,8 @@ impl SerializationService {
                 s
             }
             2 => with_pooled(&self.dctx, DCtx::create, |dctx| {
-                let mut d = zstd::stream::read::Decoder::with_context(chunks, dctx).single_frame();
+                // Several frames (one per segment) decode as one stream.
+                let mut d = zstd::stream::read::Decoder::with_context(chunks, dctx);
                 d.window_log_max(ZSTD_WINDOW_LOG_MAX)
                     .map_err(|e| decode_io_error(e, "zstd"))?;
                 let s = self
@@ -421,6 +428,74 @@ fn bincode_decode_error(e: bincode::ErrorKind, limit: u64) -> MigrationError {
         bincode::ErrorKind::Io(io) => decode_io_error(io, "decompression"),
         bincode::ErrorKind::SizeLimit => MigrationError::corrupt(Corruption::TooLarge { limit }),
         other => MigrationError::corrupt(Corruption::Malformed(format!("bincode: {other}"))),
+    }
+}
+
+/// Compresses the serialized stream as a series of independent zstd frames, one per
+/// `ZSTD_SEGMENT` bytes (the last may be shorter; an empty stream is one empty frame).
+struct ZstdSegments<'c, W: Write> {
+    out: W,
+    cctx: &'c mut CCtx<'static>,
+    segment: usize,
+    pending: Vec<u8>,
+    compressed: Vec<u8>,
+    frames: usize,
+}
+
+impl<'c, W: Write> ZstdSegments<'c, W> {
+    fn new(out: W, cctx: &'c mut CCtx<'static>, serialized_len: u64) -> Self {
+        // Small snapshots get small buffers.
+        let segment = ZSTD_SEGMENT.min(serialized_len.max(1) as usize);
+        Self {
+            out,
+            cctx,
+            segment,
+            pending: Vec::with_capacity(segment),
+            compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(segment)),
+            frames: 0,
+        }
+    }
+
+    fn compress(&mut self, src: &[u8]) -> io::Result<()> {
+        self.cctx
+            .compress2(&mut self.compressed, src)
+            .map_err(|code| {
+                io::Error::other(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
+            })?;
+        self.frames += 1;
+        self.out.write_all(&self.compressed)
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        if !self.pending.is_empty() || self.frames == 0 {
+            let pending = std::mem::take(&mut self.pending);
+            self.compress(&pending)?;
+        }
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for ZstdSegments<'_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.pending.is_empty() && data.len() >= self.segment {
+            // A whole segment in the caller's buffer: compress it in place.
+            self.compress(&data[..self.segment])?;
+            return Ok(self.segment);
+        }
+        let n = (self.segment - self.pending.len()).min(data.len());
+        self.pending.extend_from_slice(&data[..n]);
+        if self.pending.len() == self.segment {
+            let pending = std::mem::take(&mut self.pending);
+            let result = self.compress(&pending);
+            self.pending = pending;
+            self.pending.clear();
+            result?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

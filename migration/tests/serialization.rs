@@ -427,3 +427,52 @@ fn decodes_from_a_streaming_reader() {
         ));
     }
 }
+
+#[test]
+fn large_states_span_several_zstd_frames() {
+    let svc = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: -3 },
+        chunk_size: 65536,
+        max_state_size: 8 << 20,
+    })
+    .unwrap();
+    let s = snapshot_for(&binding(), 2_500_000 + 123);
+    let bytes = svc.encode_to_vec(&s).unwrap();
+    assert_eq!(svc.decode_slice(&bytes).unwrap(), s);
+}
+
+/// Frames a raw compressed payload the way the encoder does (one final chunk).
+fn framed(compression_id: u8, payload: &[u8]) -> Vec<u8> {
+    let chunk = payload.len().max(16) as u32;
+    let mut v = b"BTNS\x01".to_vec();
+    v.push(compression_id);
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v.extend_from_slice(&chunk.to_be_bytes());
+    v.extend_from_slice(&0u32.to_be_bytes());
+    v.push(1);
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+fn zstd_frames_asking_for_a_large_window_are_refused() {
+    let svc = SerializationService::new(SerializationConfig {
+        compression: Compression::Zstd { level: 1 },
+        chunk_size: 1024,
+        max_state_size: 16 << 20,
+    })
+    .unwrap();
+    let raw = common::mixed_bytes(4 << 20, 5);
+    // One frame with a 4 MiB window: more than our 1 MiB segments ever need.
+    let mut cctx = zstd::zstd_safe::CCtx::create();
+    cctx.set_parameter(zstd::zstd_safe::CParameter::WindowLog(22))
+        .unwrap();
+    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+    cctx.compress2(&mut frame, &raw).unwrap();
+    let err = corruption(svc.decode_slice(&framed(2, &frame)));
+    assert!(
+        matches!(&err, Corruption::Malformed(m) if m.contains("zstd") || m.contains("memory")),
+        "{err:?}"
+    );
+}

@@ -474,6 +474,9 @@ fn reference_and_pass_programs_behave() {
     let frame = v4(quic_short(&server_cid(0, SID[0], 1), 30)).build();
     assert_eq!(f.run("baton_xdp_reference", &frame).unwrap().action, XDP_DROP);
     assert_eq!(f.run("baton_xdp_pass", &frame).unwrap().action, XDP_PASS);
+    // The benchmark floor forwards to worker 0 (devmap slot 0) without routing.
+    let out = f.run("baton_xdp_forward_floor", &frame).unwrap();
+    assert_eq!((out.action, &out.frame[..6]), (XDP_REDIRECT, &MACS[0][..]));
     let info = f.program(PROG).unwrap().info().unwrap();
     eprintln!(
         "baton_xdp: {:?} instructions verified, {:?} bytes translated, {} bytes JITed",
@@ -487,7 +490,8 @@ fn reference_and_pass_programs_behave() {
 fn maps_are_pinned_by_name_in_the_fixture_directory() {
     let f = setup("pins");
     use lb_common::map_names::*;
-    for name in [CONFIG, VIPS, CID_OVERRIDE, SERVER_IDS, WORKERS, MAGLEV, TX_PORTS, STATS, FASTPATH, VIP_TABLE, SERVER_ID_TABLE]
+    for name in
+        [CONFIG, VIPS, CID_OVERRIDE, SERVER_IDS, WORKERS, MAGLEV, TX_PORTS, STATS, FASTPATH, VIP_TABLE, SERVER_ID_TABLE]
     {
         assert!(f.pin_dir().join(name).exists(), "{name} is not pinned in {}", f.pin_dir().display());
     }
@@ -547,7 +551,6 @@ fn packets_too_short_for_the_word_loads_route_the_same() {
     let dcid = [0xab; 9];
     assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[], 17)).build(), hashed_worker(&dcid));
 }
-
 
 // ---- Fast path: the derived array maps (lb_common::fastpath, lb_user::fastpath) ----
 

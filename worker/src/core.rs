@@ -48,6 +48,8 @@ impl Outgoing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     pub id: usize,
+    /// Stable name of the connection (the client's first Initial DCID); survives migrations.
+    pub key: Vec<u8>,
     pub remote: SocketAddr,
     pub frozen: bool,
     /// Local CIDs the client may still use (retired ones are gone): what the LB must route here.
@@ -95,6 +97,8 @@ impl std::fmt::Debug for Exported {
 }
 
 struct Live {
+    /// See [`ConnInfo::key`].
+    key: Vec<u8>,
     conn: Connection,
     keys: Arc<KeyState>,
     app: Box<dyn AppSession>,
@@ -207,6 +211,7 @@ impl WorkerCore {
             &mut buf,
         ) {
             Some(DatagramEvent::NewConnection(incoming)) => {
+                let key = incoming.orig_dst_cid().to_vec();
                 let (crypto, keys) = self.tls.connection_crypto();
                 let mut config = self.server_config.clone();
                 config.crypto = crypto;
@@ -219,6 +224,7 @@ impl WorkerCore {
                         self.conns.insert(
                             ch,
                             Live {
+                                key,
                                 conn,
                                 keys,
                                 app: self.service.new_session(),
@@ -294,6 +300,7 @@ impl WorkerCore {
             .iter()
             .map(|(&ch, l)| ConnInfo {
                 id: ch.0,
+                key: l.key.clone(),
                 remote: l.conn.remote_address(),
                 frozen: l.frozen,
                 cids: self
@@ -338,6 +345,7 @@ impl WorkerCore {
             return Err(ExportFailure::NotFrozen);
         }
         let Live {
+            key,
             conn,
             keys,
             app,
@@ -376,6 +384,7 @@ impl WorkerCore {
                 self.conns.insert(
                     ch,
                     Live {
+                        key,
                         conn: e.into_connection(),
                         keys,
                         app,
@@ -409,6 +418,7 @@ impl WorkerCore {
         self.conns.insert(
             ch,
             Live {
+                key: handoff.connection.initial_dst_cid.to_vec(),
                 conn,
                 keys,
                 app,
@@ -421,6 +431,16 @@ impl WorkerCore {
     /// Datagrams that reached this worker for connections it exported, in arrival order.
     pub fn take_forward(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
         std::mem::take(&mut self.forward)
+    }
+
+    /// Like [`take_forward`](Self::take_forward), only the datagrams addressed to `cids` (one
+    /// exported connection; others stay kept for their own importer).
+    pub fn take_forward_for(&mut self, cids: &[Vec<u8>]) -> Vec<(SocketAddr, Vec<u8>)> {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forward)
+            .into_iter()
+            .partition(|(_, d)| self.dcid(d).is_some_and(|c| cids.iter().any(|x| x == c)));
+        self.forward = rest;
+        mine
     }
 
     /// Stop keeping datagrams for these CIDs (the LB routes them elsewhere; they are retired).

@@ -28,6 +28,7 @@ enum Command {
     },
     Inject(Vec<(SocketAddr, Vec<u8>)>),
     TakeForward(oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
+    TakeForwardFor(Vec<Vec<u8>>, oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     Forget(Vec<Vec<u8>>),
 }
 
@@ -78,6 +79,19 @@ impl WorkerHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::TakeForward(reply))
+            .await
+            .map_err(gone)?;
+        rx.await.map_err(gone)
+    }
+
+    /// Datagrams kept for one exported connection (addressed to `cids`).
+    pub async fn take_forward_for(
+        &self,
+        cids: Vec<Vec<u8>>,
+    ) -> Result<Vec<(SocketAddr, Vec<u8>)>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::TakeForwardFor(cids, reply))
             .await
             .map_err(gone)?;
         rx.await.map_err(gone)
@@ -193,6 +207,7 @@ async fn run(
                     }
                 }
                 Some(Command::TakeForward(reply)) => { let _ = reply.send(core.take_forward()); }
+                Some(Command::TakeForwardFor(cids, reply)) => { let _ = reply.send(core.take_forward_for(&cids)); }
                 Some(Command::Forget(cids)) => core.forget_exported(&cids),
             },
             _ = sleep => {}

@@ -34,6 +34,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Every workspace build resolves [patch.crates-io], which points at the patched quinn-proto
+    // source: make sure it exists (and is current) before any command invokes cargo on the workspace.
+    if !matches!(cli.command, Command::PatchDeps) {
+        patch::prepare()?;
+    }
     match cli.command {
         Command::BuildEbpf(opts) => ebpf::build(&opts),
         Command::Lab { action } => lab::run(action),

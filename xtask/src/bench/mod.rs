@@ -1,4 +1,5 @@
 //! `cargo xtask bench`: every benchmark, each measured side by side with its baseline in one run.
+mod handoff;
 mod migration;
 mod xdp;
 
@@ -17,6 +18,8 @@ pub enum Suite {
     Xdp,
     /// Snapshot serialization, compression, encryption and the full workflow (criterion).
     Migration,
+    /// Freeze+export and import of a live QUIC connection with 0, 10 and 100 open streams (criterion).
+    Handoff,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -26,6 +29,9 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     if wanted(Suite::Migration) {
         migration::run()?;
+    }
+    if wanted(Suite::Handoff) {
+        handoff::run()?;
     }
     Ok(())
 }

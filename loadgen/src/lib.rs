@@ -1,0 +1,276 @@
+//! `baton-load`: a load client for Baton's demo service (`docs/DEMO-PROTOCOL.md`).
+//!
+//! Each connection runs a request/response loop and one long-lived bidirectional stream whose
+//! bytes are deterministic pseudo-random data checked on echo. Per connection it records the
+//! largest gap between two completed requests (the stall a migration causes), failed requests,
+//! connection errors, reconnects and whether the long stream came back byte-exact.
+//!
+//! This library part holds what the binary and its tests share: the byte pattern, the duration
+//! parser and the summary (JSON) types.
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// ALPN of the demo service.
+pub const ALPN: &[u8] = b"baton-demo/1";
+/// First byte of a request stream.
+pub const KIND_REQUEST: u8 = 0x01;
+/// First byte of the long-lived echo stream.
+pub const KIND_STREAM: u8 = 0x02;
+/// Largest request body the demo service accepts.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Deterministic pseudo-random bytes: `fill(seed, offset, out)` writes the bytes at
+/// `offset..offset + out.len()` of the infinite stream named by `seed`. Any slice of the stream can
+/// be produced independently, so the reader checks echoed bytes without keeping what was sent.
+pub fn fill(seed: u64, offset: u64, out: &mut [u8]) {
+    let mut pos = offset;
+    let mut i = 0;
+    while i < out.len() {
+        let word = splitmix64(seed ^ (pos / 8).wrapping_mul(0xd6e8_feb8_6659_fd93));
+        let bytes = word.to_le_bytes();
+        let start = (pos % 8) as usize;
+        let n = (8 - start).min(out.len() - i);
+        out[i..i + n].copy_from_slice(&bytes[start..start + n]);
+        i += n;
+        pos += n as u64;
+    }
+}
+
+/// Offset of the first byte of `got` (at stream offset `offset`) that differs from the pattern.
+pub fn first_mismatch(seed: u64, offset: u64, got: &[u8]) -> Option<u64> {
+    let mut want = vec![0u8; got.len()];
+    fill(seed, offset, &mut want);
+    got.iter().zip(&want).position(|(a, b)| a != b).map(|i| offset + i as u64)
+}
+
+/// Parses `250ms`, `30s`, `2m`, `1h` or a plain number of seconds (`45`, `1.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, "s"),
+    };
+    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" | "sec" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{text:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What one client connection slot saw over the whole run (across reconnects).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConnSummary {
+    /// Index of the connection slot (0..connections).
+    pub index: usize,
+    /// The client's UDP address for this slot: what a worker reports as the connection's peer.
+    pub local_addr: String,
+    /// Connections made for this slot (1 + reconnects when all went well).
+    pub connections_made: u64,
+    pub requests: u64,
+    pub failed: u64,
+    /// Largest gap between two completed requests (or between the start of the loop and its first
+    /// completion), in milliseconds.
+    pub max_stall_ms: f64,
+    /// Times the session's request counter did not continue (a lost session).
+    pub counter_breaks: u64,
+    pub connection_errors: u64,
+    pub reconnects: u64,
+    /// Failed handshakes before the slot's first connection was up.
+    pub connect_retries: u64,
+    pub stream_bytes_sent: u64,
+    pub stream_bytes_verified: u64,
+    /// Every long stream of this slot came back complete (FIN) and byte-exact.
+    pub stream_exact: bool,
+    /// Last error seen, if any.
+    pub last_error: Option<String>,
+}
+
+/// The run's result: totals and every slot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    pub target: String,
+    pub duration_s: f64,
+    pub connections: usize,
+    /// Slots whose first connection came up.
+    pub established: usize,
+    pub requests: u64,
+    pub failed: u64,
+    pub counter_breaks: u64,
+    pub connection_errors: u64,
+    pub reconnects: u64,
+    pub connect_retries: u64,
+    pub max_stall_ms: f64,
+    /// Percentiles of the per-connection largest stalls.
+    pub p50_stall_ms: f64,
+    pub p99_stall_ms: f64,
+    pub stream_bytes_sent: u64,
+    pub stream_bytes_verified: u64,
+    /// Slots whose long streams were not complete and byte-exact.
+    pub streams_not_exact: usize,
+    /// Everything checked out: every slot connected once, no failure, no reconnect, every stream
+    /// byte-exact, every request counter continuous.
+    pub ok: bool,
+    pub per_connection: Vec<ConnSummary>,
+}
+
+/// Nearest-rank percentile of `values` (`p` in 0..=100); 0 for an empty slice.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+impl Summary {
+    /// Totals over `per_connection`.
+    pub fn from_connections(target: String, duration: Duration, per_connection: Vec<ConnSummary>) -> Summary {
+        let stalls: Vec<f64> = per_connection.iter().map(|c| c.max_stall_ms).collect();
+        let mut s = Summary {
+            target,
+            duration_s: duration.as_secs_f64(),
+            connections: per_connection.len(),
+            established: per_connection.iter().filter(|c| c.connections_made > 0).count(),
+            max_stall_ms: stalls.iter().copied().fold(0.0, f64::max),
+            p50_stall_ms: percentile(&stalls, 50.0),
+            p99_stall_ms: percentile(&stalls, 99.0),
+            streams_not_exact: per_connection.iter().filter(|c| !c.stream_exact).count(),
+            ..Default::default()
+        };
+        for c in &per_connection {
+            s.requests += c.requests;
+            s.failed += c.failed;
+            s.counter_breaks += c.counter_breaks;
+            s.connection_errors += c.connection_errors;
+            s.reconnects += c.reconnects;
+            s.connect_retries += c.connect_retries;
+            s.stream_bytes_sent += c.stream_bytes_sent;
+            s.stream_bytes_verified += c.stream_bytes_verified;
+        }
+        s.ok = s.established == s.connections
+            && s.failed == 0
+            && s.counter_breaks == 0
+            && s.connection_errors == 0
+            && s.reconnects == 0
+            && s.streams_not_exact == 0;
+        s.per_connection = per_connection;
+        s
+    }
+
+    /// A few lines for people.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let mb = |b: u64| b as f64 / 1e6;
+        out.push_str(&format!("baton-load summary ({} for {:.1} s)\n", self.target, self.duration_s));
+        out.push_str(&format!(
+            "  connections   {} ({} established, {} reconnects, {} connection errors, {} handshake retries)\n",
+            self.connections, self.established, self.reconnects, self.connection_errors, self.connect_retries
+        ));
+        out.push_str(&format!(
+            "  requests      {} completed, {} failed, {} session-counter breaks\n",
+            self.requests, self.failed, self.counter_breaks
+        ));
+        out.push_str(&format!(
+            "  stall         largest gap between completed requests: max {:.1} ms, p50 {:.1} ms, p99 {:.1} ms over connections\n",
+            self.max_stall_ms, self.p50_stall_ms, self.p99_stall_ms
+        ));
+        out.push_str(&format!(
+            "  long streams  {:.2} MB sent, {:.2} MB echoed and verified, {} not byte-exact\n",
+            mb(self.stream_bytes_sent),
+            mb(self.stream_bytes_verified),
+            self.streams_not_exact
+        ));
+        for c in self.per_connection.iter().filter(|c| c.last_error.is_some() || !c.stream_exact || c.failed > 0) {
+            out.push_str(&format!(
+                "  conn {:>4} {}: failed={} reconnects={} stream_exact={} error={}\n",
+                c.index,
+                c.local_addr,
+                c.failed,
+                c.reconnects,
+                c.stream_exact,
+                c.last_error.as_deref().unwrap_or("-")
+            ));
+        }
+        out.push_str(if self.ok { "  verdict       OK\n" } else { "  verdict       FAILED\n" });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_deterministic_and_sliceable() {
+        let mut whole = vec![0u8; 100];
+        fill(7, 3, &mut whole);
+        let mut a = vec![0u8; 13];
+        let mut b = vec![0u8; 87];
+        fill(7, 3, &mut a);
+        fill(7, 16, &mut b);
+        assert_eq!([a, b].concat(), whole);
+        let mut other = vec![0u8; 100];
+        fill(8, 3, &mut other);
+        assert_ne!(other, whole);
+        assert_eq!(first_mismatch(7, 3, &whole), None);
+        whole[40] ^= 1;
+        assert_eq!(first_mismatch(7, 3, &whole), Some(43));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn summary_totals_and_verdict() {
+        let good = ConnSummary {
+            index: 0,
+            connections_made: 1,
+            requests: 10,
+            max_stall_ms: 5.0,
+            stream_exact: true,
+            ..Default::default()
+        };
+        let s = Summary::from_connections("x".into(), Duration::from_secs(1), vec![good.clone(), good.clone()]);
+        assert!(s.ok);
+        assert_eq!(s.requests, 20);
+        let bad = ConnSummary { reconnects: 1, connections_made: 2, max_stall_ms: 900.0, ..good.clone() };
+        let s = Summary::from_connections("x".into(), Duration::from_secs(1), vec![good, bad]);
+        assert!(!s.ok);
+        assert_eq!(s.max_stall_ms, 900.0);
+        assert_eq!(s.p50_stall_ms, 5.0);
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+}

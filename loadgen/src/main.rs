@@ -1,0 +1,646 @@
+//! `baton-load`: drive Baton's demo service with many QUIC connections and check every byte.
+use anyhow::{Context, Result, bail};
+use baton_load::{ALPN, ConnSummary, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch, parse_duration};
+use clap::Parser;
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "baton-load",
+    version,
+    about = "Load client for Baton's demo service (ALPN baton-demo/1): many QUIC connections, each with a \
+request/response loop and one long-lived echo stream whose bytes are checked",
+    long_about = "Load client for Baton's demo service (ALPN baton-demo/1, docs/DEMO-PROTOCOL.md).\n\n\
+Opens --connections QUIC connections to --target, each from its own UDP socket (so the client \
+address names the connection on the worker side). Every connection runs a request/response loop \
+(request body of --request-size bytes, checked on the answer together with the session's request \
+counter) and one long-lived bidirectional stream carrying deterministic pseudo-random bytes that \
+are checked as they are echoed. It records per connection the largest gap between two completed \
+requests (stall), failed requests, connection errors and reconnects (a new connection had to be \
+made), and whether the long stream came back byte-exact.\n\n\
+It runs for --duration, or until --stop-file exists, or until SIGINT/SIGTERM; then it closes every \
+long stream, waits for the last echoed byte and prints a summary (text, or JSON with --json). \
+Progress goes to stderr once per --progress-interval. Exit status: 0 when everything checked out, \
+1 when anything failed, 2 on a usage or setup error.",
+    after_help = "Examples:\n  \
+baton-load --target 10.200.100.1:4433 --ca /etc/baton/ca.pem --connections 100 --duration 30s\n  \
+baton-load --target 10.200.100.1:4433 --insecure-skip-verify --stop-file /tmp/stop --print-conn-ids --json"
+)]
+struct Args {
+    /// The service address: VIP and port.
+    #[arg(long, short)]
+    target: SocketAddr,
+    /// Concurrent connections.
+    #[arg(long, short, default_value_t = 10)]
+    connections: usize,
+    /// How long to run (500ms, 30s, 2m). Without it: until --stop-file appears or a signal.
+    #[arg(long, short, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Stop (gracefully) as soon as this file exists.
+    #[arg(long)]
+    stop_file: Option<PathBuf>,
+    /// Request body size in bytes (0 to 1 MiB).
+    #[arg(long, default_value_t = 256)]
+    request_size: usize,
+    /// Pause between a request's answer and the next request on a connection (0 = back to back).
+    #[arg(long, value_parser = parse_duration, default_value = "10ms")]
+    request_interval: Duration,
+    /// A request not answered within this time counts as failed.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    request_timeout: Duration,
+    /// Bytes per second each connection writes on its long-lived stream (0: no long stream).
+    #[arg(long, default_value_t = 32 * 1024)]
+    stream_rate: u64,
+    /// PEM file with the CA certificate(s) that signed the workers' certificate.
+    #[arg(long, conflicts_with = "insecure_skip_verify")]
+    ca: Option<PathBuf>,
+    /// Accept any server certificate (lab use only: anyone on the path could impersonate the service).
+    #[arg(long)]
+    insecure_skip_verify: bool,
+    /// Server name sent in TLS SNI and checked against the certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Time allowed for a handshake.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    connect_timeout: Duration,
+    /// Handshake attempts per connection before its first success (the service may still be starting).
+    #[arg(long, default_value_t = 20)]
+    connect_attempts: u32,
+    /// Delay between opening two connections at start-up.
+    #[arg(long, value_parser = parse_duration, default_value = "2ms")]
+    ramp: Duration,
+    /// Print a line per connection as it comes up: `conn <index> local=<ip:port>` (the client
+    /// address a worker reports for it, usable to pick connections for `baton migrate`), and
+    /// `ready connections=<n>` once every connection is up.
+    #[arg(long)]
+    print_conn_ids: bool,
+    /// Print the final summary as one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON summary to this file.
+    #[arg(long)]
+    summary_file: Option<PathBuf>,
+    /// How often to print a progress line to stderr (0 = never).
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    progress_interval: Duration,
+}
+
+/// Counters every connection task updates, read by the progress reporter.
+#[derive(Default)]
+struct Totals {
+    up: AtomicUsize,
+    requests: AtomicU64,
+    failed: AtomicU64,
+    reconnects: AtomicU64,
+    conn_errors: AtomicU64,
+    stream_sent: AtomicU64,
+    stream_verified: AtomicU64,
+    stream_bad: AtomicU64,
+    /// Largest stall so far, in microseconds.
+    max_stall_us: AtomicU64,
+}
+
+struct Ctx {
+    args: Args,
+    client_config: quinn::ClientConfig,
+    stop: watch::Receiver<bool>,
+    totals: Totals,
+    stdout: Mutex<()>,
+}
+
+impl Ctx {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+    fn say(&self, line: &str) {
+        let _g = self.stdout.lock().unwrap();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("baton-load: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(true) => std::process::exit(0),
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("baton-load: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn client_config(args: &Args) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?;
+    let mut tls = if args.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipServerVerification(provider)))
+            .with_no_client_auth()
+    } else {
+        let Some(ca) = &args.ca else {
+            bail!("give --ca <PEM file> with the CA that signed the workers' certificate, or --insecure-skip-verify in a lab");
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading CA certificates from {}", ca.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing {}", ca.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", ca.display());
+        }
+        for c in certs {
+            roots.add(c).with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits a VarInt")));
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// `--insecure-skip-verify`: accepts any certificate, still checks the handshake signature made
+/// with it (so the TLS exchange itself stays well-formed).
+#[derive(Debug)]
+struct SkipServerVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for SkipServerVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+async fn run(args: Args) -> Result<bool> {
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if args.request_size > MAX_REQUEST {
+        bail!("--request-size {} is over the demo service's limit of {MAX_REQUEST} bytes", args.request_size);
+    }
+    if args.duration.is_none() && args.stop_file.is_none() {
+        eprintln!("baton-load: no --duration or --stop-file: running until SIGINT/SIGTERM");
+    }
+    if let Some(f) = &args.stop_file
+        && f.exists()
+    {
+        bail!("the stop file {} exists already: remove it first", f.display());
+    }
+    let client_config = client_config(&args)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(Ctx { args, client_config, stop: stop_rx, totals: Totals::default(), stdout: Mutex::new(()) });
+    let started = Instant::now();
+
+    // Stop conditions: duration, stop file, signals.
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let deadline = ctx.args.duration.map(|d| tokio::time::Instant::now() + d);
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => { eprintln!("baton-load: SIGINT, stopping"); break; }
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
+                        eprintln!("baton-load: SIGTERM, stopping"); break;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) { break; }
+                        if ctx.args.stop_file.as_ref().is_some_and(|f| f.exists()) {
+                            eprintln!("baton-load: stop file found, stopping"); break;
+                        }
+                    }
+                }
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    // Progress.
+    let progress = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if ctx.args.progress_interval.is_zero() {
+                return;
+            }
+            let mut stop = ctx.stop.clone();
+            let mut last = 0u64;
+            let mut tick = tokio::time::interval(ctx.args.progress_interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let t = &ctx.totals;
+                let req = t.requests.load(Ordering::Relaxed);
+                let rate = (req - last) as f64 / ctx.args.progress_interval.as_secs_f64();
+                last = req;
+                eprintln!(
+                    "[load] t={:>6.1}s up={}/{} requests={} ({:.0}/s) failed={} reconnects={} conn_errors={} \
+                     max_stall={:.1}ms stream sent={:.2}MB verified={:.2}MB bad={}",
+                    started.elapsed().as_secs_f64(),
+                    t.up.load(Ordering::Relaxed),
+                    ctx.args.connections,
+                    req,
+                    rate,
+                    t.failed.load(Ordering::Relaxed),
+                    t.reconnects.load(Ordering::Relaxed),
+                    t.conn_errors.load(Ordering::Relaxed),
+                    t.max_stall_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                    t.stream_sent.load(Ordering::Relaxed) as f64 / 1e6,
+                    t.stream_verified.load(Ordering::Relaxed) as f64 / 1e6,
+                    t.stream_bad.load(Ordering::Relaxed),
+                );
+            }
+        })
+    };
+
+    // The connections.
+    let mut tasks = Vec::with_capacity(ctx.args.connections);
+    let first_up = Arc::new(AtomicUsize::new(0));
+    for index in 0..ctx.args.connections {
+        if ctx.stopping() {
+            break;
+        }
+        let (ctx2, first_up) = (ctx.clone(), first_up.clone());
+        tasks.push(tokio::spawn(async move { connection_slot(ctx2, index, first_up).await }));
+        if !ctx.args.ramp.is_zero() {
+            tokio::time::sleep(ctx.args.ramp).await;
+        }
+    }
+    let mut per_connection = Vec::with_capacity(tasks.len());
+    for (index, t) in tasks.into_iter().enumerate() {
+        match t.await {
+            Ok(s) => per_connection.push(s),
+            Err(e) => per_connection.push(ConnSummary {
+                index,
+                last_error: Some(format!("connection task panicked: {e}")),
+                ..Default::default()
+            }),
+        }
+    }
+    progress.abort();
+    let summary = Summary::from_connections(ctx.args.target.to_string(), started.elapsed(), per_connection);
+    let json = serde_json::to_string(&summary)?;
+    if let Some(f) = &ctx.args.summary_file {
+        std::fs::write(f, format!("{json}\n")).with_context(|| format!("writing {}", f.display()))?;
+    }
+    if ctx.args.json {
+        ctx.say(&json);
+    } else {
+        ctx.say(summary.human().trim_end());
+    }
+    Ok(summary.ok)
+}
+
+/// One connection slot: connect (retrying at start-up), run the session, and if the connection
+/// breaks before the run ends, reconnect and go on (counted as a reconnect).
+async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>) -> ConnSummary {
+    let mut s = ConnSummary { index, stream_exact: true, ..Default::default() };
+    // Bind the address the route to the target leaves from (not the wildcard), so the local
+    // address printed for this connection is exactly the peer address a worker reports.
+    let bind = SocketAddr::new(source_ip_for(ctx.args.target), 0);
+    let mut endpoint = match quinn::Endpoint::client(bind) {
+        Ok(e) => e,
+        Err(e) => {
+            s.last_error = Some(format!("cannot open a UDP socket: {e}"));
+            s.stream_exact = false;
+            return s;
+        }
+    };
+    endpoint.set_default_client_config(ctx.client_config.clone());
+    let mut attempts = 0u32;
+    let mut generation = 0u64;
+    loop {
+        if ctx.stopping() {
+            break;
+        }
+        let conn = match connect(&ctx, &endpoint).await {
+            Ok(c) => c,
+            Err(e) => {
+                if s.connections_made == 0 {
+                    attempts += 1;
+                    s.connect_retries += 1;
+                    tracing::debug!(index, attempts, "handshake failed: {e:#}");
+                    if attempts >= ctx.args.connect_attempts {
+                        s.last_error = Some(format!("no connection after {attempts} attempts: {e:#}"));
+                        s.stream_exact = false;
+                        break;
+                    }
+                } else {
+                    s.connection_errors += 1;
+                    ctx.totals.conn_errors.fetch_add(1, Ordering::Relaxed);
+                    s.last_error = Some(format!("reconnect failed: {e:#}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if s.connections_made > 0 {
+            s.reconnects += 1;
+            ctx.totals.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        s.connections_made += 1;
+        let local = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        s.local_addr = local.clone();
+        if s.connections_made == 1 {
+            ctx.totals.up.fetch_add(1, Ordering::Relaxed);
+            if ctx.args.print_conn_ids {
+                ctx.say(&format!("conn {index} local={local}"));
+                if first_up.fetch_add(1, Ordering::SeqCst) + 1 == ctx.args.connections {
+                    ctx.say(&format!("ready connections={}", ctx.args.connections));
+                }
+            }
+        } else if ctx.args.print_conn_ids {
+            ctx.say(&format!("conn {index} local={local} reconnect={}", s.reconnects));
+        }
+        let seed = ((index as u64) << 20) ^ generation;
+        generation += 1;
+        let result = session(&ctx, &conn, seed, &mut s).await;
+        match result {
+            Ok(()) => {
+                conn.close(0u32.into(), b"done");
+                break;
+            }
+            Err(e) => {
+                s.connection_errors += 1;
+                ctx.totals.conn_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(index, local = %s.local_addr, "connection failed: {e:#}");
+                s.last_error = Some(format!("{e:#}"));
+                conn.close(1u32.into(), b"client gave up");
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    s
+}
+
+/// The local address the kernel would use towards `target` (the wildcard if it cannot tell).
+fn source_ip_for(target: SocketAddr) -> std::net::IpAddr {
+    let unspecified: std::net::IpAddr =
+        if target.is_ipv6() { std::net::Ipv6Addr::UNSPECIFIED.into() } else { std::net::Ipv4Addr::UNSPECIFIED.into() };
+    std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0))
+        .and_then(|s| {
+            s.connect(target)?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .unwrap_or(unspecified)
+}
+
+async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<quinn::Connection> {
+    let connecting = endpoint
+        .connect(ctx.args.target, &ctx.args.server_name)
+        .with_context(|| format!("connecting to {} as {:?}", ctx.args.target, ctx.args.server_name))?;
+    match tokio::time::timeout(ctx.args.connect_timeout, connecting).await {
+        Ok(r) => Ok(r.context("handshake")?),
+        Err(_) => bail!("no handshake within {:?}", ctx.args.connect_timeout),
+    }
+}
+
+/// Runs the request loop and the long stream on `conn` until the run stops (Ok) or the
+/// connection breaks (Err).
+async fn session(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &mut ConnSummary) -> Result<()> {
+    let stream_ok = Arc::new(AtomicBool::new(true));
+    let long = if ctx.args.stream_rate > 0 {
+        let (send, recv) = conn.open_bi().await.context("opening the long-lived stream")?;
+        let (ctx2, ok) = (ctx.clone(), stream_ok.clone());
+        Some(tokio::spawn(async move { long_stream(ctx2, send, recv, seed, ok).await }))
+    } else {
+        None
+    };
+    let requests = request_loop(ctx, conn, seed, s).await;
+    let stream_result = match long {
+        Some(t) => match t.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("long stream task panicked: {e}")),
+        },
+        None => Ok((0, 0)),
+    };
+    match &stream_result {
+        Ok((sent, verified)) => {
+            s.stream_bytes_sent += sent;
+            s.stream_bytes_verified += verified;
+        }
+        Err(_) => s.stream_exact = false,
+    }
+    if !stream_ok.load(Ordering::Relaxed) {
+        s.stream_exact = false;
+    }
+    requests?;
+    stream_result.map(|_| ())
+}
+
+async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &mut ConnSummary) -> Result<()> {
+    let size = ctx.args.request_size;
+    let mut body = vec![0u8; size];
+    let mut expected_counter = 1u64;
+    let mut last_done = Instant::now();
+    let mut n = 0u64;
+    while !ctx.stopping() {
+        fill(seed ^ 0x5eed_0000_0000_0000 ^ n, 0, &mut body);
+        n += 1;
+        let attempt = tokio::time::timeout(ctx.args.request_timeout, request(conn, &body)).await;
+        let outcome = match attempt {
+            Ok(Ok(answer)) => check_answer(&answer, &body, expected_counter),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(anyhow::anyhow!("no answer within {:?}", ctx.args.request_timeout)),
+        };
+        match outcome {
+            Ok(counter) => {
+                if counter != expected_counter {
+                    s.counter_breaks += 1;
+                    s.last_error = Some(format!("session counter went from {} to {counter}", expected_counter - 1));
+                    s.failed += 1;
+                    ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                expected_counter = counter + 1;
+                s.requests += 1;
+                ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                let gap = now - last_done;
+                last_done = now;
+                let gap_ms = gap.as_secs_f64() * 1000.0;
+                if gap_ms > s.max_stall_ms {
+                    s.max_stall_ms = gap_ms;
+                    ctx.totals.max_stall_us.fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                s.failed += 1;
+                ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
+                s.last_error = Some(format!("request: {e:#}"));
+                if let Some(reason) = conn.close_reason() {
+                    return Err(anyhow::anyhow!("connection lost: {reason}"));
+                }
+                tracing::warn!("request failed: {e:#}");
+            }
+        }
+        if !ctx.args.request_interval.is_zero() {
+            let mut stop = ctx.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(ctx.args.request_interval) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn request(conn: &quinn::Connection, body: &[u8]) -> Result<Vec<u8>> {
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a request stream")?;
+    send.write_all(&[KIND_REQUEST]).await.context("writing the request")?;
+    send.write_all(body).await.context("writing the request")?;
+    send.finish().context("finishing the request")?;
+    Ok(recv.read_to_end(body.len() + 8).await.context("reading the answer")?)
+}
+
+/// Checks an answer (8-byte counter, then the body); returns the counter.
+fn check_answer(answer: &[u8], body: &[u8], expected: u64) -> Result<u64> {
+    if answer.len() != body.len() + 8 {
+        bail!("answer has {} bytes, expected {}", answer.len(), body.len() + 8);
+    }
+    let counter = u64::from_be_bytes(answer[..8].try_into().expect("8 bytes"));
+    if &answer[8..] != body {
+        bail!("answer body differs from the request body (request {expected})");
+    }
+    Ok(counter)
+}
+
+/// Writes pattern bytes at `--stream-rate` until the run stops, then FIN; reads and checks every
+/// echoed byte until the server's FIN. Returns (sent, verified).
+async fn long_stream(
+    ctx: Arc<Ctx>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    seed: u64,
+    ok: Arc<AtomicBool>,
+) -> Result<(u64, u64)> {
+    send.write_all(&[KIND_STREAM]).await.context("writing the stream kind")?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (ctx, sent) = (ctx.clone(), sent.clone());
+        tokio::spawn(async move {
+            const TICK: Duration = Duration::from_millis(10);
+            let per_tick = (ctx.args.stream_rate as f64 * TICK.as_secs_f64()).max(1.0) as usize;
+            let mut buf = vec![0u8; per_tick];
+            let mut offset = 0u64;
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stop = ctx.stop.clone();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                fill(seed, offset, &mut buf);
+                send.write_all(&buf).await.context("writing the long stream")?;
+                offset += buf.len() as u64;
+                sent.store(offset, Ordering::Relaxed);
+                ctx.totals.stream_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
+            send.finish().context("finishing the long stream")?;
+            anyhow::Ok(offset)
+        })
+    };
+    let mut verified = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let reader = async {
+        loop {
+            match recv.read(&mut buf).await.context("reading the long stream's echo")? {
+                Some(n) => {
+                    if let Some(at) = first_mismatch(seed, verified, &buf[..n]) {
+                        ok.store(false, Ordering::Relaxed);
+                        ctx.totals.stream_bad.fetch_add(1, Ordering::Relaxed);
+                        bail!("echoed byte at offset {at} differs from what was sent");
+                    }
+                    verified += n as u64;
+                    ctx.totals.stream_verified.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                None => return anyhow::Ok(()),
+            }
+        }
+    };
+    // While running the reader has no deadline; once the run stops, the echo must end in time.
+    let mut stop = ctx.stop.clone();
+    let mut reader = std::pin::pin!(reader);
+    let read_result = tokio::select! {
+        r = &mut reader => r,
+        _ = stop.wait_for(|s| *s) => {
+            match tokio::time::timeout(Duration::from_secs(10), &mut reader).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("the long stream's echo did not end within 10 s of the stop")),
+            }
+        }
+    };
+    let total = match writer.await {
+        Ok(r) => r?,
+        Err(e) => bail!("long stream writer panicked: {e}"),
+    };
+    if let Err(e) = read_result {
+        ok.store(false, Ordering::Relaxed);
+        return Err(e);
+    }
+    if verified != total {
+        ok.store(false, Ordering::Relaxed);
+        ctx.totals.stream_bad.fetch_add(1, Ordering::Relaxed);
+        bail!("long stream: sent {total} bytes but {verified} came back before FIN");
+    }
+    Ok((total, verified))
+}

@@ -1,0 +1,75 @@
+//! `baton-worker gen-certs`: a CA, one certificate per worker for the peer channel (SAN = the
+//! worker's name, server and client auth: mutual TLS), the VIP's service certificate, and a fresh
+//! `secrets.toml`. For labs, tests and small deployments; use your own PKI if you have one.
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use std::path::{Path, PathBuf};
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Writes everything into `out` (created if needed); returns the files written.
+pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Vec<PathBuf>> {
+    anyhow::ensure!(!workers.is_empty(), "name at least one worker (--workers w1,w2)");
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, "Baton worker CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = p.self_signed(&ca_key)?;
+    for (name, pem, secret) in [("ca.pem", ca.pem(), false), ("ca.key", ca_key.serialize_pem(), true)] {
+        let path = out.join(name);
+        write(&path, &pem, secret)?;
+        written.push(path);
+    }
+    let leaf = |name: &str, client: bool| -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![name.to_string()])
+            .with_context(|| format!("{name:?} is not usable as a DNS name in a certificate"))?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client {
+            p.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        let cert = p.signed_by(&key, &ca, &ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    for w in workers {
+        let (cert, key) = leaf(w, true)?;
+        for (file, pem, secret) in [(format!("{w}.pem"), cert, false), (format!("{w}.key"), key, true)] {
+            let path = out.join(file);
+            write(&path, &pem, secret)?;
+            written.push(path);
+        }
+    }
+    let (cert, key) = leaf(service_name, false)?;
+    for (file, pem, secret) in [("service.pem", cert, false), ("service.key", key, true)] {
+        let path = out.join(file);
+        write(&path, &pem, secret)?;
+        written.push(path);
+    }
+    let path = out.join("secrets.toml");
+    write(&path, &crate::secrets::Secrets::generate_toml(), true)?;
+    written.push(path);
+    Ok(written)
+}
