@@ -14,6 +14,7 @@ pub mod fastpath;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod migrate;
 pub mod neigh;
 pub mod pinned;
 pub mod sys;

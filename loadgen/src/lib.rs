@@ -47,7 +47,10 @@ pub fn fill(seed: u64, offset: u64, out: &mut [u8]) {
 pub fn first_mismatch(seed: u64, offset: u64, got: &[u8]) -> Option<u64> {
     let mut want = vec![0u8; got.len()];
     fill(seed, offset, &mut want);
-    got.iter().zip(&want).position(|(a, b)| a != b).map(|i| offset + i as u64)
+    got.iter()
+        .zip(&want)
+        .position(|(a, b)| a != b)
+        .map(|i| offset + i as u64)
 }
 
 /// Parses `250ms`, `30s`, `2m`, `1h` or a plain number of seconds (`45`, `1.5`).
@@ -57,13 +60,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => (&t[..i], t[i..].trim()),
         None => (t, "s"),
     };
-    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "s" | "sec" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{text:?} is not a duration"));
@@ -85,6 +94,9 @@ pub struct ConnSummary {
     /// Largest gap between two completed requests (or between the start of the loop and its first
     /// completion), in milliseconds.
     pub max_stall_ms: f64,
+    /// When that largest gap ended, in seconds since the run started.
+    #[serde(default)]
+    pub max_stall_at_s: f64,
     /// Times the session's request counter did not continue (a lost session).
     pub counter_breaks: u64,
     pub connection_errors: u64,
@@ -93,6 +105,13 @@ pub struct ConnSummary {
     pub connect_retries: u64,
     pub stream_bytes_sent: u64,
     pub stream_bytes_verified: u64,
+    /// Packets the client's QUIC stack declared lost (then retransmitted), summed over the slot's
+    /// connections: reordering or loss around migrations shows up here and in the stalls.
+    #[serde(default)]
+    pub lost_packets: u64,
+    /// The client's congestion events (loss or ECN) over the slot's connections.
+    #[serde(default)]
+    pub congestion_events: u64,
     /// Every long stream of this slot came back complete (FIN) and byte-exact.
     pub stream_exact: bool,
     /// Last error seen, if any.
@@ -114,11 +133,20 @@ pub struct Summary {
     pub reconnects: u64,
     pub connect_retries: u64,
     pub max_stall_ms: f64,
+    /// When the largest stall of all ended (seconds since the start) and on which connection.
+    #[serde(default)]
+    pub max_stall_at_s: f64,
+    #[serde(default)]
+    pub max_stall_conn: usize,
     /// Percentiles of the per-connection largest stalls.
     pub p50_stall_ms: f64,
     pub p99_stall_ms: f64,
     pub stream_bytes_sent: u64,
     pub stream_bytes_verified: u64,
+    #[serde(default)]
+    pub lost_packets: u64,
+    #[serde(default)]
+    pub congestion_events: u64,
     /// Slots whose long streams were not complete and byte-exact.
     pub streams_not_exact: usize,
     /// Everything checked out: every slot connected once, no failure, no reconnect, every stream
@@ -140,19 +168,33 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 
 impl Summary {
     /// Totals over `per_connection`.
-    pub fn from_connections(target: String, duration: Duration, per_connection: Vec<ConnSummary>) -> Summary {
+    pub fn from_connections(
+        target: String,
+        duration: Duration,
+        per_connection: Vec<ConnSummary>,
+    ) -> Summary {
         let stalls: Vec<f64> = per_connection.iter().map(|c| c.max_stall_ms).collect();
         let mut s = Summary {
             target,
             duration_s: duration.as_secs_f64(),
             connections: per_connection.len(),
-            established: per_connection.iter().filter(|c| c.connections_made > 0).count(),
+            established: per_connection
+                .iter()
+                .filter(|c| c.connections_made > 0)
+                .count(),
             max_stall_ms: stalls.iter().copied().fold(0.0, f64::max),
             p50_stall_ms: percentile(&stalls, 50.0),
             p99_stall_ms: percentile(&stalls, 99.0),
             streams_not_exact: per_connection.iter().filter(|c| !c.stream_exact).count(),
             ..Default::default()
         };
+        if let Some(worst) = per_connection
+            .iter()
+            .max_by(|a, b| a.max_stall_ms.total_cmp(&b.max_stall_ms))
+        {
+            s.max_stall_at_s = worst.max_stall_at_s;
+            s.max_stall_conn = worst.index;
+        }
         for c in &per_connection {
             s.requests += c.requests;
             s.failed += c.failed;
@@ -162,6 +204,8 @@ impl Summary {
             s.connect_retries += c.connect_retries;
             s.stream_bytes_sent += c.stream_bytes_sent;
             s.stream_bytes_verified += c.stream_bytes_verified;
+            s.lost_packets += c.lost_packets;
+            s.congestion_events += c.congestion_events;
         }
         s.ok = s.established == s.connections
             && s.failed == 0
@@ -177,7 +221,10 @@ impl Summary {
     pub fn human(&self) -> String {
         let mut out = String::new();
         let mb = |b: u64| b as f64 / 1e6;
-        out.push_str(&format!("baton-load summary ({} for {:.1} s)\n", self.target, self.duration_s));
+        out.push_str(&format!(
+            "baton-load summary ({} for {:.1} s)\n",
+            self.target, self.duration_s
+        ));
         out.push_str(&format!(
             "  connections   {} ({} established, {} reconnects, {} connection errors, {} handshake retries)\n",
             self.connections, self.established, self.reconnects, self.connection_errors, self.connect_retries
@@ -187,8 +234,8 @@ impl Summary {
             self.requests, self.failed, self.counter_breaks
         ));
         out.push_str(&format!(
-            "  stall         largest gap between completed requests: max {:.1} ms, p50 {:.1} ms, p99 {:.1} ms over connections\n",
-            self.max_stall_ms, self.p50_stall_ms, self.p99_stall_ms
+            "  stall         largest gap between completed requests: max {:.1} ms (conn {} at t={:.1} s), p50 {:.1} ms, p99 {:.1} ms over connections\n",
+            self.max_stall_ms, self.max_stall_conn, self.max_stall_at_s, self.p50_stall_ms, self.p99_stall_ms
         ));
         out.push_str(&format!(
             "  long streams  {:.2} MB sent, {:.2} MB echoed and verified, {} not byte-exact\n",
@@ -196,7 +243,15 @@ impl Summary {
             mb(self.stream_bytes_verified),
             self.streams_not_exact
         ));
-        for c in self.per_connection.iter().filter(|c| c.last_error.is_some() || !c.stream_exact || c.failed > 0) {
+        out.push_str(&format!(
+            "  client QUIC   {} packets declared lost (retransmitted), {} congestion events\n",
+            self.lost_packets, self.congestion_events
+        ));
+        for c in self
+            .per_connection
+            .iter()
+            .filter(|c| c.last_error.is_some() || !c.stream_exact || c.failed > 0)
+        {
             out.push_str(&format!(
                 "  conn {:>4} {}: failed={} reconnects={} stream_exact={} error={}\n",
                 c.index,
@@ -207,7 +262,11 @@ impl Summary {
                 c.last_error.as_deref().unwrap_or("-")
             ));
         }
-        out.push_str(if self.ok { "  verdict       OK\n" } else { "  verdict       FAILED\n" });
+        out.push_str(if self.ok {
+            "  verdict       OK\n"
+        } else {
+            "  verdict       FAILED\n"
+        });
         out
     }
 }
@@ -253,10 +312,19 @@ mod tests {
             stream_exact: true,
             ..Default::default()
         };
-        let s = Summary::from_connections("x".into(), Duration::from_secs(1), vec![good.clone(), good.clone()]);
+        let s = Summary::from_connections(
+            "x".into(),
+            Duration::from_secs(1),
+            vec![good.clone(), good.clone()],
+        );
         assert!(s.ok);
         assert_eq!(s.requests, 20);
-        let bad = ConnSummary { reconnects: 1, connections_made: 2, max_stall_ms: 900.0, ..good.clone() };
+        let bad = ConnSummary {
+            reconnects: 1,
+            connections_made: 2,
+            max_stall_ms: 900.0,
+            ..good.clone()
+        };
         let s = Summary::from_connections("x".into(), Duration::from_secs(1), vec![good, bad]);
         assert!(!s.ok);
         assert_eq!(s.max_stall_ms, 900.0);

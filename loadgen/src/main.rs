@@ -1,6 +1,9 @@
 //! `baton-load`: drive Baton's demo service with many QUIC connections and check every byte.
 use anyhow::{Context, Result, bail};
-use baton_load::{ALPN, ConnSummary, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch, parse_duration};
+use baton_load::{
+    ALPN, ConnSummary, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch,
+    parse_duration,
+};
 use clap::Parser;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::pem::PemObject;
@@ -115,6 +118,7 @@ struct Ctx {
     stop: watch::Receiver<bool>,
     totals: Totals,
     stdout: Mutex<()>,
+    started: Instant,
 }
 
 impl Ctx {
@@ -134,10 +138,14 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("baton-load: cannot start the async runtime: {e}");
@@ -166,7 +174,9 @@ fn client_config(args: &Args) -> Result<quinn::ClientConfig> {
             .with_no_client_auth()
     } else {
         let Some(ca) = &args.ca else {
-            bail!("give --ca <PEM file> with the CA that signed the workers' certificate, or --insecure-skip-verify in a lab");
+            bail!(
+                "give --ca <PEM file> with the CA that signed the workers' certificate, or --insecure-skip-verify in a lab"
+            );
         };
         let mut roots = rustls::RootCertStore::empty();
         let certs = CertificateDer::pem_file_iter(ca)
@@ -177,14 +187,20 @@ fn client_config(args: &Args) -> Result<quinn::ClientConfig> {
             bail!("{} holds no PEM certificate", ca.display());
         }
         for c in certs {
-            roots.add(c).with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s fits a VarInt")));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("30 s fits a VarInt"),
+    ));
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     config.transport_config(Arc::new(transport));
     Ok(config)
@@ -212,7 +228,12 @@ impl rustls::client::danger::ServerCertVerifier for SkipServerVerification {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -220,7 +241,12 @@ impl rustls::client::danger::ServerCertVerifier for SkipServerVerification {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -232,7 +258,10 @@ async fn run(args: Args) -> Result<bool> {
         bail!("--connections must be at least 1");
     }
     if args.request_size > MAX_REQUEST {
-        bail!("--request-size {} is over the demo service's limit of {MAX_REQUEST} bytes", args.request_size);
+        bail!(
+            "--request-size {} is over the demo service's limit of {MAX_REQUEST} bytes",
+            args.request_size
+        );
     }
     if args.duration.is_none() && args.stop_file.is_none() {
         eprintln!("baton-load: no --duration or --stop-file: running until SIGINT/SIGTERM");
@@ -240,18 +269,29 @@ async fn run(args: Args) -> Result<bool> {
     if let Some(f) = &args.stop_file
         && f.exists()
     {
-        bail!("the stop file {} exists already: remove it first", f.display());
+        bail!(
+            "the stop file {} exists already: remove it first",
+            f.display()
+        );
     }
     let client_config = client_config(&args)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(Ctx { args, client_config, stop: stop_rx, totals: Totals::default(), stdout: Mutex::new(()) });
     let started = Instant::now();
+    let ctx = Arc::new(Ctx {
+        args,
+        client_config,
+        stop: stop_rx,
+        totals: Totals::default(),
+        stdout: Mutex::new(()),
+        started,
+    });
 
     // Stop conditions: duration, stop file, signals.
     {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let deadline = ctx.args.duration.map(|d| tokio::time::Instant::now() + d);
             loop {
                 tokio::select! {
@@ -285,7 +325,7 @@ async fn run(args: Args) -> Result<bool> {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stopped(&mut stop) => return,
                 }
                 let t = &ctx.totals;
                 let req = t.requests.load(Ordering::Relaxed);
@@ -319,7 +359,9 @@ async fn run(args: Args) -> Result<bool> {
             break;
         }
         let (ctx2, first_up) = (ctx.clone(), first_up.clone());
-        tasks.push(tokio::spawn(async move { connection_slot(ctx2, index, first_up).await }));
+        tasks.push(tokio::spawn(async move {
+            connection_slot(ctx2, index, first_up).await
+        }));
         if !ctx.args.ramp.is_zero() {
             tokio::time::sleep(ctx.args.ramp).await;
         }
@@ -336,10 +378,15 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     progress.abort();
-    let summary = Summary::from_connections(ctx.args.target.to_string(), started.elapsed(), per_connection);
+    let summary = Summary::from_connections(
+        ctx.args.target.to_string(),
+        started.elapsed(),
+        per_connection,
+    );
     let json = serde_json::to_string(&summary)?;
     if let Some(f) = &ctx.args.summary_file {
-        std::fs::write(f, format!("{json}\n")).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::write(f, format!("{json}\n"))
+            .with_context(|| format!("writing {}", f.display()))?;
     }
     if ctx.args.json {
         ctx.say(&json);
@@ -352,7 +399,11 @@ async fn run(args: Args) -> Result<bool> {
 /// One connection slot: connect (retrying at start-up), run the session, and if the connection
 /// breaks before the run ends, reconnect and go on (counted as a reconnect).
 async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>) -> ConnSummary {
-    let mut s = ConnSummary { index, stream_exact: true, ..Default::default() };
+    let mut s = ConnSummary {
+        index,
+        stream_exact: true,
+        ..Default::default()
+    };
     // Bind the address the route to the target leaves from (not the wildcard), so the local
     // address printed for this connection is exactly the peer address a worker reports.
     let bind = SocketAddr::new(source_ip_for(ctx.args.target), 0);
@@ -365,6 +416,7 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
         }
     };
     endpoint.set_default_client_config(ctx.client_config.clone());
+    s.local_addr = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut attempts = 0u32;
     let mut generation = 0u64;
     loop {
@@ -379,7 +431,8 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
                     s.connect_retries += 1;
                     tracing::debug!(index, attempts, "handshake failed: {e:#}");
                     if attempts >= ctx.args.connect_attempts {
-                        s.last_error = Some(format!("no connection after {attempts} attempts: {e:#}"));
+                        s.last_error =
+                            Some(format!("no connection after {attempts} attempts: {e:#}"));
                         s.stream_exact = false;
                         break;
                     }
@@ -397,7 +450,10 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
             ctx.totals.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         s.connections_made += 1;
-        let local = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = endpoint
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         s.local_addr = local.clone();
         if s.connections_made == 1 {
             ctx.totals.up.fetch_add(1, Ordering::Relaxed);
@@ -408,11 +464,17 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
                 }
             }
         } else if ctx.args.print_conn_ids {
-            ctx.say(&format!("conn {index} local={local} reconnect={}", s.reconnects));
+            ctx.say(&format!(
+                "conn {index} local={local} reconnect={}",
+                s.reconnects
+            ));
         }
         let seed = ((index as u64) << 20) ^ generation;
         generation += 1;
         let result = session(&ctx, &conn, seed, &mut s).await;
+        let stats = conn.stats();
+        s.lost_packets += stats.path.lost_packets;
+        s.congestion_events += stats.path.congestion_events;
         match result {
             Ok(()) => {
                 conn.close(0u32.into(), b"done");
@@ -431,10 +493,18 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
     s
 }
 
+/// Resolves once the run is stopping (holds no watch guard across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// The local address the kernel would use towards `target` (the wildcard if it cannot tell).
 fn source_ip_for(target: SocketAddr) -> std::net::IpAddr {
-    let unspecified: std::net::IpAddr =
-        if target.is_ipv6() { std::net::Ipv6Addr::UNSPECIFIED.into() } else { std::net::Ipv4Addr::UNSPECIFIED.into() };
+    let unspecified: std::net::IpAddr = if target.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
     std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0))
         .and_then(|s| {
             s.connect(target)?;
@@ -447,7 +517,12 @@ fn source_ip_for(target: SocketAddr) -> std::net::IpAddr {
 async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<quinn::Connection> {
     let connecting = endpoint
         .connect(ctx.args.target, &ctx.args.server_name)
-        .with_context(|| format!("connecting to {} as {:?}", ctx.args.target, ctx.args.server_name))?;
+        .with_context(|| {
+            format!(
+                "connecting to {} as {:?}",
+                ctx.args.target, ctx.args.server_name
+            )
+        })?;
     match tokio::time::timeout(ctx.args.connect_timeout, connecting).await {
         Ok(r) => Ok(r.context("handshake")?),
         Err(_) => bail!("no handshake within {:?}", ctx.args.connect_timeout),
@@ -456,12 +531,22 @@ async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<quinn::Connect
 
 /// Runs the request loop and the long stream on `conn` until the run stops (Ok) or the
 /// connection breaks (Err).
-async fn session(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &mut ConnSummary) -> Result<()> {
+async fn session(
+    ctx: &Arc<Ctx>,
+    conn: &quinn::Connection,
+    seed: u64,
+    s: &mut ConnSummary,
+) -> Result<()> {
     let stream_ok = Arc::new(AtomicBool::new(true));
     let long = if ctx.args.stream_rate > 0 {
-        let (send, recv) = conn.open_bi().await.context("opening the long-lived stream")?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .context("opening the long-lived stream")?;
         let (ctx2, ok) = (ctx.clone(), stream_ok.clone());
-        Some(tokio::spawn(async move { long_stream(ctx2, send, recv, seed, ok).await }))
+        Some(tokio::spawn(async move {
+            long_stream(ctx2, send, recv, seed, ok).await
+        }))
     } else {
         None
     };
@@ -487,7 +572,13 @@ async fn session(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &mut Co
     stream_result.map(|_| ())
 }
 
-async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &mut ConnSummary) -> Result<()> {
+async fn request_loop(
+    ctx: &Arc<Ctx>,
+    conn: &quinn::Connection,
+    seed: u64,
+    s: &mut ConnSummary,
+) -> Result<()> {
+    let run_start = ctx.started;
     let size = ctx.args.request_size;
     let mut body = vec![0u8; size];
     let mut expected_counter = 1u64;
@@ -500,13 +591,19 @@ async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &m
         let outcome = match attempt {
             Ok(Ok(answer)) => check_answer(&answer, &body, expected_counter),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!("no answer within {:?}", ctx.args.request_timeout)),
+            Err(_) => Err(anyhow::anyhow!(
+                "no answer within {:?}",
+                ctx.args.request_timeout
+            )),
         };
         match outcome {
             Ok(counter) => {
                 if counter != expected_counter {
                     s.counter_breaks += 1;
-                    s.last_error = Some(format!("session counter went from {} to {counter}", expected_counter - 1));
+                    s.last_error = Some(format!(
+                        "session counter went from {} to {counter}",
+                        expected_counter - 1
+                    ));
                     s.failed += 1;
                     ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
                 }
@@ -519,7 +616,10 @@ async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &m
                 let gap_ms = gap.as_secs_f64() * 1000.0;
                 if gap_ms > s.max_stall_ms {
                     s.max_stall_ms = gap_ms;
-                    ctx.totals.max_stall_us.fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
+                    s.max_stall_at_s = (now - run_start).as_secs_f64();
+                    ctx.totals
+                        .max_stall_us
+                        .fetch_max(gap.as_micros() as u64, Ordering::Relaxed);
                 }
             }
             Err(e) => {
@@ -536,7 +636,7 @@ async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &m
             let mut stop = ctx.stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(ctx.args.request_interval) => {}
-                _ = stop.wait_for(|s| *s) => {}
+                _ = stopped(&mut stop) => {}
             }
         }
     }
@@ -545,16 +645,24 @@ async fn request_loop(ctx: &Arc<Ctx>, conn: &quinn::Connection, seed: u64, s: &m
 
 async fn request(conn: &quinn::Connection, body: &[u8]) -> Result<Vec<u8>> {
     let (mut send, mut recv) = conn.open_bi().await.context("opening a request stream")?;
-    send.write_all(&[KIND_REQUEST]).await.context("writing the request")?;
+    send.write_all(&[KIND_REQUEST])
+        .await
+        .context("writing the request")?;
     send.write_all(body).await.context("writing the request")?;
     send.finish().context("finishing the request")?;
-    Ok(recv.read_to_end(body.len() + 8).await.context("reading the answer")?)
+    recv.read_to_end(body.len() + 8)
+        .await
+        .context("reading the answer")
 }
 
 /// Checks an answer (8-byte counter, then the body); returns the counter.
 fn check_answer(answer: &[u8], body: &[u8], expected: u64) -> Result<u64> {
     if answer.len() != body.len() + 8 {
-        bail!("answer has {} bytes, expected {}", answer.len(), body.len() + 8);
+        bail!(
+            "answer has {} bytes, expected {}",
+            answer.len(),
+            body.len() + 8
+        );
     }
     let counter = u64::from_be_bytes(answer[..8].try_into().expect("8 bytes"));
     if &answer[8..] != body {
@@ -572,7 +680,9 @@ async fn long_stream(
     seed: u64,
     ok: Arc<AtomicBool>,
 ) -> Result<(u64, u64)> {
-    send.write_all(&[KIND_STREAM]).await.context("writing the stream kind")?;
+    send.write_all(&[KIND_STREAM])
+        .await
+        .context("writing the stream kind")?;
     let sent = Arc::new(AtomicU64::new(0));
     let writer = {
         let (ctx, sent) = (ctx.clone(), sent.clone());
@@ -587,13 +697,17 @@ async fn long_stream(
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = stopped(&mut stop) => break,
                 }
                 fill(seed, offset, &mut buf);
-                send.write_all(&buf).await.context("writing the long stream")?;
+                send.write_all(&buf)
+                    .await
+                    .context("writing the long stream")?;
                 offset += buf.len() as u64;
                 sent.store(offset, Ordering::Relaxed);
-                ctx.totals.stream_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                ctx.totals
+                    .stream_sent
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
             }
             send.finish().context("finishing the long stream")?;
             anyhow::Ok(offset)
@@ -601,31 +715,39 @@ async fn long_stream(
     };
     let mut verified = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
-    let reader = async {
-        loop {
-            match recv.read(&mut buf).await.context("reading the long stream's echo")? {
-                Some(n) => {
-                    if let Some(at) = first_mismatch(seed, verified, &buf[..n]) {
-                        ok.store(false, Ordering::Relaxed);
-                        ctx.totals.stream_bad.fetch_add(1, Ordering::Relaxed);
-                        bail!("echoed byte at offset {at} differs from what was sent");
-                    }
-                    verified += n as u64;
-                    ctx.totals.stream_verified.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                None => return anyhow::Ok(()),
-            }
-        }
-    };
     // While running the reader has no deadline; once the run stops, the echo must end in time.
-    let mut stop = ctx.stop.clone();
-    let mut reader = std::pin::pin!(reader);
-    let read_result = tokio::select! {
-        r = &mut reader => r,
-        _ = stop.wait_for(|s| *s) => {
-            match tokio::time::timeout(Duration::from_secs(10), &mut reader).await {
-                Ok(r) => r,
-                Err(_) => Err(anyhow::anyhow!("the long stream's echo did not end within 10 s of the stop")),
+    let read_result = {
+        let reader = async {
+            loop {
+                match recv
+                    .read(&mut buf)
+                    .await
+                    .context("reading the long stream's echo")?
+                {
+                    Some(n) => {
+                        if let Some(at) = first_mismatch(seed, verified, &buf[..n]) {
+                            ok.store(false, Ordering::Relaxed);
+                            ctx.totals.stream_bad.fetch_add(1, Ordering::Relaxed);
+                            bail!("echoed byte at offset {at} differs from what was sent");
+                        }
+                        verified += n as u64;
+                        ctx.totals
+                            .stream_verified
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    None => return anyhow::Ok(()),
+                }
+            }
+        };
+        let mut stop = ctx.stop.clone();
+        let mut reader = std::pin::pin!(reader);
+        tokio::select! {
+            r = &mut reader => r,
+            _ = stopped(&mut stop) => {
+                match tokio::time::timeout(Duration::from_secs(10), &mut reader).await {
+                    Ok(r) => r,
+                    Err(_) => Err(anyhow::anyhow!("the long stream's echo did not end within 10 s of the stop")),
+                }
             }
         }
     };

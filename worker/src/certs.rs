@@ -24,20 +24,27 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<()> {
 
 /// Writes everything into `out` (created if needed); returns the files written.
 pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Vec<PathBuf>> {
-    anyhow::ensure!(!workers.is_empty(), "name at least one worker (--workers w1,w2)");
+    anyhow::ensure!(
+        !workers.is_empty(),
+        "name at least one worker (--workers w1,w2)"
+    );
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut written = Vec::new();
     let ca_key = KeyPair::generate()?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, "Baton worker CA");
+    p.distinguished_name
+        .push(DnType::CommonName, "Baton worker CA");
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
     let ca = p.self_signed(&ca_key)?;
-    for (name, pem, secret) in [("ca.pem", ca.pem(), false), ("ca.key", ca_key.serialize_pem(), true)] {
+    for (name, pem, secret) in [
+        ("ca.pem", ca.pem(), false),
+        ("ca.key", ca_key.serialize_pem(), true),
+    ] {
         let path = out.join(name);
         write(&path, &pem, secret)?;
         written.push(path);
@@ -49,14 +56,18 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
         p.distinguished_name.push(DnType::CommonName, name);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         if client {
-            p.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
         }
         let cert = p.signed_by(&key, &ca, &ca_key)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
     for w in workers {
         let (cert, key) = leaf(w, true)?;
-        for (file, pem, secret) in [(format!("{w}.pem"), cert, false), (format!("{w}.key"), key, true)] {
+        for (file, pem, secret) in [
+            (format!("{w}.pem"), cert, false),
+            (format!("{w}.key"), key, true),
+        ] {
             let path = out.join(file);
             write(&path, &pem, secret)?;
             written.push(path);
@@ -72,4 +83,34 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
     write(&path, &crate::secrets::Secrets::generate_toml(), true)?;
     written.push(path);
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn generated_files_load_as_peer_tls_and_secrets() {
+        let dir = std::env::temp_dir().join(format!("baton-gen-certs-{}", std::process::id()));
+        let files = super::generate(&dir, &["w1".into(), "w2".into()], "baton.test").unwrap();
+        assert_eq!(files.len(), 9);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("w1.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "private keys are not world-readable");
+        crate::migrate::peer_tls(
+            &dir.join("ca.pem"),
+            &dir.join("w1.pem"),
+            &dir.join("w1.key"),
+        )
+        .unwrap();
+        crate::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
+        assert!(
+            crate::secrets::Secrets::load(&dir.join("secrets.toml"))
+                .unwrap()
+                .snapshot_key
+                .is_some()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -29,6 +29,29 @@ pub struct WorkerConfig {
     pub key: PathBuf,
     #[serde(default = "default_service")]
     pub service: String,
+    /// Name of this worker (as in the LB's and the controller's configs); default `worker-<server_id>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Control socket (JSON lines, `docs/MIGRATION-FLOW.md`). Set it to take part in migrations;
+    /// then `secrets` and `[peer]` are required too.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// `secrets.toml`: token secret and snapshot key, shared with the controller and other workers.
+    #[serde(default)]
+    pub secrets: Option<PathBuf>,
+    #[serde(default)]
+    pub peer: Option<PeerConfig>,
+}
+
+/// The worker-to-worker channel (quinn, mutual TLS).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// A concrete address other workers can reach (it is what this worker tells the controller).
+    pub listen: std::net::SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn default_port() -> u16 {
@@ -46,7 +69,31 @@ fn default_service() -> String {
 
 impl WorkerConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(toml::from_str(text)?)
+        let c: Self = toml::from_str(text)?;
+        if c.control_socket.is_some() {
+            anyhow::ensure!(
+                c.secrets.is_some(),
+                "control_socket is set, so `secrets` (secrets.toml) is needed too"
+            );
+            anyhow::ensure!(
+                c.peer.is_some(),
+                "control_socket is set, so a [peer] table (listen, ca, cert, key) is needed too"
+            );
+        }
+        if let Some(p) = &c.peer {
+            anyhow::ensure!(
+                !p.listen.ip().is_unspecified(),
+                "peer.listen must be a concrete address other workers reach, not {}",
+                p.listen.ip()
+            );
+        }
+        Ok(c)
+    }
+
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("worker-{}", self.server_id))
     }
 }
 
@@ -70,5 +117,29 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn migration_settings_need_secrets_and_a_peer_table() {
+        let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let full = format!(
+            "{base}name = \"w3\"\ncontrol_socket = \"/run/baton/w3.sock\"\nsecrets = \"s.toml\"\n\
+             [peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n"
+        );
+        let c = WorkerConfig::parse(&full).unwrap();
+        assert_eq!(c.name(), "w3");
+        assert_eq!(c.peer.unwrap().listen.port(), 4470);
+        let e = WorkerConfig::parse(&format!("{base}control_socket = \"/x.sock\"\n")).unwrap_err();
+        assert!(e.to_string().contains("secrets"), "{e}");
+        let unspecified = full.replace("10.0.0.13", "0.0.0.0");
+        assert!(
+            WorkerConfig::parse(&unspecified)
+                .unwrap_err()
+                .to_string()
+                .contains("concrete")
+        );
+        assert_eq!(WorkerConfig::parse(base).unwrap().name(), "worker-3");
+        // The shipped example parses.
+        WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
     }
 }

@@ -47,20 +47,33 @@ impl Secrets {
                  snapshot_key_id, snapshot_key (64 hex); `baton-worker gen-certs` writes one"
             )
         })?;
-        let (token_hex, key_hex) = (Zeroizing::new(raw.token_secret), raw.snapshot_key.map(Zeroizing::new));
+        let (token_hex, key_hex) = (
+            Zeroizing::new(raw.token_secret),
+            raw.snapshot_key.map(Zeroizing::new),
+        );
         let token = crate::unhex(&token_hex)
             .map(Zeroizing::new)
             .context("token_secret is not hex")?;
         let token_secret = TokenSecret::from_bytes(&token).map_err(|e| anyhow::anyhow!("{e}"))?;
         let snapshot_key = match (raw.snapshot_key_id, key_hex) {
             (Some(id), Some(k)) => {
-                let k = crate::unhex(&k).map(Zeroizing::new).context("snapshot_key is not hex")?;
-                Some((id, EncryptionKey::from_bytes(&k).map_err(|e| anyhow::anyhow!("snapshot_key: {e}"))?))
+                let k = crate::unhex(&k)
+                    .map(Zeroizing::new)
+                    .context("snapshot_key is not hex")?;
+                Some((
+                    id,
+                    EncryptionKey::from_bytes(&k)
+                        .map_err(|e| anyhow::anyhow!("snapshot_key: {e}"))?,
+                ))
             }
             (None, None) => None,
             _ => anyhow::bail!("give both snapshot_key_id and snapshot_key, or neither"),
         };
-        Ok(Self { token_secret_id: raw.token_secret_id, token_secret, snapshot_key })
+        Ok(Self {
+            token_secret_id: raw.token_secret_id,
+            token_secret,
+            snapshot_key,
+        })
     }
 
     /// A fresh secrets file (random keys from the OS).

@@ -107,6 +107,13 @@ fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
 }
 
 fn up() -> Result<()> {
+    up_quiet()?;
+    print_summary();
+    Ok(())
+}
+
+/// `lab up` without the summary (for `cargo xtask demo`).
+pub fn up_quiet() -> Result<()> {
     for ns in NAMESPACES {
         if !ns_exists(ns) {
             sh(&["ip", "netns", "add", ns])?;
@@ -169,12 +176,22 @@ fn up() -> Result<()> {
         // Native XDP_REDIRECT into a veth delivers only if the peer runs NAPI: GRO turns it on.
         ns_sh(ns, &["ethtool", "-K", dev, "gro", "on"])?;
     }
-
-    print_summary();
     Ok(())
 }
 
 fn down() -> Result<()> {
+    down_quiet()?;
+    if std::path::Path::new("/sys/fs/bpf/baton").exists() {
+        println!(
+            "note: /sys/fs/bpf/baton still holds baton-lb's pins (the lab did not make them): \
+             `baton-lb detach` removes them"
+        );
+    }
+    Ok(())
+}
+
+/// Removes the lab's namespaces, saying which.
+pub fn down_quiet() -> Result<()> {
     let mut removed = 0;
     for ns in NAMESPACES {
         if ns_exists(ns) {
@@ -185,12 +202,6 @@ fn down() -> Result<()> {
     }
     if removed == 0 {
         println!("no lab namespaces were present");
-    }
-    if std::path::Path::new("/sys/fs/bpf/baton").exists() {
-        println!(
-            "note: /sys/fs/bpf/baton still holds baton-lb's pins (the lab did not make them): \
-             `baton-lb detach` removes them"
-        );
     }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: the one place the README's commands go through.
 mod bench;
+mod demo;
 mod ebpf;
+mod fuzz;
 mod lab;
 mod patch;
 mod test;
@@ -28,6 +30,9 @@ enum Command {
     Test(test::Options),
     /// Unpack the pinned dependency sources we patch into .patched/ and apply patches/<crate>/*.patch.
     PatchDeps,
+    /// The mission end to end (root): lab, baton-lb, two workers, a client load, every connection
+    /// migrated w1 -> w2 -> w1 several times while it runs; prints a report and a RESULT line.
+    Demo(demo::Options),
     /// Run the benchmarks (XDP per-packet cost, migration pipeline) and print a side-by-side report.
     Bench(bench::Options),
 }
@@ -44,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab { action } => lab::run(action),
         Command::Test(opts) => test::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
         Command::PatchDeps => patch::prepare(),
     }
 }

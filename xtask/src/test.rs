@@ -4,6 +4,10 @@ use anyhow::Result;
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// Seconds to fuzz the snapshot decoder after the tests (0 skips fuzzing; CI uses the default).
+    #[arg(long, default_value_t = 30)]
+    pub fuzz_seconds: u64,
+
     /// Extra arguments passed to every `cargo test` (e.g. a test name filter after `--`).
     #[arg(trailing_var_arg = true)]
     pub args: Vec<String>,
@@ -15,6 +19,10 @@ pub fn run(opts: &Options) -> Result<()> {
     util::run(cargo().args(["test", "--workspace", "--exclude", "baton-tests", "--exclude", "lb-ebpf"]).args(&opts.args))?;
     // Integration tests share network namespaces and the bpffs pin directory: one at a time.
     util::run(cargo().args(["test", "-p", "baton-tests", "--", "--test-threads=1"]).args(&opts.args))?;
+    // A short, bounded fuzz run of the snapshot decoder: untrusted bytes from another worker.
+    if opts.fuzz_seconds > 0 {
+        crate::fuzz::run_bounded(opts.fuzz_seconds)?;
+    }
     eprintln!("[xtask] all tests passed");
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 Works on the maps baton-lb pinned under --pin-dir (what the XDP program really uses), and asks \
 the running baton-lb over its control socket for worker names, health and the attach mode. \
 Needs root. Output is for people by default; --json prints one JSON document for scripts.",
-    after_help = "Examples:\n  baton status\n  baton workers --json\n  baton route 01000112345678ab\n  baton override set 01000112345678ab w2\n  baton override del 01000112345678ab"
+    after_help = "Examples:\n  baton conns\n  baton migrate <conn> --to w2\n  baton drain w1\n  baton status\n  baton workers --json\n  baton route 01000112345678ab\n  baton override set 01000112345678ab w2\n  baton override del 01000112345678ab"
 )]
 struct Cli {
     /// bpffs directory baton-lb pinned its maps and link in.
@@ -34,6 +34,9 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Where the workers' control sockets and the secrets file are (for conns, migrate, drain).
+    #[arg(long, env = "BATON_MIGRATION_CONFIG", default_value = lb_user::migrate::DEFAULT_MIGRATION_CONFIG, global = true)]
+    migration_config: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -54,6 +57,39 @@ enum Cmd {
     Override {
         #[command(subcommand)]
         action: OverrideCmd,
+    },
+    /// Every connection on every worker: its key (the `conn` to migrate), worker, state, CIDs.
+    Conns,
+    /// Move one live connection to another worker (zero downtime). Prints the error kind and
+    /// exits 1 if it failed; a failure before the LB flip is rolled back.
+    Migrate {
+        /// The connection key from `baton conns`.
+        conn: String,
+        /// Target worker name (from the migration config).
+        #[arg(long)]
+        to: String,
+        /// How long the source may wait for the connection to quiesce before giving up (ms).
+        #[arg(long, default_value_t = 2000)]
+        quiesce_timeout_ms: u64,
+        /// Test hook: send a token with a corrupted MAC.
+        #[arg(long, hide = true)]
+        forge_token: bool,
+        /// Test hook: send a token that has already expired.
+        #[arg(long, hide = true)]
+        expired_token: bool,
+        /// Test hook: the source corrupts the sealed snapshot it sends.
+        #[arg(long, hide = true)]
+        tamper_snapshot: bool,
+    },
+    /// Move every connection off WORKER, several at a time, with progress and a summary.
+    Drain {
+        worker: String,
+        /// Target worker (default: spread over all the other workers).
+        #[arg(long)]
+        to: Option<String>,
+        /// Migrations in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
     },
 }
 
@@ -97,7 +133,125 @@ fn run(cli: &Cli) -> Result<()> {
             OverrideCmd::Del { cid } => override_del(cli, cid),
             OverrideCmd::List => override_list(cli),
         },
+        Cmd::Conns => conns(cli),
+        Cmd::Migrate { conn, to, quiesce_timeout_ms, forge_token, expired_token, tamper_snapshot } => {
+            let faults = lb_user::migrate::Faults {
+                forge_token: *forge_token,
+                expire_token: expired_token.then_some(std::time::Duration::from_secs(600)),
+                tamper_snapshot: *tamper_snapshot,
+            };
+            migrate(cli, conn, to, *quiesce_timeout_ms, faults)
+        }
+        Cmd::Drain { worker, to, concurrency } => drain(cli, worker, to.as_deref(), *concurrency),
     }
+}
+
+fn orchestrator(cli: &Cli) -> Result<lb_user::migrate::Orchestrator> {
+    let cfg = lb_user::migrate::MigrationConfig::load(&cli.migration_config)?;
+    lb_user::migrate::Orchestrator::new(cfg, &cli.control_socket, &cli.pin_dir)
+}
+
+fn conns(cli: &Cli) -> Result<()> {
+    let o = orchestrator(cli)?;
+    let (rows, down) = o.conns();
+    for (w, f) in &down {
+        eprintln!("warning: worker {w} did not answer: {}", f.error);
+    }
+    if cli.json {
+        return print_json(&rows);
+    }
+    println!("{:<42} {:<10} {:<10} {:<24} {:>9}  CIDS", "CONN", "WORKER", "STATE", "CLIENT", "OVERRIDES");
+    for r in &rows {
+        println!(
+            "{:<42} {:<10} {:<10} {:<24} {:>9}  {}",
+            r.conn,
+            r.worker,
+            r.state,
+            r.remote,
+            r.overrides,
+            r.cids.join(",")
+        );
+    }
+    println!("{} connections", rows.len());
+    Ok(())
+}
+
+fn migrate(cli: &Cli, conn: &str, to: &str, quiesce_ms: u64, faults: lb_user::migrate::Faults) -> Result<()> {
+    let mut o = orchestrator(cli)?;
+    o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
+    o.faults = faults;
+    let result = o.locate(conn).and_then(|from| o.migrate(conn, &from, to));
+    match result {
+        Ok(r) => {
+            let left = o.retire(std::slice::from_ref(&r), std::time::Duration::from_secs(5));
+            if cli.json {
+                let mut v = serde_json::to_value(&r)?;
+                v["ok"] = json!(true);
+                v["overrides_left"] = json!(left);
+                return print_json(&v);
+            }
+            println!(
+                "migrated {} {} -> {} in {:.1} ms (freeze {:.1} ms, snapshot {} bytes, {} CIDs flipped)",
+                r.conn,
+                r.from,
+                r.to,
+                r.total_ms,
+                r.freeze_ms,
+                r.snapshot_bytes,
+                r.cids.len()
+            );
+            if left.is_empty() {
+                println!("old CIDs retired: overrides removed");
+            } else {
+                println!("{} old CIDs still in use: their overrides stay ({})", left.len(), left.join(","));
+            }
+            Ok(())
+        }
+        Err(f) => {
+            if cli.json {
+                print_json(&json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.error}))?;
+                std::process::exit(1);
+            }
+            bail!("migration failed ({}): {}", f.kind, f.error)
+        }
+    }
+}
+
+fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Result<()> {
+    let o = orchestrator(cli)?;
+    let json_out = cli.json;
+    let progress =
+        move |done: usize,
+              total: usize,
+              r: &std::result::Result<lb_user::migrate::Report, lb_user::migrate::Failure>| {
+            if let Err(f) = r {
+                eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.error);
+            } else if !json_out && (done.is_multiple_of(25) || done == total) {
+                eprintln!("[{done}/{total}] migrated");
+            }
+        };
+    let s = lb_user::migrate::drain(&o, worker, to, concurrency, &progress)?;
+    if cli.json {
+        print_json(&s)?;
+    } else {
+        println!(
+            "drained {}: {} of {} connections moved, {} failed, in {:.0} ms ({:.0} connections/s); {} overrides left",
+            s.worker,
+            s.moved,
+            s.total,
+            s.failed,
+            s.total_ms,
+            s.moved as f64 / (s.total_ms / 1000.0).max(1e-9),
+            s.overrides_left
+        );
+        for (kind, n) in &s.errors {
+            println!("  {n} failed with {kind}");
+        }
+    }
+    if s.failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn daemon(cli: &Cli) -> Option<DaemonStatus> {

@@ -47,6 +47,27 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// Builds `baton-worker` (once per test process) next to the baton binaries; returns its path.
+pub fn worker_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = bin_dir();
+            let target_dir = dir.parent().expect("target dir").to_path_buf();
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-q", "-p", "baton-worker", "--bins"])
+                .current_dir(workspace_root())
+                .env("CARGO_TARGET_DIR", &target_dir);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().expect("run cargo build for baton-worker");
+            assert!(out.status.success(), "building baton-worker failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            dir.join("baton-worker")
+        })
+        .clone()
+}
+
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
     assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));

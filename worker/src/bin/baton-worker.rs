@@ -1,10 +1,13 @@
-//! `baton-worker --config worker.toml`: serves the configured service on the VIP.
+//! `baton-worker --config worker.toml`: serves the configured service on the VIP, and (with
+//! `control_socket`, `secrets` and `[peer]` set) takes part in live migrations.
+//! `baton-worker gen-certs --out DIR --workers w1,w2`: CA, peer certificates, service certificate
+//! and secrets for a deployment or a lab (docs/MIGRATION-FLOW.md).
 use anyhow::Context;
 use baton_worker::config::WorkerConfig;
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::io::{Inbound, spawn};
 use baton_worker::udp::UdpIo;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use lb_common::cid::CidLayout;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +15,27 @@ use std::sync::Arc;
 #[derive(Parser)]
 #[command(name = "baton-worker", about = "Baton QUIC worker")]
 struct Args {
-    /// TOML configuration file
+    /// TOML configuration file (needed to run the worker)
     #[arg(long, short)]
-    config: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a CA, a peer-channel certificate per worker, the VIP's service certificate and a
+    /// fresh secrets.toml into DIR.
+    GenCerts {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Worker names, comma separated (each becomes its certificate's DNS name).
+        #[arg(long, value_delimiter = ',', required = true)]
+        workers: Vec<String>,
+        /// DNS name in the service (VIP) certificate clients verify.
+        #[arg(long, default_value = "baton.test")]
+        service_name: String,
+    },
 }
 
 #[tokio::main]
@@ -23,9 +44,24 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let config = WorkerConfig::parse(&text)?;
+    if let Some(Cmd::GenCerts {
+        out,
+        workers,
+        service_name,
+    }) = args.cmd
+    {
+        for p in baton_worker::certs::generate(&out, &workers, &service_name)? {
+            println!("wrote {}", p.display());
+        }
+        return Ok(());
+    }
+    let config_path = args
+        .config
+        .context("give --config worker.toml (or a subcommand; see --help)")?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config =
+        WorkerConfig::parse(&text).with_context(|| format!("config {}", config_path.display()))?;
     let service: Arc<dyn baton_worker::service::Service> = match config.service.as_str() {
         "demo" => Arc::new(baton_worker::demo::DemoService),
         other => anyhow::bail!("unknown service {other:?} (known: demo)"),
@@ -47,10 +83,49 @@ async fn main() -> anyhow::Result<()> {
         service,
     )?;
     tracing::info!(%addr, server_id = config.server_id, "worker listening");
-    let (_handle, task) = spawn(core, socket, Inbound::Socket);
+    let (handle, task) = spawn(core, socket, Inbound::Socket);
+    if let (Some(control), Some(secrets), Some(peer)) =
+        (&config.control_socket, &config.secrets, &config.peer)
+    {
+        let secrets = baton_worker::secrets::Secrets::load(secrets)?;
+        let (key_id, key) = secrets
+            .snapshot_key
+            .context("the secrets file has no snapshot_key/snapshot_key_id (workers need it)")?;
+        let tokens = migration::MigrationTokenManager::new(
+            migration::TokenConfig::default(),
+            secrets.token_secret_id,
+            secrets.token_secret,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pipeline = migration::MigrationPipeline::new(
+            migration::SerializationService::new(migration::SerializationConfig::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            migration::EncryptionService::new(key_id, key),
+        );
+        let (server, client) = baton_worker::migrate::peer_tls(&peer.ca, &peer.cert, &peer.key)?;
+        let mut endpoint = quinn::Endpoint::server(server, peer.listen)
+            .with_context(|| format!("binding the peer channel on {}", peer.listen))?;
+        endpoint.set_default_client_config(client);
+        let ctx = baton_worker::migrate::Ctx::new(
+            config.name(),
+            u32::try_from(config.server_id).context("server_id must fit 32 bits to migrate")?,
+            handle.clone(),
+            tokens,
+            pipeline,
+            endpoint,
+        )?;
+        let listener = baton_worker::control::bind(control)?;
+        tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
+        tokio::spawn(baton_worker::control::serve(listener, ctx));
+        tracing::info!(name = %config.name(), control = %control.display(), peer = %peer.listen, "migrations enabled");
+    }
     tokio::select! {
         _ = task => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
+    if let Some(c) = &config.control_socket {
+        let _ = std::fs::remove_file(c);
+    }
+    drop(handle);
     Ok(())
 }

@@ -1,0 +1,93 @@
+//! The demo's scenario at a small size, through the same code path as `cargo xtask demo`: the lab
+//! namespaces, the real `baton-lb`, two real `baton-worker`s and `baton-load` in the client
+//! namespace (16 connections, each with a request loop and a verified long-lived stream), and,
+//! when the binaries have the migration CLI, every connection moved w1 -> w2 -> w1 twice while the
+//! load runs. Needs root. Uses the fixed lab names (`baton-client`, `baton-lb`, `baton-w1/2`) and
+//! `/sys/fs/bpf/baton`: it refuses to start while a demo or hand-started lab controller runs.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds the binaries the demo runs into this test's own target/profile directory (as the netns
+/// harness does for baton-lb), so the demo does not need a release build of its own.
+fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "lb-user", "-p", "baton-worker", "-p", "baton-load", "--bins"])
+            .current_dir(workspace_root())
+            .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build for the demo's binaries");
+        assert!(out.status.success(), "building the demo's binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        profile_dir
+    })
+}
+
+/// `key=value` fields of the RESULT line.
+fn field(result: &str, key: &str) -> f64 {
+    result
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("RESULT line has no {key}: {result}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {result}: {e}"))
+}
+
+fn migration_cli_available(bins: &Path) -> bool {
+    let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+    ok(Command::new(bins.join("baton")).args(["migrate", "--help"]))
+        && ok(Command::new(bins.join("baton-worker")).args(["gen-certs", "--help"]))
+}
+
+#[test]
+fn demo_small_keeps_every_connection_and_byte() {
+    assert!(unsafe { libc::geteuid() } == 0, "the demo test needs root (namespaces, XDP, bpffs)");
+    let bins = bin_dir();
+    let out = Command::new(env!("CARGO"))
+        .args(["xtask", "demo", "--small", "--bin-dir"])
+        .arg(bins)
+        .current_dir(workspace_root())
+        .output()
+        .expect("run cargo xtask demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!("---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}");
+    assert!(out.status.success(), "cargo xtask demo --small failed ({}):\n{context}", out.status);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("RESULT "), "the demo's output must end with the RESULT line:\n{context}");
+    eprintln!("{last}");
+
+    assert_eq!(field(last, "connections"), 16.0, "{last}");
+    assert!(field(last, "requests") > 100.0, "{last}");
+    assert_eq!(field(last, "failed"), 0.0, "{last}");
+    assert_eq!(field(last, "reconnects"), 0.0, "{last}");
+    assert_eq!(field(last, "migration_failed"), 0.0, "{last}");
+    if migration_cli_available(bins) {
+        assert!(field(last, "migrations") >= 16.0, "every connection should have moved: {last}\n{context}");
+    }
+
+    // Every long stream came back byte-exact (the client's own summary, kept in the state dir).
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("/run/baton/lab/load-summary.json").expect("the demo leaves baton-load's summary"),
+    )
+    .unwrap();
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["streams_not_exact"], 0, "{summary}");
+    let sent = summary["stream_bytes_sent"].as_u64().unwrap();
+    assert!(sent > 0, "{summary}");
+    assert_eq!(summary["stream_bytes_verified"].as_u64().unwrap(), sent, "{summary}");
+    for c in summary["per_connection"].as_array().unwrap() {
+        assert_eq!(c["stream_exact"], true, "{c}");
+        assert!(c["requests"].as_u64().unwrap() > 0, "{c}");
+    }
+}

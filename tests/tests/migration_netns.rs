@@ -1,0 +1,491 @@
+//! Live migration end to end (issue 5): the real `baton-lb` with XDP, two real `baton-worker`
+//! processes in their own namespaces (VIP on loopback, peer channel with mutual TLS), a real quinn
+//! client in the client namespace speaking the demo protocol, and `baton migrate` moving its
+//! connection between the workers while a long-lived stream and a request loop run. Every byte is
+//! checked, and the session's request counter must continue (no reconnect). Needs root.
+mod support;
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use support::*;
+
+const KIND_REQUEST: u8 = 0x01;
+const KIND_STREAM: u8 = 0x02;
+const PEER_PORT: u16 = 4470;
+
+fn pattern(seed: u64, offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (x >> 29) as u8 ^ (offset as u8)
+}
+
+fn fill(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern(seed, offset + i)).collect()
+}
+
+/// Two baton-worker processes (w1, w2) in the lab's worker namespaces; killed on drop.
+struct Workers {
+    dir: PathBuf,
+    children: [Option<Child>; 2],
+    pub migration_config: PathBuf,
+}
+
+impl Workers {
+    fn start(lab: &Lab) -> Workers {
+        let dir = std::env::temp_dir().join(format!("baton-mig-{}-{}", std::process::id(), lab.lb));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(worker_bin())
+            .args(["gen-certs", "--workers", "w1,w2", "--service-name", "baton.test", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "gen-certs: {}", String::from_utf8_lossy(&out.stderr));
+        let mut mc = format!("secrets = \"{}\"\n", dir.join("secrets.toml").display());
+        for i in 0..2 {
+            let name = format!("w{}", i + 1);
+            let cfg = format!(
+                r#"vip = "{VIP4}"
+port = {PORT}
+server_id = {sid}
+cid_len = {CID_LEN}
+server_id_len = 2
+cert = "{d}/service.pem"
+key = "{d}/service.key"
+name = "{name}"
+control_socket = "{d}/{name}.sock"
+secrets = "{d}/secrets.toml"
+[peer]
+listen = "10.201.1{sid}.2:{PEER_PORT}"
+ca = "{d}/ca.pem"
+cert = "{d}/{name}.pem"
+key = "{d}/{name}.key"
+"#,
+                sid = i + 1,
+                d = dir.display()
+            );
+            std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
+            mc += &format!("[[workers]]\nname = \"{name}\"\ncontrol = \"{}/{name}.sock\"\n", dir.display());
+        }
+        let migration_config = dir.join("migration.toml");
+        std::fs::write(&migration_config, mc).unwrap();
+        let mut w = Workers { dir, children: [None, None], migration_config };
+        for i in 0..2 {
+            w.spawn(lab, i);
+        }
+        w
+    }
+
+    fn spawn(&mut self, lab: &Lab, i: usize) {
+        self.spawn_with(lab, i, &[]);
+    }
+
+    fn spawn_with(&mut self, lab: &Lab, i: usize, env: &[(&str, &str)]) {
+        let name = format!("w{}", i + 1);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(i)).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.workers[i]])
+            .arg(worker_bin())
+            .arg("--config")
+            .arg(self.dir.join(format!("{name}.toml")))
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+        let sock = self.dir.join(format!("{name}.sock"));
+        let start = Instant::now();
+        while worker_call(&sock, r#"{"cmd":"info"}"#).is_none() {
+            assert!(start.elapsed() < Duration::from_secs(20), "worker {name} not up:\n{}", self.log_text(i));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("w{}.log", i + 1))
+    }
+
+    fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log(i)).unwrap_or_default()
+    }
+
+    fn signal(&self, i: usize, sig: i32) {
+        let c = self.children[i].as_ref().expect("worker running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for i in 0..2 {
+                eprintln!("---- w{} log ----\n{}", i + 1, self.log_text(i));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn worker_call(sock: &Path, req: &str) -> Option<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    (&s).write_all(format!("{req}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn baton_mig(lab: &Lab, w: &Workers, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["--migration-config", w.migration_config.to_str().unwrap(), "--json"];
+    a.extend_from_slice(args);
+    lab.baton_raw(&a)
+}
+
+fn conns(lab: &Lab, w: &Workers) -> Vec<Value> {
+    let out = baton_mig(lab, w, &["conns"]);
+    assert!(out.status.success(), "baton conns: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+/// The quinn client endpoint, its socket made inside the client namespace.
+fn client_endpoint(lab: &Lab, ca: &Path) -> quinn::Endpoint {
+    let sock = in_netns(&lab.client, || std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.set_nonblocking(true).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"baton-demo/1".to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, Arc::new(quinn::TokioRuntime)).unwrap();
+    ep.set_default_client_config(config);
+    ep
+}
+
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    writer: tokio::task::JoinHandle<u64>,
+    reader: tokio::task::JoinHandle<u64>,
+    requests: tokio::task::JoinHandle<(u64, Duration)>,
+}
+
+/// One long-lived echo stream (every byte checked) and a request loop (counter and body checked).
+async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[KIND_STREAM]).await.unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut offset = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = fill(seed, offset, 4096);
+                send.write_all(&chunk).await.unwrap();
+                offset += chunk.len() as u64;
+                sent.store(offset, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            send.finish().unwrap();
+            offset
+        })
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 65536];
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            for (i, &b) in buf[..n].iter().enumerate() {
+                assert_eq!(b, pattern(seed, got + i as u64), "long stream byte {}", got + i as u64);
+            }
+            got += n as u64;
+        }
+        got
+    });
+    let requests = {
+        let (stop, conn) = (stop.clone(), conn.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut max_gap = Duration::ZERO;
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let body = fill(seed * 1000 + n, 0, 300 + (n as usize * 997) % 8_000);
+                let (mut s, mut r) = conn.open_bi().await.unwrap();
+                s.write_all(&[KIND_REQUEST]).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s.finish().unwrap();
+                let answer = r.read_to_end(1 << 21).await.unwrap();
+                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n, "session request counter");
+                assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
+                max_gap = max_gap.max(last.elapsed());
+                last = Instant::now();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (n, max_gap)
+        })
+    };
+    Traffic { stop, writer, reader, requests }
+}
+
+impl Traffic {
+    async fn finish(self) -> (u64, u64, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let written = self.writer.await.unwrap();
+        let echoed = self.reader.await.unwrap();
+        assert_eq!(echoed, written, "long stream echoed completely");
+        let (requests, gap) = self.requests.await.unwrap();
+        (echoed, requests, gap)
+    }
+}
+
+fn owner_of(lab: &Lab, w: &Workers, conn: &str) -> String {
+    let all = conns(lab, w);
+    let row = all.iter().find(|c| c["conn"] == conn).unwrap_or_else(|| panic!("{conn} not listed: {all:?}"));
+    row["worker"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn connection_moves_between_worker_processes_byte_exact() {
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let workers = Workers::start(&lab);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
+    let vip: SocketAddr = vip(false);
+    let conn = rt.block_on(async { ep.connect(vip, "baton.test").unwrap().await.unwrap() });
+    let t = rt.block_on(traffic(&conn, 7));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let listed = conns(&lab, &workers);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let key = listed[0]["conn"].as_str().unwrap().to_string();
+    let mut owner = listed[0]["worker"].as_str().unwrap().to_string();
+    // BATON_MIGRATIONS=100 for stall/latency figures over many moves.
+    let migrations: usize = std::env::var("BATON_MIGRATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let mut took = Vec::new();
+    for _ in 0..migrations {
+        let to = if owner == "w1" { "w2" } else { "w1" };
+        let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to]);
+        assert!(
+            out.status.success(),
+            "baton migrate: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        took.push(r["total_ms"].as_f64().unwrap());
+        owner = to.to_string();
+        assert_eq!(owner_of(&lab, &workers, &key), owner);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Faults: a forged or expired token is refused (the source checks it before freezing), a
+    // tampered snapshot is refused by the target after the export (the source rolls back).
+    // Nothing moves, the map is untouched, traffic goes on.
+    let to = if owner == "w1" { "w2" } else { "w1" };
+    for (flag, kind) in [
+        ("--forge-token", "invalid_token"),
+        ("--expired-token", "invalid_token"),
+        ("--tamper-snapshot", "state_corruption"),
+    ] {
+        let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to, flag]);
+        assert!(!out.status.success(), "{flag} must fail");
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["kind"], kind, "{flag}: {r}");
+        assert_eq!(lab.baton_json(&["override", "list"]).as_array().map(Vec::len), Some(0), "{flag}: map untouched");
+        assert_eq!(owner_of(&lab, &workers, &key), owner, "{flag}: connection stayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every override is gone: the client retired the old CIDs after each move.
+    let overrides = lab.baton_json(&["override", "list"]);
+    assert_eq!(overrides.as_array().map(Vec::len), Some(0), "overrides left: {overrides}");
+    let (echoed, requests, gap) = rt.block_on(t.finish());
+    assert!(conn.close_reason().is_none(), "connection alive: {:?}", conn.close_reason());
+    assert!(requests >= 20, "requests kept completing ({requests})");
+    let stats = conn.stats();
+    let mut sorted = took.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    eprintln!(
+        "RESULT migrations={migrations} requests={requests} long_stream_bytes={echoed} max_request_gap_ms={} migrate_ms_p50={:.1} migrate_ms_p99={:.1} migrate_ms_max={:.1} lost_packets={} refused=forged_token,expired_token,tampered_snapshot",
+        gap.as_millis(),
+        pct(0.5),
+        pct(0.99),
+        sorted.last().unwrap(),
+        stats.path.lost_packets
+    );
+    conn.close(0u32.into(), b"done");
+    drop(workers);
+}
+
+fn other(w: &str) -> &'static str {
+    if w == "w1" { "w2" } else { "w1" }
+}
+
+fn index(w: &str) -> usize {
+    if w == "w1" { 0 } else { 1 }
+}
+
+/// Source killed right after the flip: the connection carries on at the target. Target stopped
+/// and then killed mid-transfer: the source rolls back and the connection carries on there.
+#[test]
+fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let mut workers = Workers::start(&lab);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
+    let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
+    let t = rt.block_on(traffic(&conn, 11));
+    std::thread::sleep(Duration::from_millis(300));
+    let listed = conns(&lab, &workers);
+    let key = listed[0]["conn"].as_str().unwrap().to_string();
+    let first = listed[0]["worker"].as_str().unwrap().to_string();
+
+    // 1. Move it, then SIGKILL the source at once.
+    let to = other(&first);
+    let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    workers.kill(index(&first));
+    std::thread::sleep(Duration::from_millis(1000));
+    let rows = conns(&lab, &workers);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["worker"], to);
+    // The dead worker comes back (empty) for the next case, told to sit on snapshots it receives.
+    workers.spawn_with(&lab, index(&first), &[("BATON_TEST_IMPORT_DELAY_MS", "10000")]);
+
+    // 2. The target is SIGKILLed after the source exported and sent the snapshot, before it confirms.
+    let target = first.clone();
+    let started = Instant::now();
+    let out = std::thread::scope(|s| {
+        let h = s.spawn(|| baton_mig(&lab, &workers, &["migrate", &key, "--to", &target]));
+        std::thread::sleep(Duration::from_millis(500));
+        workers.signal(index(&target), libc::SIGKILL);
+        h.join().unwrap()
+    });
+    let rollback_ms = started.elapsed().as_millis();
+    assert!(!out.status.success(), "a migration to a dead target must fail");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["kind"], "target_unavailable", "{r}");
+    let rows = conns(&lab, &workers);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["worker"], to, "rolled back to the source");
+    assert_eq!(rows[0]["state"], "live");
+    assert!(workers.log_text(index(&target)).contains("delaying the import"), "the snapshot reached the target");
+    assert_eq!(lab.baton_json(&["override", "list"]).as_array().map(Vec::len), Some(0), "map untouched");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (echoed, requests, gap) = rt.block_on(t.finish());
+    assert!(conn.close_reason().is_none(), "connection alive: {:?}", conn.close_reason());
+    eprintln!(
+        "RESULT source_killed_after_flip=ok target_killed_mid_transfer=rolled_back rollback_ms={rollback_ms} requests={requests} long_stream_bytes={echoed} max_request_gap_ms={}",
+        gap.as_millis()
+    );
+    conn.close(0u32.into(), b"done");
+}
+
+/// `baton drain` moves every one of many live connections off a worker; each keeps its session.
+#[test]
+fn drain_moves_every_connection_off_a_worker() {
+    let n: usize = std::env::var("BATON_DRAIN_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let workers = Workers::start(&lab);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    let mut handles = Vec::new();
+    for c in 0..n {
+        let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
+        handles.push(conn.clone());
+        let stop = stop.clone();
+        loops.push(rt.spawn(async move {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let body = fill(c as u64 * 1_000_000 + k, 0, 100 + (k as usize * 131) % 1_000);
+                let (mut s, mut r) = conn.open_bi().await.unwrap();
+                s.write_all(&[KIND_REQUEST]).await.unwrap();
+                s.write_all(&body).await.unwrap();
+                s.finish().unwrap();
+                let answer = r.read_to_end(1 << 16).await.unwrap();
+                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), k, "connection {c}: counter");
+                assert_eq!(&answer[8..], &body[..], "connection {c}: body");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            k
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = conns(&lab, &workers);
+    assert_eq!(rows.len(), n);
+    // Drain the worker holding more of them, then the other one: all of them move at least once.
+    let on_w1 = rows.iter().filter(|r| r["worker"] == "w1").count();
+    let (first, second) = if on_w1 * 2 >= n { ("w1", "w2") } else { ("w2", "w1") };
+    let mut summaries = Vec::new();
+    for w in [first, second] {
+        let before = conns(&lab, &workers).iter().filter(|r| r["worker"] == w).count();
+        let out = baton_mig(&lab, &workers, &["drain", w]);
+        assert!(
+            out.status.success(),
+            "drain {w}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["moved"].as_u64(), Some(before as u64), "{s}");
+        assert_eq!(s["failed"], 0, "{s}");
+        let after = conns(&lab, &workers);
+        assert_eq!(after.len(), n);
+        assert!(after.iter().all(|r| r["worker"] != w), "{w} drained");
+        summaries.push(s);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut requests = 0;
+    for l in loops {
+        requests += rt.block_on(l).unwrap();
+    }
+    for c in &handles {
+        assert!(c.close_reason().is_none(), "connection alive: {:?}", c.close_reason());
+    }
+    for (i, s) in summaries.iter().enumerate() {
+        eprintln!(
+            "RESULT drain_round={i} worker={} moved={} failed={} total_ms={:.0} overrides_left={}",
+            s["worker"],
+            s["moved"],
+            s["failed"],
+            s["total_ms"].as_f64().unwrap_or(0.0),
+            s["overrides_left"]
+        );
+    }
+    eprintln!("RESULT drain connections={n} requests={requests}");
+}

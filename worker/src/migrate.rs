@@ -1,0 +1,593 @@
+//! Moving connections between worker processes: the source side (token check, freeze, export,
+//! seal, send, wait for the target's confirmation, roll back on failure, forward late datagrams)
+//! and the target side (token check, open, import, confirm), over the peer channel: quinn with
+//! mutual TLS (every worker presents a certificate signed by the deployment's CA).
+//!
+//! Peer channel streams:
+//! - bidirectional, one per migration: `u32 len | header JSON | u64 len | sealed snapshot`, FIN;
+//!   the target answers one JSON object (`{"ok":true,"id":..}` or `{"ok":false,"kind","error"}`).
+//! - unidirectional: forwarded client datagrams, `(u8 len | address text | u32 len | bytes)*`.
+use crate::io::WorkerHandle;
+use crate::{hex, unhex};
+use anyhow::{Context, Result};
+use migration::{
+    ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationError, MigrationId,
+    MigrationPipeline, MigrationToken, MigrationTokenManager, WorkerId,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+pub const PEER_ALPN: &[u8] = b"baton-peer/1";
+/// How long the target may take to answer a transfer (an import takes well under 10 ms), plus
+/// [`transfer_timeout`]'s allowance for the snapshot's size. A dead target is noticed only by
+/// this timeout, and the connection stays frozen that long: keep it short.
+const TRANSFER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Test hook (fault tests only): the target waits this long after receiving a snapshot, so a
+/// test can kill it mid-transfer.
+const TEST_IMPORT_DELAY_ENV: &str = "BATON_TEST_IMPORT_DELAY_MS";
+/// After `release`, datagrams still reaching the source (in flight through the LB before the
+/// flip) keep being forwarded this long; then the source forgets the connection.
+const RELEASE_GRACE: Duration = Duration::from_millis(250);
+/// A migration the controller never releases (it died) is released after this.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
+const FORWARD_EVERY: Duration = Duration::from_millis(4);
+
+/// A failure with the migration crate's error kind (what the controller reports).
+#[derive(Debug)]
+pub struct Failure {
+    pub kind: String,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: &str, message: impl std::fmt::Display) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<MigrationError> for Failure {
+    fn from(e: MigrationError) -> Self {
+        Self::new(e.kind().as_str(), e)
+    }
+}
+
+/// The peer channel's TLS: server and client side, both demanding a certificate from the CA.
+pub fn peer_tls(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading the CA {}", ca.display()))?
+    {
+        roots.add(c?)?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "{} holds no CA certificate",
+        ca.display()
+    );
+    let roots = Arc::new(roots);
+    let (certs, key) = crate::load_tls(cert, key)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key.clone_key())
+        .context("the peer certificate and key do not match")?;
+    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)?;
+    client.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server)?,
+    ));
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client)?,
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    client.transport_config(Arc::new(transport));
+    Ok((server, client))
+}
+
+/// Everything the control socket and the peer channel share.
+pub struct Ctx {
+    pub name: String,
+    pub server_id: u32,
+    pub peer_addr: SocketAddr,
+    pub handle: WorkerHandle,
+    pub tokens: Mutex<MigrationTokenManager>,
+    pub pipeline: MigrationPipeline,
+    pub endpoint: quinn::Endpoint,
+    peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
+    released: Mutex<HashMap<String, Option<Instant>>>,
+}
+
+impl Ctx {
+    pub fn new(
+        name: String,
+        server_id: u32,
+        handle: WorkerHandle,
+        tokens: MigrationTokenManager,
+        pipeline: MigrationPipeline,
+        endpoint: quinn::Endpoint,
+    ) -> Result<Arc<Self>> {
+        let peer_addr = endpoint.local_addr()?;
+        Ok(Arc::new(Self {
+            name,
+            server_id,
+            peer_addr,
+            handle,
+            tokens: Mutex::new(tokens),
+            pipeline,
+            endpoint,
+            peers: Default::default(),
+            released: Default::default(),
+        }))
+    }
+
+    async fn peer(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection, Failure> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(&addr).filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Failure::new(
+                "target_unavailable",
+                format!("cannot reach worker {name} at {addr}: {e}"),
+            )
+        };
+        let connecting = self
+            .endpoint
+            .connect(addr, name)
+            .map_err(|e| unavailable(&e))?;
+        let conn = tokio::time::timeout(TRANSFER_TIMEOUT, connecting)
+            .await
+            .map_err(|_| {
+                unavailable(&format!(
+                    "no answer within {} ms",
+                    TRANSFER_TIMEOUT.as_millis()
+                ))
+            })?
+            .map_err(|e| unavailable(&e))?;
+        peers.insert(addr, conn.clone());
+        Ok(conn)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetRef {
+    pub name: String,
+    pub server_id: u32,
+    pub peer: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateOut {
+    pub conn: String,
+    pub migration_id: String,
+    pub token: String,
+    pub target: TargetRef,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Test hook (fault tests): flip one bit of the sealed snapshot before sending it.
+    #[serde(default)]
+    pub test_tamper: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TransferHeader {
+    migration_id: String,
+    conn: String,
+    source: u32,
+    target: u32,
+    token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TransferReply {
+    ok: bool,
+    #[serde(default)]
+    id: Option<usize>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn binding(mid: &str, conn: &str, source: u32, target: u32) -> Result<MigrationBinding, Failure> {
+    let bad = |what: &str| Failure::new("config", format!("{what} is not valid hex"));
+    let mid: [u8; 16] = unhex(mid)
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| bad("migration_id (16 bytes)"))?;
+    let key = unhex(conn).ok_or_else(|| bad("conn"))?;
+    Ok(MigrationBinding {
+        migration_id: MigrationId(mid),
+        connection_id: ConnectionId::new(&key)?,
+        source: WorkerId(source),
+        target: WorkerId(target),
+    })
+}
+
+fn token(hex_token: &str) -> Result<MigrationToken, Failure> {
+    unhex(hex_token)
+        .map(MigrationToken::from_bytes)
+        .ok_or_else(|| Failure::new("invalid_token", "the token is not hex"))
+}
+
+/// The source side of one migration; returns once the target confirmed the import (or after the
+/// rollback). On success the exported connection's datagrams are forwarded until `release`.
+pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::Value, Failure> {
+    let started = Instant::now();
+    let b = binding(
+        &req.migration_id,
+        &req.conn,
+        ctx.server_id,
+        req.target.server_id,
+    )?;
+    let tok = token(&req.token)?;
+    // The source checks the token too: nobody without the secret can make it freeze a connection.
+    ctx.tokens
+        .lock()
+        .unwrap()
+        .verify(&b, &tok, SystemTime::now())?;
+    let key = unhex(&req.conn).expect("checked by binding()");
+    let conns = ctx
+        .handle
+        .connections()
+        .await
+        .map_err(|e| Failure::new("output", e))?;
+    let Some(c) = conns.iter().find(|c| c.key == key) else {
+        return Err(Failure::new(
+            "unknown_connection",
+            format!("no connection {} on worker {}", req.conn, ctx.name),
+        ));
+    };
+    let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(2000));
+    let exported = ctx.handle.migrate_out(c.id, timeout).await.map_err(|e| {
+        Failure::new(
+            "timeout",
+            format!("the connection did not quiesce: {e}; it carries on here"),
+        )
+    })?;
+    let frozen_at = Instant::now();
+    let cids = exported.cids.clone();
+    let sent = async {
+        let len = u64::from_be_bytes(exported.bytes[..8].try_into().expect("export prefix")) as usize;
+        let (transport, app) = exported.bytes[8..].split_at(len);
+        let now_ms = migration::token::unix_ms(SystemTime::now());
+        let snapshot = ConnectionStateSnapshot::builder(b.connection_id.clone(), b.source, b.target)
+            .timestamps(now_ms, now_ms)
+            .transport_snapshot(transport.to_vec())
+            .add_application_state("app", app.to_vec())
+            .build()?;
+        let mut sealed = ctx.pipeline.seal(&b, &snapshot)?;
+        if req.test_tamper {
+            warn!(migration_id = %req.migration_id, "test_tamper: corrupting the sealed snapshot (fault tests only)");
+            let mid = sealed.bytes.len() / 2;
+            sealed.bytes[mid] ^= 0x04;
+        }
+        let conn = ctx.peer(req.target.peer, &req.target.name).await?;
+        let header = TransferHeader {
+            migration_id: req.migration_id.clone(),
+            conn: req.conn.clone(),
+            source: ctx.server_id,
+            target: req.target.server_id,
+            token: req.token.clone(),
+        };
+        let limit = transfer_timeout(sealed.bytes.len());
+        let reply = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
+            .await
+            .map_err(|_| Failure::new("target_unavailable", format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
+        Ok::<_, Failure>((reply, conn, sealed.bytes.len()))
+    }
+    .await;
+    match sent {
+        Ok((target_id, conn, size)) => {
+            let total = started.elapsed();
+            info!(migration_id = %req.migration_id, conn = %req.conn, target = %req.target.name, bytes = size,
+                  ms = total.as_millis() as u64, "migrated out; forwarding until released");
+            ctx.released
+                .lock()
+                .unwrap()
+                .insert(req.migration_id.clone(), None);
+            tokio::spawn(forward_until_released(
+                ctx.clone(),
+                req.migration_id.clone(),
+                cids.clone(),
+                conn,
+            ));
+            Ok(serde_json::json!({
+                "cids": cids.iter().map(|c| hex(c)).collect::<Vec<_>>(),
+                "target_id": target_id,
+                "snapshot_bytes": size,
+                "freeze_ms": (frozen_at - started).as_secs_f64() * 1000.0,
+                "total_ms": total.as_secs_f64() * 1000.0,
+            }))
+        }
+        Err(f) => {
+            if f.kind == "target_unavailable" {
+                // A dead or restarted target: the next migration dials afresh.
+                if let Some(c) = ctx.peers.lock().await.remove(&req.target.peer) {
+                    c.close(0u32.into(), b"unavailable");
+                }
+            }
+            // Roll back: the connection comes back here (its own export), with what arrived meanwhile.
+            match ctx.handle.import(exported.bytes).await {
+                Ok(id) => {
+                    let kept = ctx.handle.take_forward_for(cids).await.unwrap_or_default();
+                    let _ = ctx.handle.inject(kept).await;
+                    warn!(migration_id = %req.migration_id, conn = %req.conn, kind = %f.kind, id, "migration rolled back: {}", f.message);
+                }
+                Err(e) => {
+                    warn!(migration_id = %req.migration_id, conn = %req.conn, "rollback failed, connection lost: {e}")
+                }
+            }
+            Err(f)
+        }
+    }
+}
+
+/// The base timeout plus 10 ms per MB of snapshot (a slow link must not cause rollbacks).
+fn transfer_timeout(bytes: usize) -> Duration {
+    TRANSFER_TIMEOUT + Duration::from_millis(10 * (bytes as u64 >> 20))
+}
+
+async fn transfer(
+    conn: &quinn::Connection,
+    header: &TransferHeader,
+    sealed: &[u8],
+) -> Result<usize, Failure> {
+    let io = |e: &dyn std::fmt::Display| {
+        Failure::new("target_unavailable", format!("peer channel: {e}"))
+    };
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| io(&e))?;
+    let h = serde_json::to_vec(header).expect("serializable");
+    let mut msg = Vec::with_capacity(12 + h.len() + sealed.len());
+    msg.extend((h.len() as u32).to_be_bytes());
+    msg.extend(&h);
+    msg.extend((sealed.len() as u64).to_be_bytes());
+    msg.extend(sealed);
+    s.write_all(&msg).await.map_err(|e| io(&e))?;
+    let _ = s.finish();
+    let answer = r.read_to_end(64 * 1024).await.map_err(|e| io(&e))?;
+    let reply: TransferReply = serde_json::from_slice(&answer).map_err(|e| io(&e))?;
+    match reply {
+        TransferReply {
+            ok: true,
+            id: Some(id),
+            ..
+        } => Ok(id),
+        r => Err(Failure::new(
+            r.kind.as_deref().unwrap_or("target_unavailable"),
+            format!("the target refused: {}", r.error.unwrap_or_default()),
+        )),
+    }
+}
+
+/// Marks a migration released (the LB now routes its CIDs to the target).
+pub fn release(ctx: &Ctx, migration_id: &str) -> Result<(), Failure> {
+    match ctx.released.lock().unwrap().get_mut(migration_id) {
+        Some(r) => {
+            r.get_or_insert_with(Instant::now);
+            Ok(())
+        }
+        None => Err(Failure::new(
+            "unknown_migration",
+            format!("no migration {migration_id} awaits release here"),
+        )),
+    }
+}
+
+async fn forward_until_released(
+    ctx: Arc<Ctx>,
+    mid: String,
+    cids: Vec<Vec<u8>>,
+    conn: quinn::Connection,
+) {
+    let start = Instant::now();
+    let mut forwarded = 0usize;
+    loop {
+        let kept = ctx
+            .handle
+            .take_forward_for(cids.clone())
+            .await
+            .unwrap_or_default();
+        if !kept.is_empty() {
+            forwarded += kept.len();
+            if let Err(e) = send_datagrams(&conn, &kept).await {
+                warn!(migration_id = %mid, "forwarding to the target failed: {e}");
+            }
+        }
+        let released = ctx.released.lock().unwrap().get(&mid).copied().flatten();
+        let done = match released {
+            Some(t) => t.elapsed() >= RELEASE_GRACE,
+            None => start.elapsed() >= RELEASE_DEADLINE,
+        };
+        if done {
+            break;
+        }
+        tokio::time::sleep(FORWARD_EVERY).await;
+    }
+    ctx.released.lock().unwrap().remove(&mid);
+    let _ = ctx.handle.forget_exported(cids).await;
+    info!(migration_id = %mid, forwarded, "released: connection forgotten here");
+}
+
+async fn send_datagrams(conn: &quinn::Connection, d: &[(SocketAddr, Vec<u8>)]) -> Result<()> {
+    let mut buf = Vec::new();
+    for (from, data) in d {
+        let a = from.to_string();
+        buf.push(a.len() as u8);
+        buf.extend(a.as_bytes());
+        buf.extend((data.len() as u32).to_be_bytes());
+        buf.extend(data);
+    }
+    let mut s = conn.open_uni().await?;
+    s.write_all(&buf).await?;
+    s.finish()?;
+    Ok(())
+}
+
+fn parse_datagrams(mut b: &[u8]) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let n = *b.first()? as usize;
+        let addr: SocketAddr = std::str::from_utf8(b.get(1..1 + n)?).ok()?.parse().ok()?;
+        b = &b[1 + n..];
+        let len = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        out.push((addr, b.get(4..4 + len)?.to_vec()));
+        b = &b[4 + len..];
+    }
+    Some(out)
+}
+
+/// Serves the peer channel: imports from other workers, and datagrams they forward.
+pub async fn serve_peer(ctx: Arc<Ctx>) {
+    while let Some(incoming) = ctx.endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(
+                        "peer channel handshake failed (is the peer's certificate from our CA?): {e}"
+                    );
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    bi = conn.accept_bi() => match bi {
+                        Ok((s, r)) => { tokio::spawn(answer_import(ctx.clone(), s, r)); }
+                        Err(_) => break,
+                    },
+                    uni = conn.accept_uni() => match uni {
+                        Ok(mut r) => {
+                            let ctx = ctx.clone();
+                            tokio::spawn(async move {
+                                match r.read_to_end(16 << 20).await.ok().and_then(|b| parse_datagrams(&b)) {
+                                    Some(d) => { let _ = ctx.handle.inject(d).await; }
+                                    None => warn!("malformed forwarded datagrams from a peer"),
+                                }
+                            });
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        });
+    }
+}
+
+async fn answer_import(ctx: Arc<Ctx>, mut s: quinn::SendStream, mut r: quinn::RecvStream) {
+    let reply = match import(&ctx, &mut r).await {
+        Ok(id) => TransferReply {
+            ok: true,
+            id: Some(id),
+            kind: None,
+            error: None,
+        },
+        Err(f) => {
+            warn!(kind = %f.kind, "import refused: {}", f.message);
+            TransferReply {
+                ok: false,
+                id: None,
+                kind: Some(f.kind),
+                error: Some(f.message),
+            }
+        }
+    };
+    let _ = s
+        .write_all(&serde_json::to_vec(&reply).expect("serializable"))
+        .await;
+    let _ = s.finish();
+    let _ = s.stopped().await;
+}
+
+async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<usize, Failure> {
+    let io = |e: &dyn std::fmt::Display| {
+        Failure::new("state_corruption", format!("transfer cut short: {e}"))
+    };
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(|e| io(&e))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > 64 * 1024 {
+        return Err(io(&"header too long"));
+    }
+    let mut h = vec![0u8; len];
+    r.read_exact(&mut h).await.map_err(|e| io(&e))?;
+    let header: TransferHeader = serde_json::from_slice(&h).map_err(|e| io(&e))?;
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).await.map_err(|e| io(&e))?;
+    let len = u64::from_be_bytes(len);
+    if len > 64 << 20 {
+        return Err(Failure::new("snapshot_too_large", format!("{len} bytes")));
+    }
+    let mut sealed = vec![0u8; len as usize];
+    r.read_exact(&mut sealed).await.map_err(|e| io(&e))?;
+    if let Some(ms) = std::env::var(TEST_IMPORT_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        warn!(
+            ms,
+            "{TEST_IMPORT_DELAY_ENV} set: delaying the import (fault tests only)"
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if header.target != ctx.server_id {
+        return Err(Failure::new(
+            "target_unavailable",
+            format!(
+                "this is worker {} (server ID {}), not server ID {}",
+                ctx.name, ctx.server_id, header.target
+            ),
+        ));
+    }
+    let b = binding(
+        &header.migration_id,
+        &header.conn,
+        header.source,
+        header.target,
+    )?;
+    ctx.tokens
+        .lock()
+        .unwrap()
+        .verify(&b, &token(&header.token)?, SystemTime::now())?;
+    let snapshot = ctx.pipeline.open(&b, sealed)?;
+    let transport = snapshot.transport();
+    let app = snapshot.application_state("app").unwrap_or_default();
+    let mut bytes = Zeroizing::new(Vec::with_capacity(8 + transport.len() + app.len()));
+    bytes.extend((transport.len() as u64).to_be_bytes());
+    bytes.extend_from_slice(transport);
+    bytes.extend_from_slice(app);
+    let id = ctx
+        .handle
+        .import(bytes)
+        .await
+        .map_err(|e| Failure::new("invalid_snapshot", e))?;
+    info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported");
+    Ok(id)
+}

@@ -1,0 +1,223 @@
+//! The migration path between worker processes, in one process without root: two worker loops
+//! behind one VIP socket (a userspace stand-in for the LB, as in `migrate.rs`), each with its
+//! control context and its own peer-channel endpoint (quinn, mutual TLS, certificates from
+//! `certs::generate`). `migrate::migrate_out` moves the connection; a target that refuses the
+//! token makes the source roll back, and the connection carries on there.
+use baton_worker::core::{CoreConfig, WorkerCore};
+use baton_worker::demo::{DemoService, KIND_REQUEST};
+use baton_worker::io::{Inbound, WorkerHandle, spawn};
+use baton_worker::migrate::{Ctx, MigrateOut, TargetRef};
+use baton_worker::udp::UdpIo;
+use lb_common::cid::CidLayout;
+use migration::{
+    MigrationBinding, MigrationId, MigrationTokenManager, TokenConfig, TokenSecret, WorkerId,
+};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+fn ctx(dir: &Path, name: &str, sid: u32, handle: WorkerHandle, token_secret: &[u8]) -> Arc<Ctx> {
+    let secrets = baton_worker::secrets::Secrets::load(&dir.join("secrets.toml")).unwrap();
+    let (key_id, key) = secrets.snapshot_key.unwrap();
+    let tokens = MigrationTokenManager::new(
+        TokenConfig::default(),
+        1,
+        TokenSecret::from_bytes(token_secret).unwrap(),
+    )
+    .unwrap();
+    let pipeline = migration::MigrationPipeline::new(
+        migration::SerializationService::new(Default::default()).unwrap(),
+        migration::EncryptionService::new(key_id, key),
+    );
+    let (server, client) = baton_worker::migrate::peer_tls(
+        &dir.join("ca.pem"),
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}.key")),
+    )
+    .unwrap();
+    let mut ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let ctx = Ctx::new(name.into(), sid, handle, tokens, pipeline, ep).unwrap();
+    tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
+    ctx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
+    let dir = std::env::temp_dir().join(format!("baton-peer-test-{}", std::process::id()));
+    baton_worker::certs::generate(&dir, &["w1".into(), "w2".into()], "localhost").unwrap();
+    let (certs, key) =
+        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
+    let socket = Arc::new(UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    let vip = socket.local_addr().unwrap();
+    let layout = CidLayout::default();
+    let (mut senders, mut handles) = (Vec::new(), Vec::new());
+    for server_id in [1u64, 2] {
+        let core = WorkerCore::new(
+            CoreConfig {
+                server_id,
+                layout,
+                certs: certs.clone(),
+                key: key.clone_key(),
+                vip: vip.ip(),
+                allow_mtud: false,
+            },
+            Arc::new(DemoService),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(4096);
+        handles.push(spawn(core, socket.clone(), Inbound::Channel(rx)).0);
+        senders.push(tx);
+    }
+    // The LB stand-in: Initials to worker 0, short headers by override, else by server ID.
+    let overrides: Arc<Mutex<HashMap<Vec<u8>, usize>>> = Arc::default();
+    let routes = overrides.clone();
+    let lb_socket = socket.clone();
+    tokio::spawn(async move {
+        let mut received = Vec::new();
+        while lb_socket.recv(&mut received).await.is_ok() {
+            for d in received.drain(..) {
+                let w = if d.data[0] & 0x80 != 0 {
+                    0
+                } else {
+                    let cid = &d.data[1..1 + layout.cid_len()];
+                    let o = routes.lock().unwrap().get(cid).copied();
+                    o.unwrap_or(if layout.decode_server_id(cid) == Some(2) {
+                        1
+                    } else {
+                        0
+                    })
+                };
+                let _ = senders[w].send(d).await;
+            }
+        }
+    });
+    let secret = [7u8; 32];
+    let a = ctx(&dir, "w1", 1, handles[0].clone(), &secret);
+    let b = ctx(&dir, "w2", 2, handles[1].clone(), &secret);
+    // A third context for worker 2 whose token secret differs: it refuses every token.
+    let b_wrong = ctx(&dir, "w2", 2, handles[1].clone(), &[9u8; 32]);
+    let mut controller = MigrationTokenManager::new(
+        TokenConfig::default(),
+        1,
+        TokenSecret::from_bytes(&secret).unwrap(),
+    )
+    .unwrap();
+
+    // The client (trusts the CA; the service certificate names "localhost").
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![baton_worker::demo::ALPN.to_vec()];
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    let conn = endpoint.connect(vip, "localhost").unwrap().await.unwrap();
+    let mut n = 0u64;
+    let mut request = async || {
+        n += 1;
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        s.write_all(&[KIND_REQUEST, n as u8]).await.unwrap();
+        s.finish().unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            u64::from_be_bytes(answer[..8].try_into().unwrap()),
+            n,
+            "session counter"
+        );
+        assert_eq!(answer[8], n as u8);
+    };
+    request().await;
+    let key = handles[0].connections().await.unwrap()[0].key.clone();
+    let conn_hex = baton_worker::hex(&key);
+    let mut out = |target: &Arc<Ctx>| {
+        let mid = MigrationId::random();
+        let binding = MigrationBinding {
+            migration_id: mid,
+            connection_id: migration::ConnectionId::new(&key).unwrap(),
+            source: WorkerId(1),
+            target: WorkerId(2),
+        };
+        let token = controller.issue(&binding, SystemTime::now()).unwrap();
+        MigrateOut {
+            conn: conn_hex.clone(),
+            migration_id: mid.to_string(),
+            token: baton_worker::hex(token.as_bytes()),
+            target: TargetRef {
+                name: "w2".into(),
+                server_id: 2,
+                peer: target.peer_addr,
+            },
+            timeout_ms: Some(2000),
+            test_tamper: false,
+        }
+    };
+
+    // 1. The target refuses the token: rollback, the connection carries on at the source.
+    let refused = baton_worker::migrate::migrate_out(&a, out(&b_wrong))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind, "invalid_token", "{}", refused.message);
+    assert_eq!(
+        handles[0].connections().await.unwrap().len(),
+        1,
+        "rolled back to the source"
+    );
+    assert!(
+        handles[1].connections().await.unwrap().is_empty(),
+        "the target holds nothing"
+    );
+    for _ in 0..5 {
+        request().await;
+    }
+
+    // 2. A good token: the target imports; flip, release; the connection carries on at the target.
+    let req = out(&b);
+    let mid = req.migration_id.clone();
+    let replay = req.clone();
+    let done = baton_worker::migrate::migrate_out(&a, req).await.unwrap();
+    for c in done["cids"].as_array().unwrap() {
+        overrides
+            .lock()
+            .unwrap()
+            .insert(baton_worker::unhex(c.as_str().unwrap()).unwrap(), 1);
+    }
+    baton_worker::migrate::release(&a, &mid).unwrap();
+    assert!(handles[0].connections().await.unwrap().is_empty());
+    assert_eq!(
+        handles[1].connections().await.unwrap()[0].key,
+        key,
+        "same connection key on the target"
+    );
+    for _ in 0..5 {
+        request().await;
+    }
+    // The same request again: its token was used, so it is refused (single use).
+    let replayed = baton_worker::migrate::migrate_out(&a, replay)
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.kind, "invalid_token", "{}", replayed.message);
+    assert!(
+        replayed.message.contains("already used"),
+        "{}",
+        replayed.message
+    );
+    request().await;
+    assert!(conn.close_reason().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}

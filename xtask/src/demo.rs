@@ -1,0 +1,726 @@
+//! `cargo xtask demo`: the mission end to end on real processes in the netns lab.
+//!
+//! Brings the lab up (`cargo xtask lab up`), makes certificates, secrets and worker configs under
+//! [`STATE_DIR`], starts `baton-lb` (XDP on the LB namespace's client-facing veth) and two
+//! `baton-worker`s (one per worker namespace), runs `baton-load` in the client namespace, and
+//! while the load runs moves every connection from w1 to w2 and back, `--rounds` times, with
+//! `baton migrate`. Then it stops the load, checks what the client saw and prints a report ending
+//! with the `RESULT ...` line. Exits non-zero if anything failed. Tears everything down unless
+//! `--keep` (then `cargo xtask demo --down` does).
+use crate::lab;
+use crate::util::{cargo, require_root, workspace_root};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Configs, certificates, sockets, logs and pid files of a demo run.
+pub const STATE_DIR: &str = "/run/baton/lab";
+const LB_SOCKET: &str = "/run/baton/baton.sock";
+const PIN_DIR: &str = "/sys/fs/bpf/baton";
+const SERVICE_NAME: &str = "baton.lab";
+const WORKERS: [(&str, &str, u64, &str); 2] =
+    [("w1", "baton-w1", 1, "10.200.11.2:4470"), ("w2", "baton-w2", 2, "10.200.12.2:4470")];
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Migration rounds; each moves every connection on w1 to w2, then every connection back to w1.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Shortest time the load runs, in seconds (it runs on until the migrations are done).
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// Seconds of plain load before the first and after the last migration.
+    #[arg(long, default_value_t = 2)]
+    pub settle: u64,
+    /// Migrations run at the same time (parallel `baton migrate` commands).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub request_size: usize,
+    /// Pause between a request's answer and the next request on a connection, in ms. The load is
+    /// closed-loop: more connections or a shorter pause than the machine can serve shows up as
+    /// stalls that have nothing to do with migrations.
+    #[arg(long, default_value_t = 5)]
+    pub request_interval_ms: u64,
+    /// Bytes per second each connection writes on its long-lived stream.
+    #[arg(long, default_value_t = 32 * 1024)]
+    pub stream_rate: u64,
+    /// A smaller run for tests: 16 connections, 2 rounds, 6 s (replaces only those left at their defaults).
+    #[arg(long)]
+    pub small: bool,
+    /// Leave the lab, baton-lb and the workers running afterwards (inspect with `baton`,
+    /// `bpftool`); `cargo xtask demo --down` removes them.
+    #[arg(long)]
+    pub keep: bool,
+    /// Only tear down what a `--keep` run left (workers, baton-lb and its pins, the lab).
+    #[arg(long)]
+    pub down: bool,
+    /// Use the binaries in this directory instead of building them (release) first.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Run without migrations (load only) even if the migration CLI is available.
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("[demo] {}", msg.as_ref());
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    require_root("cargo xtask demo")?;
+    let state = PathBuf::from(STATE_DIR);
+    if opts.down {
+        return teardown_everything(&state, None);
+    }
+    let (connections, rounds, duration) = if opts.small {
+        (
+            if opts.connections == 64 { 16 } else { opts.connections },
+            if opts.rounds == 3 { 2 } else { opts.rounds },
+            if opts.duration == 20 { 6 } else { opts.duration },
+        )
+    } else {
+        (opts.connections, opts.rounds, opts.duration)
+    };
+    if connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+
+    let bins = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => build_release()?,
+    };
+    for b in ["baton-lb", "baton", "baton-worker", "baton-load"] {
+        if !bins.join(b).is_file() {
+            bail!("{} is missing (build with `cargo build --release -p lb-user -p baton-worker -p baton-load`)", bins.join(b).display());
+        }
+    }
+
+    if lb_answers() {
+        bail!(
+            "a baton-lb is already running on {LB_SOCKET} (another lab or demo?): stop it first \
+             (`cargo xtask demo --down`, or `baton-lb detach` for a hand-started one)"
+        );
+    }
+    if Path::new(PIN_DIR).exists() {
+        say(format!("removing stale pins in {PIN_DIR} left by an earlier run (`baton-lb detach`)"));
+        let _ = Command::new(bins.join("baton-lb")).arg("detach").output();
+    }
+
+    say("bringing the lab up");
+    lab::up_quiet()?;
+
+    let mut run = Run { state: state.clone(), bins: bins.clone(), children: Vec::new(), keep: opts.keep, request_interval_ms: opts.request_interval_ms };
+    let outcome = run.demo(opts, connections, rounds, duration);
+    if let Err(e) = &outcome {
+        say(format!("error: {e:#}"));
+        run.show_logs();
+    }
+    if opts.keep {
+        run.children.clear(); // keep them running; their pids are in the state dir
+        say("--keep: the lab, baton-lb and the workers stay up. Try:");
+        let b = bins.display();
+        eprintln!("  sudo {b}/baton status");
+        eprintln!("  sudo {b}/baton workers");
+        eprintln!("  sudo BATON_MIGRATION_CONFIG={STATE_DIR}/migration.toml {b}/baton conns");
+        eprintln!("  sudo bpftool map dump pinned {PIN_DIR}/BATON_CID_OVERRIDE");
+        eprintln!("  sudo ip netns exec baton-lb curl -s http://127.0.0.1:9650/metrics");
+        eprintln!("  logs: {STATE_DIR}/*.log     remove it all: sudo cargo xtask demo --down");
+    } else {
+        teardown_everything(&state, Some(&mut run))?;
+    }
+    // The report comes last, so the RESULT line is the last line of the output.
+    match outcome {
+        Ok((ok, report)) => {
+            print!("{report}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            if ok {
+                Ok(())
+            } else {
+                eprintln!("[demo] the demo found failures (see the report)");
+                std::process::exit(1);
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `cargo build --release` of the binaries the demo runs; returns the directory they are in.
+fn build_release() -> Result<PathBuf> {
+    say("building baton-lb, baton, baton-worker and baton-load (release)");
+    let root = workspace_root();
+    let status = cargo()
+        .args(["build", "--release", "-p", "lb-user", "-p", "baton-worker", "-p", "baton-load"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release failed ({status})");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() { target } else { root.join(target) };
+    Ok(target.join("release"))
+}
+
+fn lb_answers() -> bool {
+    use std::io::Write;
+    let Ok(s) = std::os::unix::net::UnixStream::connect(LB_SOCKET) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if (&s).write_all(b"{\"cmd\":\"status\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).is_ok() && line.contains("\"ok\":true")
+}
+
+struct Run {
+    state: PathBuf,
+    bins: PathBuf,
+    children: Vec<(String, Child)>,
+    keep: bool,
+    request_interval_ms: u64,
+}
+
+/// What one `baton migrate` reported.
+struct Migration {
+    ok: bool,
+    ms: f64,
+    kind: String,
+}
+
+impl Run {
+    fn log(&self, name: &str) -> Result<std::fs::File> {
+        let p = self.state.join(format!("{name}.log"));
+        std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+        let log = self.log(name)?;
+        let child = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        std::fs::write(self.state.join(format!("{name}.pid")), child.id().to_string())?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check_children(&mut self) -> Result<()> {
+        for (name, c) in &mut self.children {
+            if let Some(status) = c.try_wait()? {
+                if name == "baton-load" {
+                    bail!("baton-load exited early ({status}); its output is above");
+                }
+                bail!("{name} exited unexpectedly ({status}); see {}/{name}.log", self.state.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn show_logs(&self) {
+        for name in ["baton-lb", "w1", "w2"] {
+            let p = self.state.join(format!("{name}.log"));
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(15)..];
+                if !tail.is_empty() {
+                    eprintln!("---- last lines of {} ----", p.display());
+                    for l in tail {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn baton(&self) -> Command {
+        let mut c = Command::new(self.bins.join("baton"));
+        c.env("BATON_MIGRATION_CONFIG", self.state.join("migration.toml"));
+        c
+    }
+
+    /// Whether the binaries know the migration flow (docs/MIGRATION-FLOW.md).
+    fn migration_cli_available(&self) -> bool {
+        let ok = |mut c: Command| c.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let mut gen_certs = Command::new(self.bins.join("baton-worker"));
+        gen_certs.args(["gen-certs", "--help"]);
+        let mut migrate = self.baton();
+        migrate.args(["migrate", "--help"]);
+        ok(gen_certs) && ok(migrate)
+    }
+
+    /// Certificates, secrets and configs. With the migration flow: `baton-worker gen-certs` and
+    /// the full worker config; without it: a self-signed service certificate from openssl.
+    fn prepare_files(&self, migrations: bool) -> Result<()> {
+        let s = &self.state;
+        let pki = s.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        if migrations {
+            let out = Command::new(self.bins.join("baton-worker"))
+                .args(["gen-certs", "--out"])
+                .arg(&pki)
+                .args(["--workers", "w1,w2", "--service-name", SERVICE_NAME])
+                .output()
+                .context("running baton-worker gen-certs")?;
+            if !out.status.success() {
+                bail!("baton-worker gen-certs failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        } else {
+            let out = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .args(["-days", "7", "-subj", &format!("/CN={SERVICE_NAME}")])
+                .args(["-addext", &format!("subjectAltName=DNS:{SERVICE_NAME}")])
+                .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+                .arg("-keyout")
+                .arg(pki.join("service.key"))
+                .arg("-out")
+                .arg(pki.join("service.pem"))
+                .output()
+                .context("running openssl to make the service certificate")?;
+            if !out.status.success() {
+                bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            std::fs::copy(pki.join("service.pem"), pki.join("ca.pem"))?;
+        }
+        let mut migration = format!("secrets = \"{}\"\n", pki.join("secrets.toml").display());
+        for (name, _ns, server_id, peer) in WORKERS {
+            let mut cfg = format!(
+                "vip = \"{vip}\"\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
+                 cert = \"{cert}\"\nkey = \"{key}\"\nservice = \"demo\"\n",
+                vip = lab::VIP4,
+                cert = pki.join("service.pem").display(),
+                key = pki.join("service.key").display(),
+            );
+            if migrations {
+                cfg.push_str(&format!(
+                    "name = \"{name}\"\ncontrol_socket = \"{sock}\"\nsecrets = \"{secrets}\"\n\
+                     [peer]\nlisten = \"{peer}\"\nca = \"{ca}\"\ncert = \"{pcert}\"\nkey = \"{pkey}\"\n",
+                    sock = s.join(format!("{name}.sock")).display(),
+                    secrets = pki.join("secrets.toml").display(),
+                    ca = pki.join("ca.pem").display(),
+                    pcert = pki.join(format!("{name}.pem")).display(),
+                    pkey = pki.join(format!("{name}.key")).display(),
+                ));
+            }
+            std::fs::write(s.join(format!("{name}.toml")), cfg)?;
+            migration.push_str(&format!(
+                "[[workers]]\nname = \"{name}\"\ncontrol = \"{}\"\n",
+                s.join(format!("{name}.sock")).display()
+            ));
+        }
+        std::fs::write(s.join("migration.toml"), migration)?;
+        Ok(())
+    }
+
+    fn demo(&mut self, opts: &Options, connections: usize, rounds: u32, duration: u64) -> Result<(bool, String)> {
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(&self.state);
+        std::fs::create_dir_all(&self.state).with_context(|| format!("creating {}", self.state.display()))?;
+        let migrations = !opts.no_migrate && self.migration_cli_available();
+        if !migrations && !opts.no_migrate {
+            say("the migration CLI (`baton migrate`, `baton-worker gen-certs`) is not in these binaries: load only");
+        }
+        self.prepare_files(migrations)?;
+
+        say("starting baton-lb in namespace baton-lb");
+        let lb_config = workspace_root().join("lab/lb.toml");
+        let mut lb = Command::new(self.bins.join("baton-lb"));
+        lb.args(["--netns", lab::LB_NS, "--config"]).arg(&lb_config).env("BATON_LOG", "info");
+        self.spawn("baton-lb", &mut lb)?;
+        wait_until(Duration::from_secs(60), "baton-lb's control socket", || {
+            self.check_children()?;
+            Ok(lb_answers())
+        })?;
+
+        for (name, ns, _, _) in WORKERS {
+            say(format!("starting baton-worker {name} in namespace {ns}"));
+            let mut w = Command::new("ip");
+            w.args(["netns", "exec", ns])
+                .arg(self.bins.join("baton-worker"))
+                .arg("--config")
+                .arg(self.state.join(format!("{name}.toml")))
+                .env("RUST_LOG", "info")
+                .env("BATON_LOG", "info");
+            self.spawn(name, &mut w)?;
+        }
+        if migrations {
+            wait_until(Duration::from_secs(30), "the workers' control sockets", || {
+                self.check_children()?;
+                Ok(WORKERS.iter().all(|(n, ..)| self.state.join(format!("{n}.sock")).exists()))
+            })?;
+        }
+
+        // The load.
+        let stop_file = self.state.join("load.stop");
+        let summary_file = self.state.join("load-summary.json");
+        say(format!("starting baton-load in namespace {}: {connections} connections", lab::CLIENT_NS));
+        let mut load = Command::new("ip");
+        load.args(["netns", "exec", lab::CLIENT_NS])
+            .arg(self.bins.join("baton-load"))
+            .args(["--target", &format!("{}:4433", lab::VIP4)])
+            .args(["--connections", &connections.to_string()])
+            .arg("--stop-file")
+            .arg(&stop_file)
+            .arg("--summary-file")
+            .arg(&summary_file)
+            .args(["--request-size", &opts.request_size.to_string()])
+            .args(["--stream-rate", &opts.stream_rate.to_string()])
+            .args(["--request-interval", &format!("{}ms", opts.request_interval_ms)])
+            .args(["--progress-interval", "2s", "--print-conn-ids"])
+            .arg("--ca")
+            .arg(self.state.join("pki/ca.pem"))
+            .args(["--server-name", SERVICE_NAME])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut load_child = load.spawn().context("starting baton-load")?;
+        let load_started = Instant::now();
+        let (tx, rx) = mpsc::channel::<String>();
+        let out = load_child.stdout.take().expect("piped");
+        let err = load_child.stderr.take().expect("piped");
+        let relay = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with("conn ") || line.starts_with("ready ") {
+                    let _ = tx.send(line);
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let relay_err = std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+            }
+        });
+        self.children.push(("baton-load".into(), load_child));
+
+        let result = self.drive(&rx, connections, rounds, duration, opts, migrations, started, load_started);
+        // Stop the load whatever happened, and collect its summary.
+        let _ = std::fs::write(&stop_file, b"stop\n");
+        let load_status = {
+            let pos = self.children.iter().position(|(n, _)| n == "baton-load").expect("load child");
+            let (_, mut child) = self.children.remove(pos);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(s) = child.try_wait()? {
+                    break Some(s);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let _ = relay.join();
+        let _ = relay_err.join();
+        let migrated = result?;
+        if load_status.is_none() {
+            bail!("baton-load did not stop within 60 s of the stop file");
+        }
+        let text = std::fs::read_to_string(&summary_file)
+            .with_context(|| format!("baton-load left no summary in {}", summary_file.display()))?;
+        let summary: Value = serde_json::from_str(&text).context("parsing baton-load's summary")?;
+        Ok(self.report(&summary, &migrated, started.elapsed()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn drive(
+        &mut self,
+        rx: &mpsc::Receiver<String>,
+        connections: usize,
+        rounds: u32,
+        duration: u64,
+        opts: &Options,
+        migrations: bool,
+        started: Instant,
+        load_started: Instant,
+    ) -> Result<Vec<Migration>> {
+        // Wait until every connection is up.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut up = 0usize;
+        loop {
+            self.check_children()?;
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.starts_with("ready ") => break,
+                Ok(l) if l.starts_with("conn ") => up += 1,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("baton-load stopped before its connections were up"),
+            }
+            if Instant::now() > deadline {
+                bail!("only {up} of {connections} connections came up within 60 s");
+            }
+        }
+        say(format!("all {connections} connections are up; load running"));
+        std::thread::sleep(Duration::from_secs(opts.settle));
+        let mut done = Vec::new();
+        if migrations {
+            for round in 1..=rounds {
+                for (from, to) in [("w1", "w2"), ("w2", "w1")] {
+                    self.check_children()?;
+                    let t0 = load_started.elapsed().as_secs_f64();
+                    let moved = self.move_all(from, to, opts.concurrency)?;
+                    let t1 = load_started.elapsed().as_secs_f64();
+                    let ok: Vec<f64> = moved.iter().filter(|m| m.ok).map(|m| m.ms).collect();
+                    let failed = moved.len() - ok.len();
+                    say(format!(
+                        "round {round}/{rounds} {from} -> {to} (load clock t={t0:.1}-{t1:.1} s): {} moved, {failed} failed, p50 {:.1} ms, max {:.1} ms",
+                        ok.len(),
+                        percentile(&ok, 50.0),
+                        ok.iter().copied().fold(0.0, f64::max),
+                    ));
+                    for m in moved.iter().filter(|m| !m.ok) {
+                        say(format!("  migration failed: {}", m.kind));
+                    }
+                    done.extend(moved);
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        }
+        // Let the load run its minimum duration, plus a settle period after the last migration.
+        let until = (started + Duration::from_secs(duration)).max(Instant::now() + Duration::from_secs(opts.settle));
+        while Instant::now() < until {
+            self.check_children()?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        say("stopping the load");
+        Ok(done)
+    }
+
+    /// Every connection `baton conns` shows on `from` moves to `to`, `concurrency` at a time.
+    fn move_all(&self, from: &str, to: &str, concurrency: usize) -> Result<Vec<Migration>> {
+        let out = self.baton().args(["--json", "conns"]).output().context("running baton conns")?;
+        if !out.status.success() {
+            bail!("baton conns failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let list: Value = serde_json::from_slice(&out.stdout).context("parsing `baton conns --json`")?;
+        let conns: Vec<String> = list
+            .as_array()
+            .context("`baton conns --json` is not an array")?
+            .iter()
+            .filter(|c| c["worker"] == from)
+            .filter_map(|c| c["conn"].as_str().map(String::from))
+            .collect();
+        let queue = std::sync::Mutex::new(conns);
+        let results = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency.max(1) {
+                scope.spawn(|| {
+                    loop {
+                        let Some(conn) = queue.lock().unwrap().pop() else { break };
+                        let m = self.migrate(&conn, to);
+                        results.lock().unwrap().push(m);
+                    }
+                });
+            }
+        });
+        Ok(results.into_inner().unwrap())
+    }
+
+    fn migrate(&self, conn: &str, to: &str) -> Migration {
+        let t = Instant::now();
+        let out = self.baton().args(["--json", "migrate", conn, "--to", to]).output();
+        let wall = t.elapsed().as_secs_f64() * 1000.0;
+        match out {
+            Err(e) => Migration { ok: false, ms: wall, kind: format!("cannot run baton migrate: {e}") },
+            Ok(o) => {
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+                if o.status.success() && v["ok"] == true {
+                    Migration { ok: true, ms: v["total_ms"].as_f64().unwrap_or(wall), kind: String::new() }
+                } else {
+                    let kind = v["kind"].as_str().unwrap_or("error");
+                    let detail = v["error"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| String::from_utf8_lossy(&o.stderr).trim().to_string());
+                    Migration { ok: false, ms: wall, kind: format!("{conn}: {kind}: {detail}") }
+                }
+            }
+        }
+    }
+
+    fn report(&self, s: &Value, migrated: &[Migration], elapsed: Duration) -> (bool, String) {
+        let mut out = String::new();
+        macro_rules! w {
+            ($($t:tt)*) => {{ out.push_str(&format!($($t)*)); out.push('\n'); }};
+        }
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+        let connections = n("connections");
+        let not_up = connections.saturating_sub(n("established"));
+        // A failure is anything a client would notice beyond a pause: a failed request, a broken
+        // session counter, a long stream that did not come back byte-exact, a connection that
+        // never came up or broke.
+        let failed = n("failed") + n("streams_not_exact") + not_up + n("connection_errors");
+        let ok_ms: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
+        let migration_failed = migrated.len() - ok_ms.len();
+        let reconnects = n("reconnects");
+        w!("");
+        w!("Baton demo report ({:.1} s)", elapsed.as_secs_f64());
+        w!("  client load      {connections} QUIC connections to {}:4433 from namespace {}", lab::VIP4, lab::CLIENT_NS);
+        w!(
+            "  requests         {} completed, {} failed, {} session-counter breaks",
+            n("requests"),
+            n("failed"),
+            n("counter_breaks")
+        );
+        w!(
+            "  long streams     {:.2} MB sent, {:.2} MB echoed and verified byte for byte, {} not byte-exact",
+            n("stream_bytes_sent") as f64 / 1e6,
+            n("stream_bytes_verified") as f64 / 1e6,
+            n("streams_not_exact")
+        );
+        w!(
+            "  connections      {} established, {} connection errors, {} reconnects",
+            n("established"),
+            n("connection_errors"),
+            reconnects
+        );
+        w!(
+            "  stall            largest gap between two completed requests on a connection: max {:.1} ms \
+             (conn {}, ended at load clock t={:.1} s), p50 {:.1} ms, p99 {:.1} ms (includes the {} ms pause between requests)",
+            f("max_stall_ms"),
+            n("max_stall_conn"),
+            f("max_stall_at_s"),
+            f("p50_stall_ms"),
+            f("p99_stall_ms"),
+            self.request_interval_ms
+        );
+        w!(
+            "  client QUIC      {} packets declared lost and retransmitted, {} congestion events",
+            n("lost_packets"),
+            n("congestion_events")
+        );
+        if migrated.is_empty() {
+            w!("  migrations       none (load only)");
+        } else {
+            w!(
+                "  migrations       {} done, {} failed; time per migration p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                ok_ms.len(),
+                migration_failed,
+                percentile(&ok_ms, 50.0),
+                percentile(&ok_ms, 99.0),
+                ok_ms.iter().copied().fold(0.0, f64::max)
+            );
+        }
+        if let Some(per) = s["per_connection"].as_array() {
+            for c in per.iter().filter(|c| !c["last_error"].is_null() || c["stream_exact"] == false) {
+                w!(
+                    "  problem          conn {} ({}): {}",
+                    c["index"],
+                    c["local_addr"].as_str().unwrap_or("?"),
+                    c["last_error"].as_str().unwrap_or("long stream not byte-exact")
+                );
+            }
+        }
+        let ok = failed == 0 && migration_failed == 0 && reconnects == 0 && connections > 0;
+        w!("  verdict          {}", if ok { "PASS: every request answered, every byte verified, no reconnect" } else { "FAIL" });
+        w!(
+            "RESULT connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
+             reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}",
+            n("requests"),
+            ok_ms.len(),
+            f("max_stall_ms"),
+            percentile(&ok_ms, 50.0),
+            percentile(&ok_ms, 99.0),
+        );
+        (ok, out)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.keep {
+            for (_, c) in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !f()? {
+        if Instant::now() > deadline {
+            bail!("{what} not ready within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Stops what a demo started (its own children, or the pids a `--keep` run recorded), removes
+/// baton-lb's pins and the lab.
+fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
+    let bins = run.as_ref().map(|r| r.bins.clone());
+    say("tearing down: load, workers, baton-lb, lab");
+    if let Some(run) = run {
+        for (_, c) in &mut run.children {
+            // SAFETY: kill(2) on a child we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for (_, c) in &mut run.children {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        run.children.clear();
+    } else {
+        for name in ["baton-load", "w1", "w2", "baton-lb"] {
+            let Ok(pid) = std::fs::read_to_string(state.join(format!("{name}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            // Only signal it if it still is the program we started (pids get reused).
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim().starts_with("baton") {
+                // SAFETY: kill(2) on a pid we recorded, checked to still be a baton process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // `baton-lb detach` needs the binary; find it next to where a run would have built it.
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let mut candidates = vec![target.join("release/baton-lb"), root.join("target/release/baton-lb")];
+    if let Some(b) = bins {
+        candidates.insert(0, b.join("baton-lb"));
+    }
+    if Path::new(PIN_DIR).exists() {
+        match candidates.iter().find(|p| p.is_file()) {
+            Some(lb) => {
+                let out = Command::new(lb).arg("detach").output().context("running baton-lb detach")?;
+                if !out.status.success() {
+                    say(format!("baton-lb detach: {}", String::from_utf8_lossy(&out.stderr).trim()));
+                }
+            }
+            None => say(format!("no baton-lb binary found to detach {PIN_DIR}: run `baton-lb detach`")),
+        }
+    }
+    lab::down_quiet()?;
+    Ok(())
+}
