@@ -118,7 +118,15 @@ pub fn run(opts: &Options) -> Result<()> {
     say("bringing the lab up");
     lab::up_quiet()?;
 
-    let mut run = Run { state: state.clone(), bins: bins.clone(), children: Vec::new(), keep: opts.keep, request_interval_ms: opts.request_interval_ms };
+    let mut run = Run {
+        state: state.clone(),
+        bins: bins.clone(),
+        children: Vec::new(),
+        keep: opts.keep,
+        request_interval_ms: opts.request_interval_ms,
+        overrides_left: None,
+        settle: opts.settle,
+    };
     let outcome = run.demo(opts, connections, rounds, duration);
     if let Err(e) = &outcome {
         say(format!("error: {e:#}"));
@@ -188,6 +196,9 @@ struct Run {
     children: Vec<(String, Child)>,
     keep: bool,
     request_interval_ms: u64,
+    /// `baton override list` length after the last migration and the settle time.
+    overrides_left: Option<usize>,
+    settle: u64,
 }
 
 /// What one `baton migrate` reported.
@@ -470,7 +481,7 @@ impl Run {
                 for (from, to) in [("w1", "w2"), ("w2", "w1")] {
                     self.check_children()?;
                     let t0 = load_started.elapsed().as_secs_f64();
-                    let moved = self.move_all(from, to, opts.concurrency)?;
+                    let moved = self.move_all(from, to, opts.concurrency, connections)?;
                     let t1 = load_started.elapsed().as_secs_f64();
                     let ok: Vec<f64> = moved.iter().filter(|m| m.ok).map(|m| m.ms).collect();
                     let failed = moved.len() - ok.len();
@@ -480,8 +491,11 @@ impl Run {
                         percentile(&ok, 50.0),
                         ok.iter().copied().fold(0.0, f64::max),
                     ));
-                    for m in moved.iter().filter(|m| !m.ok) {
+                    for m in moved.iter().filter(|m| !m.ok).take(5) {
                         say(format!("  migration failed: {}", m.kind));
+                    }
+                    if failed > 5 {
+                        say(format!("  ... and {} more failed migrations", failed - 5));
                     }
                     done.extend(moved);
                     std::thread::sleep(Duration::from_millis(300));
@@ -494,24 +508,49 @@ impl Run {
             self.check_children()?;
             std::thread::sleep(Duration::from_millis(200));
         }
+        if migrations {
+            let out = self.baton().args(["--json", "override", "list"]).output();
+            self.overrides_left = out
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .and_then(|v| v.as_array().map(Vec::len));
+        }
         say("stopping the load");
         Ok(done)
     }
 
     /// Every connection `baton conns` shows on `from` moves to `to`, `concurrency` at a time.
-    fn move_all(&self, from: &str, to: &str, concurrency: usize) -> Result<Vec<Migration>> {
+    /// A connection `baton conns` did not list cannot be moved: each one missing from the listing
+    /// counts as a failed migration (the demo promised to move every connection).
+    fn move_all(&self, from: &str, to: &str, concurrency: usize, expected: usize) -> Result<Vec<Migration>> {
         let out = self.baton().args(["--json", "conns"]).output().context("running baton conns")?;
         if !out.status.success() {
             bail!("baton conns failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         let list: Value = serde_json::from_slice(&out.stdout).context("parsing `baton conns --json`")?;
-        let conns: Vec<String> = list
-            .as_array()
-            .context("`baton conns --json` is not an array")?
+        let all = list.as_array().context("`baton conns --json` is not an array")?;
+        let conns: Vec<String> = all
             .iter()
             .filter(|c| c["worker"] == from)
             .filter_map(|c| c["conn"].as_str().map(String::from))
             .collect();
+        let mut missing = Vec::new();
+        if all.len() < expected {
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            say(format!(
+                "baton conns listed {} of {expected} connections{}",
+                all.len(),
+                if why.is_empty() { String::new() } else { format!(": {why}") }
+            ));
+            for _ in all.len()..expected {
+                missing.push(Migration {
+                    ok: false,
+                    ms: 0.0,
+                    kind: format!("a connection missing from `baton conns` could not be moved {from} -> {to}"),
+                });
+            }
+        }
         let queue = std::sync::Mutex::new(conns);
         let results = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|scope| {
@@ -525,7 +564,9 @@ impl Run {
                 });
             }
         });
-        Ok(results.into_inner().unwrap())
+        let mut results = results.into_inner().unwrap();
+        results.extend(missing);
+        Ok(results)
     }
 
     fn migrate(&self, conn: &str, to: &str) -> Migration {
@@ -612,6 +653,12 @@ impl Run {
                 percentile(&ok_ms, 50.0),
                 percentile(&ok_ms, 99.0),
                 ok_ms.iter().copied().fold(0.0, f64::max)
+            );
+        }
+        if let Some(left) = self.overrides_left {
+            w!(
+                "  LB overrides     {left} left {} s after the last migration (each goes once the client retires the CID)",
+                self.settle
             );
         }
         if let Some(per) = s["per_connection"].as_array() {
