@@ -15,7 +15,7 @@ use migration::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -84,32 +84,91 @@ fn token_manager(path: &Path) -> Result<MigrationTokenManager> {
 pub struct Failure {
     pub kind: String,
     pub error: String,
+    /// Nobody listens on the worker's control socket (no file, or connecting is refused): the
+    /// worker process is not running, so it holds no connections. A worker that is running but
+    /// does not answer in time is not this: its connections exist and are unaccounted for.
+    #[serde(skip)]
+    pub not_running: bool,
 }
 
 impl Failure {
     fn new(kind: &str, error: impl std::fmt::Display) -> Self {
-        Self { kind: kind.into(), error: error.to_string() }
+        Self { kind: kind.into(), error: error.to_string(), not_running: false }
     }
 }
 
-/// One call on a worker's control socket. Outer error: the worker cannot be reached.
+/// How long a short request on a worker's control socket (`info`, `conns`, `release`) may take:
+/// connecting, writing the request and reading the whole answer, end to end. A worker whose loop
+/// is stalled answers late or not at all; that worker is then reported, never taken as empty.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A `migrate_out` may take the quiesce timeout it is given plus this (snapshot, transfer to the
+/// target, its import).
+pub const MIGRATE_SLACK: Duration = Duration::from_secs(10);
+
+/// One call on a worker's control socket, all of it (connect, write, read) within `timeout`.
+/// Outer error: the worker cannot be reached or did not answer in time (`target_unavailable`).
 fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Value, Failure> {
     let unavailable = |e: &dyn std::fmt::Display| {
         Failure::new("target_unavailable", format!("worker control socket {}: {e}", path.display()))
     };
-    let s = UnixStream::connect(path).map_err(|e| unavailable(&e))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| unavailable(&e))?;
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| unavailable(&format!("no answer within {} ms", timeout.as_millis())))
+    };
+    let s = connect(path, timeout).map_err(|e| Failure {
+        not_running: matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused),
+        ..unavailable(&e)
+    })?;
+    s.set_write_timeout(Some(left()?)).map_err(|e| unavailable(&e))?;
     let mut line = serde_json::to_vec(req).expect("serializable");
     line.push(b'\n');
     (&s).write_all(&line).map_err(|e| unavailable(&e))?;
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(|e| unavailable(&e))?;
-    let v: Value = serde_json::from_str(&answer).map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
+    // Read until the newline, re-arming the read timeout with what is left of the deadline (a
+    // per-read timeout alone would let a slowly trickling answer run on forever).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        s.set_read_timeout(Some(left()?)).map_err(|e| unavailable(&e))?;
+        match (&s).read(&mut buf) {
+            Ok(0) => return Err(unavailable(&"closed without answering")),
+            Ok(n) => {
+                answer.extend_from_slice(&buf[..n]);
+                if buf[..n].contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(unavailable(&format!("no answer within {} ms", timeout.as_millis())));
+            }
+            Err(e) => return Err(unavailable(&e)),
+        }
+    }
+    let v: Value = serde_json::from_slice(&answer).map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v["data"].clone())
     } else {
         Err(Failure::new(v["kind"].as_str().unwrap_or("output"), v["error"].as_str().unwrap_or("refused")))
     }
+}
+
+/// Connects within `timeout`. A Unix-socket connect blocks while the listener's backlog is full
+/// (a worker that stopped accepting), so it runs on a helper thread that is left behind on timeout.
+fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(UnixStream::connect(p));
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect did not complete within {} ms", timeout.as_millis()),
+        ))
+    })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -165,6 +224,8 @@ pub struct Orchestrator {
     maps: Mutex<Option<PinnedMaps>>,
     pub faults: Faults,
     pub quiesce_timeout: Duration,
+    /// Limit of short control-socket requests ([`CONTROL_TIMEOUT`] by default).
+    pub control_timeout: Duration,
 }
 
 impl Orchestrator {
@@ -188,6 +249,7 @@ impl Orchestrator {
             maps: Mutex::new(None),
             faults: Faults::default(),
             quiesce_timeout: Duration::from_secs(2),
+            control_timeout: CONTROL_TIMEOUT,
         })
     }
 
@@ -199,7 +261,7 @@ impl Orchestrator {
     }
 
     fn info(&self, name: &str) -> Result<WorkerInfo, Failure> {
-        let v = call(&self.endpoint(name)?.control, &json!({"cmd": "info"}), Duration::from_secs(5))?;
+        let v = call(&self.endpoint(name)?.control, &json!({"cmd": "info"}), self.control_timeout)?;
         Ok(WorkerInfo {
             server_id: v["server_id"].as_u64().unwrap_or(0) as u32,
             peer: v["peer"].as_str().unwrap_or_default().to_string(),
@@ -214,26 +276,27 @@ impl Orchestrator {
     pub fn conns_of(&self, name: &str) -> Result<Vec<ConnRow>, Failure> {
         let ep = self.endpoint(name)?;
         let info = self.info(name)?;
-        let v = call(&ep.control, &json!({"cmd": "conns"}), Duration::from_secs(5))?;
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|c| ConnRow {
-                        conn: c["conn"].as_str().unwrap_or_default().into(),
-                        worker: name.into(),
-                        server_id: info.server_id,
-                        id: c["id"].as_u64().unwrap_or(0),
-                        remote: c["remote"].as_str().unwrap_or_default().into(),
-                        state: if c["frozen"].as_bool() == Some(true) { "migrating" } else { "live" }.into(),
-                        cids: c["cids"]
-                            .as_array()
-                            .map(|x| x.iter().filter_map(|s| s.as_str().map(String::from)).collect())
-                            .unwrap_or_default(),
-                        overrides: 0,
-                    })
-                    .collect()
+        let v = call(&ep.control, &json!({"cmd": "conns"}), self.control_timeout)?;
+        // Anything but a list is an error, never "no connections".
+        let list = v.as_array().ok_or_else(|| {
+            Failure::new("output", format!("worker {name} answered `conns` with something that is not a list"))
+        })?;
+        Ok(list
+            .iter()
+            .map(|c| ConnRow {
+                conn: c["conn"].as_str().unwrap_or_default().into(),
+                worker: name.into(),
+                server_id: info.server_id,
+                id: c["id"].as_u64().unwrap_or(0),
+                remote: c["remote"].as_str().unwrap_or_default().into(),
+                state: if c["frozen"].as_bool() == Some(true) { "migrating" } else { "live" }.into(),
+                cids: c["cids"]
+                    .as_array()
+                    .map(|x| x.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .unwrap_or_default(),
+                overrides: 0,
             })
-            .unwrap_or_default())
+            .collect())
     }
 
     /// Connections of every worker; unreachable workers are reported in the second list.
@@ -304,9 +367,20 @@ impl Orchestrator {
 
     /// Finds which worker holds `conn`.
     pub fn locate(&self, conn: &str) -> Result<String, Failure> {
-        let (rows, _) = self.conns();
+        let (rows, down) = self.conns();
         rows.into_iter().find(|r| r.conn == conn).map(|r| r.worker).ok_or_else(|| {
-            Failure::new("unknown_connection", format!("no worker holds connection {conn} (see `baton conns`)"))
+            let silent: Vec<&str> = down.iter().filter(|(_, f)| !f.not_running).map(|(w, _)| w.as_str()).collect();
+            if silent.is_empty() {
+                Failure::new("unknown_connection", format!("no worker holds connection {conn} (see `baton conns`)"))
+            } else {
+                Failure::new(
+                    "unknown_connection",
+                    format!(
+                        "no worker that answered holds connection {conn}; {} did not answer and may hold it",
+                        silent.join(", ")
+                    ),
+                )
+            }
         })
     }
 
@@ -352,7 +426,7 @@ impl Orchestrator {
             "timeout_ms": self.quiesce_timeout.as_millis() as u64,
             "test_tamper": self.faults.tamper_snapshot,
         });
-        let done = call(&src.control, &req, self.quiesce_timeout + Duration::from_secs(10))?;
+        let done = call(&src.control, &req, self.quiesce_timeout + MIGRATE_SLACK)?;
         // The target confirmed: only now does the data plane move.
         let cids: Vec<String> = done["cids"]
             .as_array()
@@ -371,7 +445,7 @@ impl Orchestrator {
         if let Err(f) = call(
             &src.control,
             &json!({"cmd": "release", "migration_id": migration_id.to_string()}),
-            Duration::from_secs(5),
+            self.control_timeout,
         ) {
             tracing::warn!(
                 conn,
@@ -458,7 +532,9 @@ pub fn drain(
     progress: Progress<'_>,
 ) -> Result<DrainSummary> {
     let started = Instant::now();
-    let conns = o.conns_of(worker).map_err(|f| anyhow::anyhow!("{}: {}", f.kind, f.error))?;
+    let conns = o
+        .conns_of(worker)
+        .map_err(|f| anyhow::anyhow!("cannot list the connections of worker {worker} ({}): {}", f.kind, f.error))?;
     let targets: Vec<String> = match to {
         Some(t) => vec![t.to_string()],
         None => o.worker_names().into_iter().filter(|w| w != worker).collect(),
@@ -503,6 +579,76 @@ pub fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake worker control socket: `answer(request line)` gives the answer line, or `None` to
+    /// keep the connection open without answering (a stalled worker).
+    fn fake_worker(path: &Path, answer: fn(&str) -> Option<String>) {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    use std::io::BufRead;
+                    let mut line = String::new();
+                    let _ = std::io::BufReader::new(&s).read_line(&mut line);
+                    match answer(&line) {
+                        Some(a) => {
+                            let _ = s.write_all(format!("{a}\n").as_bytes());
+                        }
+                        None => std::thread::sleep(Duration::from_secs(30)),
+                    }
+                });
+            }
+        });
+    }
+
+    fn info_then(conns: &'static str) -> impl Fn(&str) -> Option<String> {
+        move |req: &str| {
+            Some(if req.contains("\"info\"") {
+                r#"{"ok":true,"data":{"name":"w","server_id":1,"peer":"127.0.0.1:1"}}"#.to_string()
+            } else {
+                conns.to_string()
+            })
+        }
+    }
+
+    /// A worker that is gone, stalls, or answers `conns` with something other than a list is
+    /// reported by name, never listed as a worker with no connections; the others still list.
+    #[test]
+    fn conns_reports_workers_that_do_not_answer_instead_of_listing_them_empty() {
+        let dir = std::env::temp_dir().join(format!("baton-conns-down-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secrets.toml"), format!("token_secret_id = 1\ntoken_secret = \"{}\"\n", "ab".repeat(32)))
+            .unwrap();
+        fake_worker(&dir.join("ok.sock"), |r| {
+            info_then(r#"{"ok":true,"data":[{"conn":"00aa","id":3,"remote":"10.0.0.1:5000","frozen":false,"cids":["0100"]}]}"#)(r)
+        });
+        fake_worker(&dir.join("stuck.sock"), |r| if r.contains("\"info\"") { info_then("")(r) } else { None });
+        fake_worker(&dir.join("bad.sock"), |r| info_then(r#"{"ok":true,"data":null}"#)(r));
+        let workers = ["ok", "gone", "stuck", "bad"]
+            .iter()
+            .map(|n| WorkerEndpoint { name: n.to_string(), control: dir.join(format!("{n}.sock")) })
+            .collect();
+        let cfg = MigrationConfig { secrets: dir.join("secrets.toml"), workers };
+        let mut o = Orchestrator::new(cfg, &dir.join("no-lb.sock"), &dir.join("no-pins")).unwrap();
+        o.control_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let (rows, down) = o.conns();
+        assert!(started.elapsed() < Duration::from_secs(3), "the stalled worker was not timed out");
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].worker.as_str(), rows[0].conn.as_str()), ("ok", "00aa"));
+        let names: Vec<&str> = down.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(names, ["gone", "stuck", "bad"]);
+        let not_running: Vec<bool> = down.iter().map(|(_, f)| f.not_running).collect();
+        assert_eq!(not_running, [true, false, false], "only the gone worker is known not to run");
+        assert!(down[1].1.error.contains("no answer within 300 ms"), "{:?}", down[1].1);
+        assert_eq!(down[1].1.kind, "target_unavailable");
+        assert!(down[2].1.error.contains("not a list"), "{:?}", down[2].1);
+        let e = drain(&o, "stuck", Some("ok"), 1, &|_, _, _| {}).unwrap_err();
+        assert!(format!("{e:#}").contains("worker stuck"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn config_and_secrets_errors_say_what_to_fix_without_quoting_secrets() {

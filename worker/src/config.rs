@@ -41,6 +41,12 @@ pub struct WorkerConfig {
     pub secrets: Option<PathBuf>,
     #[serde(default)]
     pub peer: Option<PeerConfig>,
+    /// Receive and send buffer of the VIP socket, in bytes (default 4 MiB). The kernel caps it
+    /// at net.core.rmem_max/wmem_max unless the worker runs with CAP_NET_ADMIN (then
+    /// SO_RCVBUFFORCE/SO_SNDBUFFORCE apply it as given); the worker logs what it got. 0 keeps the
+    /// kernel's default.
+    #[serde(default = "default_socket_buffer")]
+    pub socket_buffer: usize,
 }
 
 /// The worker-to-worker channel (quinn, mutual TLS).
@@ -62,6 +68,9 @@ fn default_cid_len() -> u8 {
 }
 fn default_server_id_len() -> u8 {
     2
+}
+fn default_socket_buffer() -> usize {
+    4 << 20
 }
 fn default_service() -> String {
     "demo".into()
@@ -110,6 +119,12 @@ mod tests {
         assert_eq!(c.port, 4433);
         assert_eq!(c.server_id, 3);
         assert_eq!(c.service, "demo");
+        assert_eq!(c.socket_buffer, 4 << 20);
+        let small = WorkerConfig::parse(
+            "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\nsocket_buffer = 65536\n",
+        )
+        .unwrap();
+        assert_eq!(small.socket_buffer, 65536);
         assert!(WorkerConfig::parse("vip = \"x\"").is_err());
         assert!(
             WorkerConfig::parse(

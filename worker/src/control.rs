@@ -22,14 +22,25 @@ pub enum Request {
 /// Binds the socket; a stale file (nobody answers) is replaced, a live one is refused.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => anyhow::bail!(
                 "another worker answers on {}: give this one its own control_socket",
                 path.display()
-            );
+            ),
+            // Nobody listens: its owner is gone, the file is stale.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing a stale control socket");
+                std::fs::remove_file(path).with_context(|| {
+                    format!("cannot remove the stale socket {}", path.display())
+                })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Anything else (not a socket, no permission): the file may not be ours to remove.
+            Err(e) => anyhow::bail!(
+                "{} exists and cannot be checked ({e}); remove it if no worker uses it",
+                path.display()
+            ),
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -18,15 +18,41 @@ pub struct Received {
 }
 
 impl UdpIo {
-    /// Binds `addr` (the VIP and port) on the current tokio runtime.
+    /// Binds `addr` (the VIP and port) on the current tokio runtime, with the kernel's default
+    /// socket buffers.
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Self::bind_with_buffers(addr, 0)
+    }
+
+    /// Like [`UdpIo::bind`], asking for `buffer` bytes of receive and send buffer (0: the
+    /// kernel's default). Many connections burst more datagrams than the default (~200 KiB)
+    /// holds while the loop is busy; the kernel then drops them (`UdpRcvbufErrors`). See
+    /// [`set_buffer`] for how the size is applied; [`UdpIo::buffer_sizes`] tells what was granted.
+    pub fn bind_with_buffers(addr: SocketAddr, buffer: usize) -> io::Result<Self> {
         let std = std::net::UdpSocket::bind(addr)?;
         std.set_nonblocking(true)?;
+        if buffer > 0 {
+            use std::os::fd::AsRawFd;
+            let fd = std.as_raw_fd();
+            set_buffer(fd, libc::SO_RCVBUF, libc::SO_RCVBUFFORCE, buffer)?;
+            set_buffer(fd, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, buffer)?;
+        }
         let state = UdpSocketState::new((&std).into())?;
         Ok(Self {
             socket: tokio::net::UdpSocket::from_std(std)?,
             state,
         })
+    }
+
+    /// The receive and send buffer sizes the kernel reports (it doubles what was asked, for its
+    /// bookkeeping, and caps unprivileged requests at net.core.rmem_max/wmem_max).
+    pub fn buffer_sizes(&self) -> (usize, usize) {
+        use std::os::fd::AsRawFd;
+        let fd = self.socket.as_raw_fd();
+        (
+            get_int(fd, libc::SO_RCVBUF).unwrap_or(0),
+            get_int(fd, libc::SO_SNDBUF).unwrap_or(0),
+        )
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -91,6 +117,88 @@ impl UdpIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+fn get_int(fd: std::os::fd::RawFd, opt: libc::c_int) -> io::Result<usize> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket; `v` and `len` are valid for the call.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &raw mut len)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v.max(0) as usize)
+}
+
+fn set_int(fd: std::os::fd::RawFd, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket; `v` is a valid c_int for the call's duration.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks for `bytes` of buffer with `opt` (SO_RCVBUF/SO_SNDBUF), which the kernel silently caps at
+/// the net.core.{r,w}mem_max sysctl. If that left it short, tries `force` (SO_*BUFFORCE, which
+/// ignores the cap but needs CAP_NET_ADMIN); without the capability the capped size stays.
+fn set_buffer(
+    fd: std::os::fd::RawFd,
+    opt: libc::c_int,
+    force: libc::c_int,
+    bytes: usize,
+) -> io::Result<()> {
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX / 2);
+    set_int(fd, opt, want)?;
+    // Linux reports twice the size set (the doubled value is what it accounts against).
+    if get_int(fd, opt)? < bytes.saturating_mul(2) {
+        match set_int(fd, force, want) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn vip_socket_gets_the_buffers_it_asks_for() {
+        let want = 4 << 20;
+        let big = UdpIo::bind_with_buffers("127.0.0.1:0".parse().unwrap(), want).unwrap();
+        let (rcv, snd) = big.buffer_sizes();
+        let plain = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (rcv0, _) = plain.buffer_sizes();
+        // Root (CAP_NET_ADMIN) gets the full size whatever the sysctl cap; others get the cap.
+        let root = unsafe { libc::geteuid() } == 0;
+        let cap_r = if root { want } else { want.min(sysctl("rmem_max")) };
+        let cap_w = if root { want } else { want.min(sysctl("wmem_max")) };
+        assert!(rcv >= cap_r, "rcvbuf {rcv} < {cap_r} (default {rcv0})");
+        assert!(snd >= cap_w, "sndbuf {snd} < {cap_w}");
+        if root {
+            assert!(rcv > rcv0, "rcvbuf {rcv} not above the default {rcv0}");
         }
     }
 }

@@ -154,11 +154,34 @@ fn orchestrator(cli: &Cli) -> Result<lb_user::migrate::Orchestrator> {
 fn conns(cli: &Cli) -> Result<()> {
     let o = orchestrator(cli)?;
     let (rows, down) = o.conns();
+    // A worker that is running but did not answer (stalled, timed out, bad answer) must never look
+    // like a worker with no connections: print what the others answered, say the list is
+    // incomplete and which workers are missing, and exit 1. A worker that is not running at all
+    // (no one listens on its control socket) holds no connections: a warning, the list is complete.
+    let mut silent = Vec::new();
     for (w, f) in &down {
-        eprintln!("warning: worker {w} did not answer: {}", f.error);
+        if f.not_running {
+            eprintln!("warning: worker {w} is not running, so it holds no connections: {}", f.error);
+        } else {
+            eprintln!("warning: worker {w} did not answer ({}): {}", f.kind, f.error);
+            silent.push(w.as_str());
+        }
     }
+    let incomplete = || {
+        if !silent.is_empty() {
+            eprintln!(
+                "warning: the list is INCOMPLETE: {} of {} workers did not answer ({}); their connections are missing",
+                silent.len(),
+                o.worker_names().len(),
+                silent.join(", ")
+            );
+            std::process::exit(1);
+        }
+    };
     if cli.json {
-        return print_json(&rows);
+        print_json(&rows)?;
+        incomplete();
+        return Ok(());
     }
     println!("{:<42} {:<10} {:<10} {:<24} {:>9}  CIDS", "CONN", "WORKER", "STATE", "CLIENT", "OVERRIDES");
     for r in &rows {
@@ -173,6 +196,7 @@ fn conns(cli: &Cli) -> Result<()> {
         );
     }
     println!("{} connections", rows.len());
+    incomplete();
     Ok(())
 }
 

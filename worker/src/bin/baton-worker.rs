@@ -69,8 +69,77 @@ async fn main() -> anyhow::Result<()> {
     let layout = CidLayout::new(config.cid_len, config.server_id_len)
         .map_err(|e| anyhow::anyhow!("CID layout: {e}"))?;
     let (certs, key) = baton_worker::load_tls(&config.cert, &config.key)?;
+    let mut signals = StopSignals::install()?;
+    // Claim the control socket first: a live worker that owns it stops us before we touch the
+    // VIP; a stale file left by one that died is replaced (control::bind).
+    let listener = match &config.control_socket {
+        Some(c) if config.secrets.is_some() && config.peer.is_some() => {
+            Some(baton_worker::control::bind(c)?)
+        }
+        _ => None,
+    };
+    // From here on, leave through `shutdown` so the control socket file goes with us.
+    let result = serve(&config, service, layout, certs, key, listener, &mut signals).await;
+    if let Some(c) = &config.control_socket {
+        let _ = std::fs::remove_file(c);
+    }
+    result
+}
+
+/// SIGINT and SIGTERM (systemd's stop signal) both stop the worker cleanly. The handlers are
+/// installed when this is built, so build it before anything a signal could interrupt.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Resolves with the name of the first stop signal received.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+async fn serve(
+    config: &WorkerConfig,
+    service: Arc<dyn baton_worker::service::Service>,
+    layout: CidLayout,
+    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    listener: Option<tokio::net::UnixListener>,
+    signals: &mut StopSignals,
+) -> anyhow::Result<()> {
     let addr = SocketAddr::new(config.vip, config.port);
-    let socket = Arc::new(UdpIo::bind(addr).with_context(|| format!("binding {addr}"))?);
+    let socket = Arc::new(
+        UdpIo::bind_with_buffers(addr, config.socket_buffer)
+            .with_context(|| format!("binding {addr}"))?,
+    );
+    let (rcv, snd) = socket.buffer_sizes();
+    tracing::info!(
+        requested = config.socket_buffer,
+        rcvbuf = rcv,
+        sndbuf = snd,
+        "VIP socket buffers (as the kernel reports them)"
+    );
+    if rcv < config.socket_buffer || snd < config.socket_buffer {
+        tracing::warn!(
+            requested = config.socket_buffer,
+            rcvbuf = rcv,
+            sndbuf = snd,
+            "the kernel granted smaller VIP socket buffers than configured (raise net.core.rmem_max/wmem_max, or run with CAP_NET_ADMIN)"
+        );
+    }
     let core = WorkerCore::new(
         CoreConfig {
             server_id: config.server_id,
@@ -114,17 +183,14 @@ async fn main() -> anyhow::Result<()> {
             pipeline,
             endpoint,
         )?;
-        let listener = baton_worker::control::bind(control)?;
+        let listener = listener.context("control socket not bound")?;
         tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
         tokio::spawn(baton_worker::control::serve(listener, ctx));
         tracing::info!(name = %config.name(), control = %control.display(), peer = %peer.listen, "migrations enabled");
     }
     tokio::select! {
         _ = task => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
-    }
-    if let Some(c) = &config.control_socket {
-        let _ = std::fs::remove_file(c);
+        s = signals.recv() => tracing::info!(signal = s, "shutting down"),
     }
     drop(handle);
     Ok(())
