@@ -8,6 +8,9 @@ use tokio::io::Interest;
 pub struct UdpIo {
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// Receive buffer, allocated once: up to 8 GRO segments of 64 KiB. Allocating (and zeroing)
+    /// it per datagram cost more than handling the datagram under load.
+    recv_buf: std::sync::Mutex<Vec<u8>>,
 }
 
 /// One received datagram.
@@ -38,9 +41,11 @@ impl UdpIo {
             set_buffer(fd, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, buffer)?;
         }
         let state = UdpSocketState::new((&std).into())?;
+        let recv_buf = std::sync::Mutex::new(vec![0u8; 65535 * state.gro_segments().clamp(1, 8)]);
         Ok(Self {
             socket: tokio::net::UdpSocket::from_std(std)?,
             state,
+            recv_buf,
         })
     }
 
@@ -71,11 +76,12 @@ impl UdpIo {
 
     /// Receives at least one datagram (several with GRO) into `out`.
     pub async fn recv(&self, out: &mut Vec<Received>) -> io::Result<()> {
-        let mut buf = vec![0u8; 65535 * self.state.gro_segments().clamp(1, 8)];
         let mut meta = [RecvMeta::default()];
         loop {
             self.socket.readable().await?;
-            let mut bufs = [IoSliceMut::new(&mut buf)];
+            // Never held across an await.
+            let mut buf = self.recv_buf.lock().unwrap_or_else(|e| e.into_inner());
+            let mut bufs = [IoSliceMut::new(&mut buf[..])];
             match self.socket.try_io(Interest::READABLE, || {
                 self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
             }) {
