@@ -4,14 +4,20 @@
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("lb-user sits in the workspace");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("lb-user sits in the workspace");
     let ebpf_dir = workspace.join("lb-ebpf");
     // The XDP program compiles lb-common too: rebuild when either changes.
-    println!("cargo:rerun-if-changed={}", workspace.join("lb-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("lb-common").display()
+    );
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
 
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("lb-ebpf");
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         if !out.exists() {
             std::fs::write(&out, [])?;

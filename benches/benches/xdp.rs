@@ -15,8 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, bail};
 use lb_common::{
-    AF_INET, AF_INET6, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, QUIC_V1, VipKey, WORKER_HEALTHY, WORKER_IN_USE,
-    WorkerEntry,
+    AF_INET, AF_INET6, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, QUIC_V1, VipKey, WORKER_HEALTHY,
+    WORKER_IN_USE, WorkerEntry,
 };
 use lb_user::testrun::frames::{Datagram, LongType, quic_long, quic_short};
 use lb_user::testrun::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XdpFixture};
@@ -37,14 +37,18 @@ struct Case {
 
 fn env_u32(name: &str, default: u32) -> Result<u32> {
     match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v} is not a number")),
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v} is not a number")),
         Err(_) => Ok(default),
     }
 }
 
 fn cid(server_id: u64) -> [u8; 8] {
     let mut c = [0u8; 8];
-    CidLayout::default().encode(0, server_id, &[0x5a, 0x11, 0x22, 0x33, 0x44], &mut c).expect("valid CID");
+    CidLayout::default()
+        .encode(0, server_id, &[0x5a, 0x11, 0x22, 0x33, 0x44], &mut c)
+        .expect("valid CID");
     c
 }
 
@@ -53,11 +57,26 @@ fn setup(object: Option<&[u8]>) -> Result<XdpFixture> {
         None => XdpFixture::load("bench")?,
         Some(bytes) => XdpFixture::load_object("bench-baseline", bytes)?,
     };
-    f.set_config(LbConfig { cid_len: 8, server_id_len: 2, ready: 1, _pad: 0, maglev_size: MAGLEV_TABLE_SIZE })?;
-    let mut v4 = VipKey { port: PORT, family: AF_INET, ..Default::default() };
+    f.set_config(LbConfig {
+        cid_len: 8,
+        server_id_len: 2,
+        ready: 1,
+        _pad: 0,
+        maglev_size: MAGLEV_TABLE_SIZE,
+    })?;
+    let mut v4 = VipKey {
+        port: PORT,
+        family: AF_INET,
+        ..Default::default()
+    };
     v4.addr[..4].copy_from_slice(&VIP4.octets());
     f.add_vip(v4)?;
-    f.add_vip(VipKey { addr: VIP6.octets(), port: PORT, family: AF_INET6, _pad: 0 })?;
+    f.add_vip(VipKey {
+        addr: VIP6.octets(),
+        port: PORT,
+        family: AF_INET6,
+        _pad: 0,
+    })?;
     for w in 0..2u32 {
         let entry = WorkerEntry {
             mac: [0x02, 0xaa, 0, 0, 0, w as u8],
@@ -83,13 +102,33 @@ fn setup(object: Option<&[u8]>) -> Result<XdpFixture> {
 }
 
 fn cases() -> Vec<Case> {
-    let v4 = |p: Vec<u8>| Datagram::udp(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), IpAddr::V4(VIP4), PORT, p).build();
+    let v4 = |p: Vec<u8>| {
+        Datagram::udp(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+            IpAddr::V4(VIP4),
+            PORT,
+            p,
+        )
+        .build()
+    };
     let v6 = |p: Vec<u8>| {
-        Datagram::udp(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)), IpAddr::V6(VIP6), PORT, p).build()
+        Datagram::udp(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
+            IpAddr::V6(VIP6),
+            PORT,
+            p,
+        )
+        .build()
     };
     let short = |c: [u8; 8]| quic_short(&c, 60);
     let client_dcid = [0xc3, 0x9e, 0x01, 0x77, 0x42, 0x10, 0xfe, 0x08];
-    let case = |name, frame, expect| Case { name, program: "baton_xdp", frame, expect, routed: true };
+    let case = |name, frame, expect| Case {
+        name,
+        program: "baton_xdp",
+        frame,
+        expect,
+        routed: true,
+    };
     vec![
         Case {
             name: "reference (parse to DCID, drop)",
@@ -105,23 +144,53 @@ fn cases() -> Vec<Case> {
             expect: XDP_REDIRECT,
             routed: false,
         },
-        case("short hdr, override hit", v4(short(cid(0x4242))), XDP_REDIRECT),
+        case(
+            "short hdr, override hit",
+            v4(short(cid(0x4242))),
+            XDP_REDIRECT,
+        ),
         case("short hdr, server ID", v4(short(cid(0x0101))), XDP_REDIRECT),
-        case("short hdr, unknown SID -> hash", v4(short(cid(0x7777))), XDP_REDIRECT),
+        case(
+            "short hdr, unknown SID -> hash",
+            v4(short(cid(0x7777))),
+            XDP_REDIRECT,
+        ),
         case(
             "Initial, hashed (1200 B)",
-            v4(quic_long(LongType::Initial, QUIC_V1, &client_dcid, &[1; 8], 1200)),
+            v4(quic_long(
+                LongType::Initial,
+                QUIC_V1,
+                &client_dcid,
+                &[1; 8],
+                1200,
+            )),
             XDP_REDIRECT,
         ),
         case(
             "Handshake, server ID",
-            v4(quic_long(LongType::Handshake, QUIC_V1, &cid(0x0202), &[1; 8], 300)),
+            v4(quic_long(
+                LongType::Handshake,
+                QUIC_V1,
+                &cid(0x0202),
+                &[1; 8],
+                300,
+            )),
             XDP_REDIRECT,
         ),
-        case("IPv6 short hdr, server ID", v6(short(cid(0x0202))), XDP_REDIRECT),
+        case(
+            "IPv6 short hdr, server ID",
+            v6(short(cid(0x0202))),
+            XDP_REDIRECT,
+        ),
         case(
             "IPv6 Initial, hashed",
-            v6(quic_long(LongType::Initial, QUIC_V1, &client_dcid, &[1; 8], 1200)),
+            v6(quic_long(
+                LongType::Initial,
+                QUIC_V1,
+                &client_dcid,
+                &[1; 8],
+                1200,
+            )),
             XDP_REDIRECT,
         ),
         Case {
@@ -143,7 +212,11 @@ fn cases() -> Vec<Case> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() -> Result<()> {
@@ -153,16 +226,23 @@ fn main() -> Result<()> {
     let (rounds, repeat) = if quick {
         (1, 1000)
     } else {
-        (env_u32("BATON_XDP_BENCH_ROUNDS", 7)?.max(1), env_u32("BATON_XDP_BENCH_REPEAT", 1_000_000)?)
+        (
+            env_u32("BATON_XDP_BENCH_ROUNDS", 7)?.max(1),
+            env_u32("BATON_XDP_BENCH_REPEAT", 1_000_000)?,
+        )
     };
     if quick {
         eprintln!("test mode (no --bench): one round of {repeat} runs, figures are not meaningful");
     } else if repeat < 1_000_000 {
-        eprintln!("note: BATON_XDP_BENCH_REPEAT={repeat} is below 1,000,000: expect noisier figures");
+        eprintln!(
+            "note: BATON_XDP_BENCH_REPEAT={repeat} is below 1,000,000: expect noisier figures"
+        );
     }
     let f = setup(None).context("setting up the XDP benchmark (run it as root)")?;
     let baseline_bytes = match std::env::var_os("BATON_XDP_BENCH_BASELINE") {
-        Some(path) => Some(std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?),
+        Some(path) => Some(
+            std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?,
+        ),
         None => None,
     };
     let baseline = match &baseline_bytes {
@@ -179,7 +259,12 @@ fn main() -> Result<()> {
             }
             let out = fx.run(c.program, &c.frame)?;
             if out.action != c.expect {
-                bail!("{which}case {:?} returned action {} instead of {}", c.name, out.action, c.expect);
+                bail!(
+                    "{which}case {:?} returned action {} instead of {}",
+                    c.name,
+                    out.action,
+                    c.expect
+                );
             }
         }
     }
@@ -196,7 +281,10 @@ fn main() -> Result<()> {
         eprintln!("round {}/{rounds} done", round + 1);
     }
     let medians: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
-    let base_medians: Vec<Option<f64>> = base_samples.iter_mut().map(|s| (!s.is_empty()).then(|| median(s))).collect();
+    let base_medians: Vec<Option<f64>> = base_samples
+        .iter_mut()
+        .map(|s| (!s.is_empty()).then(|| median(s)))
+        .collect();
     let reference = medians[0];
     let floor = medians[1];
     let info = f.program("baton_xdp")?.info()?;
@@ -206,18 +294,25 @@ fn main() -> Result<()> {
     );
     println!(
         "baton_xdp: {} instructions verified, {} bytes translated, {} bytes JITed",
-        info.verified_instruction_count().map_or("?".into(), |n| n.to_string()),
+        info.verified_instruction_count()
+            .map_or("?".into(), |n| n.to_string()),
         info.size_translated().map_or("?".into(), |n| n.to_string()),
         info.size_jitted()
     );
-    let base_hdr = if baseline.is_some() { format!(" {:>9} {:>7}", "baseline", "ratio") } else { String::new() };
+    let base_hdr = if baseline.is_some() {
+        format!(" {:>9} {:>7}", "baseline", "ratio")
+    } else {
+        String::new()
+    };
     println!(
         "{:<40} {:>8} {:>6} {:>6} {:>7} {:>7}{base_hdr}  target",
         "case", "median", "min", "max", "ratio", "floor+"
     );
     let mut missed = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let (min, max) = samples[i].iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (min, max) = samples[i]
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         let ratio = medians[i] / reference;
         let verdict = if !c.routed {
             "-".to_string()
@@ -227,7 +322,11 @@ fn main() -> Result<()> {
             missed.push(c.name);
             format!("MISSED (> {TARGET_RATIO}x)")
         };
-        let over_floor = if c.routed { format!("{:+.0}ns", medians[i] - floor) } else { "-".into() };
+        let over_floor = if c.routed {
+            format!("{:+.0}ns", medians[i] - floor)
+        } else {
+            "-".into()
+        };
         let base_col = match (baseline.is_some(), base_medians[i], base_medians[0]) {
             (false, ..) => String::new(),
             (true, Some(b), Some(r)) => format!(" {:>7.0}ns {:>6.2}x", b, b / r),
@@ -246,7 +345,10 @@ fn main() -> Result<()> {
     if missed.is_empty() {
         println!("every route kind is within {TARGET_RATIO}x of the reference");
     } else {
-        println!("route kinds over {TARGET_RATIO}x of the reference: {}", missed.join(", "));
+        println!(
+            "route kinds over {TARGET_RATIO}x of the reference: {}",
+            missed.join(", ")
+        );
     }
     Ok(())
 }

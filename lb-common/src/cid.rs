@@ -35,8 +35,12 @@ impl LayoutError {
         match self {
             LayoutError::CidLength => "cid_len must be between 1 and 20",
             LayoutError::ServerIdLength => "server_id_len must be between 1 and 8",
-            LayoutError::NonceTooShort => "cid_len - 1 - server_id_len must leave a nonce of at least 4 bytes",
-            LayoutError::ConfigRotation => "config rotation must be 0..=6 (7 is reserved for unroutable CIDs)",
+            LayoutError::NonceTooShort => {
+                "cid_len - 1 - server_id_len must leave a nonce of at least 4 bytes"
+            }
+            LayoutError::ConfigRotation => {
+                "config rotation must be 0..=6 (7 is reserved for unroutable CIDs)"
+            }
             LayoutError::ServerIdTooLarge => "server id does not fit in server_id_len bytes",
         }
     }
@@ -58,7 +62,10 @@ pub struct CidLayout {
 impl Default for CidLayout {
     /// 8-byte CIDs with a 2-byte server ID (5-byte nonce).
     fn default() -> Self {
-        Self { cid_len: 8, server_id_len: 2 }
+        Self {
+            cid_len: 8,
+            server_id_len: 2,
+        }
     }
 }
 
@@ -73,7 +80,10 @@ impl CidLayout {
         if (cid_len as usize) < 1 + server_id_len as usize + MIN_NONCE_LEN {
             return Err(LayoutError::NonceTooShort);
         }
-        Ok(Self { cid_len, server_id_len })
+        Ok(Self {
+            cid_len,
+            server_id_len,
+        })
     }
 
     pub const fn cid_len(&self) -> usize {
@@ -90,7 +100,11 @@ impl CidLayout {
 
     /// Largest server ID this layout can carry.
     pub const fn max_server_id(&self) -> u64 {
-        if self.server_id_len as usize >= 8 { u64::MAX } else { (1u64 << (8 * self.server_id_len as u32)) - 1 }
+        if self.server_id_len as usize >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * self.server_id_len as u32)) - 1
+        }
     }
 
     /// The first octet: config rotation in the top 3 bits, `cid_len - 1` in the low 5 bits.
@@ -100,7 +114,13 @@ impl CidLayout {
 
     /// Writes a routable CID into `out[..cid_len]`. `nonce` supplies at least `nonce_len` bytes
     /// (the worker passes fresh random bytes).
-    pub fn encode(&self, config_rotation: u8, server_id: u64, nonce: &[u8], out: &mut [u8]) -> Result<(), LayoutError> {
+    pub fn encode(
+        &self,
+        config_rotation: u8,
+        server_id: u64,
+        nonce: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), LayoutError> {
         if config_rotation >= CR_UNROUTABLE {
             return Err(LayoutError::ConfigRotation);
         }
@@ -210,7 +230,9 @@ mod tests {
     fn draft_plaintext_vector_1() {
         let layout = CidLayout::new(8, 3).unwrap();
         let mut cid = [0u8; 8];
-        layout.encode(0, 0xc4605e, &hex("4504cc4f")[..4], &mut cid).unwrap();
+        layout
+            .encode(0, 0xc4605e, &hex("4504cc4f")[..4], &mut cid)
+            .unwrap();
         assert_eq!(cid, hex("07c4605e4504cc4f")[..8]);
         assert_eq!(layout.decode_server_id(&cid), Some(0xc4605e));
         assert_eq!(config_rotation(cid[0]), 0);
@@ -227,7 +249,9 @@ mod tests {
         let layout = CidLayout::new(11, 5).unwrap();
         let nonce = hex("3487d970b0");
         let mut cid = [0u8; 11];
-        layout.encode(1, 0x350d28b420, &nonce[..5], &mut cid).unwrap();
+        layout
+            .encode(1, 0x350d28b420, &nonce[..5], &mut cid)
+            .unwrap();
         assert_eq!(cid, hex("2a350d28b4203487d970b0")[..11]);
         assert_eq!(cid[0], 0x2a);
         assert_eq!(layout.decode_server_id(&cid), Some(0x350d28b420));
@@ -243,11 +267,16 @@ mod tests {
                 for seed in 0..50u64 {
                     let mut cid = [0u8; 20];
                     for (i, b) in cid.iter_mut().enumerate() {
-                        *b = (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (i % 8 * 8)) as u8 ^ i as u8;
+                        *b = (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (i % 8 * 8)) as u8
+                            ^ i as u8;
                     }
                     let cid = &cid[..cid_len as usize];
                     let words = crate::cid_key_words(&crate::CidKey::new(cid).unwrap());
-                    assert_eq!(layout.decode_server_id_words(&words), layout.decode_server_id(cid), "{cid:02x?}");
+                    assert_eq!(
+                        layout.decode_server_id_words(&words),
+                        layout.decode_server_id(cid),
+                        "{cid:02x?}"
+                    );
                 }
             }
         }
@@ -261,7 +290,13 @@ mod tests {
         cid[0] |= CR_UNROUTABLE << 5;
         assert_eq!(layout.decode_server_id(&cid), None);
         assert_eq!(layout.decode_server_id(&[0x07, 1]), None);
-        assert_eq!(layout.encode(7, 1, &[0; 5], &mut cid), Err(LayoutError::ConfigRotation));
-        assert_eq!(layout.encode(0, 0x1_0000, &[0; 5], &mut cid), Err(LayoutError::ServerIdTooLarge));
+        assert_eq!(
+            layout.encode(7, 1, &[0; 5], &mut cid),
+            Err(LayoutError::ConfigRotation)
+        );
+        assert_eq!(
+            layout.encode(0, 0x1_0000, &[0; 5], &mut cid),
+            Err(LayoutError::ServerIdTooLarge)
+        );
     }
 }

@@ -180,7 +180,11 @@ mod tests {
         assert_eq!(size_of::<ServerIdSlot>(), 8);
         assert_eq!(size_of::<FastPathState>(), 24);
         assert_eq!(core::mem::offset_of!(VipSlot, flags), 20);
-        assert_eq!(core::mem::offset_of!(FastPathState, cid_len), 4, "flags and layout in one word");
+        assert_eq!(
+            core::mem::offset_of!(FastPathState, cid_len),
+            4,
+            "flags and layout in one word"
+        );
         assert_eq!(core::mem::offset_of!(FastPathState, server_id_len), 5);
     }
 
@@ -188,14 +192,25 @@ mod tests {
     fn override_buckets_follow_the_server_id_decoder() {
         let layout = CidLayout::default();
         let mut cid = [0u8; 8];
-        layout.encode(0, 0x0102, &[1, 2, 3, 4, 5], &mut cid).unwrap();
+        layout
+            .encode(0, 0x0102, &[1, 2, 3, 4, 5], &mut cid)
+            .unwrap();
         let key = CidKey::new(&cid).unwrap();
-        assert_eq!(override_bucket(8, 2, &key), OverrideBucket::ServerId(0x0102));
+        assert_eq!(
+            override_bucket(8, 2, &key),
+            OverrideBucket::ServerId(0x0102)
+        );
         // Unroutable config rotation, too short, or a layout with longer server IDs: Other.
         let mut unroutable = cid;
         unroutable[0] |= 0b111 << 5;
-        assert_eq!(override_bucket(8, 2, &CidKey::new(&unroutable).unwrap()), OverrideBucket::Other);
-        assert_eq!(override_bucket(8, 2, &CidKey::new(&cid[..2]).unwrap()), OverrideBucket::Other);
+        assert_eq!(
+            override_bucket(8, 2, &CidKey::new(&unroutable).unwrap()),
+            OverrideBucket::Other
+        );
+        assert_eq!(
+            override_bucket(8, 2, &CidKey::new(&cid[..2]).unwrap()),
+            OverrideBucket::Other
+        );
         assert_eq!(override_bucket(8, 3, &key), OverrideBucket::Other);
         assert_eq!(override_bucket(0, 2, &key), OverrideBucket::Other);
         // A one-byte server ID is the CID's second byte.
@@ -212,7 +227,19 @@ mod tests {
             x as u32
         };
         assert!(!reciprocal_matches(maglev_reciprocal(1), 1));
-        for d in [2u32, 3, 7, 251, 256, 65535, 65536, 65537, 1 << 31, u32::MAX - 1, u32::MAX] {
+        for d in [
+            2u32,
+            3,
+            7,
+            251,
+            256,
+            65535,
+            65536,
+            65537,
+            1 << 31,
+            u32::MAX - 1,
+            u32::MAX,
+        ] {
             let m = maglev_reciprocal(d);
             assert!(reciprocal_matches(m, d), "d={d}");
             assert!(!reciprocal_matches(m.wrapping_add(1), d), "d={d}");
@@ -232,16 +259,26 @@ mod tests {
         for d in 2..3000u32 {
             assert!(!reciprocal_matches(0, d));
             for e in [d - 1, d + 1, 2 * d, d / 2, d / 3, 3 * d] {
-                assert!(!reciprocal_matches(maglev_reciprocal(e), d) || e == d, "{e} for {d}");
+                assert!(
+                    !reciprocal_matches(maglev_reciprocal(e), d) || e == d,
+                    "{e} for {d}"
+                );
             }
         }
     }
 
     #[test]
     fn vip_slot_words_put_flags_in_the_top_half_of_the_last_word() {
-        let mut key = VipKey { port: 443, family: crate::AF_INET, ..Default::default() };
+        let mut key = VipKey {
+            port: 443,
+            family: crate::AF_INET,
+            ..Default::default()
+        };
         key.addr[..4].copy_from_slice(&[10, 0, 0, 100]);
-        let w = vip_slot_words(&VipSlot { key, flags: VIP_SLOT_ENABLED });
+        let w = vip_slot_words(&VipSlot {
+            key,
+            flags: VIP_SLOT_ENABLED,
+        });
         assert_eq!(w[0], u64::from_ne_bytes([10, 0, 0, 100, 0, 0, 0, 0]));
         assert_eq!(w[1], 0);
         assert_eq!(w[2] & 0xffff_ffff, 443 | (crate::AF_INET as u64) << 16);

@@ -11,8 +11,8 @@ pub mod cid;
 pub mod fastpath;
 
 pub use cid::{
-    CR_UNROUTABLE, CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN, config_rotation,
-    self_described_len,
+    CR_UNROUTABLE, CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN,
+    config_rotation, self_described_len,
 };
 
 /// Directory under bpffs where the controller pins maps and the XDP link.
@@ -104,7 +104,11 @@ impl CidKey {
         }
         let mut bytes = [0u8; MAX_CID_LEN];
         bytes[..cid.len()].copy_from_slice(cid);
-        Some(Self { len: cid.len() as u8, bytes, _pad: [0; 3] })
+        Some(Self {
+            len: cid.len() as u8,
+            bytes,
+            _pad: [0; 3],
+        })
     }
 
     pub fn as_slice(&self) -> &[u8] {

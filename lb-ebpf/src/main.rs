@@ -41,13 +41,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::fastpath::{
-    BPF_F_MMAPABLE, FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState, SERVER_ID_TABLE_MAX_LEN,
-    SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS, VipTable, fastmod_u32, reciprocal_matches,
+    BPF_F_MMAPABLE, FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState,
+    SERVER_ID_TABLE_MAX_LEN, SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS,
+    VipTable, fastmod_u32, reciprocal_matches,
 };
 use lb_common::{
-    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN, MAX_CID_OVERRIDES,
-    MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat, TX_SAME_IFACE, VipKey, VipValue,
-    WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words, cid_key_words, config_rotation, self_described_len,
+    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN,
+    MAX_CID_OVERRIDES, MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat,
+    TX_SAME_IFACE, VipKey, VipValue, WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words,
+    cid_key_words, config_rotation, self_described_len,
 };
 use maps::{ARRAY, DEVMAP, HASH, PERCPU_ARRAY, PinnedMap};
 
@@ -60,15 +62,18 @@ static CONFIG: PinnedMap<u32, LbConfig, ARRAY, 1> = PinnedMap::new();
 #[btf_map(name = "BATON_VIPS")]
 static VIPS: PinnedMap<VipKey, VipValue, HASH, { MAX_VIPS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_CID_OVERRIDE")]
-static CID_OVERRIDE: PinnedMap<CidKey, WorkerRef, HASH, { MAX_CID_OVERRIDES as usize }> = PinnedMap::new();
+static CID_OVERRIDE: PinnedMap<CidKey, WorkerRef, HASH, { MAX_CID_OVERRIDES as usize }> =
+    PinnedMap::new();
 #[btf_map(name = "BATON_SERVER_IDS")]
-static SERVER_IDS: PinnedMap<ServerIdKey, WorkerRef, HASH, { MAX_WORKERS as usize }> = PinnedMap::new();
+static SERVER_IDS: PinnedMap<ServerIdKey, WorkerRef, HASH, { MAX_WORKERS as usize }> =
+    PinnedMap::new();
 #[btf_map(name = "BATON_WORKERS")]
 static WORKERS: PinnedMap<u32, WorkerEntry, ARRAY, { MAX_WORKERS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_MAGLEV")]
 static MAGLEV: PinnedMap<u32, u32, ARRAY, MAGLEV_ENTRIES> = PinnedMap::new();
 #[btf_map(name = "BATON_TX_PORTS")]
-static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }> = PinnedMap::new();
+static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }> =
+    PinnedMap::new();
 #[btf_map(name = "BATON_STATS")]
 static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STAT_COUNT as usize }> = PinnedMap::new();
 // Derived fast-path maps (lb_common::fastpath): each used only while its flag is set.
@@ -77,8 +82,13 @@ static FASTPATH: PinnedMap<u32, FastPathState, ARRAY, 1, MMAPABLE> = PinnedMap::
 #[btf_map(name = "BATON_VIP_TABLE")]
 static VIP_TABLE: PinnedMap<u32, VipTable, ARRAY, 1> = PinnedMap::new();
 #[btf_map(name = "BATON_SERVER_ID_TABLE")]
-static SERVER_ID_TABLE: PinnedMap<u32, ServerIdSlot, ARRAY, { SERVER_ID_TABLE_SIZE as usize }, MMAPABLE> =
-    PinnedMap::new();
+static SERVER_ID_TABLE: PinnedMap<
+    u32,
+    ServerIdSlot,
+    ARRAY,
+    { SERVER_ID_TABLE_SIZE as usize },
+    MMAPABLE,
+> = PinnedMap::new();
 
 const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -102,7 +112,12 @@ impl Fast {
         // SAFETY: array value, valid for the program's run and 8-aligned; volatile keeps it one
         // load (flags in the low half, cid_len and server_id_len in bytes 4 and 5).
         let head = unsafe { core::ptr::read_volatile(state as *const u64) };
-        Fast { flags: head as u32, cid_len: (head >> 32) as u8, server_id_len: (head >> 40) as u8, state }
+        Fast {
+            flags: head as u32,
+            cid_len: (head >> 32) as u8,
+            server_id_len: (head >> 40) as u8,
+            state,
+        }
     }
 
     #[inline(always)]
@@ -174,7 +189,11 @@ fn reference_walk(ctx: &XdpContext) -> u32 {
     if quic + 6 > end {
         return xdp_action::XDP_PASS;
     }
-    let (dcid, len) = if read_u8(quic) & 0x80 == 0 { (quic + 1, 8) } else { (quic + 6, read_u8(quic + 5) as usize) };
+    let (dcid, len) = if read_u8(quic) & 0x80 == 0 {
+        (quic + 1, 8)
+    } else {
+        (quic + 6, read_u8(quic + 5) as usize)
+    };
     if len > MAX_CID_LEN || dcid + len > end {
         return xdp_action::XDP_PASS;
     }
@@ -323,7 +342,10 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 return pass();
             }
             let port = read_u16(udp + 2) as u64;
-            if !is_vip(&fp, [load_u32(ip + 16) as u64, 0, port | (AF_INET as u64) << 16]) {
+            if !is_vip(
+                &fp,
+                [load_u32(ip + 16) as u64, 0, port | (AF_INET as u64) << 16],
+            ) {
                 return pass();
             }
             count(Stat::Ipv4);
@@ -341,7 +363,14 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             }
             let udp = ip + IPV6_LEN;
             let port = read_u16(udp + 2) as u64;
-            if !is_vip(&fp, [load_u64(ip + 24), load_u64(ip + 32), port | (AF_INET6 as u64) << 16]) {
+            if !is_vip(
+                &fp,
+                [
+                    load_u64(ip + 24),
+                    load_u64(ip + 32),
+                    port | (AF_INET6 as u64) << 16,
+                ],
+            ) {
                 return pass();
             }
             count(Stat::Ipv6);
@@ -381,7 +410,11 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         if (version == QUIC_V1 || version == QUIC_V2) && dcid_len > MAX_CID_LEN {
             return drop_count(Stat::Malformed);
         }
-        let take = if dcid_len > MAX_CID_LEN { MAX_CID_LEN } else { dcid_len };
+        let take = if dcid_len > MAX_CID_LEN {
+            MAX_CID_LEN
+        } else {
+            dcid_len
+        };
         (version, quic + 5, take, 6 + dcid_len)
     };
     let mut key_mem = core::mem::MaybeUninit::uninit();
@@ -403,7 +436,11 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     } else {
         // v2 (RFC 9369) renumbered the long-header types; map them onto v1's.
         let raw_type = (first >> 4) & 0x03;
-        let pkt_type = if version == QUIC_V2 { (raw_type + 3) & 0x03 } else { raw_type };
+        let pkt_type = if version == QUIC_V2 {
+            (raw_type + 3) & 0x03
+        } else {
+            raw_type
+        };
         match pkt_type {
             // Initial, 0-RTT: a server-issued CID (see the module docs) or a client's random one.
             0 | 1 => {
@@ -425,14 +462,22 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         Route::Worker(worker, entry, why) => (worker, entry, why),
         Route::Malformed => return drop_count(Stat::Malformed),
         Route::Hash => {
-            let size = if cfg.maglev_size > MAGLEV_TABLE_SIZE { MAGLEV_TABLE_SIZE } else { cfg.maglev_size };
+            let size = if cfg.maglev_size > MAGLEV_TABLE_SIZE {
+                MAGLEV_TABLE_SIZE
+            } else {
+                cfg.maglev_size
+            };
             if size == 0 {
                 return drop_count(Stat::NoWorker);
             }
             let hash = cid_hash_words(&words);
             // `hash % size` without a 64-bit div when the controller left the reciprocal.
             let m = fp.maglev_reciprocal();
-            let slot = if reciprocal_matches(m, size) { fastmod_u32(hash, m, size) } else { hash % size };
+            let slot = if reciprocal_matches(m, size) {
+                fastmod_u32(hash, m, size)
+            } else {
+                hash % size
+            };
             let worker = match MAGLEV.lookup(&slot) {
                 // SAFETY: array slot, always valid.
                 Some(w) => unsafe { *w },
@@ -513,7 +558,11 @@ fn load_cid(
             }
         };
         let w0 = (load_u64(base) & !0xff) | len as u64;
-        let words = [keep(w0, 0), keep(load_u64(base + 8), 8), keep(load_u64(base + 16), 16)];
+        let words = [
+            keep(w0, 0),
+            keep(load_u64(base + 8), 8),
+            keep(load_u64(base + 16), 16),
+        ];
         // SAFETY: three in-bounds word stores initialise all of it (no zeroing first).
         let key = unsafe {
             let p = mem.as_mut_ptr() as *mut u64;
@@ -557,7 +606,9 @@ fn route_server_cid(cfg: &LbConfig, fp: &Fast, key: &CidKey, words: &[u64; 3]) -
         // Userspace set the flag only for a valid layout with a 1- or 2-byte server ID, and
         // `same_layout` says it is the live one: `decode_server_id_words` reduced to that case.
         let len = (words[0] & 0xff) as usize;
-        if len < 1 + cfg.server_id_len as usize || config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE {
+        if len < 1 + cfg.server_id_len as usize
+            || config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE
+        {
             None
         } else if cfg.server_id_len == 2 {
             Some((words[0] >> 8) & 0xff00 | (words[0] >> 24) & 0xff)
@@ -632,8 +683,13 @@ fn worker_entry(worker: u32) -> Option<*const WorkerEntry> {
 #[inline(always)]
 fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) -> u32 {
     // SAFETY: an in-use `BATON_WORKERS` slot (see `worker_entry`); array values stay valid.
-    let (mac_hi, mac_lo, tx_port) =
-        unsafe { (*(entry as *const u32), *((entry as *const u8).add(4) as *const u16), (*entry).tx_port) };
+    let (mac_hi, mac_lo, tx_port) = unsafe {
+        (
+            *(entry as *const u32),
+            *((entry as *const u8).add(4) as *const u16),
+            (*entry).tx_port,
+        )
+    };
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > end {
         return drop_count(Stat::Malformed);
@@ -666,7 +722,12 @@ fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) 
         Err(_) => {
             // Only a controller/config fault gets here (worker names an empty devmap slot), so
             // it is worth a log line; the counter says how often.
-            warn!(ctx, "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped", worker, tx_port);
+            warn!(
+                ctx,
+                "worker {} names tx port {} but BATON_TX_PORTS has no device there: dropped",
+                worker,
+                tx_port
+            );
             drop_count(Stat::RedirectError)
         }
     }

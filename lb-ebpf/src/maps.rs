@@ -24,7 +24,10 @@ pub struct PinnedMap<K, V, const TYPE: usize, const MAX_ENTRIES: usize, const FL
 }
 
 // SAFETY: the fields are null placeholders the loader reads from BTF; nothing dereferences them.
-unsafe impl<K, V, const T: usize, const M: usize, const F: usize> Sync for PinnedMap<K, V, T, M, F> {}
+unsafe impl<K, V, const T: usize, const M: usize, const F: usize> Sync
+    for PinnedMap<K, V, T, M, F>
+{
+}
 
 impl<K, V, const T: usize, const M: usize, const F: usize> PinnedMap<K, V, T, M, F> {
     pub const fn new() -> Self {
@@ -57,11 +60,16 @@ impl<K, V, const T: usize, const M: usize, const F: usize> PinnedMap<K, V, T, M,
     pub fn redirect(&self, index: u32, flags: u64) -> Result<u32, u32> {
         // SAFETY: as for `lookup`; the helper only reads the map.
         let ret = unsafe { bpf_redirect_map(self.as_ptr(), index as u64, flags) } as u32;
-        if ret == aya_ebpf::bindings::xdp_action::XDP_REDIRECT { Ok(ret) } else { Err(ret) }
+        if ret == aya_ebpf::bindings::xdp_action::XDP_REDIRECT {
+            Ok(ret)
+        } else {
+            Err(ret)
+        }
     }
 }
 
 pub const HASH: usize = aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_HASH as usize;
 pub const ARRAY: usize = aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_ARRAY as usize;
-pub const PERCPU_ARRAY: usize = aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as usize;
+pub const PERCPU_ARRAY: usize =
+    aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as usize;
 pub const DEVMAP: usize = aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_DEVMAP as usize;

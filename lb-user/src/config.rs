@@ -64,7 +64,9 @@ impl FromStr for XdpModeSetting {
             "native" => Ok(Self::Native),
             "skb" => Ok(Self::Skb),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("unknown XDP mode {other:?}: use native, skb or auto")),
+            other => Err(format!(
+                "unknown XDP mode {other:?}: use native, skb or auto"
+            )),
         }
     }
 }
@@ -91,7 +93,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Health-check probe kind.
@@ -138,7 +143,10 @@ struct RawCid {
 
 impl Default for RawCid {
     fn default() -> Self {
-        Self { length: default_cid_len(), server_id_length: default_sid_len() }
+        Self {
+            length: default_cid_len(),
+            server_id_length: default_sid_len(),
+        }
     }
 }
 
@@ -245,13 +253,16 @@ pub struct FieldError {
 }
 
 fn bad(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), problem: problem.into() }
+    FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
     }
 
@@ -264,58 +275,105 @@ impl Config {
 
 fn validate(raw: RawConfig) -> Result<Config, FieldError> {
     if raw.interface.trim().is_empty() {
-        return Err(bad("interface", "must name the interface clients' packets arrive on (e.g. \"eth0\")"));
+        return Err(bad(
+            "interface",
+            "must name the interface clients' packets arrive on (e.g. \"eth0\")",
+        ));
     }
     if raw.interface.len() > 15 {
-        return Err(bad("interface", format!("{:?} is longer than the 15 characters Linux allows", raw.interface)));
+        return Err(bad(
+            "interface",
+            format!(
+                "{:?} is longer than the 15 characters Linux allows",
+                raw.interface
+            ),
+        ));
     }
     let layout = CidLayout::new(raw.cid.length, raw.cid.server_id_length).map_err(|e| {
-        bad("cid", format!("length = {}, server_id_length = {}: {e}", raw.cid.length, raw.cid.server_id_length))
+        bad(
+            "cid",
+            format!(
+                "length = {}, server_id_length = {}: {e}",
+                raw.cid.length, raw.cid.server_id_length
+            ),
+        )
     })?;
 
     if raw.vips.is_empty() {
-        return Err(bad("vips", "at least one [[vips]] entry (address and ports) is required"));
+        return Err(bad(
+            "vips",
+            "at least one [[vips]] entry (address and ports) is required",
+        ));
     }
     let mut vips = Vec::new();
     let mut seen_vip_ports = HashSet::new();
     for (i, v) in raw.vips.iter().enumerate() {
         let field = format!("vips[{i}]");
-        let address: IpAddr = v
-            .address
-            .parse()
-            .map_err(|_| bad(format!("{field}.address"), format!("{:?} is not an IPv4 or IPv6 address", v.address)))?;
+        let address: IpAddr = v.address.parse().map_err(|_| {
+            bad(
+                format!("{field}.address"),
+                format!("{:?} is not an IPv4 or IPv6 address", v.address),
+            )
+        })?;
         if v.ports.is_empty() {
-            return Err(bad(format!("{field}.ports"), "list at least one UDP port (e.g. [443])"));
+            return Err(bad(
+                format!("{field}.ports"),
+                "list at least one UDP port (e.g. [443])",
+            ));
         }
         for &port in &v.ports {
             if port == 0 {
-                return Err(bad(format!("{field}.ports"), "port 0 is not a usable UDP port"));
+                return Err(bad(
+                    format!("{field}.ports"),
+                    "port 0 is not a usable UDP port",
+                ));
             }
             if !seen_vip_ports.insert((address, port)) {
-                return Err(bad(format!("{field}.ports"), format!("{address} port {port} is listed twice")));
+                return Err(bad(
+                    format!("{field}.ports"),
+                    format!("{address} port {port} is listed twice"),
+                ));
             }
         }
-        vips.push(Vip { address, ports: v.ports.clone() });
+        vips.push(Vip {
+            address,
+            ports: v.ports.clone(),
+        });
     }
     if seen_vip_ports.len() > lb_common::MAX_VIPS as usize {
-        return Err(bad("vips", format!("at most {} (address, port) pairs are supported", lb_common::MAX_VIPS)));
+        return Err(bad(
+            "vips",
+            format!(
+                "at most {} (address, port) pairs are supported",
+                lb_common::MAX_VIPS
+            ),
+        ));
     }
 
     if raw.workers.is_empty() {
         return Err(bad("workers", "at least one [[workers]] entry is required"));
     }
     if raw.workers.len() > lb_common::MAX_WORKERS as usize {
-        return Err(bad("workers", format!("at most {} workers are supported", lb_common::MAX_WORKERS)));
+        return Err(bad(
+            "workers",
+            format!("at most {} workers are supported", lb_common::MAX_WORKERS),
+        ));
     }
     let mut workers = Vec::new();
     let (mut names, mut sids) = (HashSet::new(), HashSet::new());
     for (i, w) in raw.workers.iter().enumerate() {
         let field = format!("workers[{i}]");
         if w.name.is_empty() || w.name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(bad(format!("{field}.name"), format!("{:?} must be non-empty without spaces", w.name)));
+            return Err(bad(
+                format!("{field}.name"),
+                format!("{:?} must be non-empty without spaces", w.name),
+            ));
         }
         if !names.insert(w.name.clone()) {
-            return Err(bad(format!("{field}.name"), format!("{:?} is used by another worker", w.name)));
+            return Err(bad(
+                format!("{field}.name"),
+                format!("{:?} is used by another worker", w.name),
+            ));
         }
         if w.server_id > layout.max_server_id() {
             return Err(bad(
@@ -329,26 +387,40 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
             ));
         }
         if !sids.insert(w.server_id) {
-            return Err(bad(format!("{field}.server_id"), format!("{} is used by another worker", w.server_id)));
+            return Err(bad(
+                format!("{field}.server_id"),
+                format!("{} is used by another worker", w.server_id),
+            ));
         }
-        let address: IpAddr = w
-            .address
-            .parse()
-            .map_err(|_| bad(format!("{field}.address"), format!("{:?} is not an IPv4 or IPv6 address", w.address)))?;
+        let address: IpAddr = w.address.parse().map_err(|_| {
+            bad(
+                format!("{field}.address"),
+                format!("{:?} is not an IPv4 or IPv6 address", w.address),
+            )
+        })?;
         let mac = match w.mac.as_deref() {
             None | Some("auto") => MacSetting::Auto,
             Some(s) => MacSetting::Fixed(parse_mac(s).ok_or_else(|| {
-                bad(format!("{field}.mac"), format!("{s:?} is not a MAC like \"02:00:00:00:00:01\" (or use \"auto\")"))
+                bad(
+                    format!("{field}.mac"),
+                    format!("{s:?} is not a MAC like \"02:00:00:00:00:01\" (or use \"auto\")"),
+                )
             })?),
         };
         if let Some(ifname) = &w.interface {
             if ifname.is_empty() || ifname.len() > 15 {
-                return Err(bad(format!("{field}.interface"), format!("{ifname:?} is not a valid interface name")));
+                return Err(bad(
+                    format!("{field}.interface"),
+                    format!("{ifname:?} is not a valid interface name"),
+                ));
             }
         }
         let weight = w.weight.unwrap_or(1);
         if weight == 0 || weight > 1000 {
-            return Err(bad(format!("{field}.weight"), format!("{weight} must be between 1 and 1000")));
+            return Err(bad(
+                format!("{field}.weight"),
+                format!("{weight} must be between 1 and 1000"),
+            ));
         }
         workers.push(Worker {
             name: w.name.clone(),
@@ -364,7 +436,12 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
     let port = match (h.kind, h.port) {
         (HealthKind::None, p) => p.unwrap_or(0),
         (_, Some(p)) if p != 0 => p,
-        (_, _) => return Err(bad("health.port", "a tcp or udp health check needs the port to probe")),
+        (_, _) => {
+            return Err(bad(
+                "health.port",
+                "a tcp or udp health check needs the port to probe",
+            ));
+        }
     };
     let interval = Duration::from_millis(h.interval_ms.unwrap_or(1000));
     let timeout = Duration::from_millis(h.timeout_ms.unwrap_or(500));
@@ -372,7 +449,10 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
         return Err(bad("health.interval_ms", "must be at least 50"));
     }
     if timeout.is_zero() || timeout > interval {
-        return Err(bad("health.timeout_ms", "must be between 1 and health.interval_ms"));
+        return Err(bad(
+            "health.timeout_ms",
+            "must be between 1 and health.interval_ms",
+        ));
     }
     let (rise, fall) = (h.rise.unwrap_or(2), h.fall.unwrap_or(3));
     if rise == 0 {
@@ -384,7 +464,11 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
     let health = Health {
         kind: h.kind,
         port,
-        payload: h.payload.clone().unwrap_or_else(|| "baton-health".into()).into_bytes(),
+        payload: h
+            .payload
+            .clone()
+            .unwrap_or_else(|| "baton-health".into())
+            .into_bytes(),
         interval,
         timeout,
         rise,
@@ -393,12 +477,18 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
 
     let metrics = match &raw.control.metrics {
         None => None,
-        Some(s) => Some(
-            s.parse::<SocketAddr>()
-                .map_err(|_| bad("control.metrics", format!("{s:?} is not an address:port like \"127.0.0.1:9650\"")))?,
-        ),
+        Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+            bad(
+                "control.metrics",
+                format!("{s:?} is not an address:port like \"127.0.0.1:9650\""),
+            )
+        })?),
     };
-    let control_socket = raw.control.socket.clone().unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
+    let control_socket = raw
+        .control
+        .socket
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
     if control_socket.as_os_str().is_empty() {
         return Err(bad("control.socket", "must be a path"));
     }
@@ -469,9 +559,15 @@ metrics = "127.0.0.1:9650"
     #[test]
     fn errors_name_the_field() {
         let e = err(&GOOD.replace("server_id = 2", "server_id = 70000"));
-        assert!(e.contains("workers[1].server_id") && e.contains("65535"), "{e}");
+        assert!(
+            e.contains("workers[1].server_id") && e.contains("65535"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("server_id = 2", "server_id = 1"));
-        assert!(e.contains("workers[1].server_id") && e.contains("another worker"), "{e}");
+        assert!(
+            e.contains("workers[1].server_id") && e.contains("another worker"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("02:00:00:00:00:11", "02:00:00:00:11"));
         assert!(e.contains("workers[0].mac"), "{e}");
         let e = err(&GOOD.replace("192.0.2.10", "192.0.2"));

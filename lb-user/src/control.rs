@@ -104,12 +104,14 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the control socket {}", path.display()))?;
     // Root-only: the socket can stop the daemon.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -118,7 +120,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
@@ -127,14 +131,20 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 let resp = match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => ok(&shared.status()),
                     Ok(Request::Workers) => ok(&shared.status().workers),
-                    Ok(Request::OverrideSet { cid, worker }) => respond(override_set(&shared, &cid, worker)),
+                    Ok(Request::OverrideSet { cid, worker }) => {
+                        respond(override_set(&shared, &cid, worker))
+                    }
                     Ok(Request::OverrideDel { cid }) => respond(override_del(&shared, &cid)),
                     Ok(Request::Shutdown) => {
                         tracing::info!("shutdown requested over the control socket");
                         shared.shutdown.notify_one();
                         ok(&"shutting down")
                     }
-                    Err(e) => Response { ok: false, data: None, error: Some(format!("bad request: {e}")) },
+                    Err(e) => Response {
+                        ok: false,
+                        data: None,
+                        error: Some(format!("bad request: {e}")),
+                    },
                 };
                 let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                 out.push(b'\n');
@@ -171,24 +181,44 @@ fn override_del(shared: &Shared, cid: &str) -> Result<serde_json::Value> {
 
 fn respond(r: Result<serde_json::Value>) -> Response {
     match r {
-        Ok(v) => Response { ok: true, data: Some(v), error: None },
-        Err(e) => Response { ok: false, data: None, error: Some(format!("{e:#}")) },
+        Ok(v) => Response {
+            ok: true,
+            data: Some(v),
+            error: None,
+        },
+        Err(e) => Response {
+            ok: false,
+            data: None,
+            error: Some(format!("{e:#}")),
+        },
     }
 }
 
 fn ok<T: Serialize>(v: &T) -> Response {
-    Response { ok: true, data: serde_json::to_value(v).ok(), error: None }
+    Response {
+        ok: true,
+        data: serde_json::to_value(v).ok(),
+        error: None,
+    }
 }
 
 /// Client side (blocking; the CLI is synchronous). `Ok(None)` when no daemon listens.
 pub fn request(path: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
     let stream = match UnixStream::connect(path) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Ok(None);
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            bail!("permission denied on the control socket {}: run as root", path.display())
+            bail!(
+                "permission denied on the control socket {}: run as root",
+                path.display()
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("cannot connect to {}", path.display())),
     };
@@ -197,8 +227,11 @@ pub fn request(path: &Path, req: &Request) -> Result<Option<serde_json::Value>> 
     line.push(b'\n');
     (&stream).write_all(&line)?;
     let mut resp = String::new();
-    BufReader::new(&stream).read_line(&mut resp).context("the daemon did not answer")?;
-    let resp: Response = serde_json::from_str(&resp).context("unreadable answer from the daemon")?;
+    BufReader::new(&stream)
+        .read_line(&mut resp)
+        .context("the daemon did not answer")?;
+    let resp: Response =
+        serde_json::from_str(&resp).context("unreadable answer from the daemon")?;
     if !resp.ok {
         bail!("the daemon refused: {}", resp.error.unwrap_or_default());
     }

@@ -10,8 +10,8 @@ use crate::pinned::PinnedMaps;
 use crate::{neigh, sys};
 use anyhow::{Context, Result};
 use lb_common::{
-    CidKey, LbConfig, MAGLEV_TABLE_SIZE, ServerIdKey, TX_SAME_IFACE, VipKey, VipValue, WORKER_HEALTHY, WORKER_IN_USE,
-    WorkerEntry, WorkerRef,
+    CidKey, LbConfig, MAGLEV_TABLE_SIZE, ServerIdKey, TX_SAME_IFACE, VipKey, VipValue,
+    WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, WorkerRef,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -65,7 +65,10 @@ pub struct Controller {
 }
 
 fn vip_key(addr: IpAddr, port: u16) -> VipKey {
-    let mut k = VipKey { port, ..Default::default() };
+    let mut k = VipKey {
+        port,
+        ..Default::default()
+    };
     match addr {
         IpAddr::V4(a) => {
             k.addr[..4].copy_from_slice(&a.octets());
@@ -86,10 +89,17 @@ impl Controller {
     /// [`Controller::sync`]) and unhealthy otherwise (restart, reload): with health checks on,
     /// they join the Maglev table after `health.rise` successful probes.
     pub fn new(cfg: Config, maps: PinnedMaps, fresh: bool) -> Result<Self> {
-        let lb_ifindex = sys::if_nametoindex(&cfg.interface)
-            .with_context(|| format!("interface {:?} (config `interface`) does not exist here", cfg.interface))?;
+        let lb_ifindex = sys::if_nametoindex(&cfg.interface).with_context(|| {
+            format!(
+                "interface {:?} (config `interface`) does not exist here",
+                cfg.interface
+            )
+        })?;
         let existing = maps.workers()?;
-        let by_sid: HashMap<u64, (u32, WorkerEntry)> = existing.iter().map(|(i, e)| (e.server_id, (*i, *e))).collect();
+        let by_sid: HashMap<u64, (u32, WorkerEntry)> = existing
+            .iter()
+            .map(|(i, e)| (e.server_id, (*i, *e)))
+            .collect();
         let taken: HashSet<u32> = existing.iter().map(|(i, _)| *i).collect();
         let mut assigned = HashSet::new();
         let max = maps.workers.len();
@@ -102,8 +112,12 @@ impl Controller {
                 None => neigh::route_interface(w.address)
                     .with_context(|| format!("worker {:?}: cannot find its interface", w.name))?,
             };
-            let tx_ifindex = sys::if_nametoindex(&tx_interface)
-                .with_context(|| format!("worker {:?}: interface {tx_interface:?} does not exist here", w.name))?;
+            let tx_ifindex = sys::if_nametoindex(&tx_interface).with_context(|| {
+                format!(
+                    "worker {:?}: interface {tx_interface:?} does not exist here",
+                    w.name
+                )
+            })?;
             let tx_port = if tx_ifindex == lb_ifindex {
                 TX_SAME_IFACE
             } else {
@@ -121,33 +135,54 @@ impl Controller {
             assigned.insert(index);
             let mac = match w.mac {
                 MacSetting::Fixed(m) => Some(m),
-                MacSetting::Auto => match neigh::resolve_mac(w.address, &tx_interface, Duration::from_secs(3)) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        // Keep what the previous controller used rather than dropping its traffic.
-                        let kept = previous.map(|(_, e)| e.mac).filter(|m| *m != [0; 6]);
-                        tracing::warn!(worker = %w.name, error = %format!("{e:#}"), kept = ?kept.map(|m| format_mac(&m)), "MAC not resolved");
-                        kept
+                MacSetting::Auto => {
+                    match neigh::resolve_mac(w.address, &tx_interface, Duration::from_secs(3)) {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            // Keep what the previous controller used rather than dropping its traffic.
+                            let kept = previous.map(|(_, e)| e.mac).filter(|m| *m != [0; 6]);
+                            tracing::warn!(worker = %w.name, error = %format!("{e:#}"), kept = ?kept.map(|m| format_mac(&m)), "MAC not resolved");
+                            kept
+                        }
                     }
-                },
+                }
             };
             let healthy = match (cfg.health.kind, previous) {
                 (HealthKind::None, _) => true,
                 (_, Some((_, e))) => e.flags & WORKER_HEALTHY != 0,
                 (_, None) => fresh,
             };
-            workers.push(ResolvedWorker { cfg: w.clone(), index, mac, tx_interface, tx_ifindex, tx_port, healthy });
+            workers.push(ResolvedWorker {
+                cfg: w.clone(),
+                index,
+                mac,
+                tx_interface,
+                tx_ifindex,
+                tx_port,
+                healthy,
+            });
         }
         let dev_len = maps.tx_ports.len();
         if tx_slots.len() as u32 > dev_len {
-            anyhow::bail!("workers use {} tx interfaces but the devmap holds {dev_len}", tx_slots.len());
+            anyhow::bail!(
+                "workers use {} tx interfaces but the devmap holds {dev_len}",
+                tx_slots.len()
+            );
         }
         // Start from what the data plane has, so the first sync only writes differences.
         let mut maglev = Vec::with_capacity(MAGLEV_TABLE_SIZE as usize);
         for i in 0..maps.maglev.len() {
             maglev.push(maps.maglev.get(&i, 0).unwrap_or(u32::MAX));
         }
-        Ok(Self { cfg, maps, workers, lb_ifindex, maglev, maglev_slots: HashMap::new(), fastpath_rebuild: true })
+        Ok(Self {
+            cfg,
+            maps,
+            workers,
+            lb_ifindex,
+            maglev,
+            maglev_slots: HashMap::new(),
+            fastpath_rebuild: true,
+        })
     }
 
     /// Writes the whole state into the maps (idempotent).
@@ -158,7 +193,9 @@ impl Controller {
             if w.tx_port != TX_SAME_IFACE {
                 m.tx_ports
                     .set(w.tx_port, w.tx_ifindex, None, 0)
-                    .with_context(|| format!("cannot set devmap slot {} to {}", w.tx_port, w.tx_interface))?;
+                    .with_context(|| {
+                        format!("cannot set devmap slot {} to {}", w.tx_port, w.tx_interface)
+                    })?;
             }
         }
         // The healthy bit is only raised after the Maglev table includes the worker (step 3b), so
@@ -169,7 +206,13 @@ impl Controller {
         let current_sids: HashMap<u64, u32> = m.server_ids()?.into_iter().collect();
         for w in &self.workers {
             if w.mac.is_some() && current_sids.get(&w.cfg.server_id) != Some(&w.index) {
-                m.server_ids.insert(ServerIdKey { server_id: w.cfg.server_id }, WorkerRef { worker: w.index }, 0)?;
+                m.server_ids.insert(
+                    ServerIdKey {
+                        server_id: w.cfg.server_id,
+                    },
+                    WorkerRef { worker: w.index },
+                    0,
+                )?;
                 // Authoritative map first, then its fast-path mirror.
                 if let Some(fp) = &m.fastpath {
                     fp.set_server_id(w.cfg.server_id, w.index);
@@ -181,8 +224,12 @@ impl Controller {
         self.write_worker_entries(true)?;
         // 4. VIPs.
         let m = &mut self.maps;
-        let wanted: HashSet<VipKey> =
-            self.cfg.vips.iter().flat_map(|v| v.ports.iter().map(move |p| vip_key(v.address, *p))).collect();
+        let wanted: HashSet<VipKey> = self
+            .cfg
+            .vips
+            .iter()
+            .flat_map(|v| v.ports.iter().map(move |p| vip_key(v.address, *p)))
+            .collect();
         let present: HashSet<VipKey> = m.vips()?.into_iter().collect();
         for k in wanted.difference(&present) {
             m.vips.insert(*k, VipValue { flags: 1 }, 0)?;
@@ -209,9 +256,12 @@ impl Controller {
         if let (true, Some(fp)) = (vips_changed, m.fastpath.as_mut()) {
             fp.sync_vips(&m.vips)?;
         }
-        let live: HashMap<u32, &ResolvedWorker> = self.workers.iter().map(|w| (w.index, w)).collect();
+        let live: HashMap<u32, &ResolvedWorker> =
+            self.workers.iter().map(|w| (w.index, w)).collect();
         for (sid, idx) in m.server_ids()? {
-            let keep = live.get(&idx).is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
+            let keep = live
+                .get(&idx)
+                .is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
             if !keep {
                 m.server_ids.remove(&ServerIdKey { server_id: sid })?;
                 if let Some(fp) = &m.fastpath {
@@ -233,7 +283,8 @@ impl Controller {
         // 7. The fast-path mirrors, rebuilt once per controller (start, restart, reload: the CID
         // layout may have changed); afterwards the steps above keep them current incrementally.
         if let (true, Some(fp)) = (self.fastpath_rebuild, m.fastpath.as_mut()) {
-            fp.rebuild(&lbc, &m.vips, &m.server_ids, &m.overrides).context("rebuilding the fast-path maps failed")?;
+            fp.rebuild(&lbc, &m.vips, &m.server_ids, &m.overrides)
+                .context("rebuilding the fast-path maps failed")?;
             self.fastpath_rebuild = false;
         }
         Ok(())
@@ -272,7 +323,11 @@ impl Controller {
             .workers
             .iter()
             .filter(|w| w.usable())
-            .map(|w| maglev::Member { key: &w.cfg.name, weight: w.cfg.weight, value: w.index })
+            .map(|w| maglev::Member {
+                key: &w.cfg.name,
+                weight: w.cfg.weight,
+                value: w.index,
+            })
             .collect();
         let table = maglev::build(&members, MAGLEV_TABLE_SIZE);
         self.maglev_slots.clear();
@@ -354,7 +409,10 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }
 
 /// An exact-CID override key, checking the CID against the layout the data plane uses.

@@ -74,10 +74,15 @@ pub struct Dataplane {
 
 /// The attach mode and program ID of the XDP program on `ifname`, from the kernel (iproute2 JSON).
 pub fn query_xdp(ifname: &str) -> (AttachedMode, Option<u32>) {
-    let Ok(out) = std::process::Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]).output() else {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", ifname])
+        .output()
+    else {
         return (AttachedMode::Unknown, None);
     };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return (AttachedMode::Unknown, None) };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return (AttachedMode::Unknown, None);
+    };
     let xdp = v.get(0).and_then(|l| l.get("xdp"));
     let mode = match xdp.and_then(|x| x.get("mode")).and_then(|m| m.as_u64()) {
         Some(1) => AttachedMode::Native,
@@ -85,7 +90,11 @@ pub fn query_xdp(ifname: &str) -> (AttachedMode, Option<u32>) {
         Some(3) => AttachedMode::Hw,
         _ => AttachedMode::Unknown,
     };
-    let prog = xdp.and_then(|x| x.get("prog")).and_then(|p| p.get("id")).and_then(|i| i.as_u64()).map(|i| i as u32);
+    let prog = xdp
+        .and_then(|x| x.get("prog"))
+        .and_then(|p| p.get("id"))
+        .and_then(|i| i.as_u64())
+        .map(|i| i as u32);
     (mode, prog)
 }
 
@@ -120,7 +129,8 @@ fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
             // program keeps its old map until the new one is swapped in, which starts with the
             // fast path off (hash maps only) until the controller's rebuild.
             tracing::info!(map = %name, "the pinned fast-path map has another layout: recreating it");
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
             continue;
         }
         bail!(
@@ -146,12 +156,21 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
         // Also by explicit path, so the pin names hold even if a map were declared without pinning.
-        let paths: Vec<(&str, PathBuf)> = crate::pinned::ALL_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> = crate::pinned::ALL_MAPS
+            .iter()
+            .map(|n| (*n, pin_dir.join(n)))
+            .collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let ebpf = loader.load(object).context("loading the XDP object into the kernel failed")?;
-        Ok(Self { ebpf, attach: None, pin_dir: pin_dir.to_path_buf() })
+        let ebpf = loader
+            .load(object)
+            .context("loading the XDP object into the kernel failed")?;
+        Ok(Self {
+            ebpf,
+            attach: None,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     /// Starts forwarding aya-log records from the program into `tracing`.
@@ -173,15 +192,23 @@ impl Dataplane {
             format!("interface {interface:?} does not exist in this network namespace (check `interface` in the config, or --netns)")
         })?;
         let link_pin = self.pin_dir.join(LINK_PIN_NAME);
-        let Some(info) = sys::pinned_link_info(&link_pin)? else { return Ok(LinkPlan::New { ifindex }) };
+        let Some(info) = sys::pinned_link_info(&link_pin)? else {
+            return Ok(LinkPlan::New { ifindex });
+        };
         if info.link_type == sys::BPF_LINK_TYPE_XDP && info.ifindex == 0 {
             return Ok(LinkPlan::ReplaceDead { ifindex });
         }
         // Link info carries an ifindex but no namespace: besides the index, the program on *our*
         // interface must be the link's.
         let (_, on_iface) = query_xdp(interface);
-        if info.link_type == sys::BPF_LINK_TYPE_XDP && info.ifindex == ifindex && on_iface == Some(info.prog_id) {
-            return Ok(LinkPlan::Readopt { ifindex, link: info });
+        if info.link_type == sys::BPF_LINK_TYPE_XDP
+            && info.ifindex == ifindex
+            && on_iface == Some(info.prog_id)
+        {
+            return Ok(LinkPlan::Readopt {
+                ifindex,
+                link: info,
+            });
         }
         bail!(
             "the XDP link pinned at {} (ifindex {}, program {}) is not attached to {interface} in this network \
@@ -190,21 +217,30 @@ impl Dataplane {
             link_pin.display(),
             info.ifindex,
             info.prog_id,
-            on_iface.map(|i| format!("program {i}")).unwrap_or_else(|| "no XDP program".into()),
+            on_iface
+                .map(|i| format!("program {i}"))
+                .unwrap_or_else(|| "no XDP program".into()),
             self.pin_dir.display()
         );
     }
 
     /// Attaches the routing program per `plan`: anew, or by swapping it into the pinned link
     /// without a gap.
-    pub fn attach(&mut self, interface: &str, mode: XdpModeSetting, plan: LinkPlan) -> Result<AttachInfo> {
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: XdpModeSetting,
+        plan: LinkPlan,
+    ) -> Result<AttachInfo> {
         let link_pin = self.pin_dir.join(LINK_PIN_NAME);
         let program: &mut Xdp = self
             .ebpf
             .program_mut(PROGRAM)
             .with_context(|| format!("the XDP object has no program {PROGRAM:?}"))?
             .try_into()?;
-        program.load().context("the kernel rejected the XDP program (verifier)")?;
+        program
+            .load()
+            .context("the kernel rejected the XDP program (verifier)")?;
         let prog_id = program.info()?.id();
 
         let (ifindex, link_id, readopted, attached_mode) = match plan {
@@ -212,14 +248,16 @@ impl Dataplane {
                 let pinned = PinnedLink::from_pin(&link_pin)?;
                 let fd_link: FdLink = pinned.into();
                 let xdp_link = aya::programs::xdp::XdpLink::try_from(fd_link)?;
-                let id =
-                    program.attach_to_link(xdp_link).context("replacing the program in the pinned XDP link failed")?;
+                let id = program
+                    .attach_to_link(xdp_link)
+                    .context("replacing the program in the pinned XDP link failed")?;
                 // Let go of our handle: the pin keeps the link (and the new program) attached.
                 drop(program.take_link(id)?);
                 let current = query_mode(interface);
                 let differs = matches!(
                     (mode, current),
-                    (XdpModeSetting::Native, AttachedMode::Skb) | (XdpModeSetting::Skb, AttachedMode::Native)
+                    (XdpModeSetting::Native, AttachedMode::Skb)
+                        | (XdpModeSetting::Skb, AttachedMode::Native)
                 );
                 if differs {
                     tracing::warn!(
@@ -285,7 +323,8 @@ fn attach_new(
     link_pin: &Path,
 ) -> Result<(u32, AttachedMode)> {
     const BUSY: [i32; 2] = [libc::EEXIST, libc::EBUSY];
-    let try_attach = |program: &mut Xdp, m: XdpMode, hint: &str| match program.attach(interface, m) {
+    let try_attach = |program: &mut Xdp, m: XdpMode, hint: &str| match program.attach(interface, m)
+    {
         Ok(id) => Ok(id),
         Err(e) if has_os_error(&e, &BUSY) => Err(occupied(interface, link_pin)),
         Err(e) => Err(anyhow::Error::from(e).context(hint.to_string())),
@@ -302,7 +341,11 @@ fn attach_new(
             AttachedMode::Native,
         ),
         XdpModeSetting::Skb => (
-            try_attach(program, XdpMode::Skb, &format!("generic XDP attach to {interface} failed"))?,
+            try_attach(
+                program,
+                XdpMode::Skb,
+                &format!("generic XDP attach to {interface} failed"),
+            )?,
             AttachedMode::Skb,
         ),
         XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
@@ -311,7 +354,11 @@ fn attach_new(
             Err(e) => {
                 tracing::warn!(%interface, error = %e, "native XDP is not available here: falling back to generic (skb) mode, which is slower");
                 (
-                    try_attach(program, XdpMode::Skb, &format!("generic XDP attach to {interface} failed too"))?,
+                    try_attach(
+                        program,
+                        XdpMode::Skb,
+                        &format!("generic XDP attach to {interface} failed too"),
+                    )?,
                     AttachedMode::Skb,
                 )
             }
@@ -323,7 +370,9 @@ fn attach_new(
     )?;
     let link_id = fd_link.info().map(|i| i.id()).unwrap_or(0);
     // The pin holds the attachment from now on; our fd can close.
-    let pinned = fd_link.pin(link_pin).with_context(|| format!("cannot pin the XDP link at {}", link_pin.display()))?;
+    let pinned = fd_link
+        .pin(link_pin)
+        .with_context(|| format!("cannot pin the XDP link at {}", link_pin.display()))?;
     drop(pinned);
     tracing::info!(%interface, mode = %attached, link = %link_pin.display(), "attached the XDP program");
     Ok((link_id, attached))
@@ -346,7 +395,12 @@ impl log::Log for BpfLogBridge {
 pub fn detach(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     let link_pin = pin_dir.join(LINK_PIN_NAME);
     if let Some(info) = sys::pinned_link_info(&link_pin)? {
-        tracing::info!(link_id = info.id, prog_id = info.prog_id, ifindex = info.ifindex, "detaching the XDP link");
+        tracing::info!(
+            link_id = info.id,
+            prog_id = info.prog_id,
+            ifindex = info.ifindex,
+            "detaching the XDP link"
+        );
     }
     crate::pinned::unpin_all(pin_dir)
 }

@@ -37,14 +37,21 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use lb_common::fastpath::{
-    FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState, OverrideBucket, SERVER_ID_TABLE_MAX_LEN,
-    SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS, VipSlot, VipTable, maglev_reciprocal,
-    override_bucket,
+    FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState, OverrideBucket,
+    SERVER_ID_TABLE_MAX_LEN, SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS,
+    VipSlot, VipTable, maglev_reciprocal, override_bucket,
 };
-use lb_common::{AF_INET, CidKey, CidLayout, LbConfig, NO_WORKER, ServerIdKey, VipKey, VipValue, WorkerRef, map_names};
+use lb_common::{
+    AF_INET, CidKey, CidLayout, LbConfig, NO_WORKER, ServerIdKey, VipKey, VipValue, WorkerRef,
+    map_names,
+};
 
 /// The derived maps this module writes.
-pub const MAPS: [&str; 3] = [map_names::FASTPATH, map_names::VIP_TABLE, map_names::SERVER_ID_TABLE];
+pub const MAPS: [&str; 3] = [
+    map_names::FASTPATH,
+    map_names::VIP_TABLE,
+    map_names::SERVER_ID_TABLE,
+];
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
@@ -77,9 +84,14 @@ impl Mmap {
         };
         if ptr == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
-            bail!("cannot mmap {name}: {err} (was it created without BPF_F_MMAPABLE by an older Baton?)");
+            bail!(
+                "cannot mmap {name}: {err} (was it created without BPF_F_MMAPABLE by an older Baton?)"
+            );
         }
-        Ok(Self { ptr: ptr as *mut u8, len })
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            len,
+        })
     }
 
     /// The u32 at byte `offset` (4-aligned, inside the mapping).
@@ -132,17 +144,25 @@ impl FastPath {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let open = |name: &str| -> Result<MapData> {
             let path = pin_dir.join(name);
-            MapData::from_pin(&path).with_context(|| format!("cannot open the pinned map {}", path.display()))
+            MapData::from_pin(&path)
+                .with_context(|| format!("cannot open the pinned map {}", path.display()))
         };
         let state = open(map_names::FASTPATH)?;
         let sids = open(map_names::SERVER_ID_TABLE)?;
         let vips = open(map_names::VIP_TABLE)?;
-        Self::from_parts(state.fd().as_fd(), sids.fd().as_fd(), Map::from_map_data(vips)?)
+        Self::from_parts(
+            state.fd().as_fd(),
+            sids.fd().as_fd(),
+            Map::from_map_data(vips)?,
+        )
     }
 
     /// The derived maps of a loaded object (its maps need not be pinned).
     pub fn from_ebpf(ebpf: &Ebpf) -> Result<Self> {
-        let get = |name: &str| ebpf.map(name).ok_or_else(|| anyhow!("the XDP object has no map {name}"));
+        let get = |name: &str| {
+            ebpf.map(name)
+                .ok_or_else(|| anyhow!("the XDP object has no map {name}"))
+        };
         let vips = match get(map_names::VIP_TABLE)? {
             Map::Array(data) => MapData::from_fd(data.fd().as_fd().try_clone_to_owned()?)?,
             _ => bail!("{} is not an array map", map_names::VIP_TABLE),
@@ -157,9 +177,14 @@ impl FastPath {
     fn from_parts(state: BorrowedFd<'_>, sids: BorrowedFd<'_>, vips: Map) -> Result<Self> {
         Ok(Self {
             state: Mmap::new(state, size_of::<FastPathState>(), map_names::FASTPATH)?,
-            sids: Mmap::new(sids, SLOT_STRIDE * SERVER_ID_TABLE_SIZE as usize, map_names::SERVER_ID_TABLE)?,
-            vip_table: Array::try_from(vips)
-                .with_context(|| format!("{} does not have this build's layout", map_names::VIP_TABLE))?,
+            sids: Mmap::new(
+                sids,
+                SLOT_STRIDE * SERVER_ID_TABLE_SIZE as usize,
+                map_names::SERVER_ID_TABLE,
+            )?,
+            vip_table: Array::try_from(vips).with_context(|| {
+                format!("{} does not have this build's layout", map_names::VIP_TABLE)
+            })?,
         })
     }
 
@@ -191,11 +216,13 @@ impl FastPath {
     }
 
     fn slot_worker(&self, sid: u32) -> &AtomicU32 {
-        self.sids.u32_at(sid as usize * SLOT_STRIDE + std::mem::offset_of!(ServerIdSlot, worker))
+        self.sids
+            .u32_at(sid as usize * SLOT_STRIDE + std::mem::offset_of!(ServerIdSlot, worker))
     }
 
     fn slot_overrides(&self, sid: u32) -> &AtomicU32 {
-        self.sids.u32_at(sid as usize * SLOT_STRIDE + std::mem::offset_of!(ServerIdSlot, overrides))
+        self.sids
+            .u32_at(sid as usize * SLOT_STRIDE + std::mem::offset_of!(ServerIdSlot, overrides))
     }
 
     /// Clears every flag: from now on the program uses only the authoritative maps.
@@ -223,14 +250,17 @@ impl FastPath {
         // before their tables and counts are rewritten.
         std::thread::sleep(std::time::Duration::from_millis(2));
         self.set_maglev_size(cfg.maglev_size);
-        self.state.u32_at(STATE_LAYOUT).store(cfg.cid_len as u32 | (cfg.server_id_len as u32) << 8, Ordering::SeqCst);
+        self.state.u32_at(STATE_LAYOUT).store(
+            cfg.cid_len as u32 | (cfg.server_id_len as u32) << 8,
+            Ordering::SeqCst,
+        );
         self.state.u32_at(STATE_OTHER).store(0, Ordering::SeqCst);
         for sid in 0..SERVER_ID_TABLE_SIZE {
             self.slot_worker(sid).store(NO_WORKER, Ordering::Relaxed);
             self.slot_overrides(sid).store(0, Ordering::Relaxed);
         }
-        let table_ok =
-            CidLayout::new(cfg.cid_len, cfg.server_id_len).is_ok() && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
+        let table_ok = CidLayout::new(cfg.cid_len, cfg.server_id_len).is_ok()
+            && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
         for kv in server_ids.iter() {
             let (k, w) = kv.context("reading BATON_SERVER_IDS")?;
             self.set_server_id(k.server_id, w.worker);
@@ -242,7 +272,9 @@ impl FastPath {
         if table_ok {
             enabled |= FP_SERVER_ID_TABLE;
         }
-        self.state.u32_at(STATE_FLAGS).fetch_or(enabled, Ordering::SeqCst);
+        self.state
+            .u32_at(STATE_FLAGS)
+            .fetch_or(enabled, Ordering::SeqCst);
         self.sync_vips(vips)?;
         Ok(())
     }
@@ -252,11 +284,16 @@ impl FastPath {
     /// the live size on every packet and divides while they disagree).
     pub fn set_maglev_size(&self, maglev_size: u32) {
         let size = maglev_size.min(lb_common::MAGLEV_TABLE_SIZE);
-        self.state.u64_at(STATE_RECIPROCAL).store(maglev_reciprocal(size), Ordering::SeqCst);
+        self.state
+            .u64_at(STATE_RECIPROCAL)
+            .store(maglev_reciprocal(size), Ordering::SeqCst);
     }
 
     /// Mirrors the enabled entries of `BATON_VIPS` into the VIP table ([`Self::sync_vip_table`]).
-    pub fn sync_vips<T: Borrow<MapData>>(&mut self, vips: &HashMap<T, VipKey, VipValue>) -> Result<bool> {
+    pub fn sync_vips<T: Borrow<MapData>>(
+        &mut self,
+        vips: &HashMap<T, VipKey, VipValue>,
+    ) -> Result<bool> {
         let mut keys = Vec::new();
         for kv in vips.iter() {
             let (k, v) = kv.context("reading BATON_VIPS")?;
@@ -290,14 +327,31 @@ impl FastPath {
             }
         }
         for key in &want {
-            if table.slots.iter().any(|s| s.flags == VIP_SLOT_ENABLED && s.key == *key) {
+            if table
+                .slots
+                .iter()
+                .any(|s| s.flags == VIP_SLOT_ENABLED && s.key == *key)
+            {
                 continue;
             }
-            let free = table.slots.iter_mut().find(|s| s.flags == 0).expect("at most VIP_TABLE_SLOTS VIPs");
-            *free = VipSlot { key: *key, flags: VIP_SLOT_ENABLED };
+            let free = table
+                .slots
+                .iter_mut()
+                .find(|s| s.flags == 0)
+                .expect("at most VIP_TABLE_SLOTS VIPs");
+            *free = VipSlot {
+                key: *key,
+                flags: VIP_SLOT_ENABLED,
+            };
         }
-        table.count = table.slots.iter().rposition(|s| s.flags == VIP_SLOT_ENABLED).map_or(0, |i| i as u32 + 1);
-        self.vip_table.set(0, table, 0).context("writing BATON_VIP_TABLE")?;
+        table.count = table
+            .slots
+            .iter()
+            .rposition(|s| s.flags == VIP_SLOT_ENABLED)
+            .map_or(0, |i| i as u32 + 1);
+        self.vip_table
+            .set(0, table, 0)
+            .context("writing BATON_VIP_TABLE")?;
         flags.fetch_or(FP_VIP_TABLE, Ordering::SeqCst);
         Ok(true)
     }
@@ -309,14 +363,16 @@ impl FastPath {
         if server_id >= SERVER_ID_TABLE_SIZE as u64 {
             return false;
         }
-        self.slot_worker(server_id as u32).store(worker, Ordering::SeqCst);
+        self.slot_worker(server_id as u32)
+            .store(worker, Ordering::SeqCst);
         self.state().server_id_len <= SERVER_ID_TABLE_MAX_LEN
     }
 
     /// Forgets `server_id` (after deleting it from `BATON_SERVER_IDS`): its CIDs are hashed.
     pub fn remove_server_id(&self, server_id: u64) {
         if server_id < SERVER_ID_TABLE_SIZE as u64 {
-            self.slot_worker(server_id as u32).store(NO_WORKER, Ordering::SeqCst);
+            self.slot_worker(server_id as u32)
+                .store(NO_WORKER, Ordering::SeqCst);
         }
     }
 
@@ -335,7 +391,9 @@ impl FastPath {
         if delta > 0 {
             c.fetch_add(1, Ordering::SeqCst);
         } else {
-            let _ = c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
+            let _ = c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(1))
+            });
         }
     }
 
@@ -360,7 +418,8 @@ impl FastPath {
                 Err(e) => {
                     self.count_override(&key, -1);
                     if errno(&e) != Some(libc::EEXIST) {
-                        return Err(e).context("cannot write the override (is the override map full?)");
+                        return Err(e)
+                            .context("cannot write the override (is the override map full?)");
                     }
                     // Someone else inserted it meanwhile: replace theirs.
                 }

@@ -14,17 +14,28 @@ pub async fn probe(h: &Health, addr: IpAddr) -> bool {
     let target = SocketAddr::new(addr, h.port);
     match h.kind {
         HealthKind::None => true,
-        HealthKind::Tcp => matches!(tokio::time::timeout(h.timeout, TcpStream::connect(target)).await, Ok(Ok(_))),
+        HealthKind::Tcp => matches!(
+            tokio::time::timeout(h.timeout, TcpStream::connect(target)).await,
+            Ok(Ok(_))
+        ),
         HealthKind::Udp => {
-            let bind: SocketAddr =
-                if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-            let Ok(sock) = UdpSocket::bind(bind).await else { return false };
+            let bind: SocketAddr = if addr.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(sock) = UdpSocket::bind(bind).await else {
+                return false;
+            };
             if sock.connect(target).await.is_err() || sock.send(&h.payload).await.is_err() {
                 return false;
             }
             let mut buf = [0u8; 1500];
             // Any answer counts; an ICMP port-unreachable surfaces as an error.
-            matches!(tokio::time::timeout(h.timeout, sock.recv(&mut buf)).await, Ok(Ok(_)))
+            matches!(
+                tokio::time::timeout(h.timeout, sock.recv(&mut buf)).await,
+                Ok(Ok(_))
+            )
         }
     }
 }
@@ -37,7 +48,13 @@ pub async fn initial_round(ctl: &Arc<Mutex<Controller>>) {
         if c.cfg.health.kind == HealthKind::None {
             return;
         }
-        (c.cfg.health.clone(), c.workers.iter().map(|w| (w.cfg.name.clone(), w.cfg.address)).collect::<Vec<_>>())
+        (
+            c.cfg.health.clone(),
+            c.workers
+                .iter()
+                .map(|w| (w.cfg.name.clone(), w.cfg.address))
+                .collect::<Vec<_>>(),
+        )
     };
     let results = probe_all(&h, targets.iter().map(|(_, a)| *a).collect()).await;
     let mut c = ctl.lock().unwrap();
@@ -73,7 +90,13 @@ pub async fn run(ctl: Arc<Mutex<Controller>>) {
     let mut streaks: HashMap<String, (bool, u32)> = HashMap::new();
     let mut last_neigh = tokio::time::Instant::now();
     loop {
-        let interval = ctl.lock().unwrap().cfg.health.interval.max(Duration::from_millis(50));
+        let interval = ctl
+            .lock()
+            .unwrap()
+            .cfg
+            .health
+            .interval
+            .max(Duration::from_millis(50));
         tokio::time::sleep(interval).await;
         let (h, targets) = {
             let c = ctl.lock().unwrap();
@@ -172,7 +195,10 @@ mod tests {
         let tcp_port = tcp.local_addr().unwrap().port();
         assert!(probe(&health(HealthKind::Tcp, tcp_port), lo).await);
         drop(tcp);
-        assert!(!probe(&health(HealthKind::Tcp, tcp_port), lo).await, "closed TCP port must fail");
+        assert!(
+            !probe(&health(HealthKind::Tcp, tcp_port), lo).await,
+            "closed TCP port must fail"
+        );
 
         let udp = tokio::net::UdpSocket::bind((lo, 0)).await.unwrap();
         let udp_port = udp.local_addr().unwrap().port();

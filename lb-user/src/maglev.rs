@@ -104,13 +104,23 @@ mod tests {
     }
 
     fn table_for(names: &[String]) -> Vec<u32> {
-        let members: Vec<Member<'_>> =
-            names.iter().enumerate().map(|(i, n)| Member { key: n, weight: 1, value: i as u32 }).collect();
+        let members: Vec<Member<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Member {
+                key: n,
+                weight: 1,
+                value: i as u32,
+            })
+            .collect();
         build(&members, MAGLEV_TABLE_SIZE)
     }
 
     fn moved(a: &[u32], a_names: &[String], b: &[u32], b_names: &[String]) -> usize {
-        a.iter().zip(b).filter(|(x, y)| a_names[**x as usize] != b_names[**y as usize]).count()
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| a_names[**x as usize] != b_names[**y as usize])
+            .count()
     }
 
     #[test]
@@ -138,19 +148,36 @@ mod tests {
             let m = moved(&before, &all[..n], &after, &all);
             let share = MAGLEV_TABLE_SIZE as f64 / (n + 1) as f64;
             // The new worker takes ~1/(n+1) of the slots; Maglev adds only small churn on top.
-            eprintln!("add 1 to {n}: {m} of {MAGLEV_TABLE_SIZE} slots moved (1/(n+1) = {share:.0})");
-            assert!(m as f64 >= 0.9 * share, "n={n}: moved {m}, expected about {share:.0}");
-            assert!((m as f64) <= 1.3 * share, "n={n}: moved {m}, bound {:.0}", 1.3 * share);
+            eprintln!(
+                "add 1 to {n}: {m} of {MAGLEV_TABLE_SIZE} slots moved (1/(n+1) = {share:.0})"
+            );
+            assert!(
+                m as f64 >= 0.9 * share,
+                "n={n}: moved {m}, expected about {share:.0}"
+            );
+            assert!(
+                (m as f64) <= 1.3 * share,
+                "n={n}: moved {m}, bound {:.0}",
+                1.3 * share
+            );
 
             // Removing worker k: its slots move, almost nothing else does.
             let k = n / 2;
-            let without: Vec<String> =
-                all[..n].iter().enumerate().filter(|(i, _)| *i != k).map(|(_, s)| s.clone()).collect();
+            let without: Vec<String> = all[..n]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != k)
+                .map(|(_, s)| s.clone())
+                .collect();
             let t_without = table_for(&without);
             let m = moved(&before, &all[..n], &t_without, &without);
             let share = MAGLEV_TABLE_SIZE as f64 / n as f64;
             eprintln!("remove 1 of {n}: {m} slots moved (1/n = {share:.0})");
-            assert!((m as f64) <= 1.3 * share, "remove n={n}: moved {m}, bound {:.0}", 1.3 * share);
+            assert!(
+                (m as f64) <= 1.3 * share,
+                "remove n={n}: moved {m}, bound {:.0}",
+                1.3 * share
+            );
             let others_moved = before
                 .iter()
                 .zip(&t_without)
@@ -166,16 +193,38 @@ mod tests {
     #[test]
     fn order_of_members_does_not_matter_and_weights_scale_shares() {
         let n = names(3);
-        let fwd: Vec<Member<'_>> =
-            n.iter().enumerate().map(|(i, s)| Member { key: s, weight: 1, value: i as u32 }).collect();
+        let fwd: Vec<Member<'_>> = n
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Member {
+                key: s,
+                weight: 1,
+                value: i as u32,
+            })
+            .collect();
         let mut rev = fwd.clone();
         rev.reverse();
         assert_eq!(build(&fwd, 65537), build(&rev, 65537));
 
-        let weighted = vec![Member { key: "a", weight: 3, value: 0 }, Member { key: "b", weight: 1, value: 1 }];
+        let weighted = vec![
+            Member {
+                key: "a",
+                weight: 3,
+                value: 0,
+            },
+            Member {
+                key: "b",
+                weight: 1,
+                value: 1,
+            },
+        ];
         let t = build(&weighted, 65537);
         let a = t.iter().filter(|&&v| v == 0).count() as f64;
-        assert!((a / 65537.0 - 0.75).abs() < 0.01, "weight 3:1 gave share {}", a / 65537.0);
+        assert!(
+            (a / 65537.0 - 0.75).abs() < 0.01,
+            "weight 3:1 gave share {}",
+            a / 65537.0
+        );
     }
 
     #[test]

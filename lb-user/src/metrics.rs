@@ -35,7 +35,11 @@ pub fn render(shared: &Shared) -> String {
         "# HELP baton_maglev_slots Maglev table slots that point at the worker.\n# TYPE baton_maglev_slots gauge\n",
     );
     for w in &workers {
-        let _ = writeln!(out, "baton_maglev_slots{{worker=\"{}\"}} {}", w.name, w.maglev_slots);
+        let _ = writeln!(
+            out,
+            "baton_maglev_slots{{worker=\"{}\"}} {}",
+            w.name, w.maglev_slots
+        );
     }
     let overrides = ctl.maps.overrides().map(|o| o.len()).unwrap_or(0);
     let _ = writeln!(
@@ -60,14 +64,21 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) {
     };
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
             // Read until the end of the request head (or the buffer is full).
             while len < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf[len..])).await {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf[len..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                     Ok(Ok(n)) => len += n,
                 }
@@ -77,11 +88,16 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) {
             }
             let head = String::from_utf8_lossy(&buf[..len]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body, ctype) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
-                ("200 OK", render(&shared), "text/plain; version=0.0.4")
-            } else {
-                ("404 Not Found", "only GET /metrics is served\n".to_string(), "text/plain")
-            };
+            let (status, body, ctype) =
+                if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
+                    ("200 OK", render(&shared), "text/plain; version=0.0.4")
+                } else {
+                    (
+                        "404 Not Found",
+                        "only GET /metrics is served\n".to_string(),
+                        "text/plain",
+                    )
+                };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -10,7 +10,8 @@ use crate::controller::{hex, override_key, parse_hex};
 use crate::pinned::PinnedMaps;
 use anyhow::{Context, Result, bail};
 use migration::{
-    ConnectionId, MigrationBinding, MigrationId, MigrationToken, MigrationTokenManager, TokenConfig, WorkerId,
+    ConnectionId, MigrationBinding, MigrationId, MigrationToken, MigrationTokenManager,
+    TokenConfig, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -47,9 +48,13 @@ impl MigrationConfig {
                 path.display()
             )
         })?;
-        let c: Self = toml::from_str(&text).with_context(|| format!("migration config {}", path.display()))?;
+        let c: Self = toml::from_str(&text)
+            .with_context(|| format!("migration config {}", path.display()))?;
         if c.workers.is_empty() {
-            bail!("{}: list the workers ([[workers]] name, control)", path.display());
+            bail!(
+                "{}: list the workers ([[workers]] name, control)",
+                path.display()
+            );
         }
         Ok(c)
     }
@@ -68,15 +73,25 @@ struct RawSecrets {
 }
 
 fn token_manager(path: &Path) -> Result<MigrationTokenManager> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the secrets file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the secrets file {}", path.display()))?;
     // No `{e}`: a TOML error can quote the line, i.e. the secret.
-    let raw: RawSecrets = toml::from_str(&text)
-        .map_err(|_| anyhow::anyhow!("{}: needs token_secret_id and token_secret (hex)", path.display()))?;
-    let bytes = parse_hex(&raw.token_secret).with_context(|| format!("{}: token_secret is not hex", path.display()))?;
-    let secret = migration::TokenSecret::from_bytes(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let config = TokenConfig { max_requests_per_second: 100_000, ..TokenConfig::default() };
-    MigrationTokenManager::new(config, raw.token_secret_id, secret).map_err(|e| anyhow::anyhow!("{e}"))
+    let raw: RawSecrets = toml::from_str(&text).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: needs token_secret_id and token_secret (hex)",
+            path.display()
+        )
+    })?;
+    let bytes = parse_hex(&raw.token_secret)
+        .with_context(|| format!("{}: token_secret is not hex", path.display()))?;
+    let secret = migration::TokenSecret::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let config = TokenConfig {
+        max_requests_per_second: 100_000,
+        ..TokenConfig::default()
+    };
+    MigrationTokenManager::new(config, raw.token_secret_id, secret)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// A failed migration: the error kind (migration crate's `ErrorKind` names, plus `override`) and why.
@@ -93,7 +108,11 @@ pub struct Failure {
 
 impl Failure {
     fn new(kind: &str, error: impl std::fmt::Display) -> Self {
-        Self { kind: kind.into(), error: error.to_string(), not_running: false }
+        Self {
+            kind: kind.into(),
+            error: error.to_string(),
+            not_running: false,
+        }
     }
 }
 
@@ -109,7 +128,10 @@ pub const MIGRATE_SLACK: Duration = Duration::from_secs(10);
 /// Outer error: the worker cannot be reached or did not answer in time (`target_unavailable`).
 fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Value, Failure> {
     let unavailable = |e: &dyn std::fmt::Display| {
-        Failure::new("target_unavailable", format!("worker control socket {}: {e}", path.display()))
+        Failure::new(
+            "target_unavailable",
+            format!("worker control socket {}: {e}", path.display()),
+        )
     };
     let deadline = Instant::now() + timeout;
     let left = || {
@@ -119,10 +141,14 @@ fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Valu
             .ok_or_else(|| unavailable(&format!("no answer within {} ms", timeout.as_millis())))
     };
     let s = connect(path, timeout).map_err(|e| Failure {
-        not_running: matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused),
+        not_running: matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
         ..unavailable(&e)
     })?;
-    s.set_write_timeout(Some(left()?)).map_err(|e| unavailable(&e))?;
+    s.set_write_timeout(Some(left()?))
+        .map_err(|e| unavailable(&e))?;
     let mut line = serde_json::to_vec(req).expect("serializable");
     line.push(b'\n');
     (&s).write_all(&line).map_err(|e| unavailable(&e))?;
@@ -131,7 +157,8 @@ fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Valu
     let mut answer = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        s.set_read_timeout(Some(left()?)).map_err(|e| unavailable(&e))?;
+        s.set_read_timeout(Some(left()?))
+            .map_err(|e| unavailable(&e))?;
         match (&s).read(&mut buf) {
             Ok(0) => return Err(unavailable(&"closed without answering")),
             Ok(n) => {
@@ -141,17 +168,29 @@ fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Valu
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(unavailable(&format!("no answer within {} ms", timeout.as_millis())));
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(unavailable(&format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                )));
             }
             Err(e) => return Err(unavailable(&e)),
         }
     }
-    let v: Value = serde_json::from_slice(&answer).map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
+    let v: Value = serde_json::from_slice(&answer)
+        .map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
     if v["ok"].as_bool() == Some(true) {
         Ok(v["data"].clone())
     } else {
-        Err(Failure::new(v["kind"].as_str().unwrap_or("output"), v["error"].as_str().unwrap_or("refused")))
+        Err(Failure::new(
+            v["kind"].as_str().unwrap_or("output"),
+            v["error"].as_str().unwrap_or("refused"),
+        ))
     }
 }
 
@@ -235,7 +274,9 @@ impl Orchestrator {
             v.as_array()
                 .map(|a| {
                     a.iter()
-                        .filter_map(|w| Some((w["name"].as_str()?.to_string(), w["index"].as_u64()? as u32)))
+                        .filter_map(|w| {
+                            Some((w["name"].as_str()?.to_string(), w["index"].as_u64()? as u32))
+                        })
                         .collect()
                 })
                 .unwrap_or_default()
@@ -254,14 +295,28 @@ impl Orchestrator {
     }
 
     fn endpoint(&self, name: &str) -> Result<&WorkerEndpoint, Failure> {
-        self.cfg.workers.iter().find(|w| w.name == name).ok_or_else(|| {
-            let known: Vec<&str> = self.cfg.workers.iter().map(|w| w.name.as_str()).collect();
-            Failure::new("config", format!("no worker {name:?} in the migration config (known: {})", known.join(", ")))
-        })
+        self.cfg
+            .workers
+            .iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.cfg.workers.iter().map(|w| w.name.as_str()).collect();
+                Failure::new(
+                    "config",
+                    format!(
+                        "no worker {name:?} in the migration config (known: {})",
+                        known.join(", ")
+                    ),
+                )
+            })
     }
 
     fn info(&self, name: &str) -> Result<WorkerInfo, Failure> {
-        let v = call(&self.endpoint(name)?.control, &json!({"cmd": "info"}), self.control_timeout)?;
+        let v = call(
+            &self.endpoint(name)?.control,
+            &json!({"cmd": "info"}),
+            self.control_timeout,
+        )?;
         Ok(WorkerInfo {
             server_id: v["server_id"].as_u64().unwrap_or(0) as u32,
             peer: v["peer"].as_str().unwrap_or_default().to_string(),
@@ -279,7 +334,10 @@ impl Orchestrator {
         let v = call(&ep.control, &json!({"cmd": "conns"}), self.control_timeout)?;
         // Anything but a list is an error, never "no connections".
         let list = v.as_array().ok_or_else(|| {
-            Failure::new("output", format!("worker {name} answered `conns` with something that is not a list"))
+            Failure::new(
+                "output",
+                format!("worker {name} answered `conns` with something that is not a list"),
+            )
         })?;
         Ok(list
             .iter()
@@ -289,10 +347,19 @@ impl Orchestrator {
                 server_id: info.server_id,
                 id: c["id"].as_u64().unwrap_or(0),
                 remote: c["remote"].as_str().unwrap_or_default().into(),
-                state: if c["frozen"].as_bool() == Some(true) { "migrating" } else { "live" }.into(),
+                state: if c["frozen"].as_bool() == Some(true) {
+                    "migrating"
+                } else {
+                    "live"
+                }
+                .into(),
                 cids: c["cids"]
                     .as_array()
-                    .map(|x| x.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+                    .map(|x| {
+                        x.iter()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 overrides: 0,
             })
@@ -325,16 +392,30 @@ impl Orchestrator {
         }
         let mut maps = self.maps.lock().unwrap();
         let maps = self.open_maps(&mut maps)?;
-        maps.server_ids.get(&lb_common::ServerIdKey { server_id: server_id as u64 }, 0).map(|w| w.worker).map_err(
-            |_| {
-                Failure::new("config", format!("the load balancer knows no worker with server ID {server_id} ({name})"))
-            },
-        )
+        maps.server_ids
+            .get(
+                &lb_common::ServerIdKey {
+                    server_id: server_id as u64,
+                },
+                0,
+            )
+            .map(|w| w.worker)
+            .map_err(|_| {
+                Failure::new(
+                    "config",
+                    format!(
+                        "the load balancer knows no worker with server ID {server_id} ({name})"
+                    ),
+                )
+            })
     }
 
     fn open_maps<'a>(&self, m: &'a mut Option<PinnedMaps>) -> Result<&'a mut PinnedMaps, Failure> {
         if m.is_none() {
-            *m = Some(PinnedMaps::open(&self.pin_dir).map_err(|e| Failure::new("override", format!("{e:#}")))?);
+            *m = Some(
+                PinnedMaps::open(&self.pin_dir)
+                    .map_err(|e| Failure::new("override", format!("{e:#}")))?,
+            );
         }
         Ok(m.as_mut().unwrap())
     }
@@ -344,24 +425,34 @@ impl Orchestrator {
     fn set_override(&self, cid: &[u8], slot: u32) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
         if self.slots.is_some() {
-            control::request(&self.lb_socket, &Request::OverrideSet { cid: hex(cid), worker: slot }).map_err(fail)?;
+            control::request(
+                &self.lb_socket,
+                &Request::OverrideSet {
+                    cid: hex(cid),
+                    worker: slot,
+                },
+            )
+            .map_err(fail)?;
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
         let maps = self.open_maps(&mut maps)?;
         let len = maps.lb_config().map_err(fail)?.cid_len as usize;
-        maps.set_override(override_key(cid, len).map_err(fail)?, slot).map_err(fail)
+        maps.set_override(override_key(cid, len).map_err(fail)?, slot)
+            .map_err(fail)
     }
 
     fn remove_override(&self, cid: &[u8]) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
         if self.slots.is_some() {
-            control::request(&self.lb_socket, &Request::OverrideDel { cid: hex(cid) }).map_err(fail)?;
+            control::request(&self.lb_socket, &Request::OverrideDel { cid: hex(cid) })
+                .map_err(fail)?;
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
         let maps = self.open_maps(&mut maps)?;
-        let key = lb_common::CidKey::new(cid).ok_or_else(|| Failure::new("override", "CID too long"))?;
+        let key =
+            lb_common::CidKey::new(cid).ok_or_else(|| Failure::new("override", "CID too long"))?;
         maps.remove_override(&key).map(|_| ()).map_err(fail)
     }
 
@@ -388,17 +479,22 @@ impl Orchestrator {
     /// released. The caller removes the overrides later with [`Self::retire`].
     pub fn migrate(&self, conn: &str, from: &str, to: &str) -> Result<Report, Failure> {
         if from == to {
-            return Err(Failure::new("config", format!("connection {conn} is already on {to}")));
+            return Err(Failure::new(
+                "config",
+                format!("connection {conn} is already on {to}"),
+            ));
         }
         let started = Instant::now();
         let src = self.endpoint(from)?.clone();
         let (src_info, dst_info) = (self.info(from)?, self.info(to)?);
-        let key =
-            parse_hex(conn).ok_or_else(|| Failure::new("config", format!("{conn:?} is not a hex connection key")))?;
+        let key = parse_hex(conn).ok_or_else(|| {
+            Failure::new("config", format!("{conn:?} is not a hex connection key"))
+        })?;
         let migration_id = MigrationId::random();
         let binding = MigrationBinding {
             migration_id,
-            connection_id: ConnectionId::new(&key).map_err(|e| Failure::new(e.kind().as_str(), e))?,
+            connection_id: ConnectionId::new(&key)
+                .map_err(|e| Failure::new(e.kind().as_str(), e))?,
             source: WorkerId(src_info.server_id),
             target: WorkerId(dst_info.server_id),
         };
@@ -410,7 +506,9 @@ impl Orchestrator {
                 Some(age) => SystemTime::now() - age - Duration::from_secs(1),
                 None => SystemTime::now(),
             };
-            tokens.issue(&binding, now).map_err(|e| Failure::new(e.kind().as_str(), e))?
+            tokens
+                .issue(&binding, now)
+                .map_err(|e| Failure::new(e.kind().as_str(), e))?
         };
         let mut token = token.as_bytes().to_vec();
         if self.faults.forge_token {
@@ -430,10 +528,15 @@ impl Orchestrator {
         // The target confirmed: only now does the data plane move.
         let cids: Vec<String> = done["cids"]
             .as_array()
-            .map(|a| a.iter().filter_map(|c| c.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         for c in &cids {
-            let cid = parse_hex(c).ok_or_else(|| Failure::new("output", "the source sent a non-hex CID"))?;
+            let cid = parse_hex(c)
+                .ok_or_else(|| Failure::new("output", "the source sent a non-hex CID"))?;
             if let Err(f) = self.set_override(&cid, slot) {
                 // The target already serves the connection; the source keeps forwarding for a while.
                 return Err(Failure::new(
@@ -472,14 +575,21 @@ impl Orchestrator {
     pub fn retire(&self, moved: &[Report], timeout: Duration) -> Vec<String> {
         let mut pending: BTreeMap<String, Vec<(String, HashSet<String>)>> = BTreeMap::new();
         for r in moved {
-            pending.entry(r.to.clone()).or_default().push((r.conn.clone(), r.cids.iter().cloned().collect()));
+            pending
+                .entry(r.to.clone())
+                .or_default()
+                .push((r.conn.clone(), r.cids.iter().cloned().collect()));
         }
         let deadline = Instant::now() + timeout;
         loop {
             for (worker, list) in pending.iter_mut() {
-                let Ok(rows) = self.conns_of(worker) else { continue };
-                let live: HashMap<&str, HashSet<&str>> =
-                    rows.iter().map(|r| (r.conn.as_str(), r.cids.iter().map(String::as_str).collect())).collect();
+                let Ok(rows) = self.conns_of(worker) else {
+                    continue;
+                };
+                let live: HashMap<&str, HashSet<&str>> = rows
+                    .iter()
+                    .map(|r| (r.conn.as_str(), r.cids.iter().map(String::as_str).collect()))
+                    .collect();
                 for (conn, old) in list.iter_mut() {
                     let in_use = live.get(conn.as_str());
                     old.retain(|cid| {
@@ -503,7 +613,11 @@ impl Orchestrator {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        pending.into_values().flatten().flat_map(|(_, c)| c).collect()
+        pending
+            .into_values()
+            .flatten()
+            .flat_map(|(_, c)| c)
+            .collect()
     }
 }
 
@@ -532,12 +646,20 @@ pub fn drain(
     progress: Progress<'_>,
 ) -> Result<DrainSummary> {
     let started = Instant::now();
-    let conns = o
-        .conns_of(worker)
-        .map_err(|f| anyhow::anyhow!("cannot list the connections of worker {worker} ({}): {}", f.kind, f.error))?;
+    let conns = o.conns_of(worker).map_err(|f| {
+        anyhow::anyhow!(
+            "cannot list the connections of worker {worker} ({}): {}",
+            f.kind,
+            f.error
+        )
+    })?;
     let targets: Vec<String> = match to {
         Some(t) => vec![t.to_string()],
-        None => o.worker_names().into_iter().filter(|w| w != worker).collect(),
+        None => o
+            .worker_names()
+            .into_iter()
+            .filter(|w| w != worker)
+            .collect(),
     };
     if targets.is_empty() {
         bail!("no other worker to drain {worker} to");
@@ -549,7 +671,9 @@ pub fn drain(
         for _ in 0..concurrency.max(1).min(total.max(1)) {
             s.spawn(|| {
                 loop {
-                    let Some((i, c)) = queue.lock().unwrap().pop() else { break };
+                    let Some((i, c)) = queue.lock().unwrap().pop() else {
+                        break;
+                    };
                     let r = o.migrate(&c.conn, worker, &targets[i % targets.len()]);
                     let mut res = results.lock().unwrap();
                     res.push(r.clone());
@@ -559,7 +683,10 @@ pub fn drain(
         }
     });
     let results = results.into_inner().unwrap();
-    let moved: Vec<Report> = results.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let moved: Vec<Report> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
     let mut errors = BTreeMap::new();
     for f in results.iter().filter_map(|r| r.as_ref().err()) {
         *errors.entry(f.kind.clone()).or_default() += 1;
@@ -619,30 +746,66 @@ mod tests {
     fn conns_reports_workers_that_do_not_answer_instead_of_listing_them_empty() {
         let dir = std::env::temp_dir().join(format!("baton-conns-down-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secrets.toml"), format!("token_secret_id = 1\ntoken_secret = \"{}\"\n", "ab".repeat(32)))
-            .unwrap();
+        std::fs::write(
+            dir.join("secrets.toml"),
+            format!(
+                "token_secret_id = 1\ntoken_secret = \"{}\"\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
         fake_worker(&dir.join("ok.sock"), |r| {
-            info_then(r#"{"ok":true,"data":[{"conn":"00aa","id":3,"remote":"10.0.0.1:5000","frozen":false,"cids":["0100"]}]}"#)(r)
+            info_then(
+                r#"{"ok":true,"data":[{"conn":"00aa","id":3,"remote":"10.0.0.1:5000","frozen":false,"cids":["0100"]}]}"#,
+            )(r)
         });
-        fake_worker(&dir.join("stuck.sock"), |r| if r.contains("\"info\"") { info_then("")(r) } else { None });
-        fake_worker(&dir.join("bad.sock"), |r| info_then(r#"{"ok":true,"data":null}"#)(r));
+        fake_worker(&dir.join("stuck.sock"), |r| {
+            if r.contains("\"info\"") {
+                info_then("")(r)
+            } else {
+                None
+            }
+        });
+        fake_worker(&dir.join("bad.sock"), |r| {
+            info_then(r#"{"ok":true,"data":null}"#)(r)
+        });
         let workers = ["ok", "gone", "stuck", "bad"]
             .iter()
-            .map(|n| WorkerEndpoint { name: n.to_string(), control: dir.join(format!("{n}.sock")) })
+            .map(|n| WorkerEndpoint {
+                name: n.to_string(),
+                control: dir.join(format!("{n}.sock")),
+            })
             .collect();
-        let cfg = MigrationConfig { secrets: dir.join("secrets.toml"), workers };
+        let cfg = MigrationConfig {
+            secrets: dir.join("secrets.toml"),
+            workers,
+        };
         let mut o = Orchestrator::new(cfg, &dir.join("no-lb.sock"), &dir.join("no-pins")).unwrap();
         o.control_timeout = Duration::from_millis(300);
         let started = Instant::now();
         let (rows, down) = o.conns();
-        assert!(started.elapsed() < Duration::from_secs(3), "the stalled worker was not timed out");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the stalled worker was not timed out"
+        );
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].worker.as_str(), rows[0].conn.as_str()), ("ok", "00aa"));
+        assert_eq!(
+            (rows[0].worker.as_str(), rows[0].conn.as_str()),
+            ("ok", "00aa")
+        );
         let names: Vec<&str> = down.iter().map(|(w, _)| w.as_str()).collect();
         assert_eq!(names, ["gone", "stuck", "bad"]);
         let not_running: Vec<bool> = down.iter().map(|(_, f)| f.not_running).collect();
-        assert_eq!(not_running, [true, false, false], "only the gone worker is known not to run");
-        assert!(down[1].1.error.contains("no answer within 300 ms"), "{:?}", down[1].1);
+        assert_eq!(
+            not_running,
+            [true, false, false],
+            "only the gone worker is known not to run"
+        );
+        assert!(
+            down[1].1.error.contains("no answer within 300 ms"),
+            "{:?}",
+            down[1].1
+        );
         assert_eq!(down[1].1.kind, "target_unavailable");
         assert!(down[2].1.error.contains("not a list"), "{:?}", down[2].1);
         let e = drain(&o, "stuck", Some("ok"), 1, &|_, _, _| {}).unwrap_err();
@@ -655,18 +818,42 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("baton-migcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("migration.toml");
-        std::fs::write(&cfg, "secrets = \"s.toml\"\n[[workers]]\nname = \"w1\"\ncontrol = \"/run/w1.sock\"\n").unwrap();
+        std::fs::write(
+            &cfg,
+            "secrets = \"s.toml\"\n[[workers]]\nname = \"w1\"\ncontrol = \"/run/w1.sock\"\n",
+        )
+        .unwrap();
         assert_eq!(MigrationConfig::load(&cfg).unwrap().workers[0].name, "w1");
         std::fs::write(&cfg, "secrets = \"s.toml\"\nworkers = []\n").unwrap();
-        assert!(format!("{:#}", MigrationConfig::load(&cfg).unwrap_err()).contains("list the workers"));
+        assert!(
+            format!("{:#}", MigrationConfig::load(&cfg).unwrap_err()).contains("list the workers")
+        );
         let secrets = dir.join("secrets.toml");
-        std::fs::write(&secrets, "token_secret_id = 1\ntoken_secret = \"c0ffee-not-hex-SECRETVALUE\"\n").unwrap();
+        std::fs::write(
+            &secrets,
+            "token_secret_id = 1\ntoken_secret = \"c0ffee-not-hex-SECRETVALUE\"\n",
+        )
+        .unwrap();
         let e = format!("{:#}", token_manager(&secrets).err().unwrap());
         assert!(e.contains("not hex") && !e.contains("SECRETVALUE"), "{e}");
-        std::fs::write(&secrets, "token_secret_id = 1\ntoken_secret = SECRETVALUE\n").unwrap();
+        std::fs::write(
+            &secrets,
+            "token_secret_id = 1\ntoken_secret = SECRETVALUE\n",
+        )
+        .unwrap();
         let e = format!("{:#}", token_manager(&secrets).err().unwrap());
-        assert!(e.contains("token_secret") && !e.contains("SECRETVALUE"), "{e}");
-        std::fs::write(&secrets, format!("token_secret_id = 1\ntoken_secret = \"{}\"\n", "ab".repeat(32))).unwrap();
+        assert!(
+            e.contains("token_secret") && !e.contains("SECRETVALUE"),
+            "{e}"
+        );
+        std::fs::write(
+            &secrets,
+            format!(
+                "token_secret_id = 1\ntoken_secret = \"{}\"\n",
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
         token_manager(&secrets).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -8,15 +8,24 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("ip").arg("-j").args(args).output().context("cannot run `ip` (install iproute2)")?;
+    let out = Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!("`ip -j {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip -j {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Ok(serde_json::Value::Array(vec![]));
     }
-    serde_json::from_str(&text).with_context(|| format!("unexpected output from `ip -j {}`", args.join(" ")))
+    serde_json::from_str(&text)
+        .with_context(|| format!("unexpected output from `ip -j {}`", args.join(" ")))
 }
 
 #[derive(Deserialize)]
@@ -30,14 +39,18 @@ struct RouteEntry {
 pub fn route_interface(addr: IpAddr) -> Result<String> {
     let v = ip_json(&["route", "get", &addr.to_string()])?;
     let routes: Vec<RouteEntry> = serde_json::from_value(v)?;
-    let r = routes.into_iter().next().with_context(|| format!("no route to {addr}"))?;
+    let r = routes
+        .into_iter()
+        .next()
+        .with_context(|| format!("no route to {addr}"))?;
     if let Some(gw) = r.gateway {
         bail!(
             "{addr} is reached through gateway {gw}, not directly: layer-2 DSR needs each worker on a \
              segment the load balancer is attached to (set the worker's `interface` and an on-link address)"
         );
     }
-    r.dev.with_context(|| format!("the route to {addr} names no interface"))
+    r.dev
+        .with_context(|| format!("the route to {addr} names no interface"))
 }
 
 #[derive(Deserialize)]
@@ -67,7 +80,11 @@ pub fn resolve_mac(addr: IpAddr, dev: &str, timeout: Duration) -> Result<[u8; 6]
     if let Some(mac) = lookup(addr, dev)? {
         return Ok(mac);
     }
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let start = Instant::now();
     let mut last_poke = None::<Instant>;
     loop {

@@ -3,7 +3,10 @@
 use crate::fastpath::FastPath;
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray};
-use lb_common::{CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names};
+use lb_common::{
+    CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef,
+    map_names,
+};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -51,14 +54,18 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
             _ => anyhow::Error::new(e).context(format!("cannot open the pinned map {}", path.display())),
         }
     })?;
-    Map::from_map_data(data).with_context(|| format!("{} has an unexpected map type", path.display()))
+    Map::from_map_data(data)
+        .with_context(|| format!("{} has an unexpected map type", path.display()))
 }
 
 macro_rules! typed {
     ($dir:expr, $name:expr) => {
-        open($dir, $name)?
-            .try_into()
-            .with_context(|| format!("{} does not have the key/value layout this Baton build expects", $name))?
+        open($dir, $name)?.try_into().with_context(|| {
+            format!(
+                "{} does not have the key/value layout this Baton build expects",
+                $name
+            )
+        })?
     };
 }
 
@@ -68,7 +75,9 @@ impl PinnedMaps {
             if !crate::sys::is_root() {
                 bail!("cannot see {}: run as root", dir.display());
             }
-            if crate::sys::in_private_mount_ns() && !crate::sys::is_bpffs(dir.parent().unwrap_or(dir)) {
+            if crate::sys::in_private_mount_ns()
+                && !crate::sys::is_bpffs(dir.parent().unwrap_or(dir))
+            {
                 bail!(
                     "{} is not visible in this mount namespace (`ip netns exec` hides the host's bpffs): \
                      run baton from the host namespace; it does not need to be inside the LB's netns",
@@ -90,7 +99,11 @@ impl PinnedMaps {
             maglev: typed!(dir, map_names::MAGLEV),
             tx_ports: typed!(dir, map_names::TX_PORTS),
             stats: typed!(dir, map_names::STATS),
-            fastpath: if dir.join(map_names::FASTPATH).exists() { Some(FastPath::open(dir)?) } else { None },
+            fastpath: if dir.join(map_names::FASTPATH).exists() {
+                Some(FastPath::open(dir)?)
+            } else {
+                None
+            },
         })
     }
 

@@ -29,13 +29,25 @@ pub fn require_root(what: &str) -> Result<()> {
 fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<libc::c_long> {
     // SAFETY: attr is a valid, writable buffer of the size we pass; the kernel reads/writes only
     // within it.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as libc::c_uint) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Opens any pinned BPF object (map, program, link) by path.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut attr = [0u8; 16];
     attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
@@ -62,17 +74,24 @@ pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
     attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
-    Ok(LinkInfo { link_type: u32_at(0), id: u32_at(4), prog_id: u32_at(8), ifindex: u32_at(16) })
+    Ok(LinkInfo {
+        link_type: u32_at(0),
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        ifindex: u32_at(16),
+    })
 }
 
 /// Info about the link pinned at `path`, or `None` if nothing is pinned there.
 pub fn pinned_link_info(path: &Path) -> Result<Option<LinkInfo>> {
     match obj_get(path) {
-        Ok(fd) => {
-            Ok(Some(link_info(&fd).with_context(|| format!("cannot query the link pinned at {}", path.display()))?))
-        }
+        Ok(fd) => Ok(Some(link_info(&fd).with_context(|| {
+            format!("cannot query the link pinned at {}", path.display())
+        })?)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::EACCES) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::EACCES) =>
+        {
             bail!("permission denied opening {}: run as root", path.display())
         }
         Err(e) => Err(e).with_context(|| format!("cannot open the pinned link {}", path.display())),
@@ -80,7 +99,9 @@ pub fn pinned_link_info(path: &Path) -> Result<Option<LinkInfo>> {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs fills the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
@@ -94,7 +115,9 @@ pub fn in_private_mount_ns() -> bool {
     let Some(me) = ns("self") else { return false };
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() }.to_string();
-    [parent.as_str(), "1"].iter().any(|p| ns(p).is_some_and(|m| m != me))
+    [parent.as_str(), "1"]
+        .iter()
+        .any(|p| ns(p).is_some_and(|m| m != me))
 }
 
 /// Makes sure `pin_dir` lives on the host's bpffs, mounting bpffs on its parent if nothing is
@@ -112,15 +135,28 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
                 parent.display()
             );
         }
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
         tracing::info!(path = %parent.display(), "bpffs is not mounted: mounting it");
         let src = CString::new("bpf").unwrap();
         let target = CString::new(parent.as_os_str().as_bytes())?;
         // SAFETY: valid NUL-terminated strings; no data argument.
-        let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
         if r != 0 {
             return Err(io::Error::last_os_error()).with_context(|| {
-                format!("cannot mount bpffs on {} (try `mount -t bpf bpf {}`)", parent.display(), parent.display())
+                format!(
+                    "cannot mount bpffs on {} (try `mount -t bpf bpf {}`)",
+                    parent.display(),
+                    parent.display()
+                )
             });
         }
     }
@@ -153,12 +189,18 @@ pub fn try_lock_pin_dir(pin_dir: &Path) -> Result<Option<std::fs::File>> {
 /// `ip netns add`). Network-namespace membership is per thread; threads spawned afterwards
 /// inherit it. The mount namespace is left alone, so bpffs pins stay host-visible.
 pub fn enter_netns(name: &str) -> Result<()> {
-    let path = if name.contains('/') { name.to_string() } else { format!("/run/netns/{name}") };
-    let f = std::fs::File::open(&path)
-        .with_context(|| format!("cannot open network namespace {path} (does `ip netns list` show {name:?}?)"))?;
+    let path = if name.contains('/') {
+        name.to_string()
+    } else {
+        format!("/run/netns/{name}")
+    };
+    let f = std::fs::File::open(&path).with_context(|| {
+        format!("cannot open network namespace {path} (does `ip netns list` show {name:?}?)")
+    })?;
     // SAFETY: a valid fd to a netns file.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("setns into {path} failed"));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("setns into {path} failed"));
     }
     Ok(())
 }
@@ -178,5 +220,9 @@ pub fn if_indextoname(index: u32) -> Option<String> {
         return None;
     }
     // SAFETY: if_indextoname wrote a NUL-terminated string into buf.
-    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }

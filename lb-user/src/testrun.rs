@@ -12,7 +12,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::Ebpf;
 use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray};
 use aya::programs::Xdp;
-use lb_common::{CidKey, LbConfig, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names};
+use lb_common::{
+    CidKey, LbConfig, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names,
+};
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// The kernel refuses XDP test input shorter than an Ethernet header.
@@ -78,11 +80,19 @@ pub const XDP_REDIRECT: u32 = 4;
 /// which is returned as an error of kind `InvalidInput`.
 pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<TestRunOutput> {
     // Metadata must be a multiple of 4 bytes, at most 32.
-    let meta = if frame.len() < ETH_HLEN { (ETH_HLEN - frame.len()).div_ceil(4) * 4 } else { 0 };
+    let meta = if frame.len() < ETH_HLEN {
+        (ETH_HLEN - frame.len()).div_ceil(4) * 4
+    } else {
+        0
+    };
     let mut input = vec![0u8; meta];
     input.extend_from_slice(frame);
     let mut output = vec![0u8; input.len() + 256];
-    let mut ctx = XdpMd { data: meta as u32, data_end: input.len() as u32, ..Default::default() };
+    let mut ctx = XdpMd {
+        data: meta as u32,
+        data_end: input.len() as u32,
+        ..Default::default()
+    };
     let mut ctx_out = XdpMd::default();
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -110,13 +120,20 @@ pub fn run_xdp(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<Te
     };
     if ret < 0 {
         let err = io::Error::last_os_error();
-        return Err(io::Error::new(err.kind(), format!("BPF_PROG_TEST_RUN failed: {err} (needs root / CAP_BPF)")));
+        return Err(io::Error::new(
+            err.kind(),
+            format!("BPF_PROG_TEST_RUN failed: {err} (needs root / CAP_BPF)"),
+        ));
     }
     let out_len = (attr.data_size_out as usize).min(output.len());
     output.truncate(out_len);
     // Output starts at data_meta: strip the metadata we added.
     let frame = output.get(meta..).unwrap_or_default().to_vec();
-    Ok(TestRunOutput { action: attr.retval, frame, duration_ns: attr.duration })
+    Ok(TestRunOutput {
+        action: attr.retval,
+        frame,
+        duration_ns: attr.duration,
+    })
 }
 
 /// Packet builders for fixtures and benchmarks.
@@ -166,7 +183,11 @@ pub mod frames {
                 IpAddr::V6(_) => 40,
             };
             let l4 = 14 + ip_len;
-            let payload = if self.protocol == IPPROTO_UDP { l4 + 8 } else { l4 };
+            let payload = if self.protocol == IPPROTO_UDP {
+                l4 + 8
+            } else {
+                l4
+            };
             (14, l4, payload)
         }
 
@@ -250,8 +271,18 @@ pub mod frames {
 
     /// A long-header packet of `total` bytes (Initials must be ≥ 1200 in a real datagram).
     /// Version 2 renumbers the types, which this applies.
-    pub fn quic_long(kind: LongType, version: u32, dcid: &[u8], scid: &[u8], total: usize) -> Vec<u8> {
-        let type_bits = if version == lb_common::QUIC_V2 { (kind as u8 + 1) & 3 } else { kind as u8 };
+    pub fn quic_long(
+        kind: LongType,
+        version: u32,
+        dcid: &[u8],
+        scid: &[u8],
+        total: usize,
+    ) -> Vec<u8> {
+        let type_bits = if version == lb_common::QUIC_V2 {
+            (kind as u8 + 1) & 3
+        } else {
+            kind as u8
+        };
         let mut p = vec![0xc0 | (type_bits << 4)];
         p.extend_from_slice(&version.to_be_bytes());
         p.push(dcid.len() as u8);
@@ -284,8 +315,9 @@ impl XdpFixture {
     /// Loads the object and all its programs; maps are pinned under
     /// `/sys/fs/bpf/baton-<tag>-<pid>` (a fresh directory).
     pub fn load(tag: &str) -> Result<Self> {
-        let bytes = crate::object::try_bytes()
-            .ok_or_else(|| anyhow!("lb-user was built with AYA_BUILD_SKIP=1: no XDP object to load"))?;
+        let bytes = crate::object::try_bytes().ok_or_else(|| {
+            anyhow!("lb-user was built with AYA_BUILD_SKIP=1: no XDP object to load")
+        })?;
         Self::load_object(tag, bytes)
     }
 
@@ -300,8 +332,12 @@ impl XdpFixture {
         }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/baton-{tag}-{}", std::process::id()));
         remove_pin_dir(&pin_dir);
-        std::fs::create_dir_all(&pin_dir)
-            .with_context(|| format!("cannot create {} (is bpffs mounted at /sys/fs/bpf?)", pin_dir.display()))?;
+        std::fs::create_dir_all(&pin_dir).with_context(|| {
+            format!(
+                "cannot create {} (is bpffs mounted at /sys/fs/bpf?)",
+                pin_dir.display()
+            )
+        })?;
         let mut fixture = Self {
             ebpf: aya::EbpfLoader::new()
                 .default_map_pin_directory(&pin_dir)
@@ -310,7 +346,10 @@ impl XdpFixture {
             pin_dir,
             fastpath: None,
         };
-        if crate::fastpath::MAPS.iter().all(|m| fixture.ebpf.map(m).is_some()) {
+        if crate::fastpath::MAPS
+            .iter()
+            .all(|m| fixture.ebpf.map(m).is_some())
+        {
             fixture.fastpath = Some(crate::fastpath::FastPath::from_ebpf(&fixture.ebpf)?);
         }
         for name in [
@@ -327,7 +366,8 @@ impl XdpFixture {
                 bail!("program {name} is missing from the XDP object");
             };
             let prog: &mut Xdp = prog.try_into()?;
-            prog.load().with_context(|| format!("the verifier rejected {name}"))?;
+            prog.load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
         }
         Ok(fixture)
     }
@@ -337,7 +377,11 @@ impl XdpFixture {
     }
 
     pub fn program(&self, name: &str) -> Result<&Xdp> {
-        Ok(self.ebpf.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
+        Ok(self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("no program {name}"))?
+            .try_into()?)
     }
 
     /// Runs program `name` once on `frame`.
@@ -360,12 +404,20 @@ impl XdpFixture {
 
     /// Rebuilds the fast-path maps from the authoritative ones (no-op when disabled).
     pub fn rebuild_fastpath(&mut self) -> Result<()> {
-        let Some(fp) = self.fastpath.as_mut() else { return Ok(()) };
-        let get = |name: &str| self.ebpf.map(name).ok_or_else(|| anyhow!("no map {name} in the XDP object"));
+        let Some(fp) = self.fastpath.as_mut() else {
+            return Ok(());
+        };
+        let get = |name: &str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("no map {name} in the XDP object"))
+        };
         let cfg: Array<&MapData, LbConfig> = Array::try_from(get(map_names::CONFIG)?)?;
         let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(get(map_names::VIPS)?)?;
-        let sids: HashMap<&MapData, ServerIdKey, WorkerRef> = HashMap::try_from(get(map_names::SERVER_IDS)?)?;
-        let overrides: HashMap<&MapData, CidKey, WorkerRef> = HashMap::try_from(get(map_names::CID_OVERRIDE)?)?;
+        let sids: HashMap<&MapData, ServerIdKey, WorkerRef> =
+            HashMap::try_from(get(map_names::SERVER_IDS)?)?;
+        let overrides: HashMap<&MapData, CidKey, WorkerRef> =
+            HashMap::try_from(get(map_names::CID_OVERRIDE)?)?;
         fp.rebuild(&cfg.get(&0, 0)?, &vips, &sids, &overrides)
     }
 
@@ -396,7 +448,8 @@ impl XdpFixture {
     /// that ignores `fastpath`'s rules does).
     pub fn set_override_uncounted(&mut self, cid: &[u8], worker: u32) -> Result<()> {
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
-        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(self.map(map_names::CID_OVERRIDE)?)?;
+        let mut m: HashMap<&mut MapData, CidKey, WorkerRef> =
+            HashMap::try_from(self.map(map_names::CID_OVERRIDE)?)?;
         Ok(m.insert(key, WorkerRef { worker }, 0)?)
     }
 
@@ -406,32 +459,41 @@ impl XdpFixture {
     }
 
     pub fn add_vip(&mut self, vip: VipKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, VipKey, VipValue> = HashMap::try_from(self.map(map_names::VIPS)?)?;
+        let mut m: HashMap<&mut MapData, VipKey, VipValue> =
+            HashMap::try_from(self.map(map_names::VIPS)?)?;
         m.insert(vip, VipValue { flags: 1 }, 0)?;
         self.sync_vips()
     }
 
     pub fn del_vip(&mut self, vip: &VipKey) -> Result<()> {
-        let mut m: HashMap<&mut MapData, VipKey, VipValue> = HashMap::try_from(self.map(map_names::VIPS)?)?;
+        let mut m: HashMap<&mut MapData, VipKey, VipValue> =
+            HashMap::try_from(self.map(map_names::VIPS)?)?;
         m.remove(vip)?;
         self.sync_vips()
     }
 
     fn sync_vips(&mut self) -> Result<()> {
-        let Some(fp) = self.fastpath.as_mut() else { return Ok(()) };
-        let map = self.ebpf.map(map_names::VIPS).ok_or_else(|| anyhow!("no map {}", map_names::VIPS))?;
+        let Some(fp) = self.fastpath.as_mut() else {
+            return Ok(());
+        };
+        let map = self
+            .ebpf
+            .map(map_names::VIPS)
+            .ok_or_else(|| anyhow!("no map {}", map_names::VIPS))?;
         let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(map)?;
         fp.sync_vips(&vips)?;
         Ok(())
     }
 
     pub fn set_worker(&mut self, index: u32, entry: WorkerEntry) -> Result<()> {
-        let mut m: Array<&mut MapData, WorkerEntry> = Array::try_from(self.map(map_names::WORKERS)?)?;
+        let mut m: Array<&mut MapData, WorkerEntry> =
+            Array::try_from(self.map(map_names::WORKERS)?)?;
         Ok(m.set(index, entry, 0)?)
     }
 
     pub fn set_server_id(&mut self, server_id: u64, worker: u32) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> = HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
+        let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> =
+            HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
         m.insert(ServerIdKey { server_id }, WorkerRef { worker }, 0)?;
         if let Some(fp) = &self.fastpath {
             fp.set_server_id(server_id, worker);
@@ -440,7 +502,8 @@ impl XdpFixture {
     }
 
     pub fn remove_server_id(&mut self, server_id: u64) -> Result<()> {
-        let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> = HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
+        let mut m: HashMap<&mut MapData, ServerIdKey, WorkerRef> =
+            HashMap::try_from(self.map(map_names::SERVER_IDS)?)?;
         m.remove(&ServerIdKey { server_id })?;
         if let Some(fp) = &self.fastpath {
             fp.remove_server_id(server_id);
@@ -450,7 +513,10 @@ impl XdpFixture {
 
     pub fn set_override(&mut self, cid: &[u8], worker: u32) -> Result<()> {
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
-        let map = self.ebpf.map_mut(map_names::CID_OVERRIDE).ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
+        let map = self
+            .ebpf
+            .map_mut(map_names::CID_OVERRIDE)
+            .ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
         let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(map)?;
         match &self.fastpath {
             Some(fp) => fp.insert_override(&mut m, key, WorkerRef { worker }),
@@ -460,7 +526,10 @@ impl XdpFixture {
 
     pub fn del_override(&mut self, cid: &[u8]) -> Result<()> {
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
-        let map = self.ebpf.map_mut(map_names::CID_OVERRIDE).ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
+        let map = self
+            .ebpf
+            .map_mut(map_names::CID_OVERRIDE)
+            .ok_or_else(|| anyhow!("no map BATON_CID_OVERRIDE"))?;
         let mut m: HashMap<&mut MapData, CidKey, WorkerRef> = HashMap::try_from(map)?;
         match &self.fastpath {
             Some(fp) => {
@@ -490,13 +559,18 @@ impl XdpFixture {
 
     /// A counter summed over CPUs.
     pub fn stat(&self, stat: Stat) -> Result<u64> {
-        let map = self.ebpf.map(map_names::STATS).ok_or_else(|| anyhow!("no map {}", map_names::STATS))?;
+        let map = self
+            .ebpf
+            .map(map_names::STATS)
+            .ok_or_else(|| anyhow!("no map {}", map_names::STATS))?;
         let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         Ok(m.get(&(stat as u32), 0)?.iter().sum())
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name} in the XDP object"))
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("no map {name} in the XDP object"))
     }
 }
 

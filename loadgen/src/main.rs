@@ -416,7 +416,10 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
         }
     };
     endpoint.set_default_client_config(ctx.client_config.clone());
-    s.local_addr = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    s.local_addr = endpoint
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut attempts = 0u32;
     let mut generation = 0u64;
     loop {

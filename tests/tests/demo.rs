@@ -9,7 +9,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds the binaries the demo runs into this test's own target/profile directory (as the netns
@@ -18,17 +21,37 @@ fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "lb-user", "-p", "baton-worker", "-p", "baton-load", "--bins"])
-            .current_dir(workspace_root())
-            .env("CARGO_TARGET_DIR", &target_dir);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "lb-user",
+            "-p",
+            "baton-worker",
+            "-p",
+            "baton-load",
+            "--bins",
+        ])
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let out = cmd.output().expect("run cargo build for the demo's binaries");
-        assert!(out.status.success(), "building the demo's binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = cmd
+            .output()
+            .expect("run cargo build for the demo's binaries");
+        assert!(
+            out.status.success(),
+            "building the demo's binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         profile_dir
     })
 }
@@ -51,7 +74,10 @@ fn migration_cli_available(bins: &Path) -> bool {
 
 #[test]
 fn demo_small_keeps_every_connection_and_byte() {
-    assert!(unsafe { libc::geteuid() } == 0, "the demo test needs root (namespaces, XDP, bpffs)");
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the demo test needs root (namespaces, XDP, bpffs)"
+    );
     let bins = bin_dir();
     let out = Command::new(env!("CARGO"))
         .args(["xtask", "demo", "--small", "--bin-dir"])
@@ -62,9 +88,16 @@ fn demo_small_keeps_every_connection_and_byte() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let context = format!("---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}");
-    assert!(out.status.success(), "cargo xtask demo --small failed ({}):\n{context}", out.status);
+    assert!(
+        out.status.success(),
+        "cargo xtask demo --small failed ({}):\n{context}",
+        out.status
+    );
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("RESULT "), "the demo's output must end with the RESULT line:\n{context}");
+    assert!(
+        last.starts_with("RESULT "),
+        "the demo's output must end with the RESULT line:\n{context}"
+    );
     eprintln!("{last}");
 
     assert_eq!(field(last, "connections"), 16.0, "{last}");
@@ -73,19 +106,27 @@ fn demo_small_keeps_every_connection_and_byte() {
     assert_eq!(field(last, "reconnects"), 0.0, "{last}");
     assert_eq!(field(last, "migration_failed"), 0.0, "{last}");
     if migration_cli_available(bins) {
-        assert!(field(last, "migrations") >= 16.0, "every connection should have moved: {last}\n{context}");
+        assert!(
+            field(last, "migrations") >= 16.0,
+            "every connection should have moved: {last}\n{context}"
+        );
     }
 
     // Every long stream came back byte-exact (the client's own summary, kept in the state dir).
     let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string("/run/baton/lab/load-summary.json").expect("the demo leaves baton-load's summary"),
+        &std::fs::read_to_string("/run/baton/lab/load-summary.json")
+            .expect("the demo leaves baton-load's summary"),
     )
     .unwrap();
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(summary["streams_not_exact"], 0, "{summary}");
     let sent = summary["stream_bytes_sent"].as_u64().unwrap();
     assert!(sent > 0, "{summary}");
-    assert_eq!(summary["stream_bytes_verified"].as_u64().unwrap(), sent, "{summary}");
+    assert_eq!(
+        summary["stream_bytes_verified"].as_u64().unwrap(),
+        sent,
+        "{summary}"
+    );
     for c in summary["per_connection"].as_array().unwrap() {
         assert_eq!(c["stream_exact"], true, "{c}");
         assert!(c["requests"].as_u64().unwrap() > 0, "{c}");

@@ -40,11 +40,22 @@ impl Workers {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new(worker_bin())
-            .args(["gen-certs", "--workers", "w1,w2", "--service-name", "baton.test", "--out"])
+            .args([
+                "gen-certs",
+                "--workers",
+                "w1,w2",
+                "--service-name",
+                "baton.test",
+                "--out",
+            ])
             .arg(&dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "gen-certs: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gen-certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut mc = format!("secrets = \"{}\"\n", dir.join("secrets.toml").display());
         for i in 0..2 {
             let name = format!("w{}", i + 1);
@@ -69,11 +80,18 @@ key = "{d}/{name}.key"
                 d = dir.display()
             );
             std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
-            mc += &format!("[[workers]]\nname = \"{name}\"\ncontrol = \"{}/{name}.sock\"\n", dir.display());
+            mc += &format!(
+                "[[workers]]\nname = \"{name}\"\ncontrol = \"{}/{name}.sock\"\n",
+                dir.display()
+            );
         }
         let migration_config = dir.join("migration.toml");
         std::fs::write(&migration_config, mc).unwrap();
-        let mut w = Workers { dir, children: [None, None], migration_config };
+        let mut w = Workers {
+            dir,
+            children: [None, None],
+            migration_config,
+        };
         for i in 0..2 {
             w.spawn(lab, i);
         }
@@ -86,7 +104,11 @@ key = "{d}/{name}.key"
 
     fn spawn_with(&mut self, lab: &Lab, i: usize, env: &[(&str, &str)]) {
         let name = format!("w{}", i + 1);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(i)).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))
+            .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.workers[i]])
             .arg(worker_bin())
@@ -102,7 +124,11 @@ key = "{d}/{name}.key"
         let sock = self.dir.join(format!("{name}.sock"));
         let start = Instant::now();
         while worker_call(&sock, r#"{"cmd":"info"}"#).is_none() {
-            assert!(start.elapsed() < Duration::from_secs(20), "worker {name} not up:\n{}", self.log_text(i));
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "worker {name} not up:\n{}",
+                self.log_text(i)
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -154,20 +180,34 @@ fn worker_call(sock: &Path, req: &str) -> Option<Value> {
 }
 
 fn baton_mig(lab: &Lab, w: &Workers, args: &[&str]) -> std::process::Output {
-    let mut a = vec!["--migration-config", w.migration_config.to_str().unwrap(), "--json"];
+    let mut a = vec![
+        "--migration-config",
+        w.migration_config.to_str().unwrap(),
+        "--json",
+    ];
     a.extend_from_slice(args);
     lab.baton_raw(&a)
 }
 
 fn conns(lab: &Lab, w: &Workers) -> Vec<Value> {
     let out = baton_mig(lab, w, &["conns"]);
-    assert!(out.status.success(), "baton conns: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+    assert!(
+        out.status.success(),
+        "baton conns: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// The quinn client endpoint, its socket made inside the client namespace.
 fn client_endpoint(lab: &Lab, ca: &Path) -> quinn::Endpoint {
-    let sock = in_netns(&lab.client, || std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
+    let sock = in_netns(&lab.client, || {
+        std::net::UdpSocket::bind("0.0.0.0:0").unwrap()
+    });
     sock.set_nonblocking(true).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap();
@@ -175,15 +215,24 @@ fn client_endpoint(lab: &Lab, ca: &Path) -> quinn::Endpoint {
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![b"baton-demo/1".to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
-    let mut ep =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, Arc::new(quinn::TokioRuntime)).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
     ep.set_default_client_config(config);
     ep
 }
@@ -221,7 +270,12 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
         let mut buf = vec![0u8; 65536];
         while let Some(n) = recv.read(&mut buf).await.unwrap() {
             for (i, &b) in buf[..n].iter().enumerate() {
-                assert_eq!(b, pattern(seed, got + i as u64), "long stream byte {}", got + i as u64);
+                assert_eq!(
+                    b,
+                    pattern(seed, got + i as u64),
+                    "long stream byte {}",
+                    got + i as u64
+                );
             }
             got += n as u64;
         }
@@ -241,7 +295,11 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
                 s.write_all(&body).await.unwrap();
                 s.finish().unwrap();
                 let answer = r.read_to_end(1 << 21).await.unwrap();
-                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n, "session request counter");
+                assert_eq!(
+                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
+                    n,
+                    "session request counter"
+                );
                 assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
                 max_gap = max_gap.max(last.elapsed());
                 last = Instant::now();
@@ -250,7 +308,12 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
             (n, max_gap)
         })
     };
-    Traffic { stop, writer, reader, requests }
+    Traffic {
+        stop,
+        writer,
+        reader,
+        requests,
+    }
 }
 
 impl Traffic {
@@ -266,7 +329,10 @@ impl Traffic {
 
 fn owner_of(lab: &Lab, w: &Workers, conn: &str) -> String {
     let all = conns(lab, w);
-    let row = all.iter().find(|c| c["conn"] == conn).unwrap_or_else(|| panic!("{conn} not listed: {all:?}"));
+    let row = all
+        .iter()
+        .find(|c| c["conn"] == conn)
+        .unwrap_or_else(|| panic!("{conn} not listed: {all:?}"));
     row["worker"].as_str().unwrap().to_string()
 }
 
@@ -275,7 +341,11 @@ fn connection_moves_between_worker_processes_byte_exact() {
     let mut lab = Lab::new(LabOptions::default());
     lab.start_lb();
     let workers = Workers::start(&lab);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
     let vip: SocketAddr = vip(false);
     let conn = rt.block_on(async { ep.connect(vip, "baton.test").unwrap().await.unwrap() });
@@ -287,7 +357,10 @@ fn connection_moves_between_worker_processes_byte_exact() {
     let key = listed[0]["conn"].as_str().unwrap().to_string();
     let mut owner = listed[0]["worker"].as_str().unwrap().to_string();
     // BATON_MIGRATIONS=100 for stall/latency figures over many moves.
-    let migrations: usize = std::env::var("BATON_MIGRATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let migrations: usize = std::env::var("BATON_MIGRATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
     let mut took = Vec::new();
     for _ in 0..migrations {
         let to = if owner == "w1" { "w2" } else { "w1" };
@@ -319,15 +392,33 @@ fn connection_moves_between_worker_processes_byte_exact() {
         assert!(!out.status.success(), "{flag} must fail");
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["kind"], kind, "{flag}: {r}");
-        assert_eq!(lab.baton_json(&["override", "list"]).as_array().map(Vec::len), Some(0), "{flag}: map untouched");
-        assert_eq!(owner_of(&lab, &workers, &key), owner, "{flag}: connection stayed");
+        assert_eq!(
+            lab.baton_json(&["override", "list"])
+                .as_array()
+                .map(Vec::len),
+            Some(0),
+            "{flag}: map untouched"
+        );
+        assert_eq!(
+            owner_of(&lab, &workers, &key),
+            owner,
+            "{flag}: connection stayed"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Every override is gone: the client retired the old CIDs after each move.
     let overrides = lab.baton_json(&["override", "list"]);
-    assert_eq!(overrides.as_array().map(Vec::len), Some(0), "overrides left: {overrides}");
+    assert_eq!(
+        overrides.as_array().map(Vec::len),
+        Some(0),
+        "overrides left: {overrides}"
+    );
     let (echoed, requests, gap) = rt.block_on(t.finish());
-    assert!(conn.close_reason().is_none(), "connection alive: {:?}", conn.close_reason());
+    assert!(
+        conn.close_reason().is_none(),
+        "connection alive: {:?}",
+        conn.close_reason()
+    );
     assert!(requests >= 20, "requests kept completing ({requests})");
     let stats = conn.stats();
     let mut sorted = took.clone();
@@ -360,7 +451,11 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     let mut lab = Lab::new(LabOptions::default());
     lab.start_lb();
     let mut workers = Workers::start(&lab);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
     let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
     let t = rt.block_on(traffic(&conn, 11));
@@ -372,14 +467,22 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     // 1. Move it, then SIGKILL the source at once.
     let to = other(&first);
     let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     workers.kill(index(&first));
     std::thread::sleep(Duration::from_millis(1000));
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["worker"], to);
     // The dead worker comes back (empty) for the next case, told to sit on snapshots it receives.
-    workers.spawn_with(&lab, index(&first), &[("BATON_TEST_IMPORT_DELAY_MS", "10000")]);
+    workers.spawn_with(
+        &lab,
+        index(&first),
+        &[("BATON_TEST_IMPORT_DELAY_MS", "10000")],
+    );
 
     // 2. The target is SIGKILLed after the source exported and sent the snapshot, before it confirms.
     let target = first.clone();
@@ -391,19 +494,37 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
         h.join().unwrap()
     });
     let rollback_ms = started.elapsed().as_millis();
-    assert!(!out.status.success(), "a migration to a dead target must fail");
+    assert!(
+        !out.status.success(),
+        "a migration to a dead target must fail"
+    );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["kind"], "target_unavailable", "{r}");
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["worker"], to, "rolled back to the source");
     assert_eq!(rows[0]["state"], "live");
-    assert!(workers.log_text(index(&target)).contains("delaying the import"), "the snapshot reached the target");
-    assert_eq!(lab.baton_json(&["override", "list"]).as_array().map(Vec::len), Some(0), "map untouched");
+    assert!(
+        workers
+            .log_text(index(&target))
+            .contains("delaying the import"),
+        "the snapshot reached the target"
+    );
+    assert_eq!(
+        lab.baton_json(&["override", "list"])
+            .as_array()
+            .map(Vec::len),
+        Some(0),
+        "map untouched"
+    );
     std::thread::sleep(Duration::from_millis(500));
 
     let (echoed, requests, gap) = rt.block_on(t.finish());
-    assert!(conn.close_reason().is_none(), "connection alive: {:?}", conn.close_reason());
+    assert!(
+        conn.close_reason().is_none(),
+        "connection alive: {:?}",
+        conn.close_reason()
+    );
     eprintln!(
         "RESULT source_killed_after_flip=ok target_killed_mid_transfer=rolled_back rollback_ms={rollback_ms} requests={requests} long_stream_bytes={echoed} max_request_gap_ms={}",
         gap.as_millis()
@@ -414,30 +535,46 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
 /// `baton drain` moves every one of many live connections off a worker; each keeps its session.
 #[test]
 fn drain_moves_every_connection_off_a_worker() {
-    let n: usize = std::env::var("BATON_DRAIN_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("BATON_DRAIN_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let mut lab = Lab::new(LabOptions::default());
     lab.start_lb();
     let workers = Workers::start(&lab);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
     let stop = Arc::new(AtomicBool::new(false));
     let mut loops = Vec::new();
     let mut handles = Vec::new();
     for c in 0..n {
-        let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
+        let conn =
+            rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
         handles.push(conn.clone());
         let stop = stop.clone();
         loops.push(rt.spawn(async move {
             let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                let body = fill(c as u64 * 1_000_000 + k, 0, 100 + (k as usize * 131) % 1_000);
+                let body = fill(
+                    c as u64 * 1_000_000 + k,
+                    0,
+                    100 + (k as usize * 131) % 1_000,
+                );
                 let (mut s, mut r) = conn.open_bi().await.unwrap();
                 s.write_all(&[KIND_REQUEST]).await.unwrap();
                 s.write_all(&body).await.unwrap();
                 s.finish().unwrap();
                 let answer = r.read_to_end(1 << 16).await.unwrap();
-                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), k, "connection {c}: counter");
+                assert_eq!(
+                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
+                    k,
+                    "connection {c}: counter"
+                );
                 assert_eq!(&answer[8..], &body[..], "connection {c}: body");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -449,10 +586,17 @@ fn drain_moves_every_connection_off_a_worker() {
     assert_eq!(rows.len(), n);
     // Drain the worker holding more of them, then the other one: all of them move at least once.
     let on_w1 = rows.iter().filter(|r| r["worker"] == "w1").count();
-    let (first, second) = if on_w1 * 2 >= n { ("w1", "w2") } else { ("w2", "w1") };
+    let (first, second) = if on_w1 * 2 >= n {
+        ("w1", "w2")
+    } else {
+        ("w2", "w1")
+    };
     let mut summaries = Vec::new();
     for w in [first, second] {
-        let before = conns(&lab, &workers).iter().filter(|r| r["worker"] == w).count();
+        let before = conns(&lab, &workers)
+            .iter()
+            .filter(|r| r["worker"] == w)
+            .count();
         let out = baton_mig(&lab, &workers, &["drain", w]);
         assert!(
             out.status.success(),
@@ -475,7 +619,11 @@ fn drain_moves_every_connection_off_a_worker() {
         requests += rt.block_on(l).unwrap();
     }
     for c in &handles {
-        assert!(c.close_reason().is_none(), "connection alive: {:?}", c.close_reason());
+        assert!(
+            c.close_reason().is_none(),
+            "connection alive: {:?}",
+            c.close_reason()
+        );
     }
     for (i, s) in summaries.iter().enumerate() {
         eprintln!(

@@ -23,11 +23,16 @@ fn send_and_collect(lab: &Lab, packets: &[(bool, Vec<u8>)]) -> [Vec<Vec<u8>>; 2]
 }
 
 fn worker_of(got: &[Vec<Vec<u8>>; 2], pkt: &[u8]) -> Vec<usize> {
-    (0..2).filter(|&w| got[w].iter().any(|p| p == pkt)).collect()
+    (0..2)
+        .filter(|&w| got[w].iter().any(|p| p == pkt))
+        .collect()
 }
 
 fn routes_by_server_id(mode: &'static str) {
-    let mut lab = Lab::new(LabOptions { xdp_mode: mode, ..Default::default() });
+    let mut lab = Lab::new(LabOptions {
+        xdp_mode: mode,
+        ..Default::default()
+    });
     lab.start_lb();
 
     // Short headers: the server ID in the CID names the worker, for IPv4 and IPv6.
@@ -38,8 +43,16 @@ fn routes_by_server_id(mode: &'static str) {
         }
     }
     // Initials with client-chosen 16-byte DCIDs (config rotation 0b111: unroutable) are hashed.
-    let dcids: Vec<Vec<u8>> =
-        (0..40u32).map(|i| [&[0xe0 | (i as u8 & 0x1f)][..], &(i * 7919).to_be_bytes(), &[0x42; 11]].concat()).collect();
+    let dcids: Vec<Vec<u8>> = (0..40u32)
+        .map(|i| {
+            [
+                &[0xe0 | (i as u8 & 0x1f)][..],
+                &(i * 7919).to_be_bytes(),
+                &[0x42; 11],
+            ]
+            .concat()
+        })
+        .collect();
     for (i, d) in dcids.iter().enumerate() {
         packets.push((i % 2 == 1, initial_packet(d, 100 + i as u32)));
     }
@@ -51,7 +64,13 @@ fn routes_by_server_id(mode: &'static str) {
         if p[0] & 0x80 == 0 {
             let cid = dcid_of(p);
             let want = cid[2] as usize - 1;
-            assert_eq!(worker_of(&got, p), vec![want], "short header {} should reach w{}", hex(&cid), want + 1);
+            assert_eq!(
+                worker_of(&got, p),
+                vec![want],
+                "short header {} should reach w{}",
+                hex(&cid),
+                want + 1
+            );
         }
     }
     let mut per_worker = [0; 2];
@@ -72,11 +91,23 @@ fn routes_by_server_id(mode: &'static str) {
         // `baton route` must explain the same decision the data plane made.
         let r = lab.baton_json(&["route", &hex(d)]);
         assert_eq!(r["reason"], "hash", "{r}");
-        assert_eq!(r["worker"], format!("w{}", at[0] + 1), "baton route disagrees with the data plane for {}", hex(d));
+        assert_eq!(
+            r["worker"],
+            format!("w{}", at[0] + 1),
+            "baton route disagrees with the data plane for {}",
+            hex(d)
+        );
     }
-    assert!(per_worker[0] > 0 && per_worker[1] > 0, "Maglev should spread 40 DCIDs over both workers: {per_worker:?}");
+    assert!(
+        per_worker[0] > 0 && per_worker[1] > 0,
+        "Maglev should spread 40 DCIDs over both workers: {per_worker:?}"
+    );
     let again = worker_of(&got, &initial_packet(&dcids[0], 999));
-    assert_eq!(again, worker_of(&got, &initial_packet(&dcids[0], 100)), "same DCID, different worker");
+    assert_eq!(
+        again,
+        worker_of(&got, &initial_packet(&dcids[0], 100)),
+        "same DCID, different worker"
+    );
 
     let st = lab.baton_json(&["status"]);
     assert_eq!(st["attached"], true);
@@ -89,7 +120,11 @@ fn routes_by_server_id(mode: &'static str) {
     assert_eq!(st["counters"]["routed_server_id"], 8, "{st}");
     assert_eq!(st["counters"]["routed_hash"], 41, "{st}");
     assert_eq!(st["counters"]["ipv6"], 24, "{st}");
-    let expected_mode = if mode == "native" { "native" } else { "skb (generic)" };
+    let expected_mode = if mode == "native" {
+        "native"
+    } else {
+        "skb (generic)"
+    };
     assert_eq!(st["mode"], expected_mode);
 }
 
@@ -117,21 +152,36 @@ fn override_moves_a_cid_and_del_moves_it_back() {
 
     lab.baton(&["override", "set", &hex(&cid), "w1"]);
     let r = lab.baton_json(&["route", &hex(&cid)]);
-    assert_eq!((r["reason"].as_str(), r["worker"].as_str()), (Some("override"), Some("w1")), "{r}");
+    assert_eq!(
+        (r["reason"].as_str(), r["worker"].as_str()),
+        (Some("override"), Some("w1")),
+        "{r}"
+    );
     assert_eq!(send(&lab, 2), vec![0], "the override sends it to w1");
-    assert!(lab.log_text().contains("override set"), "with a daemon running, it writes the override");
+    assert!(
+        lab.log_text().contains("override set"),
+        "with a daemon running, it writes the override"
+    );
     let list = lab.baton_json(&["override", "list"]);
     assert_eq!(list[0]["cid"], hex(&cid));
     assert_eq!(list[0]["worker"], "w1");
 
     lab.baton(&["override", "del", &hex(&cid)]);
-    assert_eq!(send(&lab, 3), vec![1], "without the override it is back on w2");
+    assert_eq!(
+        send(&lab, 3),
+        vec![1],
+        "without the override it is back on w2"
+    );
     assert_eq!(lab.baton_json(&["override", "list"]), serde_json::json!([]));
 
     // Operator mistakes get a clear error.
     let out = lab.baton_raw(&["override", "set", "0102", "w1"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("8 bytes"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("8 bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = lab.baton_raw(&["override", "set", &hex(&cid), "w9"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no worker \"w9\""));
 }
@@ -150,7 +200,8 @@ fn controller_restart_loses_no_datagram() {
         std::thread::spawn(move || {
             let mut seq = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sock.send_to(&short_packet(&cids[seq as usize % 2], seq), vip(false)).unwrap();
+                sock.send_to(&short_packet(&cids[seq as usize % 2], seq), vip(false))
+                    .unwrap();
                 seq += 1;
                 std::thread::sleep(Duration::from_micros(500));
             }
@@ -164,7 +215,10 @@ fn controller_restart_loses_no_datagram() {
     std::thread::sleep(Duration::from_millis(200));
     lab.start_lb();
     let st = lab.status_via_socket().unwrap();
-    assert_eq!(st["readopted"], true, "the restarted controller should re-adopt the pinned link");
+    assert_eq!(
+        st["readopted"], true,
+        "the restarted controller should re-adopt the pinned link"
+    );
     std::thread::sleep(Duration::from_millis(200));
     lab.stop_lb(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(200));
@@ -175,8 +229,14 @@ fn controller_restart_loses_no_datagram() {
     let got = rx.finish();
 
     let after = lab.baton_json(&["status"]);
-    assert_eq!(after["link_id"], before["link_id"], "the same link must stay attached throughout");
-    assert_ne!(after["prog_id"], before["prog_id"], "each start swaps a freshly loaded program into the link");
+    assert_eq!(
+        after["link_id"], before["link_id"],
+        "the same link must stay attached throughout"
+    );
+    assert_ne!(
+        after["prog_id"], before["prog_id"],
+        "each start swaps a freshly loaded program into the link"
+    );
     let mut seen = vec![0u8; sent as usize];
     for (w, pkts) in got.iter().enumerate() {
         for p in pkts {
@@ -185,9 +245,17 @@ fn controller_restart_loses_no_datagram() {
             seen[seq as usize] += 1;
         }
     }
-    let lost: Vec<usize> = seen.iter().enumerate().filter(|(_, n)| **n == 0).map(|(i, _)| i).collect();
+    let lost: Vec<usize> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n == 0)
+        .map(|(i, _)| i)
+        .collect();
     let dup = seen.iter().filter(|n| **n > 1).count();
-    assert!(sent > 1000, "the stream was too short to mean anything: {sent}");
+    assert!(
+        sent > 1000,
+        "the stream was too short to mean anything: {sent}"
+    );
     assert!(
         lost.is_empty() && dup == 0,
         "sent {sent}: lost {} (first {:?}), duplicated {dup}",
@@ -203,12 +271,17 @@ fn bpftool_and_metrics_show_the_state() {
     lab.start_lb();
     let path = lab.pin_dir.join("BATON_WORKERS");
     let out = sh(&["bpftool", "map", "dump", "pinned", path.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints BTF-typed JSON");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("bpftool prints BTF-typed JSON");
     let entries = v.as_array().unwrap();
     let sids: Vec<u64> = entries
         .iter()
         .filter(|e| e["value"]["flags"].as_u64().unwrap_or(0) & 1 != 0)
-        .map(|e| e["value"]["server_id"].as_u64().expect("named field server_id"))
+        .map(|e| {
+            e["value"]["server_id"]
+                .as_u64()
+                .expect("named field server_id")
+        })
         .collect();
     assert_eq!(sids, vec![1, 2], "{v}");
     assert!(entries[0]["value"]["mac"].is_array());
@@ -227,9 +300,18 @@ fn bpftool_and_metrics_show_the_state() {
     send_and_collect(&lab, &[(false, p)]);
     let m = lab.metrics();
     assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
-    assert!(m.contains("baton_packets_total{verdict=\"routed_server_id\"} 1"), "{m}");
-    assert!(m.contains("baton_worker_healthy{worker=\"w2\",server_id=\"2\"} 1"), "{m}");
-    assert!(m.contains("baton_xdp_attached{interface=\"t-lb-cl\",mode=\"native\""), "{m}");
+    assert!(
+        m.contains("baton_packets_total{verdict=\"routed_server_id\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("baton_worker_healthy{worker=\"w2\",server_id=\"2\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("baton_xdp_attached{interface=\"t-lb-cl\",mode=\"native\""),
+        "{m}"
+    );
 
     // Without the daemon the CLI still reads the pinned state, and does not mistake the LB
     // namespace's ifindex for an interface of this (host) namespace.
@@ -237,26 +319,43 @@ fn bpftool_and_metrics_show_the_state() {
     let st = lab.baton_json(&["status"]);
     assert_eq!(st["attached"], true);
     assert!(st["daemon"].is_null());
-    assert!(st["interface"].as_str().unwrap().contains("another network namespace"), "{st}");
+    assert!(
+        st["interface"]
+            .as_str()
+            .unwrap()
+            .contains("another network namespace"),
+        "{st}"
+    );
     assert_eq!(st["counters"]["routed_server_id"], 1);
     let w = lab.baton_json(&["workers"]);
     assert_eq!(w.as_array().unwrap().len(), 2);
-    assert!(w[0]["name"].is_null() && w[0]["tx"].as_str().unwrap().contains("ifindex"), "{w}");
+    assert!(
+        w[0]["name"].is_null() && w[0]["tx"].as_str().unwrap().contains("ifindex"),
+        "{w}"
+    );
     // Overrides work without the daemon too (worker by server ID), and the data plane obeys.
     let cid = server_cid(1, 44);
     lab.baton(&["override", "set", &hex(&cid), "2"]);
     let p = short_packet(&cid, 44);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1]
+    );
     lab.baton(&["override", "del", &hex(&cid)]);
     let p = short_packet(&cid, 45);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![0]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![0]
+    );
 }
 
 #[test]
 fn unhealthy_worker_leaves_the_maglev_table() {
     // UDP health checks to each worker's own address; only w1 answers at first.
     let mut lab = Lab::new(LabOptions {
-        health: "kind = \"udp\"\nport = 7001\ninterval_ms = 100\ntimeout_ms = 80\nrise = 1\nfall = 2".into(),
+        health:
+            "kind = \"udp\"\nport = 7001\ninterval_ms = 100\ntimeout_ms = 80\nrise = 1\nfall = 2"
+                .into(),
         ..Default::default()
     });
     let echo = |ns: &str, addr: &'static str| {
@@ -271,24 +370,44 @@ fn unhealthy_worker_leaves_the_maglev_table() {
     echo(&lab.workers[0], "10.201.11.2");
     lab.start_lb();
     let workers = lab.baton_json(&["workers"]);
-    let health: Vec<bool> = workers.as_array().unwrap().iter().map(|w| w["healthy"].as_bool().unwrap()).collect();
+    let health: Vec<bool> = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["healthy"].as_bool().unwrap())
+        .collect();
     assert_eq!(health, vec![true, false], "{workers}");
     assert_eq!(workers[1]["maglev_slots"], 0);
 
-    let dcids: Vec<Vec<u8>> = (0..20u32).map(|i| [&[0xe0u8][..], &i.to_be_bytes(), &[7; 11]].concat()).collect();
-    let pkts: Vec<(bool, Vec<u8>)> =
-        dcids.iter().enumerate().map(|(i, d)| (false, initial_packet(d, i as u32))).collect();
+    let dcids: Vec<Vec<u8>> = (0..20u32)
+        .map(|i| [&[0xe0u8][..], &i.to_be_bytes(), &[7; 11]].concat())
+        .collect();
+    let pkts: Vec<(bool, Vec<u8>)> = dcids
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (false, initial_packet(d, i as u32)))
+        .collect();
     let got = send_and_collect(&lab, &pkts);
-    assert_eq!((got[0].len(), got[1].len()), (20, 0), "all new connections go to the healthy worker");
+    assert_eq!(
+        (got[0].len(), got[1].len()),
+        (20, 0),
+        "all new connections go to the healthy worker"
+    );
     // Existing connections of the unhealthy worker still route by server ID.
     let p = short_packet(&server_cid(2, 5), 5);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1]
+    );
 
     // w2 recovers: it re-enters the table.
     echo(&lab.workers[1], "10.201.12.2");
     let start = Instant::now();
     while lab.baton_json(&["workers"])[1]["healthy"] != true {
-        assert!(start.elapsed() < Duration::from_secs(5), "w2 never became healthy");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "w2 never became healthy"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let got = send_and_collect(&lab, &pkts);
@@ -318,9 +437,17 @@ fn restart_with_a_worker_removed_and_readded() {
     lab.start_lb();
     let workers = lab.baton_json(&["workers"]);
     assert_eq!(workers.as_array().unwrap().len(), 1, "{workers}");
-    assert_eq!(lab.baton_json(&["override", "list"]), serde_json::json!([]), "the override to w2 must be gone");
+    assert_eq!(
+        lab.baton_json(&["override", "list"]),
+        serde_json::json!([]),
+        "the override to w2 must be gone"
+    );
     let r = lab.baton_json(&["route", &hex(&cid2)]);
-    assert_eq!((r["reason"].as_str(), r["worker"].as_str()), (Some("hash"), Some("w1")), "{r}");
+    assert_eq!(
+        (r["reason"].as_str(), r["worker"].as_str()),
+        (Some("hash"), Some("w1")),
+        "{r}"
+    );
     let pkts: Vec<(bool, Vec<u8>)> = vec![
         (false, short_packet(&cid1, 1)),
         (false, short_packet(&cid2, 2)),
@@ -328,14 +455,21 @@ fn restart_with_a_worker_removed_and_readded() {
         (false, initial_packet(&[0xe6; 12], 4)),
     ];
     let got = send_and_collect(&lab, &pkts);
-    assert_eq!((got[0].len(), got[1].len()), (4, 0), "everything goes to w1 now");
+    assert_eq!(
+        (got[0].len(), got[1].len()),
+        (4, 0),
+        "everything goes to w1 now"
+    );
 
     // Put it back: server ID 2 routes to w2 again.
     lab.stop_lb(libc::SIGTERM);
     std::fs::write(&lab.config, original).unwrap();
     lab.start_lb();
     let p = short_packet(&cid2, 5);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1]
+    );
     let workers = lab.baton_json(&["workers"]);
     assert_eq!(workers.as_array().unwrap().len(), 2, "{workers}");
 }
@@ -345,7 +479,14 @@ fn a_second_instance_on_the_same_pin_dir_is_refused_before_it_writes() {
     let mut a = Lab::new(LabOptions::default());
     a.start_lb();
     let dump = |lab: &Lab| {
-        sh(&["bpftool", "map", "dump", "pinned", lab.pin_dir.join("BATON_TX_PORTS").to_str().unwrap()]).stdout
+        sh(&[
+            "bpftool",
+            "map",
+            "dump",
+            "pinned",
+            lab.pin_dir.join("BATON_TX_PORTS").to_str().unwrap(),
+        ])
+        .stdout
     };
     let tx_before = dump(&a);
     // Same interface names and ifindexes, other namespaces, same pin directory.
@@ -353,8 +494,14 @@ fn a_second_instance_on_the_same_pin_dir_is_refused_before_it_writes() {
     let out = b.run_lb_with_pin_dir(&a.pin_dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("another baton-lb is running") && err.contains("lock"), "{err}");
-    assert!(!b.socket.exists(), "a start that failed must not leave its control socket behind");
+    assert!(
+        err.contains("another baton-lb is running") && err.contains("lock"),
+        "{err}"
+    );
+    assert!(
+        !b.socket.exists(),
+        "a start that failed must not leave its control socket behind"
+    );
 
     // With A's daemon gone (its data plane keeps running), B still must not take A's link or maps.
     a.stop_lb(libc::SIGTERM);
@@ -362,9 +509,17 @@ fn a_second_instance_on_the_same_pin_dir_is_refused_before_it_writes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("its own --pin-dir"), "{err}");
-    assert_eq!(tx_before, dump(&a), "the refused instance must not have touched the maps");
+    assert_eq!(
+        tx_before,
+        dump(&a),
+        "the refused instance must not have touched the maps"
+    );
     let p = short_packet(&server_cid(2, 1), 1);
-    assert_eq!(worker_of(&send_and_collect(&a, &[(false, p.clone())]), &p), vec![1], "A's data plane still routes");
+    assert_eq!(
+        worker_of(&send_and_collect(&a, &[(false, p.clone())]), &p),
+        vec![1],
+        "A's data plane still routes"
+    );
 }
 
 #[test]
@@ -373,16 +528,37 @@ fn xdp_program_log_lines_reach_the_daemon_log() {
     lab.start_lb();
     // Break w2's entry on purpose (tx port 7: an empty devmap slot) so the program logs a warning.
     let workers = lab.baton_json(&["workers"]);
-    let mac: Vec<String> = workers[1]["mac"].as_str().unwrap().split(':').map(str::to_string).collect();
-    let mut args: Vec<String> = ["bpftool", "map", "update", "pinned"].iter().map(|s| s.to_string()).collect();
-    args.push(lab.pin_dir.join("BATON_WORKERS").to_str().unwrap().to_string());
-    args.extend(["key", "1", "0", "0", "0", "value"].iter().map(|s| s.to_string()));
+    let mac: Vec<String> = workers[1]["mac"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .map(str::to_string)
+        .collect();
+    let mut args: Vec<String> = ["bpftool", "map", "update", "pinned"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(
+        lab.pin_dir
+            .join("BATON_WORKERS")
+            .to_str()
+            .unwrap()
+            .to_string(),
+    );
+    args.extend(
+        ["key", "1", "0", "0", "0", "value"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     args.extend(mac.iter().map(|b| format!("0x{b}")));
     // flags 3 (in use, healthy), tx_port 7, pad 0, server_id 2 (little endian)
     args.extend(
-        ["3", "0", "7", "0", "0", "0", "0", "0", "0", "0", "2", "0", "0", "0", "0", "0", "0", "0"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "3", "0", "7", "0", "0", "0", "0", "0", "0", "0", "2", "0", "0", "0", "0", "0", "0",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     sh(&refs);
@@ -392,7 +568,11 @@ fn xdp_program_log_lines_reach_the_daemon_log() {
     assert_eq!(lab.baton_json(&["status"])["counters"]["redirect_error"], 1);
     let start = Instant::now();
     while !lab.log_text().contains("names tx port 7") {
-        assert!(start.elapsed() < Duration::from_secs(5), "aya-log line not in the daemon log:\n{}", lab.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "aya-log line not in the daemon log:\n{}",
+            lab.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -410,18 +590,34 @@ fn sighup_reloads_workers_without_a_restart() {
     let pid = lab.status_via_socket().unwrap()["pid"].clone();
     let cid2 = server_cid(2, 31);
     let p = short_packet(&cid2, 1);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![0], "no w2 yet: hashed to w1");
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![0],
+        "no w2 yet: hashed to w1"
+    );
 
     std::fs::write(&lab.config, original).unwrap();
     lab.signal_lb(libc::SIGHUP);
     let start = Instant::now();
     while lab.baton_json(&["workers"]).as_array().unwrap().len() != 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "reload did not add w2:\n{}", lab.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "reload did not add w2:\n{}",
+            lab.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let p = short_packet(&cid2, 2);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1], "server ID 2 now reaches w2");
-    assert_eq!(lab.status_via_socket().unwrap()["pid"], pid, "same daemon: a reload, not a restart");
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1],
+        "server ID 2 now reaches w2"
+    );
+    assert_eq!(
+        lab.status_via_socket().unwrap()["pid"],
+        pid,
+        "same daemon: a reload, not a restart"
+    );
     assert!(lab.log_text().contains("SIGHUP: config reloaded"));
 
     // A broken config is refused and the running state stays.
@@ -429,12 +625,23 @@ fn sighup_reloads_workers_without_a_restart() {
     lab.signal_lb(libc::SIGHUP);
     let start = Instant::now();
     while !lab.log_text().contains("reload failed") {
-        assert!(start.elapsed() < Duration::from_secs(10), "no reload error logged:\n{}", lab.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reload error logged:\n{}",
+            lab.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(lab.log_text().contains("workers[1].server_id"), "{}", lab.log_text());
+    assert!(
+        lab.log_text().contains("workers[1].server_id"),
+        "{}",
+        lab.log_text()
+    );
     let p = short_packet(&cid2, 3);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1]
+    );
 }
 
 #[test]
@@ -442,10 +649,17 @@ fn detach_stops_the_daemon_and_removes_every_pin() {
     let mut lab = Lab::new(LabOptions::default());
     lab.start_lb();
     let out = lab.detach();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!lab.pin_dir.exists(), "the pin directory must be gone");
     let link = sh(&["ip", "-n", &lab.lb, "-d", "link", "show", "dev", "t-lb-cl"]);
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "XDP must be off the interface");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("prog/xdp"),
+        "XDP must be off the interface"
+    );
     // Traffic to the VIP is no longer steered: the workers get nothing.
     let p = short_packet(&server_cid(1, 1), 1);
     assert!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p).is_empty());
@@ -481,7 +695,10 @@ fn incompatible_pins_are_refused_and_derived_ones_recreated() {
     let out = lab.run_lb_with_pin_dir(&lab.pin_dir.clone());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("BATON_WORKERS") && err.contains("incompatible Baton"), "{err}");
+    assert!(
+        err.contains("BATON_WORKERS") && err.contains("incompatible Baton"),
+        "{err}"
+    );
     std::fs::remove_file(&workers).unwrap();
     // A derived fast-path map with another layout is simply recreated, and routing works.
     let vip_table = pin("BATON_VIP_TABLE");
@@ -502,9 +719,16 @@ fn incompatible_pins_are_refused_and_derived_ones_recreated() {
         "BATON_VIP_TABLE",
     ]);
     lab.start_lb();
-    assert!(lab.log_text().contains("recreating it"), "{}", lab.log_text());
+    assert!(
+        lab.log_text().contains("recreating it"),
+        "{}",
+        lab.log_text()
+    );
     let p = short_packet(&server_cid(2, 3), 3);
-    assert_eq!(worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p), vec![1]);
+    assert_eq!(
+        worker_of(&send_and_collect(&lab, &[(false, p.clone())]), &p),
+        vec![1]
+    );
     assert_eq!(lab.baton_json(&["status"])["fastpath"]["vip_table"], true);
 }
 
@@ -527,5 +751,8 @@ fn bad_config_names_the_field() {
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("workers[0].server_id") && err.contains("65535"), "{err}");
+    assert!(
+        err.contains("workers[0].server_id") && err.contains("65535"),
+        "{err}"
+    );
 }

@@ -8,8 +8,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, NO_WORKER, QUIC_V1, QUIC_V2, Stat, TX_SAME_IFACE, VipKey,
-    WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, cid_hash,
+    AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, NO_WORKER, QUIC_V1, QUIC_V2, Stat,
+    TX_SAME_IFACE, VipKey, WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, cid_hash,
 };
 use lb_user::testrun::frames::{Datagram, IPPROTO_TCP, LongType, quic_long, quic_short};
 use lb_user::testrun::{TestRunOutput, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpFixture};
@@ -21,7 +21,11 @@ const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 const PORT: u16 = 443;
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-const MACS: [[u8; 6]; 3] = [[0x02, 0xaa, 0, 0, 0, 0], [0x02, 0xbb, 0, 0, 0, 1], [0x02, 0xcc, 0, 0, 0, 2]];
+const MACS: [[u8; 6]; 3] = [
+    [0x02, 0xaa, 0, 0, 0, 0],
+    [0x02, 0xbb, 0, 0, 0, 1],
+    [0x02, 0xcc, 0, 0, 0, 2],
+];
 /// Worker 0 is redirected through devmap slot 0, worker 1 sits behind the receiving interface
 /// (XDP_TX), worker 2 points at an empty devmap slot (redirect error).
 const SID: [u64; 3] = [0x0101, 0x0202, 0x0303];
@@ -34,23 +38,44 @@ fn layout() -> CidLayout {
 /// An 8-byte server CID for `server_id` (config rotation `cr`).
 fn server_cid(cr: u8, server_id: u64, nonce: u8) -> [u8; 8] {
     let mut cid = [0u8; 8];
-    layout().encode(cr, server_id, &[nonce, 1, 2, 3, nonce], &mut cid).unwrap();
+    layout()
+        .encode(cr, server_id, &[nonce, 1, 2, 3, nonce], &mut cid)
+        .unwrap();
     cid
 }
 
 fn maglev_table() -> Vec<u32> {
     // Workers 0 and 1 only: the hashed tests must never land on the broken worker 2.
-    (0..MAGLEV_SIZE).map(|i| if i % 3 == 0 { 1 } else { 0 }).collect()
+    (0..MAGLEV_SIZE)
+        .map(|i| if i % 3 == 0 { 1 } else { 0 })
+        .collect()
 }
 
 fn setup(test: &str) -> XdpFixture {
-    let mut f = XdpFixture::load(&format!("fixture-{test}")).expect("load the XDP object (are you root?)");
-    let cfg = LbConfig { cid_len: 8, server_id_len: 2, ready: 1, _pad: 0, maglev_size: MAGLEV_SIZE };
+    let mut f =
+        XdpFixture::load(&format!("fixture-{test}")).expect("load the XDP object (are you root?)");
+    let cfg = LbConfig {
+        cid_len: 8,
+        server_id_len: 2,
+        ready: 1,
+        _pad: 0,
+        maglev_size: MAGLEV_SIZE,
+    };
     f.set_config(cfg).unwrap();
-    let mut v4 = VipKey { port: PORT, family: AF_INET, ..Default::default() };
+    let mut v4 = VipKey {
+        port: PORT,
+        family: AF_INET,
+        ..Default::default()
+    };
     v4.addr[..4].copy_from_slice(&VIP4.octets());
     f.add_vip(v4).unwrap();
-    f.add_vip(VipKey { addr: VIP6.octets(), port: PORT, family: AF_INET6, _pad: 0 }).unwrap();
+    f.add_vip(VipKey {
+        addr: VIP6.octets(),
+        port: PORT,
+        family: AF_INET6,
+        _pad: 0,
+    })
+    .unwrap();
     let tx = [0, TX_SAME_IFACE, 9];
     for w in 0..3 {
         let entry = WorkerEntry {
@@ -99,9 +124,21 @@ fn assert_forwarded(f: &XdpFixture, frame: &[u8], worker: usize) -> TestRunOutpu
     let out = f.run(PROG, frame).unwrap();
     assert_eq!(out.action, expected_action(worker), "verdict");
     assert_eq!(out.frame.len(), frame.len());
-    assert_eq!(&out.frame[..6], &MACS[worker], "destination MAC = the worker's");
-    assert_eq!(&out.frame[6..12], &LB_MAC, "source MAC = the MAC the frame was sent to (ours)");
-    assert_eq!(&out.frame[12..], &frame[12..], "nothing but the MACs changes");
+    assert_eq!(
+        &out.frame[..6],
+        &MACS[worker],
+        "destination MAC = the worker's"
+    );
+    assert_eq!(
+        &out.frame[6..12],
+        &LB_MAC,
+        "source MAC = the MAC the frame was sent to (ours)"
+    );
+    assert_eq!(
+        &out.frame[12..],
+        &frame[12..],
+        "nothing but the MACs changes"
+    );
     out
 }
 
@@ -157,7 +194,10 @@ fn short_header_routes_by_server_id_and_counts() {
         assert_eq!(before.delta(&after, Stat::Ipv4), 1);
         assert_eq!(before.delta(&after, Stat::Bytes), frame.len() as u64);
         assert_eq!(before.delta(&after, [Stat::Redirected, Stat::Tx][w]), 1);
-        assert_eq!(before.delta(&after, Stat::Passed) + before.delta(&after, Stat::Malformed), 0);
+        assert_eq!(
+            before.delta(&after, Stat::Passed) + before.delta(&after, Stat::Malformed),
+            0
+        );
     }
 }
 
@@ -181,20 +221,33 @@ fn initial_and_0rtt_are_hashed_by_dcid_consistently_and_spread() {
     let mut seen = [0usize; 2];
     for i in 0u64..64 {
         // Client-chosen DCIDs: random-looking, 8 or 12 bytes.
-        let mut dcid = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555).to_be_bytes().to_vec();
+        let mut dcid = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5555)
+            .to_be_bytes()
+            .to_vec();
         if i % 2 == 1 {
             dcid.extend_from_slice(&[1, 2, 3, 4]);
         }
-        let kind = if i % 4 == 3 { LongType::ZeroRtt } else { LongType::Initial };
+        let kind = if i % 4 == 3 {
+            LongType::ZeroRtt
+        } else {
+            LongType::Initial
+        };
         let frame = v4(quic_long(kind, QUIC_V1, &dcid, &[7; 8], 1200)).build();
         let before = stats(&f);
         let first = assert_forwarded(&f, &frame, hashed_worker(&dcid));
         let again = f.run(PROG, &frame).unwrap();
-        assert_eq!((first.action, &first.frame), (again.action, &again.frame), "same DCID → same worker");
+        assert_eq!(
+            (first.action, &first.frame),
+            (again.action, &again.frame),
+            "same DCID → same worker"
+        );
         assert_eq!(before.delta(&stats(&f), Stat::RoutedHash), 2);
         seen[worker_of(&first)] += 1;
     }
-    assert!(seen[0] > 10 && seen[1] > 5, "64 DCIDs should reach both workers: {seen:?}");
+    assert!(
+        seen[0] > 10 && seen[1] > 5,
+        "64 DCIDs should reach both workers: {seen:?}"
+    );
 }
 
 #[test]
@@ -235,14 +288,22 @@ fn handshake_routes_by_server_id_in_v1_and_v2() {
 fn handshake_with_an_unknown_server_id_is_hashed() {
     let f = setup("handshake-unknown");
     let cid = server_cid(0, 0x5150, 4);
-    assert_forwarded(&f, &v4(quic_long(LongType::Handshake, QUIC_V1, &cid, &[9; 8], 300)).build(), hashed_worker(&cid));
+    assert_forwarded(
+        &f,
+        &v4(quic_long(LongType::Handshake, QUIC_V1, &cid, &[9; 8], 300)).build(),
+        hashed_worker(&cid),
+    );
 }
 
 #[test]
 fn unknown_versions_are_hashed_even_with_long_dcids() {
     let f = setup("unknown-version");
     let long_dcid: Vec<u8> = (0..40).collect();
-    for (version, dcid) in [(0xff00_001d, &long_dcid[..8]), (0x1a2a_3a4a, &long_dcid[..]), (0, &long_dcid[..12])] {
+    for (version, dcid) in [
+        (0xff00_001d, &long_dcid[..8]),
+        (0x1a2a_3a4a, &long_dcid[..]),
+        (0, &long_dcid[..12]),
+    ] {
         let frame = v4(quic_long(LongType::Handshake, version, dcid, &[1; 4], 200)).build();
         let before = stats(&f);
         // DCIDs past 20 bytes are hashed on their first 20.
@@ -255,7 +316,14 @@ fn unknown_versions_are_hashed_even_with_long_dcids() {
 fn retry_and_oversized_v1_dcids_are_dropped_as_malformed() {
     let f = setup("retry");
     let before = stats(&f);
-    let retry = v4(quic_long(LongType::Retry, QUIC_V1, &server_cid(0, SID[0], 1), &[1; 8], 100)).build();
+    let retry = v4(quic_long(
+        LongType::Retry,
+        QUIC_V1,
+        &server_cid(0, SID[0], 1),
+        &[1; 8],
+        100,
+    ))
+    .build();
     assert_eq!(f.run(PROG, &retry).unwrap().action, XDP_DROP);
     let dcid: Vec<u8> = (0..21).collect();
     let too_long = v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build();
@@ -270,7 +338,11 @@ fn ipv6_short_initial_and_handshake() {
         let cid = server_cid(0, SID[w], 8);
         let before = stats(&f);
         assert_forwarded(&f, &v6(quic_short(&cid, 30)).build(), w);
-        assert_forwarded(&f, &v6(quic_long(LongType::Handshake, QUIC_V1, &cid, &[1; 8], 300)).build(), w);
+        assert_forwarded(
+            &f,
+            &v6(quic_long(LongType::Handshake, QUIC_V1, &cid, &[1; 8], 300)).build(),
+            w,
+        );
         let after = stats(&f);
         assert_eq!(before.delta(&after, Stat::RoutedServerId), 2);
         assert_eq!(before.delta(&after, Stat::Ipv6), 2);
@@ -301,10 +373,27 @@ fn check_every_truncation(f: &XdpFixture, d: &Datagram) {
             Err(e) if len < 14 && is_einval(&e) => continue,
             Err(e) => panic!("test run at length {len}: {e:#}"),
         };
-        let want = if len < identifiable { XDP_PASS } else { XDP_DROP };
-        assert_eq!(out.action, want, "frame cut to {len} of {} bytes (port readable from {identifiable})", frame.len());
-        assert_eq!(out.frame, frame[..len], "a truncated frame is never modified (length {len})");
-        if want == XDP_PASS { passed += 1 } else { dropped += 1 }
+        let want = if len < identifiable {
+            XDP_PASS
+        } else {
+            XDP_DROP
+        };
+        assert_eq!(
+            out.action,
+            want,
+            "frame cut to {len} of {} bytes (port readable from {identifiable})",
+            frame.len()
+        );
+        assert_eq!(
+            out.frame,
+            frame[..len],
+            "a truncated frame is never modified (length {len})"
+        );
+        if want == XDP_PASS {
+            passed += 1
+        } else {
+            dropped += 1
+        }
     }
     let after = stats(f);
     assert_eq!(before.delta(&after, Stat::Passed), passed);
@@ -314,7 +403,8 @@ fn check_every_truncation(f: &XdpFixture, d: &Datagram) {
 }
 
 fn is_einval(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidInput)
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidInput)
 }
 
 #[test]
@@ -326,13 +416,22 @@ fn every_truncation_of_ipv4_short_header() {
 #[test]
 fn every_truncation_of_ipv4_initial() {
     let f = setup("trunc-v4-initial");
-    check_every_truncation(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &[5; 8], &[6; 8], 40)));
+    check_every_truncation(
+        &f,
+        &v4(quic_long(LongType::Initial, QUIC_V1, &[5; 8], &[6; 8], 40)),
+    );
 }
 
 #[test]
 fn every_truncation_of_ipv4_with_options() {
     let f = setup("trunc-v4-opts");
-    let mut d = v4(quic_long(LongType::Handshake, QUIC_V1, &server_cid(0, SID[1], 1), &[6; 8], 30));
+    let mut d = v4(quic_long(
+        LongType::Handshake,
+        QUIC_V1,
+        &server_cid(0, SID[1], 1),
+        &[6; 8],
+        30,
+    ));
     d.ipv4_options = vec![0x01; 12]; // NOPs: IHL 8
     check_every_truncation(&f, &d);
 }
@@ -341,7 +440,10 @@ fn every_truncation_of_ipv4_with_options() {
 fn every_truncation_of_ipv6_short_and_long_header() {
     let f = setup("trunc-v6");
     check_every_truncation(&f, &v6(quic_short(&server_cid(0, SID[0], 1), 4)));
-    check_every_truncation(&f, &v6(quic_long(LongType::Initial, QUIC_V2, &[5; 20], &[6; 8], 50)));
+    check_every_truncation(
+        &f,
+        &v6(quic_long(LongType::Initial, QUIC_V2, &[5; 20], &[6; 8], 50)),
+    );
 }
 
 #[test]
@@ -370,7 +472,12 @@ fn not_udp_to_a_vip_port_passes_untouched() {
     let mut wrong_port6 = v6(quic.clone());
     wrong_port6.dst_port = 8443;
     cases.push(("IPv6 UDP to another port", wrong_port6.build()));
-    let other = Datagram::udp(IpAddr::V4(CLIENT4), IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), PORT, quic.clone());
+    let other = Datagram::udp(
+        IpAddr::V4(CLIENT4),
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)),
+        PORT,
+        quic.clone(),
+    );
     cases.push(("UDP to another address", other.build()));
     let mut arp = v4(quic.clone()).build();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
@@ -403,7 +510,10 @@ fn first_fragment_and_bad_udp_length_to_a_vip_are_malformed() {
         ("first fragment", first_fragment),
         ("UDP length past the frame", udp_too_long),
         ("empty UDP payload", udp_too_short),
-        ("QUIC header longer than the UDP length", header_past_udp_len),
+        (
+            "QUIC header longer than the UDP length",
+            header_past_udp_len,
+        ),
     ] {
         let before = stats(&f);
         assert_eq!(f.run(PROG, &frame).unwrap().action, XDP_DROP, "{what}");
@@ -428,7 +538,10 @@ impl log::Log for Capture {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        self.0.lock().unwrap().push(format!("{} {}", record.level(), record.args()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
     }
     fn flush(&self) {}
 }
@@ -448,13 +561,23 @@ fn redirect_errors_and_missing_workers_drop_and_count() {
     logger.flush();
     let lines = capture.0.lock().unwrap().clone();
     assert!(
-        lines.iter().any(|l| l.starts_with("WARN") && l.contains("worker 2 names tx port 9")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("WARN") && l.contains("worker 2 names tx port 9")),
         "no redirect warning logged: {lines:?}"
     );
 
     // No healthy worker: an empty Maglev table drops hashed traffic.
-    f.set_maglev(&vec![NO_WORKER; MAGLEV_SIZE as usize]).unwrap();
-    let initial = v4(quic_long(LongType::Initial, QUIC_V1, &[1; 8], &[2; 8], 1200)).build();
+    f.set_maglev(&vec![NO_WORKER; MAGLEV_SIZE as usize])
+        .unwrap();
+    let initial = v4(quic_long(
+        LongType::Initial,
+        QUIC_V1,
+        &[1; 8],
+        &[2; 8],
+        1200,
+    ))
+    .build();
     assert_eq!(f.run(PROG, &initial).unwrap().action, XDP_DROP);
     assert_eq!(after.delta(&stats(&f), Stat::NoWorker), 1);
 }
@@ -472,7 +595,10 @@ fn unconfigured_program_passes_everything() {
 fn reference_and_pass_programs_behave() {
     let f = setup("others");
     let frame = v4(quic_short(&server_cid(0, SID[0], 1), 30)).build();
-    assert_eq!(f.run("baton_xdp_reference", &frame).unwrap().action, XDP_DROP);
+    assert_eq!(
+        f.run("baton_xdp_reference", &frame).unwrap().action,
+        XDP_DROP
+    );
     assert_eq!(f.run("baton_xdp_pass", &frame).unwrap().action, XDP_PASS);
     // The benchmark floor forwards to worker 0 (devmap slot 0) without routing.
     let out = f.run("baton_xdp_forward_floor", &frame).unwrap();
@@ -490,10 +616,24 @@ fn reference_and_pass_programs_behave() {
 fn maps_are_pinned_by_name_in_the_fixture_directory() {
     let f = setup("pins");
     use lb_common::map_names::*;
-    for name in
-        [CONFIG, VIPS, CID_OVERRIDE, SERVER_IDS, WORKERS, MAGLEV, TX_PORTS, STATS, FASTPATH, VIP_TABLE, SERVER_ID_TABLE]
-    {
-        assert!(f.pin_dir().join(name).exists(), "{name} is not pinned in {}", f.pin_dir().display());
+    for name in [
+        CONFIG,
+        VIPS,
+        CID_OVERRIDE,
+        SERVER_IDS,
+        WORKERS,
+        MAGLEV,
+        TX_PORTS,
+        STATS,
+        FASTPATH,
+        VIP_TABLE,
+        SERVER_ID_TABLE,
+    ] {
+        assert!(
+            f.pin_dir().join(name).exists(),
+            "{name} is not pinned in {}",
+            f.pin_dir().display()
+        );
     }
     // The maps carry BTF for keys and values, so bpftool prints fields, not hex.
     let dump = |name: &str| {
@@ -501,17 +641,28 @@ fn maps_are_pinned_by_name_in_the_fixture_directory() {
             .args(["-j", "map", "dump", "pinned"])
             .arg(f.pin_dir().join(name))
             .output()
-            .expect("bpftool is needed for this test (apt-get install bpftool; .ci/run installs it)");
-        assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+            .expect(
+                "bpftool is needed for this test (apt-get install bpftool; .ci/run installs it)",
+            );
+        assert!(
+            out.status.success(),
+            "bpftool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let workers = dump(WORKERS);
     assert!(
-        workers.contains("\"formatted\"") && workers.contains("\"tx_port\"") && workers.contains("\"server_id\""),
+        workers.contains("\"formatted\"")
+            && workers.contains("\"tx_port\"")
+            && workers.contains("\"server_id\""),
         "{workers}"
     );
     let server_ids = dump(SERVER_IDS);
-    assert!(server_ids.contains("\"server_id\":257") && server_ids.contains("\"worker\":0"), "{server_ids}");
+    assert!(
+        server_ids.contains("\"server_id\":257") && server_ids.contains("\"worker\":0"),
+        "{server_ids}"
+    );
 }
 
 #[test]
@@ -519,8 +670,10 @@ fn a_second_load_re_adopts_the_pinned_maps() {
     // What a restarted baton-lb does: load the object again with the same pin directory and get
     // the live maps (contents included) instead of fresh, empty ones.
     let f = setup("readopt");
-    let mut again =
-        aya::EbpfLoader::new().default_map_pin_directory(f.pin_dir()).load(lb_user::object::bytes()).unwrap();
+    let mut again = aya::EbpfLoader::new()
+        .default_map_pin_directory(f.pin_dir())
+        .load(lb_user::object::bytes())
+        .unwrap();
     let cfg: aya::maps::Array<_, LbConfig> =
         aya::maps::Array::try_from(again.map(lb_common::map_names::CONFIG).unwrap()).unwrap();
     assert_eq!(cfg.get(&0, 0).unwrap().maglev_size, MAGLEV_SIZE);
@@ -528,7 +681,8 @@ fn a_second_load_re_adopts_the_pinned_maps() {
     prog.load().unwrap();
     let before = stats(&f);
     let frame = v4(quic_short(&server_cid(0, SID[0], 1), 30)).build();
-    let out = lb_user::testrun::run_xdp(std::os::fd::AsFd::as_fd(prog.fd().unwrap()), &frame, 1).unwrap();
+    let out =
+        lb_user::testrun::run_xdp(std::os::fd::AsFd::as_fd(prog.fd().unwrap()), &frame, 1).unwrap();
     assert_eq!(out.action, XDP_REDIRECT);
     // The new program counted into the first load's (shared) counters.
     assert_eq!(before.delta(&stats(&f), Stat::RoutedServerId), 1);
@@ -545,35 +699,70 @@ fn packets_too_short_for_the_word_loads_route_the_same() {
         assert_forwarded(&f, &v6(quic_short(&cid, 1)).build(), w);
     }
     let unknown = server_cid(0, 0x7171, 3);
-    assert_forwarded(&f, &v4(quic_short(&unknown, 4)).build(), hashed_worker(&unknown));
+    assert_forwarded(
+        &f,
+        &v4(quic_short(&unknown, 4)).build(),
+        hashed_worker(&unknown),
+    );
     f.set_override(&unknown, 1).unwrap();
     assert_forwarded(&f, &v4(quic_short(&unknown, 4)).build(), 1);
     let dcid = [0xab; 9];
-    assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[], 17)).build(), hashed_worker(&dcid));
+    assert_forwarded(
+        &f,
+        &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[], 17)).build(),
+        hashed_worker(&dcid),
+    );
 }
 
 // ---- Fast path: the derived array maps (lb_common::fastpath, lb_user::fastpath) ----
 
-use lb_common::fastpath::{FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, ServerIdSlot, VIP_TABLE_SLOTS};
+use lb_common::fastpath::{
+    FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, ServerIdSlot, VIP_TABLE_SLOTS,
+};
 
 fn base_config() -> LbConfig {
-    LbConfig { cid_len: 8, server_id_len: 2, ready: 1, _pad: 0, maglev_size: MAGLEV_SIZE }
+    LbConfig {
+        cid_len: 8,
+        server_id_len: 2,
+        ready: 1,
+        _pad: 0,
+        maglev_size: MAGLEV_SIZE,
+    }
 }
 
 fn vip4(addr: Ipv4Addr, port: u16) -> VipKey {
-    let mut k = VipKey { port, family: AF_INET, ..Default::default() };
+    let mut k = VipKey {
+        port,
+        family: AF_INET,
+        ..Default::default()
+    };
     k.addr[..4].copy_from_slice(&addr.octets());
     k
 }
 
 fn vip6(addr: Ipv6Addr, port: u16) -> VipKey {
-    VipKey { addr: addr.octets(), port, family: AF_INET6, _pad: 0 }
+    VipKey {
+        addr: addr.octets(),
+        port,
+        family: AF_INET6,
+        _pad: 0,
+    }
 }
 
 /// A short-header datagram for server ID `SID[0]` to `addr:port`.
 fn short_to(addr: IpAddr, port: u16) -> Vec<u8> {
-    let client = if addr.is_ipv4() { IpAddr::V4(CLIENT4) } else { IpAddr::V6(CLIENT6) };
-    Datagram::udp(client, addr, port, quic_short(&server_cid(0, SID[0], 6), 30)).build()
+    let client = if addr.is_ipv4() {
+        IpAddr::V4(CLIENT4)
+    } else {
+        IpAddr::V6(CLIENT6)
+    };
+    Datagram::udp(
+        client,
+        addr,
+        port,
+        quic_short(&server_cid(0, SID[0], 6), 30),
+    )
+    .build()
 }
 
 fn unroutable_cid(nonce: u8) -> [u8; 8] {
@@ -587,7 +776,11 @@ fn outcome(f: &XdpFixture, frame: &[u8]) -> (u32, Vec<u8>, Vec<u64>) {
     let before = stats(f);
     let out = f.run(PROG, frame).unwrap();
     let after = stats(f);
-    (out.action, out.frame, Stat::ALL.iter().map(|s| before.delta(&after, *s)).collect())
+    (
+        out.action,
+        out.frame,
+        Stat::ALL.iter().map(|s| before.delta(&after, *s)).collect(),
+    )
 }
 
 #[test]
@@ -595,8 +788,14 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
     // The derived maps only mirror the authoritative ones, so every decision (what `baton route`
     // explains from the authoritative maps) is the same with and without them.
     let mut f = setup("fp-equivalence");
-    let st = f.fastpath().expect("the object has the fast-path maps").state();
-    assert_eq!(st.flags, FP_VIP_TABLE | FP_SERVER_ID_TABLE | FP_OVERRIDE_COUNTS);
+    let st = f
+        .fastpath()
+        .expect("the object has the fast-path maps")
+        .state();
+    assert_eq!(
+        st.flags,
+        FP_VIP_TABLE | FP_SERVER_ID_TABLE | FP_OVERRIDE_COUNTS
+    );
     assert_eq!((st.cid_len, st.server_id_len), (8, 2));
     f.set_override(&server_cid(0, SID[0], 9), 1).unwrap();
     f.set_override(&unroutable_cid(4), 1).unwrap();
@@ -619,8 +818,26 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
         frames.push(v4(quic_long(LongType::Initial, QUIC_V1, &cid, &[1; 8], 1200)).build());
         frames.push(v4(quic_short(&cid, 2)).build()); // byte-by-byte DCID copy
     }
-    frames.push(v4(quic_long(LongType::Handshake, QUIC_V2, &[0x55; 12], &[1; 8], 300)).build());
-    frames.push(v6(quic_long(LongType::Initial, QUIC_V1, &[0x42; 17], &[1; 8], 1200)).build());
+    frames.push(
+        v4(quic_long(
+            LongType::Handshake,
+            QUIC_V2,
+            &[0x55; 12],
+            &[1; 8],
+            300,
+        ))
+        .build(),
+    );
+    frames.push(
+        v6(quic_long(
+            LongType::Initial,
+            QUIC_V1,
+            &[0x42; 17],
+            &[1; 8],
+            1200,
+        ))
+        .build(),
+    );
     frames.push(short_to(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), PORT));
     frames.push(short_to(IpAddr::V4(VIP4), 444));
     frames.push(short_to(IpAddr::V6(VIP6), 8443));
@@ -635,12 +852,24 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
     f.enable_fastpath().unwrap();
     let again: Vec<_> = frames.iter().map(|fr| outcome(&f, fr)).collect();
     for (i, frame) in frames.iter().enumerate() {
-        assert_eq!(fast[i], slow[i], "frame {i} ({} bytes) decided differently with the fast path", frame.len());
-        assert_eq!(again[i], slow[i], "frame {i} after re-enabling the fast path");
+        assert_eq!(
+            fast[i],
+            slow[i],
+            "frame {i} ({} bytes) decided differently with the fast path",
+            frame.len()
+        );
+        assert_eq!(
+            again[i], slow[i],
+            "frame {i} after re-enabling the fast path"
+        );
     }
     // Both paths were exercised: overrides, server IDs and hashing.
     let sum = |s: Stat| fast.iter().map(|o| o.2[s as usize]).sum::<u64>();
-    assert!(sum(Stat::RoutedOverride) >= 4 && sum(Stat::RoutedServerId) >= 8 && sum(Stat::RoutedHash) >= 8);
+    assert!(
+        sum(Stat::RoutedOverride) >= 4
+            && sum(Stat::RoutedServerId) >= 8
+            && sum(Stat::RoutedHash) >= 8
+    );
 }
 
 #[test]
@@ -648,13 +877,23 @@ fn server_id_table_hit_miss_and_updates() {
     let mut f = setup("fp-sid-table");
     let fp = f.fastpath().unwrap();
     for w in 0..3 {
-        assert_eq!(fp.server_id_slot(SID[w] as u32), Some(ServerIdSlot { worker: w as u32, overrides: 0 }));
+        assert_eq!(
+            fp.server_id_slot(SID[w] as u32),
+            Some(ServerIdSlot {
+                worker: w as u32,
+                overrides: 0
+            })
+        );
     }
     assert_eq!(fp.server_id_slot(0x7777).unwrap().worker, NO_WORKER);
 
     // Hit.
     let before = stats(&f);
-    assert_forwarded(&f, &v4(quic_short(&server_cid(0, SID[1], 2), 30)).build(), 1);
+    assert_forwarded(
+        &f,
+        &v4(quic_short(&server_cid(0, SID[1], 2), 30)).build(),
+        1,
+    );
     assert_eq!(before.delta(&stats(&f), Stat::RoutedServerId), 1);
     // Miss (NO_WORKER): Maglev.
     let unknown = server_cid(0, 0x7777, 2);
@@ -666,7 +905,10 @@ fn server_id_table_hit_miss_and_updates() {
     f.set_server_id(0x7777, 1).unwrap();
     assert_forwarded(&f, &frame, 1);
     f.remove_server_id(0x7777).unwrap();
-    assert_eq!(f.fastpath().unwrap().server_id_slot(0x7777).unwrap().worker, NO_WORKER);
+    assert_eq!(
+        f.fastpath().unwrap().server_id_slot(0x7777).unwrap().worker,
+        NO_WORKER
+    );
     assert_forwarded(&f, &frame, hashed_worker(&unknown));
     // The table's edges: server IDs 0 and 0xffff.
     for sid in [0u64, 0xffff] {
@@ -674,10 +916,19 @@ fn server_id_table_hit_miss_and_updates() {
         assert_forwarded(&f, &v4(quic_short(&server_cid(0, sid, 3), 30)).build(), 1);
     }
     // A worker slot that is not in use falls through to hashing, as with the hash map.
-    let mut entry = WorkerEntry { mac: MACS[1], flags: 0, tx_port: TX_SAME_IFACE, _pad: 0, server_id: SID[1] };
+    let mut entry = WorkerEntry {
+        mac: MACS[1],
+        flags: 0,
+        tx_port: TX_SAME_IFACE,
+        _pad: 0,
+        server_id: SID[1],
+    };
     f.set_worker(1, entry).unwrap();
     // (A CID whose Maglev slot names worker 0: worker 1 is out of use.)
-    let cid = (0..=255u8).map(|n| server_cid(0, SID[1], n)).find(|c| hashed_worker(c) == 0).unwrap();
+    let cid = (0..=255u8)
+        .map(|n| server_cid(0, SID[1], n))
+        .find(|c| hashed_worker(c) == 0)
+        .unwrap();
     assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
     entry.flags = WORKER_IN_USE | WORKER_HEALTHY;
     f.set_worker(1, entry).unwrap();
@@ -688,9 +939,18 @@ fn server_id_table_hit_miss_and_updates() {
 fn server_ids_longer_than_two_bytes_use_the_hash_map() {
     let mut f = setup("fp-long-sid");
     let layout = CidLayout::new(9, 3).unwrap();
-    f.set_config(LbConfig { cid_len: 9, server_id_len: 3, ..base_config() }).unwrap();
+    f.set_config(LbConfig {
+        cid_len: 9,
+        server_id_len: 3,
+        ..base_config()
+    })
+    .unwrap();
     let st = f.fastpath().unwrap().state();
-    assert_eq!(st.flags & FP_SERVER_ID_TABLE, 0, "no array table for 3-byte server IDs");
+    assert_eq!(
+        st.flags & FP_SERVER_ID_TABLE,
+        0,
+        "no array table for 3-byte server IDs"
+    );
     assert_ne!(st.flags & FP_OVERRIDE_COUNTS, 0);
     f.set_server_id(0x01_0203, 1).unwrap();
     let cid = |sid: u64, nonce: u8| {
@@ -701,7 +961,11 @@ fn server_ids_longer_than_two_bytes_use_the_hash_map() {
     assert_forwarded(&f, &v4(quic_short(&cid(0x01_0203, 1), 30)).build(), 1);
     assert_forwarded(&f, &v4(quic_short(&cid(SID[0], 1), 30)).build(), 0);
     let unknown = cid(0x77_7777, 1);
-    assert_forwarded(&f, &v4(quic_short(&unknown, 30)).build(), hashed_worker(&unknown));
+    assert_forwarded(
+        &f,
+        &v4(quic_short(&unknown, 30)).build(),
+        hashed_worker(&unknown),
+    );
     // With no table bucket, every override counts in `other_overrides`.
     f.set_override(&cid(0x01_0203, 5), 0).unwrap();
     assert_eq!(f.fastpath().unwrap().state().other_overrides, 1);
@@ -743,14 +1007,24 @@ fn vip_table_with_several_vips_including_ipv6() {
         (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 102)), PORT),
         (IpAddr::V4(VIP4), 4433),
         (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), 8443),
-        (IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x201)), PORT),
-        (IpAddr::V6(Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0x100)), PORT), // same low 64 bits
+        (
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x201)),
+            PORT,
+        ),
+        (
+            IpAddr::V6(Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0x100)),
+            PORT,
+        ), // same low 64 bits
         (IpAddr::V6(VIP6), 8443),
     ];
     let assert_passes = |f: &XdpFixture, addr: IpAddr, port: u16| {
         let frame = short_to(addr, port);
         let out = f.run(PROG, &frame).unwrap();
-        assert_eq!((out.action, &out.frame), (XDP_PASS, &frame), "{addr}:{port} is not a VIP");
+        assert_eq!(
+            (out.action, &out.frame),
+            (XDP_PASS, &frame),
+            "{addr}:{port} is not a VIP"
+        );
     };
     for (addr, port) in strangers {
         assert_passes(&f, addr, port);
@@ -773,7 +1047,9 @@ fn vip_table_with_several_vips_including_ipv6() {
     }
 
     // More VIPs than the table holds: the program falls back to BATON_VIPS, still exact.
-    let many: Vec<VipKey> = (0..VIP_TABLE_SLOTS as u8).map(|i| vip4(Ipv4Addr::new(10, 0, 1, i), PORT)).collect();
+    let many: Vec<VipKey> = (0..VIP_TABLE_SLOTS as u8)
+        .map(|i| vip4(Ipv4Addr::new(10, 0, 1, i), PORT))
+        .collect();
     for k in &many {
         f.add_vip(*k).unwrap();
     }
@@ -796,11 +1072,23 @@ fn vip_table_with_several_vips_including_ipv6() {
 #[test]
 fn override_lookup_is_skipped_only_when_no_override_can_match() {
     let mut f = setup("fp-overrides");
-    let slot = |f: &XdpFixture, sid: u64| f.fastpath().unwrap().server_id_slot(sid as u32).unwrap().overrides;
+    let slot = |f: &XdpFixture, sid: u64| {
+        f.fastpath()
+            .unwrap()
+            .server_id_slot(sid as u32)
+            .unwrap()
+            .overrides
+    };
     let cid = server_cid(0, SID[0], 9);
     let frame = v4(quic_short(&cid, 30)).build();
     // Empty bucket: no override lookup, routed by server ID.
-    assert_eq!((slot(&f, SID[0]), f.fastpath().unwrap().state().other_overrides), (0, 0));
+    assert_eq!(
+        (
+            slot(&f, SID[0]),
+            f.fastpath().unwrap().state().other_overrides
+        ),
+        (0, 0)
+    );
     let before = stats(&f);
     assert_forwarded(&f, &frame, 0);
     assert_eq!(before.delta(&stats(&f), Stat::RoutedServerId), 1);
@@ -818,9 +1106,16 @@ fn override_lookup_is_skipped_only_when_no_override_can_match() {
     assert_eq!(slot(&f, SID[0]), 2);
     assert_eq!(slot(&f, SID[1]), 0, "other server IDs' buckets stay empty");
     // A non-empty bucket whose CID has no override: looked up, missed, routed by server ID.
-    assert_forwarded(&f, &v4(quic_short(&server_cid(0, SID[0], 11), 30)).build(), 0);
+    assert_forwarded(
+        &f,
+        &v4(quic_short(&server_cid(0, SID[0], 11), 30)).build(),
+        0,
+    );
     f.del_override(&cid2).unwrap();
-    assert!(f.del_override(&cid2).is_err(), "deleting twice finds nothing and counts nothing");
+    assert!(
+        f.del_override(&cid2).is_err(),
+        "deleting twice finds nothing and counts nothing"
+    );
     assert_eq!(slot(&f, SID[0]), 1);
     f.del_override(&cid).unwrap();
     assert_eq!(slot(&f, SID[0]), 0);
@@ -830,7 +1125,8 @@ fn override_lookup_is_skipped_only_when_no_override_can_match() {
     let unroutable = unroutable_cid(4);
     let uframe = v4(quic_short(&unroutable, 30)).build();
     assert_forwarded(&f, &uframe, hashed_worker(&unroutable));
-    f.set_override(&unroutable, 1 - hashed_worker(&unroutable) as u32).unwrap();
+    f.set_override(&unroutable, 1 - hashed_worker(&unroutable) as u32)
+        .unwrap();
     assert_eq!(f.fastpath().unwrap().state().other_overrides, 1);
     assert_forwarded(&f, &uframe, 1 - hashed_worker(&unroutable));
     f.del_override(&unroutable).unwrap();
@@ -852,19 +1148,34 @@ fn config_changes_without_a_rebuild_fall_back_to_exact_paths() {
     // A new Maglev size without `set_maglev_size`: the stale reciprocal fails validation and
     // the program divides: the slot is still cid_hash % size.
     let size = 241;
-    f.set_config_only(LbConfig { maglev_size: size, ..base_config() }).unwrap();
+    f.set_config_only(LbConfig {
+        maglev_size: size,
+        ..base_config()
+    })
+    .unwrap();
     let table = maglev_table();
     for i in 0u8..24 {
         let dcid = [i, 0x9e, i ^ 0x5a, 7, 1, 2, 3, 4, i];
         let want = table[(cid_hash(&CidKey::new(&dcid).unwrap()) % size) as usize] as usize;
-        assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(), want);
+        assert_forwarded(
+            &f,
+            &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(),
+            want,
+        );
     }
     f.fastpath().unwrap().set_maglev_size(size);
-    assert_eq!(f.fastpath().unwrap().state().maglev_reciprocal, lb_common::fastpath::maglev_reciprocal(size));
+    assert_eq!(
+        f.fastpath().unwrap().state().maglev_reciprocal,
+        lb_common::fastpath::maglev_reciprocal(size)
+    );
     for i in 0u8..24 {
         let dcid = [i, 0x9e, i ^ 0x5a, 7, 1, 2, 3, 4, i];
         let want = table[(cid_hash(&CidKey::new(&dcid).unwrap()) % size) as usize] as usize;
-        assert_forwarded(&f, &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(), want);
+        assert_forwarded(
+            &f,
+            &v4(quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200)).build(),
+            want,
+        );
     }
 
     // A new CID layout without a rebuild: the override counts (bucketed for the old layout)
@@ -872,7 +1183,11 @@ fn config_changes_without_a_rebuild_fall_back_to_exact_paths() {
     f.set_config(base_config()).unwrap();
     let cid = server_cid(0, SID[0], 9);
     f.set_override(&cid, 1).unwrap();
-    f.set_config_only(LbConfig { server_id_len: 1, ..base_config() }).unwrap();
+    f.set_config_only(LbConfig {
+        server_id_len: 1,
+        ..base_config()
+    })
+    .unwrap();
     f.set_server_id(0x01, 0).unwrap(); // under the 1-byte layout, `cid` carries server ID 0x01
     assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 1);
     f.del_override(&cid).unwrap();
@@ -880,6 +1195,9 @@ fn config_changes_without_a_rebuild_fall_back_to_exact_paths() {
     // After the rebuild the 1-byte layout gets its table.
     f.rebuild_fastpath().unwrap();
     let st = f.fastpath().unwrap().state();
-    assert_eq!((st.server_id_len, st.flags & FP_SERVER_ID_TABLE), (1, FP_SERVER_ID_TABLE));
+    assert_eq!(
+        (st.server_id_len, st.flags & FP_SERVER_ID_TABLE),
+        (1, FP_SERVER_ID_TABLE)
+    );
     assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
 }

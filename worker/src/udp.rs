@@ -131,9 +131,8 @@ fn get_int(fd: std::os::fd::RawFd, opt: libc::c_int) -> io::Result<usize> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is an open socket; `v` and `len` are valid for the call.
-    let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &raw mut len)
-    };
+    let r =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &raw mut len) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -199,8 +198,16 @@ mod tests {
         let (rcv0, _) = plain.buffer_sizes();
         // Root (CAP_NET_ADMIN) gets the full size whatever the sysctl cap; others get the cap.
         let root = unsafe { libc::geteuid() } == 0;
-        let cap_r = if root { want } else { want.min(sysctl("rmem_max")) };
-        let cap_w = if root { want } else { want.min(sysctl("wmem_max")) };
+        let cap_r = if root {
+            want
+        } else {
+            want.min(sysctl("rmem_max"))
+        };
+        let cap_w = if root {
+            want
+        } else {
+            want.min(sysctl("wmem_max"))
+        };
         assert!(rcv >= cap_r, "rcvbuf {rcv} < {cap_r} (default {rcv0})");
         assert!(snd >= cap_w, "sndbuf {snd} < {cap_w}");
         if root {

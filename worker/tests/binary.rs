@@ -166,23 +166,35 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
         assert!(first.0.try_wait().unwrap().is_none(), "the worker exited");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(up, "the worker did not replace the stale socket and answer on it");
+    assert!(
+        up,
+        "the worker did not replace the stale socket and answer on it"
+    );
 
     // A second worker with the same control socket refuses, and leaves the first one's alone.
     let mut second = start();
     let status = wait_exit(&mut second);
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "a second worker started on a live control socket");
+    assert!(
+        !status.success(),
+        "a second worker started on a live control socket"
+    );
     assert!(err.contains("another worker answers"), "{err}");
-    assert!(answers_info(&control), "the second worker broke the first one's socket");
+    assert!(
+        answers_info(&control),
+        "the second worker broke the first one's socket"
+    );
 
     // SIGTERM: a clean exit (status 0, not killed by the signal) and no socket file left behind.
     let pid = first.0.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let status = wait_exit(&mut first.0);
-    assert!(status.success(), "SIGTERM did not stop the worker cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "SIGTERM did not stop the worker cleanly: {status:?}"
+    );
     assert!(!control.exists(), "the control socket was left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }

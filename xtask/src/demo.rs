@@ -22,8 +22,10 @@ pub const STATE_DIR: &str = "/run/baton/lab";
 const LB_SOCKET: &str = "/run/baton/baton.sock";
 const PIN_DIR: &str = "/sys/fs/bpf/baton";
 const SERVICE_NAME: &str = "baton.lab";
-const WORKERS: [(&str, &str, u64, &str); 2] =
-    [("w1", "baton-w1", 1, "10.200.11.2:4470"), ("w2", "baton-w2", 2, "10.200.12.2:4470")];
+const WORKERS: [(&str, &str, u64, &str); 2] = [
+    ("w1", "baton-w1", 1, "10.200.11.2:4470"),
+    ("w2", "baton-w2", 2, "10.200.12.2:4470"),
+];
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -83,9 +85,17 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let (connections, rounds, duration) = if opts.small {
         (
-            if opts.connections == 64 { 16 } else { opts.connections },
+            if opts.connections == 64 {
+                16
+            } else {
+                opts.connections
+            },
             if opts.rounds == 3 { 2 } else { opts.rounds },
-            if opts.duration == 20 { 6 } else { opts.duration },
+            if opts.duration == 20 {
+                6
+            } else {
+                opts.duration
+            },
         )
     } else {
         (opts.connections, opts.rounds, opts.duration)
@@ -100,7 +110,10 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     for b in ["baton-lb", "baton", "baton-worker", "baton-load"] {
         if !bins.join(b).is_file() {
-            bail!("{} is missing (build with `cargo build --release -p lb-user -p baton-worker -p baton-load`)", bins.join(b).display());
+            bail!(
+                "{} is missing (build with `cargo build --release -p lb-user -p baton-worker -p baton-load`)",
+                bins.join(b).display()
+            );
         }
     }
 
@@ -111,7 +124,9 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
     if Path::new(PIN_DIR).exists() {
-        say(format!("removing stale pins in {PIN_DIR} left by an earlier run (`baton-lb detach`)"));
+        say(format!(
+            "removing stale pins in {PIN_DIR} left by an earlier run (`baton-lb detach`)"
+        ));
         let _ = Command::new(bins.join("baton-lb")).arg("detach").output();
     }
 
@@ -167,21 +182,38 @@ fn build_release() -> Result<PathBuf> {
     say("building baton-lb, baton, baton-worker and baton-load (release)");
     let root = workspace_root();
     let status = cargo()
-        .args(["build", "--release", "-p", "lb-user", "-p", "baton-worker", "-p", "baton-load"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "lb-user",
+            "-p",
+            "baton-worker",
+            "-p",
+            "baton-load",
+        ])
         .current_dir(&root)
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build --release failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let target = if target.is_absolute() { target } else { root.join(target) };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
     Ok(target.join("release"))
 }
 
 fn lb_answers() -> bool {
     use std::io::Write;
-    let Ok(s) = std::os::unix::net::UnixStream::connect(LB_SOCKET) else { return false };
+    let Ok(s) = std::os::unix::net::UnixStream::connect(LB_SOCKET) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     if (&s).write_all(b"{\"cmd\":\"status\"}\n").is_err() {
         return false;
@@ -221,7 +253,10 @@ impl Run {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
-        std::fs::write(self.state.join(format!("{name}.pid")), child.id().to_string())?;
+        std::fs::write(
+            self.state.join(format!("{name}.pid")),
+            child.id().to_string(),
+        )?;
         self.children.push((name.to_string(), child));
         Ok(())
     }
@@ -232,7 +267,10 @@ impl Run {
                 if name == "baton-load" {
                     bail!("baton-load exited early ({status}); its output is above");
                 }
-                bail!("{name} exited unexpectedly ({status}); see {}/{name}.log", self.state.display());
+                bail!(
+                    "{name} exited unexpectedly ({status}); see {}/{name}.log",
+                    self.state.display()
+                );
             }
         }
         Ok(())
@@ -262,7 +300,12 @@ impl Run {
 
     /// Whether the binaries know the migration flow (docs/MIGRATION-FLOW.md).
     fn migration_cli_available(&self) -> bool {
-        let ok = |mut c: Command| c.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let ok = |mut c: Command| {
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         let mut gen_certs = Command::new(self.bins.join("baton-worker"));
         gen_certs.args(["gen-certs", "--help"]);
         let mut migrate = self.baton();
@@ -284,11 +327,22 @@ impl Run {
                 .output()
                 .context("running baton-worker gen-certs")?;
             if !out.status.success() {
-                bail!("baton-worker gen-certs failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "baton-worker gen-certs failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
         } else {
             let out = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                ])
                 .args(["-days", "7", "-subj", &format!("/CN={SERVICE_NAME}")])
                 .args(["-addext", &format!("subjectAltName=DNS:{SERVICE_NAME}")])
                 .args(["-addext", "basicConstraints=critical,CA:FALSE"])
@@ -299,7 +353,10 @@ impl Run {
                 .output()
                 .context("running openssl to make the service certificate")?;
             if !out.status.success() {
-                bail!("openssl req failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "openssl req failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             std::fs::copy(pki.join("service.pem"), pki.join("ca.pem"))?;
         }
@@ -333,20 +390,31 @@ impl Run {
         Ok(())
     }
 
-    fn demo(&mut self, opts: &Options, connections: usize, rounds: u32, duration: u64) -> Result<(bool, String)> {
+    fn demo(
+        &mut self,
+        opts: &Options,
+        connections: usize,
+        rounds: u32,
+        duration: u64,
+    ) -> Result<(bool, String)> {
         let started = Instant::now();
         let _ = std::fs::remove_dir_all(&self.state);
-        std::fs::create_dir_all(&self.state).with_context(|| format!("creating {}", self.state.display()))?;
+        std::fs::create_dir_all(&self.state)
+            .with_context(|| format!("creating {}", self.state.display()))?;
         let migrations = !opts.no_migrate && self.migration_cli_available();
         if !migrations && !opts.no_migrate {
-            say("the migration CLI (`baton migrate`, `baton-worker gen-certs`) is not in these binaries: load only");
+            say(
+                "the migration CLI (`baton migrate`, `baton-worker gen-certs`) is not in these binaries: load only",
+            );
         }
         self.prepare_files(migrations)?;
 
         say("starting baton-lb in namespace baton-lb");
         let lb_config = workspace_root().join("lab/lb.toml");
         let mut lb = Command::new(self.bins.join("baton-lb"));
-        lb.args(["--netns", lab::LB_NS, "--config"]).arg(&lb_config).env("BATON_LOG", "info");
+        lb.args(["--netns", lab::LB_NS, "--config"])
+            .arg(&lb_config)
+            .env("BATON_LOG", "info");
         self.spawn("baton-lb", &mut lb)?;
         wait_until(Duration::from_secs(60), "baton-lb's control socket", || {
             self.check_children()?;
@@ -365,16 +433,25 @@ impl Run {
             self.spawn(name, &mut w)?;
         }
         if migrations {
-            wait_until(Duration::from_secs(30), "the workers' control sockets", || {
-                self.check_children()?;
-                Ok(WORKERS.iter().all(|(n, ..)| self.state.join(format!("{n}.sock")).exists()))
-            })?;
+            wait_until(
+                Duration::from_secs(30),
+                "the workers' control sockets",
+                || {
+                    self.check_children()?;
+                    Ok(WORKERS
+                        .iter()
+                        .all(|(n, ..)| self.state.join(format!("{n}.sock")).exists()))
+                },
+            )?;
         }
 
         // The load.
         let stop_file = self.state.join("load.stop");
         let summary_file = self.state.join("load-summary.json");
-        say(format!("starting baton-load in namespace {}: {connections} connections", lab::CLIENT_NS));
+        say(format!(
+            "starting baton-load in namespace {}: {connections} connections",
+            lab::CLIENT_NS
+        ));
         let mut load = Command::new("ip");
         load.args(["netns", "exec", lab::CLIENT_NS])
             .arg(self.bins.join("baton-load"))
@@ -386,7 +463,10 @@ impl Run {
             .arg(&summary_file)
             .args(["--request-size", &opts.request_size.to_string()])
             .args(["--stream-rate", &opts.stream_rate.to_string()])
-            .args(["--request-interval", &format!("{}ms", opts.request_interval_ms)])
+            .args([
+                "--request-interval",
+                &format!("{}ms", opts.request_interval_ms),
+            ])
             .args(["--progress-interval", "2s", "--print-conn-ids"])
             .arg("--ca")
             .arg(self.state.join("pki/ca.pem"))
@@ -414,11 +494,24 @@ impl Run {
         });
         self.children.push(("baton-load".into(), load_child));
 
-        let result = self.drive(&rx, connections, rounds, duration, opts, migrations, started, load_started);
+        let result = self.drive(
+            &rx,
+            connections,
+            rounds,
+            duration,
+            opts,
+            migrations,
+            started,
+            load_started,
+        );
         // Stop the load whatever happened, and collect its summary.
         let _ = std::fs::write(&stop_file, b"stop\n");
         let load_status = {
-            let pos = self.children.iter().position(|(n, _)| n == "baton-load").expect("load child");
+            let pos = self
+                .children
+                .iter()
+                .position(|(n, _)| n == "baton-load")
+                .expect("load child");
             let (_, mut child) = self.children.remove(pos);
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -467,13 +560,17 @@ impl Run {
                 Ok(l) if l.starts_with("conn ") => up += 1,
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("baton-load stopped before its connections were up"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("baton-load stopped before its connections were up")
+                }
             }
             if Instant::now() > deadline {
                 bail!("only {up} of {connections} connections came up within 60 s");
             }
         }
-        say(format!("all {connections} connections are up; load running"));
+        say(format!(
+            "all {connections} connections are up; load running"
+        ));
         std::thread::sleep(Duration::from_secs(opts.settle));
         let mut done = Vec::new();
         if migrations {
@@ -503,7 +600,8 @@ impl Run {
             }
         }
         // Let the load run its minimum duration, plus a settle period after the last migration.
-        let until = (started + Duration::from_secs(duration)).max(Instant::now() + Duration::from_secs(opts.settle));
+        let until = (started + Duration::from_secs(duration))
+            .max(Instant::now() + Duration::from_secs(opts.settle));
         while Instant::now() < until {
             self.check_children()?;
             std::thread::sleep(Duration::from_millis(200));
@@ -523,13 +621,29 @@ impl Run {
     /// Every connection `baton conns` shows on `from` moves to `to`, `concurrency` at a time.
     /// A connection `baton conns` did not list cannot be moved: each one missing from the listing
     /// counts as a failed migration (the demo promised to move every connection).
-    fn move_all(&self, from: &str, to: &str, concurrency: usize, expected: usize) -> Result<Vec<Migration>> {
-        let out = self.baton().args(["--json", "conns"]).output().context("running baton conns")?;
+    fn move_all(
+        &self,
+        from: &str,
+        to: &str,
+        concurrency: usize,
+        expected: usize,
+    ) -> Result<Vec<Migration>> {
+        let out = self
+            .baton()
+            .args(["--json", "conns"])
+            .output()
+            .context("running baton conns")?;
         if !out.status.success() {
-            bail!("baton conns failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "baton conns failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        let list: Value = serde_json::from_slice(&out.stdout).context("parsing `baton conns --json`")?;
-        let all = list.as_array().context("`baton conns --json` is not an array")?;
+        let list: Value =
+            serde_json::from_slice(&out.stdout).context("parsing `baton conns --json`")?;
+        let all = list
+            .as_array()
+            .context("`baton conns --json` is not an array")?;
         let conns: Vec<String> = all
             .iter()
             .filter(|c| c["worker"] == from)
@@ -541,13 +655,19 @@ impl Run {
             say(format!(
                 "baton conns listed {} of {expected} connections{}",
                 all.len(),
-                if why.is_empty() { String::new() } else { format!(": {why}") }
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {why}")
+                }
             ));
             for _ in all.len()..expected {
                 missing.push(Migration {
                     ok: false,
                     ms: 0.0,
-                    kind: format!("a connection missing from `baton conns` could not be moved {from} -> {to}"),
+                    kind: format!(
+                        "a connection missing from `baton conns` could not be moved {from} -> {to}"
+                    ),
                 });
             }
         }
@@ -557,7 +677,9 @@ impl Run {
             for _ in 0..concurrency.max(1) {
                 scope.spawn(|| {
                     loop {
-                        let Some(conn) = queue.lock().unwrap().pop() else { break };
+                        let Some(conn) = queue.lock().unwrap().pop() else {
+                            break;
+                        };
                         let m = self.migrate(&conn, to);
                         results.lock().unwrap().push(m);
                     }
@@ -571,21 +693,36 @@ impl Run {
 
     fn migrate(&self, conn: &str, to: &str) -> Migration {
         let t = Instant::now();
-        let out = self.baton().args(["--json", "migrate", conn, "--to", to]).output();
+        let out = self
+            .baton()
+            .args(["--json", "migrate", conn, "--to", to])
+            .output();
         let wall = t.elapsed().as_secs_f64() * 1000.0;
         match out {
-            Err(e) => Migration { ok: false, ms: wall, kind: format!("cannot run baton migrate: {e}") },
+            Err(e) => Migration {
+                ok: false,
+                ms: wall,
+                kind: format!("cannot run baton migrate: {e}"),
+            },
             Ok(o) => {
                 let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
                 if o.status.success() && v["ok"] == true {
-                    Migration { ok: true, ms: v["total_ms"].as_f64().unwrap_or(wall), kind: String::new() }
+                    Migration {
+                        ok: true,
+                        ms: v["total_ms"].as_f64().unwrap_or(wall),
+                        kind: String::new(),
+                    }
                 } else {
                     let kind = v["kind"].as_str().unwrap_or("error");
                     let detail = v["error"]
                         .as_str()
                         .map(String::from)
                         .unwrap_or_else(|| String::from_utf8_lossy(&o.stderr).trim().to_string());
-                    Migration { ok: false, ms: wall, kind: format!("{conn}: {kind}: {detail}") }
+                    Migration {
+                        ok: false,
+                        ms: wall,
+                        kind: format!("{conn}: {kind}: {detail}"),
+                    }
                 }
             }
         }
@@ -609,7 +746,11 @@ impl Run {
         let reconnects = n("reconnects");
         w!("");
         w!("Baton demo report ({:.1} s)", elapsed.as_secs_f64());
-        w!("  client load      {connections} QUIC connections to {}:4433 from namespace {}", lab::VIP4, lab::CLIENT_NS);
+        w!(
+            "  client load      {connections} QUIC connections to {}:4433 from namespace {}",
+            lab::VIP4,
+            lab::CLIENT_NS
+        );
         w!(
             "  requests         {} completed, {} failed, {} session-counter breaks",
             n("requests"),
@@ -662,17 +803,29 @@ impl Run {
             );
         }
         if let Some(per) = s["per_connection"].as_array() {
-            for c in per.iter().filter(|c| !c["last_error"].is_null() || c["stream_exact"] == false) {
+            for c in per
+                .iter()
+                .filter(|c| !c["last_error"].is_null() || c["stream_exact"] == false)
+            {
                 w!(
                     "  problem          conn {} ({}): {}",
                     c["index"],
                     c["local_addr"].as_str().unwrap_or("?"),
-                    c["last_error"].as_str().unwrap_or("long stream not byte-exact")
+                    c["last_error"]
+                        .as_str()
+                        .unwrap_or("long stream not byte-exact")
                 );
             }
         }
         let ok = failed == 0 && migration_failed == 0 && reconnects == 0 && connections > 0;
-        w!("  verdict          {}", if ok { "PASS: every request answered, every byte verified, no reconnect" } else { "FAIL" });
+        w!(
+            "  verdict          {}",
+            if ok {
+                "PASS: every request answered, every byte verified, no reconnect"
+            } else {
+                "FAIL"
+            }
+        );
         w!(
             "RESULT connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
              reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}",
@@ -739,8 +892,12 @@ fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
         run.children.clear();
     } else {
         for name in ["baton-load", "w1", "w2", "baton-lb"] {
-            let Ok(pid) = std::fs::read_to_string(state.join(format!("{name}.pid"))) else { continue };
-            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            let Ok(pid) = std::fs::read_to_string(state.join(format!("{name}.pid"))) else {
+                continue;
+            };
+            let Ok(pid) = pid.trim().parse::<i32>() else {
+                continue;
+            };
             // Only signal it if it still is the program we started (pids get reused).
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim().starts_with("baton") {
@@ -752,20 +909,33 @@ fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
     }
     // `baton-lb detach` needs the binary; find it next to where a run would have built it.
     let root = workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let mut candidates = vec![target.join("release/baton-lb"), root.join("target/release/baton-lb")];
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let mut candidates = vec![
+        target.join("release/baton-lb"),
+        root.join("target/release/baton-lb"),
+    ];
     if let Some(b) = bins {
         candidates.insert(0, b.join("baton-lb"));
     }
     if Path::new(PIN_DIR).exists() {
         match candidates.iter().find(|p| p.is_file()) {
             Some(lb) => {
-                let out = Command::new(lb).arg("detach").output().context("running baton-lb detach")?;
+                let out = Command::new(lb)
+                    .arg("detach")
+                    .output()
+                    .context("running baton-lb detach")?;
                 if !out.status.success() {
-                    say(format!("baton-lb detach: {}", String::from_utf8_lossy(&out.stderr).trim()));
+                    say(format!(
+                        "baton-lb detach: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
                 }
             }
-            None => say(format!("no baton-lb binary found to detach {PIN_DIR}: run `baton-lb detach`")),
+            None => say(format!(
+                "no baton-lb binary found to detach {PIN_DIR}: run `baton-lb detach`"
+            )),
         }
     }
     lab::down_quiet()?;

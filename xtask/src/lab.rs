@@ -45,8 +45,20 @@ struct Pair {
 
 const PAIRS: [Pair; 3] = [
     Pair {
-        a: End { ns: CLIENT_NS, dev: "bt-cl", v4: "10.200.1.2/24", v6: "fd00:200:1::2/64", mac: "02:ba:00:01:00:02" },
-        b: End { ns: LB_NS, dev: "bt-lb-cl", v4: "10.200.1.1/24", v6: "fd00:200:1::1/64", mac: "02:ba:00:01:00:01" },
+        a: End {
+            ns: CLIENT_NS,
+            dev: "bt-cl",
+            v4: "10.200.1.2/24",
+            v6: "fd00:200:1::2/64",
+            mac: "02:ba:00:01:00:02",
+        },
+        b: End {
+            ns: LB_NS,
+            dev: "bt-lb-cl",
+            v4: "10.200.1.1/24",
+            v6: "fd00:200:1::1/64",
+            mac: "02:ba:00:01:00:01",
+        },
     },
     Pair {
         a: End {
@@ -56,7 +68,13 @@ const PAIRS: [Pair; 3] = [
             v6: "fd00:200:11::2/64",
             mac: "02:ba:00:0b:00:02",
         },
-        b: End { ns: LB_NS, dev: "bt-lb-w1", v4: "10.200.11.1/24", v6: "fd00:200:11::1/64", mac: "02:ba:00:0b:00:01" },
+        b: End {
+            ns: LB_NS,
+            dev: "bt-lb-w1",
+            v4: "10.200.11.1/24",
+            v6: "fd00:200:11::1/64",
+            mac: "02:ba:00:0b:00:01",
+        },
     },
     Pair {
         a: End {
@@ -66,7 +84,13 @@ const PAIRS: [Pair; 3] = [
             v6: "fd00:200:12::2/64",
             mac: "02:ba:00:0c:00:02",
         },
-        b: End { ns: LB_NS, dev: "bt-lb-w2", v4: "10.200.12.1/24", v6: "fd00:200:12::1/64", mac: "02:ba:00:0c:00:01" },
+        b: End {
+            ns: LB_NS,
+            dev: "bt-lb-w2",
+            v4: "10.200.12.1/24",
+            v6: "fd00:200:12::1/64",
+            mac: "02:ba:00:0c:00:01",
+        },
     },
 ];
 
@@ -81,9 +105,16 @@ pub fn run(action: Action) -> Result<()> {
 }
 
 fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("cannot run {}", args[0]))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args[0]))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -99,7 +130,10 @@ fn ns_exists(ns: &str) -> bool {
 }
 
 fn link_exists(ns: &str, dev: &str) -> bool {
-    Command::new("ip").args(["-n", ns, "link", "show", "dev", dev]).output().is_ok_and(|o| o.status.success())
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", "dev", dev])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
@@ -126,21 +160,43 @@ pub fn up_quiet() -> Result<()> {
             let _ = sh(&["ip", "-n", p.a.ns, "link", "del", p.a.dev]);
             let _ = sh(&["ip", "-n", p.b.ns, "link", "del", p.b.dev]);
             sh(&[
-                "ip", "link", "add", p.a.dev, "netns", p.a.ns, "type", "veth", "peer", "name", p.b.dev, "netns", p.b.ns,
+                "ip", "link", "add", p.a.dev, "netns", p.a.ns, "type", "veth", "peer", "name",
+                p.b.dev, "netns", p.b.ns,
             ])?;
         }
         for e in [&p.a, &p.b] {
             sh(&["ip", "-n", e.ns, "link", "set", e.dev, "address", e.mac])?;
             sysctl(e.ns, &format!("net.ipv6.conf.{}.accept_dad", e.dev), "0")?;
             sh(&["ip", "-n", e.ns, "addr", "replace", e.v4, "dev", e.dev])?;
-            sh(&["ip", "-n", e.ns, "addr", "replace", e.v6, "dev", e.dev, "nodad"])?;
+            sh(&[
+                "ip", "-n", e.ns, "addr", "replace", e.v6, "dev", e.dev, "nodad",
+            ])?;
             sh(&["ip", "-n", e.ns, "link", "set", e.dev, "up"])?;
         }
     }
     // Client: everything via the LB. Locally sent UDP leaves a veth with CHECKSUM_PARTIAL, which a
     // native XDP redirect cannot finish: have the sender compute checksums in software.
-    sh(&["ip", "-n", CLIENT_NS, "route", "replace", "default", "via", "10.200.1.1"])?;
-    sh(&["ip", "-n", CLIENT_NS, "-6", "route", "replace", "default", "via", "fd00:200:1::1"])?;
+    sh(&[
+        "ip",
+        "-n",
+        CLIENT_NS,
+        "route",
+        "replace",
+        "default",
+        "via",
+        "10.200.1.1",
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        CLIENT_NS,
+        "-6",
+        "route",
+        "replace",
+        "default",
+        "via",
+        "fd00:200:1::1",
+    ])?;
     ns_sh(CLIENT_NS, &["ethtool", "-K", "bt-cl", "tx", "off"])?;
 
     // LB: a router for ordinary traffic (workers' replies), no source-path filtering (replies
@@ -158,13 +214,34 @@ pub fn up_quiet() -> Result<()> {
     }
 
     // Workers: VIP on loopback, answer ARP only for addresses on the asking interface, replies via the LB.
-    for (ns, dev, gw4, gw6) in
-        [("baton-w1", "bt-w1", "10.200.11.1", "fd00:200:11::1"), ("baton-w2", "bt-w2", "10.200.12.1", "fd00:200:12::1")]
-    {
-        sh(&["ip", "-n", ns, "addr", "replace", &format!("{VIP4}/32"), "dev", "lo"])?;
-        sh(&["ip", "-n", ns, "addr", "replace", &format!("{VIP6}/128"), "dev", "lo"])?;
+    for (ns, dev, gw4, gw6) in [
+        ("baton-w1", "bt-w1", "10.200.11.1", "fd00:200:11::1"),
+        ("baton-w2", "bt-w2", "10.200.12.1", "fd00:200:12::1"),
+    ] {
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "replace",
+            &format!("{VIP4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "replace",
+            &format!("{VIP6}/128"),
+            "dev",
+            "lo",
+        ])?;
         sh(&["ip", "-n", ns, "route", "replace", "default", "via", gw4])?;
-        sh(&["ip", "-n", ns, "-6", "route", "replace", "default", "via", gw6])?;
+        sh(&[
+            "ip", "-n", ns, "-6", "route", "replace", "default", "via", gw6,
+        ])?;
         for (k, v) in [
             ("net.ipv4.conf.all.arp_ignore", "1"),
             ("net.ipv4.conf.all.arp_announce", "2"),
@@ -210,7 +287,10 @@ fn print_summary() {
     println!("Baton lab is up:");
     for p in &PAIRS {
         for e in [&p.a, &p.b] {
-            println!("  {:<13} {:<9} {:<15} {:<18} {}", e.ns, e.dev, e.v4, e.v6, e.mac);
+            println!(
+                "  {:<13} {:<9} {:<15} {:<18} {}",
+                e.ns, e.dev, e.v4, e.v6, e.mac
+            );
         }
     }
     println!("  VIP {VIP4} and {VIP6} (UDP 4433) on lo in baton-w1 and baton-w2");
@@ -218,7 +298,10 @@ fn print_summary() {
     println!();
     println!("Next:");
     println!("  cargo build --release -p lb-user");
-    println!("  sudo target/release/baton-lb --netns {LB_NS} --config {}", cfg.display());
+    println!(
+        "  sudo target/release/baton-lb --netns {LB_NS} --config {}",
+        cfg.display()
+    );
     println!("  sudo target/release/baton status");
     println!("  sudo bpftool map dump pinned /sys/fs/bpf/baton/BATON_WORKERS");
     println!("  (`ip netns exec` would hide the host's bpffs from baton-lb: use --netns)");

@@ -11,7 +11,10 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Baton developer tasks: build the XDP program, run the netns lab, tests and benchmarks")]
+#[command(
+    name = "cargo xtask",
+    about = "Baton developer tasks: build the XDP program, run the netns lab, tests and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

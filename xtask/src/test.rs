@@ -16,12 +16,34 @@ pub struct Options {
 pub fn run(opts: &Options) -> Result<()> {
     require_root("cargo xtask test")?;
     // Unit and property tests of every crate but the netns/BPF integration suite.
-    util::run(cargo().args(["test", "--workspace", "--exclude", "baton-tests", "--exclude", "lb-ebpf"]).args(&opts.args))?;
+    util::run(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "baton-tests",
+                "--exclude",
+                "lb-ebpf",
+            ])
+            .args(&opts.args),
+    )?;
     // Integration tests share network namespaces and the bpffs pin directory: one at a time. They
     // run release builds of the real binaries, as deployed: migrations under load are
     // timing-sensitive (a target must confirm an import within the transfer timeout), and debug
     // builds of the crypto and QUIC stacks on a 2-core machine are not what users run.
-    util::run(cargo().args(["test", "--release", "-p", "baton-tests", "--", "--test-threads=1"]).args(&opts.args))?;
+    util::run(
+        cargo()
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "baton-tests",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(&opts.args),
+    )?;
     // A short, bounded fuzz run of the snapshot decoder: untrusted bytes from another worker.
     if opts.fuzz_seconds > 0 {
         crate::fuzz::run_bounded(opts.fuzz_seconds)?;

@@ -5,7 +5,10 @@ use std::process::Command;
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 pub fn is_root() -> bool {
@@ -15,7 +18,9 @@ pub fn is_root() -> bool {
 
 pub fn require_root(what: &str) -> Result<()> {
     if !is_root() {
-        bail!("{what} needs root (XDP, bpffs and network namespaces are privileged): run it with sudo, e.g. `sudo -E cargo xtask ...`");
+        bail!(
+            "{what} needs root (XDP, bpffs and network namespaces are privileged): run it with sudo, e.g. `sudo -E cargo xtask ...`"
+        );
     }
     Ok(())
 }
@@ -24,7 +29,9 @@ pub fn require_root(what: &str) -> Result<()> {
 pub fn run(cmd: &mut Command) -> Result<()> {
     cmd.current_dir(workspace_root());
     eprintln!("[xtask] $ {cmd:?}");
-    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }

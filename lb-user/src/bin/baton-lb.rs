@@ -29,7 +29,13 @@ the program is explicit: `baton-lb detach`.",
 )]
 struct Cli {
     /// The TOML config (see docs/OPERATING.md for every field).
-    #[arg(long, short, env = "BATON_CONFIG", default_value = "/etc/baton/lb.toml", global = true)]
+    #[arg(
+        long,
+        short,
+        env = "BATON_CONFIG",
+        default_value = "/etc/baton/lb.toml",
+        global = true
+    )]
     config: PathBuf,
     /// bpffs directory for the pinned maps and link. Use a separate one per instance (tests do).
     #[arg(long, env = "BATON_PIN_DIR", default_value = lb_user::DEFAULT_PIN_DIR, global = true)]
@@ -71,11 +77,19 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| "info".into());
     if cli.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
     let result = match cli.command {
         None | Some(Cmd::Run) => run(&cli),
@@ -97,12 +111,19 @@ fn check_config(cli: &Cli) -> Result<()> {
     let cfg = Config::load(&cli.config)?;
     println!("{}: OK", cli.config.display());
     println!("  interface {} (xdp_mode {})", cfg.interface, cfg.xdp_mode);
-    println!("  CIDs {} bytes, server ID {} bytes", cfg.layout.cid_len(), cfg.layout.server_id_len());
+    println!(
+        "  CIDs {} bytes, server ID {} bytes",
+        cfg.layout.cid_len(),
+        cfg.layout.server_id_len()
+    );
     for v in &cfg.vips {
         println!("  VIP {} ports {:?}", v.address, v.ports);
     }
     for w in &cfg.workers {
-        println!("  worker {} server_id {} at {} weight {}", w.name, w.server_id, w.address, w.weight);
+        println!(
+            "  worker {} server_id {} at {} weight {}",
+            w.name, w.server_id, w.address, w.weight
+        );
     }
     Ok(())
 }
@@ -144,7 +165,10 @@ fn detach(cli: &Cli) -> Result<()> {
     }
     let removed = dataplane::detach(&cli.pin_dir)?;
     if removed.is_empty() {
-        println!("nothing was pinned under {}: nothing to detach", cli.pin_dir.display());
+        println!(
+            "nothing was pinned under {}: nothing to detach",
+            cli.pin_dir.display()
+        );
     } else {
         for p in &removed {
             println!("removed {}", p.display());
@@ -163,10 +187,16 @@ fn run(cli: &Cli) -> Result<()> {
     if let Some(s) = &cli.control_socket {
         cfg.control_socket = s.clone();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let pin_dir_existed = cli.pin_dir.exists();
     let result = rt.block_on(async_run(cli, cfg));
-    if result.is_err() && !pin_dir_existed && !cli.pin_dir.join(lb_user::pinned::LINK_PIN_NAME).exists() {
+    if result.is_err()
+        && !pin_dir_existed
+        && !cli.pin_dir.join(lb_user::pinned::LINK_PIN_NAME).exists()
+    {
         // A first start that failed leaves no half-made pins behind.
         let _ = lb_user::pinned::unpin_all(&cli.pin_dir);
     }
@@ -197,7 +227,9 @@ fn reload(
         );
     }
     if cfg.control_socket != socket || cfg.metrics != metrics {
-        tracing::warn!("control.socket and control.metrics changes take effect at the next restart");
+        tracing::warn!(
+            "control.socket and control.metrics changes take effect at the next restart"
+        );
     }
     let maps = PinnedMaps::open(&cli.pin_dir)?;
     let next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
@@ -209,7 +241,10 @@ fn reload(
 async fn async_run(cli: &Cli, cfg: Config) -> Result<()> {
     // Handlers first: a SIGHUP or SIGTERM during start-up must not kill us with the default action.
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
+    let (mut term, mut hup) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::hangup())?,
+    );
     // Refuse early if another instance owns the socket (before touching any map).
     let socket_path = cfg.control_socket.clone();
     let listener = control::bind(&socket_path)?;
@@ -269,7 +304,10 @@ async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Re
     if fresh {
         health::initial_round(&ctl).await;
     }
-    ctl.lock().unwrap().sync().context("writing the initial state into the maps failed")?;
+    ctl.lock()
+        .unwrap()
+        .sync()
+        .context("writing the initial state into the maps failed")?;
     let attach = dp.attach(&interface, mode, plan)?;
     if attach.readopted {
         tracing::info!(
@@ -300,13 +338,22 @@ async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Re
         // aya-log records arrive through a ring buffer: flush it whenever it becomes readable.
         tokio::spawn(async move {
             // SAFETY: the logger owns its ring-buffer fd and keeps it open while the AsyncFd owns it.
-            match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            match unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            } {
                 Ok(mut fd) => loop {
-                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        break;
+                    };
                     guard.get_inner_mut().flush();
                     guard.clear_ready();
                 },
-                Err(e) => tracing::warn!(error = %e, "cannot poll the XDP program's log ring buffer"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot poll the XDP program's log ring buffer")
+                }
             }
         });
     }

@@ -2,7 +2,9 @@
 //! the running baton-lb over its control socket for what only it knows (names, health, mode).
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use lb_common::{CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry, WorkerRef};
+use lb_common::{
+    CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry, WorkerRef,
+};
 use lb_user::config::format_mac;
 use lb_user::control::{self, DaemonStatus, Request};
 use lb_user::controller::{WorkerStatus, hex, override_key, parse_hex};
@@ -134,7 +136,14 @@ fn run(cli: &Cli) -> Result<()> {
             OverrideCmd::List => override_list(cli),
         },
         Cmd::Conns => conns(cli),
-        Cmd::Migrate { conn, to, quiesce_timeout_ms, forge_token, expired_token, tamper_snapshot } => {
+        Cmd::Migrate {
+            conn,
+            to,
+            quiesce_timeout_ms,
+            forge_token,
+            expired_token,
+            tamper_snapshot,
+        } => {
             let faults = lb_user::migrate::Faults {
                 forge_token: *forge_token,
                 expire_token: expired_token.then_some(std::time::Duration::from_secs(600)),
@@ -142,7 +151,11 @@ fn run(cli: &Cli) -> Result<()> {
             };
             migrate(cli, conn, to, *quiesce_timeout_ms, faults)
         }
-        Cmd::Drain { worker, to, concurrency } => drain(cli, worker, to.as_deref(), *concurrency),
+        Cmd::Drain {
+            worker,
+            to,
+            concurrency,
+        } => drain(cli, worker, to.as_deref(), *concurrency),
     }
 }
 
@@ -161,9 +174,15 @@ fn conns(cli: &Cli) -> Result<()> {
     let mut silent = Vec::new();
     for (w, f) in &down {
         if f.not_running {
-            eprintln!("warning: worker {w} is not running, so it holds no connections: {}", f.error);
+            eprintln!(
+                "warning: worker {w} is not running, so it holds no connections: {}",
+                f.error
+            );
         } else {
-            eprintln!("warning: worker {w} did not answer ({}): {}", f.kind, f.error);
+            eprintln!(
+                "warning: worker {w} did not answer ({}): {}",
+                f.kind, f.error
+            );
             silent.push(w.as_str());
         }
     }
@@ -183,7 +202,10 @@ fn conns(cli: &Cli) -> Result<()> {
         incomplete();
         return Ok(());
     }
-    println!("{:<42} {:<10} {:<10} {:<24} {:>9}  CIDS", "CONN", "WORKER", "STATE", "CLIENT", "OVERRIDES");
+    println!(
+        "{:<42} {:<10} {:<10} {:<24} {:>9}  CIDS",
+        "CONN", "WORKER", "STATE", "CLIENT", "OVERRIDES"
+    );
     for r in &rows {
         println!(
             "{:<42} {:<10} {:<10} {:<24} {:>9}  {}",
@@ -200,7 +222,13 @@ fn conns(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn migrate(cli: &Cli, conn: &str, to: &str, quiesce_ms: u64, faults: lb_user::migrate::Faults) -> Result<()> {
+fn migrate(
+    cli: &Cli,
+    conn: &str,
+    to: &str,
+    quiesce_ms: u64,
+    faults: lb_user::migrate::Faults,
+) -> Result<()> {
     let mut o = orchestrator(cli)?;
     o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
     o.faults = faults;
@@ -227,13 +255,19 @@ fn migrate(cli: &Cli, conn: &str, to: &str, quiesce_ms: u64, faults: lb_user::mi
             if left.is_empty() {
                 println!("old CIDs retired: overrides removed");
             } else {
-                println!("{} old CIDs still in use: their overrides stay ({})", left.len(), left.join(","));
+                println!(
+                    "{} old CIDs still in use: their overrides stay ({})",
+                    left.len(),
+                    left.join(",")
+                );
             }
             Ok(())
         }
         Err(f) => {
             if cli.json {
-                print_json(&json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.error}))?;
+                print_json(
+                    &json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.error}),
+                )?;
                 std::process::exit(1);
             }
             bail!("migration failed ({}): {}", f.kind, f.error)
@@ -244,16 +278,18 @@ fn migrate(cli: &Cli, conn: &str, to: &str, quiesce_ms: u64, faults: lb_user::mi
 fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Result<()> {
     let o = orchestrator(cli)?;
     let json_out = cli.json;
-    let progress =
-        move |done: usize,
-              total: usize,
-              r: &std::result::Result<lb_user::migrate::Report, lb_user::migrate::Failure>| {
-            if let Err(f) = r {
-                eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.error);
-            } else if !json_out && (done.is_multiple_of(25) || done == total) {
-                eprintln!("[{done}/{total}] migrated");
-            }
-        };
+    let progress = move |done: usize,
+                         total: usize,
+                         r: &std::result::Result<
+        lb_user::migrate::Report,
+        lb_user::migrate::Failure,
+    >| {
+        if let Err(f) = r {
+            eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.error);
+        } else if !json_out && (done.is_multiple_of(25) || done == total) {
+            eprintln!("[{done}/{total}] migrated");
+        }
+    };
     let s = lb_user::migrate::drain(&o, worker, to, concurrency, &progress)?;
     if cli.json {
         print_json(&s)?;
@@ -301,7 +337,11 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
 fn status(cli: &Cli) -> Result<()> {
     let link = sys::pinned_link_info(&cli.pin_dir.join(LINK_PIN_NAME))?;
     let maps = open_maps(cli).map_err(|e| {
-        if link.is_none() { e.context("nothing is attached (no pinned link): start baton-lb") } else { e }
+        if link.is_none() {
+            e.context("nothing is attached (no pinned link): start baton-lb")
+        } else {
+            e
+        }
     })?;
     let lbc = maps.lb_config()?;
     let stats = maps.stats()?;
@@ -318,13 +358,17 @@ fn status(cli: &Cli) -> Result<()> {
         .map(|d| d.interface.clone())
         .or_else(|| local.as_ref().map(|(name, _)| name.clone()))
         .unwrap_or_else(|| {
-            link.map(|l| format!("ifindex {} (another network namespace)", l.ifindex)).unwrap_or_default()
+            link.map(|l| format!("ifindex {} (another network namespace)", l.ifindex))
+                .unwrap_or_default()
         });
     // The daemon knows the mode; without it, ask the kernel if the interface is visible here.
-    let mode = d
-        .as_ref()
-        .map(|d| d.mode.clone())
-        .or_else(|| local.as_ref().map(|(_, m)| *m).filter(|m| *m != AttachedMode::Unknown).map(|m| m.to_string()));
+    let mode = d.as_ref().map(|d| d.mode.clone()).or_else(|| {
+        local
+            .as_ref()
+            .map(|(_, m)| *m)
+            .filter(|m| *m != AttachedMode::Unknown)
+            .map(|m| m.to_string())
+    });
     // Which derived array mirrors the program uses instead of hash lookups (lb_common::fastpath).
     let fastpath = maps.fastpath.as_ref().map(|fp| {
         use lb_common::fastpath::{FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE};
@@ -332,13 +376,21 @@ fn status(cli: &Cli) -> Result<()> {
         let layout_ok = st.cid_len == lbc.cid_len && st.server_id_len == lbc.server_id_len;
         vec![
             ("vip_table", st.flags & FP_VIP_TABLE != 0),
-            ("server_id_table", st.flags & FP_SERVER_ID_TABLE != 0 && layout_ok),
-            ("override_counts", st.flags & FP_OVERRIDE_COUNTS != 0 && layout_ok),
+            (
+                "server_id_table",
+                st.flags & FP_SERVER_ID_TABLE != 0 && layout_ok,
+            ),
+            (
+                "override_counts",
+                st.flags & FP_OVERRIDE_COUNTS != 0 && layout_ok,
+            ),
         ]
     });
     if cli.json {
-        let counters: serde_json::Map<String, serde_json::Value> =
-            stats.iter().map(|(s, v)| (s.name().to_string(), json!(v))).collect();
+        let counters: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(s, v)| (s.name().to_string(), json!(v)))
+            .collect();
         return print_json(&json!({
             "attached": link.is_some(),
             "interface": interface,
@@ -367,22 +419,45 @@ fn status(cli: &Cli) -> Result<()> {
             interface,
             mode.as_deref().unwrap_or("unknown (baton-lb not running)")
         ),
-        None => println!("program   NOT ATTACHED (maps are pinned under {} but no link is)", cli.pin_dir.display()),
+        None => println!(
+            "program   NOT ATTACHED (maps are pinned under {} but no link is)",
+            cli.pin_dir.display()
+        ),
     }
     match &d {
-        Some(d) => println!("daemon    baton-lb pid {} up {}s, config {}", d.pid, d.uptime_secs, d.config.display()),
+        Some(d) => println!(
+            "daemon    baton-lb pid {} up {}s, config {}",
+            d.pid,
+            d.uptime_secs,
+            d.config.display()
+        ),
         None => println!("daemon    not running (forwarding continues on the pinned program)"),
     }
     println!(
         "tables    {} (CIDs {} bytes, server ID {} bytes, Maglev {} slots)",
-        if lbc.ready != 0 { "ready" } else { "NOT READY: every packet passes" },
+        if lbc.ready != 0 {
+            "ready"
+        } else {
+            "NOT READY: every packet passes"
+        },
         lbc.cid_len,
         lbc.server_id_len,
         lbc.maglev_size
     );
     if let Some(parts) = &fastpath {
-        let on: Vec<&str> = parts.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
-        println!("fast path {}", if on.is_empty() { "off (hash maps only)".to_string() } else { on.join(", ") });
+        let on: Vec<&str> = parts
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        println!(
+            "fast path {}",
+            if on.is_empty() {
+                "off (hash maps only)".to_string()
+            } else {
+                on.join(", ")
+            }
+        );
     }
     println!("counters  (summed over CPUs)");
     for (s, v) in stats {
@@ -416,10 +491,12 @@ fn local_interface(link: Option<sys::LinkInfo>) -> Option<(String, AttachedMode)
 
 fn worker_rows(cli: &Cli, maps: &PinnedMaps) -> Result<Vec<WorkerRow>> {
     // Devmap ifindexes can only be named here if the data plane lives in this namespace.
-    let same_netns = local_interface(sys::pinned_link_info(&cli.pin_dir.join(LINK_PIN_NAME))?).is_some();
+    let same_netns =
+        local_interface(sys::pinned_link_info(&cli.pin_dir.join(LINK_PIN_NAME))?).is_some();
     let d = daemon(cli);
-    let by_index: std::collections::HashMap<u32, WorkerStatus> =
-        d.map(|d| d.workers.into_iter().map(|w| (w.index, w)).collect()).unwrap_or_default();
+    let by_index: std::collections::HashMap<u32, WorkerStatus> = d
+        .map(|d| d.workers.into_iter().map(|w| (w.index, w)).collect())
+        .unwrap_or_default();
     let lbc = maps.lb_config()?;
     let mut slots = std::collections::HashMap::<u32, u32>::new();
     if lbc.maglev_size > 0 && by_index.is_empty() {
@@ -444,16 +521,23 @@ fn worker_rows(cli: &Cli, maps: &PinnedMaps) -> Result<Vec<WorkerRow>> {
                     let ifname = ds.map(|w| w.tx_interface.clone()).or_else(|| {
                         let ifindex = maps.tx_ports.get(e.tx_port, 0).ok()?.if_index;
                         Some(if same_netns {
-                            sys::if_indextoname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}"))
+                            sys::if_indextoname(ifindex)
+                                .unwrap_or_else(|| format!("ifindex {ifindex}"))
                         } else {
                             format!("ifindex {ifindex}")
                         })
                     });
-                    format!("redirect devmap[{}] {}", e.tx_port, ifname.unwrap_or_default())
+                    format!(
+                        "redirect devmap[{}] {}",
+                        e.tx_port,
+                        ifname.unwrap_or_default()
+                    )
                 },
                 in_use: e.flags & lb_common::WORKER_IN_USE != 0,
                 healthy: e.flags & lb_common::WORKER_HEALTHY != 0,
-                maglev_slots: ds.map(|w| w.maglev_slots).unwrap_or_else(|| slots.get(&i).copied().unwrap_or(0)),
+                maglev_slots: ds
+                    .map(|w| w.maglev_slots)
+                    .unwrap_or_else(|| slots.get(&i).copied().unwrap_or(0)),
                 address: ds.map(|w| w.address.clone()),
             }
         })
@@ -487,9 +571,13 @@ fn workers(cli: &Cli) -> Result<()> {
 }
 
 fn parse_cid(s: &str) -> Result<Vec<u8>> {
-    let cid = parse_hex(s).with_context(|| format!("{s:?} is not a hex connection ID (e.g. 0100011122334455)"))?;
+    let cid = parse_hex(s)
+        .with_context(|| format!("{s:?} is not a hex connection ID (e.g. 0100011122334455)"))?;
     if cid.len() > lb_common::MAX_CID_LEN {
-        bail!("a QUIC connection ID is at most 20 bytes; {s:?} is {}", cid.len());
+        bail!(
+            "a QUIC connection ID is at most 20 bytes; {s:?} is {}",
+            cid.len()
+        );
     }
     Ok(cid)
 }
@@ -519,13 +607,22 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
         ));
     }
     // Same order as the XDP program: override, server ID, Maglev.
-    let in_use = |w: u32| maps.workers.get(&w, 0).is_ok_and(|e| e.flags & lb_common::WORKER_IN_USE != 0);
-    let (reason, detail, idx) = if let Some(w) =
-        maps.overrides.get(&key, 0).ok().filter(|w: &WorkerRef| in_use(w.worker))
+    let in_use = |w: u32| {
+        maps.workers
+            .get(&w, 0)
+            .is_ok_and(|e| e.flags & lb_common::WORKER_IN_USE != 0)
+    };
+    let (reason, detail, idx) = if let Some(w) = maps
+        .overrides
+        .get(&key, 0)
+        .ok()
+        .filter(|w: &WorkerRef| in_use(w.worker))
     {
         ("override", "exact-CID override".to_string(), Some(w.worker))
     } else {
-        let sid = CidLayout::new(lbc.cid_len, lbc.server_id_len).ok().and_then(|l| l.decode_server_id(&cid));
+        let sid = CidLayout::new(lbc.cid_len, lbc.server_id_len)
+            .ok()
+            .and_then(|l| l.decode_server_id(&cid));
         let by_sid = sid.and_then(|s| {
             maps.server_ids
                 .get(&lb_common::ServerIdKey { server_id: s }, 0)
@@ -534,10 +631,17 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
                 .map(|w| (s, w.worker))
         });
         match (sid, by_sid) {
-            (Some(s), Some((_, w))) => ("server_id", format!("server ID {s} (0x{s:x}) in the CID"), Some(w)),
+            (Some(s), Some((_, w))) => (
+                "server_id",
+                format!("server ID {s} (0x{s:x}) in the CID"),
+                Some(w),
+            ),
             _ => {
                 let why = match sid {
-                    None if cid.first().is_some_and(|b| lb_common::config_rotation(*b) == lb_common::CR_UNROUTABLE) => {
+                    None if cid.first().is_some_and(|b| {
+                        lb_common::config_rotation(*b) == lb_common::CR_UNROUTABLE
+                    }) =>
+                    {
                         "config rotation 0b111 (unroutable)".to_string()
                     }
                     None => "too short to carry a server ID".to_string(),
@@ -545,7 +649,11 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
                 };
                 let size = lbc.maglev_size.min(MAGLEV_TABLE_SIZE);
                 if size == 0 {
-                    ("no_worker", format!("{why}; Maglev table empty (no healthy worker): dropped"), None)
+                    (
+                        "no_worker",
+                        format!("{why}; Maglev table empty (no healthy worker): dropped"),
+                        None,
+                    )
                 } else {
                     let slot = lb_common::cid_hash(&key) % size;
                     let w = maps.maglev.get(&slot, 0)?;
@@ -586,7 +694,9 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
 }
 
 fn names_by_index(cli: &Cli) -> std::collections::HashMap<u32, String> {
-    daemon(cli).map(|d| d.workers.into_iter().map(|w| (w.index, w.name)).collect()).unwrap_or_default()
+    daemon(cli)
+        .map(|d| d.workers.into_iter().map(|w| (w.index, w.name)).collect())
+        .unwrap_or_default()
 }
 
 /// A worker name (via the daemon) or a server ID (decimal or 0x-hex, via the maps) -> slot.
@@ -596,10 +706,16 @@ fn resolve_worker(cli: &Cli, maps: &PinnedMaps, worker: &str) -> Result<u32> {
             return Ok(w.index);
         }
     }
-    let sid =
-        if let Some(h) = worker.strip_prefix("0x") { u64::from_str_radix(h, 16).ok() } else { worker.parse().ok() };
+    let sid = if let Some(h) = worker.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        worker.parse().ok()
+    };
     if let Some(sid) = sid {
-        if let Ok(w) = maps.server_ids.get(&lb_common::ServerIdKey { server_id: sid }, 0) {
+        if let Ok(w) = maps
+            .server_ids
+            .get(&lb_common::ServerIdKey { server_id: sid }, 0)
+        {
             return Ok(w.worker);
         }
     }
@@ -616,7 +732,10 @@ fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
     let key = override_key(&cid, lbc.cid_len as usize)?;
     let idx = resolve_worker(cli, &maps, worker)?;
     // The running daemon writes it (serialised with its own map updates); without one, we do.
-    let req = Request::OverrideSet { cid: hex(key.as_slice()), worker: idx };
+    let req = Request::OverrideSet {
+        cid: hex(key.as_slice()),
+        worker: idx,
+    };
     if control::request(&cli.control_socket, &req)?.is_none() {
         maps.set_override(key, idx)?;
     }
@@ -631,7 +750,10 @@ fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
     let mut maps = open_maps(cli)?;
     let key = CidKey::new(&cid).unwrap();
-    let removed = match control::request(&cli.control_socket, &Request::OverrideDel { cid: hex(&cid) })? {
+    let removed = match control::request(
+        &cli.control_socket,
+        &Request::OverrideDel { cid: hex(&cid) },
+    )? {
         Some(v) => v["removed"].as_bool().unwrap_or(false),
         None => maps.remove_override(&key)?,
     };

@@ -22,7 +22,10 @@ pub const METRICS_PORT: u16 = 9650;
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds `baton-lb` and `baton` (once per test process) into the target directory this test
@@ -32,7 +35,11 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // <target>/<profile>/deps/<test>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-q", "-p", "lb-user", "--bins"])
@@ -41,8 +48,14 @@ pub fn bin_dir() -> &'static Path {
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let out = cmd.output().expect("run cargo build for the baton binaries");
-        assert!(out.status.success(), "building baton-lb/baton failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = cmd
+            .output()
+            .expect("run cargo build for the baton binaries");
+        assert!(
+            out.status.success(),
+            "building baton-lb/baton failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         profile_dir
     })
 }
@@ -62,20 +75,35 @@ pub fn worker_bin() -> PathBuf {
                 cmd.arg("--release");
             }
             let out = cmd.output().expect("run cargo build for baton-worker");
-            assert!(out.status.success(), "building baton-worker failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "building baton-worker failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             dir.join("baton-worker")
         })
         .clone()
 }
 
 pub fn sh(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn sh_quiet(args: &[&str]) {
-    let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Runs `f` on a thread inside network namespace `ns`. Sockets created there stay in that
@@ -85,7 +113,11 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         // SAFETY: valid netns fd; affects only this thread.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
         f()
     })
     .join()
@@ -145,13 +177,19 @@ pub struct LabOptions {
 
 impl Default for LabOptions {
     fn default() -> Self {
-        Self { xdp_mode: "native", health: "kind = \"none\"".into() }
+        Self {
+            xdp_mode: "native",
+            health: "kind = \"none\"".into(),
+        }
     }
 }
 
 impl Lab {
     pub fn new(opts: LabOptions) -> Lab {
-        assert!(unsafe { libc::geteuid() } == 0, "the netns tests need root (namespaces, XDP, bpffs)");
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the netns tests need root (namespaces, XDP, bpffs)"
+        );
         sweep_leftovers();
         let _ = bin_dir();
         let pid = std::process::id();
@@ -245,31 +283,109 @@ metrics = "127.0.0.1:{METRICS_PORT}"
             ),
         ];
         for (ans, adev, a4, a6, bns, bdev, b4, b6) in pairs {
-            sh(&["ip", "link", "add", adev, "netns", ans, "type", "veth", "peer", "name", bdev, "netns", bns]);
+            sh(&[
+                "ip", "link", "add", adev, "netns", ans, "type", "veth", "peer", "name", bdev,
+                "netns", bns,
+            ]);
             for (ns, dev, v4, v6) in [(ans, adev, a4, a6), (bns, bdev, b4, b6)] {
                 sh(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
                 sh(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
                 sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
             }
         }
-        sh(&["ip", "-n", &self.client, "route", "add", "default", "via", "10.201.1.1"]);
-        sh(&["ip", "-n", &self.client, "-6", "route", "add", "default", "via", "fd00:201:1::1"]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.client,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.201.1.1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.client,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:201:1::1",
+        ]);
         // See ENVIRONMENT.md: native redirect of locally sent UDP needs software checksums on the
         // sender, and the target veth's peer needs NAPI (GRO) to take redirected frames.
-        sh(&["ip", "netns", "exec", &self.client, "ethtool", "-K", "t-cl", "tx", "off"]);
-        for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv4.conf.all.rp_filter=0"] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.client,
+            "ethtool",
+            "-K",
+            "t-cl",
+            "tx",
+            "off",
+        ]);
+        for k in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+        ] {
             sh(&["ip", "netns", "exec", &self.lb, "sysctl", "-qw", k]);
         }
         for (i, ns) in self.workers.iter().enumerate() {
             let dev = format!("t-w{}", i + 1);
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
-            sh(&["ip", "-n", ns, "addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
-            sh(&["ip", "-n", ns, "route", "add", "default", "via", &format!("10.201.1{}.1", i + 1)]);
-            sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &format!("fd00:201:1{}::1", i + 1)]);
-            for k in ["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"] {
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{VIP4}/32"),
+                "dev",
+                "lo",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{VIP6}/128"),
+                "dev",
+                "lo",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.201.1{}.1", i + 1),
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:201:1{}::1", i + 1),
+            ]);
+            for k in [
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+            ] {
                 sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", k]);
             }
-            sh(&["ip", "netns", "exec", ns, "ethtool", "-K", &dev, "gro", "on"]);
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", &dev, "gro", "on",
+            ]);
         }
         self.wait_for_gateway();
     }
@@ -282,15 +398,22 @@ metrics = "127.0.0.1:{METRICS_PORT}"
             loop {
                 let ip: IpAddr = gw.parse().unwrap();
                 in_netns(&self.client, move || {
-                    let s = UdpSocket::bind(if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+                    let s =
+                        UdpSocket::bind(if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
                     let _ = s.send_to(b"warm-up", SocketAddr::new(ip, 9));
                 });
                 let out = sh(&["ip", "-n", &self.client, "neigh", "show", gw]);
                 let text = String::from_utf8_lossy(&out.stdout);
-                if text.contains("lladdr") && !text.contains("FAILED") && !text.contains("INCOMPLETE") {
+                if text.contains("lladdr")
+                    && !text.contains("FAILED")
+                    && !text.contains("INCOMPLETE")
+                {
                     break;
                 }
-                assert!(start.elapsed() < Duration::from_secs(10), "client cannot resolve its gateway {gw}: {text}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "client cannot resolve its gateway {gw}: {text}"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -299,7 +422,11 @@ metrics = "127.0.0.1:{METRICS_PORT}"
     /// Starts baton-lb in the LB namespace and waits until its control socket answers.
     pub fn start_lb(&mut self) {
         assert!(self.daemon.is_none(), "baton-lb already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(bin_dir().join("baton-lb"))
             .args(["--netns", &self.lb, "--config"])
             .arg(&self.config)
@@ -319,7 +446,11 @@ metrics = "127.0.0.1:{METRICS_PORT}"
             if self.status_via_socket().is_some() {
                 return;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "baton-lb not ready in 30 s:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "baton-lb not ready in 30 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -359,7 +490,10 @@ metrics = "127.0.0.1:{METRICS_PORT}"
             .expect("run baton-lb detach");
         if let Some(mut child) = self.daemon.take() {
             let status = child.wait().unwrap();
-            assert!(status.success(), "baton-lb should exit cleanly when asked to by detach: {status}");
+            assert!(
+                status.success(),
+                "baton-lb should exit cleanly when asked to by detach: {status}"
+            );
         }
         out
     }
@@ -387,15 +521,20 @@ metrics = "127.0.0.1:{METRICS_PORT}"
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).ok()?;
         let v: Value = serde_json::from_str(&line).ok()?;
-        v["ok"].as_bool().filter(|ok| *ok).map(|_| v["data"].clone())
+        v["ok"]
+            .as_bool()
+            .filter(|ok| *ok)
+            .map(|_| v["data"].clone())
     }
 
     /// GET /metrics from baton-lb, from inside the LB namespace.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
         in_netns(&self.lb, || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("metrics port");
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("metrics port");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).unwrap();
             out
@@ -415,7 +554,11 @@ metrics = "127.0.0.1:{METRICS_PORT}"
     /// Runs the `baton` CLI against this lab; returns stdout, panics with stderr on failure.
     pub fn baton(&self, args: &[&str]) -> String {
         let out = self.baton_raw(args);
-        assert!(out.status.success(), "baton {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "baton {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -453,7 +596,8 @@ metrics = "127.0.0.1:{METRICS_PORT}"
         for (i, ns) in self.workers.iter().enumerate() {
             for addr in [VIP4, VIP6] {
                 let sock = in_netns(ns, move || {
-                    let s = UdpSocket::bind(SocketAddr::new(addr.parse::<IpAddr>().unwrap(), PORT)).unwrap();
+                    let s = UdpSocket::bind(SocketAddr::new(addr.parse::<IpAddr>().unwrap(), PORT))
+                        .unwrap();
                     s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
                     s
                 });
@@ -515,7 +659,10 @@ impl Receivers {
 
     /// What has arrived so far, without stopping.
     pub fn snapshot(&self) -> [Vec<Vec<u8>>; 2] {
-        [self.got[0].lock().unwrap().clone(), self.got[1].lock().unwrap().clone()]
+        [
+            self.got[0].lock().unwrap().clone(),
+            self.got[1].lock().unwrap().clone(),
+        ]
     }
 }
 
@@ -524,7 +671,14 @@ pub fn server_cid(server_id: u16, nonce: u32) -> Vec<u8> {
     let layout = lb_common::CidLayout::new(CID_LEN as u8, 2).unwrap();
     let mut cid = vec![0u8; CID_LEN];
     let n = nonce.to_be_bytes();
-    layout.encode(0, server_id as u64, &[n[0], n[1], n[2], n[3], 0x5a], &mut cid).unwrap();
+    layout
+        .encode(
+            0,
+            server_id as u64,
+            &[n[0], n[1], n[2], n[3], 0x5a],
+            &mut cid,
+        )
+        .unwrap();
     cid
 }
 
@@ -569,5 +723,12 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 pub fn vip(v6: bool) -> SocketAddr {
-    SocketAddr::new(if v6 { VIP6.parse().unwrap() } else { VIP4.parse().unwrap() }, PORT)
+    SocketAddr::new(
+        if v6 {
+            VIP6.parse().unwrap()
+        } else {
+            VIP4.parse().unwrap()
+        },
+        PORT,
+    )
 }
