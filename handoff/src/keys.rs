@@ -166,13 +166,8 @@ pub fn server_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::tests::hex;
 
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     /// RFC 9001 Appendix A.3: the server's Initial, header protection and all.
     #[test]

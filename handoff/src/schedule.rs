@@ -176,10 +176,11 @@ pub fn initial_secrets(dst_cid: &[u8]) -> (Secret, Secret) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Vec<u8> {
+    /// Decodes the RFC 9001 test vectors' hex.
+    pub(crate) fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
