@@ -168,7 +168,6 @@ mod tests {
     use super::*;
     use crate::schedule::tests::hex;
 
-
     /// RFC 9001 Appendix A.3: the server's Initial, header protection and all.
     #[test]
     fn rfc9001_server_initial_protection() {
