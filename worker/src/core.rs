@@ -7,9 +7,11 @@ use baton_handoff::handoff::NotQuiescent;
 use bytes::BytesMut;
 use lb_common::cid::CidLayout;
 use quinn_proto::{
-    Connection, ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, Event, ServerConfig,
+    Connection, ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, EndpointEvent, Event,
+    ServerConfig,
 };
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -103,6 +105,20 @@ struct Live {
     keys: Arc<KeyState>,
     app: Box<dyn AppSession>,
     frozen: bool,
+    /// Imported but not yet committed by the source: it must not send (the source may still be
+    /// the sender), so nothing is transmitted until [`WorkerCore::commit`].
+    held: bool,
+    /// The timer last queued in [`WorkerCore::timers`] for this connection.
+    timer: Option<Instant>,
+    /// CIDs this import took out of [`WorkerCore::exported`]; put back if the import is discarded.
+    reclaimed: Vec<Vec<u8>>,
+    /// PINGs still to send, each in a packet of its own (see [`WorkerCore::begin_export`]).
+    pings: u8,
+}
+
+/// A freeze waiting for the connection to become quiescent.
+struct PendingExport {
+    deadline: Instant,
 }
 
 /// How the worker is set up.
@@ -126,8 +142,18 @@ pub struct WorkerCore {
     server_config: ServerConfig,
     service: Arc<dyn Service>,
     conns: HashMap<ConnectionHandle, Live>,
+    /// Connections to drive on the next [`poll`](WorkerCore::poll): they received a datagram or
+    /// an event, or a command changed them. Only these and those whose timer is due are driven,
+    /// so the cost of a poll follows the traffic, not the number of connections.
+    dirty: HashSet<ConnectionHandle>,
+    /// Connection timers, earliest first. Stale entries (the connection's timer moved) are skipped.
+    timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
+    /// Frozen connections waiting to become quiescent, tried again each time they are driven.
+    pending_exports: HashMap<ConnectionHandle, PendingExport>,
+    /// Outcomes of pending exports, for [`take_export_results`](WorkerCore::take_export_results).
+    export_results: Vec<(usize, Result<Exported, ExportFailure>)>,
     /// CIDs of connections exported from here; datagrams for them are kept for the importer.
-    exported: HashMap<Vec<u8>, ()>,
+    exported: HashSet<Vec<u8>>,
     forward: Vec<(SocketAddr, Vec<u8>)>,
 }
 
@@ -163,7 +189,11 @@ impl WorkerCore {
             server_config,
             service,
             conns: HashMap::new(),
-            exported: HashMap::new(),
+            dirty: HashSet::new(),
+            timers: BinaryHeap::new(),
+            pending_exports: HashMap::new(),
+            export_results: Vec::new(),
+            exported: HashSet::new(),
             forward: Vec::new(),
         })
     }
@@ -191,7 +221,7 @@ impl WorkerCore {
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(cid) = self.dcid(data) {
-            if self.exported.contains_key(cid) {
+            if self.exported.contains(cid) {
                 if self.forward.len() < MAX_FORWARD {
                     self.forward.push((remote, data.to_vec()));
                 } else {
@@ -229,8 +259,13 @@ impl WorkerCore {
                                 keys,
                                 app: self.service.new_session(),
                                 frozen: false,
+                                held: false,
+                                timer: None,
+                                reclaimed: Vec::new(),
+                                pings: 0,
                             },
                         );
+                        self.dirty.insert(ch);
                     }
                     Err(e) => {
                         debug!(%remote, "accept failed: {}", e.cause);
@@ -243,6 +278,7 @@ impl WorkerCore {
             Some(DatagramEvent::ConnectionEvent(ch, event)) => {
                 if let Some(live) = self.conns.get_mut(&ch) {
                     live.conn.handle_event(event);
+                    self.dirty.insert(ch);
                 }
             }
             Some(DatagramEvent::Response(t)) => {
@@ -252,21 +288,38 @@ impl WorkerCore {
         }
     }
 
-    /// Drives timers, events, the application and transmission of every connection.
+    /// Drives the connections that need it (see [`WorkerCore::dirty`] and the timers): timers,
+    /// events, the application, transmission, and exports waiting for quiescence.
     /// `max_datagrams` > 1 lets a transmit carry several datagrams for GSO.
     pub fn poll(&mut self, now: Instant, max_datagrams: usize, out: &mut Vec<Outgoing>) {
-        let mut gone = Vec::new();
-        for (&ch, live) in self.conns.iter_mut() {
+        while let Some(&Reverse((at, ch))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.conns.get(&ch).is_some_and(|l| l.timer == Some(at)) {
+                self.dirty.insert(ch);
+            }
+        }
+        // Freezes past their deadline are settled even if their connection is idle.
+        for (&ch, p) in &self.pending_exports {
+            if p.deadline <= now {
+                self.dirty.insert(ch);
+            }
+        }
+        let mut buf = Vec::new();
+        for ch in std::mem::take(&mut self.dirty) {
+            let Some(live) = self.conns.get_mut(&ch) else {
+                continue;
+            };
+            let mut drained = false;
             if live.conn.poll_timeout().is_some_and(|t| t <= now) {
                 live.conn.handle_timeout(now);
             }
             while let Some(ev) = live.conn.poll_endpoint_events() {
-                let drained = ev.is_drained();
+                drained |= ev.is_drained();
                 if let Some(ev) = self.endpoint.handle_event(ch, ev) {
                     live.conn.handle_event(ev);
-                }
-                if drained {
-                    gone.push(ch);
                 }
             }
             while let Some(ev) = live.conn.poll() {
@@ -275,23 +328,93 @@ impl WorkerCore {
                 }
             }
             live.app.drive(&mut live.conn, live.frozen);
-            let mut buf = Vec::new();
-            while let Some(t) = live.conn.poll_transmit(now, max_datagrams, &mut buf) {
-                out.push(Outgoing::from_transmit(&t, &buf));
-                buf.clear();
+            if !live.held {
+                loop {
+                    while let Some(t) = live.conn.poll_transmit(now, max_datagrams, &mut buf) {
+                        out.push(Outgoing::from_transmit(&t, &buf));
+                        buf.clear();
+                    }
+                    if live.pings == 0 {
+                        break;
+                    }
+                    live.pings -= 1;
+                    live.conn.ping();
+                }
             }
-        }
-        for ch in gone {
-            self.conns.remove(&ch);
+            let timer = live.conn.poll_timeout();
+            if timer != live.timer {
+                live.timer = timer;
+                if let Some(t) = timer {
+                    self.timers.push(Reverse((t, ch)));
+                }
+            }
+            if drained {
+                self.conns.remove(&ch);
+                if self.pending_exports.remove(&ch).is_some() {
+                    self.export_results
+                        .push((ch.0, Err(ExportFailure::Unknown(ch.0))));
+                }
+                continue;
+            }
+            if let Some(p) = self.pending_exports.get(&ch) {
+                let deadline = p.deadline;
+                match self.export(ch.0, now) {
+                    Err(ExportFailure::NotQuiescent(reason)) if now < deadline => {
+                        debug!(id = ch.0, %reason, "waiting for quiescence");
+                    }
+                    result => {
+                        self.pending_exports.remove(&ch);
+                        if let Err(e) = &result {
+                            self.unfreeze(ch.0);
+                            warn!(id = ch.0, "migration rolled back: {e}");
+                        }
+                        self.export_results.push((ch.0, result));
+                    }
+                }
+            }
         }
     }
 
-    /// When [`poll`](Self::poll) must run next at the latest.
+    /// When [`poll`](Self::poll) must run next at the latest (None: only on input).
     pub fn next_timeout(&mut self) -> Option<Instant> {
-        self.conns
-            .values_mut()
-            .filter_map(|l| l.conn.poll_timeout())
-            .min()
+        while let Some(&Reverse((at, ch))) = self.timers.peek() {
+            if self.conns.get(&ch).is_some_and(|l| l.timer == Some(at)) {
+                break;
+            }
+            self.timers.pop();
+        }
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let deadline = self.pending_exports.values().map(|p| p.deadline).min();
+        timer.into_iter().chain(deadline).min()
+    }
+
+    /// Whether a datagram, event or command left work for [`poll`](Self::poll).
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Freezes connection `id` and exports it as soon as it is quiescent (checked each time it is
+    /// driven), or un-freezes it at `deadline`. The outcome comes out of
+    /// [`take_export_results`](Self::take_export_results). False if there is no such connection
+    /// or it is already being exported.
+    pub fn begin_export(&mut self, id: usize, deadline: Instant) -> bool {
+        let ch = ConnectionHandle(id);
+        if self.pending_exports.contains_key(&ch) || !self.freeze(id) {
+            return false;
+        }
+        if let Some(live) = self.conns.get_mut(&ch) {
+            // Two ack-eliciting packets make the client acknowledge at once instead of after its
+            // ACK delay (RFC 9000 13.2.1: at least every second ack-eliciting packet is
+            // acknowledged immediately); quiescence needs everything in flight acknowledged.
+            live.pings = 2;
+        }
+        self.pending_exports.insert(ch, PendingExport { deadline });
+        true
+    }
+
+    /// Outcomes of exports begun with [`begin_export`](Self::begin_export): (id, result).
+    pub fn take_export_results(&mut self) -> Vec<(usize, Result<Exported, ExportFailure>)> {
+        std::mem::take(&mut self.export_results)
     }
 
     pub fn connections(&self) -> Vec<ConnInfo> {
@@ -316,23 +439,28 @@ impl WorkerCore {
     }
 
     fn find(&self, id: usize) -> Option<ConnectionHandle> {
-        self.conns.keys().copied().find(|ch| ch.0 == id)
+        let ch = ConnectionHandle(id);
+        self.conns.contains_key(&ch).then_some(ch)
     }
 
     /// Stop taking new application work on a connection (it keeps reading and acknowledging).
     pub fn freeze(&mut self, id: usize) -> bool {
-        self.find(id)
-            .and_then(|ch| self.conns.get_mut(&ch))
-            .map(|l| l.frozen = true)
-            .is_some()
+        self.set_frozen(id, true)
+    }
+
+    fn set_frozen(&mut self, id: usize, frozen: bool) -> bool {
+        let ch = ConnectionHandle(id);
+        let Some(live) = self.conns.get_mut(&ch) else {
+            return false;
+        };
+        live.frozen = frozen;
+        self.dirty.insert(ch);
+        true
     }
 
     /// Undo [`freeze`](Self::freeze) (rollback of a migration that did not happen).
     pub fn unfreeze(&mut self, id: usize) -> bool {
-        self.find(id)
-            .and_then(|ch| self.conns.get_mut(&ch))
-            .map(|l| l.frozen = false)
-            .is_some()
+        self.set_frozen(id, false)
     }
 
     /// Exports a frozen connection if it is quiescent. On success the connection is gone from
@@ -350,6 +478,10 @@ impl WorkerCore {
             keys,
             app,
             frozen,
+            held,
+            timer,
+            reclaimed,
+            pings,
         } = live;
         match baton_handoff::export(&mut self.endpoint, ch, conn, &keys, now) {
             Ok(handoff) => {
@@ -360,7 +492,7 @@ impl WorkerCore {
                     .map(|(_, c)| c.to_vec())
                     .collect();
                 for c in &cids {
-                    self.exported.insert(c.clone(), ());
+                    self.exported.insert(c.clone());
                 }
                 let quic = baton_handoff::wire::encode(&handoff);
                 let state = app.capture();
@@ -389,6 +521,10 @@ impl WorkerCore {
                         keys,
                         app,
                         frozen,
+                        held,
+                        timer,
+                        reclaimed,
+                        pings,
                     },
                 );
                 Err(failure)
@@ -398,7 +534,14 @@ impl WorkerCore {
 
     /// Imports what another worker's [`export`](Self::export) produced, moves the client onto
     /// this worker's CIDs, and resumes the application. Returns the new connection id.
-    pub fn import(&mut self, bytes: &[u8], now: Instant) -> Result<usize, ImportFailure> {
+    /// A `held` import sends nothing until [`commit`](Self::commit) (or is dropped silently by
+    /// [`discard`](Self::discard)): the source decides who the one sender is.
+    pub fn import(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        held: bool,
+    ) -> Result<usize, ImportFailure> {
         if bytes.len() < 8 {
             return Err(ImportFailure::Decode("truncated".into()));
         }
@@ -410,11 +553,14 @@ impl WorkerCore {
             baton_handoff::wire::decode(quic).map_err(|e| ImportFailure::Decode(e.to_string()))?;
         let app = self.service.restore(&bytes[8 + len..])?;
         let (ch, mut conn, keys) = baton_handoff::import(&mut self.endpoint, &handoff, now)?;
+        let mut reclaimed = Vec::new();
         for (_, c) in &handoff.connection.local_cids {
-            self.exported.remove(&c[..]);
+            if self.exported.remove(&c[..]) {
+                reclaimed.push(c.to_vec());
+            }
         }
         conn.rotate_local_cids(now);
-        info!(id = ch.0, remote = %handoff.connection.remote, "connection imported");
+        info!(id = ch.0, remote = %handoff.connection.remote, held, "connection imported");
         self.conns.insert(
             ch,
             Live {
@@ -423,9 +569,44 @@ impl WorkerCore {
                 keys,
                 app,
                 frozen: false,
+                held,
+                timer: None,
+                reclaimed,
+                pings: 0,
             },
         );
+        self.dirty.insert(ch);
         Ok(ch.0)
+    }
+
+    /// The source committed a held import: this worker is now the connection's one sender.
+    pub fn commit(&mut self, id: usize) -> bool {
+        let ch = ConnectionHandle(id);
+        let Some(live) = self.conns.get_mut(&ch).filter(|l| l.held) else {
+            return false;
+        };
+        live.held = false;
+        live.reclaimed.clear();
+        self.dirty.insert(ch);
+        info!(id, "import committed: sending");
+        true
+    }
+
+    /// Drops a held import the source did not commit, without sending anything (the source
+    /// carries on as the connection's sender).
+    pub fn discard(&mut self, id: usize) -> bool {
+        let ch = ConnectionHandle(id);
+        if !self.conns.get(&ch).is_some_and(|l| l.held) {
+            return false;
+        }
+        let live = self.conns.remove(&ch).expect("checked");
+        // The endpoint forgets the connection and its CIDs; the connection itself never sent.
+        self.endpoint.handle_event(ch, EndpointEvent::drained());
+        for c in live.reclaimed {
+            self.exported.insert(c);
+        }
+        info!(id, "uncommitted import discarded");
+        true
     }
 
     /// Datagrams that reached this worker for connections it exported, in arrival order.
@@ -446,7 +627,7 @@ impl WorkerCore {
     /// Stop keeping datagrams for these CIDs (the LB routes them elsewhere; they are retired).
     pub fn forget_exported(&mut self, cids: &[Vec<u8>]) {
         for c in cids {
-            if self.exported.remove(c).is_none() {
+            if !self.exported.remove(c) {
                 warn!("forgetting a CID that was not exported here");
             }
         }

@@ -1,6 +1,7 @@
 //! The tokio I/O loop around [`WorkerCore`], and a handle to control it.
-use crate::core::{ConnInfo, ExportFailure, Exported, Outgoing, WorkerCore};
+use crate::core::{ConnInfo, Exported, Outgoing, WorkerCore};
 use crate::udp::{Received, UdpIo};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +25,11 @@ enum Command {
     },
     Import {
         bytes: Zeroizing<Vec<u8>>,
+        held: bool,
         reply: oneshot::Sender<Result<usize, String>>,
     },
+    Commit(usize, oneshot::Sender<bool>),
+    Discard(usize),
     Inject(Vec<(SocketAddr, Vec<u8>)>),
     TakeForward(oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     TakeForwardFor(Vec<Vec<u8>>, oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
@@ -61,13 +65,39 @@ impl WorkerHandle {
     }
 
     /// Imports a connection another worker exported (the bytes hold secrets: zeroized on drop).
+    /// It is live at once: use this only when no other worker can send for it (a rollback).
     pub async fn import(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
+        self.import_with(bytes, false).await
+    }
+
+    /// Imports a connection that sends nothing until [`commit`](Self::commit) (or is dropped
+    /// silently by [`discard`](Self::discard)).
+    pub async fn import_held(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
+        self.import_with(bytes, true).await
+    }
+
+    async fn import_with(&self, bytes: Zeroizing<Vec<u8>>, held: bool) -> Result<usize, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Import { bytes, reply })
+            .send(Command::Import { bytes, held, reply })
             .await
             .map_err(gone)?;
         rx.await.map_err(gone)?
+    }
+
+    /// Makes a held import this worker's to send for. False if `id` is not a held import.
+    pub async fn commit(&self, id: usize) -> Result<bool, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Commit(id, reply))
+            .await
+            .map_err(gone)?;
+        rx.await.map_err(gone)
+    }
+
+    /// Drops a held import without it ever sending.
+    pub async fn discard(&self, id: usize) -> Result<(), String> {
+        self.tx.send(Command::Discard(id)).await.map_err(gone)
     }
 
     /// Hands this worker datagrams another worker kept for a connection now imported here.
@@ -102,19 +132,13 @@ impl WorkerHandle {
     }
 }
 
-struct PendingExport {
-    id: usize,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Exported, String>>,
-}
-
 /// Starts the loop on the current tokio runtime.
 pub fn spawn(
     core: WorkerCore,
     socket: Arc<UdpIo>,
     inbound: Inbound,
 ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(1024);
     let task = tokio::spawn(run(core, socket, inbound, rx));
     (WorkerHandle { tx }, task)
 }
@@ -127,6 +151,14 @@ async fn send_all(socket: &UdpIo, out: &mut Vec<Outgoing>) {
     }
 }
 
+/// Receive batches taken from the socket before the connections are driven: enough to empty a
+/// busy socket's queue in one go, few enough that commands and timers are not kept waiting.
+const RECV_BATCHES_PER_TURN: usize = 16;
+/// Commands handled per turn, for the same reason.
+const COMMANDS_PER_TURN: usize = 256;
+
+/// The loop: take what has arrived (datagrams in batches, commands), drive only the connections
+/// that need it, send, sleep until the next input or timer.
 async fn run(
     mut core: WorkerCore,
     socket: Arc<UdpIo>,
@@ -136,81 +168,122 @@ async fn run(
     let mut received = Vec::new();
     let mut out = Vec::new();
     let gso = socket.max_gso_segments().max(1);
-    let mut pending: Vec<PendingExport> = Vec::new();
+    let mut export_replies: HashMap<usize, oneshot::Sender<Result<Exported, String>>> =
+        HashMap::new();
     loop {
         let now = Instant::now();
         core.poll(now, gso, &mut out);
-        // Freezes in progress: export when quiescent, roll back at the deadline.
-        let mut still = Vec::new();
-        for p in pending.drain(..) {
-            match core.export(p.id, now) {
-                Ok(exported) => {
-                    let _ = p.reply.send(Ok(exported));
-                }
-                Err(ExportFailure::NotQuiescent(reason)) if now < p.deadline => {
-                    debug!(id = p.id, %reason, "waiting for quiescence");
-                    still.push(p);
-                }
-                Err(e) => {
-                    core.unfreeze(p.id);
-                    warn!(id = p.id, "migration rolled back: {e}");
-                    let _ = p.reply.send(Err(e.to_string()));
-                }
+        for (id, result) in core.take_export_results() {
+            if let Some(reply) = export_replies.remove(&id) {
+                let _ = reply.send(result.map_err(|e| e.to_string()));
             }
         }
-        pending = still;
         send_all(&socket, &mut out).await;
+        if core.has_work() {
+            // A command or an import left work (e.g. a commit): drive it before sleeping.
+            tokio::task::yield_now().await;
+        } else {
+            let wake = core.next_timeout().unwrap_or(now + Duration::from_secs(1));
+            let sleep = tokio::time::sleep_until(wake.into());
+            tokio::select! {
+                r = async {
+                    match &mut inbound {
+                        Inbound::Socket => socket.recv(&mut received).await.map(|()| true),
+                        Inbound::Channel(rx) => Ok(match rx.recv().await {
+                            Some(d) => {
+                                received.push(d);
+                                true
+                            }
+                            None => false,
+                        }),
+                    }
+                } => match r {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => warn!("receive failed: {e}"),
+                },
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(cmd) => command(&mut core, cmd, &mut export_replies, &mut out),
+                },
+                _ = sleep => {}
+            }
+        }
+        // Take everything else that is already waiting, without blocking.
+        for _ in 0..RECV_BATCHES_PER_TURN {
+            let more = match &mut inbound {
+                Inbound::Socket => match socket.try_recv(&mut received) {
+                    Ok(n) => n > 0,
+                    Err(e) => {
+                        warn!("receive failed: {e}");
+                        false
+                    }
+                },
+                Inbound::Channel(rx) => match rx.try_recv() {
+                    Ok(d) => {
+                        received.push(d);
+                        true
+                    }
+                    Err(_) => false,
+                },
+            };
+            if !more {
+                break;
+            }
+        }
+        let now = Instant::now();
+        for d in received.drain(..) {
+            core.handle(now, d.from, d.ecn, &d.data, &mut out);
+        }
+        for _ in 0..COMMANDS_PER_TURN {
+            match commands.try_recv() {
+                Ok(cmd) => command(&mut core, cmd, &mut export_replies, &mut out),
+                Err(_) => break,
+            }
+        }
+    }
+}
 
-        let mut wake = core.next_timeout().unwrap_or(now + Duration::from_secs(1));
-        if !pending.is_empty() {
-            wake = wake.min(now + Duration::from_millis(1));
+fn command(
+    core: &mut WorkerCore,
+    cmd: Command,
+    export_replies: &mut HashMap<usize, oneshot::Sender<Result<Exported, String>>>,
+    out: &mut Vec<Outgoing>,
+) {
+    let now = Instant::now();
+    match cmd {
+        Command::List(reply) => {
+            let _ = reply.send(core.connections());
         }
-        let sleep = tokio::time::sleep_until(wake.into());
-        tokio::select! {
-            r = async {
-                match &mut inbound {
-                    Inbound::Socket => socket.recv(&mut received).await.map(|()| true),
-                    Inbound::Channel(rx) => Ok(match rx.recv().await {
-                        Some(d) => {
-                            received.push(d);
-                            true
-                        }
-                        None => false,
-                    }),
-                }
-            } => match r {
-                Ok(true) => {
-                    let now = Instant::now();
-                    for d in received.drain(..) {
-                        core.handle(now, d.from, d.ecn, &d.data, &mut out);
-                    }
-                }
-                Ok(false) => return,
-                Err(e) => warn!("receive failed: {e}"),
-            },
-            cmd = commands.recv() => match cmd {
-                None => return,
-                Some(Command::List(reply)) => { let _ = reply.send(core.connections()); }
-                Some(Command::Migrate { id, timeout, reply }) => {
-                    if core.freeze(id) {
-                        pending.push(PendingExport { id, deadline: Instant::now() + timeout, reply });
-                    } else {
-                        let _ = reply.send(Err(format!("no connection {id}")));
-                    }
-                }
-                Some(Command::Import { bytes, reply }) => {
-                    let _ = reply.send(core.import(&bytes, Instant::now()).map_err(|e| e.to_string()));
-                }
-                Some(Command::Inject(datagrams)) => {
-                    for (from, data) in datagrams {
-                        core.handle(Instant::now(), from, None, &data, &mut out);
-                    }
-                }
-                Some(Command::TakeForward(reply)) => { let _ = reply.send(core.take_forward()); }
-                Some(Command::TakeForwardFor(cids, reply)) => { let _ = reply.send(core.take_forward_for(&cids)); }
-                Some(Command::Forget(cids)) => core.forget_exported(&cids),
-            },
-            _ = sleep => {}
+        Command::Migrate { id, timeout, reply } => {
+            if core.begin_export(id, now + timeout) {
+                export_replies.insert(id, reply);
+            } else {
+                let _ = reply.send(Err(format!(
+                    "no connection {id} (or it is already being migrated)"
+                )));
+            }
         }
+        Command::Import { bytes, held, reply } => {
+            let _ = reply.send(core.import(&bytes, now, held).map_err(|e| e.to_string()));
+        }
+        Command::Commit(id, reply) => {
+            let _ = reply.send(core.commit(id));
+        }
+        Command::Discard(id) => {
+            core.discard(id);
+        }
+        Command::Inject(datagrams) => {
+            for (from, data) in datagrams {
+                core.handle(now, from, None, &data, out);
+            }
+        }
+        Command::TakeForward(reply) => {
+            let _ = reply.send(core.take_forward());
+        }
+        Command::TakeForwardFor(cids, reply) => {
+            let _ = reply.send(core.take_forward_for(&cids));
+        }
+        Command::Forget(cids) => core.forget_exported(&cids),
     }
 }

@@ -4,8 +4,13 @@
 //! mutual TLS (every worker presents a certificate signed by the deployment's CA).
 //!
 //! Peer channel streams:
-//! - bidirectional, one per migration: `u32 len | header JSON | u64 len | sealed snapshot`, FIN;
-//!   the target answers one JSON object (`{"ok":true,"id":..}` or `{"ok":false,"kind","error"}`).
+//! - bidirectional, one per migration: `u32 len | header JSON | u64 len | sealed snapshot`; the
+//!   target imports the connection *held* (it sends nothing) and answers one JSON object
+//!   (`{"ok":true,"id":..}` or `{"ok":false,"kind","error"}`), FIN. The source then writes the
+//!   commit byte and FIN: only now may the target send. A FIN without the commit byte (the source
+//!   gave up waiting and rolled back), a reset, a lost peer connection or no commit within
+//!   [`commit_wait`] make the target discard the import silently. So at most one worker ever sends
+//!   for the connection: the source stops at the freeze and resumes only if it never committed.
 //! - unidirectional: forwarded client datagrams, `(u8 len | address text | u32 len | bytes)*`.
 use crate::io::WorkerHandle;
 use crate::{hex, unhex};
@@ -37,6 +42,8 @@ const RELEASE_GRACE: Duration = Duration::from_millis(250);
 /// A migration the controller never releases (it died) is released after this.
 const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 const FORWARD_EVERY: Duration = Duration::from_millis(4);
+/// The byte by which the source hands the connection over (see the module comment).
+const COMMIT: u8 = 0xC1;
 
 /// A failure with the migration crate's error kind (what the controller reports).
 #[derive(Debug)]
@@ -297,14 +304,17 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
             token: req.token.clone(),
         };
         let limit = transfer_timeout(sealed.bytes.len());
-        let reply = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
+        // On timeout the stream is dropped, which finishes it without the commit byte: the
+        // target discards its held import.
+        let (target_id, mut stream) = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
             .await
             .map_err(|_| Failure::new("target_unavailable", format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
-        Ok::<_, Failure>((reply, conn, sealed.bytes.len()))
+        Ok::<_, Failure>((target_id, stream_commit(&mut stream, &req.migration_id).await, conn, sealed.bytes.len()))
     }
     .await;
     match sent {
-        Ok((target_id, conn, size)) => {
+        // Committed (or the commit's fate is unknown): this worker never sends for it again.
+        Ok((target_id, _committed, conn, size)) => {
             let total = started.elapsed();
             info!(migration_id = %req.migration_id, conn = %req.conn, target = %req.target.name, bytes = size,
                   ms = total.as_millis() as u64, "migrated out; forwarding until released");
@@ -354,11 +364,36 @@ fn transfer_timeout(bytes: usize) -> Duration {
     TRANSFER_TIMEOUT + Duration::from_millis(10 * (bytes as u64 >> 20))
 }
 
+/// How long a target keeps a held import waiting for the commit byte: longer than the source
+/// can still be waiting for the target's answer, so a commit sent in time is never refused.
+fn commit_wait(bytes: usize) -> Duration {
+    transfer_timeout(bytes) + Duration::from_secs(2)
+}
+
+/// Writes the commit byte and FIN. Past this point the source never resumes the connection,
+/// even if the write fails: the target may have received it, and two senders would reuse AEAD
+/// nonces. (If the target did not get it, it discards the import and the connection is lost:
+/// the safe side of the trade-off.)
+async fn stream_commit(s: &mut quinn::SendStream, mid: &str) -> bool {
+    let sent = async {
+        s.write_all(&[COMMIT]).await?;
+        s.finish()?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = &sent {
+        warn!(migration_id = %mid, "commit may not have reached the target ({e}); the connection is the target's now");
+    }
+    sent.is_ok()
+}
+
+/// Sends the snapshot and waits for the target's answer; on success returns the target's id for
+/// the connection and the stream on which to commit.
 async fn transfer(
     conn: &quinn::Connection,
     header: &TransferHeader,
     sealed: &[u8],
-) -> Result<usize, Failure> {
+) -> Result<(usize, quinn::SendStream), Failure> {
     let io = |e: &dyn std::fmt::Display| {
         Failure::new("target_unavailable", format!("peer channel: {e}"))
     };
@@ -370,7 +405,6 @@ async fn transfer(
     msg.extend((sealed.len() as u64).to_be_bytes());
     msg.extend(sealed);
     s.write_all(&msg).await.map_err(|e| io(&e))?;
-    let _ = s.finish();
     let answer = r.read_to_end(64 * 1024).await.map_err(|e| io(&e))?;
     let reply: TransferReply = serde_json::from_slice(&answer).map_err(|e| io(&e))?;
     match reply {
@@ -378,7 +412,7 @@ async fn transfer(
             ok: true,
             id: Some(id),
             ..
-        } => Ok(id),
+        } => Ok((id, s)),
         r => Err(Failure::new(
             r.kind.as_deref().unwrap_or("target_unavailable"),
             format!("the target refused: {}", r.error.unwrap_or_default()),
@@ -502,31 +536,60 @@ pub async fn serve_peer(ctx: Arc<Ctx>) {
 }
 
 async fn answer_import(ctx: Arc<Ctx>, mut s: quinn::SendStream, mut r: quinn::RecvStream) {
-    let reply = match import(&ctx, &mut r).await {
-        Ok(id) => TransferReply {
-            ok: true,
-            id: Some(id),
-            kind: None,
-            error: None,
-        },
+    let (reply, held) = match import(&ctx, &mut r).await {
+        Ok((id, mid, size)) => (
+            TransferReply {
+                ok: true,
+                id: Some(id),
+                kind: None,
+                error: None,
+            },
+            Some((id, mid, size)),
+        ),
         Err(f) => {
             warn!(kind = %f.kind, "import refused: {}", f.message);
-            TransferReply {
-                ok: false,
-                id: None,
-                kind: Some(f.kind),
-                error: Some(f.message),
-            }
+            (
+                TransferReply {
+                    ok: false,
+                    id: None,
+                    kind: Some(f.kind),
+                    error: Some(f.message),
+                },
+                None,
+            )
         }
     };
     let _ = s
         .write_all(&serde_json::to_vec(&reply).expect("serializable"))
         .await;
     let _ = s.finish();
-    let _ = s.stopped().await;
+    let Some((id, mid, size)) = held else {
+        return;
+    };
+    let mut byte = [0u8; 1];
+    let outcome = tokio::time::timeout(commit_wait(size), r.read_exact(&mut byte)).await;
+    match outcome {
+        Ok(Ok(())) if byte[0] == COMMIT => match ctx.handle.commit(id).await {
+            Ok(true) => info!(migration_id = %mid, id, "committed: the connection is ours"),
+            other => {
+                warn!(migration_id = %mid, id, "commit for a connection that is not held here: {other:?}")
+            }
+        },
+        outcome => {
+            let why = match outcome {
+                Ok(Ok(())) => "a byte that is not the commit".to_string(),
+                Ok(Err(e)) => format!("no commit ({e})"),
+                Err(_) => "no commit in time".to_string(),
+            };
+            warn!(migration_id = %mid, id, "the source did not commit ({why}): discarding the import; the source keeps the connection");
+            let _ = ctx.handle.discard(id).await;
+        }
+    }
 }
 
-async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<usize, Failure> {
+/// Reads, checks and imports (held) one transfer: returns the connection id, the migration id and
+/// the sealed snapshot's size.
+async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<(usize, String, usize), Failure> {
     let io = |e: &dyn std::fmt::Display| {
         Failure::new("state_corruption", format!("transfer cut short: {e}"))
     };
@@ -576,6 +639,7 @@ async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<usize, Failure> 
         .lock()
         .unwrap()
         .verify(&b, &token(&header.token)?, SystemTime::now())?;
+    let size = sealed.len();
     let snapshot = ctx.pipeline.open(&b, sealed)?;
     let transport = snapshot.transport();
     let app = snapshot.application_state("app").unwrap_or_default();
@@ -585,9 +649,9 @@ async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<usize, Failure> 
     bytes.extend_from_slice(app);
     let id = ctx
         .handle
-        .import(bytes)
+        .import_held(bytes)
         .await
         .map_err(|e| Failure::new("invalid_snapshot", e))?;
-    info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported");
-    Ok(id)
+    info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported, held until the source commits");
+    Ok((id, header.migration_id, size))
 }

@@ -8,10 +8,14 @@ use tokio::io::Interest;
 pub struct UdpIo {
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
-    /// Receive buffer, allocated once: up to 8 GRO segments of 64 KiB. Allocating (and zeroing)
-    /// it per datagram cost more than handling the datagram under load.
+    /// Receive buffers for one batch (recvmmsg), allocated once: [`quinn_udp::BATCH_SIZE`]
+    /// slots of [`RECV_SLOT`] bytes. Allocating (and zeroing) them per datagram cost more than
+    /// handling the datagram under load.
     recv_buf: std::sync::Mutex<Vec<u8>>,
 }
+
+/// One receive slot: the largest GRO-coalesced read (64 KiB) or one datagram.
+const RECV_SLOT: usize = 64 * 1024;
 
 /// One received datagram.
 pub struct Received {
@@ -41,7 +45,7 @@ impl UdpIo {
             set_buffer(fd, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, buffer)?;
         }
         let state = UdpSocketState::new((&std).into())?;
-        let recv_buf = std::sync::Mutex::new(vec![0u8; 65535 * state.gro_segments().clamp(1, 8)]);
+        let recv_buf = std::sync::Mutex::new(vec![0u8; RECV_SLOT * quinn_udp::BATCH_SIZE]);
         Ok(Self {
             socket: tokio::net::UdpSocket::from_std(std)?,
             state,
@@ -74,33 +78,43 @@ impl UdpIo {
         self.state.may_fragment()
     }
 
-    /// Receives at least one datagram (several with GRO) into `out`.
+    /// Receives at least one datagram (a batch of them if several are waiting) into `out`.
     pub async fn recv(&self, out: &mut Vec<Received>) -> io::Result<()> {
-        let mut meta = [RecvMeta::default()];
         loop {
             self.socket.readable().await?;
-            // Never held across an await.
-            let mut buf = self.recv_buf.lock().unwrap_or_else(|e| e.into_inner());
-            let mut bufs = [IoSliceMut::new(&mut buf[..])];
-            match self.socket.try_io(Interest::READABLE, || {
-                self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
-            }) {
-                Ok(n) => {
-                    for m in &meta[..n] {
-                        let stride = m.stride.max(1);
-                        for chunk in buf[..m.len].chunks(stride) {
-                            out.push(Received {
-                                from: m.addr,
-                                ecn: m.ecn.map(|e| e as u8),
-                                data: chunk.to_vec(),
-                            });
-                        }
-                    }
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            if self.try_recv(out)? > 0 {
+                return Ok(());
             }
+        }
+    }
+
+    /// Takes one batch of what is already waiting (recvmmsg, GRO) into `out` without blocking;
+    /// returns how many datagrams it took (0: nothing was waiting).
+    pub fn try_recv(&self, out: &mut Vec<Received>) -> io::Result<usize> {
+        // Never held across an await.
+        let mut buf = self.recv_buf.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = buf.len() / quinn_udp::BATCH_SIZE;
+        let mut bufs: Vec<IoSliceMut<'_>> = buf.chunks_mut(slot).map(IoSliceMut::new).collect();
+        let mut meta = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        match self.socket.try_io(Interest::READABLE, || {
+            self.state.recv((&self.socket).into(), &mut bufs, &mut meta)
+        }) {
+            Ok(n) => {
+                let before = out.len();
+                for (m, b) in meta[..n].iter().zip(bufs.iter()) {
+                    let stride = m.stride.max(1);
+                    for chunk in b[..m.len].chunks(stride) {
+                        out.push(Received {
+                            from: m.addr,
+                            ecn: m.ecn.map(|e| e as u8),
+                            data: chunk.to_vec(),
+                        });
+                    }
+                }
+                Ok(out.len() - before)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
         }
     }
 

@@ -218,6 +218,57 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         replayed.message
     );
     request().await;
+
+    // 3. The target answers after the source gave up (1.5 s): the source rolls back and keeps
+    //    sending; the target's import was held, gets no commit and is discarded unsent.
+    let mid = MigrationId::random();
+    let binding = MigrationBinding {
+        migration_id: mid,
+        connection_id: migration::ConnectionId::new(&key).unwrap(),
+        source: WorkerId(2),
+        target: WorkerId(1),
+    };
+    let token = controller.issue(&binding, SystemTime::now()).unwrap();
+    let late = MigrateOut {
+        conn: conn_hex.clone(),
+        migration_id: mid.to_string(),
+        token: baton_worker::hex(token.as_bytes()),
+        target: TargetRef {
+            name: "w1".into(),
+            server_id: 1,
+            peer: a.peer_addr,
+        },
+        timeout_ms: Some(2000),
+        test_tamper: false,
+    };
+    // SAFETY: no other thread of this test process reads or writes the environment now.
+    unsafe { std::env::set_var("BATON_TEST_IMPORT_DELAY_MS", "1800") };
+    let timed_out = baton_worker::migrate::migrate_out(&b, late)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        timed_out.kind, "target_unavailable",
+        "{}",
+        timed_out.message
+    );
+    assert_eq!(
+        handles[1].connections().await.unwrap().len(),
+        1,
+        "rolled back to w2"
+    );
+    // Requests go on at w2 while w1 wakes up, imports held, finds no commit and discards.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        request().await;
+    }
+    unsafe { std::env::remove_var("BATON_TEST_IMPORT_DELAY_MS") };
+    assert!(
+        handles[0].connections().await.unwrap().is_empty(),
+        "the uncommitted import was discarded"
+    );
+    for _ in 0..5 {
+        request().await;
+    }
     assert!(conn.close_reason().is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,201 @@
+//! The one-sender rule at the core, sans IO: a quinn-proto client and three `WorkerCore`s joined
+//! by in-memory datagram queues. A connection exported from core A and imported *held* into core
+//! B emits nothing, whatever it receives, until B commits it; an uncommitted import that core C
+//! discards never emits a single datagram. (Two senders for one connection would reuse AEAD
+//! nonces.)
+use baton_worker::core::{CoreConfig, Outgoing, WorkerCore};
+use baton_worker::demo::{ALPN, DemoService, KIND_REQUEST};
+use bytes::BytesMut;
+use lb_common::cid::CidLayout;
+use quinn_proto::{
+    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VIP: &str = "10.99.0.1:443";
+const CLIENT: &str = "10.99.0.2:40000";
+
+struct Client {
+    endpoint: Endpoint,
+    ch: ConnectionHandle,
+    conn: Connection,
+}
+
+impl Client {
+    /// Everything the client wants to send now.
+    fn transmit(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = self.conn.poll_transmit(now, 1, &mut buf) {
+            out.push(buf[..t.size].to_vec());
+            buf.clear();
+        }
+        out
+    }
+
+    fn receive(&mut self, now: Instant, datagrams: Vec<Outgoing>) {
+        for d in datagrams {
+            let mut buf = Vec::new();
+            let event = self.endpoint.handle(
+                now,
+                VIP.parse().unwrap(),
+                None,
+                None,
+                BytesMut::from(&d.data[..]),
+                &mut buf,
+            );
+            if let Some(DatagramEvent::ConnectionEvent(ch, ev)) = event {
+                assert_eq!(ch, self.ch);
+                self.conn.handle_event(ev);
+            }
+        }
+        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
+            self.conn.handle_timeout(now);
+        }
+        while let Some(ev) = self.conn.poll_endpoint_events() {
+            if let Some(ev) = self.endpoint.handle_event(self.ch, ev) {
+                self.conn.handle_event(ev);
+            }
+        }
+        while self.conn.poll().is_some() {}
+    }
+
+    /// Opens a stream and sends one demo request on it.
+    fn request(&mut self, n: u8) {
+        let id = self.conn.streams().open(Dir::Bi).expect("stream credit");
+        self.conn.send_stream(id).write(&[KIND_REQUEST, n]).unwrap();
+        self.conn.send_stream(id).finish().unwrap();
+    }
+}
+
+fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
+    let (certs, key) =
+        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
+    WorkerCore::new(
+        CoreConfig {
+            server_id,
+            layout: CidLayout::default(),
+            certs,
+            key,
+            vip: VIP.parse::<SocketAddr>().unwrap().ip(),
+            allow_mtud: false,
+        },
+        Arc::new(DemoService),
+    )
+    .unwrap()
+}
+
+/// Delivers the client's datagrams to `core`, polls it, and returns what it sent.
+fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    for d in client.transmit(now) {
+        core.handle(now, CLIENT.parse().unwrap(), None, &d, &mut out);
+    }
+    core.poll(now, 1, &mut out);
+    out
+}
+
+#[test]
+fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() {
+    let dir = std::env::temp_dir().join(format!("baton-held-test-{}", std::process::id()));
+    baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let config = ClientConfig::new(Arc::new(
+        quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, false, None);
+    let mut now = Instant::now();
+    let (ch, conn) = endpoint
+        .connect(now, config, VIP.parse().unwrap(), "localhost")
+        .unwrap();
+    let mut client = Client { endpoint, ch, conn };
+    let (mut a, mut b, mut c) = (core(1, &dir), core(2, &dir), core(3, &dir));
+
+    // Handshake and a few requests with A.
+    for n in 0..40u8 {
+        if n % 4 == 0 && !client.conn.is_handshaking() {
+            client.request(n);
+        }
+        now += Duration::from_millis(1);
+        let answer = exchange(&mut client, &mut a, now);
+        client.receive(now, answer);
+    }
+    assert!(!client.conn.is_handshaking(), "handshake with A");
+    let id = a.connections()[0].id;
+
+    // Export from A once quiescent.
+    assert!(a.begin_export(id, now + Duration::from_secs(2)));
+    let mut exported = None;
+    for _ in 0..100 {
+        now += Duration::from_millis(1);
+        let answer = exchange(&mut client, &mut a, now);
+        client.receive(now, answer);
+        if let Some((_, r)) = a.take_export_results().pop() {
+            exported = Some(r.expect("export"));
+            break;
+        }
+    }
+    let exported = exported.expect("A exported the connection");
+
+    // C imports held and is never committed: nothing comes out of it, then it discards.
+    let c_id = c.import(&exported.bytes, now, true).unwrap();
+    client.request(200);
+    client.conn.ping();
+    for _ in 0..20 {
+        now += Duration::from_millis(5);
+        let sent = exchange(&mut client, &mut c, now);
+        assert!(
+            sent.is_empty(),
+            "a held import sent {} datagram(s)",
+            sent.len()
+        );
+    }
+    assert!(c.discard(c_id));
+    assert!(c.connections().is_empty(), "discarded");
+    now += Duration::from_millis(5);
+    assert!(exchange(&mut client, &mut c, now).is_empty());
+    let mut late = Vec::new();
+    c.poll(now + Duration::from_secs(60), 1, &mut late);
+    assert!(
+        late.is_empty(),
+        "a discarded import sends nothing, not even on its timers"
+    );
+
+    // B imports held: silent until the commit, then it answers (ACKs, the pending request).
+    let b_id = b.import(&exported.bytes, now, true).unwrap();
+    for _ in 0..5 {
+        now += Duration::from_millis(5);
+        let sent = exchange(&mut client, &mut b, now);
+        assert!(
+            sent.is_empty(),
+            "a held import sent {} datagram(s)",
+            sent.len()
+        );
+    }
+    assert!(b.commit(b_id));
+    let mut answered = 0;
+    for n in 0..20u8 {
+        client.request(100 + n);
+        now += Duration::from_millis(5);
+        let sent = exchange(&mut client, &mut b, now);
+        answered += sent.len();
+        client.receive(now, sent);
+    }
+    assert!(answered > 0, "the committed import sends");
+    assert!(!client.conn.is_closed(), "the client's connection is alive");
+    let _ = std::fs::remove_dir_all(&dir);
+}
