@@ -87,6 +87,8 @@ pub struct Exported {
     /// Handoff bytes (secrets included): send only over an encrypted, authenticated channel.
     pub bytes: Zeroizing<Vec<u8>>,
     pub cids: Vec<Vec<u8>>,
+    /// Names this export's buffer of late datagrams ([`WorkerCore::take_forward_ready`]).
+    pub forward_key: u64,
 }
 
 impl std::fmt::Debug for Exported {
@@ -110,8 +112,9 @@ struct Live {
     held: bool,
     /// The timer last queued in [`WorkerCore::timers`] for this connection.
     timer: Option<Instant>,
-    /// CIDs this import took out of [`WorkerCore::exported`]; put back if the import is discarded.
-    reclaimed: Vec<Vec<u8>>,
+    /// CIDs this import took out of [`WorkerCore::exported`] (with their forward key); put back
+    /// if the import is discarded.
+    reclaimed: Vec<(Vec<u8>, u64)>,
     /// PINGs still to send, each in a packet of its own (see [`WorkerCore::begin_export`]).
     pings: u8,
 }
@@ -152,9 +155,15 @@ pub struct WorkerCore {
     pending_exports: HashMap<ConnectionHandle, PendingExport>,
     /// Outcomes of pending exports, for [`take_export_results`](WorkerCore::take_export_results).
     export_results: Vec<(usize, Result<Exported, ExportFailure>)>,
-    /// CIDs of connections exported from here; datagrams for them are kept for the importer.
-    exported: HashSet<Vec<u8>>,
-    forward: Vec<(SocketAddr, Vec<u8>)>,
+    /// CIDs of connections exported from here -> their export's forward key; datagrams for them
+    /// are kept for the importer, one buffer per export.
+    exported: HashMap<Vec<u8>, u64>,
+    forward: HashMap<u64, Vec<(SocketAddr, Vec<u8>)>>,
+    /// Datagrams held in `forward`, all exports together (bounded by [`MAX_FORWARD`]).
+    forward_len: usize,
+    /// Exports whose buffer received datagrams since the last [`take_forward_ready`](WorkerCore::take_forward_ready).
+    forward_ready: HashSet<u64>,
+    next_forward_key: u64,
 }
 
 impl WorkerCore {
@@ -193,8 +202,11 @@ impl WorkerCore {
             timers: BinaryHeap::new(),
             pending_exports: HashMap::new(),
             export_results: Vec::new(),
-            exported: HashSet::new(),
-            forward: Vec::new(),
+            exported: HashMap::new(),
+            forward: HashMap::new(),
+            forward_len: 0,
+            forward_ready: HashSet::new(),
+            next_forward_key: 0,
         })
     }
 
@@ -221,9 +233,14 @@ impl WorkerCore {
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(cid) = self.dcid(data) {
-            if self.exported.contains(cid) {
-                if self.forward.len() < MAX_FORWARD {
-                    self.forward.push((remote, data.to_vec()));
+            if let Some(&key) = self.exported.get(cid) {
+                if self.forward_len < MAX_FORWARD {
+                    self.forward
+                        .entry(key)
+                        .or_default()
+                        .push((remote, data.to_vec()));
+                    self.forward_len += 1;
+                    self.forward_ready.insert(key);
                 } else {
                     debug!("forward buffer full: dropping a datagram for an exported connection");
                 }
@@ -491,8 +508,10 @@ impl WorkerCore {
                     .iter()
                     .map(|(_, c)| c.to_vec())
                     .collect();
+                let forward_key = self.next_forward_key;
+                self.next_forward_key += 1;
                 for c in &cids {
-                    self.exported.insert(c.clone());
+                    self.exported.insert(c.clone(), forward_key);
                 }
                 let quic = baton_handoff::wire::encode(&handoff);
                 let state = app.capture();
@@ -506,7 +525,11 @@ impl WorkerCore {
                     bytes = bytes.len(),
                     "connection exported"
                 );
-                Ok(Exported { bytes, cids })
+                Ok(Exported {
+                    bytes,
+                    cids,
+                    forward_key,
+                })
             }
             Err(e) => {
                 let failure = match e.reason() {
@@ -555,8 +578,8 @@ impl WorkerCore {
         let (ch, mut conn, keys) = baton_handoff::import(&mut self.endpoint, &handoff, now)?;
         let mut reclaimed = Vec::new();
         for (_, c) in &handoff.connection.local_cids {
-            if self.exported.remove(&c[..]) {
-                reclaimed.push(c.to_vec());
+            if let Some(key) = self.exported.remove(&c[..]) {
+                reclaimed.push((c.to_vec(), key));
             }
         }
         conn.rotate_local_cids(now);
@@ -602,34 +625,67 @@ impl WorkerCore {
         let live = self.conns.remove(&ch).expect("checked");
         // The endpoint forgets the connection and its CIDs; the connection itself never sent.
         self.endpoint.handle_event(ch, EndpointEvent::drained());
-        for c in live.reclaimed {
-            self.exported.insert(c);
+        for (c, key) in live.reclaimed {
+            self.exported.insert(c, key);
         }
         info!(id, "uncommitted import discarded");
         true
     }
 
-    /// Datagrams that reached this worker for connections it exported, in arrival order.
+    /// Datagrams that reached this worker for connections it exported (each connection's in
+    /// arrival order).
     pub fn take_forward(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
-        std::mem::take(&mut self.forward)
+        self.forward_len = 0;
+        self.forward_ready.clear();
+        self.forward.drain().flat_map(|(_, d)| d).collect()
     }
 
     /// Like [`take_forward`](Self::take_forward), only the datagrams addressed to `cids` (one
     /// exported connection; others stay kept for their own importer).
     pub fn take_forward_for(&mut self, cids: &[Vec<u8>]) -> Vec<(SocketAddr, Vec<u8>)> {
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forward)
-            .into_iter()
-            .partition(|(_, d)| self.dcid(d).is_some_and(|c| cids.iter().any(|x| x == c)));
-        self.forward = rest;
-        mine
+        match cids.iter().find_map(|c| self.exported.get(c)) {
+            Some(&key) => self.take_forward_of(key),
+            None => Vec::new(),
+        }
+    }
+
+    /// The datagrams kept for one export.
+    pub fn take_forward_of(&mut self, key: u64) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.forward_ready.remove(&key);
+        let taken = self.forward.remove(&key).unwrap_or_default();
+        self.forward_len -= taken.len();
+        taken
+    }
+
+    /// Exports whose buffers received datagrams since the last call.
+    pub fn take_forward_ready(&mut self) -> Vec<u64> {
+        self.forward_ready.drain().collect()
+    }
+
+    /// The worker-local id of the connection named `key` (see [`ConnInfo::key`]), without
+    /// listing every connection.
+    pub fn find_by_key(&self, key: &[u8]) -> Option<usize> {
+        self.conns
+            .iter()
+            .find(|(_, l)| l.key == key)
+            .map(|(ch, _)| ch.0)
     }
 
     /// Stop keeping datagrams for these CIDs (the LB routes them elsewhere; they are retired).
-    pub fn forget_exported(&mut self, cids: &[Vec<u8>]) {
+    /// Returns the forward keys of the exports they belonged to.
+    pub fn forget_exported(&mut self, cids: &[Vec<u8>]) -> Vec<u64> {
+        let mut keys = Vec::new();
         for c in cids {
-            if !self.exported.remove(c) {
-                warn!("forgetting a CID that was not exported here");
+            match self.exported.remove(c) {
+                Some(key) => {
+                    self.take_forward_of(key);
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+                None => warn!("forgetting a CID that was not exported here"),
             }
         }
+        keys
     }
 }

@@ -34,6 +34,8 @@ enum Command {
     TakeForward(oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     TakeForwardFor(Vec<Vec<u8>>, oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     Forget(Vec<Vec<u8>>),
+    Find(Vec<u8>, oneshot::Sender<Option<usize>>),
+    SubscribeForward(u64, mpsc::UnboundedSender<Vec<(SocketAddr, Vec<u8>)>>),
 }
 
 /// Controls a running worker loop.
@@ -130,6 +132,29 @@ impl WorkerHandle {
     pub async fn forget_exported(&self, cids: Vec<Vec<u8>>) -> Result<(), String> {
         self.tx.send(Command::Forget(cids)).await.map_err(gone)
     }
+
+    /// The worker-local id of the connection named `key` (the client's first Initial DCID).
+    pub async fn find(&self, key: Vec<u8>) -> Result<Option<usize>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Find(key, reply))
+            .await
+            .map_err(gone)?;
+        rx.await.map_err(gone)
+    }
+
+    /// Delivers the datagrams kept for one export (its [`Exported::forward_key`]) to `tx` as they
+    /// arrive, until the receiver is dropped or the export is forgotten.
+    pub async fn subscribe_forward(
+        &self,
+        forward_key: u64,
+        tx: mpsc::UnboundedSender<Vec<(SocketAddr, Vec<u8>)>>,
+    ) -> Result<(), String> {
+        self.tx
+            .send(Command::SubscribeForward(forward_key, tx))
+            .await
+            .map_err(gone)
+    }
 }
 
 /// Starts the loop on the current tokio runtime.
@@ -170,6 +195,7 @@ async fn run(
     let gso = socket.max_gso_segments().max(1);
     let mut export_replies: HashMap<usize, oneshot::Sender<Result<Exported, String>>> =
         HashMap::new();
+    let mut forwarders = Forwarders::new();
     loop {
         let now = Instant::now();
         core.poll(now, gso, &mut out);
@@ -204,7 +230,7 @@ async fn run(
                 },
                 cmd = commands.recv() => match cmd {
                     None => return,
-                    Some(cmd) => command(&mut core, cmd, &mut export_replies, &mut out),
+                    Some(cmd) => command(&mut core, cmd, &mut export_replies, &mut forwarders, &mut out),
                 },
                 _ = sleep => {}
             }
@@ -237,8 +263,28 @@ async fn run(
         }
         for _ in 0..COMMANDS_PER_TURN {
             match commands.try_recv() {
-                Ok(cmd) => command(&mut core, cmd, &mut export_replies, &mut out),
+                Ok(cmd) => command(
+                    &mut core,
+                    cmd,
+                    &mut export_replies,
+                    &mut forwarders,
+                    &mut out,
+                ),
                 Err(_) => break,
+            }
+        }
+        deliver_forwarded(&mut core, &mut forwarders);
+    }
+}
+
+/// Where the late datagrams of each export go (the migration layer forwards them to the target).
+type Forwarders = HashMap<u64, mpsc::UnboundedSender<Vec<(SocketAddr, Vec<u8>)>>>;
+
+fn deliver_forwarded(core: &mut WorkerCore, forwarders: &mut Forwarders) {
+    for key in core.take_forward_ready() {
+        if let Some(tx) = forwarders.get(&key) {
+            if tx.send(core.take_forward_of(key)).is_err() {
+                forwarders.remove(&key);
             }
         }
     }
@@ -248,6 +294,7 @@ fn command(
     core: &mut WorkerCore,
     cmd: Command,
     export_replies: &mut HashMap<usize, oneshot::Sender<Result<Exported, String>>>,
+    forwarders: &mut Forwarders,
     out: &mut Vec<Outgoing>,
 ) {
     let now = Instant::now();
@@ -284,6 +331,20 @@ fn command(
         Command::TakeForwardFor(cids, reply) => {
             let _ = reply.send(core.take_forward_for(&cids));
         }
-        Command::Forget(cids) => core.forget_exported(&cids),
+        Command::Forget(cids) => {
+            for key in core.forget_exported(&cids) {
+                forwarders.remove(&key);
+            }
+        }
+        Command::Find(key, reply) => {
+            let _ = reply.send(core.find_by_key(&key));
+        }
+        Command::SubscribeForward(key, tx) => {
+            // What arrived before the subscription goes out at once.
+            let kept = core.take_forward_of(key);
+            if kept.is_empty() || tx.send(kept).is_ok() {
+                forwarders.insert(key, tx);
+            }
+        }
     }
 }

@@ -41,7 +41,8 @@ const TEST_IMPORT_DELAY_ENV: &str = "BATON_TEST_IMPORT_DELAY_MS";
 const RELEASE_GRACE: Duration = Duration::from_millis(250);
 /// A migration the controller never releases (it died) is released after this.
 const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
-const FORWARD_EVERY: Duration = Duration::from_millis(4);
+/// How often a forwarding task checks whether it was released.
+const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The byte by which the source hands the connection over (see the module comment).
 const COMMIT: u8 = 0xC1;
 
@@ -260,19 +261,19 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
         .unwrap()
         .verify(&b, &tok, SystemTime::now())?;
     let key = unhex(&req.conn).expect("checked by binding()");
-    let conns = ctx
+    let Some(id) = ctx
         .handle
-        .connections()
+        .find(key)
         .await
-        .map_err(|e| Failure::new("output", e))?;
-    let Some(c) = conns.iter().find(|c| c.key == key) else {
+        .map_err(|e| Failure::new("output", e))?
+    else {
         return Err(Failure::new(
             "unknown_connection",
             format!("no connection {} on worker {}", req.conn, ctx.name),
         ));
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(2000));
-    let exported = ctx.handle.migrate_out(c.id, timeout).await.map_err(|e| {
+    let exported = ctx.handle.migrate_out(id, timeout).await.map_err(|e| {
         Failure::new(
             "timeout",
             format!("the connection did not quiesce: {e}; it carries on here"),
@@ -326,6 +327,7 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
                 ctx.clone(),
                 req.migration_id.clone(),
                 cids.clone(),
+                exported.forward_key,
                 conn,
             ));
             Ok(serde_json::json!({
@@ -438,21 +440,30 @@ async fn forward_until_released(
     ctx: Arc<Ctx>,
     mid: String,
     cids: Vec<Vec<u8>>,
+    forward_key: u64,
     conn: quinn::Connection,
 ) {
     let start = Instant::now();
     let mut forwarded = 0usize;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if ctx.handle.subscribe_forward(forward_key, tx).await.is_err() {
+        return;
+    }
     loop {
-        let kept = ctx
-            .handle
-            .take_forward_for(cids.clone())
-            .await
-            .unwrap_or_default();
-        if !kept.is_empty() {
-            forwarded += kept.len();
-            if let Err(e) = send_datagrams(&conn, &kept).await {
-                warn!(migration_id = %mid, "forwarding to the target failed: {e}");
+        // Datagrams go out as soon as the loop hands them over; the release is checked between.
+        match tokio::time::timeout(RELEASE_CHECK_EVERY, rx.recv()).await {
+            Ok(Some(mut batch)) => {
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend(more);
+                }
+                forwarded += batch.len();
+                if let Err(e) = send_datagrams(&conn, &batch).await {
+                    warn!(migration_id = %mid, "forwarding to the target failed: {e}");
+                }
             }
+            // The worker loop ended: nothing more will come.
+            Ok(None) => tokio::time::sleep(RELEASE_CHECK_EVERY).await,
+            Err(_) => {}
         }
         let released = ctx.released.lock().unwrap().get(&mid).copied().flatten();
         let done = match released {
@@ -462,8 +473,8 @@ async fn forward_until_released(
         if done {
             break;
         }
-        tokio::time::sleep(FORWARD_EVERY).await;
     }
+    drop(rx);
     ctx.released.lock().unwrap().remove(&mid);
     let _ = ctx.handle.forget_exported(cids).await;
     info!(migration_id = %mid, forwarded, "released: connection forgotten here");
