@@ -261,6 +261,9 @@ pub struct Orchestrator {
     /// Worker name -> slot in BATON_WORKERS, from the running baton-lb (None: no daemon).
     slots: Option<HashMap<String, u32>>,
     maps: Mutex<Option<PinnedMaps>>,
+    /// Workers' `info` (server ID, peer address), asked once per worker: they are fixed by the
+    /// worker's config, and a drain would otherwise ask twice per connection.
+    infos: Mutex<HashMap<String, WorkerInfo>>,
     pub faults: Faults,
     pub quiesce_timeout: Duration,
     /// Limit of short control-socket requests ([`CONTROL_TIMEOUT`] by default).
@@ -288,6 +291,7 @@ impl Orchestrator {
             pin_dir: pin_dir.into(),
             slots,
             maps: Mutex::new(None),
+            infos: Mutex::new(HashMap::new()),
             faults: Faults::default(),
             quiesce_timeout: Duration::from_secs(2),
             control_timeout: CONTROL_TIMEOUT,
@@ -312,15 +316,23 @@ impl Orchestrator {
     }
 
     fn info(&self, name: &str) -> Result<WorkerInfo, Failure> {
+        if let Some(i) = self.infos.lock().unwrap().get(name) {
+            return Ok(i.clone());
+        }
         let v = call(
             &self.endpoint(name)?.control,
             &json!({"cmd": "info"}),
             self.control_timeout,
         )?;
-        Ok(WorkerInfo {
+        let info = WorkerInfo {
             server_id: v["server_id"].as_u64().unwrap_or(0) as u32,
             peer: v["peer"].as_str().unwrap_or_default().to_string(),
-        })
+        };
+        self.infos
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), info.clone());
+        Ok(info)
     }
 
     pub fn worker_names(&self) -> Vec<String> {
@@ -631,6 +643,9 @@ pub struct DrainSummary {
     pub total: usize,
     pub moved: usize,
     pub failed: usize,
+    /// Until the last migration finished (what the drain rate is measured on).
+    pub moved_ms: f64,
+    /// Including the wait for the clients to retire the old CIDs (override removal).
     pub total_ms: f64,
     pub errors: BTreeMap<String, usize>,
     pub overrides_left: usize,
@@ -682,6 +697,7 @@ pub fn drain(
             });
         }
     });
+    let moved_ms = started.elapsed().as_secs_f64() * 1000.0;
     let results = results.into_inner().unwrap();
     let moved: Vec<Report> = results
         .iter()
@@ -697,6 +713,7 @@ pub fn drain(
         total,
         moved: moved.len(),
         failed: total - moved.len(),
+        moved_ms,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
         errors,
         overrides_left: left.len(),

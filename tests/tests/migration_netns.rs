@@ -627,10 +627,11 @@ fn drain_moves_every_connection_off_a_worker() {
     }
     for (i, s) in summaries.iter().enumerate() {
         eprintln!(
-            "RESULT drain_round={i} worker={} moved={} failed={} total_ms={:.0} overrides_left={}",
+            "RESULT drain_round={i} worker={} moved={} failed={} moved_ms={:.0} total_ms={:.0} overrides_left={}",
             s["worker"],
             s["moved"],
             s["failed"],
+            s["moved_ms"].as_f64().unwrap_or(0.0),
             s["total_ms"].as_f64().unwrap_or(0.0),
             s["overrides_left"]
         );

@@ -295,13 +295,14 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
         print_json(&s)?;
     } else {
         println!(
-            "drained {}: {} of {} connections moved, {} failed, in {:.0} ms ({:.0} connections/s); {} overrides left",
+            "drained {}: {} of {} connections moved, {} failed, in {:.0} ms ({:.0} connections/s); old CIDs retired after {:.0} ms, {} overrides left",
             s.worker,
             s.moved,
             s.total,
             s.failed,
+            s.moved_ms,
+            s.moved as f64 / (s.moved_ms / 1000.0).max(1e-9),
             s.total_ms,
-            s.moved as f64 / (s.total_ms / 1000.0).max(1e-9),
             s.overrides_left
         );
         for (kind, n) in &s.errors {
