@@ -101,7 +101,7 @@ pub struct ServerIdSlot {
 }
 
 /// Which override count covers a CID, for the layout `(cid_len, server_id_len)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OverrideBucket {
     /// The CID carries this server ID (< [`SERVER_ID_TABLE_SIZE`]): `ServerIdSlot::overrides`.
     ServerId(u32),

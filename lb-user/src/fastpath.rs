@@ -12,8 +12,10 @@
 //! # What the controller must do (ordering rules)
 //!
 //! 1. After start-up has written `BATON_CONFIG`, `BATON_VIPS`, `BATON_SERVER_IDS` (and after
-//!    any layout change): [`FastPath::rebuild`] from those maps. No other process may write
-//!    overrides while it runs (it recounts them).
+//!    any layout change): [`FastPath::rebuild`] from those maps. Under an unchanged layout it
+//!    only raises override counts to what it tallies, so `baton override set|del` may run
+//!    meanwhile (a daemon restarted during migrations); after a layout change it recounts from
+//!    zero, and no other process may write overrides while it runs.
 //! 2. VIPs: after inserting into / removing from `BATON_VIPS`, call [`FastPath::sync_vips`]
 //!    (or [`FastPath::sync_vip_table`] with the enabled keys). One writer (the daemon).
 //! 3. Server IDs: write `BATON_SERVER_IDS` first, then [`FastPath::set_server_id`]; on removal,
@@ -232,7 +234,7 @@ impl FastPath {
 
     /// Rebuilds every derived map from the authoritative ones and enables them. For start-up
     /// (fresh or re-adopted maps) and after a change of `LbConfig`'s CID layout. The program
-    /// keeps using the hash maps until the end; no other process may write overrides meanwhile.
+    /// keeps using the hash maps until the end. See the module's rule 1 for concurrent writers.
     pub fn rebuild<TV, TS, TO>(
         &mut self,
         cfg: &LbConfig,
@@ -250,14 +252,21 @@ impl FastPath {
         // before their tables and counts are rewritten.
         std::thread::sleep(std::time::Duration::from_millis(2));
         self.set_maglev_size(cfg.maglev_size);
-        self.state.u32_at(STATE_LAYOUT).store(
-            cfg.cid_len as u32 | (cfg.server_id_len as u32) << 8,
-            Ordering::SeqCst,
-        );
-        self.state.u32_at(STATE_OTHER).store(0, Ordering::SeqCst);
+        let layout = cfg.cid_len as u32 | (cfg.server_id_len as u32) << 8;
+        let same_layout = self
+            .state
+            .u32_at(STATE_LAYOUT)
+            .swap(layout, Ordering::SeqCst)
+            == layout;
         for sid in 0..SERVER_ID_TABLE_SIZE {
             self.slot_worker(sid).store(NO_WORKER, Ordering::Relaxed);
-            self.slot_overrides(sid).store(0, Ordering::Relaxed);
+        }
+        if !same_layout {
+            // The buckets mean something else now: start the counts afresh.
+            self.state.u32_at(STATE_OTHER).store(0, Ordering::SeqCst);
+            for sid in 0..SERVER_ID_TABLE_SIZE {
+                self.slot_overrides(sid).store(0, Ordering::Relaxed);
+            }
         }
         let table_ok = CidLayout::new(cfg.cid_len, cfg.server_id_len).is_ok()
             && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
@@ -265,8 +274,19 @@ impl FastPath {
             let (k, w) = kv.context("reading BATON_SERVER_IDS")?;
             self.set_server_id(k.server_id, w.worker);
         }
+        // Counts only ever rise to the tally here, never drop to it: a `baton override set`
+        // running meanwhile has counted its entry before inserting it, and the tally may have
+        // missed the insert. Zeroing and recounting could leave an override uncounted (ignored).
+        let st = self.state();
+        let mut tally: std::collections::HashMap<OverrideBucket, u32> = Default::default();
         for key in overrides.keys() {
-            self.count_override(&key.context("reading BATON_CID_OVERRIDE")?, 1);
+            let key = key.context("reading BATON_CID_OVERRIDE")?;
+            *tally
+                .entry(override_bucket(st.cid_len, st.server_id_len, &key))
+                .or_default() += 1;
+        }
+        for (bucket, n) in tally {
+            self.counter(bucket).fetch_max(n, Ordering::SeqCst);
         }
         let mut enabled = FP_OVERRIDE_COUNTS;
         if table_ok {
@@ -379,7 +399,11 @@ impl FastPath {
     /// The counter covering override `key` under the recorded layout.
     fn bucket_counter(&self, key: &CidKey) -> &AtomicU32 {
         let st = self.state();
-        match override_bucket(st.cid_len, st.server_id_len, key) {
+        self.counter(override_bucket(st.cid_len, st.server_id_len, key))
+    }
+
+    fn counter(&self, bucket: OverrideBucket) -> &AtomicU32 {
+        match bucket {
             OverrideBucket::ServerId(sid) => self.slot_overrides(sid),
             OverrideBucket::Other => self.state.u32_at(STATE_OTHER),
         }
