@@ -878,7 +878,11 @@ impl Drop for Run {
     }
 }
 
-pub(crate) fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+pub(crate) fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !f()? {
         if Instant::now() > deadline {
