@@ -242,6 +242,8 @@ pub(crate) struct Run {
 pub(crate) struct Migration {
     pub(crate) ok: bool,
     pub(crate) ms: f64,
+    /// `freeze_ms` of a successful migration (the source's freeze to export), else 0.
+    pub(crate) freeze_ms: f64,
     pub(crate) kind: String,
 }
 
@@ -693,6 +695,7 @@ impl Run {
                 missing.push(Migration {
                     ok: false,
                     ms: 0.0,
+                    freeze_ms: 0.0,
                     kind: format!(
                         "a connection missing from `baton conns` could not be moved {from} -> {to}"
                     ),
@@ -730,6 +733,7 @@ impl Run {
             Err(e) => Migration {
                 ok: false,
                 ms: wall,
+                freeze_ms: 0.0,
                 kind: format!("cannot run baton migrate: {e}"),
             },
             Ok(o) => {
@@ -738,6 +742,7 @@ impl Run {
                     Migration {
                         ok: true,
                         ms: v["total_ms"].as_f64().unwrap_or(wall),
+                        freeze_ms: v["freeze_ms"].as_f64().unwrap_or(0.0),
                         kind: String::new(),
                     }
                 } else {
@@ -749,6 +754,7 @@ impl Run {
                     Migration {
                         ok: false,
                         ms: wall,
+                        freeze_ms: 0.0,
                         kind: format!("{conn}: {kind}: {detail}"),
                     }
                 }

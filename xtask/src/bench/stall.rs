@@ -73,6 +73,8 @@ struct Migrated {
     ok: bool,
     /// `baton migrate`'s total_ms (request to release), or the wall time when it failed.
     ms: f64,
+    /// The source's `freeze_ms`: migrate_out request to export done.
+    freeze_ms: f64,
     error: String,
 }
 
@@ -165,6 +167,7 @@ fn measure(lab: &mut Lab, opts: &StallOptions) -> Result<String> {
             to,
             ok: m.ok,
             ms: m.ms,
+            freeze_ms: m.freeze_ms,
             error: m.kind,
         });
         // The baseline: a window as long as this migration's, nothing happening.
@@ -251,10 +254,17 @@ fn report(
 ) -> String {
     let empty = Vec::new();
     let times = |c: usize| completions.get(&c).unwrap_or(&empty);
-    let stalls: Vec<f64> = migrated
+    let per_migration: Vec<Option<f64>> = migrated
         .iter()
-        .filter_map(|m| max_gap_ms(times(m.window.conn), m.window.start, m.window.end))
+        .map(|m| max_gap_ms(times(m.window.conn), m.window.start, m.window.end))
         .collect();
+    let stalls: Vec<f64> = per_migration.iter().flatten().copied().collect();
+    let mut worst: Vec<(usize, f64)> = per_migration
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|s| (i, s)))
+        .collect();
+    worst.sort_by(|a, b| b.1.total_cmp(&a.1));
     let base: Vec<f64> = baseline
         .iter()
         .filter_map(|w| max_gap_ms(times(w.conn), w.start, w.end))
@@ -264,6 +274,11 @@ fn report(
         .map(|m| (m.window.end - m.window.start) as f64 / 1000.0)
         .collect();
     let ok_ms: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
+    let freeze: Vec<f64> = migrated
+        .iter()
+        .filter(|m| m.ok)
+        .map(|m| m.freeze_ms)
+        .collect();
     let failed = migrated.len() - ok_ms.len();
     // Every gap of the whole run: what an ordinary request costs.
     let all_gaps: Vec<f64> = completions
@@ -318,6 +333,12 @@ fn report(
         pct(&windows, 50.0),
         pct(&windows, 99.0)
     );
+    w!(
+        "freeze     source: migrate_out request to export done (freeze_ms: token check, connection lookup, quiesce, export) p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(&freeze, 50.0),
+        pct(&freeze, 99.0),
+        max(&freeze)
+    );
     w!("");
     w!(
         "{:<34} {:>7} {:>9} {:>9} {:>9}",
@@ -352,6 +373,25 @@ fn report(
         ratio(max(&stalls), max(&base))
     );
     w!("");
+    w!(
+        "worst      {}",
+        worst
+            .iter()
+            .take(5)
+            .map(|&(i, st)| {
+                let m = &migrated[i];
+                format!(
+                    "#{} {}->{} stall {st:.1} ms (migrate {:.1} ms, freeze {:.1} ms)",
+                    i + 1,
+                    m.from,
+                    m.to,
+                    m.ms,
+                    m.freeze_ms
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for m in migrated.iter().filter(|m| !m.ok).take(5) {
         w!("failed     {} -> {}: {}", m.from, m.to, m.error);
     }
