@@ -114,6 +114,10 @@ pub struct ConnSummary {
     pub congestion_events: u64,
     /// Every long stream of this slot came back complete (FIN) and byte-exact.
     pub stream_exact: bool,
+    /// `--idle`: the request made when the run stopped was answered on the connection that made
+    /// the first request, with the session counter continuing (the connection survived).
+    #[serde(default)]
+    pub final_request_ok: bool,
     /// Last error seen, if any.
     pub last_error: Option<String>,
 }
@@ -149,6 +153,9 @@ pub struct Summary {
     pub congestion_events: u64,
     /// Slots whose long streams were not complete and byte-exact.
     pub streams_not_exact: usize,
+    /// `--idle`: slots whose final request was answered on their original connection.
+    #[serde(default)]
+    pub final_requests_ok: usize,
     /// Everything checked out: every slot connected once, no failure, no reconnect, every stream
     /// byte-exact, every request counter continuous.
     pub ok: bool,
@@ -186,6 +193,7 @@ impl Summary {
             p50_stall_ms: percentile(&stalls, 50.0),
             p99_stall_ms: percentile(&stalls, 99.0),
             streams_not_exact: per_connection.iter().filter(|c| !c.stream_exact).count(),
+            final_requests_ok: per_connection.iter().filter(|c| c.final_request_ok).count(),
             ..Default::default()
         };
         if let Some(worst) = per_connection

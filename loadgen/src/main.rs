@@ -95,6 +95,18 @@ struct Args {
     /// How often to print a progress line to stderr (0 = never).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     progress_interval: Duration,
+    /// Write a line per completed request to this file: `<connection index> <unix time in
+    /// microseconds>` (wall clock, so it lines up with timestamps taken by other processes on the
+    /// host, e.g. a benchmark's migration windows). Flushed every 100 ms and at the end.
+    #[arg(long)]
+    gap_log: Option<PathBuf>,
+    /// Idle connections: each connection makes one request to prove it is up, then sends nothing
+    /// but keep-alives until the run stops, when it makes one more request on the same connection
+    /// to prove it survived (a connection that broke and was remade counts as a reconnect). No
+    /// long stream (--stream-rate and --request-interval are ignored). With --print-conn-ids the
+    /// `conn` line of a connection comes after its first request.
+    #[arg(long)]
+    idle: bool,
 }
 
 /// Counters every connection task updates, read by the progress reporter.
@@ -119,6 +131,10 @@ struct Ctx {
     totals: Totals,
     stdout: Mutex<()>,
     started: Instant,
+    /// Connections announced with --print-conn-ids (for the `ready` line).
+    announced: AtomicUsize,
+    /// --gap-log: completion times of requests.
+    gap_log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 }
 
 impl Ctx {
@@ -130,6 +146,42 @@ impl Ctx {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+
+    /// `--print-conn-ids`: the `conn` line of a connection slot, and `ready` once every slot
+    /// announced itself.
+    fn announce(&self, index: usize, local: &str, reconnects: u64) {
+        if !self.args.print_conn_ids {
+            return;
+        }
+        if reconnects > 0 {
+            self.say(&format!(
+                "conn {index} local={local} reconnect={reconnects}"
+            ));
+            return;
+        }
+        self.say(&format!("conn {index} local={local}"));
+        if self.announced.fetch_add(1, Ordering::SeqCst) + 1 == self.args.connections {
+            self.say(&format!("ready connections={}", self.args.connections));
+        }
+    }
+
+    /// `--gap-log`: one line per completed request.
+    fn log_completion(&self, index: usize) {
+        if let Some(log) = &self.gap_log {
+            let us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros())
+                .unwrap_or(0);
+            let _ = writeln!(log.lock().unwrap(), "{index} {us}");
+        }
+    }
+
+    fn flush_gap_log(&self) -> std::io::Result<()> {
+        match &self.gap_log {
+            Some(log) => log.lock().unwrap().flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -275,6 +327,12 @@ async fn run(args: Args) -> Result<bool> {
         );
     }
     let client_config = client_config(&args)?;
+    let gap_log = match &args.gap_log {
+        Some(p) => Some(Mutex::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        ))),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let ctx = Arc::new(Ctx {
@@ -284,7 +342,19 @@ async fn run(args: Args) -> Result<bool> {
         totals: Totals::default(),
         stdout: Mutex::new(()),
         started,
+        announced: AtomicUsize::new(0),
+        gap_log,
     });
+    if ctx.gap_log.is_some() {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let _ = ctx.flush_gap_log();
+            }
+        });
+    }
 
     // Stop conditions: duration, stop file, signals.
     {
@@ -353,15 +423,14 @@ async fn run(args: Args) -> Result<bool> {
 
     // The connections.
     let mut tasks = Vec::with_capacity(ctx.args.connections);
-    let first_up = Arc::new(AtomicUsize::new(0));
     for index in 0..ctx.args.connections {
         if ctx.stopping() {
             break;
         }
-        let (ctx2, first_up) = (ctx.clone(), first_up.clone());
-        tasks.push(tokio::spawn(async move {
-            connection_slot(ctx2, index, first_up).await
-        }));
+        let ctx2 = ctx.clone();
+        tasks.push(tokio::spawn(
+            async move { connection_slot(ctx2, index).await },
+        ));
         if !ctx.args.ramp.is_zero() {
             tokio::time::sleep(ctx.args.ramp).await;
         }
@@ -378,6 +447,10 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     progress.abort();
+    if let Some(p) = &ctx.args.gap_log {
+        ctx.flush_gap_log()
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     let summary = Summary::from_connections(
         ctx.args.target.to_string(),
         started.elapsed(),
@@ -398,7 +471,7 @@ async fn run(args: Args) -> Result<bool> {
 
 /// One connection slot: connect (retrying at start-up), run the session, and if the connection
 /// breaks before the run ends, reconnect and go on (counted as a reconnect).
-async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>) -> ConnSummary {
+async fn connection_slot(ctx: Arc<Ctx>, index: usize) -> ConnSummary {
     let mut s = ConnSummary {
         index,
         stream_exact: true,
@@ -460,21 +533,17 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize, first_up: Arc<AtomicUsize>
         s.local_addr = local.clone();
         if s.connections_made == 1 {
             ctx.totals.up.fetch_add(1, Ordering::Relaxed);
-            if ctx.args.print_conn_ids {
-                ctx.say(&format!("conn {index} local={local}"));
-                if first_up.fetch_add(1, Ordering::SeqCst) + 1 == ctx.args.connections {
-                    ctx.say(&format!("ready connections={}", ctx.args.connections));
-                }
-            }
-        } else if ctx.args.print_conn_ids {
-            ctx.say(&format!(
-                "conn {index} local={local} reconnect={}",
-                s.reconnects
-            ));
+        }
+        if !ctx.args.idle {
+            ctx.announce(index, &local, s.reconnects);
         }
         let seed = ((index as u64) << 20) ^ generation;
         generation += 1;
-        let result = session(&ctx, &conn, seed, &mut s).await;
+        let result = if ctx.args.idle {
+            idle_session(&ctx, &conn, seed, &mut s).await
+        } else {
+            session(&ctx, &conn, seed, &mut s).await
+        };
         let stats = conn.stats();
         s.lost_packets += stats.path.lost_packets;
         s.congestion_events += stats.path.congestion_events;
@@ -613,6 +682,7 @@ async fn request_loop(
                 expected_counter = counter + 1;
                 s.requests += 1;
                 ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
+                ctx.log_completion(s.index);
                 let now = Instant::now();
                 let gap = now - last_done;
                 last_done = now;
@@ -644,6 +714,86 @@ async fn request_loop(
         }
     }
     Ok(())
+}
+
+/// `--idle`: one request to prove the connection, keep-alives only until the run stops, then one
+/// request on the same connection to prove it survived. Ok when both were answered correctly
+/// with a continuous session counter; Err when the connection broke (the slot reconnects).
+async fn idle_session(
+    ctx: &Arc<Ctx>,
+    conn: &quinn::Connection,
+    seed: u64,
+    s: &mut ConnSummary,
+) -> Result<()> {
+    let mut body = vec![0u8; ctx.args.request_size];
+    let first = idle_request(ctx, conn, seed, 0, &mut body, s).await;
+    if let Err(e) = &first {
+        if let Some(reason) = conn.close_reason() {
+            return Err(anyhow::anyhow!("connection lost: {reason}"));
+        }
+        s.last_error = Some(format!("first request: {e:#}"));
+        // Still up: wait for the stop like the others, the failure is counted.
+    }
+    let local = s.local_addr.clone();
+    ctx.announce(s.index, &local, s.reconnects);
+    let mut stop = ctx.stop.clone();
+    tokio::select! {
+        _ = stopped(&mut stop) => {}
+        reason = conn.closed() => return Err(anyhow::anyhow!("connection lost while idle: {reason}")),
+    }
+    let counter_before = first.as_ref().ok().copied();
+    match idle_request(ctx, conn, seed, 1, &mut body, s).await {
+        Ok(counter) => {
+            if let Some(c) = counter_before
+                && counter != c + 1
+            {
+                s.counter_breaks += 1;
+                s.failed += 1;
+                ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
+                s.last_error = Some(format!("session counter went from {c} to {counter}"));
+            } else if counter_before.is_some() {
+                s.final_request_ok = true;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            s.last_error = Some(format!("final request: {e:#}"));
+            if let Some(reason) = conn.close_reason() {
+                return Err(anyhow::anyhow!("connection lost: {reason}"));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One request of an idle connection; counts it; returns the session counter of the answer.
+async fn idle_request(
+    ctx: &Arc<Ctx>,
+    conn: &quinn::Connection,
+    seed: u64,
+    n: u64,
+    body: &mut [u8],
+    s: &mut ConnSummary,
+) -> Result<u64> {
+    fill(seed ^ 0x1d1e_0000_0000_0000 ^ n, 0, body);
+    let answer = tokio::time::timeout(ctx.args.request_timeout, request(conn, body))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", ctx.args.request_timeout))
+        .and_then(|r| r)
+        .and_then(|a| check_answer(&a, body, 0));
+    match answer {
+        Ok(counter) => {
+            s.requests += 1;
+            ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
+            ctx.log_completion(s.index);
+            Ok(counter)
+        }
+        Err(e) => {
+            s.failed += 1;
+            ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        }
+    }
 }
 
 async fn request(conn: &quinn::Connection, body: &[u8]) -> Result<Vec<u8>> {

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 /// Configs, certificates, sockets, logs and pid files of a demo run.
 pub const STATE_DIR: &str = "/run/baton/lab";
-const LB_SOCKET: &str = "/run/baton/baton.sock";
-const PIN_DIR: &str = "/sys/fs/bpf/baton";
-const SERVICE_NAME: &str = "baton.lab";
-const WORKERS: [(&str, &str, u64, &str); 2] = [
+pub(crate) const LB_SOCKET: &str = "/run/baton/baton.sock";
+pub(crate) const PIN_DIR: &str = "/sys/fs/bpf/baton";
+pub(crate) const SERVICE_NAME: &str = "baton.lab";
+pub(crate) const WORKERS: [(&str, &str, u64, &str); 2] = [
     ("w1", "baton-w1", 1, "10.200.11.2:4470"),
     ("w2", "baton-w2", 2, "10.200.12.2:4470"),
 ];
@@ -77,6 +77,10 @@ fn say(msg: impl AsRef<str>) {
     eprintln!("[demo] {}", msg.as_ref());
 }
 
+fn say_str(msg: &str) {
+    say(msg)
+}
+
 pub fn run(opts: &Options) -> Result<()> {
     require_root("cargo xtask demo")?;
     let state = PathBuf::from(STATE_DIR);
@@ -108,40 +112,15 @@ pub fn run(opts: &Options) -> Result<()> {
         Some(d) => d.clone(),
         None => build_release()?,
     };
-    for b in ["baton-lb", "baton", "baton-worker", "baton-load"] {
-        if !bins.join(b).is_file() {
-            bail!(
-                "{} is missing (build with `cargo build --release -p lb-user -p baton-worker -p baton-load`)",
-                bins.join(b).display()
-            );
-        }
-    }
-
-    if lb_answers() {
-        bail!(
-            "a baton-lb is already running on {LB_SOCKET} (another lab or demo?): stop it first \
-             (`cargo xtask demo --down`, or `baton-lb detach` for a hand-started one)"
-        );
-    }
-    if Path::new(PIN_DIR).exists() {
-        say(format!(
-            "removing stale pins in {PIN_DIR} left by an earlier run (`baton-lb detach`)"
-        ));
-        let _ = Command::new(bins.join("baton-lb")).arg("detach").output();
-    }
+    preflight(&bins, say_str)?;
 
     say("bringing the lab up");
     lab::up_quiet()?;
 
-    let mut run = Run {
-        state: state.clone(),
-        bins: bins.clone(),
-        children: Vec::new(),
-        keep: opts.keep,
-        request_interval_ms: opts.request_interval_ms,
-        overrides_left: None,
-        settle: opts.settle,
-    };
+    let mut run = Run::new(bins.clone());
+    run.keep = opts.keep;
+    run.request_interval_ms = opts.request_interval_ms;
+    run.settle = opts.settle;
     let outcome = run.demo(opts, connections, rounds, duration);
     if let Err(e) = &outcome {
         say(format!("error: {e:#}"));
@@ -177,8 +156,34 @@ pub fn run(opts: &Options) -> Result<()> {
     }
 }
 
+/// Checks that `bins` holds the binaries a lab run needs and that no baton-lb runs already;
+/// removes stale pins an earlier run left.
+pub(crate) fn preflight(bins: &Path, say: fn(&str)) -> Result<()> {
+    for b in ["baton-lb", "baton", "baton-worker", "baton-load"] {
+        if !bins.join(b).is_file() {
+            bail!(
+                "{} is missing (build with `cargo build --release -p lb-user -p baton-worker -p baton-load`)",
+                bins.join(b).display()
+            );
+        }
+    }
+    if lb_answers() {
+        bail!(
+            "a baton-lb is already running on {LB_SOCKET} (another lab or demo?): stop it first \
+             (`cargo xtask demo --down`, or `baton-lb detach` for a hand-started one)"
+        );
+    }
+    if Path::new(PIN_DIR).exists() {
+        say(&format!(
+            "removing stale pins in {PIN_DIR} left by an earlier run (`baton-lb detach`)"
+        ));
+        let _ = Command::new(bins.join("baton-lb")).arg("detach").output();
+    }
+    Ok(())
+}
+
 /// `cargo build --release` of the binaries the demo runs; returns the directory they are in.
-fn build_release() -> Result<PathBuf> {
+pub(crate) fn build_release() -> Result<PathBuf> {
     say("building baton-lb, baton, baton-worker and baton-load (release)");
     let root = workspace_root();
     let status = cargo()
@@ -209,7 +214,7 @@ fn build_release() -> Result<PathBuf> {
     Ok(target.join("release"))
 }
 
-fn lb_answers() -> bool {
+pub(crate) fn lb_answers() -> bool {
     use std::io::Write;
     let Ok(s) = std::os::unix::net::UnixStream::connect(LB_SOCKET) else {
         return false;
@@ -222,10 +227,10 @@ fn lb_answers() -> bool {
     BufReader::new(&s).read_line(&mut line).is_ok() && line.contains("\"ok\":true")
 }
 
-struct Run {
-    state: PathBuf,
-    bins: PathBuf,
-    children: Vec<(String, Child)>,
+pub(crate) struct Run {
+    pub(crate) state: PathBuf,
+    pub(crate) bins: PathBuf,
+    pub(crate) children: Vec<(String, Child)>,
     keep: bool,
     request_interval_ms: u64,
     /// `baton override list` length after the last migration and the settle time.
@@ -234,19 +239,83 @@ struct Run {
 }
 
 /// What one `baton migrate` reported.
-struct Migration {
-    ok: bool,
-    ms: f64,
-    kind: String,
+pub(crate) struct Migration {
+    pub(crate) ok: bool,
+    pub(crate) ms: f64,
+    /// `freeze_ms` of a successful migration (the source's freeze to export), else 0.
+    pub(crate) freeze_ms: f64,
+    pub(crate) kind: String,
 }
 
 impl Run {
+    /// A run with the lab's state directory and the binaries in `bins`; nothing started yet.
+    pub(crate) fn new(bins: PathBuf) -> Run {
+        Run {
+            state: PathBuf::from(STATE_DIR),
+            bins,
+            children: Vec::new(),
+            keep: false,
+            request_interval_ms: 0,
+            overrides_left: None,
+            settle: 0,
+        }
+    }
+
+    /// A fresh state directory with certificates, secrets and configs, then baton-lb (with
+    /// `lb_config`) and both workers, waiting until each answers. The lab must be up.
+    pub(crate) fn bring_up(&mut self, lb_config: &Path, migrations: bool) -> Result<()> {
+        let _ = std::fs::remove_dir_all(&self.state);
+        std::fs::create_dir_all(&self.state)
+            .with_context(|| format!("creating {}", self.state.display()))?;
+        self.prepare_files(migrations)?;
+        self.start_lb_and_workers(lb_config, migrations)
+    }
+
+    /// Starts baton-lb with `lb_config` and both workers; waits until they answer.
+    fn start_lb_and_workers(&mut self, lb_config: &Path, migrations: bool) -> Result<()> {
+        say("starting baton-lb in namespace baton-lb");
+        let mut lb = Command::new(self.bins.join("baton-lb"));
+        lb.args(["--netns", lab::LB_NS, "--config"])
+            .arg(lb_config)
+            .env("BATON_LOG", "info");
+        self.spawn("baton-lb", &mut lb)?;
+        wait_until(Duration::from_secs(60), "baton-lb's control socket", || {
+            self.check_children()?;
+            Ok(lb_answers())
+        })?;
+
+        for (name, ns, _, _) in WORKERS {
+            say(format!("starting baton-worker {name} in namespace {ns}"));
+            let mut w = Command::new("ip");
+            w.args(["netns", "exec", ns])
+                .arg(self.bins.join("baton-worker"))
+                .arg("--config")
+                .arg(self.state.join(format!("{name}.toml")))
+                .env("RUST_LOG", "info")
+                .env("BATON_LOG", "info");
+            self.spawn(name, &mut w)?;
+        }
+        if migrations {
+            wait_until(
+                Duration::from_secs(30),
+                "the workers' control sockets",
+                || {
+                    self.check_children()?;
+                    Ok(WORKERS
+                        .iter()
+                        .all(|(n, ..)| self.state.join(format!("{n}.sock")).exists()))
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     fn log(&self, name: &str) -> Result<std::fs::File> {
         let p = self.state.join(format!("{name}.log"));
         std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
     }
 
-    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
         let log = self.log(name)?;
         let child = cmd
             .stdout(log.try_clone()?)
@@ -261,7 +330,7 @@ impl Run {
         Ok(())
     }
 
-    fn check_children(&mut self) -> Result<()> {
+    pub(crate) fn check_children(&mut self) -> Result<()> {
         for (name, c) in &mut self.children {
             if let Some(status) = c.try_wait()? {
                 if name == "baton-load" {
@@ -276,7 +345,7 @@ impl Run {
         Ok(())
     }
 
-    fn show_logs(&self) {
+    pub(crate) fn show_logs(&self) {
         for name in ["baton-lb", "w1", "w2"] {
             let p = self.state.join(format!("{name}.log"));
             if let Ok(text) = std::fs::read_to_string(&p) {
@@ -292,7 +361,7 @@ impl Run {
         }
     }
 
-    fn baton(&self) -> Command {
+    pub(crate) fn baton(&self) -> Command {
         let mut c = Command::new(self.bins.join("baton"));
         c.env("BATON_MIGRATION_CONFIG", self.state.join("migration.toml"));
         c
@@ -398,52 +467,13 @@ impl Run {
         duration: u64,
     ) -> Result<(bool, String)> {
         let started = Instant::now();
-        let _ = std::fs::remove_dir_all(&self.state);
-        std::fs::create_dir_all(&self.state)
-            .with_context(|| format!("creating {}", self.state.display()))?;
         let migrations = !opts.no_migrate && self.migration_cli_available();
         if !migrations && !opts.no_migrate {
             say(
                 "the migration CLI (`baton migrate`, `baton-worker gen-certs`) is not in these binaries: load only",
             );
         }
-        self.prepare_files(migrations)?;
-
-        say("starting baton-lb in namespace baton-lb");
-        let lb_config = workspace_root().join("lab/lb.toml");
-        let mut lb = Command::new(self.bins.join("baton-lb"));
-        lb.args(["--netns", lab::LB_NS, "--config"])
-            .arg(&lb_config)
-            .env("BATON_LOG", "info");
-        self.spawn("baton-lb", &mut lb)?;
-        wait_until(Duration::from_secs(60), "baton-lb's control socket", || {
-            self.check_children()?;
-            Ok(lb_answers())
-        })?;
-
-        for (name, ns, _, _) in WORKERS {
-            say(format!("starting baton-worker {name} in namespace {ns}"));
-            let mut w = Command::new("ip");
-            w.args(["netns", "exec", ns])
-                .arg(self.bins.join("baton-worker"))
-                .arg("--config")
-                .arg(self.state.join(format!("{name}.toml")))
-                .env("RUST_LOG", "info")
-                .env("BATON_LOG", "info");
-            self.spawn(name, &mut w)?;
-        }
-        if migrations {
-            wait_until(
-                Duration::from_secs(30),
-                "the workers' control sockets",
-                || {
-                    self.check_children()?;
-                    Ok(WORKERS
-                        .iter()
-                        .all(|(n, ..)| self.state.join(format!("{n}.sock")).exists()))
-                },
-            )?;
-        }
+        self.bring_up(&workspace_root().join("lab/lb.toml"), migrations)?;
 
         // The load.
         let stop_file = self.state.join("load.stop");
@@ -665,6 +695,7 @@ impl Run {
                 missing.push(Migration {
                     ok: false,
                     ms: 0.0,
+                    freeze_ms: 0.0,
                     kind: format!(
                         "a connection missing from `baton conns` could not be moved {from} -> {to}"
                     ),
@@ -691,7 +722,7 @@ impl Run {
         Ok(results)
     }
 
-    fn migrate(&self, conn: &str, to: &str) -> Migration {
+    pub(crate) fn migrate(&self, conn: &str, to: &str) -> Migration {
         let t = Instant::now();
         let out = self
             .baton()
@@ -702,6 +733,7 @@ impl Run {
             Err(e) => Migration {
                 ok: false,
                 ms: wall,
+                freeze_ms: 0.0,
                 kind: format!("cannot run baton migrate: {e}"),
             },
             Ok(o) => {
@@ -710,6 +742,7 @@ impl Run {
                     Migration {
                         ok: true,
                         ms: v["total_ms"].as_f64().unwrap_or(wall),
+                        freeze_ms: v["freeze_ms"].as_f64().unwrap_or(0.0),
                         kind: String::new(),
                     }
                 } else {
@@ -721,6 +754,7 @@ impl Run {
                     Migration {
                         ok: false,
                         ms: wall,
+                        freeze_ms: 0.0,
                         kind: format!("{conn}: {kind}: {detail}"),
                     }
                 }
@@ -850,7 +884,11 @@ impl Drop for Run {
     }
 }
 
-fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+pub(crate) fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !f()? {
         if Instant::now() > deadline {
@@ -861,7 +899,7 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> Result<bool>) 
     Ok(())
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
@@ -873,7 +911,7 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 
 /// Stops what a demo started (its own children, or the pids a `--keep` run recorded), removes
 /// baton-lb's pins and the lab.
-fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
+pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
     let bins = run.as_ref().map(|r| r.bins.clone());
     say("tearing down: load, workers, baton-lb, lab");
     if let Some(run) = run {

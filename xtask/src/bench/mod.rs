@@ -1,15 +1,27 @@
 //! `cargo xtask bench`: every benchmark, each measured side by side with its baseline in one run.
+mod drain;
+mod e2e;
 mod handoff;
 mod migration;
+mod stall;
 mod xdp;
 
+use crate::util::require_root;
 use anyhow::Result;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Options {
     /// Run only these suites (default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Suite>,
+    /// stall, drain: use the binaries in this directory instead of building them (release) first.
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub stall: stall::StallOptions,
+    #[command(flatten)]
+    pub drain: drain::DrainOptions,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -20,6 +32,12 @@ pub enum Suite {
     Migration,
     /// Freeze+export and import of a live QUIC connection with 0, 10 and 100 open streams (criterion).
     Handoff,
+    /// Client-observed stall of a live migration (netns lab, baton-lb, two workers) vs. the same
+    /// request loop without migration; target p99 < 5 ms. Needs root.
+    Stall,
+    /// `baton drain` of 1,000 idle connections w1 -> w2 (netns lab): connections/s, then every
+    /// connection verified on w2; target >= 1000/s. Needs root.
+    Drain,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -32,6 +50,19 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     if wanted(Suite::Handoff) {
         handoff::run()?;
+    }
+    if wanted(Suite::Stall) || wanted(Suite::Drain) {
+        require_root("the stall and drain benchmarks (netns lab, XDP)")?;
+        let bins = match &opts.bin_dir {
+            Some(d) => d.clone(),
+            None => crate::demo::build_release()?,
+        };
+        if wanted(Suite::Stall) {
+            stall::run(&bins, &opts.stall)?;
+        }
+        if wanted(Suite::Drain) {
+            drain::run(&bins, &opts.drain)?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,295 @@
+//! What the end-to-end suites (`stall`, `drain`) share: the netns lab with baton-lb and two
+//! workers brought up by the demo's code (torn down again when the [`Lab`] guard drops, also on
+//! error or panic), a `baton-load` in the client namespace, and `baton` CLI calls.
+use crate::demo::{self, Run};
+use crate::lab;
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub(crate) fn say(tag: &str, msg: impl AsRef<str>) {
+    eprintln!("[bench {tag}] {}", msg.as_ref());
+}
+
+/// Wall-clock time in microseconds since the Unix epoch: the clock baton-load's `--gap-log` uses.
+pub(crate) fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The lab, baton-lb and both workers; everything is stopped and removed on drop.
+pub(crate) struct Lab {
+    pub(crate) run: Run,
+    /// Files outside the state directory to remove on drop.
+    extra_files: Vec<PathBuf>,
+}
+
+impl Lab {
+    /// Brings the lab up and starts baton-lb with `lb_config` and both workers (migrations on).
+    pub(crate) fn up(bins: &Path, lb_config: &Path, extra_files: Vec<PathBuf>) -> Result<Lab> {
+        demo::preflight(bins, |m| say("lab", m))?;
+        say("lab", "bringing the lab up");
+        lab::up_quiet()?;
+        // From here on the guard tears everything down, whatever happens.
+        let mut lab = Lab {
+            run: Run::new(bins.to_path_buf()),
+            extra_files,
+        };
+        if let Err(e) = lab.run.bring_up(lb_config, true) {
+            lab.run.show_logs();
+            return Err(e);
+        }
+        Ok(lab)
+    }
+
+    /// `baton --json ARGS`, parsed; fails with its stderr when it exits non-zero.
+    pub(crate) fn baton_json(&self, args: &[&str]) -> Result<Value> {
+        let out = self
+            .run
+            .baton()
+            .arg("--json")
+            .args(args)
+            .output()
+            .with_context(|| format!("running baton {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "baton {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing the output of `baton --json {}`", args.join(" ")))
+    }
+
+    /// Every connection on every worker: (conn key, worker, client address).
+    pub(crate) fn conns(&self) -> Result<Vec<ConnRow>> {
+        let v = self.baton_json(&["conns"])?;
+        let list = v
+            .as_array()
+            .context("`baton conns --json` is not an array")?;
+        Ok(list
+            .iter()
+            .map(|c| ConnRow {
+                conn: c["conn"].as_str().unwrap_or_default().to_string(),
+                worker: c["worker"].as_str().unwrap_or_default().to_string(),
+                remote: c["remote"].as_str().unwrap_or_default().to_string(),
+                cids: c["cids"].as_array().map_or(0, Vec::len),
+            })
+            .collect())
+    }
+
+    /// pid of the baton-lb process we started.
+    pub(crate) fn lb_pid(&self) -> Option<u32> {
+        self.run
+            .children
+            .iter()
+            .find(|(n, _)| n == "baton-lb")
+            .map(|(_, c)| c.id())
+    }
+
+    /// Starts `baton-load` in the client namespace against the VIP with the lab's CA, a stop
+    /// file, a summary file and `--print-conn-ids`, plus `args`. Its stderr (progress) is relayed.
+    pub(crate) fn start_load(&mut self, tag: &'static str, args: &[String]) -> Result<Load> {
+        let stop_file = self.run.state.join("load.stop");
+        let summary_file = self.run.state.join("load-summary.json");
+        let _ = std::fs::remove_file(&stop_file);
+        let mut load = Command::new("ip");
+        load.args(["netns", "exec", lab::CLIENT_NS])
+            .arg(self.run.bins.join("baton-load"))
+            .args(["--target", &format!("{}:4433", lab::VIP4)])
+            .arg("--stop-file")
+            .arg(&stop_file)
+            .arg("--summary-file")
+            .arg(&summary_file)
+            .arg("--print-conn-ids")
+            .arg("--ca")
+            .arg(self.run.state.join("pki/ca.pem"))
+            .args(["--server-name", demo::SERVICE_NAME])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        say(tag, format!("$ {load:?}"));
+        let mut child = load.spawn().context("starting baton-load")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let relays = vec![
+            std::thread::spawn(move || {
+                // `conn`/`ready` lines go to the bench; the summary (text) is not needed.
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if line.starts_with("conn ") || line.starts_with("ready ") {
+                        let _ = tx.send(line);
+                    }
+                }
+            }),
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                }
+            }),
+        ];
+        self.run.children.push(("baton-load".into(), child));
+        Ok(Load {
+            rx,
+            relays,
+            stop_file,
+            summary_file,
+        })
+    }
+
+    /// Waits for baton-load's `ready` line; returns client address -> connection index.
+    pub(crate) fn wait_ready(
+        &mut self,
+        tag: &str,
+        load: &Load,
+        connections: usize,
+        limit: Duration,
+    ) -> Result<HashMap<String, usize>> {
+        let deadline = Instant::now() + limit;
+        let mut locals = HashMap::new();
+        let mut last_note = Instant::now();
+        loop {
+            self.run.check_children()?;
+            match load.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.starts_with("ready ") => break,
+                Ok(l) => {
+                    // conn <index> local=<addr>[ reconnect=<n>]
+                    let mut it = l.split_whitespace().skip(1);
+                    let index = it.next().and_then(|i| i.parse::<usize>().ok());
+                    let local = it.next().and_then(|a| a.strip_prefix("local="));
+                    if let (Some(i), Some(a)) = (index, local) {
+                        locals.insert(a.to_string(), i);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("baton-load stopped before its connections were up")
+                }
+            }
+            if last_note.elapsed() > Duration::from_secs(5) {
+                say(
+                    tag,
+                    format!("{} of {connections} connections up", locals.len()),
+                );
+                last_note = Instant::now();
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {connections} connections came up within {} s",
+                    locals.len(),
+                    limit.as_secs()
+                );
+            }
+        }
+        Ok(locals)
+    }
+
+    /// Creates the stop file, waits for baton-load to finish (up to `limit`) and returns its
+    /// JSON summary.
+    pub(crate) fn stop_load(&mut self, load: Load, limit: Duration) -> Result<Value> {
+        std::fs::write(&load.stop_file, b"stop\n")?;
+        let pos = self
+            .run
+            .children
+            .iter()
+            .position(|(n, _)| n == "baton-load")
+            .context("baton-load is not running")?;
+        let (_, mut child): (String, Child) = self.run.children.remove(pos);
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "baton-load did not stop within {} s of the stop file",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for r in load.relays {
+            let _ = r.join();
+        }
+        let text = std::fs::read_to_string(&load.summary_file).with_context(|| {
+            format!(
+                "baton-load ({status}) left no summary in {}",
+                load.summary_file.display()
+            )
+        })?;
+        serde_json::from_str(&text).context("parsing baton-load's summary")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let state = self.run.state.clone();
+        if let Err(e) = demo::teardown_everything(&state, Some(&mut self.run)) {
+            say("lab", format!("teardown: {e:#}"));
+        }
+        for f in &self.extra_files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+pub(crate) struct ConnRow {
+    pub(crate) conn: String,
+    pub(crate) worker: String,
+    pub(crate) remote: String,
+    /// How many CIDs the worker lists for it (each is one LB override per migration).
+    pub(crate) cids: usize,
+}
+
+/// Times `n` calls of one JSON-lines request on a control socket (connect, write, read the
+/// answer line), in ms each: the cost of one controller round trip.
+pub(crate) fn probe(socket: &Path, request: &str, n: usize) -> Result<Vec<f64>> {
+    use std::io::Write;
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        (&s).write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        if !line.contains("\"ok\":true") {
+            bail!(
+                "{} answered {request} with {}",
+                socket.display(),
+                line.trim()
+            );
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(times)
+}
+
+/// A running baton-load (the process itself is in the run's children).
+pub(crate) struct Load {
+    rx: mpsc::Receiver<String>,
+    relays: Vec<std::thread::JoinHandle<()>>,
+    stop_file: PathBuf,
+    summary_file: PathBuf,
+}
+
+/// Nearest-rank percentile, 0 for none.
+pub(crate) fn pct(values: &[f64], p: f64) -> f64 {
+    demo::percentile(values, p)
+}
+
+pub(crate) fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
