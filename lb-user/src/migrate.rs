@@ -647,8 +647,24 @@ pub struct DrainSummary {
     pub moved_ms: f64,
     /// Including the wait for the clients to retire the old CIDs (override removal).
     pub total_ms: f64,
+    /// Per migration, as the CLI saw it (token to release): median and 99th percentile.
+    pub migration_ms_p50: f64,
+    pub migration_ms_p99: f64,
+    /// Per migration, how long the source waited for the frozen connection to quiesce.
+    pub freeze_ms_p50: f64,
+    pub freeze_ms_p99: f64,
     pub errors: BTreeMap<String, usize>,
     pub overrides_left: usize,
+}
+
+/// The `p`-th percentile (0..=100) of `v`, nearest rank; 0 when empty.
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// Moves every connection off `worker` (to `to`, or spread over the other workers), at most
@@ -715,6 +731,10 @@ pub fn drain(
         failed: total - moved.len(),
         moved_ms,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        migration_ms_p50: percentile(moved.iter().map(|r| r.total_ms).collect(), 50.0),
+        migration_ms_p99: percentile(moved.iter().map(|r| r.total_ms).collect(), 99.0),
+        freeze_ms_p50: percentile(moved.iter().map(|r| r.freeze_ms).collect(), 50.0),
+        freeze_ms_p99: percentile(moved.iter().map(|r| r.freeze_ms).collect(), 99.0),
         errors,
         overrides_left: left.len(),
     })

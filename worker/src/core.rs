@@ -115,14 +115,20 @@ struct Live {
     /// CIDs this import took out of [`WorkerCore::exported`] (with their forward key); put back
     /// if the import is discarded.
     reclaimed: Vec<(Vec<u8>, u64)>,
-    /// PINGs still to send, each in a packet of its own (see [`WorkerCore::begin_export`]).
-    pings: u8,
 }
 
 /// A freeze waiting for the connection to become quiescent.
 struct PendingExport {
     deadline: Instant,
+    /// When to send the next PING (see [`PING_SPACING`]).
+    ping_due: Instant,
 }
+
+/// While a frozen connection waits for the client to acknowledge what is in flight, it sends a
+/// PING this often. A client acknowledges a lone ack-eliciting packet only after its ACK delay
+/// (25 ms by default) but every second one at once (RFC 9000 13.2.2), so a PING now and then
+/// turns a delayed ACK into an immediate one: the freeze lasts about a round trip.
+const PING_SPACING: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How the worker is set up.
 pub struct CoreConfig {
@@ -134,6 +140,35 @@ pub struct CoreConfig {
     pub vip: IpAddr,
     /// Whether the socket never fragments (path MTU discovery may then probe upwards)
     pub allow_mtud: bool,
+}
+
+/// Everything `conn` may send now, into `out`.
+fn transmit(
+    conn: &mut Connection,
+    now: Instant,
+    max_datagrams: usize,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<Outgoing>,
+) {
+    while let Some(t) = conn.poll_transmit(now, max_datagrams, buf) {
+        out.push(Outgoing::from_transmit(&t, buf));
+        buf.clear();
+    }
+}
+
+/// Queues `live`'s timer in `timers` if it moved.
+fn refresh_timer(
+    timers: &mut BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
+    ch: ConnectionHandle,
+    live: &mut Live,
+) {
+    let timer = live.conn.poll_timeout();
+    if timer != live.timer {
+        live.timer = timer;
+        if let Some(t) = timer {
+            timers.push(Reverse((t, ch)));
+        }
+    }
 }
 
 pub struct WorkerCore {
@@ -279,7 +314,6 @@ impl WorkerCore {
                                 held: false,
                                 timer: None,
                                 reclaimed: Vec::new(),
-                                pings: 0,
                             },
                         );
                         self.dirty.insert(ch);
@@ -318,9 +352,9 @@ impl WorkerCore {
                 self.dirty.insert(ch);
             }
         }
-        // Freezes past their deadline are settled even if their connection is idle.
+        // Freezes past their deadline are settled, and PINGs sent, even if the connection is idle.
         for (&ch, p) in &self.pending_exports {
-            if p.deadline <= now {
+            if p.deadline.min(p.ping_due) <= now {
                 self.dirty.insert(ch);
             }
         }
@@ -346,25 +380,9 @@ impl WorkerCore {
             }
             live.app.drive(&mut live.conn, live.frozen);
             if !live.held {
-                loop {
-                    while let Some(t) = live.conn.poll_transmit(now, max_datagrams, &mut buf) {
-                        out.push(Outgoing::from_transmit(&t, &buf));
-                        buf.clear();
-                    }
-                    if live.pings == 0 {
-                        break;
-                    }
-                    live.pings -= 1;
-                    live.conn.ping();
-                }
+                transmit(&mut live.conn, now, max_datagrams, &mut buf, out);
             }
-            let timer = live.conn.poll_timeout();
-            if timer != live.timer {
-                live.timer = timer;
-                if let Some(t) = timer {
-                    self.timers.push(Reverse((t, ch)));
-                }
-            }
+            refresh_timer(&mut self.timers, ch, live);
             if drained {
                 self.conns.remove(&ch);
                 if self.pending_exports.remove(&ch).is_some() {
@@ -374,10 +392,19 @@ impl WorkerCore {
                 continue;
             }
             if let Some(p) = self.pending_exports.get(&ch) {
-                let deadline = p.deadline;
+                let (deadline, ping_due) = (p.deadline, p.ping_due);
                 match self.export(ch.0, now) {
                     Err(ExportFailure::NotQuiescent(reason)) if now < deadline => {
                         debug!(id = ch.0, %reason, "waiting for quiescence");
+                        if now >= ping_due {
+                            let live = self.conns.get_mut(&ch).expect("export handed it back");
+                            live.conn.ping();
+                            transmit(&mut live.conn, now, max_datagrams, &mut buf, out);
+                            refresh_timer(&mut self.timers, ch, live);
+                            if let Some(p) = self.pending_exports.get_mut(&ch) {
+                                p.ping_due = now + PING_SPACING;
+                            }
+                        }
                     }
                     result => {
                         self.pending_exports.remove(&ch);
@@ -401,7 +428,11 @@ impl WorkerCore {
             self.timers.pop();
         }
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        let deadline = self.pending_exports.values().map(|p| p.deadline).min();
+        let deadline = self
+            .pending_exports
+            .values()
+            .map(|p| p.deadline.min(p.ping_due))
+            .min();
         timer.into_iter().chain(deadline).min()
     }
 
@@ -419,13 +450,9 @@ impl WorkerCore {
         if self.pending_exports.contains_key(&ch) || !self.freeze(id) {
             return false;
         }
-        if let Some(live) = self.conns.get_mut(&ch) {
-            // Two ack-eliciting packets make the client acknowledge at once instead of after its
-            // ACK delay (RFC 9000 13.2.1: at least every second ack-eliciting packet is
-            // acknowledged immediately); quiescence needs everything in flight acknowledged.
-            live.pings = 2;
-        }
-        self.pending_exports.insert(ch, PendingExport { deadline });
+        let ping_due = Instant::now();
+        self.pending_exports
+            .insert(ch, PendingExport { deadline, ping_due });
         true
     }
 
@@ -498,7 +525,6 @@ impl WorkerCore {
             held,
             timer,
             reclaimed,
-            pings,
         } = live;
         match baton_handoff::export(&mut self.endpoint, ch, conn, &keys, now) {
             Ok(handoff) => {
@@ -547,7 +573,6 @@ impl WorkerCore {
                         held,
                         timer,
                         reclaimed,
-                        pings,
                     },
                 );
                 Err(failure)
@@ -595,7 +620,6 @@ impl WorkerCore {
                 held,
                 timer: None,
                 reclaimed,
-                pings: 0,
             },
         );
         self.dirty.insert(ch);

@@ -291,7 +291,11 @@ impl Run {
                 .arg(self.bins.join("baton-worker"))
                 .arg("--config")
                 .arg(self.state.join(format!("{name}.toml")))
-                .env("RUST_LOG", "info")
+                // BATON_LAB_WORKER_LOG (a tracing filter) makes the workers chattier for debugging.
+                .env(
+                    "RUST_LOG",
+                    std::env::var("BATON_LAB_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .env("BATON_LOG", "info");
             self.spawn(name, &mut w)?;
         }

@@ -305,6 +305,10 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
             s.total_ms,
             s.overrides_left
         );
+        println!(
+            "  per migration: {:.1} ms median, {:.1} ms p99 (of which the freeze: {:.1} ms median, {:.1} ms p99)",
+            s.migration_ms_p50, s.migration_ms_p99, s.freeze_ms_p50, s.freeze_ms_p99
+        );
         for (kind, n) in &s.errors {
             println!("  {n} failed with {kind}");
         }
