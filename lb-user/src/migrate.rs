@@ -382,7 +382,10 @@ fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
             }
             let mut sock = sock.ok_or_else(|| {
                 last.unwrap_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{addr} resolves to no address"),
+                    )
                 })
             })?;
             let _ = sock.set_nodelay(true);
@@ -495,6 +498,11 @@ fn call(
             Err(e) if is_timeout(&e) => return Err(timed_out()),
             Err(e) => return Err(reset(&e)),
         }
+    }
+    if let Channel::Tls(t) = &mut s {
+        // Say goodbye properly (close_notify); the answer is in, so failures do not matter.
+        t.conn.send_close_notify();
+        let _ = t.flush();
     }
     let v: Value = serde_json::from_slice(&answer)
         .map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
@@ -1206,9 +1214,10 @@ mod tests {
             "control_tls = \"10.0.0.5:7400\"\nserver_name = \"not a name!\"\n",
         ));
         assert!(e.contains("server name"), "{e}");
-        let e = err(format!(
+        let e = err(
             "secrets = \"s.toml\"\n[[workers]]\nname = \"w1\"\ncontrol_tls = \"10.0.0.5:7400\"\n"
-        ));
+                .to_string(),
+        );
         assert!(e.contains("[control_tls] table"), "{e}");
         let e = err(w("control_tls = \"10.0.0.5:7400\"\ncontrl = 1\n"));
         assert!(e.contains("unknown field"), "{e}");
