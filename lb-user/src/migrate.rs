@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -29,15 +30,40 @@ pub const DEFAULT_MIGRATION_CONFIG: &str = "/etc/baton/migration.toml";
 pub struct MigrationConfig {
     /// `secrets.toml` (the token secret; see docs/MIGRATION-FLOW.md).
     pub secrets: PathBuf,
+    /// The controller's side of the workers' control API over mutual TLS; needed when a worker
+    /// is reached through `control_tls`.
+    #[serde(default)]
+    pub control_tls: Option<ControlTlsClient>,
     pub workers: Vec<WorkerEndpoint>,
 }
 
+/// `[control_tls]` of the migration config: what the controller trusts and presents.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTlsClient {
+    /// CA certificate(s) that sign the workers' control certificates.
+    pub ca: PathBuf,
+    /// The controller's client certificate chain and key (`baton-worker gen-certs` writes
+    /// `controller.pem`/`controller.key`, name `baton-controller`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One worker: its control API on this host (`control`, a Unix socket) or over the network
+/// (`control_tls`, TCP with mutual TLS).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerEndpoint {
     pub name: String,
     /// The worker's control socket.
-    pub control: PathBuf,
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+    /// The worker's `[control_tls] listen` address, `host:port`.
+    #[serde(default)]
+    pub control_tls: Option<String>,
+    /// The name the worker's TLS certificate must carry (default: the worker's name).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 impl MigrationConfig {
@@ -48,16 +74,89 @@ impl MigrationConfig {
                 path.display()
             )
         })?;
-        let c: Self = toml::from_str(&text)
-            .with_context(|| format!("migration config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("migration config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let c: Self = toml::from_str(text)?;
         if c.workers.is_empty() {
-            bail!(
-                "{}: list the workers ([[workers]] name, control)",
-                path.display()
-            );
+            bail!("list the workers ([[workers]] name, control or control_tls)");
+        }
+        for w in &c.workers {
+            let name = &w.name;
+            match (&w.control, &w.control_tls) {
+                (Some(_), Some(_)) => bail!(
+                    "worker {name}: give either control (a Unix socket) or control_tls (host:port), not both"
+                ),
+                (None, None) => bail!(
+                    "worker {name}: give control (its Unix socket) or control_tls (host:port of its [control_tls] listener)"
+                ),
+                (Some(_), None) if w.server_name.is_some() => {
+                    bail!("worker {name}: server_name only applies with control_tls")
+                }
+                (Some(_), None) => {}
+                (None, Some(addr)) => {
+                    let port = addr.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
+                    if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p != 0) {
+                        bail!("worker {name}: control_tls = {addr:?} is not host:port");
+                    }
+                    let sn = w.server_name.as_deref().unwrap_or(name);
+                    if rustls::pki_types::ServerName::try_from(sn).is_err() {
+                        bail!(
+                            "worker {name}: {sn:?} is not usable as a TLS server name (set server_name)"
+                        );
+                    }
+                    if c.control_tls.is_none() {
+                        bail!(
+                            "worker {name} uses control_tls, so a [control_tls] table (ca, cert, key) is needed"
+                        );
+                    }
+                }
+            }
         }
         Ok(c)
     }
+}
+
+/// The client TLS configuration for `[control_tls]`: TLS 1.3, the workers' CA, our certificate.
+fn control_tls_config(c: &ControlTlsClient) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&c.ca)
+        .with_context(|| format!("control_tls.ca: cannot read {}", c.ca.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("control_tls.ca: {}", c.ca.display()))?)
+            .with_context(|| format!("control_tls.ca: {}", c.ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("control_tls.ca: {} holds no certificate", c.ca.display());
+    }
+    let certs = CertificateDer::pem_file_iter(&c.cert)
+        .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+        .with_context(|| format!("control_tls.cert: cannot read {}", c.cert.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "control_tls.cert: {} holds no certificate",
+            c.cert.display()
+        );
+    }
+    // No `{e}` detail from the key file beyond its path.
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|_| {
+        anyhow::anyhow!(
+            "control_tls.key: cannot read a private key from {}",
+            c.key.display()
+        )
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .context("control_tls: the certificate and key do not match")?;
+    config.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    Ok(std::sync::Arc::new(config))
 }
 
 #[derive(Deserialize)]
@@ -124,42 +223,270 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// target, its import).
 pub const MIGRATE_SLACK: Duration = Duration::from_secs(10);
 
-/// One call on a worker's control socket, all of it (connect, write, read) within `timeout`.
-/// Outer error: the worker cannot be reached or did not answer in time (`target_unavailable`).
-fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Value, Failure> {
-    let unavailable = |e: &dyn std::fmt::Display| {
+/// ALPN of the workers' control API over TLS (the worker's `control::CONTROL_ALPN`).
+const CONTROL_ALPN: &[u8] = b"baton-control/1";
+
+/// Where a worker's control API is reached.
+enum Target<'a> {
+    Unix(&'a Path),
+    Tls {
+        addr: &'a str,
+        server_name: rustls::pki_types::ServerName<'static>,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    },
+}
+
+impl std::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(path) => write!(f, "worker control socket {}", path.display()),
+            Target::Tls { addr, .. } => write!(f, "worker control_tls {addr}"),
+        }
+    }
+}
+
+/// A connected control channel: the Unix socket, or TLS over TCP.
+enum Channel {
+    Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Channel {
+    /// Read and write timeout of the underlying socket.
+    fn set_timeout(&self, d: Duration) -> std::io::Result<()> {
+        match self {
+            Channel::Unix(s) => {
+                s.set_read_timeout(Some(d))?;
+                s.set_write_timeout(Some(d))
+            }
+            Channel::Tls(s) => {
+                s.sock.set_read_timeout(Some(d))?;
+                s.sock.set_write_timeout(Some(d))
+            }
+        }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.read(buf),
+            Channel::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Unix(s) => s.write(buf),
+            Channel::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Channel::Unix(s) => s.flush(),
+            Channel::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// An I/O error as something to act on: TLS failures say which side refused what and what to
+/// check. `Some(kind)` when it is a configuration problem (certificates) rather than reachability.
+fn explain(e: &std::io::Error, target: &Target<'_>) -> (String, Option<&'static str>) {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let server_name = match target {
+        Target::Tls { server_name, .. } => server_name.to_str().into_owned(),
+        Target::Unix(_) => String::new(),
+    };
+    let refused_us = "the worker refused our client certificate: control_tls.cert must be signed \
+                      by the CA in the worker's control_tls.ca and carry a name listed in its \
+                      control_tls.clients (the worker logs why)";
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::ConnectionRefused if matches!(target, Target::Tls { .. }) => (
+                "connection refused: nothing listens there (is the worker running, with \
+                 [control_tls] listen on this address?)"
+                    .into(),
+                None,
+            ),
+            _ => (e.to_string(), None),
+        };
+    };
+    let text = match tls {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => format!(
+            "the worker's certificate is not signed by our control_tls.ca (wrong CA?): {tls}"
+        ),
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => {
+            format!(
+                "the worker's certificate is not valid for the name {server_name:?} \
+                 (set server_name to the name in its certificate): {tls}"
+            )
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the worker's certificate was refused: {tls}")
+        }
+        rustls::Error::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied
+            | A::DecryptError,
+        ) => format!("{refused_us} ({tls})"),
+        rustls::Error::AlertReceived(A::NoApplicationProtocol | A::ProtocolVersion) => format!(
+            "the TLS endpoint is not a baton-worker control API (TLS 1.3, ALPN baton-control/1): {tls}"
+        ),
+        _ => format!("TLS: {tls}"),
+    };
+    (text, Some("config"))
+}
+
+/// Connects within `timeout` and, for TLS, completes the handshake within it too.
+fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
+    match target {
+        Target::Unix(path) => connect(path, timeout).map(Channel::Unix),
+        Target::Tls {
+            addr,
+            server_name,
+            config,
+        } => {
+            let deadline = Instant::now() + timeout;
+            let left = || {
+                deadline
+                    .checked_duration_since(Instant::now())
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {} ms", timeout.as_millis()),
+                        )
+                    })
+            };
+            let mut last = None;
+            let mut sock = None;
+            for a in addr.to_socket_addrs()? {
+                match TcpStream::connect_timeout(&a, left()?) {
+                    Ok(s) => {
+                        sock = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let mut sock = sock.ok_or_else(|| {
+                last.unwrap_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{addr} resolves to no address"),
+                    )
+                })
+            })?;
+            let _ = sock.set_nodelay(true);
+            let mut tls = rustls::ClientConnection::new(config.clone(), server_name.clone())
+                .map_err(std::io::Error::other)?;
+            while tls.is_handshaking() {
+                let d = left()?;
+                sock.set_read_timeout(Some(d))?;
+                sock.set_write_timeout(Some(d))?;
+                tls.complete_io(&mut sock)?;
+            }
+            Ok(Channel::Tls(Box::new(rustls::StreamOwned::new(tls, sock))))
+        }
+    }
+}
+
+/// One call on a worker's control API, all of it (connect, TLS handshake, write, read) within
+/// `timeout`. Outer error: the worker cannot be reached or did not answer in time
+/// (`target_unavailable`), or refused our TLS credentials / we refused its (`config`).
+fn call(
+    target: &Target<'_>,
+    req: &Value,
+    timeout: Duration,
+) -> std::result::Result<Value, Failure> {
+    let fail = |e: &std::io::Error| {
+        let (text, kind) = explain(e, target);
         Failure::new(
-            "target_unavailable",
-            format!("worker control socket {}: {e}", path.display()),
+            kind.unwrap_or("target_unavailable"),
+            format!("{target}: {text}"),
         )
     };
+    let unavailable =
+        |e: &dyn std::fmt::Display| Failure::new("target_unavailable", format!("{target}: {e}"));
+    let timed_out = || unavailable(&format!("no answer within {} ms", timeout.as_millis()));
     let deadline = Instant::now() + timeout;
     let left = || {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| unavailable(&format!("no answer within {} ms", timeout.as_millis())))
+            .ok_or_else(timed_out)
     };
-    let s = connect(path, timeout).map_err(|e| Failure {
-        not_running: matches!(
+    let is_timeout = |e: &std::io::Error| {
+        matches!(
             e.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-        ),
-        ..unavailable(&e)
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    };
+    let mut s = open(target, timeout).map_err(|e| {
+        if is_timeout(&e) {
+            return timed_out();
+        }
+        Failure {
+            not_running: matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) && e.get_ref().is_none_or(|i| !i.is::<rustls::Error>()),
+            ..fail(&e)
+        }
     })?;
-    s.set_write_timeout(Some(left()?))
-        .map_err(|e| unavailable(&e))?;
+    // After a TLS 1.3 handshake the worker may still refuse our certificate: its alert arrives
+    // on the first read, or the connection is reset under our request.
+    let reset = |e: &std::io::Error| {
+        if matches!(target, Target::Tls { .. })
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            Failure::new(
+                "config",
+                format!(
+                    "{target}: the worker closed the connection ({e}); it may have refused our \
+                     client certificate (see its log)"
+                ),
+            )
+        } else {
+            fail(e)
+        }
+    };
+    s.set_timeout(left()?).map_err(|e| fail(&e))?;
     let mut line = serde_json::to_vec(req).expect("serializable");
     line.push(b'\n');
-    (&s).write_all(&line).map_err(|e| unavailable(&e))?;
+    s.write_all(&line).and_then(|_| s.flush()).map_err(|e| {
+        if is_timeout(&e) {
+            timed_out()
+        } else {
+            reset(&e)
+        }
+    })?;
     // Read until the newline, re-arming the read timeout with what is left of the deadline (a
     // per-read timeout alone would let a slowly trickling answer run on forever).
     let mut answer = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        s.set_read_timeout(Some(left()?))
-            .map_err(|e| unavailable(&e))?;
-        match (&s).read(&mut buf) {
+        s.set_timeout(left()?).map_err(|e| fail(&e))?;
+        match s.read(&mut buf) {
+            Ok(0) if matches!(target, Target::Tls { .. }) && answer.is_empty() => {
+                return Err(reset(&std::io::ErrorKind::UnexpectedEof.into()));
+            }
             Ok(0) => return Err(unavailable(&"closed without answering")),
             Ok(n) => {
                 answer.extend_from_slice(&buf[..n]);
@@ -168,19 +495,14 @@ fn call(path: &Path, req: &Value, timeout: Duration) -> std::result::Result<Valu
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(unavailable(&format!(
-                    "no answer within {} ms",
-                    timeout.as_millis()
-                )));
-            }
-            Err(e) => return Err(unavailable(&e)),
+            Err(e) if is_timeout(&e) => return Err(timed_out()),
+            Err(e) => return Err(reset(&e)),
         }
+    }
+    if let Channel::Tls(t) = &mut s {
+        // Say goodbye properly (close_notify); the answer is in, so failures do not matter.
+        t.conn.send_close_notify();
+        let _ = t.flush();
     }
     let v: Value = serde_json::from_slice(&answer)
         .map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
@@ -268,11 +590,18 @@ pub struct Orchestrator {
     pub quiesce_timeout: Duration,
     /// Limit of short control-socket requests ([`CONTROL_TIMEOUT`] by default).
     pub control_timeout: Duration,
+    /// Client TLS configuration from `[control_tls]` (workers reached through `control_tls`).
+    control_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Orchestrator {
     pub fn new(cfg: MigrationConfig, lb_socket: &Path, pin_dir: &Path) -> Result<Self> {
         let tokens = token_manager(&cfg.secrets)?;
+        let control_tls = cfg
+            .control_tls
+            .as_ref()
+            .map(control_tls_config)
+            .transpose()?;
         let slots = control::request(lb_socket, &Request::Workers)?.map(|v| {
             v.as_array()
                 .map(|a| {
@@ -295,7 +624,39 @@ impl Orchestrator {
             faults: Faults::default(),
             quiesce_timeout: Duration::from_secs(2),
             control_timeout: CONTROL_TIMEOUT,
+            control_tls,
         })
+    }
+
+    /// One request to a worker's control API, over its Unix socket or mutual TLS.
+    fn call(
+        &self,
+        ep: &WorkerEndpoint,
+        req: &Value,
+        timeout: Duration,
+    ) -> std::result::Result<Value, Failure> {
+        let target = match (&ep.control, &ep.control_tls, &self.control_tls) {
+            (Some(path), _, _) => Target::Unix(path),
+            (None, Some(addr), Some(config)) => Target::Tls {
+                addr,
+                server_name: rustls::pki_types::ServerName::try_from(
+                    ep.server_name.as_deref().unwrap_or(&ep.name),
+                )
+                .map_err(|e| Failure::new("config", format!("worker {}: {e}", ep.name)))?
+                .to_owned(),
+                config: config.clone(),
+            },
+            _ => {
+                return Err(Failure::new(
+                    "config",
+                    format!(
+                        "worker {}: no control socket, or control_tls without a [control_tls] table",
+                        ep.name
+                    ),
+                ));
+            }
+        };
+        call(&target, req, timeout)
     }
 
     fn endpoint(&self, name: &str) -> Result<&WorkerEndpoint, Failure> {
@@ -319,8 +680,8 @@ impl Orchestrator {
         if let Some(i) = self.infos.lock().unwrap().get(name) {
             return Ok(i.clone());
         }
-        let v = call(
-            &self.endpoint(name)?.control,
+        let v = self.call(
+            self.endpoint(name)?,
             &json!({"cmd": "info"}),
             self.control_timeout,
         )?;
@@ -343,7 +704,7 @@ impl Orchestrator {
     pub fn conns_of(&self, name: &str) -> Result<Vec<ConnRow>, Failure> {
         let ep = self.endpoint(name)?;
         let info = self.info(name)?;
-        let v = call(&ep.control, &json!({"cmd": "conns"}), self.control_timeout)?;
+        let v = self.call(ep, &json!({"cmd": "conns"}), self.control_timeout)?;
         // Anything but a list is an error, never "no connections".
         let list = v.as_array().ok_or_else(|| {
             Failure::new(
@@ -536,7 +897,7 @@ impl Orchestrator {
             "timeout_ms": self.quiesce_timeout.as_millis() as u64,
             "test_tamper": self.faults.tamper_snapshot,
         });
-        let done = call(&src.control, &req, self.quiesce_timeout + MIGRATE_SLACK)?;
+        let done = self.call(&src, &req, self.quiesce_timeout + MIGRATE_SLACK)?;
         // The target confirmed: only now does the data plane move.
         let cids: Vec<String> = done["cids"]
             .as_array()
@@ -557,8 +918,8 @@ impl Orchestrator {
                 ));
             }
         }
-        if let Err(f) = call(
-            &src.control,
+        if let Err(f) = self.call(
+            &src,
             &json!({"cmd": "release", "migration_id": migration_id.to_string()}),
             self.control_timeout,
         ) {
@@ -810,11 +1171,14 @@ mod tests {
             .iter()
             .map(|n| WorkerEndpoint {
                 name: n.to_string(),
-                control: dir.join(format!("{n}.sock")),
+                control: Some(dir.join(format!("{n}.sock"))),
+                control_tls: None,
+                server_name: None,
             })
             .collect();
         let cfg = MigrationConfig {
             secrets: dir.join("secrets.toml"),
+            control_tls: None,
             workers,
         };
         let mut o = Orchestrator::new(cfg, &dir.join("no-lb.sock"), &dir.join("no-pins")).unwrap();
@@ -851,6 +1215,127 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_are_a_socket_or_a_tls_address_with_the_client_table() {
+        let tls =
+            "[control_tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n";
+        let c = MigrationConfig::parse(&format!(
+            "secrets = \"s.toml\"\n{tls}\
+             [[workers]]\nname = \"w1\"\ncontrol = \"/run/w1.sock\"\n\
+             [[workers]]\nname = \"w2\"\ncontrol_tls = \"10.0.0.5:7400\"\n\
+             [[workers]]\nname = \"w3\"\ncontrol_tls = \"w3.example:7400\"\nserver_name = \"w3.pki\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.workers[0].control.as_deref(),
+            Some(Path::new("/run/w1.sock"))
+        );
+        assert_eq!(c.workers[1].control_tls.as_deref(), Some("10.0.0.5:7400"));
+        assert_eq!(c.workers[2].server_name.as_deref(), Some("w3.pki"));
+        assert_eq!(c.control_tls.unwrap().cert, Path::new("controller.pem"));
+        let err = |text: String| format!("{:#}", MigrationConfig::parse(&text).unwrap_err());
+        let w =
+            |body: &str| format!("secrets = \"s.toml\"\n{tls}[[workers]]\nname = \"w1\"\n{body}");
+        let e = err(w(
+            "control = \"/a.sock\"\ncontrol_tls = \"10.0.0.5:7400\"\n",
+        ));
+        assert!(e.contains("not both"), "{e}");
+        let e = err(w(""));
+        assert!(e.contains("give control") && e.contains("w1"), "{e}");
+        let e = err(w("control_tls = \"10.0.0.5\"\n"));
+        assert!(e.contains("not host:port"), "{e}");
+        let e = err(w("control_tls = \"10.0.0.5:0\"\n"));
+        assert!(e.contains("not host:port"), "{e}");
+        let e = err(w("control = \"/a.sock\"\nserver_name = \"w1\"\n"));
+        assert!(e.contains("only applies with control_tls"), "{e}");
+        let e = err(w(
+            "control_tls = \"10.0.0.5:7400\"\nserver_name = \"not a name!\"\n",
+        ));
+        assert!(e.contains("server name"), "{e}");
+        let e = err(
+            "secrets = \"s.toml\"\n[[workers]]\nname = \"w1\"\ncontrol_tls = \"10.0.0.5:7400\"\n"
+                .to_string(),
+        );
+        assert!(e.contains("[control_tls] table"), "{e}");
+        let e = err(w("control_tls = \"10.0.0.5:7400\"\ncontrl = 1\n"));
+        assert!(e.contains("unknown field"), "{e}");
+        // In the [control_tls] table too.
+        let e = err(w("control = \"/a.sock\"\n").replace("key = ", "cafile = \"x\"\nkey = "));
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn tls_client_files_errors_name_the_setting() {
+        let dir = std::env::temp_dir().join(format!("baton-ctltls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        let c = |ca: &str, cert: &str| ControlTlsClient {
+            ca: dir.join(ca),
+            cert: dir.join(cert),
+            key: dir.join("missing.key"),
+        };
+        let e = format!(
+            "{:#}",
+            control_tls_config(&c("missing.pem", "x")).unwrap_err()
+        );
+        assert!(e.contains("control_tls.ca"), "{e}");
+        let e = format!(
+            "{:#}",
+            control_tls_config(&c("empty.pem", "x")).unwrap_err()
+        );
+        assert!(
+            e.contains("control_tls.ca") && e.contains("no certificate"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Over TLS, "nothing listens" is a worker that is not running; a listener that never
+    /// completes the handshake is reported within the timeout, and is not "not running".
+    #[test]
+    fn tls_call_refused_is_not_running_and_a_silent_listener_times_out() {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let target = |addr: &str| Target::Tls {
+            addr: Box::leak(addr.to_string().into_boxed_str()),
+            server_name: rustls::pki_types::ServerName::try_from("w1").unwrap(),
+            config: config.clone(),
+        };
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let f = call(
+            &target(&addr),
+            &json!({"cmd": "info"}),
+            Duration::from_secs(2),
+        )
+        .unwrap_err();
+        assert!(f.not_running, "{f:?}");
+        assert!(f.error.contains("nothing listens"), "{f:?}");
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let started = Instant::now();
+        let f = call(
+            &target(&addr),
+            &json!({"cmd": "info"}),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            !f.not_running && f.error.contains("no answer within 300 ms"),
+            "{f:?}"
+        );
+        assert_eq!(f.kind, "target_unavailable");
+        drop(silent);
+    }
+
+    #[test]
     fn config_and_secrets_errors_say_what_to_fix_without_quoting_secrets() {
         let dir = std::env::temp_dir().join(format!("baton-migcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -864,6 +1349,10 @@ mod tests {
         std::fs::write(&cfg, "secrets = \"s.toml\"\nworkers = []\n").unwrap();
         assert!(
             format!("{:#}", MigrationConfig::load(&cfg).unwrap_err()).contains("list the workers")
+        );
+        assert!(
+            format!("{:#}", MigrationConfig::load(&cfg).unwrap_err())
+                .contains(&cfg.display().to_string())
         );
         let secrets = dir.join("secrets.toml");
         std::fs::write(

@@ -1,12 +1,16 @@
 //! `baton-worker gen-certs`: a CA, one certificate per worker for the peer channel (SAN = the
-//! worker's name, server and client auth: mutual TLS), the VIP's service certificate, and a fresh
-//! `secrets.toml`. For labs, tests and small deployments; use your own PKI if you have one.
+//! worker's name, server and client auth: mutual TLS), the controller's client certificate for
+//! the control API over TLS (`controller.pem`, SAN `baton-controller`, client auth only), the
+//! VIP's service certificate, and a fresh `secrets.toml`. For labs, tests and small deployments; use your own PKI if you have one.
 use anyhow::{Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
 use std::path::{Path, PathBuf};
+
+/// DNS name of the controller's client certificate (what a worker's `control_tls.clients` lists).
+pub const CONTROLLER_NAME: &str = "baton-controller";
 
 fn write(path: &Path, contents: &str, secret: bool) -> Result<()> {
     use std::io::Write;
@@ -49,12 +53,15 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
         write(&path, &pem, secret)?;
         written.push(path);
     }
-    let leaf = |name: &str, client: bool| -> Result<(String, String)> {
+    let leaf = |name: &str, server: bool, client: bool| -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(vec![name.to_string()])
             .with_context(|| format!("{name:?} is not usable as a DNS name in a certificate"))?;
         p.distinguished_name.push(DnType::CommonName, name);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if server {
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
         if client {
             p.extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ClientAuth);
@@ -62,8 +69,12 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
         let cert = p.signed_by(&key, &ca, &ca_key)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
+    anyhow::ensure!(
+        !workers.iter().any(|w| w == CONTROLLER_NAME),
+        "{CONTROLLER_NAME:?} is the controller's certificate name: give the worker another name"
+    );
     for w in workers {
-        let (cert, key) = leaf(w, true)?;
+        let (cert, key) = leaf(w, true, true)?;
         for (file, pem, secret) in [
             (format!("{w}.pem"), cert, false),
             (format!("{w}.key"), key, true),
@@ -73,7 +84,16 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
             written.push(path);
         }
     }
-    let (cert, key) = leaf(service_name, false)?;
+    let (cert, key) = leaf(CONTROLLER_NAME, false, true)?;
+    for (file, pem, secret) in [
+        ("controller.pem", cert, false),
+        ("controller.key", key, true),
+    ] {
+        let path = out.join(file);
+        write(&path, &pem, secret)?;
+        written.push(path);
+    }
+    let (cert, key) = leaf(service_name, true, false)?;
     for (file, pem, secret) in [("service.pem", cert, false), ("service.key", key, true)] {
         let path = out.join(file);
         write(&path, &pem, secret)?;
@@ -91,7 +111,8 @@ mod tests {
     fn generated_files_load_as_peer_tls_and_secrets() {
         let dir = std::env::temp_dir().join(format!("baton-gen-certs-{}", std::process::id()));
         let files = super::generate(&dir, &["w1".into(), "w2".into()], "baton.test").unwrap();
-        assert_eq!(files.len(), 9);
+        assert_eq!(files.len(), 11);
+        assert!(dir.join("controller.pem").exists() && dir.join("controller.key").exists());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join("w1.key"))
             .unwrap()

@@ -41,6 +41,10 @@ pub struct WorkerConfig {
     pub secrets: Option<PathBuf>,
     #[serde(default)]
     pub peer: Option<PeerConfig>,
+    /// The control API over TCP with mutual TLS, for a controller on another host (next to the
+    /// Unix `control_socket`, which it needs).
+    #[serde(default)]
+    pub control_tls: Option<ControlTlsConfig>,
     /// Receive and send buffer of the VIP socket, in bytes (default 4 MiB). The kernel caps it
     /// at net.core.rmem_max/wmem_max unless the worker runs with CAP_NET_ADMIN (then
     /// SO_RCVBUFFORCE/SO_SNDBUFFORCE apply it as given); the worker logs what it got. 0 keeps the
@@ -58,6 +62,31 @@ pub struct PeerConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// The control API (same JSON lines as `control_socket`) over TCP, TLS 1.3 with mutual
+/// authentication: a client must present a certificate signed by `ca` whose DNS SAN is one of
+/// `clients`; anything else is refused at the handshake.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlTlsConfig {
+    /// Address to listen on (`ip:port`). Firewall it: only the controller needs to reach it.
+    pub listen: std::net::SocketAddr,
+    /// CA certificate(s) that sign the allowed clients' certificates.
+    pub ca: PathBuf,
+    /// This worker's server certificate chain and key (the peer certificate can be reused).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client identities allowed to use the API, matched against the client certificate's DNS
+    /// names (e.g. `["baton-controller"]`).
+    pub clients: Vec<String>,
+    /// At most this many TLS clients at once (handshaking or connected); more are turned away.
+    #[serde(default = "default_control_max_clients")]
+    pub max_clients: usize,
+}
+
+fn default_control_max_clients() -> usize {
+    16
 }
 
 fn default_port() -> u16 {
@@ -87,6 +116,29 @@ impl WorkerConfig {
             anyhow::ensure!(
                 c.peer.is_some(),
                 "control_socket is set, so a [peer] table (listen, ca, cert, key) is needed too"
+            );
+        }
+        if let Some(t) = &c.control_tls {
+            anyhow::ensure!(
+                c.control_socket.is_some(),
+                "[control_tls] is set, so control_socket (and secrets, [peer]) are needed too: \
+                 the TCP listener serves the same API as the control socket"
+            );
+            anyhow::ensure!(
+                !t.clients.is_empty(),
+                "control_tls.clients is empty: list the client certificate names allowed to \
+                 drive this worker (e.g. [\"baton-controller\"])"
+            );
+            for n in &t.clients {
+                anyhow::ensure!(
+                    rustls::pki_types::DnsName::try_from(n.as_str()).is_ok(),
+                    "control_tls.clients: {n:?} is not a DNS name (it is matched against the \
+                     client certificate's DNS names)"
+                );
+            }
+            anyhow::ensure!(
+                t.max_clients > 0,
+                "control_tls.max_clients must be at least 1"
             );
         }
         if let Some(p) = &c.peer {
@@ -155,6 +207,53 @@ mod tests {
         );
         assert_eq!(WorkerConfig::parse(base).unwrap().name(), "worker-3");
         // The shipped example parses.
+        WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn control_tls_settings() {
+        let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                    name = \"w3\"\ncontrol_socket = \"/run/baton/w3.sock\"\nsecrets = \"s.toml\"\n";
+        let peer = "[peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n";
+        let tls = "[control_tls]\nlisten = \"10.0.0.13:7400\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\n\
+                   key = \"w3.key\"\nclients = [\"baton-controller\"]\n";
+        let c = WorkerConfig::parse(&format!("{base}{peer}{tls}")).unwrap();
+        let t = c.control_tls.unwrap();
+        assert_eq!(t.listen.port(), 7400);
+        assert_eq!(t.clients, ["baton-controller"]);
+        assert_eq!(t.max_clients, 16);
+        let err = |text: String| format!("{:#}", WorkerConfig::parse(&text).unwrap_err());
+        // It serves the control API, so it needs what the control socket needs.
+        let e = err(format!(
+            "{}{peer}{tls}",
+            base.replace("control_socket = \"/run/baton/w3.sock\"\n", "")
+        ));
+        assert!(e.contains("control_socket"), "{e}");
+        let e = err(format!(
+            "{base}{peer}{}",
+            tls.replace("[\"baton-controller\"]", "[]")
+        ));
+        assert!(e.contains("clients is empty"), "{e}");
+        let e = err(format!(
+            "{base}{peer}{}",
+            tls.replace("baton-controller", "not a name")
+        ));
+        assert!(e.contains("not a DNS name"), "{e}");
+        let e = err(format!("{base}{peer}{tls}max_clients = 0\n"));
+        assert!(e.contains("max_clients"), "{e}");
+        // Missing keys and unknown keys are refused.
+        let e = err(format!(
+            "{base}{peer}{}",
+            tls.replace("clients = [\"baton-controller\"]\n", "")
+        ));
+        assert!(e.contains("clients"), "{e}");
+        let e = err(format!("{base}{peer}{tls}client = [\"x\"]\n"));
+        assert!(e.contains("unknown field"), "{e}");
+        let e = err(format!(
+            "{base}{peer}{}",
+            tls.replace("10.0.0.13:7400", "10.0.0.13")
+        ));
+        assert!(e.contains("listen") || e.contains("socket address"), "{e}");
         WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
     }
 }

@@ -1,14 +1,22 @@
 //! The worker's control socket: a Unix stream socket (mode 0600) speaking JSON lines, one request
 //! per line, one answer per line (`{"ok":true,"data":..}` or `{"ok":false,"kind":..,"error":..}`).
 //! Contract: `docs/MIGRATION-FLOW.md`. State-changing requests carry a migration token.
+//!
+//! With `[control_tls]` the same API is also served over TCP with mutual TLS ([`serve_tls`]), for
+//! a controller on another host; both transports share [`serve_conn`] and the request handler.
+use crate::config::ControlTlsConfig;
 use crate::hex;
 use crate::migrate::{Ctx, Failure, MigrateOut};
 use anyhow::{Context, Result};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -59,25 +67,229 @@ pub async fn serve(listener: tokio::net::UnixListener, ctx: Arc<Ctx>) {
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut lines = tokio::io::BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let answer = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match handle(&ctx, req).await {
-                        Ok(data) => json!({"ok": true, "data": data}),
-                        Err(f) => json!({"ok": false, "kind": f.kind, "error": f.message}),
-                    },
-                    Err(e) => {
-                        json!({"ok": false, "kind": "config", "error": format!("bad request: {e}")})
-                    }
-                };
-                let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-                out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
-                    break;
+            let (r, w) = stream.into_split();
+            serve_conn(r, w, &ctx, None).await;
+        });
+    }
+}
+
+/// Longest request line accepted (a `migrate_out` is a few hundred bytes). A longer one is
+/// answered with an error and the connection closed.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// One client connection, on either transport: reads request lines, answers each in order.
+async fn serve_conn<R, W>(r: R, mut w: W, ctx: &Arc<Ctx>, idle: Option<Duration>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut r).take(MAX_REQUEST_LINE as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let read = match idle {
+            Some(idle) => match tokio::time::timeout(idle, read).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            None => read.await,
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            break;
+        }
+        let too_long = line.len() > MAX_REQUEST_LINE && line.last() != Some(&b'\n');
+        let answer = if too_long {
+            json!({"ok": false, "kind": "config",
+                   "error": format!("request line longer than {MAX_REQUEST_LINE} bytes")})
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => match handle(ctx, req).await {
+                    Ok(data) => json!({"ok": true, "data": data}),
+                    Err(f) => json!({"ok": false, "kind": f.kind, "error": f.message}),
+                },
+                Err(e) => {
+                    json!({"ok": false, "kind": "config", "error": format!("bad request: {e}")})
                 }
             }
+        };
+        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() || w.flush().await.is_err() || too_long {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// A TLS client has this long to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An authenticated TLS client that sends nothing for this long is disconnected (it holds one
+/// of the `max_clients` slots).
+const TLS_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// ALPN of the control API over TLS (keeps other TLS clients of the same CA out).
+pub const CONTROL_ALPN: &[u8] = b"baton-control/1";
+
+/// The TLS side of the control API: TLS 1.3 only, a client certificate signed by `cfg.ca` is
+/// required, and its DNS names must include one of `cfg.clients`.
+pub fn tls_acceptor(cfg: &ControlTlsConfig) -> Result<tokio_rustls::TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = Arc::new(crate::load_roots(&cfg.ca).context("control_tls.ca")?);
+    let (certs, key) = crate::load_tls(&cfg.cert, &cfg.key).context("control_tls.cert/key")?;
+    let inner =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()?;
+    let allowed = cfg
+        .clients
+        .iter()
+        .map(|n| {
+            rustls::pki_types::DnsName::try_from(n.as_str())
+                .map(|d| d.to_owned())
+                .map_err(|_| anyhow::anyhow!("control_tls.clients: {n:?} is not a DNS name"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let verifier = Arc::new(AllowedClients { inner, allowed });
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("control_tls: the certificate and key do not match")?;
+    server.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+}
+
+/// Accepts TLS clients on `listener`, at most `max_clients` at once; every refusal (handshake
+/// failed, certificate refused, too many clients) is logged with the client's address.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    max_clients: usize,
+    ctx: Arc<Ctx>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "control TLS: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%addr, max_clients, "control TLS: refused, too many clients");
+            continue;
+        };
+        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "control TLS: client refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%addr, "control TLS: client refused, handshake timed out");
+                    return;
+                }
+            };
+            tracing::info!(%addr, "control TLS: client authenticated");
+            let (r, w) = tokio::io::split(tls);
+            serve_conn(r, w, &ctx, Some(TLS_IDLE_TIMEOUT)).await;
         });
+    }
+}
+
+/// The CA's verdict, then the client's name: one of its DNS names must be allowed.
+#[derive(Debug)]
+struct AllowedClients {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<rustls::pki_types::DnsName<'static>>,
+}
+
+struct NameNotAllowed {
+    presented: Vec<String>,
+}
+
+// rustls prints the inner error of `CertificateError::Other` with `{:?}`: make that readable.
+impl std::fmt::Debug for NameNotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for NameNotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "client certificate names [{}] are not in control_tls.clients",
+            self.presented.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for NameNotAllowed {}
+
+impl ClientCertVerifier for AllowedClients {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        let mut presented = Vec::new();
+        for name in &self.allowed {
+            let name = ServerName::DnsName(name.clone());
+            match rustls::client::verify_server_name(&cert, &name) {
+                Ok(()) => return Ok(ClientCertVerified::assertion()),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForNameContext { presented: p, .. },
+                )) => presented = p,
+                Err(_) => {}
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(NameNotAllowed {
+                presented,
+            }))),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -107,5 +319,99 @@ async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
             crate::migrate::release(ctx, &migration_id)?;
             Ok(json!({"released": migration_id}))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ControlTlsConfig;
+
+    /// Handshakes a client (certificate and key files, or none) with the acceptor in memory and
+    /// sends one byte; Ok if the server accepted the client.
+    async fn handshake(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> std::result::Result<(), String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = crate::load_roots(ca).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut cfg = match client {
+            Some((cert, key)) => {
+                let (c, k) = crate::load_tls(cert, key).unwrap();
+                b.with_client_auth_cert(c, k).unwrap()
+            }
+            None => b.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut s = acceptor.accept(a).await.map_err(|e| e.to_string())?;
+                let mut byte = [0u8; 1];
+                s.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            })
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let name = ServerName::try_from("w1").unwrap();
+        let client = match connector.connect(name, b).await {
+            Ok(mut c) => {
+                let _ = c.write_all(b"x").await;
+                let _ = c.flush().await;
+                Ok(c)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let verdict = server.await.unwrap();
+        // The client's view stays open until the server decided.
+        verdict.map_err(|e| format!("{e} (client: {:?})", client.err()))
+    }
+
+    #[tokio::test]
+    async fn tls_clients_need_a_certificate_from_the_ca_with_an_allowed_name() {
+        let dir = std::env::temp_dir().join(format!("baton-ctl-tls-{}", std::process::id()));
+        let other = dir.join("other");
+        crate::certs::generate(&dir, &["w1".into(), "w2".into()], "baton.test").unwrap();
+        crate::certs::generate(&other, &["w1".into()], "baton.test").unwrap();
+        let cfg = ControlTlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ca: dir.join("ca.pem"),
+            cert: dir.join("w1.pem"),
+            key: dir.join("w1.key"),
+            clients: vec!["baton-controller".into()],
+            max_clients: 4,
+        };
+        let acceptor = tls_acceptor(&cfg).unwrap();
+        let ca = dir.join("ca.pem");
+        let pair = |d: &Path, n: &str| (d.join(format!("{n}.pem")), d.join(format!("{n}.key")));
+        let (c, k) = pair(&dir, "controller");
+        handshake(&acceptor, &ca, Some((&c, &k))).await.unwrap();
+        // Another worker's certificate: right CA, name not allowed.
+        let (c, k) = pair(&dir, "w2");
+        let e = handshake(&acceptor, &ca, Some((&c, &k))).await.unwrap_err();
+        assert!(e.contains("not in control_tls.clients"), "{e}");
+        // A controller certificate from another CA.
+        let (c, k) = pair(&other, "controller");
+        let e = handshake(&acceptor, &ca, Some((&c, &k))).await.unwrap_err();
+        // (Same CA name, other key: BadSignature; an unrelated CA name: UnknownIssuer.)
+        assert!(e.contains("invalid peer certificate"), "{e}");
+        // No certificate at all.
+        let e = handshake(&acceptor, &ca, None).await.unwrap_err();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        // A name list with several entries: any one matches.
+        let acceptor = tls_acceptor(&ControlTlsConfig {
+            clients: vec!["ops".into(), "w2".into()],
+            ..cfg
+        })
+        .unwrap();
+        let (c, k) = pair(&dir, "w2");
+        handshake(&acceptor, &ca, Some((&c, &k))).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

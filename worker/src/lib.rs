@@ -22,6 +22,23 @@ pub fn load_tls(
     Ok((certs, key))
 }
 
+/// Reads the PEM CA certificate(s) a TLS peer's certificate must chain to.
+pub fn load_roots(ca: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+    use anyhow::Context;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading the CA {}", ca.display()))?
+    {
+        roots.add(c?)?;
+    }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "{} holds no CA certificate",
+        ca.display()
+    );
+    Ok(roots)
+}
+
 pub mod certs;
 pub mod control;
 pub mod migrate;

@@ -74,21 +74,8 @@ pub fn peer_tls(
     cert: &Path,
     key: &Path,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("reading the CA {}", ca.display()))?
-    {
-        roots.add(c?)?;
-    }
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "{} holds no CA certificate",
-        ca.display()
-    );
-    let roots = Arc::new(roots);
+    let roots = Arc::new(crate::load_roots(ca)?);
     let (certs, key) = crate::load_tls(cert, key)?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.clone(),

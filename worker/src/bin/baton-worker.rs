@@ -24,8 +24,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write a CA, a peer-channel certificate per worker, the VIP's service certificate and a
-    /// fresh secrets.toml into DIR.
+    /// Write a CA, a peer-channel certificate per worker, the controller's client certificate
+    /// (controller.pem, for [control_tls]), the VIP's service certificate and a fresh
+    /// secrets.toml into DIR.
     GenCerts {
         #[arg(long)]
         out: std::path::PathBuf,
@@ -185,6 +186,20 @@ async fn serve(
         )?;
         let listener = listener.context("control socket not bound")?;
         tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
+        if let Some(tls) = &config.control_tls {
+            let acceptor = baton_worker::control::tls_acceptor(tls)?;
+            let tcp = tokio::net::TcpListener::bind(tls.listen)
+                .await
+                .with_context(|| format!("binding control_tls.listen {}", tls.listen))?;
+            tracing::info!(listen = %tls.listen, clients = ?tls.clients, max_clients = tls.max_clients,
+                "control API over mutual TLS");
+            tokio::spawn(baton_worker::control::serve_tls(
+                tcp,
+                acceptor,
+                tls.max_clients,
+                ctx.clone(),
+            ));
+        }
         tokio::spawn(baton_worker::control::serve(listener, ctx));
         tracing::info!(name = %config.name(), control = %control.display(), peer = %peer.listen, "migrations enabled");
     }
