@@ -125,10 +125,11 @@ struct PendingExport {
 }
 
 /// While a frozen connection waits for the client to acknowledge what is in flight, it sends a
-/// PING this often. A client acknowledges a lone ack-eliciting packet only after its ACK delay
-/// (25 ms by default) but every second one at once (RFC 9000 13.2.2), so a PING now and then
-/// turns a delayed ACK into an immediate one: the freeze lasts about a round trip.
-const PING_SPACING: std::time::Duration = std::time::Duration::from_millis(1);
+/// PING each time it is driven (an ACK arrived, a timer fired), at most this often. A client
+/// acknowledges a lone ack-eliciting packet only after its ACK delay (25 ms by default) but
+/// every second one at once (RFC 9000 13.2.2), so the PING pairs with whatever is still in
+/// flight and the ACK comes at once: the freeze lasts about a round trip.
+const PING_SPACING: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// How the worker is set up.
 pub struct CoreConfig {
