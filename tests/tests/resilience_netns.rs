@@ -77,6 +77,17 @@ impl Cli {
             })
     }
 
+    /// `baton --json status`: link, program, daemon (works without a daemon).
+    fn status(&self) -> Value {
+        let out = self.run(&["status"]);
+        assert!(
+            out.status.success(),
+            "baton status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("baton --json status prints JSON")
+    }
+
     fn counters(&self) -> BTreeMap<String, u64> {
         lb_counters(&self.pin_dir, &self.socket)
     }
@@ -490,20 +501,14 @@ fn lb_restart_during_migration_load() {
     let mut figures = Vec::new();
     std::thread::sleep(Duration::from_secs(5));
     for (signal, how) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        let link_before = dep.cli.status();
         let before = dep.cli.counters();
         let down = Instant::now();
         lab.stop_lb(signal);
         let stopped_ms = down.elapsed().as_millis();
         // What an operator sees with the daemon gone: the program still attached (pinned link),
         // no daemon. SIGTERM removes the control socket; SIGKILL leaves it behind, stale.
-        let st = dep.cli.run(&["status"]);
-        assert!(
-            st.status.success(),
-            "baton status with baton-lb stopped ({how}): {}{}",
-            String::from_utf8_lossy(&st.stderr),
-            dep.tails(&lab)
-        );
-        let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+        let st = dep.cli.status();
         assert_eq!(
             st["attached"], true,
             "{how}: the XDP program must stay attached: {st}"
@@ -534,6 +539,18 @@ fn lb_restart_during_migration_load() {
         lab.start_lb();
         let up = Instant::now();
         windows.push((down, up, how));
+        // The same pinned link carried traffic throughout; the new daemon swapped its freshly
+        // loaded program into it.
+        let link_after = dep.cli.status();
+        assert_eq!(
+            link_after["link_id"], link_before["link_id"],
+            "{how}: the restart kept the pinned XDP link: {link_before} -> {link_after}"
+        );
+        assert_eq!(link_after["attached"], true, "{link_after}");
+        assert!(
+            link_after["daemon"]["readopted"] == true,
+            "{how}: the new daemon reports it re-adopted the link: {link_after}"
+        );
         let readopted = lab
             .log_text()
             .matches("re-adopted the pinned XDP link")
@@ -567,7 +584,10 @@ fn lb_restart_during_migration_load() {
             );
         }
         figures.push(format!(
-            "{how}: exit_ms={stopped_ms} restart_ms={} down_ms={} forwarded_while_down={fwd_down} forwarded_after_5s={fwd_after} routed_override_total={}",
+            "{how}: link_id={} prog_id={}->{} exit_ms={stopped_ms} restart_ms={} down_ms={} forwarded_while_down={fwd_down} forwarded_after_5s={fwd_after} routed_override_total={}",
+            link_after["link_id"],
+            link_before["prog_id"],
+            link_after["prog_id"],
             (up - restart).as_millis(),
             (up - down).as_millis(),
             after.get("routed_override").copied().unwrap_or(0)
@@ -936,14 +956,13 @@ fn garbage_to_vip_during_migrations_does_not_disturb_live_connections() {
         "baton conns failed during the run: {listing_errors:?}{ctx}"
     );
     assert_load_clean(&summary, &ctx);
-    for (i, name) in ["w1", "w2"].iter().enumerate() {
+    for name in ["w1", "w2"] {
         let log = dep.log_text(name);
         assert!(
             !log.contains("panicked"),
             "worker {name} panicked:\n{}",
             tail(&log, 60)
         );
-        let _ = i;
     }
 
     // The LB accounts for the junk: every datagram the XDP program must call malformed is
