@@ -62,7 +62,7 @@ impl Cli {
             .expect("run baton")
     }
 
-    /// `baton conns --json`; None when the listing failed (printed to stderr by the caller).
+    /// `baton conns --json`; the CLI's stderr when the listing failed.
     fn conns(&self) -> Result<Vec<Value>, String> {
         let out = self.run(&["conns"]);
         if !out.status.success() {
@@ -746,6 +746,40 @@ fn expect_malformed(p: &[u8]) -> bool {
     false
 }
 
+/// Server IDs of the lab's workers (w1, w2).
+const SERVER_IDS: [u16; 2] = [1, 2];
+
+/// Whether lb-ebpf must route this (well-formed) datagram by Maglev hash rather than by the
+/// server ID in its DCID: the CID's config rotation bits say unroutable (0b111), or it is too
+/// short to hold a server ID, or the server ID is not a configured worker's; Initials and 0-RTT
+/// whose DCID does not describe itself as one of ours, and unknown versions, are hashed too.
+/// (No junk CID carries an override unless it is a live connection's, whose server ID is known.)
+fn expect_hashed(p: &[u8]) -> bool {
+    if expect_malformed(p) {
+        return false;
+    }
+    let by_cid = |cid: &[u8]| {
+        cid.len() < 3
+            || cid[0] >> 5 == 0b111
+            || !SERVER_IDS.contains(&u16::from_be_bytes([cid[1], cid[2]]))
+    };
+    if p[0] & 0x80 == 0 {
+        return by_cid(&p[1..1 + CID_LEN]);
+    }
+    let version = u32::from_be_bytes(p[1..5].try_into().unwrap());
+    if version != 1 && version != 0x6b33_43cf {
+        return true;
+    }
+    let dcid = &p[6..6 + p[5] as usize];
+    let raw = (p[0] >> 4) & 0x03;
+    let ty = if version == 1 { raw } else { (raw + 3) & 0x03 };
+    match ty {
+        // Initial / 0-RTT: by server ID only when the DCID has our length and says so itself.
+        0 | 1 => dcid.len() != CID_LEN || (dcid[0] & 0x1f) as usize + 1 != CID_LEN || by_cid(dcid),
+        _ => by_cid(dcid),
+    }
+}
+
 /// Kinds of junk, with how many of each were sent.
 #[derive(Default, Debug)]
 struct Junk {
@@ -755,6 +789,7 @@ struct Junk {
     long_header: u64,
     live_cid: u64,
     expected_malformed: u64,
+    expected_hashed: u64,
     fragmented: u64,
     send_errors: u64,
 }
@@ -913,6 +948,9 @@ fn garbage_to_vip_during_migrations_does_not_disturb_live_connections() {
                 if expect_malformed(&p) {
                     tally.expected_malformed += 1;
                 }
+                if expect_hashed(&p) {
+                    tally.expected_hashed += 1;
+                }
                 if p.len() > MAX_UNFRAGMENTED {
                     tally.fragmented += 1;
                 }
@@ -979,6 +1017,14 @@ fn garbage_to_vip_during_migrations_does_not_disturb_live_connections() {
         d("passed") >= tally.fragmented,
         "second fragments pass: {tally:?} passed+{}",
         d("passed")
+    );
+    // The clients' connections are all up before the junk starts, so they send no Initial and
+    // nothing of theirs is hashed: every hashed datagram is junk, and each one the data plane
+    // must hash was hashed.
+    assert_eq!(
+        d("routed_hash"),
+        tally.expected_hashed,
+        "routed_hash counter vs junk that lb-ebpf must hash: {tally:?}\n{before:?}\n{after:?}{ctx}"
     );
     let junk_routed = sent.load(Ordering::Relaxed) - tally.expected_malformed;
     let routed = d("routed_override") + d("routed_server_id") + d("routed_hash");
