@@ -229,7 +229,18 @@ fn migrate(
     quiesce_ms: u64,
     faults: lb_user::migrate::Faults,
 ) -> Result<()> {
-    let mut o = orchestrator(cli)?;
+    let mut o = match orchestrator(cli) {
+        Ok(o) => o,
+        // `--json` promises a JSON answer for every failure, also one before any worker was asked
+        // (an unreadable config, or a baton-lb that went away while answering): nothing moved.
+        Err(e) if cli.json => {
+            print_json(
+                &json!({"ok": false, "conn": conn, "to": to, "kind": "setup", "error": format!("{e:#}")}),
+            )?;
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e),
+    };
     o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
     o.faults = faults;
     let result = o.locate(conn).and_then(|from| o.migrate(conn, &from, to));

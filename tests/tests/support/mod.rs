@@ -732,3 +732,61 @@ pub fn vip(v6: bool) -> SocketAddr {
         PORT,
     )
 }
+
+// ---- Helpers added for tests/resilience_netns.rs (appended; the ones above are unchanged). ----
+
+/// Builds `baton-load` (once per test process) next to the baton binaries; returns its path.
+pub fn load_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = bin_dir();
+            let target_dir = dir.parent().expect("target dir").to_path_buf();
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-q", "-p", "baton-load", "--bins"])
+                .current_dir(workspace_root())
+                .env("CARGO_TARGET_DIR", &target_dir);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().expect("run cargo build for baton-load");
+            assert!(
+                out.status.success(),
+                "building baton-load failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            dir.join("baton-load")
+        })
+        .clone()
+}
+
+/// The data plane's counters (summed over CPUs) read by `baton --json status` from the pinned
+/// maps: works whether or not baton-lb is running.
+pub fn lb_counters(pin_dir: &Path, socket: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new(bin_dir().join("baton"))
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("--control-socket")
+        .arg(socket)
+        .args(["--json", "status"])
+        .output()
+        .expect("run baton status");
+    assert!(
+        out.status.success(),
+        "baton status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("baton --json status prints JSON");
+    v["counters"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no counters in baton status: {v}"))
+        .iter()
+        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// The last `n` lines of `text` (for failure messages).
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
