@@ -797,15 +797,19 @@ impl Orchestrator {
     /// both end in `PinnedMaps::set_override`, which keeps the fast path's counts.
     fn set_override(&self, cid: &[u8], slot: u32) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        if self.slots.is_some() {
-            control::request(
+        // Through the daemon when one answers; a daemon that went away (restarting) leaves the
+        // pinned maps, which the program keeps using (slots are stable across restarts).
+        if self.slots.is_some()
+            && control::request(
                 &self.lb_socket,
                 &Request::OverrideSet {
                     cid: hex(cid),
                     worker: slot,
                 },
             )
-            .map_err(fail)?;
+            .map_err(fail)?
+            .is_some()
+        {
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
@@ -817,9 +821,11 @@ impl Orchestrator {
 
     fn remove_override(&self, cid: &[u8]) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        if self.slots.is_some() {
-            control::request(&self.lb_socket, &Request::OverrideDel { cid: hex(cid) })
-                .map_err(fail)?;
+        if self.slots.is_some()
+            && control::request(&self.lb_socket, &Request::OverrideDel { cid: hex(cid) })
+                .map_err(fail)?
+                .is_some()
+        {
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
