@@ -16,7 +16,6 @@ use support::*;
 
 const KIND_REQUEST: u8 = 0x01;
 const KIND_STREAM: u8 = 0x02;
-const PEER_PORT: u16 = 4470;
 
 fn pattern(seed: u64, offset: u64) -> u8 {
     let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -37,56 +36,7 @@ struct Workers {
 impl Workers {
     fn start(lab: &Lab) -> Workers {
         let dir = std::env::temp_dir().join(format!("baton-mig-{}-{}", std::process::id(), lab.lb));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(worker_bin())
-            .args([
-                "gen-certs",
-                "--workers",
-                "w1,w2",
-                "--service-name",
-                "baton.test",
-                "--out",
-            ])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "gen-certs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut mc = format!("secrets = \"{}\"\n", dir.join("secrets.toml").display());
-        for i in 0..2 {
-            let name = format!("w{}", i + 1);
-            let cfg = format!(
-                r#"vip = "{VIP4}"
-port = {PORT}
-server_id = {sid}
-cid_len = {CID_LEN}
-server_id_len = 2
-cert = "{d}/service.pem"
-key = "{d}/service.key"
-name = "{name}"
-control_socket = "{d}/{name}.sock"
-secrets = "{d}/secrets.toml"
-[peer]
-listen = "10.201.1{sid}.2:{PEER_PORT}"
-ca = "{d}/ca.pem"
-cert = "{d}/{name}.pem"
-key = "{d}/{name}.key"
-"#,
-                sid = i + 1,
-                d = dir.display()
-            );
-            std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
-            mc += &format!(
-                "[[workers]]\nname = \"{name}\"\ncontrol = \"{}/{name}.sock\"\n",
-                dir.display()
-            );
-        }
-        let migration_config = dir.join("migration.toml");
-        std::fs::write(&migration_config, mc).unwrap();
+        let migration_config = write_worker_configs(&dir);
         let mut w = Workers {
             dir,
             children: [None, None],

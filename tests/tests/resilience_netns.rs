@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
 
-const PEER_PORT: u16 = 4470;
 /// Connections baton-load keeps open.
 const CONNECTIONS: usize = 8;
 /// The longest request stall a client may see. A migration freezes a connection for a few to a
@@ -106,46 +105,7 @@ struct Deployment {
 impl Deployment {
     fn start(lab: &Lab) -> Deployment {
         let dir = std::env::temp_dir().join(format!("baton-res-{}-{}", std::process::id(), lab.lb));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new(worker_bin())
-            .args([
-                "gen-certs",
-                "--workers",
-                "w1,w2",
-                "--service-name",
-                "baton.test",
-                "--out",
-            ])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "gen-certs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut mc = format!("secrets = \"{}\"\n", dir.join("secrets.toml").display());
-        for i in 0..2 {
-            let name = format!("w{}", i + 1);
-            let d = dir.display();
-            let sid = i + 1;
-            std::fs::write(
-                dir.join(format!("{name}.toml")),
-                format!(
-                    "vip = \"{VIP4}\"\nport = {PORT}\nserver_id = {sid}\ncid_len = {CID_LEN}\n\
-                     server_id_len = 2\ncert = \"{d}/service.pem\"\nkey = \"{d}/service.key\"\n\
-                     name = \"{name}\"\ncontrol_socket = \"{d}/{name}.sock\"\n\
-                     secrets = \"{d}/secrets.toml\"\n[peer]\n\
-                     listen = \"10.201.1{sid}.2:{PEER_PORT}\"\nca = \"{d}/ca.pem\"\n\
-                     cert = \"{d}/{name}.pem\"\nkey = \"{d}/{name}.key\"\n"
-                ),
-            )
-            .unwrap();
-            mc += &format!("[[workers]]\nname = \"{name}\"\ncontrol = \"{d}/{name}.sock\"\n");
-        }
-        let migration_config = dir.join("migration.toml");
-        std::fs::write(&migration_config, mc).unwrap();
+        let migration_config = write_worker_configs(&dir);
         let mut d = Deployment {
             cli: Cli {
                 pin_dir: lab.pin_dir.clone(),

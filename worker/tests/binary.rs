@@ -1,6 +1,7 @@
 //! The `baton-worker` binary: TOML config, PEM files, the demo protocol over real UDP.
-use baton_worker::demo::{ALPN, KIND_REQUEST};
-use std::sync::Arc;
+mod common;
+
+use baton_worker::demo::KIND_REQUEST;
 use std::time::Duration;
 
 struct Child(std::process::Child);
@@ -43,19 +44,7 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = common::demo_client_endpoint(roots);
     let server = format!("127.0.0.1:{port}").parse().unwrap();
     let mut conn = None;
     for _ in 0..50 {

@@ -3,8 +3,10 @@
 //! B emits nothing, whatever it receives, until B commits it; an uncommitted import that core C
 //! discards never emits a single datagram. (Two senders for one connection would reuse AEAD
 //! nonces.)
+mod common;
+
 use baton_worker::core::{CoreConfig, Outgoing, WorkerCore};
-use baton_worker::demo::{ALPN, DemoService, KIND_REQUEST};
+use baton_worker::demo::{DemoService, KIND_REQUEST};
 use bytes::BytesMut;
 use lb_common::cid::CidLayout;
 use quinn_proto::{
@@ -101,19 +103,7 @@ fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Out
 fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() {
     let dir = std::env::temp_dir().join(format!("baton-held-test-{}", std::process::id()));
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = common::demo_client_tls(common::roots_from_pem(&dir.join("ca.pem")));
     let config = ClientConfig::new(Arc::new(
         quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));

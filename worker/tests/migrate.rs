@@ -3,6 +3,8 @@
 //! CID's server ID, with per-CID overrides during a handoff; the workers send straight from the VIP
 //! socket, like direct server return). The connection moves between the workers while a long
 //! stream and a request loop run; the client checks every byte and the session's request counter.
+mod common;
+
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
@@ -95,19 +97,7 @@ async fn lab() -> Lab {
 async fn client(lab: &Lab) -> quinn::Connection {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(lab.cert.clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![baton_worker::demo::ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = common::demo_client_endpoint(roots);
     endpoint
         .connect(lab.vip, "localhost")
         .unwrap()

@@ -3,6 +3,8 @@
 //! control context and its own peer-channel endpoint (quinn, mutual TLS, certificates from
 //! `certs::generate`). `migrate::migrate_out` moves the connection; a target that refuses the
 //! token makes the source roll back, and the connection carries on there.
+mod common;
+
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
@@ -107,23 +109,7 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     .unwrap();
 
     // The client (trusts the CA; the service certificate names "localhost").
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![baton_worker::demo::ALPN.to_vec()];
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    )));
+    let endpoint = common::demo_client_endpoint(common::roots_from_pem(&dir.join("ca.pem")));
     let conn = endpoint.connect(vip, "localhost").unwrap().await.unwrap();
     let mut n = 0u64;
     let mut request = async || {

@@ -62,27 +62,94 @@ pub fn bin_dir() -> &'static Path {
 
 /// Builds `baton-worker` (once per test process) next to the baton binaries; returns its path.
 pub fn worker_bin() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = bin_dir();
-            let target_dir = dir.parent().expect("target dir").to_path_buf();
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-q", "-p", "baton-worker", "--bins"])
-                .current_dir(workspace_root())
-                .env("CARGO_TARGET_DIR", &target_dir);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().expect("run cargo build for baton-worker");
-            assert!(
-                out.status.success(),
-                "building baton-worker failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            dir.join("baton-worker")
-        })
-        .clone()
+    package_bin("baton-worker")
+}
+
+/// Builds package `package`'s binaries (once per test process, with the test's profile) next to
+/// the baton binaries; returns the path of the one named like the package.
+fn package_bin(package: &'static str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(&str, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| *n == package) {
+        return p.clone();
+    }
+    let dir = bin_dir();
+    let target_dir = dir.parent().expect("target dir").to_path_buf();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "-p", package, "--bins"])
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run cargo build for {package}: {e}"));
+    assert!(
+        out.status.success(),
+        "building {package} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.join(package);
+    built.push((package, path.clone()));
+    path
+}
+
+/// The worker-to-worker channel's port (on each worker's lab address).
+pub const PEER_PORT: u16 = 4470;
+
+/// Makes the certificates and secrets (`baton-worker gen-certs`) and the configs of workers w1
+/// and w2 for the lab's worker namespaces in `dir` (made afresh); returns the migration config
+/// for the `baton` CLI (`<dir>/migration.toml`). Worker i's config is `<dir>/w<i>.toml`, its
+/// control socket `<dir>/w<i>.sock`.
+pub fn write_worker_configs(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new(worker_bin())
+        .args([
+            "gen-certs",
+            "--workers",
+            "w1,w2",
+            "--service-name",
+            "baton.test",
+            "--out",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gen-certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = dir.display();
+    let mut mc = format!("secrets = \"{d}/secrets.toml\"\n");
+    for sid in 1..=2 {
+        let name = format!("w{sid}");
+        let cfg = format!(
+            r#"vip = "{VIP4}"
+port = {PORT}
+server_id = {sid}
+cid_len = {CID_LEN}
+server_id_len = 2
+cert = "{d}/service.pem"
+key = "{d}/service.key"
+name = "{name}"
+control_socket = "{d}/{name}.sock"
+secrets = "{d}/secrets.toml"
+[peer]
+listen = "10.201.1{sid}.2:{PEER_PORT}"
+ca = "{d}/ca.pem"
+cert = "{d}/{name}.pem"
+key = "{d}/{name}.key"
+"#
+        );
+        std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
+        mc += &format!("[[workers]]\nname = \"{name}\"\ncontrol = \"{d}/{name}.sock\"\n");
+    }
+    let migration_config = dir.join("migration.toml");
+    std::fs::write(&migration_config, mc).unwrap();
+    migration_config
 }
 
 pub fn sh(args: &[&str]) -> Output {
@@ -737,27 +804,7 @@ pub fn vip(v6: bool) -> SocketAddr {
 
 /// Builds `baton-load` (once per test process) next to the baton binaries; returns its path.
 pub fn load_bin() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = bin_dir();
-            let target_dir = dir.parent().expect("target dir").to_path_buf();
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-q", "-p", "baton-load", "--bins"])
-                .current_dir(workspace_root())
-                .env("CARGO_TARGET_DIR", &target_dir);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let out = cmd.output().expect("run cargo build for baton-load");
-            assert!(
-                out.status.success(),
-                "building baton-load failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            dir.join("baton-load")
-        })
-        .clone()
+    package_bin("baton-load")
 }
 
 /// The data plane's counters (summed over CPUs) read by `baton --json status` from the pinned
