@@ -8,7 +8,7 @@ mod support;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -53,34 +53,7 @@ impl Workers {
     }
 
     fn spawn_with(&mut self, lab: &Lab, i: usize, env: &[(&str, &str)]) {
-        let name = format!("w{}", i + 1);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log(i))
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.workers[i]])
-            .arg(worker_bin())
-            .arg("--config")
-            .arg(self.dir.join(format!("{name}.toml")))
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children[i] = Some(child);
-        let sock = self.dir.join(format!("{name}.sock"));
-        let start = Instant::now();
-        while worker_call(&sock, r#"{"cmd":"info"}"#).is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "worker {name} not up:\n{}",
-                self.log_text(i)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.children[i] = Some(spawn_worker(lab, &self.dir, i, env));
     }
 
     fn log(&self, i: usize) -> PathBuf {
@@ -117,16 +90,6 @@ impl Drop for Workers {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn worker_call(sock: &Path, req: &str) -> Option<Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    (&s).write_all(format!("{req}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
 }
 
 fn baton_mig(lab: &Lab, w: &Workers, args: &[&str]) -> std::process::Output {

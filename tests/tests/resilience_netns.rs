@@ -19,7 +19,7 @@ mod support;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,29 +152,7 @@ impl Deployment {
     }
 
     fn spawn_worker(&mut self, lab: &Lab, i: usize) {
-        let name = format!("w{}", i + 1);
-        let log = self.log_file(&name);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.workers[i]])
-            .arg(worker_bin())
-            .arg("--config")
-            .arg(self.dir.join(format!("{name}.toml")))
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.workers[i] = Some(child);
-        let sock = self.dir.join(format!("{name}.sock"));
-        let start = Instant::now();
-        while !worker_answers(&sock) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "worker {name} not up:\n{}",
-                self.log_text(&name)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.workers[i] = Some(spawn_worker(lab, &self.dir, i, &[]));
     }
 
     /// Starts baton-load in the client namespace and waits until every connection is listed by
@@ -275,20 +253,6 @@ impl Drop for Deployment {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn worker_answers(sock: &Path) -> bool {
-    use std::io::{BufRead, BufReader, Write};
-    let Ok(s) = std::os::unix::net::UnixStream::connect(sock) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if (&s).write_all(b"{\"cmd\":\"info\"}\n").is_err() {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).is_ok()
-        && serde_json::from_str::<Value>(&line).is_ok_and(|v| v["ok"] == true)
 }
 
 /// One `baton migrate` as the migration loop saw it.

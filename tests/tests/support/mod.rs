@@ -152,6 +152,51 @@ key = "{d}/{name}.key"
     migration_config
 }
 
+/// One JSON-lines request on a worker's control socket; None if it does not answer in 5 s.
+pub fn worker_call(sock: &Path, req: &str) -> Option<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    (&s).write_all(format!("{req}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Starts lab worker `i` (w1 or w2, configured by [`write_worker_configs`] in `dir`) in its
+/// namespace with `env`, logging to `<dir>/w<i>.log`; returns once its control socket answers.
+pub fn spawn_worker(lab: &Lab, dir: &Path, i: usize, env: &[(&str, &str)]) -> Child {
+    let name = format!("w{}", i + 1);
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.workers[i]])
+        .arg(worker_bin())
+        .arg("--config")
+        .arg(dir.join(format!("{name}.toml")))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let sock = dir.join(format!("{name}.sock"));
+    let start = Instant::now();
+    while worker_call(&sock, r#"{"cmd":"info"}"#).is_none_or(|v| v["ok"] != true) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "worker {name} not up:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
