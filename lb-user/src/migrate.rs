@@ -722,6 +722,8 @@ impl Orchestrator {
                 remote: c["remote"].as_str().unwrap_or_default().into(),
                 state: if c["frozen"].as_bool() == Some(true) {
                     "migrating"
+                } else if c["held"].as_bool() == Some(true) {
+                    "importing"
                 } else {
                     "live"
                 }

@@ -54,6 +54,8 @@ pub struct ConnInfo {
     pub key: Vec<u8>,
     pub remote: SocketAddr,
     pub frozen: bool,
+    /// Imported, waiting for the source's commit (sends nothing yet).
+    pub held: bool,
     /// Local CIDs the client may still use (retired ones are gone): what the LB must route here.
     pub cids: Vec<Vec<u8>>,
 }
@@ -471,6 +473,7 @@ impl WorkerCore {
                 key: l.key.clone(),
                 remote: l.conn.remote_address(),
                 frozen: l.frozen,
+                held: l.held,
                 cids: self
                     .endpoint
                     .local_cids(ch)
