@@ -420,6 +420,16 @@ impl WorkerCore {
                 }
             }
         }
+        // A connection whose timer keeps moving (e.g. the idle timeout, pushed back by every
+        // packet of an upload) leaves stale heap entries until their time passes: rebuild the
+        // heap from the live timers once they outnumber the connections.
+        if self.timers.len() > 2 * self.conns.len() + 1024 {
+            self.timers = self
+                .conns
+                .iter()
+                .filter_map(|(&ch, l)| l.timer.map(|t| Reverse((t, ch))))
+                .collect();
+        }
     }
 
     /// When [`poll`](Self::poll) must run next at the latest (None: only on input).
