@@ -1027,10 +1027,11 @@ pub struct DrainSummary {
 }
 
 /// The `p`-th percentile (0..=100) of `v`, nearest rank; 0 when empty.
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
         return 0.0;
     }
+    let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
@@ -1093,6 +1094,8 @@ pub fn drain(
         *errors.entry(f.kind.clone()).or_default() += 1;
     }
     let left = o.retire(&moved, Duration::from_secs(10));
+    let migration_ms: Vec<f64> = moved.iter().map(|r| r.total_ms).collect();
+    let freeze_ms: Vec<f64> = moved.iter().map(|r| r.freeze_ms).collect();
     Ok(DrainSummary {
         worker: worker.into(),
         total,
@@ -1100,10 +1103,10 @@ pub fn drain(
         failed: total - moved.len(),
         moved_ms,
         total_ms: started.elapsed().as_secs_f64() * 1000.0,
-        migration_ms_p50: percentile(moved.iter().map(|r| r.total_ms).collect(), 50.0),
-        migration_ms_p99: percentile(moved.iter().map(|r| r.total_ms).collect(), 99.0),
-        freeze_ms_p50: percentile(moved.iter().map(|r| r.freeze_ms).collect(), 50.0),
-        freeze_ms_p99: percentile(moved.iter().map(|r| r.freeze_ms).collect(), 99.0),
+        migration_ms_p50: percentile(&migration_ms, 50.0),
+        migration_ms_p99: percentile(&migration_ms, 99.0),
+        freeze_ms_p50: percentile(&freeze_ms, 50.0),
+        freeze_ms_p99: percentile(&freeze_ms, 99.0),
         errors,
         overrides_left: left.len(),
     })

@@ -659,30 +659,9 @@ async fn request_loop(
     while !ctx.stopping() {
         fill(seed ^ 0x5eed_0000_0000_0000 ^ n, 0, &mut body);
         n += 1;
-        let attempt = tokio::time::timeout(ctx.args.request_timeout, request(conn, &body)).await;
-        let outcome = match attempt {
-            Ok(Ok(answer)) => check_answer(&answer, &body, expected_counter),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!(
-                "no answer within {:?}",
-                ctx.args.request_timeout
-            )),
-        };
-        match outcome {
+        match counted_request(ctx, conn, &body, Some(expected_counter), s).await {
             Ok(counter) => {
-                if counter != expected_counter {
-                    s.counter_breaks += 1;
-                    s.last_error = Some(format!(
-                        "session counter went from {} to {counter}",
-                        expected_counter - 1
-                    ));
-                    s.failed += 1;
-                    ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
-                }
                 expected_counter = counter + 1;
-                s.requests += 1;
-                ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
-                ctx.log_completion(s.index);
                 let now = Instant::now();
                 let gap = now - last_done;
                 last_done = now;
@@ -696,8 +675,6 @@ async fn request_loop(
                 }
             }
             Err(e) => {
-                s.failed += 1;
-                ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
                 s.last_error = Some(format!("request: {e:#}"));
                 if let Some(reason) = conn.close_reason() {
                     return Err(anyhow::anyhow!("connection lost: {reason}"));
@@ -726,7 +703,8 @@ async fn idle_session(
     s: &mut ConnSummary,
 ) -> Result<()> {
     let mut body = vec![0u8; ctx.args.request_size];
-    let first = idle_request(ctx, conn, seed, 0, &mut body, s).await;
+    fill(seed ^ 0x1d1e_0000_0000_0000, 0, &mut body);
+    let first = counted_request(ctx, conn, &body, None, s).await;
     if let Err(e) = &first {
         if let Some(reason) = conn.close_reason() {
             return Err(anyhow::anyhow!("connection lost: {reason}"));
@@ -741,19 +719,11 @@ async fn idle_session(
         _ = stopped(&mut stop) => {}
         reason = conn.closed() => return Err(anyhow::anyhow!("connection lost while idle: {reason}")),
     }
-    let counter_before = first.as_ref().ok().copied();
-    match idle_request(ctx, conn, seed, 1, &mut body, s).await {
+    let expected = first.as_ref().ok().map(|c| c + 1);
+    fill(seed ^ 0x1d1e_0000_0000_0000 ^ 1, 0, &mut body);
+    match counted_request(ctx, conn, &body, expected, s).await {
         Ok(counter) => {
-            if let Some(c) = counter_before
-                && counter != c + 1
-            {
-                s.counter_breaks += 1;
-                s.failed += 1;
-                ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
-                s.last_error = Some(format!("session counter went from {c} to {counter}"));
-            } else if counter_before.is_some() {
-                s.final_request_ok = true;
-            }
+            s.final_request_ok = expected == Some(counter);
             Ok(())
         }
         Err(e) => {
@@ -766,23 +736,37 @@ async fn idle_session(
     }
 }
 
-/// One request of an idle connection; counts it; returns the session counter of the answer.
-async fn idle_request(
+/// One request on `conn` with `body`, its answer checked and counted: a request, or a failure;
+/// an answer whose session counter is not `expected` (when given) also counts as a failure and a
+/// counter break. Returns the answer's session counter.
+async fn counted_request(
     ctx: &Arc<Ctx>,
     conn: &quinn::Connection,
-    seed: u64,
-    n: u64,
-    body: &mut [u8],
+    body: &[u8],
+    expected: Option<u64>,
     s: &mut ConnSummary,
 ) -> Result<u64> {
-    fill(seed ^ 0x1d1e_0000_0000_0000 ^ n, 0, body);
-    let answer = tokio::time::timeout(ctx.args.request_timeout, request(conn, body))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {:?}", ctx.args.request_timeout))
-        .and_then(|r| r)
-        .and_then(|a| check_answer(&a, body, 0));
+    let answer = match tokio::time::timeout(ctx.args.request_timeout, request(conn, body)).await {
+        Ok(Ok(answer)) => check_answer(&answer, body, expected.unwrap_or(0)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!(
+            "no answer within {:?}",
+            ctx.args.request_timeout
+        )),
+    };
     match answer {
         Ok(counter) => {
+            if let Some(expected) = expected
+                && counter != expected
+            {
+                s.counter_breaks += 1;
+                s.failed += 1;
+                ctx.totals.failed.fetch_add(1, Ordering::Relaxed);
+                s.last_error = Some(format!(
+                    "session counter went from {} to {counter}",
+                    expected - 1
+                ));
+            }
             s.requests += 1;
             ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
             ctx.log_completion(s.index);

@@ -89,7 +89,7 @@ pub struct Exported {
     /// Handoff bytes (secrets included): send only over an encrypted, authenticated channel.
     pub bytes: Zeroizing<Vec<u8>>,
     pub cids: Vec<Vec<u8>>,
-    /// Names this export's buffer of late datagrams ([`WorkerCore::take_forward_ready`]).
+    /// Names this export's buffer of late datagrams ([`WorkerCore::take_forward_of`]).
     pub forward_key: u64,
 }
 
@@ -199,8 +199,6 @@ pub struct WorkerCore {
     forward: HashMap<u64, Vec<(SocketAddr, Vec<u8>)>>,
     /// Datagrams held in `forward`, all exports together (bounded by [`MAX_FORWARD`]).
     forward_len: usize,
-    /// Exports whose buffer received datagrams since the last [`take_forward_ready`](WorkerCore::take_forward_ready).
-    forward_ready: HashSet<u64>,
     next_forward_key: u64,
 }
 
@@ -243,7 +241,6 @@ impl WorkerCore {
             exported: HashMap::new(),
             forward: HashMap::new(),
             forward_len: 0,
-            forward_ready: HashSet::new(),
             next_forward_key: 0,
         })
     }
@@ -278,7 +275,6 @@ impl WorkerCore {
                         .or_default()
                         .push((remote, data.to_vec()));
                     self.forward_len += 1;
-                    self.forward_ready.insert(key);
                 } else {
                     debug!("forward buffer full: dropping a datagram for an exported connection");
                 }
@@ -530,17 +526,9 @@ impl WorkerCore {
             self.conns.insert(ch, live);
             return Err(ExportFailure::NotFrozen);
         }
-        let Live {
-            key,
-            conn,
-            keys,
-            app,
-            frozen,
-            held,
-            timer,
-            reclaimed,
-        } = live;
-        match baton_handoff::export(&mut self.endpoint, ch, conn, &keys, now) {
+        // The connection moves out; the rest of `live` stays for the refusal path.
+        let conn = live.conn;
+        match baton_handoff::export(&mut self.endpoint, ch, conn, &live.keys, now) {
             Ok(handoff) => {
                 let cids: Vec<Vec<u8>> = handoff
                     .connection
@@ -554,7 +542,7 @@ impl WorkerCore {
                     self.exported.insert(c.clone(), forward_key);
                 }
                 let quic = baton_handoff::wire::encode(&handoff);
-                let state = app.capture();
+                let state = live.app.capture();
                 let mut bytes = Zeroizing::new(Vec::with_capacity(8 + quic.len() + state.len()));
                 bytes.extend((quic.len() as u64).to_be_bytes());
                 bytes.extend_from_slice(&quic);
@@ -579,14 +567,8 @@ impl WorkerCore {
                 self.conns.insert(
                     ch,
                     Live {
-                        key,
                         conn: e.into_connection(),
-                        keys,
-                        app,
-                        frozen,
-                        held,
-                        timer,
-                        reclaimed,
+                        ..live
                     },
                 );
                 Err(failure)
@@ -674,7 +656,6 @@ impl WorkerCore {
     /// arrival order).
     pub fn take_forward(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
         self.forward_len = 0;
-        self.forward_ready.clear();
         self.forward.drain().flat_map(|(_, d)| d).collect()
     }
 
@@ -689,15 +670,14 @@ impl WorkerCore {
 
     /// The datagrams kept for one export.
     pub fn take_forward_of(&mut self, key: u64) -> Vec<(SocketAddr, Vec<u8>)> {
-        self.forward_ready.remove(&key);
         let taken = self.forward.remove(&key).unwrap_or_default();
         self.forward_len -= taken.len();
         taken
     }
 
-    /// Exports whose buffers received datagrams since the last call.
-    pub fn take_forward_ready(&mut self) -> Vec<u64> {
-        self.forward_ready.drain().collect()
+    /// Exports that have datagrams kept (a buffer exists only while it holds some).
+    pub fn forward_pending(&self) -> Vec<u64> {
+        self.forward.keys().copied().collect()
     }
 
     /// The worker-local id of the connection named `key` (see [`ConnInfo::key`]), without

@@ -206,7 +206,7 @@ async fn run(
         }
         send_all(&socket, &mut out).await;
         if core.has_work() {
-            // A command or an import left work (e.g. a commit): drive it before sleeping.
+            // The poll left work (a freeze rolled back un-freezes its connection): no sleep.
             tokio::task::yield_now().await;
         } else {
             let wake = core.next_timeout().unwrap_or(now + Duration::from_secs(1));
@@ -281,7 +281,7 @@ async fn run(
 type Forwarders = HashMap<u64, mpsc::UnboundedSender<Vec<(SocketAddr, Vec<u8>)>>>;
 
 fn deliver_forwarded(core: &mut WorkerCore, forwarders: &mut Forwarders) {
-    for key in core.take_forward_ready() {
+    for key in core.forward_pending() {
         if let Some(tx) = forwarders.get(&key) {
             if tx.send(core.take_forward_of(key)).is_err() {
                 forwarders.remove(&key);

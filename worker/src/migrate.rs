@@ -297,12 +297,13 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
         let (target_id, mut stream) = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
             .await
             .map_err(|_| Failure::new("target_unavailable", format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
-        Ok::<_, Failure>((target_id, stream_commit(&mut stream, &req.migration_id).await, conn, sealed.bytes.len()))
+        stream_commit(&mut stream, &req.migration_id).await;
+        Ok::<_, Failure>((target_id, conn, sealed.bytes.len()))
     }
     .await;
     match sent {
         // Committed (or the commit's fate is unknown): this worker never sends for it again.
-        Ok((target_id, _committed, conn, size)) => {
+        Ok((target_id, conn, size)) => {
             let total = started.elapsed();
             info!(migration_id = %req.migration_id, conn = %req.conn, target = %req.target.name, bytes = size,
                   ms = total.as_millis() as u64, "migrated out; forwarding until released");
@@ -363,17 +364,16 @@ fn commit_wait(bytes: usize) -> Duration {
 /// even if the write fails: the target may have received it, and two senders would reuse AEAD
 /// nonces. (If the target did not get it, it discards the import and the connection is lost:
 /// the safe side of the trade-off.)
-async fn stream_commit(s: &mut quinn::SendStream, mid: &str) -> bool {
+async fn stream_commit(s: &mut quinn::SendStream, mid: &str) {
     let sent = async {
         s.write_all(&[COMMIT]).await?;
         s.finish()?;
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    if let Err(e) = &sent {
+    if let Err(e) = sent {
         warn!(migration_id = %mid, "commit may not have reached the target ({e}); the connection is the target's now");
     }
-    sent.is_ok()
 }
 
 /// Sends the snapshot and waits for the target's answer; on success returns the target's id for

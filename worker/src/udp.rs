@@ -93,8 +93,8 @@ impl UdpIo {
     pub fn try_recv(&self, out: &mut Vec<Received>) -> io::Result<usize> {
         // Never held across an await.
         let mut buf = self.recv_buf.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = buf.len() / quinn_udp::BATCH_SIZE;
-        let mut bufs: Vec<IoSliceMut<'_>> = buf.chunks_mut(slot).map(IoSliceMut::new).collect();
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
         let mut meta = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
         match self.socket.try_io(Interest::READABLE, || {
             self.state.recv((&self.socket).into(), &mut bufs, &mut meta)

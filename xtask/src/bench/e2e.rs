@@ -285,11 +285,6 @@ pub(crate) struct Load {
     summary_file: PathBuf,
 }
 
-/// Nearest-rank percentile, 0 for none.
-pub(crate) fn pct(values: &[f64], p: f64) -> f64 {
-    demo::percentile(values, p)
-}
-
 pub(crate) fn max(values: &[f64]) -> f64 {
     values.iter().copied().fold(0.0, f64::max)
 }

@@ -11,7 +11,8 @@
 //! migrated connection that overlaps the migration's window (`baton migrate` start to exit, wall
 //! clock); the baseline's is the same over its window. Both clocks are the host's wall clock.
 //! Target: p99 stall < 5 ms.
-use super::e2e::{Lab, max, pct, say, unix_us};
+use super::e2e::{Lab, max, say, unix_us};
+use crate::demo::percentile as pct;
 use crate::util::workspace_root;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
