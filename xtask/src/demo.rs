@@ -238,6 +238,14 @@ pub(crate) struct Run {
     settle: u64,
 }
 
+/// A running baton-load (the process itself is in the run's children).
+pub(crate) struct Load {
+    rx: mpsc::Receiver<String>,
+    relays: Vec<std::thread::JoinHandle<()>>,
+    stop_file: PathBuf,
+    summary_file: PathBuf,
+}
+
 /// What one `baton migrate` reported.
 pub(crate) struct Migration {
     pub(crate) ok: bool,
@@ -332,6 +340,140 @@ impl Run {
         )?;
         self.children.push((name.to_string(), child));
         Ok(())
+    }
+
+    /// Starts `baton-load` in the client namespace against the VIP with the lab's CA, a stop
+    /// file, a summary file and `--print-conn-ids`, plus `args`. Its stderr (progress) is
+    /// relayed; so is the rest of its stdout (the text summary) if `echo_stdout`.
+    pub(crate) fn start_load(&mut self, args: &[String], echo_stdout: bool) -> Result<Load> {
+        let stop_file = self.state.join("load.stop");
+        let summary_file = self.state.join("load-summary.json");
+        let _ = std::fs::remove_file(&stop_file);
+        let mut load = Command::new("ip");
+        load.args(["netns", "exec", lab::CLIENT_NS])
+            .arg(self.bins.join("baton-load"))
+            .args(["--target", &format!("{}:4433", lab::VIP4)])
+            .arg("--stop-file")
+            .arg(&stop_file)
+            .arg("--summary-file")
+            .arg(&summary_file)
+            .arg("--print-conn-ids")
+            .arg("--ca")
+            .arg(self.state.join("pki/ca.pem"))
+            .args(["--server-name", SERVICE_NAME])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = load.spawn().context("starting baton-load")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let relays = vec![
+            std::thread::spawn(move || {
+                // `conn`/`ready` lines go to the caller.
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if line.starts_with("conn ") || line.starts_with("ready ") {
+                        let _ = tx.send(line);
+                    } else if echo_stdout {
+                        eprintln!("{line}");
+                    }
+                }
+            }),
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                }
+            }),
+        ];
+        self.children.push(("baton-load".into(), child));
+        Ok(Load {
+            rx,
+            relays,
+            stop_file,
+            summary_file,
+        })
+    }
+
+    /// Waits for baton-load's `ready` line (every connection up), noting progress every 5 s;
+    /// returns client address -> connection index from its `conn` lines.
+    pub(crate) fn wait_ready(
+        &mut self,
+        load: &Load,
+        connections: usize,
+        limit: Duration,
+        note: impl Fn(String),
+    ) -> Result<std::collections::HashMap<String, usize>> {
+        let deadline = Instant::now() + limit;
+        let mut locals = std::collections::HashMap::new();
+        let mut last_note = Instant::now();
+        loop {
+            self.check_children()?;
+            match load.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.starts_with("ready ") => break,
+                Ok(l) => {
+                    // conn <index> local=<addr>[ reconnect=<n>]
+                    let mut it = l.split_whitespace().skip(1);
+                    let index = it.next().and_then(|i| i.parse::<usize>().ok());
+                    let local = it.next().and_then(|a| a.strip_prefix("local="));
+                    if let (Some(i), Some(a)) = (index, local) {
+                        locals.insert(a.to_string(), i);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("baton-load stopped before its connections were up")
+                }
+            }
+            if last_note.elapsed() > Duration::from_secs(5) {
+                note(format!("{} of {connections} connections up", locals.len()));
+                last_note = Instant::now();
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {connections} connections came up within {} s",
+                    locals.len(),
+                    limit.as_secs()
+                );
+            }
+        }
+        Ok(locals)
+    }
+
+    /// Creates the stop file, waits for baton-load to finish (up to `limit`) and returns its
+    /// JSON summary.
+    pub(crate) fn stop_load(&mut self, load: Load, limit: Duration) -> Result<Value> {
+        std::fs::write(&load.stop_file, b"stop\n")?;
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "baton-load")
+            .context("baton-load is not running")?;
+        let (_, mut child) = self.children.remove(pos);
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "baton-load did not stop within {} s of the stop file",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for r in load.relays {
+            let _ = r.join();
+        }
+        let text = std::fs::read_to_string(&load.summary_file).with_context(|| {
+            format!(
+                "baton-load ({status}) left no summary in {}",
+                load.summary_file.display()
+            )
+        })?;
+        serde_json::from_str(&text).context("parsing baton-load's summary")
     }
 
     pub(crate) fn check_children(&mut self) -> Result<()> {
@@ -480,56 +622,28 @@ impl Run {
         self.bring_up(&workspace_root().join("lab/lb.toml"), migrations)?;
 
         // The load.
-        let stop_file = self.state.join("load.stop");
-        let summary_file = self.state.join("load-summary.json");
         say(format!(
             "starting baton-load in namespace {}: {connections} connections",
             lab::CLIENT_NS
         ));
-        let mut load = Command::new("ip");
-        load.args(["netns", "exec", lab::CLIENT_NS])
-            .arg(self.bins.join("baton-load"))
-            .args(["--target", &format!("{}:4433", lab::VIP4)])
-            .args(["--connections", &connections.to_string()])
-            .arg("--stop-file")
-            .arg(&stop_file)
-            .arg("--summary-file")
-            .arg(&summary_file)
-            .args(["--request-size", &opts.request_size.to_string()])
-            .args(["--stream-rate", &opts.stream_rate.to_string()])
-            .args([
-                "--request-interval",
-                &format!("{}ms", opts.request_interval_ms),
-            ])
-            .args(["--progress-interval", "2s", "--print-conn-ids"])
-            .arg("--ca")
-            .arg(self.state.join("pki/ca.pem"))
-            .args(["--server-name", SERVICE_NAME])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut load_child = load.spawn().context("starting baton-load")?;
+        let args: Vec<String> = [
+            "--connections",
+            &connections.to_string(),
+            "--request-size",
+            &opts.request_size.to_string(),
+            "--stream-rate",
+            &opts.stream_rate.to_string(),
+            "--request-interval",
+            &format!("{}ms", opts.request_interval_ms),
+            "--progress-interval",
+            "2s",
+        ]
+        .map(String::from)
+        .to_vec();
+        let load = self.start_load(&args, true)?;
         let load_started = Instant::now();
-        let (tx, rx) = mpsc::channel::<String>();
-        let out = load_child.stdout.take().expect("piped");
-        let err = load_child.stderr.take().expect("piped");
-        let relay = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("conn ") || line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                } else {
-                    eprintln!("{line}");
-                }
-            }
-        });
-        let relay_err = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("{line}");
-            }
-        });
-        self.children.push(("baton-load".into(), load_child));
-
         let result = self.drive(
-            &rx,
+            &load,
             connections,
             rounds,
             duration,
@@ -539,43 +653,16 @@ impl Run {
             load_started,
         );
         // Stop the load whatever happened, and collect its summary.
-        let _ = std::fs::write(&stop_file, b"stop\n");
-        let load_status = {
-            let pos = self
-                .children
-                .iter()
-                .position(|(n, _)| n == "baton-load")
-                .expect("load child");
-            let (_, mut child) = self.children.remove(pos);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(s) = child.try_wait()? {
-                    break Some(s);
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        };
-        let _ = relay.join();
-        let _ = relay_err.join();
+        let summary = self.stop_load(load, Duration::from_secs(60));
         let migrated = result?;
-        if load_status.is_none() {
-            bail!("baton-load did not stop within 60 s of the stop file");
-        }
-        let text = std::fs::read_to_string(&summary_file)
-            .with_context(|| format!("baton-load left no summary in {}", summary_file.display()))?;
-        let summary: Value = serde_json::from_str(&text).context("parsing baton-load's summary")?;
+        let summary = summary?;
         Ok(self.report(&summary, &migrated, started.elapsed()))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn drive(
         &mut self,
-        rx: &mpsc::Receiver<String>,
+        load: &Load,
         connections: usize,
         rounds: u32,
         duration: u64,
@@ -585,23 +672,7 @@ impl Run {
         load_started: Instant,
     ) -> Result<Vec<Migration>> {
         // Wait until every connection is up.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut up = 0usize;
-        loop {
-            self.check_children()?;
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) if l.starts_with("ready ") => break,
-                Ok(l) if l.starts_with("conn ") => up += 1,
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("baton-load stopped before its connections were up")
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("only {up} of {connections} connections came up within 60 s");
-            }
-        }
+        self.wait_ready(load, connections, Duration::from_secs(60), say)?;
         say(format!(
             "all {connections} connections are up; load running"
         ));

@@ -1,15 +1,13 @@
 //! What the end-to-end suites (`stall`, `drain`) share: the netns lab with baton-lb and two
 //! workers brought up by the demo's code (torn down again when the [`Lab`] guard drops, also on
 //! error or panic), a `baton-load` in the client namespace, and `baton` CLI calls.
-use crate::demo::{self, Run};
+use crate::demo::{self, Load, Run};
 use crate::lab;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub(crate) fn say(tag: &str, msg: impl AsRef<str>) {
@@ -96,139 +94,26 @@ impl Lab {
             .map(|(_, c)| c.id())
     }
 
-    /// Starts `baton-load` in the client namespace against the VIP with the lab's CA, a stop
-    /// file, a summary file and `--print-conn-ids`, plus `args`. Its stderr (progress) is relayed.
+    /// Starts `baton-load` (see [`Run::start_load`]); its text summary is not echoed.
     pub(crate) fn start_load(&mut self, tag: &'static str, args: &[String]) -> Result<Load> {
-        let stop_file = self.run.state.join("load.stop");
-        let summary_file = self.run.state.join("load-summary.json");
-        let _ = std::fs::remove_file(&stop_file);
-        let mut load = Command::new("ip");
-        load.args(["netns", "exec", lab::CLIENT_NS])
-            .arg(self.run.bins.join("baton-load"))
-            .args(["--target", &format!("{}:4433", lab::VIP4)])
-            .arg("--stop-file")
-            .arg(&stop_file)
-            .arg("--summary-file")
-            .arg(&summary_file)
-            .arg("--print-conn-ids")
-            .arg("--ca")
-            .arg(self.run.state.join("pki/ca.pem"))
-            .args(["--server-name", demo::SERVICE_NAME])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        say(tag, format!("$ {load:?}"));
-        let mut child = load.spawn().context("starting baton-load")?;
-        let (tx, rx) = mpsc::channel::<String>();
-        let out = child.stdout.take().expect("piped");
-        let err = child.stderr.take().expect("piped");
-        let relays = vec![
-            std::thread::spawn(move || {
-                // `conn`/`ready` lines go to the bench; the summary (text) is not needed.
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if line.starts_with("conn ") || line.starts_with("ready ") {
-                        let _ = tx.send(line);
-                    }
-                }
-            }),
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
-                }
-            }),
-        ];
-        self.run.children.push(("baton-load".into(), child));
-        Ok(Load {
-            rx,
-            relays,
-            stop_file,
-            summary_file,
-        })
+        say(tag, format!("starting baton-load {}", args.join(" ")));
+        self.run.start_load(args, false)
     }
 
-    /// Waits for baton-load's `ready` line; returns client address -> connection index.
+    /// Waits for baton-load's `ready` line (see [`Run::wait_ready`]).
     pub(crate) fn wait_ready(
         &mut self,
-        tag: &str,
+        tag: &'static str,
         load: &Load,
         connections: usize,
         limit: Duration,
     ) -> Result<HashMap<String, usize>> {
-        let deadline = Instant::now() + limit;
-        let mut locals = HashMap::new();
-        let mut last_note = Instant::now();
-        loop {
-            self.run.check_children()?;
-            match load.rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) if l.starts_with("ready ") => break,
-                Ok(l) => {
-                    // conn <index> local=<addr>[ reconnect=<n>]
-                    let mut it = l.split_whitespace().skip(1);
-                    let index = it.next().and_then(|i| i.parse::<usize>().ok());
-                    let local = it.next().and_then(|a| a.strip_prefix("local="));
-                    if let (Some(i), Some(a)) = (index, local) {
-                        locals.insert(a.to_string(), i);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("baton-load stopped before its connections were up")
-                }
-            }
-            if last_note.elapsed() > Duration::from_secs(5) {
-                say(
-                    tag,
-                    format!("{} of {connections} connections up", locals.len()),
-                );
-                last_note = Instant::now();
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {connections} connections came up within {} s",
-                    locals.len(),
-                    limit.as_secs()
-                );
-            }
-        }
-        Ok(locals)
+        self.run
+            .wait_ready(load, connections, limit, |m| say(tag, m))
     }
 
-    /// Creates the stop file, waits for baton-load to finish (up to `limit`) and returns its
-    /// JSON summary.
     pub(crate) fn stop_load(&mut self, load: Load, limit: Duration) -> Result<Value> {
-        std::fs::write(&load.stop_file, b"stop\n")?;
-        let pos = self
-            .run
-            .children
-            .iter()
-            .position(|(n, _)| n == "baton-load")
-            .context("baton-load is not running")?;
-        let (_, mut child): (String, Child) = self.run.children.remove(pos);
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "baton-load did not stop within {} s of the stop file",
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        for r in load.relays {
-            let _ = r.join();
-        }
-        let text = std::fs::read_to_string(&load.summary_file).with_context(|| {
-            format!(
-                "baton-load ({status}) left no summary in {}",
-                load.summary_file.display()
-            )
-        })?;
-        serde_json::from_str(&text).context("parsing baton-load's summary")
+        self.run.stop_load(load, limit)
     }
 }
 
@@ -275,14 +160,6 @@ pub(crate) fn probe(socket: &Path, request: &str, n: usize) -> Result<Vec<f64>> 
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(times)
-}
-
-/// A running baton-load (the process itself is in the run's children).
-pub(crate) struct Load {
-    rx: mpsc::Receiver<String>,
-    relays: Vec<std::thread::JoinHandle<()>>,
-    stop_file: PathBuf,
-    summary_file: PathBuf,
 }
 
 pub(crate) fn max(values: &[f64]) -> f64 {
