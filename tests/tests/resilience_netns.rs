@@ -399,18 +399,24 @@ fn build_binaries() {
     let _ = load_bin();
 }
 
+/// The lab with baton-lb, both workers, and baton-load's connections up.
+fn deploy_under_load() -> (Lab, Deployment) {
+    build_binaries();
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let mut dep = Deployment::start(&lab);
+    dep.start_load(&lab);
+    (lab, dep)
+}
+
 fn runtime_ms(m: &Migration) -> u128 {
     (m.end - m.start).as_millis()
 }
 
 #[test]
 fn lb_restart_during_migration_load() {
-    build_binaries();
     let test_start = Instant::now();
-    let mut lab = Lab::new(LabOptions::default());
-    lab.start_lb();
-    let mut dep = Deployment::start(&lab);
-    dep.start_load(&lab);
+    let (mut lab, mut dep) = deploy_under_load();
     let load_t0 = dep.load_started.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -821,12 +827,8 @@ fn junk(rng: &mut Rng, live: &[Vec<u8>], tally: &mut Junk) -> Vec<u8> {
 
 #[test]
 fn garbage_to_vip_during_migrations_does_not_disturb_live_connections() {
-    build_binaries();
     let test_start = Instant::now();
-    let mut lab = Lab::new(LabOptions::default());
-    lab.start_lb();
-    let mut dep = Deployment::start(&lab);
-    dep.start_load(&lab);
+    let (lab, mut dep) = deploy_under_load();
 
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Mutex::new(Vec::new()));
