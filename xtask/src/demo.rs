@@ -83,6 +83,7 @@ fn say_str(msg: &str) {
 
 pub fn run(opts: &Options) -> Result<()> {
     require_root("cargo xtask demo")?;
+    crate::setup::ensure("cargo xtask demo")?;
     let state = PathBuf::from(STATE_DIR);
     if opts.down {
         return teardown_everything(&state, None);

@@ -76,8 +76,8 @@ fn check_tools() -> Result<()> {
     }
     if !ok("bpf-linker", &["--version"]) {
         bail!(
-            "bpf-linker is not on PATH: build it against the nightly's LLVM as docs/ENVIRONMENT.md and .ci/run show \
-             (cargo install bpf-linker --no-default-features --features llvm-22 with LLVM_PREFIX set)"
+            "bpf-linker is not on PATH: `cargo xtask setup` builds it against the nightly's LLVM \
+             (docs/ENVIRONMENT.md, section bpf-linker)"
         );
     }
     Ok(())

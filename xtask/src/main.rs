@@ -5,6 +5,7 @@ mod ebpf;
 mod fuzz;
 mod lab;
 mod patch;
+mod setup;
 mod test;
 mod util;
 
@@ -38,21 +39,37 @@ enum Command {
     Demo(demo::Options),
     /// Run the benchmarks (XDP per-packet cost, migration pipeline) and print a side-by-side report.
     Bench(bench::Options),
+    /// Install what this machine lacks (apt tools, nightly rust-src, bpf-linker, bpffs); demo, test,
+    /// build-ebpf, lab and bench do this first.
+    #[command(long_about = setup::ABOUT)]
+    Setup,
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else (and before any thread): bpf-linker lives in $CARGO_HOME/bin, which need
+    // not be on the PATH cargo was started with, and the builds we start run it by name.
+    setup::put_cargo_bin_on_path();
     let cli = Cli::parse();
-    // Every workspace build resolves [patch.crates-io], which points at the patched quinn-proto
-    // source: make sure it exists (and is current) before any command invokes cargo on the workspace.
-    if !matches!(cli.command, Command::PatchDeps) {
-        patch::prepare()?;
-    }
+    // Every command but patch-deps starts with setup::ensure (test and demo call it in their run,
+    // after their root check): it installs what the machine lacks, then prepares the patched
+    // quinn-proto source that every workspace build resolves through [patch.crates-io] (which needs
+    // curl, tar and patch from the first part, so it cannot come before it).
     match cli.command {
-        Command::BuildEbpf(opts) => ebpf::build(&opts),
-        Command::Lab { action } => lab::run(action),
+        Command::BuildEbpf(opts) => {
+            setup::ensure("cargo xtask build-ebpf")?;
+            ebpf::build(&opts)
+        }
+        Command::Lab { action } => {
+            setup::ensure("cargo xtask lab")?;
+            lab::run(action)
+        }
         Command::Test(opts) => test::run(&opts),
-        Command::Bench(opts) => bench::run(&opts),
+        Command::Bench(opts) => {
+            setup::ensure("cargo xtask bench")?;
+            bench::run(&opts)
+        }
         Command::Demo(opts) => demo::run(&opts),
+        Command::Setup => setup::ensure("cargo xtask setup"),
         Command::PatchDeps => patch::prepare(),
     }
 }

@@ -15,6 +15,7 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     require_root("cargo xtask test")?;
+    crate::setup::ensure("cargo xtask test")?;
     // Unit and property tests of every crate but the netns/BPF integration suite.
     util::run(
         cargo()
