@@ -5,7 +5,7 @@
 //! buffered, forget the connection), and removes the overrides once the target reports the old
 //! CIDs retired. A failure before the flip has been rolled back by the source; the map is untouched.
 //! Contract and files: `docs/MIGRATION-FLOW.md`.
-use crate::control::{self, Request};
+use crate::control::{self, Reply, Request};
 use crate::controller::{hex, override_key, parse_hex};
 use crate::pinned::PinnedMaps;
 use anyhow::{Context, Result, bail};
@@ -602,7 +602,21 @@ impl Orchestrator {
             .as_ref()
             .map(control_tls_config)
             .transpose()?;
-        let slots = control::request(lb_socket, &Request::Workers)?.map(|v| {
+        // A daemon that went away while answering (restarting) leaves the pinned maps, which
+        // the program keeps using: the migration goes through them, as with no daemon.
+        let slots = match control::ask(lb_socket, &Request::Workers) {
+            Ok(Reply::Answered(v)) => Some(v),
+            Ok(Reply::NotRunning) => None,
+            Ok(Reply::WentAway(why)) => {
+                eprintln!("note: {why}; using the pinned maps");
+                None
+            }
+            Err(e) => {
+                eprintln!("warning: {e}; using the pinned maps");
+                None
+            }
+        }
+        .map(|v| {
             v.as_array()
                 .map(|a| {
                     a.iter()
@@ -799,19 +813,11 @@ impl Orchestrator {
     /// both end in `PinnedMaps::set_override`, which keeps the fast path's counts.
     fn set_override(&self, cid: &[u8], slot: u32) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        // Through the daemon when one answers; a daemon that went away (restarting) leaves the
-        // pinned maps, which the program keeps using (slots are stable across restarts).
-        if self.slots.is_some()
-            && control::request(
-                &self.lb_socket,
-                &Request::OverrideSet {
-                    cid: hex(cid),
-                    worker: slot,
-                },
-            )
-            .map_err(fail)?
-            .is_some()
-        {
+        let req = Request::OverrideSet {
+            cid: hex(cid),
+            worker: slot,
+        };
+        if self.through_daemon(&req)? {
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
@@ -823,11 +829,7 @@ impl Orchestrator {
 
     fn remove_override(&self, cid: &[u8]) -> Result<(), Failure> {
         let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        if self.slots.is_some()
-            && control::request(&self.lb_socket, &Request::OverrideDel { cid: hex(cid) })
-                .map_err(fail)?
-                .is_some()
-        {
+        if self.through_daemon(&Request::OverrideDel { cid: hex(cid) })? {
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
@@ -835,6 +837,25 @@ impl Orchestrator {
         let key =
             lb_common::CidKey::new(cid).ok_or_else(|| Failure::new("override", "CID too long"))?;
         maps.remove_override(&key).map(|_| ()).map_err(fail)
+    }
+
+    /// An override write through the running baton-lb (serialised with its own map updates).
+    /// `Ok(false)`: no daemon to write it, or one that went away mid-request (restarting): the
+    /// caller writes the pinned maps, which the program keeps using (slots are stable across
+    /// restarts, and writing the same entry twice is harmless).
+    fn through_daemon(&self, req: &Request) -> Result<bool, Failure> {
+        if self.slots.is_none() {
+            return Ok(false);
+        }
+        match control::ask(&self.lb_socket, req) {
+            Ok(Reply::Answered(_)) => Ok(true),
+            Ok(Reply::NotRunning) => Ok(false),
+            Ok(Reply::WentAway(why)) => {
+                eprintln!("note: {why}; writing the pinned maps directly");
+                Ok(false)
+            }
+            Err(e) => Err(Failure::new("override", e.to_string())),
+        }
     }
 
     /// Finds which worker holds `conn`.

@@ -19,9 +19,9 @@ mod support;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
@@ -275,6 +275,7 @@ fn migration_loop(
     cli: Cli,
     stop: Arc<AtomicBool>,
     live_cids: Arc<Mutex<Vec<Vec<u8>>>>,
+    ok_count: Arc<AtomicUsize>,
 ) -> (Vec<Migration>, Vec<String>) {
     let mut done = Vec::new();
     let mut listing_errors = Vec::new();
@@ -304,6 +305,9 @@ fn migration_loop(
             let end = Instant::now();
             let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
             let ok = out.status.success() && v["ok"] == true;
+            if ok {
+                ok_count.fetch_add(1, Ordering::SeqCst);
+            }
             done.push(Migration {
                 start,
                 end,
@@ -321,6 +325,96 @@ fn migration_loop(
         }
     }
     (done, listing_errors)
+}
+
+/// Runs every read-only `baton` command, and an override set and delete, against a baton-lb that
+/// takes each request and dies before answering (the test plays it on `socket`). Each must
+/// succeed from the pinned maps and say so; the override must be written and removed through the
+/// pins. Returns a figure for the RESULT lines.
+fn cli_meets_a_dying_daemon(cli: &Cli, socket: &Path) -> String {
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind the dying daemon");
+    let taken = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (taken, done) = (taken.clone(), done.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for s in listener.incoming() {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(s) = s else { continue };
+                // Read the request, then go away without a word.
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&s).read_line(&mut line);
+                taken.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let cid = format!("7f{}", "5a".repeat(CID_LEN - 1));
+    let mut ran = Vec::new();
+    let mut check = |args: &[&str]| -> Value {
+        let started = Instant::now();
+        let out = cli.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "`baton {}` with a daemon that went away must answer from the pinned maps; it failed: {stderr}",
+            args.join(" ")
+        );
+        assert!(
+            stderr.contains("went away"),
+            "`baton {}` must say the daemon went away: stderr {stderr:?}",
+            args.join(" ")
+        );
+        ran.push(format!("{}:{}ms", args[0], started.elapsed().as_millis()));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`baton --json {}` printed no JSON ({e}): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    let st = check(&["status"]);
+    assert!(st["daemon"].is_null() && st["attached"] == true, "{st}");
+    let workers = check(&["workers"]);
+    assert_eq!(workers.as_array().map(Vec::len), Some(2), "{workers}");
+    let conns = check(&["conns"]);
+    assert_eq!(conns.as_array().map(Vec::len), Some(CONNECTIONS), "{conns}");
+    check(&["route", &cid]);
+    // A mutating command completes through the pins: server ID 1 is w1's.
+    check(&["override", "set", &cid, "1"]);
+    let list = check(&["override", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["cid"] == cid.as_str()),
+        "the override written through the pins is listed: {list}"
+    );
+    let route = check(&["route", &cid]);
+    assert_eq!(route["reason"], "override", "{route}");
+    check(&["override", "del", &cid]);
+    let list = check(&["override", "list"]);
+    assert!(
+        !list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["cid"] == cid.as_str()),
+        "the override removed through the pins is gone: {list}"
+    );
+    done.store(true, Ordering::SeqCst);
+    let _ = std::os::unix::net::UnixStream::connect(socket);
+    server.join().unwrap();
+    let _ = std::fs::remove_file(socket);
+    format!(
+        "dying_daemon: requests_taken={} commands={}",
+        taken.load(Ordering::SeqCst),
+        ran.join(",")
+    )
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -421,9 +515,15 @@ fn lb_restart_during_migration_load() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Mutex::new(Vec::new()));
+    let ok_count = Arc::new(AtomicUsize::new(0));
     let mig = {
-        let (cli, stop, live) = (dep.cli.clone(), stop.clone(), live.clone());
-        std::thread::spawn(move || migration_loop(cli, stop, live))
+        let (cli, stop, live, ok) = (
+            dep.cli.clone(),
+            stop.clone(),
+            live.clone(),
+            ok_count.clone(),
+        );
+        std::thread::spawn(move || migration_loop(cli, stop, live, ok))
     };
 
     // Each down window: (stopped, running again, how it was stopped).
@@ -465,6 +565,11 @@ fn lb_restart_during_migration_load() {
         // Traffic keeps flowing through the pinned maps while no controller runs.
         std::thread::sleep(Duration::from_millis(2500));
         let during = dep.cli.counters();
+        if how == "SIGKILL" {
+            // A daemon that dies while it holds a request (what an operator's command meets
+            // mid-restart), played deterministically on the stale socket's path.
+            figures.push(cli_meets_a_dying_daemon(&dep.cli, &lab.socket));
+        }
         let restart = Instant::now();
         lab.start_lb();
         let up = Instant::now();
@@ -494,10 +599,22 @@ fn lb_restart_during_migration_load() {
         let fwd_down = forwarded(&during) - forwarded(&before);
         assert!(
             fwd_down > 500,
-            "{how}: the data plane forwarded only {fwd_down} frames in the 2.5 s without a daemon: {before:?} -> {during:?}{}",
+            "{how}: the data plane forwarded only {fwd_down} frames while no daemon ran: {before:?} -> {during:?}{}",
             dep.tails(&lab)
         );
+        // Five seconds of traffic and migrations with the new daemon, and however long a loaded
+        // machine needs for a full round of migrations through it.
+        let ok_at_up = ok_count.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ok_count.load(Ordering::SeqCst) < ok_at_up + CONNECTIONS + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{how}: fewer than {CONNECTIONS} migrations succeeded within 65 s of the restart{}",
+                dep.tails(&lab)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let after = dep.cli.counters();
         let fwd_after = forwarded(&after) - forwarded(&during);
         assert!(
@@ -533,30 +650,15 @@ fn lb_restart_during_migration_load() {
     let ctx = dep.tails(&lab);
     assert_eq!(rows.len(), CONNECTIONS, "{rows:?}{ctx}");
 
-    // Migrations: the ones that overlap a window without a daemon may fail, with an error kind
-    // and a message; all others must succeed, and migrations must succeed again after each
-    // restart.
-    let overlaps = |m: &Migration| {
-        windows
-            .iter()
-            .any(|(down, up, _)| m.start < *up && m.end > *down)
-    };
-    let mut failed_in_window = Vec::new();
-    for m in &migrations {
-        if m.ok {
-            continue;
-        }
-        assert!(
-            overlaps(m),
-            "a migration outside the restart windows failed: {m:?}\nall: {}{ctx}",
-            migrations.len()
-        );
-        assert!(
-            !m.kind.is_empty() && !m.error.trim().is_empty(),
-            "a failed migration must name its error: {m:?}{ctx}"
-        );
-        failed_in_window.push(format!("{}:{}", m.kind, m.error.trim()));
-    }
+    // Migrations: every one succeeds, also those that overlap a window without a daemon or
+    // straddle a stop (the CLI then finishes the override flip through the pinned maps).
+    let failed: Vec<&Migration> = migrations.iter().filter(|m| !m.ok).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} migrations failed across the restarts: {failed:#?}{ctx}",
+        failed.len(),
+        migrations.len()
+    );
     for (i, (_, up, how)) in windows.iter().enumerate() {
         let next = windows.get(i + 1).map(|w| w.0);
         let ok_after = migrations
@@ -568,9 +670,16 @@ fn lb_restart_during_migration_load() {
             "after the {how} restart only {ok_after} migrations succeeded:\n{migrations:#?}{ctx}"
         );
     }
-    let ok_total = migrations.iter().filter(|m| m.ok).count();
+    let overlaps = |m: &Migration| {
+        windows
+            .iter()
+            .any(|(down, up, _)| m.start < *up && m.end > *down)
+    };
     let in_windows = migrations.iter().filter(|m| overlaps(m)).count();
-    let ok_in_windows = migrations.iter().filter(|m| overlaps(m) && m.ok).count();
+    let went_away = migrations
+        .iter()
+        .filter(|m| m.error.contains("went away"))
+        .count();
     // Started while baton-lb answered, finished after it was stopped: the CLI chose the daemon's
     // control socket for its override flip when it started (lb-user/src/migrate.rs).
     let straddling = migrations
@@ -598,14 +707,13 @@ fn lb_restart_during_migration_load() {
         eprintln!("RESULT {f}");
     }
     eprintln!(
-        "RESULT windows_s={:?} migrations={} ok={ok_total} overlapping_windows={in_windows} ok_in_windows={ok_in_windows} straddling_a_stop={} straddling_ok={} failed_in_windows={failed_in_window:?} migrate_ms_p50={:.1} migrate_ms_max={:.1} longest_cli_ms={}",
+        "RESULT windows_s={:?} migrations={} all_ok overlapping_windows={in_windows} straddling_a_stop={} met_a_daemon_going_away={went_away} migrate_ms_p50={:.1} migrate_ms_max={:.1} longest_cli_ms={}",
         windows
             .iter()
             .map(|(d, u, h)| format!("{h}:{:.1}-{:.1}", rel(*d), rel(*u)))
             .collect::<Vec<_>>(),
         migrations.len(),
         straddling.len(),
-        straddling.iter().filter(|m| m.ok).count(),
         pct(0.5),
         ms.last().unwrap(),
         migrations.iter().map(runtime_ms).max().unwrap_or(0),
@@ -834,7 +942,7 @@ fn garbage_to_vip_during_migrations_does_not_disturb_live_connections() {
     let live = Arc::new(Mutex::new(Vec::new()));
     let mig = {
         let (cli, stop, live) = (dep.cli.clone(), stop.clone(), live.clone());
-        std::thread::spawn(move || migration_loop(cli, stop, live))
+        std::thread::spawn(move || migration_loop(cli, stop, live, Arc::default()))
     };
     // Let the first round of migrations publish the live CIDs.
     let start = Instant::now();
