@@ -122,16 +122,23 @@ struct Live {
 /// A freeze waiting for the connection to become quiescent.
 struct PendingExport {
     deadline: Instant,
-    /// When to send the next PING (see [`PING_SPACING`]).
+    /// When to send the next PING (see [`ping_spacing`]).
     ping_due: Instant,
 }
 
 /// While a frozen connection waits for the client to acknowledge what is in flight, it sends a
-/// PING each time it is driven (an ACK arrived, a timer fired), at most this often. A client
-/// acknowledges a lone ack-eliciting packet only after its ACK delay (25 ms by default) but
-/// every second one at once (RFC 9000 13.2.2), so the PING pairs with whatever is still in
-/// flight and the ACK comes at once: the freeze lasts about a round trip.
-const PING_SPACING: std::time::Duration = std::time::Duration::from_micros(200);
+/// PING each time it is driven (an ACK arrived, a timer fired), at most once per
+/// [`ping_spacing`]. A client acknowledges a lone ack-eliciting packet only after its ACK delay
+/// (25 ms by default) but every second one at once (RFC 9000 13.2.2), so the PING pairs with
+/// whatever is still in flight and the ACK comes at once: the freeze lasts about a round trip.
+const PING_SPACING_MIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The next PING waits a little longer than a round trip, so the ACK of the last one can arrive
+/// before another is in flight: spaced closer than the RTT (a loaded host's scheduling delay is
+/// enough), some PING would always be unacknowledged and the connection never quiescent.
+fn ping_spacing(rtt: std::time::Duration) -> std::time::Duration {
+    (rtt + rtt / 4).max(PING_SPACING_MIN)
+}
 
 /// How the worker is set up.
 pub struct CoreConfig {
@@ -401,7 +408,7 @@ impl WorkerCore {
                             transmit(&mut live.conn, now, max_datagrams, &mut buf, out);
                             refresh_timer(&mut self.timers, ch, live);
                             if let Some(p) = self.pending_exports.get_mut(&ch) {
-                                p.ping_due = now + PING_SPACING;
+                                p.ping_due = now + ping_spacing(live.conn.rtt());
                             }
                         }
                     }
