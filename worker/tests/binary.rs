@@ -2,7 +2,11 @@
 mod common;
 
 use baton_worker::demo::KIND_REQUEST;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long to wait for anything the worker does (start, answer, exit): far beyond what it takes
+/// even on a loaded machine, so only a worker that never gets there fails the test.
+const WAIT: Duration = Duration::from_secs(30);
 
 struct Child(std::process::Child);
 
@@ -20,6 +24,10 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    // The client's socket first, so the port picked for the worker cannot be given to it.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let endpoint = common::demo_client_endpoint(roots);
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -34,7 +42,7 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
         ),
     )
     .unwrap();
-    let _child = Child(
+    let mut child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_baton-worker"))
             .arg("--config")
             .arg(dir.join("worker.toml"))
@@ -42,32 +50,38 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
             .unwrap(),
     );
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certified.cert.der().clone()).unwrap();
-    let endpoint = common::demo_client_endpoint(roots);
     let server = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut conn = None;
-    for _ in 0..50 {
+    // The worker answers once it has bound its socket: until then a handshake gets no answer, so
+    // each attempt is cut short and retried, within a deadline a slow start on a loaded machine
+    // still meets.
+    let deadline = Instant::now() + WAIT;
+    let conn = loop {
         match tokio::time::timeout(
-            Duration::from_millis(500),
+            Duration::from_secs(2),
             endpoint.connect(server, "localhost").unwrap(),
         )
         .await
         {
-            Ok(Ok(c)) => {
-                conn = Some(c);
-                break;
+            Ok(Ok(c)) => break c,
+            _ => {
+                assert!(child.0.try_wait().unwrap().is_none(), "the worker exited");
+                assert!(
+                    Instant::now() < deadline,
+                    "the worker did not answer a handshake within {WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    }
-    let conn = conn.expect("worker answers");
+    };
     for n in 1..=3u64 {
         let (mut s, mut r) = conn.open_bi().await.unwrap();
         s.write_all(&[KIND_REQUEST]).await.unwrap();
         s.write_all(b"hello baton").await.unwrap();
         s.finish().unwrap();
-        let answer = r.read_to_end(1024).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, r.read_to_end(1024))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to request {n} within {WAIT:?}"))
+            .unwrap();
         assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
         assert_eq!(&answer[8..], b"hello baton");
     }
@@ -75,15 +89,19 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Waits (up to 10 s) for the child to exit.
-fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
-    for _ in 0..200 {
+/// Waits (up to [`WAIT`]) for the child to exit.
+fn wait_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
         if let Some(s) = child.try_wait().unwrap() {
             return s;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit within {WAIT:?} ({what})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("the worker did not exit within 10 s");
 }
 
 fn answers_info(path: &std::path::Path) -> bool {
@@ -91,7 +109,7 @@ fn answers_info(path: &std::path::Path) -> bool {
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
         return false;
     };
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     if s.write_all(b"{\"cmd\":\"info\"}\n").is_err() {
         return false;
     }
@@ -107,14 +125,15 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
     let dir = std::env::temp_dir().join(format!("baton-worker-sigterm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let free_udp = || {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+    // Two distinct free ports: both sockets are held until both ports are known.
+    let (port, peer_port) = {
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
     };
-    let (port, peer_port) = (free_udp(), free_udp());
     let control = dir.join("w1.sock");
     let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(
@@ -146,23 +165,19 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
             .unwrap()
     };
     let mut first = Child(start());
-    let mut up = false;
-    for _ in 0..100 {
-        if answers_info(&control) {
-            up = true;
-            break;
-        }
+    let deadline = Instant::now() + WAIT;
+    while !answers_info(&control) {
         assert!(first.0.try_wait().unwrap().is_none(), "the worker exited");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not replace the stale socket and answer on it within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        up,
-        "the worker did not replace the stale socket and answer on it"
-    );
 
     // A second worker with the same control socket refuses, and leaves the first one's alone.
     let mut second = start();
-    let status = wait_exit(&mut second);
+    let status = wait_exit(&mut second, "a second worker on a live control socket");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     assert!(
@@ -179,7 +194,7 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
     let pid = first.0.id() as libc::pid_t;
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = wait_exit(&mut first.0);
+    let status = wait_exit(&mut first.0, "SIGTERM");
     assert!(
         status.success(),
         "SIGTERM did not stop the worker cleanly: {status:?}"

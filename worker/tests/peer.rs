@@ -17,8 +17,17 @@ use migration::{
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
+
+/// How long to wait for something that takes milliseconds (a request answered, a held import
+/// discarded): far beyond what a loaded machine needs, so only a real stall fails the test.
+const WAIT: Duration = Duration::from_secs(30);
+/// The freeze's quiescence timeout (`timeout_ms`): not what this test is about, so generous.
+const QUIESCE_MS: u64 = 20_000;
+/// How long the target sits on the snapshot in step 3 (`BATON_TEST_IMPORT_DELAY_MS`): twice the
+/// source's 1.5 s transfer timeout, so the source gives up first even if its timer fires late.
+const IMPORT_DELAY_MS: u64 = 3_000;
 
 fn ctx(dir: &Path, name: &str, sid: u32, handle: WorkerHandle, token_secret: &[u8]) -> Arc<Ctx> {
     let secrets = baton_worker::secrets::Secrets::load(&dir.join("secrets.toml")).unwrap();
@@ -101,8 +110,13 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     let b = ctx(&dir, "w2", 2, handles[1].clone(), &secret);
     // A third context for worker 2 whose token secret differs: it refuses every token.
     let b_wrong = ctx(&dir, "w2", 2, handles[1].clone(), &[9u8; 32]);
+    // Tokens live as long as allowed: a slow run must not see them expire (or leave the replay
+    // caches, which step 3 watches).
     let mut controller = MigrationTokenManager::new(
-        TokenConfig::default(),
+        TokenConfig {
+            ttl: TokenConfig::default().max_ttl,
+            ..TokenConfig::default()
+        },
         1,
         TokenSecret::from_bytes(&secret).unwrap(),
     )
@@ -117,9 +131,9 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         let (mut s, mut r) = conn.open_bi().await.unwrap();
         s.write_all(&[KIND_REQUEST, n as u8]).await.unwrap();
         s.finish().unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(64))
+        let answer = tokio::time::timeout(WAIT, r.read_to_end(64))
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("request {n}: no answer within {WAIT:?}"))
             .unwrap();
         assert_eq!(
             u64::from_be_bytes(answer[..8].try_into().unwrap()),
@@ -149,15 +163,17 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
                 server_id: 2,
                 peer: target.peer_addr,
             },
-            timeout_ms: Some(2000),
+            timeout_ms: Some(QUIESCE_MS),
             test_tamper: false,
         }
     };
 
     // 1. The target refuses the token: rollback, the connection carries on at the source.
+    let started = Instant::now();
     let refused = baton_worker::migrate::migrate_out(&a, out(&b_wrong))
         .await
         .unwrap_err();
+    let refused_ms = started.elapsed().as_millis();
     assert_eq!(refused.kind, "invalid_token", "{}", refused.message);
     assert_eq!(
         handles[0].connections().await.unwrap().len(),
@@ -177,6 +193,12 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     let mid = req.migration_id.clone();
     let replay = req.clone();
     let done = baton_worker::migrate::migrate_out(&a, req).await.unwrap();
+    // (Step 1 and this move each dial a peer and transfer within the worker's 1.5 s transfer
+    // timeout, which has no test knob; the figures show the margin.)
+    eprintln!(
+        "RESULT refused_ms={refused_ms} migrated_total_ms={} freeze_ms={}",
+        done["total_ms"], done["freeze_ms"]
+    );
     for c in done["cids"].as_array().unwrap() {
         overrides
             .lock()
@@ -224,11 +246,13 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
             server_id: 1,
             peer: a.peer_addr,
         },
-        timeout_ms: Some(2000),
+        timeout_ms: Some(QUIESCE_MS),
         test_tamper: false,
     };
+    // w1's token checks so far: one more once it woke up and looked at this transfer.
+    let checked = a.tokens.lock().unwrap().replay_cache_len();
     // SAFETY: no other thread of this test process reads or writes the environment now.
-    unsafe { std::env::set_var("BATON_TEST_IMPORT_DELAY_MS", "1800") };
+    unsafe { std::env::set_var("BATON_TEST_IMPORT_DELAY_MS", IMPORT_DELAY_MS.to_string()) };
     let timed_out = baton_worker::migrate::migrate_out(&b, late)
         .await
         .unwrap_err();
@@ -242,18 +266,33 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         1,
         "rolled back to w2"
     );
-    // Requests go on at w2 while w1 wakes up, imports held, finds no commit and discards.
-    let until = std::time::Instant::now() + Duration::from_secs(2);
-    while std::time::Instant::now() < until {
+    // Requests go on at w2 while w1 sleeps on the snapshot, then checks its token (so it got
+    // that far: the token is now in its replay cache), imports held, finds no commit (the source
+    // closed the peer connection when it gave up) and discards.
+    let deadline = Instant::now() + Duration::from_millis(IMPORT_DELAY_MS) + WAIT;
+    while a.tokens.lock().unwrap().replay_cache_len() == checked {
+        assert!(
+            Instant::now() < deadline,
+            "w1 never got to the late transfer's token"
+        );
         request().await;
     }
     unsafe { std::env::remove_var("BATON_TEST_IMPORT_DELAY_MS") };
-    assert!(
-        handles[0].connections().await.unwrap().is_empty(),
-        "the uncommitted import was discarded"
-    );
+    let deadline = Instant::now() + WAIT;
+    while !handles[0].connections().await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the uncommitted import was not discarded within {WAIT:?}"
+        );
+        request().await;
+    }
+    // It stays gone, and w2 carries on.
     for _ in 0..5 {
         request().await;
+        assert!(
+            handles[0].connections().await.unwrap().is_empty(),
+            "w1 holds the connection again"
+        );
     }
     assert!(conn.close_reason().is_none());
     let _ = std::fs::remove_dir_all(&dir);
