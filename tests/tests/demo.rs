@@ -101,7 +101,12 @@ fn demo_small_keeps_every_connection_and_byte() {
     eprintln!("{last}");
 
     assert_eq!(field(last, "connections"), 16.0, "{last}");
-    assert!(field(last, "requests") > 100.0, "{last}");
+    // How many requests a fixed-length run completes depends on the machine's load: only that
+    // every connection kept being served is asserted (here, and per connection below).
+    assert!(
+        field(last, "requests") >= field(last, "connections"),
+        "{last}"
+    );
     assert_eq!(field(last, "failed"), 0.0, "{last}");
     assert_eq!(field(last, "reconnects"), 0.0, "{last}");
     assert_eq!(field(last, "migration_failed"), 0.0, "{last}");

@@ -16,6 +16,27 @@ use support::*;
 
 const KIND_REQUEST: u8 = 0x01;
 const KIND_STREAM: u8 = 0x02;
+/// How long a wait for something the test expects may take before the test gives up: far more
+/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// `baton migrate --quiesce-timeout-ms` where the quiesce timeout is not what is tested: the
+/// default 2 s is met easily, but a loaded machine must not turn a slow quiesce into a failure.
+const QUIESCE_MS: &str = "20000";
+
+/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
+/// the state `show` describes.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "gave up after {} s waiting for {what}; state: {}",
+            PATIENCE.as_secs(),
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 fn pattern(seed: u64, offset: u64) -> u8 {
     let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -152,6 +173,9 @@ fn client_endpoint(lab: &Lab, ca: &Path) -> quinn::Endpoint {
 
 struct Traffic {
     stop: Arc<AtomicBool>,
+    /// Requests answered so far, and long-stream bytes echoed and checked so far.
+    answered: Arc<AtomicU64>,
+    echoed: Arc<AtomicU64>,
     writer: tokio::task::JoinHandle<u64>,
     reader: tokio::task::JoinHandle<u64>,
     requests: tokio::task::JoinHandle<(u64, Duration)>,
@@ -178,6 +202,9 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
             offset
         })
     };
+    let echoed = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let echoed_so_far = echoed.clone();
     let reader = tokio::spawn(async move {
         let mut got = 0u64;
         let mut buf = vec![0u8; 65536];
@@ -191,11 +218,12 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
                 );
             }
             got += n as u64;
+            echoed_so_far.store(got, Ordering::Relaxed);
         }
         got
     });
     let requests = {
-        let (stop, conn) = (stop.clone(), conn.clone());
+        let (stop, conn, answered) = (stop.clone(), conn.clone(), answered.clone());
         tokio::spawn(async move {
             let mut n = 0u64;
             let mut max_gap = Duration::ZERO;
@@ -214,6 +242,7 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
                     "session request counter"
                 );
                 assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
+                answered.store(n, Ordering::Relaxed);
                 max_gap = max_gap.max(last.elapsed());
                 last = Instant::now();
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -223,6 +252,8 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
     };
     Traffic {
         stop,
+        answered,
+        echoed,
         writer,
         reader,
         requests,
@@ -230,6 +261,32 @@ async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
 }
 
 impl Traffic {
+    /// Waits (from outside the runtime) until `n` more requests have been answered and the long
+    /// stream has echoed more bytes: the connection is alive and serving `when`.
+    fn carries_on(&self, n: u64, when: &str) {
+        let (requests, bytes) = (
+            self.answered.load(Ordering::Relaxed),
+            self.echoed.load(Ordering::Relaxed),
+        );
+        wait_for(
+            &format!("{n} more requests answered and more of the long stream echoed {when}"),
+            || {
+                self.answered.load(Ordering::Relaxed) >= requests + n
+                    && self.echoed.load(Ordering::Relaxed) > bytes
+            },
+            || {
+                format!(
+                    "requests answered {} (from {requests}), stream bytes echoed {} (from {bytes}); writer done: {}, reader done: {}, request loop done: {}",
+                    self.answered.load(Ordering::Relaxed),
+                    self.echoed.load(Ordering::Relaxed),
+                    self.writer.is_finished(),
+                    self.reader.is_finished(),
+                    self.requests.is_finished()
+                )
+            },
+        );
+    }
+
     async fn finish(self) -> (u64, u64, Duration) {
         self.stop.store(true, Ordering::Relaxed);
         let written = self.writer.await.unwrap();
@@ -263,7 +320,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
     let vip: SocketAddr = vip(false);
     let conn = rt.block_on(async { ep.connect(vip, "baton.test").unwrap().await.unwrap() });
     let t = rt.block_on(traffic(&conn, 7));
-    std::thread::sleep(Duration::from_millis(300));
+    t.carries_on(5, "before the first migration");
 
     let listed = conns(&lab, &workers);
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -275,9 +332,20 @@ fn connection_moves_between_worker_processes_byte_exact() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
     let mut took = Vec::new();
-    for _ in 0..migrations {
+    for i in 0..migrations {
         let to = if owner == "w1" { "w2" } else { "w1" };
-        let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to]);
+        let out = baton_mig(
+            &lab,
+            &workers,
+            &[
+                "migrate",
+                &key,
+                "--to",
+                to,
+                "--quiesce-timeout-ms",
+                QUIESCE_MS,
+            ],
+        );
         assert!(
             out.status.success(),
             "baton migrate: {}{}",
@@ -289,7 +357,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
         took.push(r["total_ms"].as_f64().unwrap());
         owner = to.to_string();
         assert_eq!(owner_of(&lab, &workers, &key), owner);
-        std::thread::sleep(Duration::from_millis(200));
+        t.carries_on(3, &format!("after migration {} (to {to})", i + 1));
     }
 
     // Faults: a forged or expired token is refused (the source checks it before freezing), a
@@ -301,7 +369,19 @@ fn connection_moves_between_worker_processes_byte_exact() {
         ("--expired-token", "invalid_token"),
         ("--tamper-snapshot", "state_corruption"),
     ] {
-        let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to, flag]);
+        let out = baton_mig(
+            &lab,
+            &workers,
+            &[
+                "migrate",
+                &key,
+                "--to",
+                to,
+                flag,
+                "--quiesce-timeout-ms",
+                QUIESCE_MS,
+            ],
+        );
         assert!(!out.status.success(), "{flag} must fail");
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["kind"], kind, "{flag}: {r}");
@@ -317,7 +397,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
             owner,
             "{flag}: connection stayed"
         );
-        std::thread::sleep(Duration::from_millis(200));
+        t.carries_on(3, &format!("after the refused migration ({flag})"));
     }
     // Every override is gone: the client retired the old CIDs after each move.
     let overrides = lab.baton_json(&["override", "list"]);
@@ -332,6 +412,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
         "connection alive: {:?}",
         conn.close_reason()
     );
+    // 5 before the first move, 3 after each move and after each refusal (waited for above).
     assert!(requests >= 20, "requests kept completing ({requests})");
     let stats = conn.stats();
     let mut sorted = took.clone();
@@ -372,21 +453,32 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
     let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
     let t = rt.block_on(traffic(&conn, 11));
-    std::thread::sleep(Duration::from_millis(300));
+    t.carries_on(5, "before the first migration");
     let listed = conns(&lab, &workers);
     let key = listed[0]["conn"].as_str().unwrap().to_string();
     let first = listed[0]["worker"].as_str().unwrap().to_string();
 
     // 1. Move it, then SIGKILL the source at once.
     let to = other(&first);
-    let out = baton_mig(&lab, &workers, &["migrate", &key, "--to", to]);
+    let out = baton_mig(
+        &lab,
+        &workers,
+        &[
+            "migrate",
+            &key,
+            "--to",
+            to,
+            "--quiesce-timeout-ms",
+            QUIESCE_MS,
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     workers.kill(index(&first));
-    std::thread::sleep(Duration::from_millis(1000));
+    t.carries_on(3, "at the target with the source dead");
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["worker"], to);
@@ -401,8 +493,32 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     let target = first.clone();
     let started = Instant::now();
     let out = std::thread::scope(|s| {
-        let h = s.spawn(|| baton_mig(&lab, &workers, &["migrate", &key, "--to", &target]));
-        std::thread::sleep(Duration::from_millis(500));
+        let h = s.spawn(|| {
+            baton_mig(
+                &lab,
+                &workers,
+                &[
+                    "migrate",
+                    &key,
+                    "--to",
+                    &target,
+                    "--quiesce-timeout-ms",
+                    QUIESCE_MS,
+                ],
+            )
+        });
+        // Killed once it sits on the snapshot (the source is then waiting for its answer). If
+        // the migration ended before that, the checks below say how.
+        wait_for(
+            "the target to receive the snapshot",
+            || {
+                workers
+                    .log_text(index(&target))
+                    .contains("delaying the import")
+                    || h.is_finished()
+            },
+            || workers.log_text(index(&target)),
+        );
         workers.signal(index(&target), libc::SIGKILL);
         h.join().unwrap()
     });
@@ -430,7 +546,7 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
         Some(0),
         "map untouched"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    t.carries_on(3, "at the source after the rollback");
 
     let (echoed, requests, gap) = rt.block_on(t.finish());
     assert!(
@@ -464,11 +580,14 @@ fn drain_moves_every_connection_off_a_worker() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut loops = Vec::new();
     let mut handles = Vec::new();
+    // Requests answered so far on each connection.
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     for c in 0..n {
         let conn =
             rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
         handles.push(conn.clone());
         let stop = stop.clone();
+        let answered = answered.clone();
         loops.push(rt.spawn(async move {
             let mut k = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -489,12 +608,35 @@ fn drain_moves_every_connection_off_a_worker() {
                     "connection {c}: counter"
                 );
                 assert_eq!(&answer[8..], &body[..], "connection {c}: body");
+                answered[c].store(k, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             k
         }));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every connection answers one more request than it had at the start of `when`.
+    let all_carry_on = |when: &str| {
+        let from: Vec<u64> = answered.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        let behind = || {
+            (0..n)
+                .filter(|&c| answered[c].load(Ordering::Relaxed) <= from[c])
+                .collect::<Vec<_>>()
+        };
+        wait_for(
+            &format!("every connection to answer another request {when}"),
+            || behind().is_empty(),
+            || {
+                let b = behind();
+                format!(
+                    "{} connections answered nothing more, e.g. {:?}; loops ended: {}",
+                    b.len(),
+                    &b[..b.len().min(10)],
+                    loops.iter().filter(|l| l.is_finished()).count()
+                )
+            },
+        );
+    };
+    all_carry_on("before the drains");
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), n);
     // Drain the worker holding more of them, then the other one: all of them move at least once.
@@ -524,7 +666,7 @@ fn drain_moves_every_connection_off_a_worker() {
         assert_eq!(after.len(), n);
         assert!(after.iter().all(|r| r["worker"] != w), "{w} drained");
         summaries.push(s);
-        std::thread::sleep(Duration::from_millis(500));
+        all_carry_on(&format!("after draining {w}"));
     }
     stop.store(true, Ordering::Relaxed);
     let mut requests = 0;
