@@ -723,7 +723,8 @@ metrics = "127.0.0.1:{METRICS_PORT}"
                     }
                     // Drain what is still queued or in flight: until a quarter second passes
                     // without a datagram (a loaded host delivers late, not never).
-                    sock.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
+                    sock.set_read_timeout(Some(Duration::from_millis(250)))
+                        .unwrap();
                     while let Ok(n) = sock.recv(&mut buf) {
                         got.lock().unwrap().push(buf[..n].to_vec());
                     }
