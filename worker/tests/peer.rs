@@ -278,21 +278,21 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         request().await;
     }
     unsafe { std::env::remove_var("BATON_TEST_IMPORT_DELAY_MS") };
+    // The token check comes before the held import is installed, so w1 may be empty for a
+    // moment before it holds the import: wait until it is empty for five requests in a row.
     let deadline = Instant::now() + WAIT;
-    while !handles[0].connections().await.unwrap().is_empty() {
+    let mut empty_in_a_row = 0;
+    while empty_in_a_row < 5 {
         assert!(
             Instant::now() < deadline,
-            "the uncommitted import was not discarded within {WAIT:?}"
+            "the uncommitted import was not discarded (and kept gone) within {WAIT:?}"
         );
+        if handles[0].connections().await.unwrap().is_empty() {
+            empty_in_a_row += 1;
+        } else {
+            empty_in_a_row = 0;
+        }
         request().await;
-    }
-    // It stays gone, and w2 carries on.
-    for _ in 0..5 {
-        request().await;
-        assert!(
-            handles[0].connections().await.unwrap().is_empty(),
-            "w1 holds the connection again"
-        );
     }
     assert!(conn.close_reason().is_none());
     let _ = std::fs::remove_dir_all(&dir);
