@@ -146,6 +146,17 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The apt packages among the missing items, for one apt-get command line.
+fn apt_packages(missing: &[Missing]) -> Vec<&'static str> {
+    missing
+        .iter()
+        .filter_map(|m| match m {
+            Missing::Apt { package, .. } => Some(*package),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Runs a command, echoing it, and fails with its exit status.
 fn run(cmd: &mut Command) -> Result<()> {
     log(format!("$ {cmd:?}"));
@@ -458,13 +469,7 @@ pub fn ensure(what: &str) -> Result<()> {
     }
 
     // All apt packages in one apt-get run, then the other items one by one.
-    let packages: Vec<&str> = missing
-        .iter()
-        .filter_map(|m| match m {
-            Missing::Apt { package, .. } => Some(*package),
-            _ => None,
-        })
-        .collect();
+    let packages = apt_packages(&missing);
     if !packages.is_empty() {
         for m in missing.iter().filter(|m| matches!(m, Missing::Apt { .. })) {
             log(format!("installing {}", m.describe()));
@@ -537,13 +542,7 @@ fn manual_instructions(what: &str, missing: &[Missing], reason: &str, debian: bo
         let _ = writeln!(msg, "  - {}", m.describe());
     }
     msg += "Install with:\n";
-    let packages: Vec<&str> = missing
-        .iter()
-        .filter_map(|m| match m {
-            Missing::Apt { package, .. } => Some(*package),
-            _ => None,
-        })
-        .collect();
+    let packages = apt_packages(missing);
     if !packages.is_empty() {
         if debian {
             let _ = writeln!(msg, "  sudo apt-get install -y {}", packages.join(" "));
