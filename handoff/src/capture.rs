@@ -34,6 +34,8 @@ struct Inner {
     calls: u64,
     /// Secrets of generation `.2`, stepped towards `calls - 1`.
     current: Option<(Secret, Secret, u64)>,
+    /// Secrets of the generation before `current` (a key update under way still uses them).
+    previous: Option<(Secret, Secret)>,
 }
 
 impl Inner {
@@ -56,8 +58,12 @@ impl Inner {
         };
         if let Some((client, server, generation)) = &mut self.current {
             while *generation < target {
-                *client = crate::schedule::next_secret(suite, client);
-                *server = crate::schedule::next_secret(suite, server);
+                let next_client = crate::schedule::next_secret(suite, client);
+                let next_server = crate::schedule::next_secret(suite, server);
+                self.previous = Some((
+                    std::mem::replace(client, next_client),
+                    std::mem::replace(server, next_server),
+                ));
                 *generation += 1;
             }
         }
@@ -105,6 +111,7 @@ impl KeyState {
                     secrets.server_secret.clone(),
                     secrets.generation,
                 )),
+                previous: secrets.previous.clone(),
             }),
         })
     }
@@ -132,11 +139,13 @@ impl KeyState {
     }
 
     /// Everything an importer needs to rebuild this connection's keys. `alpn`/`server_name` come
-    /// from the connection's handshake data.
+    /// from the connection's handshake data; `key_update` says whether a key update is under way,
+    /// so the previous generation's secrets must travel too (otherwise they stay here).
     pub fn secrets(
         &self,
         alpn: Option<Vec<u8>>,
         server_name: Option<String>,
+        key_update: bool,
     ) -> Result<SessionSecrets, KeyError> {
         let mut inner = self.inner.lock().unwrap();
         inner.catch_up();
@@ -151,7 +160,13 @@ impl KeyState {
         };
         let suite = Suite::from_secret_len(client0.len()).ok_or(KeyError::UnsupportedSuite)?;
         debug_assert_eq!(*at, generation);
+        let previous = match (key_update, &inner.previous) {
+            (false, _) => None,
+            (true, Some(p)) => Some(p.clone()),
+            (true, None) => return Err(KeyError::NotCaptured),
+        };
         Ok(SessionSecrets {
+            previous,
             suite,
             client_secret_0: client0.clone(),
             server_secret_0: server0.clone(),
@@ -182,6 +197,9 @@ pub struct SessionSecrets {
     pub exporter_secret: Secret,
     /// Current key-update generation (packet keys derive from generation `generation`)
     pub generation: u64,
+    /// The client's and server's secrets of generation `generation - 1`, while a key update is
+    /// under way (late packets of the old phase still decrypt on the importer)
+    pub previous: Option<(Secret, Secret)>,
     /// Negotiated ALPN protocol
     pub alpn: Option<Vec<u8>>,
     /// SNI the client sent

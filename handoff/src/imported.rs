@@ -18,6 +18,8 @@ pub struct ImportedSession {
     client_next: Secret,
     server_next: Secret,
     current_keys: Option<Keys>,
+    /// The previous generation's packet keys, when a key update was under way at export
+    previous_keys: Option<KeyPair<Box<dyn PacketKey>>>,
     exporter: Secret,
     alpn: Option<Vec<u8>>,
     server_name: Option<String>,
@@ -55,6 +57,10 @@ impl ImportedSession {
             client_next: schedule::next_secret(suite, client),
             server_next: schedule::next_secret(suite, server),
             current_keys: Some(current),
+            previous_keys: secrets
+                .previous
+                .as_ref()
+                .map(|(client, server)| server_packet_keys(suite, client, server)),
             exporter: secrets.exporter_secret.clone(),
             alpn: secrets.alpn.clone(),
             server_name: secrets.server_name.clone(),
@@ -137,6 +143,10 @@ impl crypto::Session for ImportedSession {
         self.server_next = schedule::next_secret(self.suite, &self.server_next);
         self.keys.count_next_1rtt();
         Some(keys)
+    }
+
+    fn handoff_previous_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn PacketKey>>> {
+        self.previous_keys.take()
     }
 
     fn is_valid_retry(

@@ -77,7 +77,8 @@ pub fn export(
         }));
     }
     let (alpn, server_name) = capture::handshake_info(conn.crypto_session());
-    let secrets = match keys.secrets(alpn, server_name) {
+    let key_update = conn.handoff_key_update_in_progress();
+    let secrets = match keys.secrets(alpn, server_name, key_update) {
         Ok(s) => s,
         Err(e) => return Err(ExportError::Keys(Box::new(conn), e)),
     };

@@ -6,7 +6,8 @@
 use crate::Handoff;
 use crate::capture::SessionSecrets;
 use crate::handoff::{
-    ConnectionSnapshot, PendingAcksSnapshot, RecvStreamSnapshot, SendStreamSnapshot,
+    ConnectionSnapshot, FramesSnapshot, KeyUpdateSnapshot, PendingAcksSnapshot, RecoverySnapshot,
+    RecvStreamSnapshot, SendBufferSnapshot, SendStreamSnapshot, SentPacketSnapshot,
     StreamsSnapshot,
 };
 use crate::schedule::Suite;
@@ -14,10 +15,12 @@ use crate::secret::Secret;
 use quinn_proto::transport_parameters::TransportParameters;
 use quinn_proto::{ConnectionId, Side, StreamId, VarInt};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
-const MAGIC: &[u8; 4] = b"BHO1";
+// BHO2: packets in flight, stream buffers and unread data move with the connection.
+const MAGIC: &[u8; 4] = b"BHO2";
 
 /// Why bytes do not decode to a [`Handoff`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,6 +100,81 @@ impl W {
     }
     fn stream_id(&mut self, id: StreamId) {
         self.u64(VarInt::from(id).into_inner());
+    }
+    fn ranges(&mut self, v: &[Range<u64>]) {
+        self.u32(v.len() as u32);
+        for r in v {
+            self.u64(r.start);
+            self.u64(r.end);
+        }
+    }
+    fn chunks(&mut self, v: &[(u64, Vec<u8>)]) {
+        self.u32(v.len() as u32);
+        for (offset, data) in v {
+            self.u64(*offset);
+            self.bytes(data);
+        }
+    }
+    fn stream_ids(&mut self, v: &[StreamId]) {
+        self.u32(v.len() as u32);
+        for id in v {
+            self.stream_id(*id);
+        }
+    }
+    fn frames(&mut self, f: &FramesSnapshot) {
+        self.bool(f.max_data);
+        self.bool(f.data_blocked);
+        self.bool(f.max_stream_id[0]);
+        self.bool(f.max_stream_id[1]);
+        for list in [&f.reset_stream, &f.stop_sending] {
+            self.u32(list.len() as u32);
+            for (id, v) in list {
+                self.stream_id(*id);
+                self.u64(*v);
+            }
+        }
+        self.stream_ids(&f.max_stream_data);
+        self.stream_ids(&f.stream_data_blocked);
+        self.chunks(&f.crypto);
+        self.u32(f.new_cids.len() as u32);
+        for (seq, cid, token) in &f.new_cids {
+            self.u64(*seq);
+            self.cid(cid);
+            self.0.extend_from_slice(token);
+        }
+        self.u32(f.retire_cids.len() as u32);
+        for s in &f.retire_cids {
+            self.u64(*s);
+        }
+        self.bool(f.ack_frequency);
+        self.bool(f.handshake_done);
+        self.u32(f.new_tokens);
+    }
+    fn recovery(&mut self, rec: &RecoverySnapshot) {
+        self.u32(rec.sent.len() as u32);
+        for p in &rec.sent {
+            self.u64(p.number);
+            self.dur(p.age);
+            self.u16(p.size);
+            self.bool(p.ack_eliciting);
+            self.opt(p.largest_acked, W::u64);
+            self.opt(p.frames.as_ref(), W::frames);
+            self.u32(p.stream_frames.len() as u32);
+            for (id, offsets, fin) in &p.stream_frames {
+                self.stream_id(*id);
+                self.u64(offsets.start);
+                self.u64(offsets.end);
+                self.bool(*fin);
+            }
+        }
+        self.frames(&rec.pending);
+        self.bool(rec.ping_pending);
+        self.bool(rec.immediate_ack_pending);
+        self.u32(rec.loss_probes);
+        self.u32(rec.pto_count);
+        self.opt(rec.last_ack_eliciting_age, W::dur);
+        self.dur(rec.largest_acked_sent_age);
+        self.opt(rec.first_packet_after_rtt_sample, W::u64);
     }
     /// Stream IDs as runs: (type bits, first index, count), by type then index.
     fn runs(&mut self, ids: impl Iterator<Item = StreamId>) {
@@ -222,6 +300,110 @@ impl<'a> R<'a> {
         }
         Ok(())
     }
+    fn ranges(&mut self) -> Res<Vec<Range<u64>>> {
+        let n = self.count(1 << 20)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (start, end) = (self.u64()?, self.u64()?);
+            if start > end {
+                return Err(DecodeError::Invalid("range"));
+            }
+            v.push(start..end);
+        }
+        Ok(v)
+    }
+    fn chunks(&mut self) -> Res<Vec<(u64, Vec<u8>)>> {
+        let n = self.count(1 << 20)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push((self.u64()?, self.bytes()?.to_vec()));
+        }
+        Ok(v)
+    }
+    fn stream_ids(&mut self) -> Res<Vec<StreamId>> {
+        let n = self.count(1 << 20)?;
+        (0..n).map(|_| self.stream_id()).collect()
+    }
+    fn frames(&mut self) -> Res<FramesSnapshot> {
+        let max_data = self.bool()?;
+        let data_blocked = self.bool()?;
+        let max_stream_id = [self.bool()?, self.bool()?];
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in lists.iter_mut() {
+            let n = self.count(1 << 20)?;
+            for _ in 0..n {
+                list.push((self.stream_id()?, self.u64()?));
+            }
+        }
+        let [reset_stream, stop_sending] = lists;
+        let max_stream_data = self.stream_ids()?;
+        let stream_data_blocked = self.stream_ids()?;
+        let crypto = self.chunks()?;
+        let n = self.count(1 << 16)?;
+        let mut new_cids = Vec::with_capacity(n);
+        for _ in 0..n {
+            new_cids.push((self.u64()?, self.cid()?, self.arr::<16>()?));
+        }
+        let n = self.count(1 << 16)?;
+        let retire_cids = (0..n).map(|_| self.u64()).collect::<Res<Vec<_>>>()?;
+        Ok(FramesSnapshot {
+            max_data,
+            data_blocked,
+            max_stream_id,
+            reset_stream,
+            stop_sending,
+            max_stream_data,
+            stream_data_blocked,
+            crypto,
+            new_cids,
+            retire_cids,
+            ack_frequency: self.bool()?,
+            handshake_done: self.bool()?,
+            new_tokens: self.u32()?,
+        })
+    }
+    fn recovery(&mut self) -> Res<RecoverySnapshot> {
+        let n = self.count(1 << 17)?;
+        let mut sent = Vec::with_capacity(n);
+        for _ in 0..n {
+            let number = self.u64()?;
+            let age = self.dur()?;
+            let size = self.u16()?;
+            let ack_eliciting = self.bool()?;
+            let largest_acked = self.opt(R::u64)?;
+            let frames = self.opt(R::frames)?;
+            let m = self.count(1 << 16)?;
+            let mut stream_frames = Vec::with_capacity(m);
+            for _ in 0..m {
+                let id = self.stream_id()?;
+                let (start, end) = (self.u64()?, self.u64()?);
+                if start > end {
+                    return Err(DecodeError::Invalid("stream frame offsets"));
+                }
+                stream_frames.push((id, start..end, self.bool()?));
+            }
+            sent.push(SentPacketSnapshot {
+                number,
+                age,
+                size,
+                ack_eliciting,
+                largest_acked,
+                frames,
+                stream_frames,
+            });
+        }
+        Ok(RecoverySnapshot {
+            sent,
+            pending: self.frames()?,
+            ping_pending: self.bool()?,
+            immediate_ack_pending: self.bool()?,
+            loss_probes: self.u32()?,
+            pto_count: self.u32()?,
+            last_ack_eliciting_age: self.opt(R::dur)?,
+            largest_acked_sent_age: self.dur()?,
+            first_packet_after_rtt_sample: self.opt(R::u64)?,
+        })
+    }
     fn count(&mut self, max: usize) -> Res<usize> {
         let n = self.u32()? as usize;
         if n > max {
@@ -247,6 +429,10 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
     w.bytes(s.server_secret.expose());
     w.bytes(s.exporter_secret.expose());
     w.u64(s.generation);
+    w.opt(s.previous.as_ref(), |w, (client, server)| {
+        w.bytes(client.expose());
+        w.bytes(server.expose());
+    });
     w.opt(s.alpn.as_deref(), |w, v| w.bytes(v));
     w.opt(s.server_name.as_deref(), |w, v| w.bytes(v.as_bytes()));
     // Connection
@@ -311,6 +497,13 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
     w.opt(c.pn_filter.1, W::u64);
     w.u32(c.pn_filter.2);
     w.bool(c.key_phase);
+    w.opt(c.key_update.as_ref(), |w, u| {
+        w.opt(u.end_packet, |w, (pn, age)| {
+            w.u64(pn);
+            w.dur(age);
+        });
+        w.bool(u.update_unacked);
+    });
     w.u64(c.key_phase_size);
     w.bool(c.path_validated);
     w.dur(c.rtt.0);
@@ -375,7 +568,13 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
     w.u32(send_some.len() as u32);
     for (id, s) in send_some {
         w.stream_id(id);
-        w.u64(s.offset);
+        let b = &s.buffer;
+        w.u64(b.offset);
+        w.u64(b.unsent);
+        w.bytes(&b.unacked);
+        w.ranges(&b.acked);
+        w.ranges(&b.lost);
+        w.bool(s.fin_pending);
         w.u64(s.max_data);
         w.opt(s.finish_acked, W::bool);
         w.i32(s.priority);
@@ -395,11 +594,14 @@ pub fn encode(h: &Handoff) -> Zeroizing<Vec<u8>> {
         w.stream_id(id);
         w.bool(r.open);
         w.u64(r.bytes_read);
+        w.u64(r.end);
+        w.chunks(&r.unread);
         w.opt(r.final_size, W::u64);
         w.u64(r.sent_max_stream_data);
         w.bool(r.stopped);
     }
     w.runs(recv_none.iter().map(|(id, _)| *id));
+    w.recovery(&c.recovery);
     w.0
 }
 
@@ -428,6 +630,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let server_secret = secret(&mut r)?;
     let exporter_secret = secret(&mut r)?;
     let generation = r.u64()?;
+    let previous = r.opt(|r| Ok((secret(r)?, secret(r)?)))?;
     let alpn = r.opt(|r| Ok(r.bytes()?.to_vec()))?;
     let server_name = r.opt(|r| {
         String::from_utf8(r.bytes()?.to_vec()).map_err(|_| DecodeError::Invalid("server name"))
@@ -440,6 +643,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         server_secret,
         exporter_secret,
         generation,
+        previous,
         alpn,
         server_name,
     };
@@ -502,6 +706,12 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let sent_with_keys = r.u64()?;
     let pn_filter = (r.u64()?, r.opt(R::u64)?, r.u32()?);
     let key_phase = r.bool()?;
+    let key_update = r.opt(|r| {
+        Ok(KeyUpdateSnapshot {
+            end_packet: r.opt(|r| Ok((r.u64()?, r.dur()?)))?,
+            update_unacked: r.bool()?,
+        })
+    })?;
     let key_phase_size = r.u64()?;
     let path_validated = r.bool()?;
     let rtt = (r.dur()?, r.opt(R::dur)?, r.dur()?, r.dur()?);
@@ -537,7 +747,14 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         send.push((
             id,
             Some(SendStreamSnapshot {
-                offset: r.u64()?,
+                buffer: SendBufferSnapshot {
+                    offset: r.u64()?,
+                    unsent: r.u64()?,
+                    unacked: r.bytes()?.to_vec(),
+                    acked: r.ranges()?,
+                    lost: r.ranges()?,
+                },
+                fin_pending: r.bool()?,
                 max_data: r.u64()?,
                 finish_acked: r.opt(R::bool)?,
                 priority: r.i32()?,
@@ -557,6 +774,8 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
             Some(RecvStreamSnapshot {
                 open: r.bool()?,
                 bytes_read: r.u64()?,
+                end: r.u64()?,
+                unread: r.chunks()?,
                 final_size: r.opt(R::u64)?,
                 sent_max_stream_data: r.u64()?,
                 stopped: r.bool()?,
@@ -564,6 +783,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         ));
     }
     r.runs(&mut recv)?;
+    let recovery = r.recovery()?;
     if !r.0.is_empty() {
         return Err(DecodeError::Trailing);
     }
@@ -625,6 +845,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         sent_with_keys,
         pn_filter,
         key_phase,
+        key_update,
         key_phase_size,
         path_validated,
         rtt,
@@ -637,6 +858,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         receiving_ecn,
         total_authed_packets,
         streams,
+        recovery,
     };
     Ok(Handoff {
         connection,

@@ -67,7 +67,7 @@ pub enum ExportFailure {
     Unknown(usize),
     #[error("connection is not frozen")]
     NotFrozen,
-    #[error("not quiescent yet: {0}")]
+    #[error("cannot be exported yet: {0}")]
     NotQuiescent(NotQuiescent),
     #[error("keys unavailable")]
     Keys,
@@ -119,25 +119,11 @@ struct Live {
     reclaimed: Vec<(Vec<u8>, u64)>,
 }
 
-/// A freeze waiting for the connection to become quiescent.
+/// A freeze waiting until the connection can be exported. Packets in flight and unacknowledged
+/// data move with it, so this is normally settled at the next drive; what can hold it up is a
+/// path validation or stream reset under way, or events the application has not taken yet.
 struct PendingExport {
     deadline: Instant,
-    /// When to send the next PING (see [`ping_spacing`]).
-    ping_due: Instant,
-}
-
-/// While a frozen connection waits for the client to acknowledge what is in flight, it sends a
-/// PING each time it is driven (an ACK arrived, a timer fired), at most once per
-/// [`ping_spacing`]. A client acknowledges a lone ack-eliciting packet only after its ACK delay
-/// (25 ms by default) but every second one at once (RFC 9000 13.2.2), so the PING pairs with
-/// whatever is still in flight and the ACK comes at once: the freeze lasts about a round trip.
-const PING_SPACING_MIN: std::time::Duration = std::time::Duration::from_micros(200);
-
-/// The next PING waits a little longer than a round trip, so the ACK of the last one can arrive
-/// before another is in flight: spaced closer than the RTT (a loaded host's scheduling delay is
-/// enough), some PING would always be unacknowledged and the connection never quiescent.
-fn ping_spacing(rtt: std::time::Duration) -> std::time::Duration {
-    (rtt + rtt / 4).max(PING_SPACING_MIN)
 }
 
 /// How the worker is set up.
@@ -196,7 +182,7 @@ pub struct WorkerCore {
     dirty: HashSet<ConnectionHandle>,
     /// Connection timers, earliest first. Stale entries (the connection's timer moved) are skipped.
     timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
-    /// Frozen connections waiting to become quiescent, tried again each time they are driven.
+    /// Frozen connections waiting until they can be exported, tried again each time they are driven.
     pending_exports: HashMap<ConnectionHandle, PendingExport>,
     /// Outcomes of pending exports, for [`take_export_results`](WorkerCore::take_export_results).
     export_results: Vec<(usize, Result<Exported, ExportFailure>)>,
@@ -346,7 +332,7 @@ impl WorkerCore {
     }
 
     /// Drives the connections that need it (see [`WorkerCore::dirty`] and the timers): timers,
-    /// events, the application, transmission, and exports waiting for quiescence.
+    /// events, the application, transmission, and exports waiting to happen.
     /// `max_datagrams` > 1 lets a transmit carry several datagrams for GSO.
     pub fn poll(&mut self, now: Instant, max_datagrams: usize, out: &mut Vec<Outgoing>) {
         while let Some(&Reverse((at, ch))) = self.timers.peek() {
@@ -358,9 +344,9 @@ impl WorkerCore {
                 self.dirty.insert(ch);
             }
         }
-        // Freezes past their deadline are settled, and PINGs sent, even if the connection is idle.
+        // Freezes past their deadline are settled even if the connection is idle.
         for (&ch, p) in &self.pending_exports {
-            if p.deadline.min(p.ping_due) <= now {
+            if p.deadline <= now {
                 self.dirty.insert(ch);
             }
         }
@@ -398,19 +384,10 @@ impl WorkerCore {
                 continue;
             }
             if let Some(p) = self.pending_exports.get(&ch) {
-                let (deadline, ping_due) = (p.deadline, p.ping_due);
+                let deadline = p.deadline;
                 match self.export(ch.0, now) {
                     Err(ExportFailure::NotQuiescent(reason)) if now < deadline => {
-                        debug!(id = ch.0, %reason, "waiting for quiescence");
-                        if now >= ping_due {
-                            let live = self.conns.get_mut(&ch).expect("export handed it back");
-                            live.conn.ping();
-                            transmit(&mut live.conn, now, max_datagrams, &mut buf, out);
-                            refresh_timer(&mut self.timers, ch, live);
-                            if let Some(p) = self.pending_exports.get_mut(&ch) {
-                                p.ping_due = now + ping_spacing(live.conn.rtt());
-                            }
-                        }
+                        debug!(id = ch.0, %reason, "waiting until the connection can be exported");
                     }
                     result => {
                         self.pending_exports.remove(&ch);
@@ -444,11 +421,7 @@ impl WorkerCore {
             self.timers.pop();
         }
         let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        let deadline = self
-            .pending_exports
-            .values()
-            .map(|p| p.deadline.min(p.ping_due))
-            .min();
+        let deadline = self.pending_exports.values().map(|p| p.deadline).min();
         timer.into_iter().chain(deadline).min()
     }
 
@@ -457,7 +430,7 @@ impl WorkerCore {
         !self.dirty.is_empty()
     }
 
-    /// Freezes connection `id` and exports it as soon as it is quiescent (checked each time it is
+    /// Freezes connection `id` and exports it as soon as it can be (checked each time it is
     /// driven), or un-freezes it at `deadline`. The outcome comes out of
     /// [`take_export_results`](Self::take_export_results). False if there is no such connection
     /// or it is already being exported.
@@ -466,9 +439,7 @@ impl WorkerCore {
         if self.pending_exports.contains_key(&ch) || !self.freeze(id) {
             return false;
         }
-        let ping_due = Instant::now();
-        self.pending_exports
-            .insert(ch, PendingExport { deadline, ping_due });
+        self.pending_exports.insert(ch, PendingExport { deadline });
         true
     }
 
@@ -524,7 +495,7 @@ impl WorkerCore {
         self.set_frozen(id, false)
     }
 
-    /// Exports a frozen connection if it is quiescent. On success the connection is gone from
+    /// Exports a frozen connection if it can be exported now. On success the connection is gone from
     /// this worker and datagrams for its CIDs are kept for [`take_forward`](Self::take_forward).
     pub fn export(&mut self, id: usize, now: Instant) -> Result<Exported, ExportFailure> {
         let ch = self.find(id).ok_or(ExportFailure::Unknown(id))?;

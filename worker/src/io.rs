@@ -55,7 +55,7 @@ impl WorkerHandle {
         rx.await.map_err(gone)
     }
 
-    /// Freeze connection `id`, wait (up to `timeout`) until it is quiescent, export it. On timeout
+    /// Freeze connection `id`, wait (up to `timeout`) until it can be exported, export it. On timeout
     /// the connection is un-frozen and carries on here.
     pub async fn migrate_out(&self, id: usize, timeout: Duration) -> Result<Exported, String> {
         let (reply, rx) = oneshot::channel();

@@ -263,7 +263,7 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
     let exported = ctx.handle.migrate_out(id, timeout).await.map_err(|e| {
         Failure::new(
             "timeout",
-            format!("the connection did not quiesce: {e}; it carries on here"),
+            format!("the connection could not be exported in time: {e}; it carries on here"),
         )
     })?;
     let frozen_at = Instant::now();

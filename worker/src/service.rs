@@ -17,7 +17,7 @@ pub trait AppSession: Send {
     /// Accept, read and write the connection's streams. While `frozen`, take no new work: read
     /// (so receive buffers drain into the session) but do not write.
     fn drive(&mut self, conn: &mut Connection, frozen: bool);
-    /// Serializes the whole state (called once the connection is quiescent, just before export).
+    /// Serializes the whole state (called at the export, after a drive with `frozen` set).
     fn capture(&self) -> Vec<u8>;
 }
 

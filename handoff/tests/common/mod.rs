@@ -1,6 +1,7 @@
 //! The sans-IO harness shared by the handoff tests and benchmarks: an unmodified quinn-proto
 //! client, two worker endpoints (server IDs 1 and 2) running an echo application, an LB model
-//! (route by CID server ID, per-CID overrides) and a wire with a fixed one-way delay.
+//! (route by CID server ID, per-CID overrides) and a wire with a one-way delay, optional seeded
+//! random loss, and a client address that can change (a NAT rebinding).
 #![allow(dead_code)]
 use baton_handoff::Handoff;
 use baton_handoff::capture::{HandoffTls, KeyState};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 4433);
 pub const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 40000);
+/// The default one-way delay (`Sim::one_way` sets another).
 pub const ONE_WAY: Duration = Duration::from_millis(5);
 pub const STEP: Duration = Duration::from_millis(1);
 pub const ALPN: &[u8] = b"baton-echo/1";
@@ -161,7 +163,7 @@ impl Worker {
         }
     }
 
-    pub fn receive(&mut self, now: Instant, data: Vec<u8>) {
+    pub fn receive(&mut self, now: Instant, remote: SocketAddr, data: Vec<u8>) {
         if let Some(cid) = dcid(self.layout, &data) {
             if self.exported.contains(&cid) {
                 self.forward.push(data);
@@ -171,7 +173,7 @@ impl Worker {
         let mut buf = Vec::new();
         match self.endpoint.handle(
             now,
-            CLIENT,
+            remote,
             Some(VIP.ip()),
             None,
             BytesMut::from(&data[..]),
@@ -501,6 +503,21 @@ pub struct Sim {
     pub workers: [Worker; 2],
     /// (deliver at, to: None = client / Some(worker index), datagram)
     pub wire: Vec<(Instant, Option<usize>, Vec<u8>)>,
+    /// One-way delay of the path, each direction
+    pub one_way: Duration,
+    /// Probability that a datagram is lost, each direction (after the handshake)
+    pub loss: f64,
+    /// Datagrams the path lost
+    pub lost: u64,
+    rng: u64,
+    /// The client's address as the workers see it (changes at a NAT rebinding)
+    pub client_addr: SocketAddr,
+    /// At each export, lose every datagram then in flight, both ways
+    pub lose_in_flight_at_export: bool,
+    /// Packets the exporter had in flight at the last export
+    pub carried_in_flight: usize,
+    /// The key update under way at the last export, if any
+    pub carried_key_update: Option<baton_handoff::handoff::KeyUpdateSnapshot>,
     /// Per-CID routing overrides set at a handoff (like the LB's override map).
     pub overrides: HashMap<Vec<u8>, usize>,
     pub step_count: u64,
@@ -526,6 +543,14 @@ impl Sim {
                 Worker::new(2, layout, &material),
             ],
             wire: Vec::new(),
+            one_way: ONE_WAY,
+            loss: 0.0,
+            lost: 0,
+            rng: 0x2545_f491_4f6c_dd1d,
+            client_addr: CLIENT,
+            lose_in_flight_at_export: false,
+            carried_in_flight: 0,
+            carried_key_update: None,
             overrides: HashMap::new(),
             step_count: 0,
             key_updates_forced: 0,
@@ -561,22 +586,42 @@ impl Sim {
         for (_, to, data) in due {
             match to {
                 None => self.client.receive(now, data),
-                Some(w) => self.workers[w].receive(now, data),
+                Some(w) => self.workers[w].receive(now, self.client_addr, data),
             }
         }
         let mut out = Vec::new();
         self.client.poll(now, &mut out);
         for d in out.drain(..) {
+            if self.chance_lost() {
+                continue;
+            }
             let w = self.route(&d);
-            self.wire.push((now + ONE_WAY, Some(w), d));
+            self.wire.push((now + self.one_way, Some(w), d));
         }
         for w in 0..2 {
             self.workers[w].poll(now, &mut out);
             for d in out.drain(..) {
-                self.wire.push((now + ONE_WAY, None, d));
+                if self.chance_lost() {
+                    continue;
+                }
+                self.wire.push((now + self.one_way, None, d));
             }
         }
         self.now += STEP;
+    }
+
+    /// Seeded random loss (xorshift64*), only once the handshake is done.
+    fn chance_lost(&mut self) -> bool {
+        if self.loss <= 0.0 || self.client.connected == 0 {
+            return false;
+        }
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+        let lost = (x as f64) / ((1u64 << 53) as f64) < self.loss;
+        self.lost += lost as u64;
+        lost
     }
 
     pub fn run(&mut self, steps: u64) {
@@ -642,7 +687,7 @@ impl Sim {
         steps
     }
 
-    /// Freeze the owner's connection until quiescent, export it, import it into the other worker,
+    /// Freeze the owner's connection until it can be exported, export it, import it into the other worker,
     /// flip the routing, forward what reached the source meanwhile, and move the client onto the
     /// target's CIDs. Returns (steps frozen, key-update generation at export, the CIDs that moved).
     pub fn migrate(&mut self) -> (u64, u64, Vec<Vec<u8>>) {
@@ -678,6 +723,12 @@ impl Sim {
         };
         let (handoff, mut app): (Handoff, EchoApp) = handoff;
         let generation = handoff.secrets.generation;
+        self.carried_in_flight = handoff.connection.recovery.sent.len();
+        self.carried_key_update = handoff.connection.key_update;
+        if self.lose_in_flight_at_export {
+            self.lost += self.wire.len() as u64;
+            self.wire.clear();
+        }
         // From here on the source keeps (for forwarding) whatever reaches it for these CIDs.
         let cids: Vec<Vec<u8>> = handoff
             .connection
@@ -724,8 +775,10 @@ impl Sim {
             .conns
             .insert(ch_b, Live { conn, keys, app });
 
-        // Let traffic flow; anything that was still in flight to the source gets forwarded.
-        for _ in 0..30 {
+        // Let traffic flow; anything that was still in flight to the source gets forwarded
+        // (for a one-way delay and more: what the client sent just before the flip).
+        let settle = 30 + 2 * self.one_way.as_millis() as u64;
+        for _ in 0..settle {
             self.step();
             for d in std::mem::take(&mut self.workers[from].forward) {
                 self.wire.push((self.now, Some(to), d));
