@@ -259,6 +259,58 @@ fn moves_on_a_lossy_long_path_keep_every_byte() {
     assert_eq!(sim.client.completed, 10);
 }
 
+/// Datagrams overtake each other (up to 15 ms of extra delay each, on a 40 ms RTT path) while
+/// the connection moves: the reordering is absorbed like any other.
+#[test]
+fn moves_on_a_reordering_path() {
+    init_tracing();
+    let mut sim = Sim::new();
+    sim.one_way = std::time::Duration::from_millis(20);
+    sim.run(300);
+    sim.jitter = std::time::Duration::from_millis(15);
+    for m in 0..10u64 {
+        sim.client.start_request(20_000 + 4_001 * m);
+        sim.run(30 + 5 * m);
+        let (frozen_steps, _, _) = sim.migrate();
+        assert_eq!(frozen_steps, 0, "migration {m}: the export waited");
+    }
+    finish(&mut sim, 20_000);
+    assert_eq!(sim.client.completed, 10);
+}
+
+/// A client that goes quiet (its long stream finished, no requests) is moved while idle, twice,
+/// and then resumes with new requests.
+#[test]
+fn an_idle_client_is_moved_and_resumes() {
+    init_tracing();
+    let mut sim = Sim::new();
+    sim.one_way = std::time::Duration::from_millis(30);
+    sim.run(300);
+    sim.client.start_request(25_000);
+    finish(&mut sim, 10_000);
+    // Idle: nothing in flight after a few seconds, then two moves.
+    sim.run(5_000);
+    for _ in 0..2 {
+        let (frozen_steps, _, _) = sim.migrate();
+        assert_eq!(frozen_steps, 0);
+        sim.run(2_000);
+    }
+    for m in 0..3u64 {
+        sim.client.start_request(10_000 + m);
+    }
+    let mut guard = 0;
+    while !sim.client.requests.values().all(|r| r.done) {
+        sim.step();
+        guard += 1;
+        assert!(
+            guard < 10_000,
+            "requests after the idle period did not complete"
+        );
+    }
+    assert_eq!(sim.client.completed, 4);
+    assert_eq!(sim.client.connected, 1, "no second handshake");
+}
+
 /// A NAT rebinding: the client's port changes. While the new path is being validated the export
 /// waits (bounded by the validation, about one RTT); afterwards the connection stays movable.
 #[test]

@@ -507,6 +507,8 @@ pub struct Sim {
     pub one_way: Duration,
     /// Probability that a datagram is lost, each direction (after the handshake)
     pub loss: f64,
+    /// Up to this much extra delay per datagram, drawn at random: datagrams overtake each other
+    pub jitter: Duration,
     /// Datagrams the path lost
     pub lost: u64,
     rng: u64,
@@ -545,6 +547,7 @@ impl Sim {
             wire: Vec::new(),
             one_way: ONE_WAY,
             loss: 0.0,
+            jitter: Duration::ZERO,
             lost: 0,
             rng: 0x2545_f491_4f6c_dd1d,
             client_addr: CLIENT,
@@ -596,7 +599,8 @@ impl Sim {
                 continue;
             }
             let w = self.route(&d);
-            self.wire.push((now + self.one_way, Some(w), d));
+            let at = now + self.one_way + self.extra_delay();
+            self.wire.push((at, Some(w), d));
         }
         for w in 0..2 {
             self.workers[w].poll(now, &mut out);
@@ -604,24 +608,39 @@ impl Sim {
                 if self.chance_lost() {
                     continue;
                 }
-                self.wire.push((now + self.one_way, None, d));
+                let at = now + self.one_way + self.extra_delay();
+                self.wire.push((at, None, d));
             }
         }
         self.now += STEP;
     }
 
-    /// Seeded random loss (xorshift64*), only once the handshake is done.
-    fn chance_lost(&mut self) -> bool {
-        if self.loss <= 0.0 || self.client.connected == 0 {
-            return false;
-        }
+    /// Uniform in [0, 1) from a seeded xorshift64*: every run sees the same path.
+    fn random(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
-        let lost = (x as f64) / ((1u64 << 53) as f64) < self.loss;
+        (x as f64) / ((1u64 << 53) as f64)
+    }
+
+    /// Random loss, only once the handshake is done.
+    fn chance_lost(&mut self) -> bool {
+        if self.loss <= 0.0 || self.client.connected == 0 {
+            return false;
+        }
+        let lost = self.random() < self.loss;
         self.lost += lost as u64;
         lost
+    }
+
+    fn extra_delay(&mut self) -> Duration {
+        if self.jitter.is_zero() || self.client.connected == 0 {
+            return Duration::ZERO;
+        }
+        // Whole steps: the wire is looked at once per step.
+        let steps = (self.random() * self.jitter.as_millis() as f64) as u64;
+        STEP * steps as u32
     }
 
     pub fn run(&mut self, steps: u64) {
