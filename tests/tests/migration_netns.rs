@@ -56,8 +56,13 @@ struct Workers {
 
 impl Workers {
     fn start(lab: &Lab) -> Workers {
+        Self::start_with(lab, false)
+    }
+
+    /// With the peer channel over IPv6 if `peer_v6` (see [`write_worker_configs_with`]).
+    fn start_with(lab: &Lab, peer_v6: bool) -> Workers {
         let dir = std::env::temp_dir().join(format!("baton-mig-{}-{}", std::process::id(), lab.lb));
-        let migration_config = write_worker_configs(&dir);
+        let migration_config = write_worker_configs_with(&dir, peer_v6);
         let mut w = Workers {
             dir,
             children: [None, None],
@@ -737,7 +742,7 @@ fn assert_load_clean(summary: &Value, connections: usize, what: &str) {
 /// connection is moved back and forth with `baton migrate`, then each worker in turn is emptied
 /// with `baton drain`. Nothing fails, nothing reconnects, every stream is byte-exact, every
 /// connection keeps the VIP of its address family, and the XDP program counted each load's
-/// packets under its family.
+/// packets under its family. The workers' peer channel runs over IPv6 too.
 #[test]
 fn ipv6_clients_through_migrations_and_a_drain() {
     const V6_CONNECTIONS: usize = 8;
@@ -748,7 +753,16 @@ fn ipv6_clients_through_migrations_and_a_drain() {
     const MORE: u64 = 10;
     let mut lab = Lab::new(LabOptions::default());
     lab.start_lb();
-    let workers = Workers::start(&lab);
+    let workers = Workers::start_with(&lab, true);
+    for w in ["w1", "w2"] {
+        let info = worker_call(&workers.dir.join(format!("{w}.sock")), r#"{"cmd":"info"}"#);
+        let peer = info.as_ref().and_then(|v| v["data"]["peer"].as_str());
+        assert!(
+            peer.and_then(|p| p.parse::<SocketAddr>().ok())
+                .is_some_and(|p| p.is_ipv6()),
+            "{w}'s peer channel on IPv6: {info:?}"
+        );
+    }
     let before = lb_counters(&lab.pin_dir, &lab.socket);
     // Declared after `workers`, so they stop (and show their output) before the directory goes.
     let loads = [

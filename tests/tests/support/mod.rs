@@ -104,6 +104,12 @@ pub const PEER_PORT: u16 = 4470;
 /// for the `baton` CLI (`<dir>/migration.toml`). Worker i's config is `<dir>/w<i>.toml`, its
 /// control socket `<dir>/w<i>.sock`.
 pub fn write_worker_configs(dir: &Path) -> PathBuf {
+    write_worker_configs_with(dir, false)
+}
+
+/// [`write_worker_configs`], with the worker-to-worker channel on the workers' IPv6 lab addresses
+/// (`[fd00:201:1<i>::2]:4470`) if `peer_v6`.
+pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let out = Command::new(worker_bin())
@@ -127,6 +133,11 @@ pub fn write_worker_configs(dir: &Path) -> PathBuf {
     let mut mc = format!("secrets = \"{d}/secrets.toml\"\n");
     for sid in 1..=2 {
         let name = format!("w{sid}");
+        let peer = if peer_v6 {
+            format!("[fd00:201:1{sid}::2]:{PEER_PORT}")
+        } else {
+            format!("10.201.1{sid}.2:{PEER_PORT}")
+        };
         let cfg = format!(
             r#"vips = ["{VIP4}", "{VIP6}"]
 port = {PORT}
@@ -139,7 +150,7 @@ name = "{name}"
 control_socket = "{d}/{name}.sock"
 secrets = "{d}/secrets.toml"
 [peer]
-listen = "10.201.1{sid}.2:{PEER_PORT}"
+listen = "{peer}"
 ca = "{d}/ca.pem"
 cert = "{d}/{name}.pem"
 key = "{d}/{name}.key"
