@@ -539,6 +539,9 @@ pub struct ConnRow {
     pub server_id: u32,
     pub id: u64,
     pub remote: String,
+    /// The VIP the client talks to (the connection's replies come from it); empty from a worker
+    /// that does not say.
+    pub vip: String,
     pub state: String,
     pub cids: Vec<String>,
     /// How many of its CIDs the LB still routes by exact-CID override (a recent migration whose
@@ -734,6 +737,7 @@ impl Orchestrator {
                 server_id: info.server_id,
                 id: c["id"].as_u64().unwrap_or(0),
                 remote: c["remote"].as_str().unwrap_or_default().into(),
+                vip: c["vip"].as_str().unwrap_or_default().into(),
                 state: if c["frozen"].as_bool() == Some(true) {
                     "migrating"
                 } else if c["held"].as_bool() == Some(true) {

@@ -56,8 +56,13 @@ struct Workers {
 
 impl Workers {
     fn start(lab: &Lab) -> Workers {
+        Self::start_with(lab, false)
+    }
+
+    /// With the peer channel over IPv6 if `peer_v6` (see [`write_worker_configs_with`]).
+    fn start_with(lab: &Lab, peer_v6: bool) -> Workers {
         let dir = std::env::temp_dir().join(format!("baton-mig-{}-{}", std::process::id(), lab.lb));
-        let migration_config = write_worker_configs(&dir);
+        let migration_config = write_worker_configs_with(&dir, peer_v6);
         let mut w = Workers {
             dir,
             children: [None, None],
@@ -692,4 +697,242 @@ fn drain_moves_every_connection_off_a_worker() {
         );
     }
     eprintln!("RESULT drain connections={n} requests={requests}");
+}
+
+/// Checks a baton-load summary: every connection up, nothing failed or reconnected, every request
+/// answered with the right counter and body, every long-stream byte echoed and checked.
+fn assert_load_clean(summary: &Value, connections: usize, what: &str) {
+    let n = |k: &str| summary[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(n("established"), connections as u64, "{what}: {summary}");
+    assert_eq!(n("failed"), 0, "{what}: failed requests: {summary}");
+    assert_eq!(n("reconnects"), 0, "{what}: reconnects: {summary}");
+    assert_eq!(
+        n("connection_errors"),
+        0,
+        "{what}: connection errors: {summary}"
+    );
+    assert_eq!(
+        n("counter_breaks"),
+        0,
+        "{what}: session counter breaks: {summary}"
+    );
+    assert_eq!(
+        n("streams_not_exact"),
+        0,
+        "{what}: streams not exact: {summary}"
+    );
+    let sent = n("stream_bytes_sent");
+    assert!(
+        sent > 0 && sent != u64::MAX,
+        "{what}: long streams ran: {summary}"
+    );
+    assert_eq!(
+        n("stream_bytes_verified"),
+        sent,
+        "{what}: every stream byte echoed and checked: {summary}"
+    );
+    assert_eq!(
+        summary["ok"], true,
+        "{what}: baton-load's verdict: {summary}"
+    );
+}
+
+/// IPv6 end to end (issue 10): the workers serve both VIPs; one baton-load's clients connect over
+/// IPv6 to the IPv6 VIP and another's over IPv4 to the IPv4 VIP, at the same time. Every
+/// connection is moved back and forth with `baton migrate`, then each worker in turn is emptied
+/// with `baton drain`. Nothing fails, nothing reconnects, every stream is byte-exact, every
+/// connection keeps the VIP of its address family, and the XDP program counted each load's
+/// packets under its family. The workers' peer channel runs over IPv6 too.
+#[test]
+fn ipv6_clients_through_migrations_and_a_drain() {
+    const V6_CONNECTIONS: usize = 8;
+    const V4_CONNECTIONS: usize = 4;
+    const ALL: usize = V6_CONNECTIONS + V4_CONNECTIONS;
+    const ROUNDS: usize = 3;
+    /// Requests each connection completes after every step before the next one starts.
+    const MORE: u64 = 10;
+    let mut lab = Lab::new(LabOptions::default());
+    lab.start_lb();
+    let workers = Workers::start_with(&lab, true);
+    for w in ["w1", "w2"] {
+        let info = worker_call(&workers.dir.join(format!("{w}.sock")), r#"{"cmd":"info"}"#);
+        let peer = info.as_ref().and_then(|v| v["data"]["peer"].as_str());
+        assert!(
+            peer.and_then(|p| p.parse::<SocketAddr>().ok())
+                .is_some_and(|p| p.is_ipv6()),
+            "{w}'s peer channel on IPv6: {info:?}"
+        );
+    }
+    let before = lb_counters(&lab.pin_dir, &lab.socket);
+    // Declared after `workers`, so they stop (and show their output) before the directory goes.
+    let loads = [
+        Load::start(
+            &lab,
+            &workers.dir,
+            "load6",
+            vip(true),
+            V6_CONNECTIONS,
+            PATIENCE,
+        ),
+        Load::start(
+            &lab,
+            &workers.dir,
+            "load4",
+            vip(false),
+            V4_CONNECTIONS,
+            PATIENCE,
+        ),
+    ];
+    let rows = || conns(&lab, &workers);
+    wait_for(
+        "the workers to list every connection",
+        || rows().len() == ALL,
+        || format!("{:?}", rows()),
+    );
+    // Every connection is on the VIP of its client's address family.
+    let check_rows = |when: &str| {
+        let all = rows();
+        assert_eq!(all.len(), ALL, "{when}: {all:?}");
+        let remote = |r: &Value| r["remote"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        for r in &all {
+            let want = if remote(r).is_ipv6() { VIP6 } else { VIP4 };
+            assert_eq!(r["vip"], want, "{when}: {r}");
+        }
+        let v6 = all.iter().filter(|r| remote(r).is_ipv6()).count();
+        assert_eq!(v6, V6_CONNECTIONS, "{when}: IPv6 clients: {all:?}");
+        all
+    };
+    check_rows("at the start");
+    // Every connection of both loads completes MORE requests than it had at the start of `when`.
+    let carries_on = |when: &str| {
+        let from: Vec<Vec<u64>> = loads.iter().map(Load::requests_per_connection).collect();
+        let behind = || {
+            let mut b = Vec::new();
+            for (load, from) in loads.iter().zip(&from) {
+                let now = load.requests_per_connection();
+                b.extend(
+                    (0..load.connections)
+                        .filter(|&i| now[i] < from[i] + MORE)
+                        .map(|i| format!("{}#{i}", load.name())),
+                );
+            }
+            b
+        };
+        wait_for(
+            &format!("every connection to answer {MORE} more requests {when}"),
+            || behind().is_empty(),
+            || {
+                let outputs: Vec<String> = loads.iter().map(|l| tail(&l.output(), 10)).collect();
+                format!(
+                    "connections behind: {:?}; requests {:?} (from {from:?})\n{}",
+                    behind(),
+                    loads
+                        .iter()
+                        .map(Load::requests_per_connection)
+                        .collect::<Vec<_>>(),
+                    outputs.join("\n")
+                )
+            },
+        );
+    };
+    carries_on("before the first migration");
+
+    let mut took = Vec::new();
+    for round in 1..=ROUNDS {
+        for r in check_rows(&format!("before round {round}")) {
+            let key = r["conn"].as_str().unwrap();
+            let to = other(r["worker"].as_str().unwrap());
+            let out = baton_mig(
+                &lab,
+                &workers,
+                &[
+                    "migrate",
+                    key,
+                    "--to",
+                    to,
+                    "--quiesce-timeout-ms",
+                    QUIESCE_MS,
+                ],
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            assert!(
+                out.status.success() && v["ok"] == true,
+                "round {round}: baton migrate {key} ({}) --to {to}: {v} {}",
+                r["remote"],
+                String::from_utf8_lossy(&out.stderr)
+            );
+            took.push(v["total_ms"].as_f64().unwrap_or(0.0));
+            assert_eq!(owner_of(&lab, &workers, key), to, "round {round}");
+        }
+        carries_on(&format!("after migration round {round}"));
+    }
+
+    // Drain the worker holding more of them, then the other: every connection moves again.
+    let on_w1 = rows().iter().filter(|r| r["worker"] == "w1").count();
+    let order = if on_w1 * 2 >= ALL {
+        ["w1", "w2"]
+    } else {
+        ["w2", "w1"]
+    };
+    let mut drained = Vec::new();
+    for w in order {
+        let held = rows().iter().filter(|r| r["worker"] == w).count();
+        let out = baton_mig(&lab, &workers, &["drain", w]);
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert!(
+            out.status.success(),
+            "drain {w}: {s} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(s["moved"].as_u64(), Some(held as u64), "drain {w}: {s}");
+        assert_eq!(s["failed"], 0, "drain {w}: {s}");
+        let after = check_rows(&format!("after draining {w}"));
+        assert!(after.iter().all(|r| r["worker"] != w), "{w} drained");
+        carries_on(&format!("after draining {w}"));
+        drained.push(format!("{w}:{held}"));
+    }
+
+    let [mut load6, mut load4] = loads;
+    let v6 = load6.stop(PATIENCE);
+    let v4 = load4.stop(PATIENCE);
+    assert_load_clean(&v6, V6_CONNECTIONS, "IPv6 load");
+    assert_load_clean(&v4, V4_CONNECTIONS, "IPv4 load");
+
+    // The data plane counted each load under its family: at least a packet per request.
+    let after = lb_counters(&lab.pin_dir, &lab.socket);
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let requests = |s: &Value| s["requests"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        delta("ipv6") >= requests(&v6),
+        "XDP counted {} IPv6 packets for {} IPv6 requests: {after:?}",
+        delta("ipv6"),
+        requests(&v6)
+    );
+    assert!(
+        delta("ipv4") >= requests(&v4),
+        "XDP counted {} IPv4 packets for {} IPv4 requests: {after:?}",
+        delta("ipv4"),
+        requests(&v4)
+    );
+
+    took.sort_by(f64::total_cmp);
+    eprintln!(
+        "RESULT ipv6+ipv4 connections={V6_CONNECTIONS}+{V4_CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} drained={} requests={}+{} failed={}+{} reconnects={}+{} max_stall_ms={}/{} stream_bytes={}+{} xdp_ipv6_packets={} xdp_ipv4_packets={}",
+        took.len(),
+        took[took.len() / 2],
+        took.last().unwrap(),
+        drained.join(","),
+        v6["requests"],
+        v4["requests"],
+        v6["failed"],
+        v4["failed"],
+        v6["reconnects"],
+        v4["reconnects"],
+        v6["max_stall_ms"],
+        v4["max_stall_ms"],
+        v6["stream_bytes_verified"],
+        v4["stream_bytes_verified"],
+        delta("ipv6"),
+        delta("ipv4"),
+    );
 }

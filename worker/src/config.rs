@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 /// Example:
 /// ```toml
-/// vip = "192.0.2.10"      # the service address, on the worker's loopback (direct server return)
+/// vips = ["192.0.2.10", "2001:db8::10"]  # the service addresses, on the worker's loopback
+/// # vip = "192.0.2.10"    # the same for a single VIP (give `vip` or `vips`, not both)
 /// port = 4433
 /// server_id = 1           # carried in every CID this worker issues (QUIC-LB layout)
 /// cid_len = 8
@@ -17,7 +18,14 @@ use std::path::PathBuf;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
-    pub vip: IpAddr,
+    /// One VIP: shorthand for `vips = [vip]` (configs written before `vips` existed).
+    #[serde(default)]
+    pub vip: Option<IpAddr>,
+    /// Every VIP clients reach this worker on, IPv4 and IPv6 (direct server return: each sits on
+    /// the worker's loopback). The worker binds `port` on each and answers every connection from
+    /// the VIP its client addressed. After [`parse`](Self::parse) this holds `vip` too.
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
     #[serde(default = "default_port")]
     pub port: u16,
     pub server_id: u64,
@@ -107,7 +115,26 @@ fn default_service() -> String {
 
 impl WorkerConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let c: Self = toml::from_str(text)?;
+        let mut c: Self = toml::from_str(text)?;
+        match (c.vip, c.vips.is_empty()) {
+            (Some(_), false) => anyhow::bail!(
+                "both `vip` and `vips` are set: list every VIP in `vips` (or give a single one \
+                 as `vip`)"
+            ),
+            (Some(v), true) => c.vips = vec![v],
+            (None, true) => anyhow::bail!(
+                "no VIP: set `vips = [\"<IPv4>\", \"<IPv6>\"]` (or `vip = \"<address>\"` for one)"
+            ),
+            (None, false) => {}
+        }
+        for (i, v) in c.vips.iter().enumerate() {
+            anyhow::ensure!(
+                !v.is_unspecified(),
+                "VIP {v} is the wildcard address: give the concrete VIPs clients send to, so \
+                 every reply leaves from the address its client addressed"
+            );
+            anyhow::ensure!(!c.vips[..i].contains(v), "VIP {v} is listed twice");
+        }
         if c.control_socket.is_some() {
             anyhow::ensure!(
                 c.secrets.is_some(),
@@ -177,6 +204,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(small.socket_buffer, 65536);
+        assert_eq!(small.vips, ["192.0.2.10".parse::<IpAddr>().unwrap()]);
         assert!(WorkerConfig::parse("vip = \"x\"").is_err());
         assert!(
             WorkerConfig::parse(
@@ -184,6 +212,44 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn vips_list_every_address_and_vip_is_one_of_them() {
+        let rest = "server_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = WorkerConfig::parse(&format!(
+            "vips = [\"192.0.2.10\", \"2001:db8::10\"]\n{rest}"
+        ))
+        .unwrap();
+        let want: Vec<IpAddr> = vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ];
+        assert_eq!(c.vips, want);
+        assert_eq!(c.vip, None);
+        let one = WorkerConfig::parse(&format!("vip = \"2001:db8::10\"\n{rest}")).unwrap();
+        assert_eq!(one.vips, want[1..]);
+        let err = |text: String| format!("{:#}", WorkerConfig::parse(&text).unwrap_err());
+        let e = err(format!(
+            "vip = \"192.0.2.10\"\nvips = [\"2001:db8::10\"]\n{rest}"
+        ));
+        assert!(e.contains("both"), "{e}");
+        let e = err(rest.to_string());
+        assert!(e.contains("no VIP"), "{e}");
+        let e = err(format!("vips = []\n{rest}"));
+        assert!(e.contains("no VIP"), "{e}");
+        let e = err(format!("vips = [\"192.0.2.10\", \"::\"]\n{rest}"));
+        assert!(e.contains("wildcard"), "{e}");
+        let e = err(format!("vip = \"0.0.0.0\"\n{rest}"));
+        assert!(e.contains("wildcard"), "{e}");
+        let e = err(format!(
+            "vips = [\"2001:db8::10\", \"2001:db8:0::10\"]\n{rest}"
+        ));
+        assert!(e.contains("twice"), "{e}");
+        let e = err(format!(
+            "vips = [\"192.0.2.10\", \"[2001:db8::10]:4433\"]\n{rest}"
+        ));
+        assert!(e.contains("vips") || e.contains("address"), "{e}");
     }
 
     #[test]

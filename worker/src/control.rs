@@ -308,7 +308,7 @@ async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
                 conns
                     .iter()
                     .map(|c| {
-                        json!({"conn": hex(&c.key), "id": c.id, "remote": c.remote, "frozen": c.frozen, "held": c.held,
+                        json!({"conn": hex(&c.key), "id": c.id, "remote": c.remote, "vip": c.vip, "frozen": c.frozen, "held": c.held,
                                "cids": c.cids.iter().map(|x| hex(x)).collect::<Vec<_>>()})
                     })
                     .collect(),

@@ -53,6 +53,8 @@ pub struct ConnInfo {
     /// Stable name of the connection (the client's first Initial DCID); survives migrations.
     pub key: Vec<u8>,
     pub remote: SocketAddr,
+    /// The VIP the client talks to (every packet of the connection is sent from it).
+    pub vip: Option<IpAddr>,
     pub frozen: bool,
     /// Imported, waiting for the source's commit (sends nothing yet).
     pub held: bool,
@@ -82,6 +84,10 @@ pub enum ImportFailure {
     Restore(#[from] crate::service::RestoreError),
     #[error("quinn refused: {0}")]
     Import(#[from] baton_handoff::handoff::ImportError),
+    /// The connection was sent from a VIP this worker does not serve: it could not reply from
+    /// the address its client talks to.
+    #[error("the connection's VIP {0} is not one of this worker's VIPs ({1})")]
+    NotOurVip(IpAddr, String),
 }
 
 /// An exported connection: the bytes for the importer and the CIDs that now route elsewhere.
@@ -132,8 +138,9 @@ pub struct CoreConfig {
     pub layout: CidLayout,
     pub certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub key: rustls::pki_types::PrivateKeyDer<'static>,
-    /// The VIP clients talk to: every packet is sent from it.
-    pub vip: IpAddr,
+    /// The VIPs clients talk to (IPv4 and IPv6 alike). Each connection sends from the one its
+    /// client addressed; an import from a VIP not listed here is refused.
+    pub vips: Vec<IpAddr>,
     /// Whether the socket never fragments (path MTU discovery may then probe upwards)
     pub allow_mtud: bool,
 }
@@ -170,7 +177,7 @@ fn refresh_timer(
 pub struct WorkerCore {
     server_id: u64,
     layout: CidLayout,
-    vip: IpAddr,
+    vips: Vec<IpAddr>,
     endpoint: Endpoint,
     tls: HandoffTls,
     server_config: ServerConfig,
@@ -202,9 +209,10 @@ impl WorkerCore {
             layout,
             certs,
             key,
-            vip,
+            vips,
             allow_mtud,
         } = config;
+        anyhow::ensure!(!vips.is_empty(), "no VIP: a worker serves at least one");
         LbCidGenerator::new(layout, server_id).map_err(|e| anyhow::anyhow!("server id: {e}"))?;
         let tls = HandoffTls::new(certs, key, &[service.alpn()])?;
         let mut endpoint_config = EndpointConfig::default();
@@ -221,7 +229,7 @@ impl WorkerCore {
         Ok(Self {
             server_id,
             layout,
-            vip,
+            vips,
             endpoint,
             tls,
             server_config,
@@ -251,11 +259,23 @@ impl WorkerCore {
         }
     }
 
-    /// Handles one received datagram; endpoint-level answers (version negotiation, refusals) go to `out`.
+    /// The VIP a datagram from `remote` was meant for when the receiver does not know: the first
+    /// of the same address family.
+    fn vip_for(&self, remote: SocketAddr) -> Option<IpAddr> {
+        self.vips
+            .iter()
+            .copied()
+            .find(|v| v.is_ipv4() == remote.is_ipv4())
+    }
+
+    /// Handles one received datagram from `remote` to `local` (the VIP it was sent to; None: the
+    /// first VIP of the remote's address family). A new connection replies from `local` for its
+    /// whole life. Endpoint-level answers (version negotiation, refusals) go to `out`.
     pub fn handle(
         &mut self,
         now: Instant,
         remote: SocketAddr,
+        local: Option<IpAddr>,
         ecn: Option<u8>,
         data: &[u8],
         out: &mut Vec<Outgoing>,
@@ -276,14 +296,11 @@ impl WorkerCore {
         }
         let mut buf = Vec::new();
         let ecn = ecn.and_then(quinn_proto::EcnCodepoint::from_bits);
-        match self.endpoint.handle(
-            now,
-            remote,
-            Some(self.vip),
-            ecn,
-            BytesMut::from(data),
-            &mut buf,
-        ) {
+        let local = local.or_else(|| self.vip_for(remote));
+        match self
+            .endpoint
+            .handle(now, remote, local, ecn, BytesMut::from(data), &mut buf)
+        {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let key = incoming.orig_dst_cid().to_vec();
                 let (crypto, keys) = self.tls.connection_crypto();
@@ -294,7 +311,7 @@ impl WorkerCore {
                     .accept(incoming, now, &mut buf, Some(Arc::new(config)))
                 {
                     Ok((ch, conn)) => {
-                        info!(id = ch.0, %remote, "connection accepted");
+                        info!(id = ch.0, %remote, vip = ?local, "connection accepted");
                         self.conns.insert(
                             ch,
                             Live {
@@ -456,6 +473,7 @@ impl WorkerCore {
                 id: ch.0,
                 key: l.key.clone(),
                 remote: l.conn.remote_address(),
+                vip: l.conn.local_ip(),
                 frozen: l.frozen,
                 held: l.held,
                 cids: self
@@ -573,6 +591,12 @@ impl WorkerCore {
             .ok_or_else(|| ImportFailure::Decode("truncated".into()))?;
         let handoff =
             baton_handoff::wire::decode(quic).map_err(|e| ImportFailure::Decode(e.to_string()))?;
+        if let Some(vip) = handoff.connection.local_ip {
+            if !self.vips.contains(&vip) {
+                let ours = self.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+                return Err(ImportFailure::NotOurVip(vip, ours.join(", ")));
+            }
+        }
         let app = self.service.restore(&bytes[8 + len..])?;
         let (ch, mut conn, keys) = baton_handoff::import(&mut self.endpoint, &handoff, now)?;
         let mut reclaimed = Vec::new();
@@ -582,7 +606,7 @@ impl WorkerCore {
             }
         }
         conn.rotate_local_cids(now);
-        info!(id = ch.0, remote = %handoff.connection.remote, held, "connection imported");
+        info!(id = ch.0, remote = %handoff.connection.remote, vip = ?handoff.connection.local_ip, held, "connection imported");
         self.conns.insert(
             ch,
             Live {

@@ -1,6 +1,6 @@
 //! The tokio I/O loop around [`WorkerCore`], and a handle to control it.
 use crate::core::{ConnInfo, Exported, Outgoing, WorkerCore};
-use crate::udp::{Received, UdpIo};
+use crate::udp::{Received, VipSockets};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 use zeroize::Zeroizing;
 
-/// Where the worker's datagrams come from: its own socket (bound to the VIP), or a channel (tests,
-/// or a dispatcher in front of several workers). It always sends from the VIP socket.
+/// Where the worker's datagrams come from: its own sockets (one bound to each VIP), or a channel
+/// (tests, or a dispatcher in front of several workers). It always sends from the VIP sockets.
 pub enum Inbound {
     Socket,
     Channel(mpsc::Receiver<Received>),
@@ -160,7 +160,7 @@ impl WorkerHandle {
 /// Starts the loop on the current tokio runtime.
 pub fn spawn(
     core: WorkerCore,
-    socket: Arc<UdpIo>,
+    socket: Arc<VipSockets>,
     inbound: Inbound,
 ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(1024);
@@ -168,7 +168,7 @@ pub fn spawn(
     (WorkerHandle { tx }, task)
 }
 
-async fn send_all(socket: &UdpIo, out: &mut Vec<Outgoing>) {
+async fn send_all(socket: &VipSockets, out: &mut Vec<Outgoing>) {
     for o in out.drain(..) {
         if let Err(e) = socket.send(&o).await {
             debug!("send to {} failed: {e}", o.destination);
@@ -186,7 +186,7 @@ const COMMANDS_PER_TURN: usize = 256;
 /// that need it, send, sleep until the next input or timer.
 async fn run(
     mut core: WorkerCore,
-    socket: Arc<UdpIo>,
+    socket: Arc<VipSockets>,
     mut inbound: Inbound,
     mut commands: mpsc::Receiver<Command>,
 ) {
@@ -259,7 +259,7 @@ async fn run(
         }
         let now = Instant::now();
         for d in received.drain(..) {
-            core.handle(now, d.from, d.ecn, &d.data, &mut out);
+            core.handle(now, d.from, Some(d.to), d.ecn, &d.data, &mut out);
         }
         for _ in 0..COMMANDS_PER_TURN {
             match commands.try_recv() {
@@ -321,8 +321,10 @@ fn command(
             core.discard(id);
         }
         Command::Inject(datagrams) => {
+            // Forwarded by the source worker, which kept only the client's address: they are
+            // for an imported connection, which replies from its own VIP whatever is given here.
             for (from, data) in datagrams {
-                core.handle(now, from, None, &data, out);
+                core.handle(now, from, None, None, &data, out);
             }
         }
         Command::TakeForward(reply) => {

@@ -468,6 +468,17 @@ async fn forward_until_released(
 }
 
 async fn send_datagrams(conn: &quinn::Connection, d: &[(SocketAddr, Vec<u8>)]) -> Result<()> {
+    let buf = encode_datagrams(d);
+    let mut s = conn.open_uni().await?;
+    s.write_all(&buf).await?;
+    s.finish()?;
+    Ok(())
+}
+
+/// The forwarded-datagram stream's bytes (module comment). The address is the client's, as
+/// `SocketAddr` prints it: `192.0.2.1:5000` or `[2001:db8::1]:5000` (at most 55 bytes with
+/// a scope id, so its length fits the u8).
+fn encode_datagrams(d: &[(SocketAddr, Vec<u8>)]) -> Vec<u8> {
     let mut buf = Vec::new();
     for (from, data) in d {
         let a = from.to_string();
@@ -476,10 +487,7 @@ async fn send_datagrams(conn: &quinn::Connection, d: &[(SocketAddr, Vec<u8>)]) -
         buf.extend((data.len() as u32).to_be_bytes());
         buf.extend(data);
     }
-    let mut s = conn.open_uni().await?;
-    s.write_all(&buf).await?;
-    s.finish()?;
-    Ok(())
+    buf
 }
 
 fn parse_datagrams(mut b: &[u8]) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
@@ -652,4 +660,31 @@ async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<(usize, String, 
         .map_err(|e| Failure::new("invalid_snapshot", e))?;
     info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported, held until the source commits");
     Ok((id, header.migration_id, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_datagrams_keep_ipv4_and_ipv6_client_addresses() {
+        let d: Vec<(SocketAddr, Vec<u8>)> = vec![
+            ("192.0.2.1:5000".parse().unwrap(), vec![0x40, 1, 2, 3]),
+            ("[2001:db8::1]:443".parse().unwrap(), vec![0x41; 1200]),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535"
+                    .parse()
+                    .unwrap(),
+                Vec::new(),
+            ),
+            ("[::ffff:192.0.2.1]:5001".parse().unwrap(), vec![7]),
+        ];
+        assert_eq!(parse_datagrams(&encode_datagrams(&d)), Some(d));
+        assert_eq!(parse_datagrams(&[]), Some(Vec::new()));
+        // Cut short anywhere: refused, never half-read.
+        let bytes = encode_datagrams(&[("[2001:db8::1]:443".parse().unwrap(), vec![1, 2, 3])]);
+        for cut in 1..bytes.len() {
+            assert_eq!(parse_datagrams(&bytes[..cut]), None, "cut at {cut}");
+        }
+    }
 }

@@ -1,13 +1,25 @@
-//! The VIP socket through quinn-udp: GRO on receive, GSO and ECN on send, source address control.
+//! The VIP sockets through quinn-udp: GRO on receive, GSO and ECN on send, source address control.
+//!
+//! A worker serving several VIPs (an IPv4 and an IPv6 one, say) binds one socket per VIP
+//! ([`VipSockets`]) rather than one dual-stack socket on the wildcard address. A socket bound to
+//! the VIP itself receives only what was sent to that VIP (not whatever else reaches the port on
+//! the host's own addresses), sends from exactly that address without relying on a per-datagram
+//! source-address option, and keeps IPv4 clients' addresses in their plain form instead of
+//! IPv4-mapped IPv6 ones (which would also reach snapshots and the control API). Every connection
+//! is sent for through the socket of the VIP it arrived on (quinn's `local_ip`), so it keeps
+//! replying from the address its client talks to (direct server return).
 use crate::core::Outgoing;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::task::{Context, Poll};
 use tokio::io::Interest;
 
 pub struct UdpIo {
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
+    /// The address the socket is bound to (a VIP).
+    local_ip: IpAddr,
     /// Receive buffers for one batch (recvmmsg), allocated once: [`quinn_udp::BATCH_SIZE`]
     /// slots of [`RECV_SLOT`] bytes. Allocating (and zeroing) them per datagram cost more than
     /// handling the datagram under load.
@@ -20,6 +32,8 @@ const RECV_SLOT: usize = 64 * 1024;
 /// One received datagram.
 pub struct Received {
     pub from: SocketAddr,
+    /// The address it was sent to (the VIP whose socket received it).
+    pub to: IpAddr,
     pub ecn: Option<u8>,
     pub data: Vec<u8>,
 }
@@ -46,9 +60,11 @@ impl UdpIo {
         }
         let state = UdpSocketState::new((&std).into())?;
         let recv_buf = std::sync::Mutex::new(vec![0u8; RECV_SLOT * quinn_udp::BATCH_SIZE]);
+        let local_ip = std.local_addr()?.ip();
         Ok(Self {
             socket: tokio::net::UdpSocket::from_std(std)?,
             state,
+            local_ip,
             recv_buf,
         })
     }
@@ -66,6 +82,11 @@ impl UdpIo {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_ip(&self) -> IpAddr {
+        self.local_ip
     }
 
     /// Datagrams a transmit may carry (GSO segments); 1 without GSO.
@@ -103,9 +124,13 @@ impl UdpIo {
                 let before = out.len();
                 for (m, b) in meta[..n].iter().zip(bufs.iter()) {
                     let stride = m.stride.max(1);
+                    // What the kernel says the datagram was sent to; the bound address when
+                    // it does not say (they are the same for a socket bound to a VIP).
+                    let to = m.dst_ip.unwrap_or(self.local_ip);
                     for chunk in b[..m.len].chunks(stride) {
                         out.push(Received {
                             from: m.addr,
+                            to,
                             ecn: m.ecn.map(|e| e as u8),
                             data: chunk.to_vec(),
                         });
@@ -137,6 +162,123 @@ impl UdpIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// The worker's sockets, one per VIP (see the module comment for why not one dual-stack socket).
+pub struct VipSockets {
+    sockets: Vec<UdpIo>,
+}
+
+impl VipSockets {
+    /// Binds `port` on every VIP in `vips`, asking for `buffer` bytes of socket buffer each
+    /// (see [`UdpIo::bind_with_buffers`]).
+    pub fn bind(vips: &[IpAddr], port: u16, buffer: usize) -> io::Result<Self> {
+        let mut sockets = Vec::with_capacity(vips.len());
+        for &ip in vips {
+            let addr = SocketAddr::new(ip, port);
+            let s = UdpIo::bind_with_buffers(addr, buffer)
+                .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+            sockets.push(s);
+        }
+        Self::new(sockets)
+    }
+
+    /// Sockets already bound (each to one VIP).
+    pub fn new(sockets: Vec<UdpIo>) -> io::Result<Self> {
+        if sockets.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no VIP socket: at least one VIP is needed",
+            ));
+        }
+        Ok(Self { sockets })
+    }
+
+    /// One socket.
+    pub fn single(socket: UdpIo) -> Self {
+        Self {
+            sockets: vec![socket],
+        }
+    }
+
+    pub fn sockets(&self) -> &[UdpIo] {
+        &self.sockets
+    }
+
+    /// The VIPs, in the order they were bound.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        self.sockets.iter().map(UdpIo::local_ip).collect()
+    }
+
+    /// Datagrams a transmit may carry (GSO segments): what every socket can take.
+    pub fn max_gso_segments(&self) -> usize {
+        self.sockets
+            .iter()
+            .map(UdpIo::max_gso_segments)
+            .min()
+            .unwrap_or(1)
+    }
+
+    /// Whether the kernel may fragment what any of the sockets sends.
+    pub fn may_fragment(&self) -> bool {
+        self.sockets.iter().any(UdpIo::may_fragment)
+    }
+
+    /// Receives at least one datagram, from whichever socket has some, into `out`.
+    pub async fn recv(&self, out: &mut Vec<Received>) -> io::Result<()> {
+        loop {
+            std::future::poll_fn(|cx| self.poll_readable(cx)).await?;
+            if self.try_recv(out)? > 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Ready once any socket may have something to read.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        for s in &self.sockets {
+            if let Poll::Ready(r) = s.socket.poll_recv_ready(cx) {
+                return Poll::Ready(r);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Takes one batch from each socket of what is already waiting, without blocking; returns
+    /// how many datagrams it took.
+    pub fn try_recv(&self, out: &mut Vec<Received>) -> io::Result<usize> {
+        let mut n = 0;
+        for s in &self.sockets {
+            n += s.try_recv(out)?;
+        }
+        Ok(n)
+    }
+
+    /// The socket a transmit leaves through: the one bound to its source address (the VIP of its
+    /// connection), else the first of the destination's address family.
+    fn socket_for(&self, o: &Outgoing) -> Option<&UdpIo> {
+        o.src_ip
+            .and_then(|ip| self.sockets.iter().find(|s| s.local_ip == ip))
+            .or_else(|| {
+                self.sockets
+                    .iter()
+                    .find(|s| s.local_ip.is_ipv4() == o.destination.is_ipv4())
+            })
+    }
+
+    /// Sends one transmit through the socket of its source VIP (see [`UdpIo::send`]).
+    pub async fn send(&self, o: &Outgoing) -> io::Result<()> {
+        match self.socket_for(o) {
+            Some(s) => s.send(o).await,
+            None => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!(
+                    "no VIP socket to send from {:?} to {}",
+                    o.src_ip, o.destination
+                ),
+            )),
         }
     }
 }

@@ -81,7 +81,7 @@ fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
             layout: CidLayout::default(),
             certs,
             key,
-            vip: VIP.parse::<SocketAddr>().unwrap().ip(),
+            vips: vec![VIP.parse::<SocketAddr>().unwrap().ip()],
             allow_mtud: false,
         },
         Arc::new(DemoService),
@@ -93,7 +93,7 @@ fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
 fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
     let mut out = Vec::new();
     for d in client.transmit(now) {
-        core.handle(now, CLIENT.parse().unwrap(), None, &d, &mut out);
+        core.handle(now, CLIENT.parse().unwrap(), None, None, &d, &mut out);
     }
     core.poll(now, 1, &mut out);
     out

@@ -8,7 +8,7 @@ mod common;
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
-use baton_worker::udp::UdpIo;
+use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,8 +56,10 @@ async fn lab() -> Lab {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let cert = certified.cert.der().clone();
     let key_der = certified.key_pair.serialize_der();
-    let socket = Arc::new(UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-    let vip = socket.local_addr().unwrap();
+    let socket = Arc::new(VipSockets::single(
+        UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+    ));
+    let vip = socket.sockets()[0].local_addr().unwrap();
     let layout = CidLayout::default();
     let mut senders = Vec::new();
     let mut handles = Vec::new();
@@ -68,7 +70,7 @@ async fn lab() -> Lab {
                 layout,
                 certs: vec![cert.clone()],
                 key: rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.clone().into()),
-                vip: vip.ip(),
+                vips: vec![vip.ip()],
                 allow_mtud: !socket.may_fragment(),
             },
             Arc::new(DemoService),

@@ -9,7 +9,7 @@ use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::migrate::{Ctx, MigrateOut, TargetRef};
-use baton_worker::udp::UdpIo;
+use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
 use migration::{
     MigrationBinding, MigrationId, MigrationTokenManager, TokenConfig, TokenSecret, WorkerId,
@@ -61,8 +61,10 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     baton_worker::certs::generate(&dir, &["w1".into(), "w2".into()], "localhost").unwrap();
     let (certs, key) =
         baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
-    let socket = Arc::new(UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-    let vip = socket.local_addr().unwrap();
+    let socket = Arc::new(VipSockets::single(
+        UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+    ));
+    let vip = socket.sockets()[0].local_addr().unwrap();
     let layout = CidLayout::default();
     let (mut senders, mut handles) = (Vec::new(), Vec::new());
     for server_id in [1u64, 2] {
@@ -72,7 +74,7 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
                 layout,
                 certs: certs.clone(),
                 key: key.clone_key(),
-                vip: vip.ip(),
+                vips: vec![vip.ip()],
                 allow_mtud: false,
             },
             Arc::new(DemoService),

@@ -99,10 +99,17 @@ fn package_bin(package: &'static str) -> PathBuf {
 pub const PEER_PORT: u16 = 4470;
 
 /// Makes the certificates and secrets (`baton-worker gen-certs`) and the configs of workers w1
-/// and w2 for the lab's worker namespaces in `dir` (made afresh); returns the migration config
+/// and w2 (serving both VIPs, IPv4 and IPv6) for the lab's worker namespaces in `dir` (made
+/// afresh); returns the migration config
 /// for the `baton` CLI (`<dir>/migration.toml`). Worker i's config is `<dir>/w<i>.toml`, its
 /// control socket `<dir>/w<i>.sock`.
 pub fn write_worker_configs(dir: &Path) -> PathBuf {
+    write_worker_configs_with(dir, false)
+}
+
+/// [`write_worker_configs`], with the worker-to-worker channel on the workers' IPv6 lab addresses
+/// (`[fd00:201:1<i>::2]:4470`) if `peer_v6`.
+pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let out = Command::new(worker_bin())
@@ -126,8 +133,13 @@ pub fn write_worker_configs(dir: &Path) -> PathBuf {
     let mut mc = format!("secrets = \"{d}/secrets.toml\"\n");
     for sid in 1..=2 {
         let name = format!("w{sid}");
+        let peer = if peer_v6 {
+            format!("[fd00:201:1{sid}::2]:{PEER_PORT}")
+        } else {
+            format!("10.201.1{sid}.2:{PEER_PORT}")
+        };
         let cfg = format!(
-            r#"vip = "{VIP4}"
+            r#"vips = ["{VIP4}", "{VIP6}"]
 port = {PORT}
 server_id = {sid}
 cid_len = {CID_LEN}
@@ -138,7 +150,7 @@ name = "{name}"
 control_socket = "{d}/{name}.sock"
 secrets = "{d}/secrets.toml"
 [peer]
-listen = "10.201.1{sid}.2:{PEER_PORT}"
+listen = "{peer}"
 ca = "{d}/ca.pem"
 cert = "{d}/{name}.pem"
 key = "{d}/{name}.key"
@@ -884,4 +896,161 @@ pub fn lb_counters(pin_dir: &Path, socket: &Path) -> std::collections::BTreeMap<
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---- baton-load as a helper of its own (IPv6 and IPv4 clients through migrations). ----
+
+/// A running `baton-load` in the lab's client namespace, writing its output, summary and gap log
+/// (one line per completed request) into `dir` as `<name>.out`, `<name>-summary.json` and
+/// `<name>-gaps.log` (stop file `<name>.stop`). Killed on drop if still running.
+pub struct Load {
+    child: Option<Child>,
+    dir: PathBuf,
+    name: String,
+    pub connections: usize,
+}
+
+impl Load {
+    /// Starts `connections` connections to `target` (IPv4 or IPv6), a request every 10 ms and a
+    /// long byte-checked stream on each, trusting `<dir>/ca.pem`; returns once every connection is
+    /// up (its `ready` line), or panics after `patience` with its output.
+    pub fn start(
+        lab: &Lab,
+        dir: &Path,
+        name: &str,
+        target: SocketAddr,
+        connections: usize,
+        patience: Duration,
+    ) -> Load {
+        let file = |suffix: &str| dir.join(format!("{name}{suffix}"));
+        let log = std::fs::File::create(file(".out")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.client])
+            .arg(load_bin())
+            .arg("--target")
+            .arg(target.to_string())
+            .arg("--ca")
+            .arg(dir.join("ca.pem"))
+            .args(["--server-name", "baton.test"])
+            .args(["--connections", &connections.to_string()])
+            .args(["--request-size", "512", "--request-interval", "10ms"])
+            .args(["--stream-rate", "65536", "--progress-interval", "1s"])
+            .arg("--stop-file")
+            .arg(file(".stop"))
+            .arg("--summary-file")
+            .arg(file("-summary.json"))
+            .arg("--gap-log")
+            .arg(file("-gaps.log"))
+            .arg("--print-conn-ids")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn baton-load");
+        let mut load = Load {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            name: name.into(),
+            connections,
+        };
+        let start = Instant::now();
+        while !load
+            .output()
+            .lines()
+            .any(|l| l == format!("ready connections={connections}"))
+        {
+            if let Some(st) = load.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("baton-load {name} exited early ({st}):\n{}", load.output());
+            }
+            assert!(
+                start.elapsed() < patience,
+                "baton-load {name}: {connections} connections not up in {} s:\n{}",
+                patience.as_secs(),
+                load.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        load
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn file(&self, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{}{suffix}", self.name))
+    }
+
+    /// What baton-load printed so far (stdout and stderr).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.file(".out")).unwrap_or_default()
+    }
+
+    /// Requests completed so far on each connection (from the gap log, which baton-load flushes
+    /// every 100 ms; a line still being written is not counted).
+    pub fn requests_per_connection(&self) -> Vec<u64> {
+        let text = std::fs::read_to_string(self.file("-gaps.log")).unwrap_or_default();
+        let mut n = vec![0u64; self.connections];
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        for line in complete.lines() {
+            if let Some(i) = line
+                .split_whitespace()
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < self.connections)
+            {
+                n[i] += 1;
+            }
+        }
+        n
+    }
+
+    /// Whether baton-load is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Stops baton-load through its stop file (waiting up to `patience`) and returns its JSON
+    /// summary.
+    pub fn stop(&mut self, patience: Duration) -> Value {
+        std::fs::write(self.file(".stop"), b"stop\n").unwrap();
+        let mut child = self.child.take().expect("baton-load running");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > patience {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "baton-load {} did not stop within {} s of its stop file:\n{}",
+                    self.name,
+                    patience.as_secs(),
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(self.file("-summary.json"))
+            .unwrap_or_else(|e| panic!("baton-load {} ({status}) left no summary: {e}", self.name));
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- baton-load {} output ----\n{}",
+                self.name,
+                tail(&self.output(), 200)
+            );
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! `baton-worker --config worker.toml`: serves the configured service on the VIP, and (with
+//! `baton-worker --config worker.toml`: serves the configured service on every VIP, and (with
 //! `control_socket`, `secrets` and `[peer]` set) takes part in live migrations.
 //! `baton-worker gen-certs --out DIR --workers w1,w2`: CA, peer certificates, service certificate
 //! and secrets for a deployment or a lab (docs/MIGRATION-FLOW.md).
@@ -6,7 +6,7 @@ use anyhow::Context;
 use baton_worker::config::WorkerConfig;
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::io::{Inbound, spawn};
-use baton_worker::udp::UdpIo;
+use baton_worker::udp::VipSockets;
 use clap::{Parser, Subcommand};
 use lb_common::cid::CidLayout;
 use std::net::SocketAddr;
@@ -121,25 +121,30 @@ async fn serve(
     listener: Option<tokio::net::UnixListener>,
     signals: &mut StopSignals,
 ) -> anyhow::Result<()> {
-    let addr = SocketAddr::new(config.vip, config.port);
-    let socket = Arc::new(
-        UdpIo::bind_with_buffers(addr, config.socket_buffer)
-            .with_context(|| format!("binding {addr}"))?,
-    );
-    let (rcv, snd) = socket.buffer_sizes();
-    tracing::info!(
-        requested = config.socket_buffer,
-        rcvbuf = rcv,
-        sndbuf = snd,
-        "VIP socket buffers (as the kernel reports them)"
-    );
-    if rcv < config.socket_buffer || snd < config.socket_buffer {
-        tracing::warn!(
+    let socket = Arc::new(VipSockets::bind(
+        &config.vips,
+        config.port,
+        config.socket_buffer,
+    )?);
+    for s in socket.sockets() {
+        let (rcv, snd) = s.buffer_sizes();
+        let vip = s.local_ip();
+        tracing::info!(
+            %vip,
             requested = config.socket_buffer,
             rcvbuf = rcv,
             sndbuf = snd,
-            "the kernel granted smaller VIP socket buffers than configured (raise net.core.rmem_max/wmem_max, or run with CAP_NET_ADMIN)"
+            "VIP socket buffers (as the kernel reports them)"
         );
+        if rcv < config.socket_buffer || snd < config.socket_buffer {
+            tracing::warn!(
+                %vip,
+                requested = config.socket_buffer,
+                rcvbuf = rcv,
+                sndbuf = snd,
+                "the kernel granted smaller VIP socket buffers than configured (raise net.core.rmem_max/wmem_max, or run with CAP_NET_ADMIN)"
+            );
+        }
     }
     let core = WorkerCore::new(
         CoreConfig {
@@ -147,12 +152,17 @@ async fn serve(
             layout,
             certs,
             key,
-            vip: config.vip,
+            vips: config.vips.clone(),
             allow_mtud: !socket.may_fragment(),
         },
         service,
     )?;
-    tracing::info!(%addr, server_id = config.server_id, "worker listening");
+    let addrs: Vec<SocketAddr> = config
+        .vips
+        .iter()
+        .map(|&v| SocketAddr::new(v, config.port))
+        .collect();
+    tracing::info!(vips = ?addrs, server_id = config.server_id, "worker listening");
     let (handle, task) = spawn(core, socket, Inbound::Socket);
     if let (Some(control), Some(secrets), Some(peer)) =
         (&config.control_socket, &config.secrets, &config.peer)
