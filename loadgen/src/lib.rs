@@ -6,7 +6,9 @@
 //! connection errors, reconnects and whether the long stream came back byte-exact.
 //!
 //! This library part holds what the binary and its tests share: the byte pattern, the duration
-//! parser and the summary (JSON) types.
+//! and percentage parsers, the summary (JSON) types, and the emulated path ([`impair`]).
+pub mod impair;
+
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ pub const KIND_STREAM: u8 = 0x02;
 /// Largest request body the demo service accepts.
 pub const MAX_REQUEST: usize = 1 << 20;
 
-fn splitmix64(mut x: u64) -> u64 {
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -53,7 +55,7 @@ pub fn first_mismatch(seed: u64, offset: u64, got: &[u8]) -> Option<u64> {
         .map(|i| offset + i as u64)
 }
 
-/// Parses `250ms`, `30s`, `2m`, `1h` or a plain number of seconds (`45`, `1.5`).
+/// Parses `250ms`, `30s`, `2m`, `1h`, `500us` or a plain number of seconds (`45`, `1.5`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
@@ -64,13 +66,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
     let secs = match unit {
+        "us" | "µs" => value / 1e6,
         "ms" => value / 1000.0,
         "s" | "sec" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         other => {
             return Err(format!(
-                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+                "unknown unit {other:?} in {text:?} (use us, ms, s, m or h)"
             ));
         }
     };
@@ -80,13 +83,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Like [`parse_duration`] but with the unit required (`40ms`, not `40`, which would be 40 s);
+/// only `0` may go without one. For the emulated path's delays.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bare = !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if bare && t.parse::<f64>().is_ok_and(|v| v != 0.0) {
+        return Err(format!("{text:?}: give the unit (e.g. {t}ms)"));
+    }
+    parse_duration(t)
+}
+
+/// Parses a percentage as a fraction: `1%`, `0.5%`, or a plain number of percent (`2` is 2%).
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let num = t.strip_suffix('%').unwrap_or(t).trim();
+    match num.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(v / 100.0),
+        _ => Err(format!(
+            "{text:?} is not a percentage from 0 to 100 (e.g. 1%, 0.5%)"
+        )),
+    }
+}
+
 /// What one client connection slot saw over the whole run (across reconnects).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ConnSummary {
     /// Index of the connection slot (0..connections).
     pub index: usize,
-    /// The client's UDP address for this slot: what a worker reports as the connection's peer.
+    /// The client's UDP address for this slot: what a worker reports as the connection's peer
+    /// (with --rebind-every: the last one).
     pub local_addr: String,
+    /// The service address this slot connected to (one of the --target flags).
+    #[serde(default)]
+    pub target: String,
     /// Connections made for this slot (1 + reconnects when all went well).
     pub connections_made: u64,
     pub requests: u64,
@@ -112,6 +142,12 @@ pub struct ConnSummary {
     /// The client's congestion events (loss or ECN) over the slot's connections.
     #[serde(default)]
     pub congestion_events: u64,
+    /// `--rebind-every`: times the slot's endpoint moved to a new local UDP port.
+    #[serde(default)]
+    pub rebinds: u64,
+    /// `--key-update-every`: key updates asked of quinn on the slot's connections.
+    #[serde(default)]
+    pub key_updates: u64,
     /// Every long stream of this slot came back complete (FIN) and byte-exact.
     pub stream_exact: bool,
     /// `--idle`: the request made when the run stopped was answered on the connection that made
@@ -125,6 +161,7 @@ pub struct ConnSummary {
 /// The run's result: totals and every slot.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
+    /// The --target addresses, comma-separated.
     pub target: String,
     pub duration_s: f64,
     pub connections: usize,
@@ -156,6 +193,20 @@ pub struct Summary {
     /// `--idle`: slots whose final request was answered on their original connection.
     #[serde(default)]
     pub final_requests_ok: usize,
+    /// Slots whose target was an IPv4 address, and an IPv6 one.
+    #[serde(default)]
+    pub ipv4_connections: usize,
+    #[serde(default)]
+    pub ipv6_connections: usize,
+    /// `--rebind-every`: local port changes, all slots.
+    #[serde(default)]
+    pub rebinds: u64,
+    /// `--key-update-every`: key updates asked for, all slots.
+    #[serde(default)]
+    pub key_updates: u64,
+    /// `--rtt`, `--loss`, ...: the emulated path and what it did to the datagrams.
+    #[serde(default)]
+    pub path: Option<impair::PathReport>,
     /// Everything checked out: every slot connected once, no failure, no reconnect, every stream
     /// byte-exact, every request counter continuous.
     pub ok: bool,
@@ -194,6 +245,14 @@ impl Summary {
             p99_stall_ms: percentile(&stalls, 99.0),
             streams_not_exact: per_connection.iter().filter(|c| !c.stream_exact).count(),
             final_requests_ok: per_connection.iter().filter(|c| c.final_request_ok).count(),
+            ipv6_connections: per_connection
+                .iter()
+                .filter(|c| c.target.starts_with('['))
+                .count(),
+            ipv4_connections: per_connection
+                .iter()
+                .filter(|c| !c.target.is_empty() && !c.target.starts_with('['))
+                .count(),
             ..Default::default()
         };
         if let Some(worst) = per_connection
@@ -214,6 +273,8 @@ impl Summary {
             s.stream_bytes_verified += c.stream_bytes_verified;
             s.lost_packets += c.lost_packets;
             s.congestion_events += c.congestion_events;
+            s.rebinds += c.rebinds;
+            s.key_updates += c.key_updates;
         }
         s.ok = s.established == s.connections
             && s.failed == 0
@@ -237,6 +298,18 @@ impl Summary {
             "  connections   {} ({} established, {} reconnects, {} connection errors, {} handshake retries)\n",
             self.connections, self.established, self.reconnects, self.connection_errors, self.connect_retries
         ));
+        if self.ipv4_connections > 0 && self.ipv6_connections > 0 {
+            out.push_str(&format!(
+                "  families      {} IPv4, {} IPv6\n",
+                self.ipv4_connections, self.ipv6_connections
+            ));
+        }
+        if self.rebinds > 0 || self.key_updates > 0 {
+            out.push_str(&format!(
+                "  events        {} rebinds to a new local port, {} key updates asked for\n",
+                self.rebinds, self.key_updates
+            ));
+        }
         out.push_str(&format!(
             "  requests      {} completed, {} failed, {} session-counter breaks\n",
             self.requests, self.failed, self.counter_breaks
@@ -255,6 +328,9 @@ impl Summary {
             "  client QUIC   {} packets declared lost (retransmitted), {} congestion events\n",
             self.lost_packets, self.congestion_events
         ));
+        if let Some(p) = &self.path {
+            out.push_str(&p.human());
+        }
         for c in self
             .per_connection
             .iter()
@@ -306,8 +382,25 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("0.1ms").unwrap(), Duration::from_micros(100));
         assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_delay("40ms").unwrap(), Duration::from_millis(40));
+        assert_eq!(parse_delay("0").unwrap(), Duration::ZERO);
+        assert!(parse_delay("40").is_err());
         assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn percentages_parse() {
+        assert_eq!(parse_percent("1%").unwrap(), 0.01);
+        assert_eq!(parse_percent("0.5%").unwrap(), 0.005);
+        assert_eq!(parse_percent("2").unwrap(), 0.02);
+        assert_eq!(parse_percent("0").unwrap(), 0.0);
+        assert_eq!(parse_percent("100%").unwrap(), 1.0);
+        assert!(parse_percent("101%").is_err());
+        assert!(parse_percent("-1").is_err());
+        assert!(parse_percent("lots").is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `baton-load`: drive Baton's demo service with many QUIC connections and check every byte.
 use anyhow::{Context, Result, bail};
+use baton_load::impair::{DirectionConfig, ImpairedSocket, PathConfig, PathReport, PathStats};
 use baton_load::{
     ALPN, ConnSummary, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch,
-    parse_duration,
+    parse_delay, parse_duration, parse_percent,
 };
 use clap::Parser;
 use quinn::crypto::rustls::QuicClientConfig;
@@ -24,7 +25,8 @@ use tokio::sync::watch;
 request/response loop and one long-lived echo stream whose bytes are checked",
     long_about = "Load client for Baton's demo service (ALPN baton-demo/1, docs/DEMO-PROTOCOL.md).\n\n\
 Opens --connections QUIC connections to --target, each from its own UDP socket (so the client \
-address names the connection on the worker side). Every connection runs a request/response loop \
+address names the connection on the worker side). With several --target flags (e.g. an IPv4 and \
+an IPv6 VIP) the connections alternate between them: connection i goes to target i mod n. Every connection runs a request/response loop \
 (request body of --request-size bytes, checked on the answer together with the session's request \
 counter) and one long-lived bidirectional stream carrying deterministic pseudo-random bytes that \
 are checked as they are echoed. It records per connection the largest gap between two completed \
@@ -33,15 +35,33 @@ made), and whether the long stream came back byte-exact.\n\n\
 It runs for --duration, or until --stop-file exists, or until SIGINT/SIGTERM; then it closes every \
 long stream, waits for the last echoed byte and prints a summary (text, or JSON with --json). \
 Progress goes to stderr once per --progress-interval. Exit status: 0 when everything checked out, \
-1 when anything failed, 2 on a usage or setup error.",
+1 when anything failed, 2 on a usage or setup error.\n\n\
+Emulated path: --rtt, --delay-up/--delay-down, --jitter, --loss, --loss-up/--loss-down and \
+--reorder impair every connection's UDP socket inside this process (for a lab whose kernel has no \
+netem), on top of whatever the real path does. Each datagram is decided on its own (also each \
+segment of a GSO/GRO batch): dropped with the direction's loss probability, else delivered after \
+the direction's delay plus a uniform random extra from 0 to --jitter, plus --reorder-delay for the \
+--reorder share of datagrams (so later ones overtake them). Without jitter and reordering the order \
+is kept. Delays run on tokio timers (1 ms resolution: never shorter than asked, up to ~1 ms longer) \
+and never block the sender. The summary reports the path and how many datagrams were dropped, \
+delayed and held back in each direction.\n\n\
+Client events: --rebind-every moves each connection's endpoint to a fresh local UDP port \
+periodically (the server sees a NAT rebinding: a new client address on the same connection, \
+which it validates), and --key-update-every makes each connection start a QUIC key update \
+periodically. The summary counts both.",
     after_help = "Examples:\n  \
 baton-load --target 10.200.100.1:4433 --ca /etc/baton/ca.pem --connections 100 --duration 30s\n  \
-baton-load --target 10.200.100.1:4433 --insecure-skip-verify --stop-file /tmp/stop --print-conn-ids --json"
+baton-load --target 10.200.100.1:4433 --insecure-skip-verify --stop-file /tmp/stop --print-conn-ids --json\n  \
+baton-load --target 10.200.100.1:4433 --ca ca.pem --rtt 40ms --loss 1% --duration 30s   (a 40 ms, 1% loss path)\n  \
+baton-load --target 10.200.100.1:4433 --target '[fd00:200:100::1]:4433' --ca ca.pem --connections 20   (10 IPv4, 10 IPv6)\n  \
+baton-load --target 10.200.100.1:4433 --ca ca.pem --rebind-every 300ms --key-update-every 50ms\n  \
+baton-load --target 10.200.100.1:4433 --ca ca.pem --delay-up 5ms --delay-down 45ms --jitter 2ms --reorder 1% --impair-seed 7"
 )]
 struct Args {
-    /// The service address: VIP and port.
-    #[arg(long, short)]
-    target: SocketAddr,
+    /// The service address: VIP and port (an IPv6 one as [addr]:port). Repeat it for several:
+    /// connection i goes to target i mod n (e.g. half IPv4, half IPv6).
+    #[arg(long, short, required = true)]
+    target: Vec<SocketAddr>,
     /// Concurrent connections.
     #[arg(long, short, default_value_t = 10)]
     connections: usize,
@@ -107,6 +127,88 @@ struct Args {
     /// `conn` line of a connection comes after its first request.
     #[arg(long)]
     idle: bool,
+    /// Round-trip time added to the path: half of it delays each direction (40ms: 20 ms up,
+    /// 20 ms down). --delay-up and --delay-down override one direction each.
+    #[arg(long, value_parser = parse_delay, help_heading = PATH_HEADING)]
+    rtt: Option<Duration>,
+    /// One-way delay added to every datagram the client sends (overrides half of --rtt).
+    #[arg(long, value_parser = parse_delay, help_heading = PATH_HEADING)]
+    delay_up: Option<Duration>,
+    /// One-way delay added to every datagram the client receives (overrides half of --rtt).
+    #[arg(long, value_parser = parse_delay, help_heading = PATH_HEADING)]
+    delay_down: Option<Duration>,
+    /// Random extra delay per datagram, uniform from 0 to this, both directions. Datagrams closer
+    /// together than the jitter can overtake each other.
+    #[arg(long, value_parser = parse_delay, default_value = "0ms", help_heading = PATH_HEADING)]
+    jitter: Duration,
+    /// Share of datagrams lost at random, each direction (1%, 0.5%; a plain number is percent).
+    /// --loss-up and --loss-down override one direction each.
+    #[arg(long, value_parser = parse_percent, help_heading = PATH_HEADING)]
+    loss: Option<f64>,
+    /// Share of the datagrams the client sends that are lost (overrides --loss).
+    #[arg(long, value_parser = parse_percent, help_heading = PATH_HEADING)]
+    loss_up: Option<f64>,
+    /// Share of the datagrams the client receives that are lost (overrides --loss).
+    #[arg(long, value_parser = parse_percent, help_heading = PATH_HEADING)]
+    loss_down: Option<f64>,
+    /// Share of datagrams, each direction, held back by --reorder-delay beyond their delay, so
+    /// the ones after them overtake them (e.g. 1%).
+    #[arg(long, value_parser = parse_percent, default_value = "0", help_heading = PATH_HEADING)]
+    reorder: f64,
+    /// How long a reordered datagram is held back.
+    #[arg(long, value_parser = parse_delay, default_value = "5ms", help_heading = PATH_HEADING)]
+    reorder_delay: Duration,
+    /// Seed of the path's random decisions (loss, jitter, reordering): with the same seed each
+    /// connection's socket makes the same sequence of decisions. Default: a random seed, printed
+    /// at the start and in the summary.
+    #[arg(long, help_heading = PATH_HEADING)]
+    impair_seed: Option<u64>,
+    /// NAT rebinding: every this often (e.g. 300ms) each connection's endpoint moves to a fresh
+    /// local UDP port on the same address (on the emulated path too), so the server sees the
+    /// connection come from a new client address. Counted as `rebinds` in the summary. The
+    /// `conn` lines of --print-conn-ids give the first address only.
+    #[arg(long, value_parser = parse_duration, help_heading = EVENTS_HEADING)]
+    rebind_every: Option<Duration>,
+    /// Key updates: every this often (e.g. 50ms) each connection starts a QUIC key update
+    /// (quinn's `force_key_update`; quinn skips one asked for before the peer confirmed the last).
+    /// Counted as `key_updates` (asked for) in the summary.
+    #[arg(long, value_parser = parse_duration, help_heading = EVENTS_HEADING)]
+    key_update_every: Option<Duration>,
+}
+
+const PATH_HEADING: &str = "Emulated path (client-side impairment)";
+const EVENTS_HEADING: &str = "Client events during the run";
+
+impl Args {
+    /// The target of connection slot `index`: the targets in turn.
+    fn target_of(&self, index: usize) -> SocketAddr {
+        self.target[index % self.target.len()]
+    }
+
+    /// The emulated path the impairment options describe.
+    fn path(&self) -> PathConfig {
+        let half = self.rtt.unwrap_or_default() / 2;
+        let loss = self.loss.unwrap_or(0.0);
+        PathConfig {
+            up: DirectionConfig {
+                delay: self.delay_up.unwrap_or(half),
+                loss: self.loss_up.unwrap_or(loss),
+            },
+            down: DirectionConfig {
+                delay: self.delay_down.unwrap_or(half),
+                loss: self.loss_down.unwrap_or(loss),
+            },
+            jitter: self.jitter,
+            reorder: self.reorder,
+            reorder_delay: self.reorder_delay,
+            seed: self.impair_seed.unwrap_or_else(random_seed),
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// Counters every connection task updates, read by the progress reporter.
@@ -122,6 +224,8 @@ struct Totals {
     stream_bad: AtomicU64,
     /// Largest stall so far, in microseconds.
     max_stall_us: AtomicU64,
+    rebinds: AtomicU64,
+    key_updates: AtomicU64,
 }
 
 struct Ctx {
@@ -135,6 +239,9 @@ struct Ctx {
     announced: AtomicUsize,
     /// --gap-log: completion times of requests.
     gap_log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    /// The emulated path (`--rtt`, `--loss`, ...) and what it did.
+    path: PathConfig,
+    path_stats: Arc<PathStats>,
 }
 
 impl Ctx {
@@ -333,6 +440,15 @@ async fn run(args: Args) -> Result<bool> {
         ))),
         None => None,
     };
+    let path = args.path();
+    if path.is_impaired() {
+        eprintln!(
+            "baton-load: emulated path: {} (seed {}; --impair-seed {} repeats its decisions)",
+            path.describe(),
+            path.seed,
+            path.seed
+        );
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let ctx = Arc::new(Ctx {
@@ -344,6 +460,8 @@ async fn run(args: Args) -> Result<bool> {
         started,
         announced: AtomicUsize::new(0),
         gap_log,
+        path,
+        path_stats: Arc::new(PathStats::default()),
     });
     if ctx.gap_log.is_some() {
         let ctx = ctx.clone();
@@ -398,12 +516,28 @@ async fn run(args: Args) -> Result<bool> {
                     _ = stopped(&mut stop) => return,
                 }
                 let t = &ctx.totals;
+                let path = if ctx.path.is_impaired() {
+                    let (up, down) = (ctx.path_stats.up.counts(), ctx.path_stats.down.counts());
+                    format!(" path dropped up={} down={}", up.dropped, down.dropped)
+                } else {
+                    String::new()
+                };
+                let mut events = String::new();
+                if ctx.args.rebind_every.is_some() {
+                    events.push_str(&format!(" rebinds={}", t.rebinds.load(Ordering::Relaxed)));
+                }
+                if ctx.args.key_update_every.is_some() {
+                    events.push_str(&format!(
+                        " key_updates={}",
+                        t.key_updates.load(Ordering::Relaxed)
+                    ));
+                }
                 let req = t.requests.load(Ordering::Relaxed);
                 let rate = (req - last) as f64 / ctx.args.progress_interval.as_secs_f64();
                 last = req;
                 eprintln!(
                     "[load] t={:>6.1}s up={}/{} requests={} ({:.0}/s) failed={} reconnects={} conn_errors={} \
-                     max_stall={:.1}ms stream sent={:.2}MB verified={:.2}MB bad={}",
+                     max_stall={:.1}ms stream sent={:.2}MB verified={:.2}MB bad={}{events}{path}",
                     started.elapsed().as_secs_f64(),
                     t.up.load(Ordering::Relaxed),
                     ctx.args.connections,
@@ -451,11 +585,12 @@ async fn run(args: Args) -> Result<bool> {
         ctx.flush_gap_log()
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    let summary = Summary::from_connections(
-        ctx.args.target.to_string(),
-        started.elapsed(),
-        per_connection,
-    );
+    let targets: Vec<String> = ctx.args.target.iter().map(|t| t.to_string()).collect();
+    let mut summary =
+        Summary::from_connections(targets.join(","), started.elapsed(), per_connection);
+    if ctx.path.is_impaired() {
+        summary.path = Some(PathReport::new(&ctx.path, &ctx.path_stats));
+    }
     let json = serde_json::to_string(&summary)?;
     if let Some(f) = &ctx.args.summary_file {
         std::fs::write(f, format!("{json}\n"))
@@ -479,8 +614,10 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize) -> ConnSummary {
     };
     // Bind the address the route to the target leaves from (not the wildcard), so the local
     // address printed for this connection is exactly the peer address a worker reports.
-    let bind = SocketAddr::new(source_ip_for(ctx.args.target), 0);
-    let mut endpoint = match quinn::Endpoint::client(bind) {
+    let target = ctx.args.target_of(index);
+    s.target = target.to_string();
+    let bind = SocketAddr::new(source_ip_for(target), 0);
+    let mut endpoint = match client_endpoint(&ctx, bind, index as u64) {
         Ok(e) => e,
         Err(e) => {
             s.last_error = Some(format!("cannot open a UDP socket: {e}"));
@@ -495,11 +632,14 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize) -> ConnSummary {
         .unwrap_or_default();
     let mut attempts = 0u32;
     let mut generation = 0u64;
+    let rebinds = Arc::new(AtomicU64::new(0));
+    let key_updates = Arc::new(AtomicU64::new(0));
+    let mut rebinder: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if ctx.stopping() {
             break;
         }
-        let conn = match connect(&ctx, &endpoint).await {
+        let conn = match connect(&ctx, &endpoint, target).await {
             Ok(c) => c,
             Err(e) => {
                 if s.connections_made == 0 {
@@ -533,17 +673,39 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize) -> ConnSummary {
         s.local_addr = local.clone();
         if s.connections_made == 1 {
             ctx.totals.up.fetch_add(1, Ordering::Relaxed);
+            if let Some(every) = ctx.args.rebind_every {
+                rebinder = Some(tokio::spawn(rebind_loop(
+                    ctx.clone(),
+                    endpoint.clone(),
+                    bind,
+                    index,
+                    every,
+                    rebinds.clone(),
+                )));
+            }
         }
         if !ctx.args.idle {
             ctx.announce(index, &local, s.reconnects);
         }
         let seed = ((index as u64) << 20) ^ generation;
         generation += 1;
+        let key_updater = ctx.args.key_update_every.map(|every| {
+            tokio::spawn(key_update_loop(
+                ctx.clone(),
+                conn.clone(),
+                every,
+                key_updates.clone(),
+            ))
+        });
         let result = if ctx.args.idle {
             idle_session(&ctx, &conn, seed, &mut s).await
         } else {
             session(&ctx, &conn, seed, &mut s).await
         };
+        if let Some(k) = key_updater {
+            k.abort();
+            let _ = k.await;
+        }
         let stats = conn.stats();
         s.lost_packets += stats.path.lost_packets;
         s.congestion_events += stats.path.congestion_events;
@@ -561,8 +723,108 @@ async fn connection_slot(ctx: Arc<Ctx>, index: usize) -> ConnSummary {
             }
         }
     }
+    if let Some(r) = rebinder {
+        r.abort();
+        let _ = r.await;
+    }
+    s.rebinds = rebinds.load(Ordering::Relaxed);
+    s.key_updates = key_updates.load(Ordering::Relaxed);
+    if let Ok(a) = endpoint.local_addr() {
+        s.local_addr = a.to_string();
+    }
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     s
+}
+
+/// `--key-update-every`: until the run stops or `conn` closes, asks quinn for a key update on
+/// `conn` every `every`, counting each in `count` and the totals.
+async fn key_update_loop(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    every: Duration,
+    count: Arc<AtomicU64>,
+) {
+    let mut stop = ctx.stop.clone();
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+            _ = conn.closed() => return,
+        }
+        conn.force_key_update();
+        count.fetch_add(1, Ordering::Relaxed);
+        ctx.totals.key_updates.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `--rebind-every`: until the run stops, moves `endpoint` to a fresh UDP socket on `bind`'s
+/// address (a new port) every `every`, counting each move in `count` and the totals.
+async fn rebind_loop(
+    ctx: Arc<Ctx>,
+    endpoint: quinn::Endpoint,
+    bind: SocketAddr,
+    index: usize,
+    every: Duration,
+    count: Arc<AtomicU64>,
+) {
+    let mut stop = ctx.stop.clone();
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let n = count.load(Ordering::Relaxed) + 1;
+        // Each socket of the emulated path makes its own sequence of random decisions.
+        let stream = index as u64 | (n << 32);
+        match rebind(&ctx, &endpoint, bind, stream) {
+            Ok(()) => {
+                count.store(n, Ordering::Relaxed);
+                ctx.totals.rebinds.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(index, local = ?endpoint.local_addr(), "rebound");
+            }
+            Err(e) => tracing::warn!(index, "rebinding to a new UDP port failed: {e}"),
+        }
+    }
+}
+
+/// Moves `endpoint` to a new UDP socket on `bind` (on the emulated path when there is one).
+fn rebind(
+    ctx: &Ctx,
+    endpoint: &quinn::Endpoint,
+    bind: SocketAddr,
+    stream: u64,
+) -> std::io::Result<()> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    if !ctx.path.is_impaired() {
+        return endpoint.rebind(socket);
+    }
+    endpoint.rebind_abstract(ImpairedSocket::new(
+        socket,
+        &ctx.path,
+        stream,
+        ctx.path_stats.clone(),
+    )?)
+}
+
+/// A client endpoint on `bind`, on the emulated path when one is asked for.
+fn client_endpoint(ctx: &Ctx, bind: SocketAddr, stream: u64) -> std::io::Result<quinn::Endpoint> {
+    if !ctx.path.is_impaired() {
+        return quinn::Endpoint::client(bind);
+    }
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let socket = ImpairedSocket::new(socket, &ctx.path, stream, ctx.path_stats.clone())?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// Resolves once the run is stopping (holds no watch guard across an await).
@@ -586,15 +848,14 @@ fn source_ip_for(target: SocketAddr) -> std::net::IpAddr {
         .unwrap_or(unspecified)
 }
 
-async fn connect(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<quinn::Connection> {
+async fn connect(
+    ctx: &Ctx,
+    endpoint: &quinn::Endpoint,
+    target: SocketAddr,
+) -> Result<quinn::Connection> {
     let connecting = endpoint
-        .connect(ctx.args.target, &ctx.args.server_name)
-        .with_context(|| {
-            format!(
-                "connecting to {} as {:?}",
-                ctx.args.target, ctx.args.server_name
-            )
-        })?;
+        .connect(target, &ctx.args.server_name)
+        .with_context(|| format!("connecting to {target} as {:?}", ctx.args.server_name))?;
     match tokio::time::timeout(ctx.args.connect_timeout, connecting).await {
         Ok(r) => Ok(r.context("handshake")?),
         Err(_) => bail!("no handshake within {:?}", ctx.args.connect_timeout),

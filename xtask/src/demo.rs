@@ -6,12 +6,14 @@
 //! while the load runs moves every connection from w1 to w2 and back, `--rounds` times, with
 //! `baton migrate`. Then it stops the load, checks what the client saw and prints a report ending
 //! with the `RESULT ...` line. Exits non-zero if anything failed. Tears everything down unless
-//! `--keep` (then `cargo xtask demo --down` does).
+//! `--keep` (then `cargo xtask demo --down` does). `--rtt`, `--loss` and the other path options
+//! go to baton-load, which emulates that path at the client (the lab's veth is ~0.1 ms, lossless).
 use crate::lab;
 use crate::util::{cargo, require_root, workspace_root};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -71,6 +73,8 @@ pub struct Options {
     /// Run without migrations (load only) even if the migration CLI is available.
     #[arg(long)]
     pub no_migrate: bool,
+    #[command(flatten)]
+    pub path: crate::netpath::PathOptions,
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -108,6 +112,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if connections == 0 {
         bail!("--connections must be at least 1");
     }
+    opts.path.check()?;
 
     let bins = match &opts.bin_dir {
         Some(d) => d.clone(),
@@ -343,17 +348,31 @@ impl Run {
         Ok(())
     }
 
-    /// Starts `baton-load` in the client namespace against the VIP with the lab's CA, a stop
+    /// Starts `baton-load` in the client namespace against the IPv4 VIP with the lab's CA, a stop
     /// file, a summary file and `--print-conn-ids`, plus `args`. Its stderr (progress) is
     /// relayed; so is the rest of its stdout (the text summary) if `echo_stdout`.
     pub(crate) fn start_load(&mut self, args: &[String], echo_stdout: bool) -> Result<Load> {
+        self.start_load_to(&[vip_target(lab::VIP4)], args, echo_stdout)
+    }
+
+    /// [`Run::start_load`] against `targets` (baton-load alternates its connections between them).
+    pub(crate) fn start_load_to(
+        &mut self,
+        targets: &[SocketAddr],
+        args: &[String],
+        echo_stdout: bool,
+    ) -> Result<Load> {
         let stop_file = self.state.join("load.stop");
         let summary_file = self.state.join("load-summary.json");
         let _ = std::fs::remove_file(&stop_file);
         let mut load = Command::new("ip");
         load.args(["netns", "exec", lab::CLIENT_NS])
             .arg(self.bins.join("baton-load"))
-            .args(["--target", &format!("{}:4433", lab::VIP4)])
+            .args(
+                targets
+                    .iter()
+                    .flat_map(|t| ["--target".to_string(), t.to_string()]),
+            )
             .arg("--stop-file")
             .arg(&stop_file)
             .arg("--summary-file")
@@ -579,9 +598,10 @@ impl Run {
         let mut migration = format!("secrets = \"{}\"\n", pki.join("secrets.toml").display());
         for (name, _ns, server_id, peer) in WORKERS {
             let mut cfg = format!(
-                "vip = \"{vip}\"\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
+                "vips = [\"{vip4}\", \"{vip6}\"]\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
                  cert = \"{cert}\"\nkey = \"{key}\"\nservice = \"demo\"\n",
-                vip = lab::VIP4,
+                vip4 = lab::VIP4,
+                vip6 = lab::VIP6,
                 cert = pki.join("service.pem").display(),
                 key = pki.join("service.key").display(),
             );
@@ -624,10 +644,14 @@ impl Run {
 
         // The load.
         say(format!(
-            "starting baton-load in namespace {}: {connections} connections",
-            lab::CLIENT_NS
+            "starting baton-load in namespace {}: {connections} connections, {}",
+            lab::CLIENT_NS,
+            match opts.path.flags() {
+                Some(f) => format!("on an emulated path ({f})"),
+                None => "on the lab's own path (veth, RTT ~0.1 ms, no loss)".into(),
+            }
         ));
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--connections",
             &connections.to_string(),
             "--request-size",
@@ -641,7 +665,10 @@ impl Run {
         ]
         .map(String::from)
         .to_vec();
-        let load = self.start_load(&args, true)?;
+        args.extend(opts.path.load_args());
+        // Half the connections over IPv4, half over IPv6 (baton-load alternates the targets).
+        let targets = [vip_target(lab::VIP4), vip_target(lab::VIP6)];
+        let load = self.start_load_to(&targets, &args, true)?;
         let load_started = Instant::now();
         let result = self.drive(
             &load,
@@ -857,10 +884,33 @@ impl Run {
         w!("");
         w!("Baton demo report ({:.1} s)", elapsed.as_secs_f64());
         w!(
-            "  client load      {connections} QUIC connections to {}:4433 from namespace {}",
-            lab::VIP4,
-            lab::CLIENT_NS
+            "  client load      {connections} QUIC connections from namespace {}: {} over IPv4 to {}, {} over IPv6 to {}",
+            lab::CLIENT_NS,
+            n("ipv4_connections"),
+            vip_target(lab::VIP4),
+            n("ipv6_connections"),
+            vip_target(lab::VIP6)
         );
+        let path = &s["path"];
+        if path.is_object() {
+            let dir = |d: &Value| {
+                format!(
+                    "{} datagrams, {} dropped, {} held back",
+                    d["packets"], d["dropped"], d["held_back"]
+                )
+            };
+            w!(
+                "  path             emulated at the client: {} (seed {}); up: {}; down: {}",
+                path["description"].as_str().unwrap_or("?"),
+                path["seed"],
+                dir(&path["up"]),
+                dir(&path["down"])
+            );
+        } else {
+            w!(
+                "  path             the lab's own (veth, RTT ~0.1 ms, no loss; --rtt/--loss emulate others)"
+            );
+        }
         w!(
             "  requests         {} completed, {} failed, {} session-counter breaks",
             n("requests"),
@@ -881,13 +931,18 @@ impl Run {
         );
         w!(
             "  stall            largest gap between two completed requests on a connection: max {:.1} ms \
-             (conn {}, ended at load clock t={:.1} s), p50 {:.1} ms, p99 {:.1} ms (includes the {} ms pause between requests)",
+             (conn {}, ended at load clock t={:.1} s), p50 {:.1} ms, p99 {:.1} ms (includes the {} ms pause between requests{})",
             f("max_stall_ms"),
             n("max_stall_conn"),
             f("max_stall_at_s"),
             f("p50_stall_ms"),
             f("p99_stall_ms"),
-            self.request_interval_ms
+            self.request_interval_ms,
+            if path.is_object() {
+                " and the emulated path's round trip"
+            } else {
+                ""
+            }
         );
         w!(
             "  client QUIC      {} packets declared lost and retransmitted, {} congestion events",
@@ -936,17 +991,37 @@ impl Run {
                 "FAIL"
             }
         );
+        // On an emulated path the RESULT line also says which (extra keys at the end).
+        let emulated = if path.is_object() {
+            let pf = |k: &str| path[k].as_f64().unwrap_or(0.0);
+            format!(
+                " emulated_rtt_ms={} emulated_loss_up_pct={} emulated_loss_down_pct={}",
+                pf("rtt_ms"),
+                pf("up_loss_pct"),
+                pf("down_loss_pct")
+            )
+        } else {
+            String::new()
+        };
         w!(
             "RESULT connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
-             reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}",
+             reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}{emulated} \
+             ipv4_connections={} ipv6_connections={}",
             n("requests"),
             ok_ms.len(),
             f("max_stall_ms"),
             percentile(&ok_ms, 50.0),
             percentile(&ok_ms, 99.0),
+            n("ipv4_connections"),
+            n("ipv6_connections"),
         );
         (ok, out)
     }
+}
+
+/// The lab's service address on `vip` (port 4433); an IPv6 one prints as `[addr]:4433`.
+pub(crate) fn vip_target(vip: &str) -> SocketAddr {
+    SocketAddr::new(vip.parse().expect("the lab's VIPs are IP addresses"), 4433)
 }
 
 impl Drop for Run {

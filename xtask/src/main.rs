@@ -4,6 +4,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod lab;
+mod netpath;
 mod patch;
 mod setup;
 mod test;

@@ -922,13 +922,30 @@ impl Load {
         connections: usize,
         patience: Duration,
     ) -> Load {
+        Load::start_with(lab, dir, name, &[target], connections, &[], patience)
+    }
+
+    /// [`Load::start`] with several targets (baton-load alternates its connections between them)
+    /// and `extra` baton-load arguments (e.g. `--rebind-every 300ms`).
+    pub fn start_with(
+        lab: &Lab,
+        dir: &Path,
+        name: &str,
+        targets: &[SocketAddr],
+        connections: usize,
+        extra: &[&str],
+        patience: Duration,
+    ) -> Load {
         let file = |suffix: &str| dir.join(format!("{name}{suffix}"));
         let log = std::fs::File::create(file(".out")).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.client])
             .arg(load_bin())
-            .arg("--target")
-            .arg(target.to_string())
+            .args(
+                targets
+                    .iter()
+                    .flat_map(|t| ["--target".to_string(), t.to_string()]),
+            )
             .arg("--ca")
             .arg(dir.join("ca.pem"))
             .args(["--server-name", "baton.test"])
@@ -942,6 +959,7 @@ impl Load {
             .arg("--gap-log")
             .arg(file("-gaps.log"))
             .arg("--print-conn-ids")
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

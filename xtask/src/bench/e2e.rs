@@ -115,6 +115,20 @@ impl Lab {
     pub(crate) fn stop_load(&mut self, load: Load, limit: Duration) -> Result<Value> {
         self.run.stop_load(load, limit)
     }
+
+    /// Kills a baton-load that a failed measurement left running (its summary is not needed).
+    pub(crate) fn kill_load(&mut self) {
+        if let Some(pos) = self
+            .run
+            .children
+            .iter()
+            .position(|(n, _)| n == "baton-load")
+        {
+            let (_, mut child) = self.run.children.remove(pos);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Drop for Lab {

@@ -32,8 +32,10 @@ pub enum Suite {
     Migration,
     /// Freeze+export and import of a live QUIC connection with 0, 10 and 100 open streams (criterion).
     Handoff,
-    /// Client-observed stall of a live migration (netns lab, baton-lb, two workers) vs. the same
-    /// request loop without migration; target p99 < 5 ms. Needs root.
+    /// Client-observed stall of live migrations (netns lab, baton-lb, two workers) on each path of
+    /// --rtt x --loss (emulated by baton-load at the client; default RTT 0.1, 20, 50, 100, 200 ms
+    /// with loss 0 and 1%) vs. the same request loop without migration on the same path; target:
+    /// every migration ok, added stall p99 <= 5 ms (10 ms with loss). Needs root.
     Stall,
     /// `baton drain` of 1,000 idle connections w1 -> w2 (netns lab): connections/s, then every
     /// connection verified on w2; target >= 1000/s. Needs root.
