@@ -95,12 +95,15 @@ impl PathConfig {
             return "no emulated impairment".into();
         }
         let ms = |d: Duration| fmt_ms(d.as_secs_f64() * 1000.0);
-        let mut parts = vec![format!(
-            "RTT +{} ms (up {} ms, down {} ms)",
-            ms(self.up.delay + self.down.delay),
-            ms(self.up.delay),
-            ms(self.down.delay)
-        )];
+        let mut parts = Vec::new();
+        if !(self.up.delay + self.down.delay).is_zero() {
+            parts.push(format!(
+                "RTT +{} ms (up {} ms, down {} ms)",
+                ms(self.up.delay + self.down.delay),
+                ms(self.up.delay),
+                ms(self.down.delay)
+            ));
+        }
         if !self.jitter.is_zero() {
             parts.push(format!("jitter 0-{} ms", ms(self.jitter)));
         }
@@ -758,6 +761,30 @@ mod tests {
         }
         assert!((800..1200).contains(&held), "held back {held} of 10000");
         assert!(jittered > 9_000);
+    }
+
+    #[test]
+    fn descriptions() {
+        assert_eq!(
+            path(20, 0.01).describe(),
+            "RTT +40 ms (up 20 ms, down 20 ms), loss 1% each way"
+        );
+        assert_eq!(path(0, 0.01).describe(), "loss 1% each way");
+        assert_eq!(path(0, 0.0).describe(), "no emulated impairment");
+        let p = PathConfig {
+            jitter: Duration::from_millis(2),
+            reorder: 0.005,
+            reorder_delay: Duration::from_millis(5),
+            down: DirectionConfig {
+                delay: Duration::from_micros(12_500),
+                loss: 0.02,
+            },
+            ..path(5, 0.0)
+        };
+        assert_eq!(
+            p.describe(),
+            "RTT +17.5 ms (up 5 ms, down 12.5 ms), jitter 0-2 ms, loss 0% up / 2% down, reorder 0.5% (held back 5 ms)"
+        );
     }
 
     #[test]

@@ -601,74 +601,68 @@ fn report(opts: &StallOptions, rows: &[Row]) -> String {
         "added    stall added by the migration: migration windows minus windows without one, at the same percentile"
     );
     w!("");
-    let widths = [24, 9, 26, 26, 26, 10];
-    let line = |cells: [&str; 7]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            match widths.get(i) {
-                Some(&w) => l.push_str(&format!("{c:<w$} ")),
-                None => l.push_str(c),
-            }
-        }
-        l.trim_end().to_string()
-    };
-    w!(
-        "{}",
-        line([
+    let mut table: Vec<[String; 7]> = vec![
+        [
             "path",
             "ok/made",
             "migration windows (ms)",
             "no migration (ms)",
             "added stall (ms)",
             "ordinary",
-            "verdict"
-        ])
-    );
-    w!(
-        "{}",
-        line([
+            "verdict",
+        ]
+        .map(String::from),
+        [
             "",
             "",
             "p50 / p99 / max",
             "p50 / p99 / max",
             "p50 / p99 / max",
             "gap p50",
-            ""
-        ])
-    );
+            "",
+        ]
+        .map(String::from),
+    ];
     let mut passed = 0;
     for r in rows {
-        match &r.outcome {
+        table.push(match &r.outcome {
             Ok(m) => {
                 let pass = m.pass(&r.path);
                 passed += usize::from(pass);
-                let ok = format!("{}/{}{}", m.ok, m.made, if m.gave_up { "*" } else { "" });
-                w!(
-                    "{}",
-                    line([
-                        &r.path.label(),
-                        &ok,
-                        &three(pct(&m.stall, 50.0), pct(&m.stall, 99.0), max(&m.stall)),
-                        &three(pct(&m.base, 50.0), pct(&m.base, 99.0), max(&m.base)),
-                        &three(m.added(50.0), m.added(99.0), m.added_max()),
-                        &format!("{:.2}", pct(&m.ordinary, 50.0)),
-                        if pass { "PASS" } else { "FAIL" }
-                    ])
-                );
+                [
+                    r.path.label(),
+                    format!("{}/{}{}", m.ok, m.made, if m.gave_up { "*" } else { "" }),
+                    three(pct(&m.stall, 50.0), pct(&m.stall, 99.0), max(&m.stall)),
+                    three(pct(&m.base, 50.0), pct(&m.base, 99.0), max(&m.base)),
+                    three(m.added(50.0), m.added(99.0), m.added_max()),
+                    format!("{:.2}", pct(&m.ordinary, 50.0)),
+                    if pass { "PASS" } else { "FAIL" }.to_string(),
+                ]
             }
-            Err(e) => w!(
-                "{}",
-                line([
-                    &r.path.label(),
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    &format!("FAIL ({})", e.lines().next().unwrap_or(""))
-                ])
-            ),
+            Err(e) => [
+                r.path.label(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("FAIL ({})", e.lines().next().unwrap_or("")),
+            ],
+        });
+    }
+    // Columns as wide as their widest cell (the last one is not padded).
+    let widths: Vec<usize> = (0..6)
+        .map(|i| table.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &table {
+        let mut l = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            match widths.get(i) {
+                Some(&w) => l.push_str(&format!("{cell:<w$}   ")),
+                None => l.push_str(cell),
+            }
         }
+        w!("{}", l.trim_end());
     }
     if rows
         .iter()
