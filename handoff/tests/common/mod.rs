@@ -777,16 +777,18 @@ impl Sim {
         for d in std::mem::take(&mut self.workers[from].forward) {
             self.wire.push((self.now, Some(to), d));
         }
-        // The congestion window carried over (quinn's default controller is Cubic).
+        // The congestion window carried over (quinn's default controller is Cubic). The import
+        // declares lost what is already overdue (the source was about to), which may shrink it.
         let (window, _) = handoff
             .connection
             .congestion_state
             .expect("Cubic state carried");
-        assert_eq!(
-            conn.stats().path.cwnd,
-            window,
-            "congestion window carried over"
-        );
+        let stats = conn.stats();
+        if stats.path.congestion_events == 0 {
+            assert_eq!(stats.path.cwnd, window, "congestion window carried over");
+        } else {
+            assert!(stats.path.cwnd <= window, "congestion window grew at import");
+        }
         self.cwnd_max = self.cwnd_max.max(window);
         conn.rotate_local_cids(self.now);
         app.frozen = false;
