@@ -787,7 +787,10 @@ impl Sim {
         if stats.path.congestion_events == 0 {
             assert_eq!(stats.path.cwnd, window, "congestion window carried over");
         } else {
-            assert!(stats.path.cwnd <= window, "congestion window grew at import");
+            assert!(
+                stats.path.cwnd <= window,
+                "congestion window grew at import"
+            );
         }
         self.cwnd_max = self.cwnd_max.max(window);
         conn.rotate_local_cids(self.now);
