@@ -241,6 +241,17 @@ fn packets_lost_around_a_move_are_recovered_by_the_target() {
     assert_eq!(sim.client.completed, 8);
 }
 
+/// Ten moves, each while a new request (of a length growing by `stride`) is under way, `gap +
+/// m * step` steps after it started; every export must happen at the first attempt.
+fn ten_moves_mid_request(sim: &mut Sim, stride: u64, gap: u64, step: u64) {
+    for m in 0..10u64 {
+        sim.client.start_request(20_000 + stride * m);
+        sim.run(gap + step * m);
+        let (frozen_steps, _, _) = sim.migrate();
+        assert_eq!(frozen_steps, 0, "migration {m}: the export waited");
+    }
+}
+
 #[test]
 fn moves_on_a_lossy_long_path_keep_every_byte() {
     init_tracing();
@@ -248,12 +259,7 @@ fn moves_on_a_lossy_long_path_keep_every_byte() {
     sim.one_way = std::time::Duration::from_millis(50);
     sim.run(500);
     sim.loss = 0.05;
-    for m in 0..10u64 {
-        sim.client.start_request(20_000 + 5_003 * m);
-        sim.run(40 + 7 * m);
-        let (frozen_steps, _, _) = sim.migrate();
-        assert_eq!(frozen_steps, 0, "migration {m}: the export waited");
-    }
+    ten_moves_mid_request(&mut sim, 5_003, 40, 7);
     assert!(sim.lost > 20, "the path lost only {} datagrams", sim.lost);
     finish(&mut sim, 60_000);
     assert_eq!(sim.client.completed, 10);
@@ -268,12 +274,7 @@ fn moves_on_a_reordering_path() {
     sim.one_way = std::time::Duration::from_millis(20);
     sim.run(300);
     sim.jitter = std::time::Duration::from_millis(15);
-    for m in 0..10u64 {
-        sim.client.start_request(20_000 + 4_001 * m);
-        sim.run(30 + 5 * m);
-        let (frozen_steps, _, _) = sim.migrate();
-        assert_eq!(frozen_steps, 0, "migration {m}: the export waited");
-    }
+    ten_moves_mid_request(&mut sim, 4_001, 30, 5);
     finish(&mut sim, 20_000);
     assert_eq!(sim.client.completed, 10);
 }
