@@ -344,6 +344,48 @@ fn nat_rebinding_before_and_during_moves() {
     assert_eq!(sim.client.completed, 10);
 }
 
+/// A client with zero-length CIDs advertises `active_connection_id_limit = 2`: each owner may keep
+/// only two of its CIDs at the client. Ten moves, each mid-request on a 40 ms RTT path: the
+/// rotation stays within the limit (the client would close with CONNECTION_ID_LIMIT_ERROR), the
+/// client moves onto the new owner's CIDs every time, and every byte arrives.
+#[test]
+fn a_client_that_allows_only_two_cids_is_moved() {
+    init_tracing();
+    let mut sim = Sim::with_client_cid_len(0);
+    sim.one_way = std::time::Duration::from_millis(20);
+    sim.run(300);
+    assert_eq!(sim.client.connected, 1);
+    for m in 0..10u64 {
+        sim.client.start_request(20_000 + 2_003 * m);
+        sim.run(25);
+        let from = sim.owner();
+        let (frozen_steps, _, cids) = sim.migrate();
+        assert_eq!(frozen_steps, 0, "migration {m}: the export waited");
+        assert!(
+            (1..=2).contains(&cids.len()),
+            "migration {m}: {} CIDs active at a client that allows 2",
+            cids.len()
+        );
+        sim.run(100);
+        let owner_sid = sim.workers[sim.owner()].server_id;
+        assert_ne!(sim.owner(), from);
+        assert_eq!(
+            sim.layout
+                .decode_server_id(sim.client.dcids.last().unwrap()),
+            Some(owner_sid),
+            "migration {m}: the client still uses the old owner's CIDs"
+        );
+    }
+    finish(&mut sim, 20_000);
+    assert_eq!(sim.client.completed, 10);
+    assert_eq!(sim.client.connected, 1, "no second handshake");
+    assert_eq!(
+        sim.workers[0].responses + sim.workers[1].responses,
+        0,
+        "no stateless reset or other endpoint response"
+    );
+}
+
 /// A key update right before a move, started by either side: the previous phase's keys move
 /// with the connection, so the export does not wait and late packets of the old phase still
 /// decrypt on the target (nothing is lost on a lossless path).

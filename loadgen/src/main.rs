@@ -127,6 +127,12 @@ struct Args {
     /// `conn` line of a connection comes after its first request.
     #[arg(long)]
     idle: bool,
+    /// Length in bytes of the connection IDs this client issues (quinn's default is 8). 0 gives
+    /// zero-length CIDs, as many mobile clients use; quinn then advertises
+    /// `active_connection_id_limit = 2`, the smallest RFC 9000 allows, so a server may keep only
+    /// two of its CIDs at the client at a time (a migration's CID rotation must live with that).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(0..=20))]
+    local_cid_len: u8,
     /// Round-trip time added to the path: half of it delays each direction (40ms: 20 ms up,
     /// 20 ms down). --delay-up and --delay-down override one direction each.
     #[arg(long, value_parser = parse_delay, help_heading = PATH_HEADING)]
@@ -814,17 +820,16 @@ fn rebind(
 
 /// A client endpoint on `bind`, on the emulated path when one is asked for.
 fn client_endpoint(ctx: &Ctx, bind: SocketAddr, stream: u64) -> std::io::Result<quinn::Endpoint> {
-    if !ctx.path.is_impaired() {
-        return quinn::Endpoint::client(bind);
-    }
+    let mut config = quinn::EndpointConfig::default();
+    let cid_len = usize::from(ctx.args.local_cid_len);
+    config.cid_generator(move || Box::new(quinn_proto::RandomConnectionIdGenerator::new(cid_len)));
     let socket = std::net::UdpSocket::bind(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    if !ctx.path.is_impaired() {
+        return quinn::Endpoint::new(config, None, socket, runtime);
+    }
     let socket = ImpairedSocket::new(socket, &ctx.path, stream, ctx.path_stats.clone())?;
-    quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
+    quinn::Endpoint::new_with_abstract_socket(config, None, socket, runtime)
 }
 
 /// Resolves once the run is stopping (holds no watch guard across an await).

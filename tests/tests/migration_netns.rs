@@ -1153,3 +1153,30 @@ fn key_updates_right_before_moves() {
         summary["max_stall_ms"],
     );
 }
+
+/// Clients with zero-length CIDs (issue 10): quinn then advertises `active_connection_id_limit =
+/// 2`, so each owner may keep only two of its CIDs at a client, and every move's CID rotation has
+/// to retire the old owner's before it issues the new one's. On a 20 ms RTT path, each connection
+/// is moved 10 times; a rotation beyond the limit would close the connection
+/// (CONNECTION_ID_LIMIT_ERROR) and show up as a reconnect.
+#[test]
+fn clients_allowing_two_cids_through_migrations() {
+    const CONNECTIONS: usize = 4;
+    const ROUNDS: usize = 10;
+    let (summary, took, _) = migrations_under_client_events(
+        "cidlimit",
+        CONNECTIONS,
+        ROUNDS,
+        &["--local-cid-len", "0", "--rtt", "20ms"],
+        false,
+    );
+    assert_eq!(took.len(), CONNECTIONS * ROUNDS);
+    eprintln!(
+        "RESULT cid_limit_2 connections={CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} requests={} max_stall_ms={}",
+        took.len(),
+        took[took.len() / 2],
+        took.last().unwrap(),
+        summary["requests"],
+        summary["max_stall_ms"],
+    );
+}

@@ -279,7 +279,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(now: Instant, root: rustls::pki_types::CertificateDer<'static>) -> Self {
+    /// A client whose own CIDs are `cid_len` bytes long (0: zero-length CIDs, for which quinn
+    /// advertises `active_connection_id_limit = 2`).
+    pub fn new(
+        now: Instant,
+        root: rustls::pki_types::CertificateDer<'static>,
+        cid_len: usize,
+    ) -> Self {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root).unwrap();
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -292,7 +298,11 @@ impl Client {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let config = ClientConfig::new(Arc::new(crypto));
-        let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, false, None);
+        let mut endpoint_config = EndpointConfig::default();
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::RandomConnectionIdGenerator::new(cid_len))
+        });
+        let mut endpoint = Endpoint::new(Arc::new(endpoint_config), None, false, None);
         let (ch, conn) = endpoint.connect(now, config, VIP, "localhost").unwrap();
         Self {
             endpoint,
@@ -531,6 +541,11 @@ pub struct Sim {
 
 impl Sim {
     pub fn new() -> Self {
+        Self::with_client_cid_len(8)
+    }
+
+    /// A simulation whose client issues CIDs of `cid_len` bytes (see [`Client::new`]).
+    pub fn with_client_cid_len(cid_len: usize) -> Self {
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let cert = certified.cert.der().clone();
         let material = (vec![cert.clone()], certified.key_pair.serialize_der());
@@ -539,7 +554,7 @@ impl Sim {
         Self {
             now,
             layout,
-            client: Client::new(now, cert),
+            client: Client::new(now, cert, cid_len),
             workers: [
                 Worker::new(1, layout, &material),
                 Worker::new(2, layout, &material),
