@@ -59,6 +59,13 @@ pub struct WorkerConfig {
     /// kernel's default.
     #[serde(default = "default_socket_buffer")]
     pub socket_buffer: usize,
+    /// What the worker holds for its clients: QUIC windows and service buffers, per stream, per
+    /// connection and in all (see [`crate::limits::Limits`] for the keys and defaults).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
+    /// Where to serve Prometheus metrics (`ip:port`, `GET /metrics`); unset: no metrics.
+    #[serde(default)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The worker-to-worker channel (quinn, mutual TLS).
@@ -135,6 +142,7 @@ impl WorkerConfig {
             );
             anyhow::ensure!(!c.vips[..i].contains(v), "VIP {v} is listed twice");
         }
+        c.limits.validate().map_err(anyhow::Error::msg)?;
         if c.control_socket.is_some() {
             anyhow::ensure!(
                 c.secrets.is_some(),

@@ -1,5 +1,6 @@
 //! The worker's sans-IO core: one quinn-proto endpoint, its connections and their application
 //! sessions, plus freeze / export / import of single connections.
+use crate::limits::Limits;
 use crate::service::{AppSession, Service};
 use baton_handoff::capture::{HandoffTls, KeyState};
 use baton_handoff::cid::LbCidGenerator;
@@ -143,6 +144,22 @@ pub struct CoreConfig {
     pub vips: Vec<IpAddr>,
     /// Whether the socket never fragments (path MTU discovery may then probe upwards)
     pub allow_mtud: bool,
+    /// The QUIC windows granted to each connection (`[limits]`; what its services buffer is
+    /// the service's to bound, see [`crate::service::AppSession`]).
+    pub limits: Limits,
+}
+
+/// Largest UDP payload one send may carry, all GSO segments together: an IPv4 packet is at most
+/// 65,535 bytes with its 20-byte header and the 8-byte UDP header (IPv6 allows 20 bytes more;
+/// the smaller bound serves both). A larger GSO batch is refused with EMSGSIZE as a whole.
+pub const MAX_UDP_SEND: usize = 65_535 - 20 - 8;
+
+/// How many datagrams of `segment_size` bytes one send may carry: what GSO takes
+/// (`max_gso_segments`) and what fits in [`MAX_UDP_SEND`]; at least one.
+pub fn send_batch_limit(max_gso_segments: usize, segment_size: usize) -> usize {
+    max_gso_segments
+        .min(MAX_UDP_SEND / segment_size.max(1))
+        .max(1)
 }
 
 /// Everything `conn` may send now, into `out`.
@@ -153,6 +170,8 @@ fn transmit(
     buf: &mut Vec<u8>,
     out: &mut Vec<Outgoing>,
 ) {
+    // quinn fills a batch with datagrams of the path's current MTU (probes go alone).
+    let max_datagrams = send_batch_limit(max_datagrams, conn.current_mtu().into());
     while let Some(t) = conn.poll_transmit(now, max_datagrams, buf) {
         out.push(Outgoing::from_transmit(&t, buf));
         buf.clear();
@@ -187,6 +206,10 @@ pub struct WorkerCore {
     /// an event, or a command changed them. Only these and those whose timer is due are driven,
     /// so the cost of a poll follows the traffic, not the number of connections.
     dirty: HashSet<ConnectionHandle>,
+    /// Connections whose session had data to read and no room in the worker's buffer budget:
+    /// driven again at every poll until they have read (their clients wait for flow-control
+    /// credit, so no packet of theirs may come to wake them).
+    starved: HashSet<ConnectionHandle>,
     /// Connection timers, earliest first. Stale entries (the connection's timer moved) are skipped.
     timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
     /// Frozen connections waiting until they can be exported, tried again each time they are driven.
@@ -211,7 +234,9 @@ impl WorkerCore {
             key,
             vips,
             allow_mtud,
+            limits,
         } = config;
+        limits.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(!vips.is_empty(), "no VIP: a worker serves at least one");
         LbCidGenerator::new(layout, server_id).map_err(|e| anyhow::anyhow!("server id: {e}"))?;
         let tls = HandoffTls::new(certs, key, &[service.alpn()])?;
@@ -219,7 +244,8 @@ impl WorkerCore {
         endpoint_config.cid_generator(move || {
             Box::new(LbCidGenerator::new(layout, server_id).expect("validated"))
         });
-        let server_config = ServerConfig::with_crypto(tls.endpoint_crypto());
+        let mut server_config = ServerConfig::with_crypto(tls.endpoint_crypto());
+        server_config.transport_config(Arc::new(limits.transport()));
         let endpoint = Endpoint::new(
             Arc::new(endpoint_config),
             Some(Arc::new(server_config.clone())),
@@ -236,6 +262,7 @@ impl WorkerCore {
             service,
             conns: HashMap::new(),
             dirty: HashSet::new(),
+            starved: HashSet::new(),
             timers: BinaryHeap::new(),
             pending_exports: HashMap::new(),
             export_results: Vec::new(),
@@ -367,6 +394,7 @@ impl WorkerCore {
                 self.dirty.insert(ch);
             }
         }
+        self.dirty.extend(self.starved.drain());
         let mut buf = Vec::new();
         for ch in std::mem::take(&mut self.dirty) {
             let Some(live) = self.conns.get_mut(&ch) else {
@@ -387,7 +415,9 @@ impl WorkerCore {
                     info!(id = ch.0, "connection closed: {reason}");
                 }
             }
-            live.app.drive(&mut live.conn, live.frozen);
+            if live.app.drive(&mut live.conn, live.frozen).starved {
+                self.starved.insert(ch);
+            }
             if !live.held {
                 transmit(&mut live.conn, now, max_datagrams, &mut buf, out);
             }
@@ -707,5 +737,31 @@ impl WorkerCore {
             }
         }
         keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_batches_fit_in_one_udp_send() {
+        // quinn-udp's 64 segments of 1,452 bytes would be 92,928 bytes: EMSGSIZE.
+        assert_eq!(send_batch_limit(64, 1452), 45);
+        const { assert!(45 * 1452 <= MAX_UDP_SEND && 46 * 1452 > MAX_UDP_SEND) };
+        // Small datagrams: GSO's own limit binds.
+        assert_eq!(send_batch_limit(64, 1200), 54);
+        assert_eq!(send_batch_limit(10, 1200), 10);
+        // No GSO, or a datagram as large as a send: one at a time.
+        assert_eq!(send_batch_limit(1, 1452), 1);
+        assert_eq!(send_batch_limit(64, 65_000), 1);
+        assert_eq!(send_batch_limit(64, 0), 64);
+        for segments in 1..=64 {
+            for size in [1200, 1280, 1350, 1452, 1500, 8952, 9000] {
+                let n = send_batch_limit(segments, size);
+                assert!(n >= 1 && n <= segments);
+                assert!(n == 1 || n * size <= MAX_UDP_SEND, "{n} x {size}");
+            }
+        }
     }
 }

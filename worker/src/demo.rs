@@ -8,19 +8,42 @@
 //!
 //! The per-connection session (request counter, every stream's unanswered bytes) is what moves
 //! with a migrated connection.
-use crate::service::{AppSession, RestoreError, Service};
+use crate::limits::{BufferBudget, Limits};
+use crate::service::{AppSession, ChunkQueue, Drive, RestoreError, Service, read_within};
+use bytes::Bytes;
 use quinn_proto::{Connection, Dir, StreamId, VarInt};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const ALPN: &[u8] = b"baton-demo/1";
 pub const KIND_REQUEST: u8 = 0x01;
 pub const KIND_STREAM: u8 = 0x02;
-/// Application error code for a stream whose kind byte is unknown.
-pub const ERROR_UNKNOWN_KIND: u32 = 1;
-/// Largest request body buffered.
+/// Application error code for a stream refused: unknown kind byte, no kind byte, or a request
+/// body over [`MAX_REQUEST`].
+pub const ERROR_REFUSED: u32 = 1;
+/// Largest request body answered.
 pub const MAX_REQUEST: usize = 1 << 20;
 
-pub struct DemoService;
+/// The demo service; its sessions hold at most what `limits` allow and share one worker budget.
+pub struct DemoService {
+    limits: Limits,
+    budget: Arc<BufferBudget>,
+}
+
+impl DemoService {
+    pub fn new(limits: Limits, budget: Arc<BufferBudget>) -> Self {
+        Self { limits, budget }
+    }
+}
+
+impl Default for DemoService {
+    /// The default limits, with a budget of its own.
+    fn default() -> Self {
+        let limits = Limits::default();
+        let budget = BufferBudget::new(limits.memory_budget);
+        Self::new(limits, budget)
+    }
+}
 
 impl Service for DemoService {
     fn alpn(&self) -> &'static [u8] {
@@ -28,35 +51,94 @@ impl Service for DemoService {
     }
 
     fn new_session(&self) -> Box<dyn AppSession> {
-        Box::new(DemoSession::default())
+        Box::new(DemoSession::new(&self.limits, self.budget.clone()))
     }
 
     fn restore(&self, state: &[u8]) -> Result<Box<dyn AppSession>, RestoreError> {
-        Ok(Box::new(DemoSession::decode(state)?))
+        Ok(Box::new(DemoSession::decode(
+            state,
+            &self.limits,
+            self.budget.clone(),
+        )?))
     }
 }
 
-#[derive(Default, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct DemoSession {
     served: u64,
     streams: BTreeMap<u64, StreamState>,
+    /// Bytes held in every stream's inbox and outbox (taken from `budget`).
+    held: usize,
+    stream_buffer: usize,
+    connection_buffer: usize,
+    budget: Arc<BufferBudget>,
 }
 
 #[derive(Default, Debug, PartialEq)]
 struct StreamState {
     kind: Option<u8>,
-    inbox: Vec<u8>,
-    outbox: VecDeque<u8>,
+    /// A request's body so far
+    inbox: ChunkQueue,
+    /// Bytes to write: an echo stream's, or a request's answer
+    outbox: ChunkQueue,
     fin_received: bool,
     fin_sent: bool,
 }
 
+impl StreamState {
+    fn held(&self) -> usize {
+        self.inbox.len() + self.outbox.len()
+    }
+}
+
+impl PartialEq for DemoSession {
+    fn eq(&self, other: &Self) -> bool {
+        (self.served, &self.streams, self.held) == (other.served, &other.streams, other.held)
+    }
+}
+
+impl Drop for DemoSession {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
+    }
+}
+
 impl DemoSession {
+    fn new(limits: &Limits, budget: Arc<BufferBudget>) -> Self {
+        Self {
+            served: 0,
+            streams: BTreeMap::new(),
+            held: 0,
+            stream_buffer: limits.stream_buffer,
+            connection_buffer: limits.connection_buffer,
+            budget,
+        }
+    }
+
     pub fn served(&self) -> u64 {
         self.served
     }
 
-    fn decode(mut b: &[u8]) -> Result<Self, RestoreError> {
+    /// Bytes the session holds (read, not yet written).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    fn take(&mut self, n: usize) {
+        self.held += n;
+        self.budget.take(n);
+    }
+
+    fn give_back(&mut self, n: usize) {
+        self.held -= n;
+        self.budget.give_back(n);
+    }
+
+    fn decode(
+        mut b: &[u8],
+        limits: &Limits,
+        budget: Arc<BufferBudget>,
+    ) -> Result<Self, RestoreError> {
         fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], RestoreError> {
             if b.len() < n {
                 return Err(RestoreError("truncated"));
@@ -68,111 +150,93 @@ impl DemoSession {
         fn u64(b: &mut &[u8]) -> Result<u64, RestoreError> {
             Ok(u64::from_be_bytes(take(b, 8)?.try_into().unwrap()))
         }
-        let served = u64(&mut b)?;
+        fn len(b: &mut &[u8]) -> Result<usize, RestoreError> {
+            usize::try_from(u64(b)?).map_err(|_| RestoreError("length beyond memory"))
+        }
+        let mut session = Self::new(limits, budget);
+        session.served = u64(&mut b)?;
         let n = u64(&mut b)?;
-        let mut streams = BTreeMap::new();
         for _ in 0..n {
             let id = u64(&mut b)?;
             let kind = take(&mut b, 1)?[0];
             let flags = take(&mut b, 1)?[0];
-            let len = u64(&mut b)? as usize;
-            let inbox = take(&mut b, len)?.to_vec();
-            let len = u64(&mut b)? as usize;
-            let outbox = take(&mut b, len)?.iter().copied().collect();
-            streams.insert(
-                id,
-                StreamState {
-                    kind: (kind != 0).then_some(kind),
-                    inbox,
-                    outbox,
-                    fin_received: flags & 1 != 0,
-                    fin_sent: flags & 2 != 0,
-                },
-            );
+            let n = len(&mut b)?;
+            let inbox = ChunkQueue::from(take(&mut b, n)?.to_vec());
+            let n = len(&mut b)?;
+            let outbox = ChunkQueue::from(take(&mut b, n)?.to_vec());
+            let state = StreamState {
+                kind: (kind != 0).then_some(kind),
+                inbox,
+                outbox,
+                fin_received: flags & 1 != 0,
+                fin_sent: flags & 2 != 0,
+            };
+            // The source held these bytes within its limits; they count here from now on.
+            session.take(state.held());
+            session.streams.insert(id, state);
         }
         if !b.is_empty() {
             return Err(RestoreError("trailing bytes"));
         }
-        Ok(Self { served, streams })
+        Ok(session)
     }
 }
 
+/// What happened to a stream in one drive.
+enum Outcome {
+    Open,
+    /// Answered completely (FIN sent) or abandoned by the client: forget it.
+    Done,
+    /// Refused with [`ERROR_REFUSED`].
+    Refused,
+}
+
 impl AppSession for DemoSession {
-    fn drive(&mut self, conn: &mut Connection, frozen: bool) {
+    fn drive(&mut self, conn: &mut Connection, frozen: bool) -> Drive {
         while let Some(id) = conn.streams().accept(Dir::Bi) {
             self.streams
                 .entry(VarInt::from(id).into_inner())
                 .or_default();
         }
-        let mut finished = Vec::new();
-        for (&raw, s) in self.streams.iter_mut() {
+        let mut report = Drive::default();
+        // The oldest request still arriving may always read its body (up to MAX_REQUEST), past
+        // the connection's buffer: requests are answered only whole, so otherwise a client with
+        // many partial requests in flight would wait forever for one of them to be answered.
+        let oldest_request = self
+            .streams
+            .iter()
+            .find(|(_, s)| !s.fin_received && s.kind != Some(KIND_STREAM))
+            .map(|(&raw, _)| raw);
+        let raws: Vec<u64> = self.streams.keys().copied().collect();
+        for raw in raws {
             let id = StreamId::from(VarInt::from_u64(raw).expect("stream ids are varints"));
-            if !s.fin_received {
-                if let Ok(mut chunks) = conn.recv_stream(id).read(true) {
-                    loop {
-                        match chunks.next(usize::MAX) {
-                            Ok(Some(chunk)) => {
-                                let mut data = &chunk.bytes[..];
-                                if s.kind.is_none() && !data.is_empty() {
-                                    s.kind = Some(data[0]);
-                                    data = &data[1..];
-                                }
-                                match s.kind {
-                                    Some(KIND_STREAM) => s.outbox.extend(data),
-                                    _ => s.inbox.extend_from_slice(data),
-                                }
-                            }
-                            Ok(None) => {
-                                s.fin_received = true;
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+            let outcome = self.drive_stream(
+                conn,
+                raw,
+                id,
+                frozen,
+                Some(raw) == oldest_request,
+                &mut report,
+            );
+            match outcome {
+                Outcome::Open => {}
+                Outcome::Done | Outcome::Refused => {
+                    if matches!(outcome, Outcome::Refused) {
+                        let code = VarInt::from_u32(ERROR_REFUSED);
+                        let _ = conn.recv_stream(id).stop(code);
+                        let _ = conn.send_stream(id).reset(code);
                     }
-                    let _ = chunks.finalize();
-                }
-                if s.fin_received && s.kind == Some(KIND_REQUEST) {
-                    self.served += 1;
-                    s.outbox.extend(self.served.to_be_bytes());
-                    s.outbox.extend(s.inbox.drain(..));
-                }
-            }
-            let bad_kind = matches!(s.kind, Some(k) if k != KIND_REQUEST && k != KIND_STREAM);
-            if bad_kind || s.inbox.len() > MAX_REQUEST {
-                let _ = conn
-                    .recv_stream(id)
-                    .stop(VarInt::from_u32(ERROR_UNKNOWN_KIND));
-                let _ = conn
-                    .send_stream(id)
-                    .reset(VarInt::from_u32(ERROR_UNKNOWN_KIND));
-                finished.push(raw);
-                continue;
-            }
-            if frozen || s.fin_sent {
-                continue;
-            }
-            while !s.outbox.is_empty() {
-                let (a, _) = s.outbox.as_slices();
-                match conn.send_stream(id).write(a) {
-                    Ok(n) if n > 0 => {
-                        s.outbox.drain(..n);
+                    if let Some(s) = self.streams.remove(&raw) {
+                        self.give_back(s.held());
                     }
-                    _ => break,
                 }
-            }
-            if s.outbox.is_empty() && s.fin_received && s.kind.is_some() {
-                let _ = conn.send_stream(id).finish();
-                s.fin_sent = true;
-                finished.push(raw);
             }
         }
-        for raw in finished {
-            self.streams.remove(&raw);
-        }
+        report
     }
 
     fn capture(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(16 + self.held + 26 * self.streams.len());
         out.extend(self.served.to_be_bytes());
         out.extend((self.streams.len() as u64).to_be_bytes());
         for (&id, s) in &self.streams {
@@ -180,11 +244,108 @@ impl AppSession for DemoSession {
             out.push(s.kind.unwrap_or(0));
             out.push(s.fin_received as u8 | (s.fin_sent as u8) << 1);
             out.extend((s.inbox.len() as u64).to_be_bytes());
-            out.extend(&s.inbox);
+            s.inbox.copy_to(&mut out);
             out.extend((s.outbox.len() as u64).to_be_bytes());
-            out.extend(s.outbox.iter());
+            s.outbox.copy_to(&mut out);
         }
         out
+    }
+}
+
+impl DemoSession {
+    /// Reads what fits, answers a complete request, writes what the stream takes.
+    fn drive_stream(
+        &mut self,
+        conn: &mut Connection,
+        raw: u64,
+        id: StreamId,
+        frozen: bool,
+        oldest_request: bool,
+        report: &mut Drive,
+    ) -> Outcome {
+        let s = &self.streams[&raw];
+        if !s.fin_received {
+            if s.kind.is_none() {
+                // The kind byte alone first: it decides how much more may be read.
+                let mut kind = None;
+                let read = read_within(conn, id, 1, |b| kind = b.first().copied());
+                if read.reset.is_some() {
+                    return Outcome::Done;
+                }
+                let s = self.streams.get_mut(&raw).unwrap();
+                s.kind = kind;
+                match kind {
+                    None if read.fin => return Outcome::Refused,
+                    None => return Outcome::Open,
+                    Some(KIND_REQUEST | KIND_STREAM) => {}
+                    Some(_) => return Outcome::Refused,
+                }
+            }
+            let s = &self.streams[&raw];
+            let (stream_room, connection_room) = match s.kind {
+                // One byte more than a request may have, so an oversized body is seen.
+                Some(KIND_REQUEST) => (
+                    (MAX_REQUEST + 1).saturating_sub(s.inbox.len()),
+                    if oldest_request {
+                        usize::MAX
+                    } else {
+                        self.connection_buffer.saturating_sub(self.held)
+                    },
+                ),
+                _ => (
+                    self.stream_buffer.saturating_sub(s.outbox.len()),
+                    self.connection_buffer.saturating_sub(self.held),
+                ),
+            };
+            let budget_room = self.budget.available();
+            let room = stream_room.min(connection_room).min(budget_room);
+            if room == 0 && budget_room == 0 && stream_room.min(connection_room) > 0 {
+                self.budget.note_exhausted();
+                report.starved = true;
+            }
+            let s = self.streams.get_mut(&raw).unwrap();
+            let echo = s.kind == Some(KIND_STREAM);
+            let read = read_within(conn, id, room, |b: Bytes| {
+                if echo {
+                    s.outbox.push(b)
+                } else {
+                    s.inbox.push(b)
+                }
+            });
+            if read.reset.is_some() {
+                // The client gave up on the stream: nothing more to answer.
+                self.take(read.bytes);
+                return Outcome::Done;
+            }
+            s.fin_received = read.fin;
+            let oversized = !echo && s.inbox.len() > MAX_REQUEST;
+            self.take(read.bytes);
+            if oversized {
+                return Outcome::Refused;
+            }
+            let s = self.streams.get_mut(&raw).unwrap();
+            if s.fin_received && s.kind == Some(KIND_REQUEST) {
+                self.served += 1;
+                let mut body = std::mem::take(&mut s.inbox);
+                s.outbox
+                    .push(Bytes::copy_from_slice(&self.served.to_be_bytes()));
+                s.outbox.append(&mut body);
+                // The 8-byte header is the only byte an answer adds.
+                self.take(8);
+            }
+        }
+        let s = self.streams.get_mut(&raw).unwrap();
+        if frozen || s.fin_sent {
+            return Outcome::Open;
+        }
+        let written = s.outbox.write_to(conn, id);
+        let done = s.outbox.is_empty() && s.fin_received && s.kind.is_some();
+        if done {
+            let _ = conn.send_stream(id).finish();
+            s.fin_sent = true;
+        }
+        self.give_back(written);
+        if done { Outcome::Done } else { Outcome::Open }
     }
 }
 
@@ -194,10 +355,10 @@ mod tests {
 
     #[test]
     fn session_state_round_trips() {
-        let mut s = DemoSession {
-            served: 7,
-            ..Default::default()
-        };
+        let limits = Limits::default();
+        let budget = BufferBudget::new(1 << 20);
+        let mut s = DemoSession::new(&limits, budget.clone());
+        s.served = 7;
         s.streams.insert(
             4,
             StreamState {
@@ -211,12 +372,23 @@ mod tests {
             8,
             StreamState {
                 kind: Some(KIND_REQUEST),
-                inbox: vec![9; 10],
+                inbox: vec![9; 10].into(),
                 ..Default::default()
             },
         );
+        s.held = 13;
+        budget.take(13);
         let bytes = s.capture();
-        assert_eq!(DemoSession::decode(&bytes).unwrap(), s);
-        assert!(DemoSession::decode(&bytes[..bytes.len() - 1]).is_err());
+        let restored = DemoSession::decode(&bytes, &limits, budget.clone()).unwrap();
+        assert_eq!(restored, s);
+        assert_eq!(budget.used(), 26, "the restored session counts its bytes");
+        drop(restored);
+        drop(s);
+        assert_eq!(
+            budget.used(),
+            0,
+            "sessions give their bytes back when dropped"
+        );
+        assert!(DemoSession::decode(&bytes[..bytes.len() - 1], &limits, budget).is_err());
     }
 }

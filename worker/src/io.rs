@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::warn;
 use zeroize::Zeroizing;
 
 /// Where the worker's datagrams come from: its own sockets (one bound to each VIP), or a channel
@@ -170,9 +170,8 @@ pub fn spawn(
 
 async fn send_all(socket: &VipSockets, out: &mut Vec<Outgoing>) {
     for o in out.drain(..) {
-        if let Err(e) = socket.send(&o).await {
-            debug!("send to {} failed: {e}", o.destination);
-        }
+        // Counted and logged by the sockets (SendStats).
+        let _ = socket.send(&o).await;
     }
 }
 
@@ -192,13 +191,13 @@ async fn run(
 ) {
     let mut received = Vec::new();
     let mut out = Vec::new();
-    let gso = socket.max_gso_segments().max(1);
     let mut export_replies: HashMap<usize, oneshot::Sender<Result<Exported, String>>> =
         HashMap::new();
     let mut forwarders = Forwarders::new();
     loop {
         let now = Instant::now();
-        core.poll(now, gso, &mut out);
+        // Read every turn: quinn-udp turns GSO off if the kernel refuses it.
+        core.poll(now, socket.max_gso_segments().max(1), &mut out);
         for (id, result) in core.take_export_results() {
             if let Some(reply) = export_replies.remove(&id) {
                 let _ = reply.send(result.map_err(|e| e.to_string()));

@@ -5,6 +5,8 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod io;
+pub mod limits;
+pub mod metrics;
 pub mod service;
 pub mod udp;
 

@@ -10,9 +10,13 @@
 //! replying from the address its client talks to (direct server return).
 use crate::core::Outgoing;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::Interest;
 
 pub struct UdpIo {
@@ -155,8 +159,10 @@ impl UdpIo {
         };
         loop {
             self.socket.writable().await?;
+            // try_send, not send: quinn-udp's send drops EMSGSIZE and other errors silently, and
+            // the worker counts every one (VipSockets::send).
             match self.socket.try_io(Interest::WRITABLE, || {
-                self.state.send((&self.socket).into(), &transmit)
+                self.state.try_send((&self.socket).into(), &transmit)
             }) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -169,6 +175,65 @@ impl UdpIo {
 /// The worker's sockets, one per VIP (see the module comment for why not one dual-stack socket).
 pub struct VipSockets {
     sockets: Vec<UdpIo>,
+    stats: SendStats,
+}
+
+/// What the worker's sends came to, for the metrics: every failed send is counted by its error
+/// (a datagram the kernel refused is lost and retransmitted, and looks like congestion).
+#[derive(Debug, Default)]
+pub struct SendStats {
+    /// Transmits handed to the kernel (one `sendmsg` each, several datagrams with GSO)
+    pub sends: AtomicU64,
+    pub datagrams: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Failed sends by errno (0: an error without one, e.g. no socket for the source address)
+    errors: Mutex<BTreeMap<i32, u64>>,
+    /// When the last failure was logged (None: never)
+    logged: Mutex<Option<Instant>>,
+}
+
+/// How often at most a failing send is logged after the first.
+const SEND_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl SendStats {
+    /// Failed sends so far, by errno.
+    pub fn errors(&self) -> BTreeMap<i32, u64> {
+        self.errors.lock().unwrap().clone()
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.errors.lock().unwrap().values().sum()
+    }
+
+    fn sent(&self, o: &Outgoing) {
+        self.sends.fetch_add(1, Ordering::Relaxed);
+        let datagrams = o
+            .segment_size
+            .map_or(1, |s| o.data.len().div_ceil(s.max(1)));
+        self.datagrams
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(o.data.len() as u64, Ordering::Relaxed);
+    }
+
+    fn failed(&self, o: &Outgoing, e: &io::Error) {
+        let errno = e.raw_os_error().unwrap_or(0);
+        let total = {
+            let mut errors = self.errors.lock().unwrap();
+            *errors.entry(errno).or_default() += 1;
+            errors.values().sum::<u64>()
+        };
+        let mut logged = self.logged.lock().unwrap();
+        if logged.is_none_or(|at| at.elapsed() >= SEND_ERROR_LOG_INTERVAL) {
+            *logged = Some(Instant::now());
+            tracing::warn!(
+                destination = %o.destination,
+                bytes = o.data.len(),
+                segment_size = ?o.segment_size,
+                failed_sends = total,
+                "a send failed: {e} (the datagrams are lost; counted in baton_worker_send_errors_total)"
+            );
+        }
+    }
 }
 
 impl VipSockets {
@@ -193,14 +258,22 @@ impl VipSockets {
                 "no VIP socket: at least one VIP is needed",
             ));
         }
-        Ok(Self { sockets })
+        Ok(Self {
+            sockets,
+            stats: SendStats::default(),
+        })
     }
 
     /// One socket.
     pub fn single(socket: UdpIo) -> Self {
         Self {
             sockets: vec![socket],
+            stats: SendStats::default(),
         }
+    }
+
+    pub fn stats(&self) -> &SendStats {
+        &self.stats
     }
 
     pub fn sockets(&self) -> &[UdpIo] {
@@ -268,9 +341,10 @@ impl VipSockets {
             })
     }
 
-    /// Sends one transmit through the socket of its source VIP (see [`UdpIo::send`]).
+    /// Sends one transmit through the socket of its source VIP (see [`UdpIo::send`]), counting
+    /// it, or its failure, in [`SendStats`].
     pub async fn send(&self, o: &Outgoing) -> io::Result<()> {
-        match self.socket_for(o) {
+        let result = match self.socket_for(o) {
             Some(s) => s.send(o).await,
             None => Err(io::Error::new(
                 io::ErrorKind::AddrNotAvailable,
@@ -279,7 +353,12 @@ impl VipSockets {
                     o.src_ip, o.destination
                 ),
             )),
+        };
+        match &result {
+            Ok(()) => self.stats.sent(o),
+            Err(e) => self.stats.failed(o, e),
         }
+        result
     }
 }
 

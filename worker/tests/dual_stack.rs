@@ -50,8 +50,9 @@ fn core(server_id: u64, vips: Vec<IpAddr>, dir: &std::path::Path) -> WorkerCore 
             key,
             vips,
             allow_mtud: false,
+            limits: Default::default(),
         },
-        Arc::new(DemoService),
+        Arc::new(DemoService::default()),
     )
     .unwrap()
 }

@@ -83,8 +83,9 @@ fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
             key,
             vips: vec![VIP.parse::<SocketAddr>().unwrap().ip()],
             allow_mtud: false,
+            limits: Default::default(),
         },
-        Arc::new(DemoService),
+        Arc::new(DemoService::default()),
     )
     .unwrap()
 }

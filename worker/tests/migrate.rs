@@ -72,8 +72,9 @@ async fn lab() -> Lab {
                 key: rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.clone().into()),
                 vips: vec![vip.ip()],
                 allow_mtud: !socket.may_fragment(),
+                limits: Default::default(),
             },
-            Arc::new(DemoService),
+            Arc::new(DemoService::default()),
         )
         .unwrap();
         let (tx, rx) = mpsc::channel(4096);

@@ -76,8 +76,9 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
                 key: key.clone_key(),
                 vips: vec![vip.ip()],
                 allow_mtud: false,
+                limits: Default::default(),
             },
-            Arc::new(DemoService),
+            Arc::new(DemoService::default()),
         )
         .unwrap();
         let (tx, rx) = mpsc::channel(4096);

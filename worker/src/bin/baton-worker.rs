@@ -63,8 +63,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", config_path.display()))?;
     let config =
         WorkerConfig::parse(&text).with_context(|| format!("config {}", config_path.display()))?;
+    // Every byte the services hold, all connections together (limits.memory_budget).
+    let budget = baton_worker::limits::BufferBudget::new(config.limits.memory_budget);
     let service: Arc<dyn baton_worker::service::Service> = match config.service.as_str() {
-        "demo" => Arc::new(baton_worker::demo::DemoService),
+        "demo" => Arc::new(baton_worker::demo::DemoService::new(
+            config.limits.clone(),
+            budget.clone(),
+        )),
         other => anyhow::bail!("unknown service {other:?} (known: demo)"),
     };
     let layout = CidLayout::new(config.cid_len, config.server_id_len)
@@ -80,7 +85,17 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     // From here on, leave through `shutdown` so the control socket file goes with us.
-    let result = serve(&config, service, layout, certs, key, listener, &mut signals).await;
+    let result = serve(
+        &config,
+        service,
+        budget,
+        layout,
+        certs,
+        key,
+        listener,
+        &mut signals,
+    )
+    .await;
     if let Some(c) = &config.control_socket {
         let _ = std::fs::remove_file(c);
     }
@@ -92,6 +107,15 @@ async fn main() -> anyhow::Result<()> {
 struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl StopSignals {
@@ -112,9 +136,11 @@ impl StopSignals {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &WorkerConfig,
     service: Arc<dyn baton_worker::service::Service>,
+    budget: Arc<baton_worker::limits::BufferBudget>,
     layout: CidLayout,
     certs: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
@@ -154,6 +180,7 @@ async fn serve(
             key,
             vips: config.vips.clone(),
             allow_mtud: !socket.may_fragment(),
+            limits: config.limits.clone(),
         },
         service,
     )?;
@@ -163,6 +190,20 @@ async fn serve(
         .map(|&v| SocketAddr::new(v, config.port))
         .collect();
     tracing::info!(vips = ?addrs, server_id = config.server_id, "worker listening");
+    let _metrics = match config.metrics {
+        Some(addr) => {
+            let listener = baton_worker::metrics::bind(addr).await?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            let metrics = baton_worker::metrics::Metrics {
+                sockets: socket.clone(),
+                budget,
+            };
+            Some(AbortOnDrop(tokio::spawn(baton_worker::metrics::serve(
+                listener, metrics,
+            ))))
+        }
+        None => None,
+    };
     let (handle, task) = spawn(core, socket, Inbound::Socket);
     if let (Some(control), Some(secrets), Some(peer)) =
         (&config.control_socket, &config.secrets, &config.peer)

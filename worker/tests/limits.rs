@@ -1,0 +1,332 @@
+//! The worker under load (issue 14), as a real `baton-worker` process on loopback with stock quinn
+//! clients: request bodies at the size limit, and clients that write faster than they read
+//! (memory stays within the configured limits, every byte is echoed exactly, other clients keep
+//! being served, and no send is refused by the kernel).
+mod common;
+
+use baton_worker::demo::{KIND_REQUEST, KIND_STREAM, MAX_REQUEST};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Far beyond what anything takes on a loaded machine: only a worker that never gets there fails.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `baton-worker` process serving the demo on 127.0.0.1, with metrics.
+struct Worker {
+    child: std::process::Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port_udp() -> (std::net::UdpSocket, u16) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let p = s.local_addr().unwrap().port();
+    (s, p)
+}
+
+impl Worker {
+    /// Starts a worker whose config ends with `extra` (e.g. a `[limits]` table).
+    fn start(name: &str, extra: &str) -> Worker {
+        let dir = std::env::temp_dir().join(format!("baton-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
+        let (held, port) = free_port_udp();
+        let metrics_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let d = |f: &str| dir.join(f).display().to_string();
+        std::fs::write(
+            dir.join("worker.toml"),
+            format!(
+                "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
+                 metrics = \"127.0.0.1:{metrics_port}\"\n{extra}",
+                d("service.pem"),
+                d("service.key"),
+            ),
+        )
+        .unwrap();
+        drop(held);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_baton-worker"))
+            .arg("--config")
+            .arg(dir.join("worker.toml"))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let w = Worker {
+            child,
+            dir,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+        };
+        let deadline = Instant::now() + WAIT;
+        while w.scrape().is_none() {
+            assert!(Instant::now() < deadline, "no metrics within {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        w
+    }
+
+    fn endpoint(&self) -> quinn::Endpoint {
+        common::demo_client_endpoint(common::roots_from_pem(&self.dir.join("ca.pem")))
+    }
+
+    async fn connect(&self, endpoint: &quinn::Endpoint) -> quinn::Connection {
+        tokio::time::timeout(WAIT, endpoint.connect(self.addr, "localhost").unwrap())
+            .await
+            .expect("handshake in time")
+            .expect("handshake")
+    }
+
+    /// The metrics page, or None if it does not answer.
+    fn scrape(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: worker\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.starts_with("HTTP/1.1 200").then_some(text)
+    }
+
+    /// Sum of a metric's samples (every label set).
+    fn metric(&self, name: &str) -> u64 {
+        let text = self.scrape().expect("metrics answer");
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The worker's resident memory now and at its peak, in bytes.
+    fn rss(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        (kib("VmRSS:"), kib("VmHWM:"))
+    }
+}
+
+/// One request of `body_len` bytes, the FIN with the last bytes or `fin_later`. Ok(counter and
+/// echoed body), or Err(reset code).
+async fn request(
+    conn: &quinn::Connection,
+    body: &[u8],
+    fin_later: bool,
+) -> Result<(u64, Vec<u8>), u64> {
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    let mut all = vec![KIND_REQUEST];
+    all.extend_from_slice(body);
+    // A refused body makes the worker stop our sending: the write may fail, the answer tells.
+    if s.write_all(&all).await.is_ok() {
+        if fin_later {
+            // The body is out (and acknowledged by now); the FIN goes in a packet of its own.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = s.finish();
+    }
+    match tokio::time::timeout(WAIT, r.read_to_end(MAX_REQUEST + 64))
+        .await
+        .expect("an answer in time")
+    {
+        Ok(answer) => Ok((
+            u64::from_be_bytes(answer[..8].try_into().unwrap()),
+            answer[8..].to_vec(),
+        )),
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => Err(code.into_inner()),
+        Err(e) => panic!("reading the answer: {e}"),
+    }
+}
+
+/// A body of exactly 1 MiB is answered; one byte more is refused with code 1 and uses up no
+/// request number, whether the FIN comes with the last bytes or later.
+#[tokio::test]
+async fn request_bodies_at_the_size_limit() {
+    let worker = Worker::start("limit", "");
+    let endpoint = worker.endpoint();
+    let conn = worker.connect(&endpoint).await;
+    let body = |len: usize| (0..len).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>();
+    let mut expected = 0;
+    for fin_later in [false, true] {
+        let exact = body(MAX_REQUEST);
+        expected += 1;
+        let (n, echoed) = request(&conn, &exact, fin_later)
+            .await
+            .unwrap_or_else(|code| panic!("1 MiB (FIN later: {fin_later}) refused: {code}"));
+        assert_eq!(n, expected, "FIN later: {fin_later}");
+        assert!(echoed == exact, "1 MiB echoed byte-exact");
+        let over = body(MAX_REQUEST + 1);
+        assert_eq!(
+            request(&conn, &over, fin_later).await.map(|(n, _)| n),
+            Err(1),
+            "1 MiB + 1 (FIN later: {fin_later})"
+        );
+    }
+    // The refusals took no number: the next request is the third answered.
+    assert_eq!(request(&conn, b"after", false).await.unwrap().0, 3);
+    conn.close(0u32.into(), b"done");
+}
+
+/// Pattern byte `i` of stream `seed`.
+fn pattern(seed: u64, i: u64) -> u8 {
+    (i.wrapping_mul(0x9e37_79b9).wrapping_add(seed) >> 7) as u8
+}
+
+/// Four clients write as fast as they can on long echo streams for at least 20 s and until 1 GB
+/// came back, while a fifth makes requests one after another. The worker's memory stays within a
+/// bound derived from its `[limits]` (it slows the writers through flow control instead of
+/// buffering), every byte comes back in order, the fifth client keeps being answered, and the
+/// kernel refused no send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flooding_clients_are_slowed_down_not_buffered() {
+    const MIB: u64 = 1 << 20;
+    const FLOODERS: u64 = 4;
+    let worker = Worker::start(
+        "flood",
+        "[limits]\nstream_buffer = 262144\nconnection_buffer = 1048576\nmemory_budget = 2097152\n\
+         receive_window = 2097152\nstream_receive_window = 1048576\nsend_window = 2097152\n",
+    );
+    let endpoint = worker.endpoint();
+    let requester = worker.connect(&endpoint).await;
+    request(&requester, b"warm-up", false).await.unwrap();
+    let (rss_before, _) = worker.rss();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let mut flooders = Vec::new();
+    for seed in 0..FLOODERS {
+        let endpoint = worker.endpoint();
+        let conn = worker.connect(&endpoint).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[KIND_STREAM]).await.unwrap();
+        let stop_w = stop.clone();
+        let writer = tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop_w.load(Ordering::Relaxed) {
+                for (j, b) in buf.iter_mut().enumerate() {
+                    *b = pattern(seed, sent + j as u64);
+                }
+                send.write_all(&buf).await.unwrap();
+                sent += buf.len() as u64;
+            }
+            send.finish().unwrap();
+            sent
+        });
+        let echoed = echoed.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Some(n) = recv.read(&mut buf).await.unwrap() {
+                for (j, &b) in buf[..n].iter().enumerate() {
+                    assert_eq!(
+                        b,
+                        pattern(seed, got + j as u64),
+                        "stream {seed}, byte {}",
+                        got + j as u64
+                    );
+                }
+                got += n as u64;
+                echoed.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            got
+        });
+        flooders.push((endpoint, conn, writer, reader));
+    }
+
+    // Requests one after another on their own connection, all through the flood.
+    let stop_r = stop.clone();
+    let requests = tokio::spawn(async move {
+        let (mut n, mut worst) = (0u64, Duration::ZERO);
+        while !stop_r.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            let body = n.to_be_bytes();
+            let (counter, echoed) = request(&requester, &body, false).await.unwrap();
+            assert_eq!((counter, &echoed[..]), (n + 2, &body[..]));
+            worst = worst.max(started.elapsed());
+            n += 1;
+        }
+        (n, worst)
+    });
+
+    let started = Instant::now();
+    let mut peak = 0;
+    while started.elapsed() < Duration::from_secs(20) || echoed.load(Ordering::Relaxed) < 1 << 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "only {} MiB echoed in 240 s",
+            echoed.load(Ordering::Relaxed) / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(worker.rss().0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for (_endpoint, conn, writer, reader) in flooders {
+        let sent = tokio::time::timeout(WAIT, writer)
+            .await
+            .expect("writer ends")
+            .unwrap();
+        let got = tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("echo ends")
+            .unwrap();
+        assert_eq!(got, sent, "every byte written came back");
+        conn.close(0u32.into(), b"done");
+    }
+    let (answered, worst) = requests.await.unwrap();
+    let (_, hwm) = worker.rss();
+    peak = peak.max(hwm);
+    let send_errors = worker.metric("baton_worker_send_errors_total");
+    let buffered_peak = worker.metric("baton_worker_buffered_bytes_peak");
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "RESULT flood seconds={secs:.1} echoed_mib={} echo_mib_per_s={:.1} rss_before_mib={} rss_peak_mib={} buffered_peak_kib={} requests={answered} worst_request_ms={} send_errors={send_errors}",
+        echoed.load(Ordering::Relaxed) / MIB,
+        echoed.load(Ordering::Relaxed) as f64 / MIB as f64 / secs,
+        rss_before / MIB,
+        peak / MIB,
+        buffered_peak / 1024,
+        worst.as_millis(),
+    );
+    assert_eq!(send_errors, 0, "the kernel refused sends");
+    // Five connections x (receive window + send window + connection buffer) = 25 MiB at most
+    // held for clients; the rest is slack for the allocator and quinn's own records.
+    assert!(
+        peak <= rss_before + 64 * MIB,
+        "RSS grew from {} MiB to {} MiB",
+        rss_before / MIB,
+        peak / MIB
+    );
+    assert!(
+        buffered_peak <= 2 * MIB + 8 * (FLOODERS + 1) * 1024,
+        "the services held {buffered_peak} bytes, over the 2 MiB budget"
+    );
+    assert!(
+        answered >= 20,
+        "only {answered} requests answered during the flood"
+    );
+    assert!(worst < Duration::from_secs(5), "a request waited {worst:?}");
+}
