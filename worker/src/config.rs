@@ -214,6 +214,18 @@ mod tests {
         assert_eq!(small.socket_buffer, 65536);
         assert_eq!(small.vips, ["192.0.2.10".parse::<IpAddr>().unwrap()]);
         assert!(WorkerConfig::parse("vip = \"x\"").is_err());
+        assert_eq!(small.limits, crate::limits::Limits::default());
+        let limited = WorkerConfig::parse(
+            "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\nmetrics = \"127.0.0.1:9651\"\n[limits]\nmemory_budget = 67108864\n",
+        )
+        .unwrap();
+        assert_eq!(limited.limits.memory_budget, 64 << 20);
+        assert_eq!(limited.metrics, Some("127.0.0.1:9651".parse().unwrap()));
+        let e = WorkerConfig::parse(
+            "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n[limits]\nmemory_budget = 1024\n",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("limits.memory_budget"), "{e:#}");
         assert!(
             WorkerConfig::parse(
                 "vip = \"192.0.2.1\"\nserver_id = 1\ncert = \"a\"\nkey = \"b\"\nbogus = 1"

@@ -950,8 +950,15 @@ impl Load {
             .arg(dir.join("ca.pem"))
             .args(["--server-name", "baton.test"])
             .args(["--connections", &connections.to_string()])
-            .args(["--request-size", "512", "--request-interval", "10ms"])
-            .args(["--stream-rate", "65536", "--progress-interval", "1s"])
+            .args(defaults_not_in(
+                &[
+                    ("--request-size", "512"),
+                    ("--request-interval", "10ms"),
+                    ("--stream-rate", "65536"),
+                    ("--progress-interval", "1s"),
+                ],
+                extra,
+            ))
             .arg("--stop-file")
             .arg(file(".stop"))
             .arg("--summary-file")
@@ -1055,6 +1062,16 @@ impl Load {
             .unwrap_or_else(|e| panic!("baton-load {} ({status}) left no summary: {e}", self.name));
         serde_json::from_str(&text).unwrap()
     }
+}
+
+/// The `(option, value)` defaults whose option `extra` does not give itself (baton-load refuses an
+/// option given twice).
+fn defaults_not_in<'a>(defaults: &[(&'a str, &'a str)], extra: &[&str]) -> Vec<&'a str> {
+    defaults
+        .iter()
+        .filter(|(option, _)| !extra.contains(option))
+        .flat_map(|&(option, value)| [option, value])
+        .collect()
 }
 
 impl Drop for Load {
