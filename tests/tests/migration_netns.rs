@@ -1075,8 +1075,22 @@ fn migrations_under_client_events(
         ),
         "{name}: connections per family: {summary}"
     );
+    assert_eq!(took.len(), connections * rounds);
     took.sort_by(f64::total_cmp);
     (summary, took, remotes)
+}
+
+/// Prints the RESULT line of a [`migrations_under_client_events`] run: `label`, the migration
+/// times, `extra` (`key=value ...`), and baton-load's request count and longest stall.
+fn report(label: &str, connections: usize, took: &[f64], summary: &Value, extra: &str) {
+    eprintln!(
+        "RESULT {label} connections={connections} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} {extra} requests={} max_stall_ms={}",
+        took.len(),
+        took[took.len() / 2],
+        took.last().unwrap(),
+        summary["requests"],
+        summary["max_stall_ms"],
+    );
 }
 
 /// NAT rebinding (issue 10): every client's endpoint moves to a fresh UDP port every 300 ms
@@ -1094,7 +1108,6 @@ fn nat_rebinding_then_migrations() {
         &["--rebind-every", "300ms"],
         true,
     );
-    assert_eq!(took.len(), CONNECTIONS * ROUNDS);
     let rebinds = summary["rebinds"].as_u64().unwrap_or(0);
     assert!(rebinds > 0, "the clients rebound: {summary}");
     for c in summary["per_connection"].as_array().unwrap() {
@@ -1109,13 +1122,14 @@ fn nat_rebinding_then_migrations() {
         |seen: &Vec<String>| seen.iter().collect::<std::collections::BTreeSet<_>>().len();
     let followed = remotes.values().filter(|seen| addresses(seen) > 1).count();
     let most = remotes.values().map(addresses).max().unwrap_or(0);
-    eprintln!(
-        "RESULT rebinding connections={CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} rebinds={rebinds} connections_listed_from_several_addresses={followed} most_addresses_of_one={most} requests={} max_stall_ms={}",
-        took.len(),
-        took[took.len() / 2],
-        took.last().unwrap(),
-        summary["requests"],
-        summary["max_stall_ms"],
+    report(
+        "rebinding",
+        CONNECTIONS,
+        &took,
+        &summary,
+        &format!(
+            "rebinds={rebinds} connections_listed_from_several_addresses={followed} most_addresses_of_one={most}"
+        ),
     );
     assert_eq!(followed, CONNECTIONS, "{remotes:?}");
 }
@@ -1135,7 +1149,6 @@ fn key_updates_right_before_moves() {
         &["--key-update-every", "25ms"],
         false,
     );
-    assert_eq!(took.len(), CONNECTIONS * ROUNDS);
     let updates = summary["key_updates"].as_u64().unwrap_or(0);
     for c in summary["per_connection"].as_array().unwrap() {
         assert!(
@@ -1144,13 +1157,12 @@ fn key_updates_right_before_moves() {
             c["index"]
         );
     }
-    eprintln!(
-        "RESULT key_updates connections={CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} key_updates_asked={updates} requests={} max_stall_ms={}",
-        took.len(),
-        took[took.len() / 2],
-        took.last().unwrap(),
-        summary["requests"],
-        summary["max_stall_ms"],
+    report(
+        "key_updates",
+        CONNECTIONS,
+        &took,
+        &summary,
+        &format!("key_updates_asked={updates}"),
     );
 }
 
@@ -1170,15 +1182,7 @@ fn clients_allowing_two_cids_through_migrations() {
         &["--local-cid-len", "0", "--rtt", "20ms"],
         false,
     );
-    assert_eq!(took.len(), CONNECTIONS * ROUNDS);
-    eprintln!(
-        "RESULT cid_limit_2 connections={CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} requests={} max_stall_ms={}",
-        took.len(),
-        took[took.len() / 2],
-        took.last().unwrap(),
-        summary["requests"],
-        summary["max_stall_ms"],
-    );
+    report("cid_limit_2", CONNECTIONS, &took, &summary, "");
 }
 
 /// Moves under full load (issue 14): every connection's long stream writes as fast as flow
@@ -1196,16 +1200,13 @@ fn flooding_connections_through_migrations() {
         &["--stream-rate", "1000000000"],
         false,
     );
-    assert_eq!(took.len(), CONNECTIONS * ROUNDS);
     let verified = summary["stream_bytes_verified"].as_u64().unwrap_or(0);
-    eprintln!(
-        "RESULT flood_migrations connections={CONNECTIONS} migrations={} migrate_ms_p50={:.1} migrate_ms_max={:.1} stream_mib_verified={} requests={} max_stall_ms={}",
-        took.len(),
-        took[took.len() / 2],
-        took.last().unwrap(),
-        verified >> 20,
-        summary["requests"],
-        summary["max_stall_ms"],
+    report(
+        "flood_migrations",
+        CONNECTIONS,
+        &took,
+        &summary,
+        &format!("stream_mib_verified={}", verified >> 20),
     );
     assert!(
         verified > 64 << 20,
