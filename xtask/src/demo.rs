@@ -191,18 +191,15 @@ pub(crate) fn preflight(bins: &Path, say: fn(&str)) -> Result<()> {
 /// `cargo build --release` of the binaries the demo runs; returns the directory they are in.
 pub(crate) fn build_release() -> Result<PathBuf> {
     say("building baton-lb, baton, baton-worker and baton-load (release)");
+    build_release_packages(&["lb-user", "baton-worker", "baton-load"])
+}
+
+/// Builds these workspace packages (release); returns the directory of the binaries.
+pub(crate) fn build_release_packages(packages: &[&str]) -> Result<PathBuf> {
     let root = workspace_root();
     let status = cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "lb-user",
-            "-p",
-            "baton-worker",
-            "-p",
-            "baton-load",
-        ])
+        .args(["build", "--release"])
+        .args(packages.iter().flat_map(|p| ["-p", p]))
         .current_dir(&root)
         .status()
         .context("running cargo build")?;

@@ -4,6 +4,7 @@ mod e2e;
 mod handoff;
 mod migration;
 mod stall;
+mod worker;
 mod xdp;
 
 use crate::util::require_root;
@@ -15,13 +16,15 @@ pub struct Options {
     /// Run only these suites (default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Suite>,
-    /// stall, drain: use the binaries in this directory instead of building them (release) first.
+    /// stall, drain, worker: use the binaries in this directory instead of building them (release) first.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     #[command(flatten)]
     pub stall: stall::StallOptions,
     #[command(flatten)]
     pub drain: drain::DrainOptions,
+    #[command(flatten)]
+    pub worker: worker::WorkerOptions,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -40,6 +43,13 @@ pub enum Suite {
     /// `baton drain` of 1,000 idle connections w1 -> w2 (netns lab): connections/s, then every
     /// connection verified on w2; target >= 1000/s. Needs root.
     Drain,
+    /// baton-worker vs. a stock quinn 0.11 server (benches/stock-quinn), both serving the demo
+    /// protocol on 127.0.0.1 pinned to core 1, the same baton-load on core 0, in --worker-rounds
+    /// interleaved rounds: 32 connections of 64 B requests (requests/s, CPU per request), 4 long
+    /// streams at 100 MB/s and at --worker-flood-rate (echoed MB/s, CPU per GB, RSS peak,
+    /// byte-exact), --worker-idle idle connections (RSS per connection). Targets (issue 14):
+    /// throughput >= 0.9x stock, CPU <= 1.1x stock, idle RSS <= stock.
+    Worker,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -65,6 +75,16 @@ pub fn run(opts: &Options) -> Result<()> {
         if wanted(Suite::Drain) {
             drain::run(&bins, &opts.drain)?;
         }
+    }
+    if wanted(Suite::Worker) {
+        let bins = match &opts.bin_dir {
+            Some(d) => d.clone(),
+            None => {
+                eprintln!("[bench worker] building baton-worker and baton-load (release)");
+                crate::demo::build_release_packages(&["baton-worker", "baton-load"])?
+            }
+        };
+        worker::run(&bins, &opts.worker)?;
     }
     Ok(())
 }
