@@ -185,8 +185,11 @@ impl DemoSession {
 /// What happened to a stream in one drive.
 enum Outcome {
     Open,
-    /// Answered completely (FIN sent) or abandoned by the client: forget it.
+    /// Answered completely (FIN sent): forget it.
     Done,
+    /// Reset by the client: reset our side too (so quinn can close the stream and give the
+    /// client its stream credit back), then forget it.
+    Abandoned(VarInt),
     /// Refused with [`ERROR_REFUSED`].
     Refused,
 }
@@ -220,10 +223,13 @@ impl AppSession for DemoSession {
             );
             match outcome {
                 Outcome::Open => {}
-                Outcome::Done | Outcome::Refused => {
-                    if matches!(outcome, Outcome::Refused) {
+                Outcome::Done | Outcome::Refused | Outcome::Abandoned(_) => {
+                    if let Outcome::Refused = outcome {
                         let code = VarInt::from_u32(ERROR_REFUSED);
                         let _ = conn.recv_stream(id).stop(code);
+                        let _ = conn.send_stream(id).reset(code);
+                    }
+                    if let Outcome::Abandoned(code) = outcome {
                         let _ = conn.send_stream(id).reset(code);
                     }
                     if let Some(s) = self.streams.remove(&raw) {
@@ -269,8 +275,8 @@ impl DemoSession {
                 // The kind byte alone first: it decides how much more may be read.
                 let mut kind = None;
                 let read = read_within(conn, id, 1, |b| kind = b.first().copied());
-                if read.reset.is_some() {
-                    return Outcome::Done;
+                if let Some(code) = read.reset {
+                    return Outcome::Abandoned(code);
                 }
                 let s = self.streams.get_mut(&raw).unwrap();
                 s.kind = kind;
@@ -312,10 +318,10 @@ impl DemoSession {
                     s.inbox.push(b)
                 }
             });
-            if read.reset.is_some() {
+            if let Some(code) = read.reset {
                 // The client gave up on the stream: nothing more to answer.
                 self.take(read.bytes);
-                return Outcome::Done;
+                return Outcome::Abandoned(code);
             }
             s.fin_received = read.fin;
             let oversized = !echo && s.inbox.len() > MAX_REQUEST;

@@ -330,3 +330,34 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
     );
     assert!(worst < Duration::from_secs(5), "a request waited {worst:?}");
 }
+
+/// A client that resets its long streams gets them reset back, so each one closes and gives the
+/// client its stream credit back: far more streams than `max_concurrent_streams` (100) opened
+/// and abandoned one after another, then a request is still answered.
+#[tokio::test]
+async fn abandoned_streams_are_closed_and_their_credit_returned() {
+    let worker = Worker::start("abandon", "");
+    let endpoint = worker.endpoint();
+    let conn = worker.connect(&endpoint).await;
+    for i in 0..150u32 {
+        let (mut send, mut recv) = tokio::time::timeout(WAIT, conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i}: no stream credit within {WAIT:?}"))
+            .unwrap();
+        send.write_all(&[KIND_STREAM, 1, 2, 3]).await.unwrap();
+        send.reset(7u32.into()).unwrap();
+        // The worker answers the reset with its own: the read ends with it.
+        let end = tokio::time::timeout(WAIT, recv.read_to_end(1 << 10))
+            .await
+            .unwrap_or_else(|_| panic!("stream {i}: never closed by the worker"));
+        assert!(
+            matches!(
+                end,
+                Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_))) | Ok(_)
+            ),
+            "stream {i}: {end:?}"
+        );
+    }
+    assert_eq!(request(&conn, b"still here", false).await.unwrap().0, 1);
+    conn.close(0u32.into(), b"done");
+}
