@@ -304,10 +304,10 @@ impl WorkerCore {
         remote: SocketAddr,
         local: Option<IpAddr>,
         ecn: Option<u8>,
-        data: &[u8],
+        data: BytesMut,
         out: &mut Vec<Outgoing>,
     ) {
-        if let Some(cid) = self.dcid(data) {
+        if let Some(cid) = self.dcid(&data) {
             if let Some(&key) = self.exported.get(cid) {
                 if self.forward_len < MAX_FORWARD {
                     self.forward
@@ -326,7 +326,7 @@ impl WorkerCore {
         let local = local.or_else(|| self.vip_for(remote));
         match self
             .endpoint
-            .handle(now, remote, local, ecn, BytesMut::from(data), &mut buf)
+            .handle(now, remote, local, ecn, data, &mut buf)
         {
             Some(DatagramEvent::NewConnection(incoming)) => {
                 let key = incoming.orig_dst_cid().to_vec();

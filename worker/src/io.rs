@@ -1,6 +1,7 @@
 //! The tokio I/O loop around [`WorkerCore`], and a handle to control it.
 use crate::core::{ConnInfo, Exported, Outgoing, WorkerCore};
 use crate::udp::{Received, VipSockets};
+use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -258,7 +259,7 @@ async fn run(
         }
         let now = Instant::now();
         for d in received.drain(..) {
-            core.handle(now, d.from, Some(d.to), d.ecn, &d.data, &mut out);
+            core.handle(now, d.from, Some(d.to), d.ecn, d.data, &mut out);
         }
         for _ in 0..COMMANDS_PER_TURN {
             match commands.try_recv() {
@@ -323,7 +324,7 @@ fn command(
             // Forwarded by the source worker, which kept only the client's address: they are
             // for an imported connection, which replies from its own VIP whatever is given here.
             for (from, data) in datagrams {
-                core.handle(now, from, None, None, &data, out);
+                core.handle(now, from, None, None, BytesMut::from(&data[..]), out);
             }
         }
         Command::TakeForward(reply) => {

@@ -9,6 +9,7 @@
 //! is sent for through the socket of the VIP it arrived on (quinn's `local_ip`), so it keeps
 //! replying from the address its client talks to (direct server return).
 use crate::core::Outgoing;
+use bytes::BytesMut;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::collections::BTreeMap;
 use std::io::{self, IoSliceMut};
@@ -39,7 +40,9 @@ pub struct Received {
     /// The address it was sent to (the VIP whose socket received it).
     pub to: IpAddr,
     pub ecn: Option<u8>,
-    pub data: Vec<u8>,
+    /// A slice of the buffer its whole receive (a GRO batch) was copied into once: quinn-proto
+    /// keeps stream data as slices of it, so no datagram is copied again.
+    pub data: BytesMut,
 }
 
 impl UdpIo {
@@ -131,12 +134,16 @@ impl UdpIo {
                     // What the kernel says the datagram was sent to; the bound address when
                     // it does not say (they are the same for a socket bound to a VIP).
                     let to = m.dst_ip.unwrap_or(self.local_ip);
-                    for chunk in b[..m.len].chunks(stride) {
+                    // One allocation and copy per receive, not per datagram (a GRO batch holds
+                    // up to 64 KiB); the datagrams are split off it without copying.
+                    let mut batch = BytesMut::from(&b[..m.len]);
+                    while !batch.is_empty() {
+                        let data = batch.split_to(stride.min(batch.len()));
                         out.push(Received {
                             from: m.addr,
                             to,
                             ecn: m.ecn.map(|e| e as u8),
-                            data: chunk.to_vec(),
+                            data,
                         });
                     }
                 }

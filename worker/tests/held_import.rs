@@ -94,7 +94,14 @@ fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
 fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
     let mut out = Vec::new();
     for d in client.transmit(now) {
-        core.handle(now, CLIENT.parse().unwrap(), None, None, &d, &mut out);
+        core.handle(
+            now,
+            CLIENT.parse().unwrap(),
+            None,
+            None,
+            d.as_slice().into(),
+            &mut out,
+        );
     }
     core.poll(now, 1, &mut out);
     out
