@@ -9,6 +9,7 @@
 //! and percentage parsers, the summary (JSON) types, and the emulated path ([`impair`]).
 pub mod impair;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -156,6 +157,25 @@ pub struct ConnSummary {
     pub final_request_ok: bool,
     /// Last error seen, if any.
     pub last_error: Option<String>,
+    /// Latency of this slot's answered requests (open to answer), in microseconds; merged into
+    /// the summary's percentiles.
+    #[serde(skip)]
+    pub request_latency: Option<Histogram<u64>>,
+}
+
+impl ConnSummary {
+    /// Counts one answered request that took `latency`.
+    pub fn record_latency(&mut self, latency: Duration) {
+        let h = self
+            .request_latency
+            .get_or_insert_with(new_latency_histogram);
+        h.saturating_record(latency.as_micros().min(u64::MAX as u128) as u64);
+    }
+}
+
+/// Microseconds from 1 to an hour, two significant digits (1% resolution, a few KiB).
+fn new_latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds")
 }
 
 /// The run's result: totals and every slot.
@@ -182,6 +202,14 @@ pub struct Summary {
     /// Percentiles of the per-connection largest stalls.
     pub p50_stall_ms: f64,
     pub p99_stall_ms: f64,
+    /// Latency of every answered request of the run (all slots), opening the stream to the
+    /// answer's end: median, 99th percentile and worst, in milliseconds (0 without requests).
+    #[serde(default)]
+    pub request_p50_ms: f64,
+    #[serde(default)]
+    pub request_p99_ms: f64,
+    #[serde(default)]
+    pub request_max_ms: f64,
     pub stream_bytes_sent: u64,
     pub stream_bytes_verified: u64,
     #[serde(default)]
@@ -232,6 +260,16 @@ impl Summary {
         per_connection: Vec<ConnSummary>,
     ) -> Summary {
         let stalls: Vec<f64> = per_connection.iter().map(|c| c.max_stall_ms).collect();
+        let mut latency = new_latency_histogram();
+        for h in per_connection
+            .iter()
+            .filter_map(|c| c.request_latency.as_ref())
+        {
+            // Same bounds, so adding cannot fail.
+            let _ = latency.add(h);
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        let has_requests = !latency.is_empty();
         let mut s = Summary {
             target,
             duration_s: duration.as_secs_f64(),
@@ -243,6 +281,17 @@ impl Summary {
             max_stall_ms: stalls.iter().copied().fold(0.0, f64::max),
             p50_stall_ms: percentile(&stalls, 50.0),
             p99_stall_ms: percentile(&stalls, 99.0),
+            request_p50_ms: if has_requests {
+                ms(latency.value_at_quantile(0.5))
+            } else {
+                0.0
+            },
+            request_p99_ms: if has_requests {
+                ms(latency.value_at_quantile(0.99))
+            } else {
+                0.0
+            },
+            request_max_ms: if has_requests { ms(latency.max()) } else { 0.0 },
             streams_not_exact: per_connection.iter().filter(|c| !c.stream_exact).count(),
             final_requests_ok: per_connection.iter().filter(|c| c.final_request_ok).count(),
             ipv6_connections: per_connection
@@ -314,6 +363,12 @@ impl Summary {
             "  requests      {} completed, {} failed, {} session-counter breaks\n",
             self.requests, self.failed, self.counter_breaks
         ));
+        if self.requests > 0 {
+            out.push_str(&format!(
+                "  latency       request p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms\n",
+                self.request_p50_ms, self.request_p99_ms, self.request_max_ms
+            ));
+        }
         out.push_str(&format!(
             "  stall         largest gap between completed requests: max {:.1} ms (conn {} at t={:.1} s), p50 {:.1} ms, p99 {:.1} ms over connections\n",
             self.max_stall_ms, self.max_stall_conn, self.max_stall_at_s, self.p50_stall_ms, self.p99_stall_ms

@@ -1012,6 +1012,7 @@ async fn counted_request(
     expected: Option<u64>,
     s: &mut ConnSummary,
 ) -> Result<u64> {
+    let asked = Instant::now();
     let answer = match tokio::time::timeout(ctx.args.request_timeout, request(conn, body)).await {
         Ok(Ok(answer)) => check_answer(&answer, body, expected.unwrap_or(0)),
         Ok(Err(e)) => Err(e),
@@ -1034,6 +1035,7 @@ async fn counted_request(
                 ));
             }
             s.requests += 1;
+            s.record_latency(asked.elapsed());
             ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
             ctx.log_completion(s.index);
             Ok(counter)

@@ -17,6 +17,9 @@
 //! - the same at `--worker-flood-rate` (default 1000 MB/s, more than either server echoes on one
 //!   core): echoed MB/s, CPU s per GB, the server's RSS peak, and whether every stream came back
 //!   byte-exact (baton-load's summary);
+//! - fairness: one connection floods (its own baton-load at `--worker-flood-rate`) while 8 others
+//!   send 64 B requests back to back: their requests/s and request latency p99, and whether the
+//!   flood stayed byte-exact;
 //! - `--worker-idle` idle connections (`baton-load --idle`): (RSS once all are up - RSS before)
 //!   / connections.
 //!
@@ -44,6 +47,8 @@ const REQUEST_SIZE: usize = 64;
 /// Connections (one long stream each) of the stream rows, and the moderate offered rate in all.
 const STREAM_CONNECTIONS: usize = 4;
 const STREAM_RATE_MBPS: u64 = 100;
+/// Connections sending requests beside the one flooding connection of the fair load.
+const FAIR_CONNECTIONS: usize = 8;
 /// The worker's default `socket_buffer` (worker/src/config.rs), given to the stock server too.
 const SOCKET_BUFFER: usize = 4 << 20;
 const SERVICE_NAME: &str = "localhost";
@@ -352,6 +357,8 @@ struct Loaded {
     cpu_s_per_gb: f64,
     rss_peak: u64,
     exact: bool,
+    /// 99th percentile of the run's request latencies (baton-load's summary), ms.
+    request_p99_ms: f64,
     /// Cores' worth of CPU used by other processes than the server and baton-load during the
     /// window: anything much above 0 means the figures are disturbed.
     other_cores: f64,
@@ -365,6 +372,7 @@ fn loaded_run(
     server: &Running,
     connections: usize,
     args: &[String],
+    beside: Option<u32>,
 ) -> Result<Loaded> {
     let total = opts.warmup + opts.seconds;
     let mut cmd = Command::new("taskset");
@@ -389,13 +397,15 @@ fn loaded_run(
         let stderr = child.stderr.take().context("baton-load stderr")?;
         let (samples, other, pid, load_pid) =
             (samples.clone(), other.clone(), server.pid, child.id());
+        // A second baton-load running beside this one (the fair load's flood) is ours too.
+        let ours: Vec<u32> = [pid, load_pid].into_iter().chain(beside).collect();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
                 match parse_progress(&line) {
                     Some((t, up, requests, verified_mb)) => {
                         let at = Instant::now();
                         let cpu_s = cpu_seconds(pid).unwrap_or(f64::NAN);
-                        let others = other_processes_cpu(&[pid, load_pid]);
+                        let others = other_processes_cpu(&ours);
 
                         samples.lock().unwrap().push(Sample {
                             at,
@@ -468,8 +478,78 @@ fn loaded_run(
         },
         rss_peak,
         exact,
+        request_p99_ms: summary["request_p99_ms"].as_f64().unwrap_or(f64::NAN),
         other_cores: cpu_between(&a.others, &b.others) / wall,
     })
+}
+
+/// The fair load: one connection floods (a long stream at `--worker-flood-rate`, on its own
+/// baton-load) while [`FAIR_CONNECTIONS`] others send requests back to back; the figures are the
+/// requests' (rate, p99 latency) and `exact` says the flood came back byte-exact. Both clients
+/// share core 0, the server has core 1, so the flood takes the share of the server that the
+/// scheduling of connections gives it: the question is whether that share is the same as stock's.
+fn fair_run(setup: &Setup, opts: &WorkerOptions, server: &Running) -> Result<Loaded> {
+    let total_ms = (2 * opts.warmup + opts.seconds) * 1000 + 1500;
+    let mut flood = Command::new("taskset");
+    flood
+        .args(["-c", "0"])
+        .arg(&setup.load)
+        .arg("--target")
+        .arg(format!("127.0.0.1:{}", server.port))
+        .arg("--ca")
+        .arg(setup.ca())
+        .args(["--server-name", SERVICE_NAME, "--connections", "1"])
+        .args(["--ramp", "0ms", "--progress-interval", "0", "--json"])
+        .args(["--duration", &format!("{total_ms}ms")])
+        .args(["--stream-rate", &(opts.flood_rate * 1_000_000).to_string()])
+        .args(["--request-interval", "1s", "--request-timeout", "30s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut flood = KillOnDrop(flood.spawn().with_context(|| format!("starting {flood:?}"))?);
+    // The flood's congestion window opens before the requests start.
+    std::thread::sleep(Duration::from_secs(opts.warmup));
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut loaded = loaded_run(
+        setup,
+        opts,
+        server,
+        FAIR_CONNECTIONS,
+        &s(&[
+            "--request-size",
+            &REQUEST_SIZE.to_string(),
+            "--request-interval",
+            "0ms",
+            "--stream-rate",
+            "0",
+        ]),
+        Some(flood.0.id()),
+    )?;
+    let mut out = String::new();
+    flood
+        .0
+        .stdout
+        .take()
+        .context("flood stdout")?
+        .read_to_string(&mut out)?;
+    let status = flood.0.wait()?;
+    let summary: Value = serde_json::from_str(out.trim())
+        .with_context(|| format!("the flooding baton-load ({status}) printed no summary"))?;
+    loaded.exact = summary["ok"].as_bool() == Some(true)
+        && summary["stream_bytes_verified"].as_u64().unwrap_or(0) > 0;
+    if !loaded.exact {
+        say("note: the flood beside the requests was not byte-exact or failed");
+    }
+    Ok(loaded)
+}
+
+/// A child process killed (and reaped) if the run ends early.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// `n` idle connections: (RSS once all are up - RSS before) / n, in bytes.
@@ -597,6 +677,8 @@ struct Round {
     requests: Option<Loaded>,
     stream: Option<Loaded>,
     flood: Option<Loaded>,
+    /// Requests beside a flooding connection; `exact` is the flood's.
+    fair: Option<Loaded>,
     idle: Vec<Option<f64>>,
 }
 
@@ -606,7 +688,7 @@ const DISTURBED_CORES: f64 = 0.15;
 impl Round {
     /// The most CPU other processes used during any of this round's load windows, in cores.
     fn other_cores(&self) -> f64 {
-        [&self.requests, &self.stream, &self.flood]
+        [&self.requests, &self.stream, &self.flood, &self.fair]
             .into_iter()
             .flatten()
             .map(|l| l.other_cores)
@@ -630,6 +712,7 @@ enum Load {
     Requests,
     Stream,
     Flood,
+    Fair,
     Idle,
 }
 
@@ -639,7 +722,7 @@ fn run_load(setup: &Setup, opts: &WorkerOptions, server: Server, load: Load) -> 
     let loaded = |what: &str, conns: usize, args: Vec<String>| {
         attempt(what, server, || {
             let running = Running::start(setup, server, what)?;
-            let r = loaded_run(setup, opts, &running, conns, &args);
+            let r = loaded_run(setup, opts, &running, conns, &args, None);
             if r.is_err() {
                 say(format!("{} log: {}", server.name(), running.log_tail()));
             }
@@ -694,6 +777,16 @@ fn run_load(setup: &Setup, opts: &WorkerOptions, server: Server, load: Load) -> 
                 round.flood = r;
             }
         }
+        Load::Fair => {
+            round.fair = attempt("fair", server, || {
+                let running = Running::start(setup, server, "fair")?;
+                let r = fair_run(setup, opts, &running);
+                if r.is_err() {
+                    say(format!("{} log: {}", server.name(), running.log_tail()));
+                }
+                r
+            })
+        }
         Load::Idle => {
             for &n in &opts.idle {
                 round.idle.push(attempt(&format!("idle {n}"), server, || {
@@ -710,6 +803,7 @@ fn merge(into: &mut Round, from: Round) {
     into.requests = into.requests.take().or(from.requests);
     into.stream = into.stream.take().or(from.stream);
     into.flood = into.flood.take().or(from.flood);
+    into.fair = into.fair.take().or(from.fair);
     if !from.idle.is_empty() {
         into.idle = from.idle;
     }
@@ -750,7 +844,7 @@ pub fn run(bins: &Path, opts: &WorkerOptions) -> Result<()> {
     ));
 
     let mut rounds: Vec<(Round, Round)> = Vec::new();
-    let mut loads = vec![Load::Requests, Load::Stream, Load::Flood];
+    let mut loads = vec![Load::Requests, Load::Stream, Load::Flood, Load::Fair];
     if !opts.idle.is_empty() {
         loads.push(Load::Idle);
     }
@@ -811,10 +905,11 @@ fn round_line(b: &Round, s: &Round, opts: &WorkerOptions) -> String {
         format!("{}/{}", fmt_opt(f(b), d), fmt_opt(f(s), d))
     };
     let mut line = format!(
-        "baton/stock req/s {}, stream MB/s {}, flood MB/s {}",
+        "baton/stock req/s {}, stream MB/s {}, flood MB/s {}, req p99 ms beside a flood {}",
         pair(&|r| r.requests.as_ref().map(|l| l.requests_per_s), 0),
         pair(&|r| r.stream.as_ref().map(|l| l.mb_per_s), 1),
         pair(&|r| r.flood.as_ref().map(|l| l.mb_per_s), 1),
+        pair(&|r| r.fair.as_ref().map(|l| l.request_p99_ms), 2),
     );
     for (i, n) in opts.idle.iter().enumerate() {
         line.push_str(&format!(
@@ -899,21 +994,50 @@ fn row(
     ]
 }
 
+/// A row counting the runs whose `pick` came back byte-exact (counts, not medians).
+fn exact_row(
+    rounds: &[(Round, Round)],
+    name: &str,
+    pick: fn(&Round) -> Option<&Loaded>,
+) -> [String; 6] {
+    let exact = |baton: bool| {
+        rounds
+            .iter()
+            .filter_map(|(b, s)| pick(if baton { b } else { s }))
+            .filter(|l| l.exact)
+            .count()
+    };
+    let (b, s, n) = (exact(true), exact(false), rounds.len());
+    [
+        name.into(),
+        format!("{b}/{n}"),
+        format!("{s}/{n}"),
+        "".into(),
+        "every run".into(),
+        pass(b == n),
+    ]
+}
+
 fn report(rounds: &[(Round, Round)], opts: &WorkerOptions) -> String {
     let mut rows: Vec<[String; 6]> = Vec::new();
-    let mut row =
-        |name: String, f: &dyn Fn(&Round) -> Option<f64>, digits: usize, target: Target| {
-            rows.push(row(rounds, name, f, digits, target));
-        };
+    let add = |rows: &mut Vec<[String; 6]>,
+               name: String,
+               f: &dyn Fn(&Round) -> Option<f64>,
+               digits: usize,
+               target: Target| {
+        rows.push(row(rounds, name, f, digits, target));
+    };
     let rc = REQUEST_CONNECTIONS;
     let sc = STREAM_CONNECTIONS;
-    row(
+    add(
+        &mut rows,
         format!("{rc} conns x {REQUEST_SIZE} B requests: requests/s"),
         &|r| r.requests.as_ref().map(|l| l.requests_per_s),
         0,
         Target::AtLeast(0.9),
     );
-    row(
+    add(
+        &mut rows,
         "  server CPU ms per 1k requests".into(),
         &|r| r.requests.as_ref().map(|l| l.cpu_ms_per_1k),
         2,
@@ -927,20 +1051,23 @@ fn report(rounds: &[(Round, Round)], opts: &WorkerOptions) -> String {
         ),
         ("flood", opts.flood_rate, |r: &Round| r.flood.clone()),
     ] {
-        row(
+        add(
+            &mut rows,
             format!("{sc} streams at {rate} MB/s offered: echoed MB/s"),
             &|r| pick(r).map(|l| l.mb_per_s),
             1,
             Target::AtLeast(0.9),
         );
-        row(
+        add(
+            &mut rows,
             "  server CPU s per GB".into(),
             &|r| pick(r).map(|l| l.cpu_s_per_gb),
             2,
             Target::AtMost(1.1),
         );
         if label == "flood" {
-            row(
+            add(
+                &mut rows,
                 "  server RSS peak MiB (VmHWM)".into(),
                 &|r| pick(r).map(|l| l.rss_peak as f64 / (1 << 20) as f64),
                 1,
@@ -949,33 +1076,34 @@ fn report(rounds: &[(Round, Round)], opts: &WorkerOptions) -> String {
             );
         }
     }
-    // Byte-exact flood runs: counts, not medians.
-    let exact = |baton: bool| {
-        let runs: Vec<&Loaded> = rounds
-            .iter()
-            .filter_map(|(b, s)| if baton { b } else { s }.flood.as_ref())
-            .collect();
-        (runs.iter().filter(|l| l.exact).count(), rounds.len())
-    };
-    let (be, bn) = exact(true);
-    let (se, sn) = exact(false);
-    let exact_row = [
-        "  flood runs byte-exact".into(),
-        format!("{be}/{bn}"),
-        format!("{se}/{sn}"),
-        "".into(),
-        "every run".into(),
-        pass(be == bn),
-    ];
+    rows.push(exact_row(rounds, "  flood runs byte-exact", |r| r.flood.as_ref()));
+    let fc = FAIR_CONNECTIONS;
+    add(
+        &mut rows,
+        format!("{fc} conns' requests beside 1 flooding conn: requests/s"),
+        &|r| r.fair.as_ref().map(|l| l.requests_per_s),
+        0,
+        Target::AtLeast(0.9),
+    );
+    add(
+        &mut rows,
+        "  request latency p99 ms".into(),
+        &|r| r.fair.as_ref().map(|l| l.request_p99_ms),
+        2,
+        Target::AtMost(1.1),
+    );
+    rows.push(exact_row(rounds, "  floods beside them byte-exact", |r| {
+        r.fair.as_ref()
+    }));
     for (i, n) in opts.idle.iter().enumerate() {
-        row(
+        add(
+            &mut rows,
             format!("{n} idle conns: RSS KiB per connection"),
             &|r| r.idle.get(i).copied().flatten().map(|b| b / 1024.0),
             2,
             Target::AtMost(1.0),
         );
     }
-    rows.insert(rows.len() - opts.idle.len(), exact_row);
     let head = ["", "baton", "stock", "ratio", "target", ""];
     let mut widths = [0usize; 6];
     for r in rows
