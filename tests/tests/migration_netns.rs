@@ -96,6 +96,18 @@ impl Workers {
         unsafe { libc::kill(c.id() as i32, sig) };
     }
 
+    /// Worker `i`'s peak resident memory so far (VmHWM), bytes.
+    fn rss_peak(&self, i: usize) -> u64 {
+        let c = self.children[i].as_ref().expect("worker running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+            * 1024
+    }
+
     fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
@@ -950,11 +962,47 @@ fn migrations_under_client_events(
     rounds: usize,
     extra: &[&str],
     new_remotes: bool,
-) -> (
-    Value,
-    Vec<f64>,
-    std::collections::BTreeMap<String, Vec<String>>,
-) {
+) -> Moves {
+    migrations_beside(
+        name,
+        connections,
+        rounds,
+        extra,
+        new_remotes,
+        false,
+        Duration::ZERO,
+    )
+}
+
+/// What [`migrations_under_client_events`] saw.
+struct Moves {
+    /// baton-load's summary of the moved connections.
+    summary: Value,
+    /// Each migration's `total_ms`, sorted.
+    took: Vec<f64>,
+    /// Each migration's `snapshot_bytes`.
+    snapshot_bytes: Vec<u64>,
+    /// The client addresses each connection was listed from, by connection key.
+    remotes: std::collections::BTreeMap<String, Vec<String>>,
+    /// Each worker's peak RSS (VmHWM) at the end, bytes.
+    rss_peak: [u64; 2],
+    /// `beside`: the summary of the connection that only sent requests.
+    beside: Option<Value>,
+}
+
+/// [`migrations_under_client_events`], and with `beside` one more connection (its own
+/// baton-load, IPv4) that only sends requests, never moved: every round it must answer as many
+/// more requests as the moved ones (it shares a worker with them). A round starts at most every
+/// `round_every`, so the load runs at least `rounds` x `round_every`.
+fn migrations_beside(
+    name: &str,
+    connections: usize,
+    rounds: usize,
+    extra: &[&str],
+    new_remotes: bool,
+    beside: bool,
+    round_every: Duration,
+) -> Moves {
     /// Requests each connection completes after every round before the next one starts.
     const MORE: u64 = 10;
     let mut lab = Lab::new(LabOptions::default());
@@ -970,17 +1018,45 @@ fn migrations_under_client_events(
         extra,
         PATIENCE,
     );
-    let rows = || conns(&lab, &workers);
+    let mut beside = beside.then(|| {
+        Load::start_with(
+            &lab,
+            &workers.dir,
+            &format!("{name}-beside"),
+            &[vip(false)],
+            1,
+            &["--stream-rate", "0"],
+            PATIENCE,
+        )
+    });
+    // The beside connection's client address: its row is left out of the moved ones.
+    let beside_remote = beside.as_ref().map(|b| {
+        b.output()
+            .lines()
+            .find_map(|l| l.strip_prefix("conn 0 local=").map(str::to_string))
+            .expect("baton-load printed its connection's address")
+    });
+    let rows = || {
+        conns(&lab, &workers)
+            .into_iter()
+            .filter(|r| r["remote"].as_str() != beside_remote.as_deref())
+            .collect::<Vec<_>>()
+    };
     wait_for(
         "the workers to list every connection",
         || rows().len() == connections,
         || format!("{:?}", rows()),
     );
+    let requests = || {
+        let mut n = load.requests_per_connection();
+        n.extend(beside.iter().flat_map(|b| b.requests_per_connection()));
+        n
+    };
     let carries_on = |when: &str| {
-        let from = load.requests_per_connection();
+        let from = requests();
         let behind = || {
-            let now = load.requests_per_connection();
-            (0..connections)
+            let now = requests();
+            (0..from.len())
                 .filter(|&i| now[i] < from[i] + MORE)
                 .collect::<Vec<_>>()
         };
@@ -991,7 +1067,7 @@ fn migrations_under_client_events(
                 format!(
                     "connections behind: {:?}; requests {:?} (from {from:?})\n{}",
                     behind(),
-                    load.requests_per_connection(),
+                    requests(),
                     tail(&load.output(), 10)
                 )
             },
@@ -999,8 +1075,10 @@ fn migrations_under_client_events(
     };
     carries_on("before the first migration");
     let mut took = Vec::new();
+    let mut snapshot_bytes = Vec::new();
     let mut remotes = std::collections::BTreeMap::<String, Vec<String>>::new();
     for round in 1..=rounds {
+        let began = Instant::now();
         let all = rows();
         assert_eq!(all.len(), connections, "before round {round}: {all:?}");
         for r in all {
@@ -1030,9 +1108,11 @@ fn migrations_under_client_events(
                 String::from_utf8_lossy(&out.stderr)
             );
             took.push(v["total_ms"].as_f64().unwrap_or(0.0));
+            snapshot_bytes.push(v["snapshot_bytes"].as_u64().unwrap_or(0));
             assert_eq!(owner_of(&lab, &workers, key), to, "round {round}");
         }
         carries_on(&format!("after migration round {round}"));
+        std::thread::sleep(round_every.saturating_sub(began.elapsed()));
     }
     assert_eq!(
         remotes.len(),
@@ -1075,9 +1155,27 @@ fn migrations_under_client_events(
         ),
         "{name}: connections per family: {summary}"
     );
+    let beside = beside.as_mut().map(|b| {
+        let s = b.stop(PATIENCE);
+        let n = |k: &str| s[k].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            n("established") == 1
+                && n("requests") > 0
+                && [n("failed"), n("reconnects"), n("counter_breaks")] == [0, 0, 0],
+            "{name}-beside: every request answered on one connection: {s}"
+        );
+        s
+    });
     assert_eq!(took.len(), connections * rounds);
     took.sort_by(f64::total_cmp);
-    (summary, took, remotes)
+    Moves {
+        summary,
+        took,
+        snapshot_bytes,
+        remotes,
+        rss_peak: [0, 1].map(|i| workers.rss_peak(i)),
+        beside,
+    }
 }
 
 /// Prints the RESULT line of a [`migrations_under_client_events`] run: `label`, the migration
@@ -1101,7 +1199,12 @@ fn report(label: &str, connections: usize, took: &[f64], summary: &Value, extra:
 fn nat_rebinding_then_migrations() {
     const CONNECTIONS: usize = 6;
     const ROUNDS: usize = 10;
-    let (summary, took, remotes) = migrations_under_client_events(
+    let Moves {
+        summary,
+        took,
+        remotes,
+        ..
+    } = migrations_under_client_events(
         "rebind",
         CONNECTIONS,
         ROUNDS,
@@ -1142,7 +1245,7 @@ fn nat_rebinding_then_migrations() {
 fn key_updates_right_before_moves() {
     const CONNECTIONS: usize = 6;
     const ROUNDS: usize = 10;
-    let (summary, took, _) = migrations_under_client_events(
+    let Moves { summary, took, .. } = migrations_under_client_events(
         "keyupdate",
         CONNECTIONS,
         ROUNDS,
@@ -1175,7 +1278,7 @@ fn key_updates_right_before_moves() {
 fn clients_allowing_two_cids_through_migrations() {
     const CONNECTIONS: usize = 4;
     const ROUNDS: usize = 10;
-    let (summary, took, _) = migrations_under_client_events(
+    let Moves { summary, took, .. } = migrations_under_client_events(
         "cidlimit",
         CONNECTIONS,
         ROUNDS,
@@ -1187,29 +1290,70 @@ fn clients_allowing_two_cids_through_migrations() {
 
 /// Moves under full load (issue 14): every connection's long stream writes as fast as flow
 /// control lets it (the worker reads only what its limits allow, so the stream runs at the
-/// saturating rate) while each connection is moved between the workers 10 times. The bounded
-/// buffers move with it; every stream byte comes back in order, nothing fails or reconnects.
+/// saturating rate) for 20 s while each connection is moved between the workers 10 times (a
+/// round every 2 s), and one more
+/// connection beside them only sends requests. The bounded buffers move with the flooding
+/// connections: every snapshot stays within what the worker's `[limits]` let one connection hold,
+/// each worker's memory within what they let all of them hold, every stream byte comes back in
+/// order, and the request loop beside them keeps completing; nothing fails or reconnects.
 #[test]
 fn flooding_connections_through_migrations() {
     const CONNECTIONS: usize = 2;
     const ROUNDS: usize = 10;
-    let (summary, took, _) = migrations_under_client_events(
+    const MIB: u64 = 1 << 20;
+    let moves = migrations_beside(
         "flood",
         CONNECTIONS,
         ROUNDS,
         &["--stream-rate", "1000000000"],
         false,
+        true,
+        // 20 s of flooding in all, as the test without moves (worker/tests/limits.rs).
+        Duration::from_secs(2),
     );
-    let verified = summary["stream_bytes_verified"].as_u64().unwrap_or(0);
+    let verified = moves.summary["stream_bytes_verified"].as_u64().unwrap_or(0);
+    let largest = moves.snapshot_bytes.iter().copied().max().unwrap_or(0);
+    let [rss1, rss2] = moves.rss_peak;
     report(
         "flood_migrations",
         CONNECTIONS,
-        &took,
-        &summary,
-        &format!("stream_mib_verified={}", verified >> 20),
+        &moves.took,
+        &moves.summary,
+        &format!(
+            "stream_mib_verified={} snapshot_kib_max={} rss_peak_mib={}/{} beside_requests={}",
+            verified >> 20,
+            largest >> 10,
+            rss1 / MIB,
+            rss2 / MIB,
+            moves
+                .beside
+                .as_ref()
+                .map_or(Value::Null, |b| b["requests"].clone()),
+        ),
     );
     assert!(
-        verified > 64 << 20,
+        verified > 64 * MIB,
         "the long streams ran at full rate: {verified} bytes verified"
     );
+    // What one connection may hold: data received and not yet read (receive_window), read and
+    // not yet written (connection_buffer), written and not yet acknowledged (send_window); and
+    // 1 MiB for the rest of its state (keys, CIDs, ranges).
+    let l = baton_worker::limits::Limits::default();
+    let per_connection = l.receive_window + l.connection_buffer as u64 + l.send_window + MIB;
+    assert!(
+        largest <= per_connection,
+        "the largest snapshot was {largest} bytes, more than one connection's limits ({per_connection})"
+    );
+    // A worker may hold every connection, one of them also as a snapshot in flight (sealed and
+    // opened copies), above what it uses idle.
+    let bound = 64 * MIB + (CONNECTIONS as u64 + 1) * per_connection + 3 * per_connection;
+    for (i, rss) in moves.rss_peak.into_iter().enumerate() {
+        assert!(
+            rss <= bound,
+            "worker {} peaked at {} MiB, above {} MiB",
+            i + 1,
+            rss / MIB,
+            bound / MIB
+        );
+    }
 }
