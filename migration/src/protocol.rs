@@ -233,10 +233,13 @@ pub enum ErrorKind {
     NonceExhausted,
     Config,
     Output,
+    /// The caller is authenticated but not allowed to do this (e.g. a worker on the peer channel
+    /// sending a transfer in another worker's name).
+    Unauthorized,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 19] = [
+    pub const ALL: [ErrorKind; 20] = [
         Self::InvalidToken,
         Self::StateCorruption,
         Self::SnapshotTooLarge,
@@ -256,6 +259,7 @@ impl ErrorKind {
         Self::NonceExhausted,
         Self::Config,
         Self::Output,
+        Self::Unauthorized,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -279,6 +283,7 @@ impl ErrorKind {
             Self::NonceExhausted => "nonce_exhausted",
             Self::Config => "config",
             Self::Output => "output",
+            Self::Unauthorized => "unauthorized",
         }
     }
 

@@ -119,10 +119,16 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "private keys are not world-readable");
+        let workers = [crate::config::PeerWorker {
+            name: "w2".into(),
+            server_id: 2,
+            peer: "127.0.0.1:4470".parse().unwrap(),
+        }];
         crate::migrate::peer_tls(
             &dir.join("ca.pem"),
             &dir.join("w1.pem"),
             &dir.join("w1.key"),
+            &workers,
         )
         .unwrap();
         crate::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();

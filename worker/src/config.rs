@@ -77,6 +77,21 @@ pub struct PeerConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Every worker of the deployment (this one may be listed too, so one list serves all): the
+    /// only peers admitted on the peer channel (by certificate name), the server ID each may
+    /// send transfers as, and the address a migration to it dials.
+    #[serde(default)]
+    pub workers: Vec<PeerWorker>,
+}
+
+/// One worker on the peer channel: its certificate name (DNS SAN, what `gen-certs` writes as
+/// the worker name), server ID and peer-channel address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerWorker {
+    pub name: String,
+    pub server_id: u32,
+    pub peer: std::net::SocketAddr,
 }
 
 /// The control API (same JSON lines as `control_socket`) over TCP, TLS 1.3 with mutual
@@ -182,6 +197,32 @@ impl WorkerConfig {
                 "peer.listen must be a concrete address other workers reach, not {}",
                 p.listen.ip()
             );
+            let others = p
+                .workers
+                .iter()
+                .filter(|w| w.server_id as u64 != c.server_id);
+            anyhow::ensure!(
+                others.count() > 0,
+                "peer.workers lists no other worker: list every worker of the deployment \
+                 (`workers = [{{ name = \"w2\", server_id = 2, peer = \"10.0.0.12:4470\" }}]`); \
+                 only they are admitted on the peer channel"
+            );
+            for (i, w) in p.workers.iter().enumerate() {
+                anyhow::ensure!(
+                    rustls::pki_types::DnsName::try_from(w.name.as_str()).is_ok(),
+                    "peer.workers: {:?} is not a DNS name (it is matched against the peer \
+                     certificate's DNS names)",
+                    w.name
+                );
+                for earlier in &p.workers[..i] {
+                    anyhow::ensure!(
+                        earlier.name != w.name && earlier.server_id != w.server_id,
+                        "peer.workers lists {} (server ID {}) twice",
+                        w.name,
+                        w.server_id
+                    );
+                }
+            }
         }
         Ok(c)
     }
@@ -277,7 +318,9 @@ mod tests {
         let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
         let full = format!(
             "{base}name = \"w3\"\ncontrol_socket = \"/run/baton/w3.sock\"\nsecrets = \"s.toml\"\n\
-             [peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n"
+             [peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n\
+             workers = [{{ name = \"w3\", server_id = 3, peer = \"10.0.0.13:4470\" }},\
+             {{ name = \"w4\", server_id = 4, peer = \"10.0.0.14:4470\" }}]\n"
         );
         let c = WorkerConfig::parse(&full).unwrap();
         assert_eq!(c.name(), "w3");
@@ -291,6 +334,19 @@ mod tests {
                 .to_string()
                 .contains("concrete")
         );
+        // Only itself, or nobody, on the peer channel: refused, naming the key.
+        let alone = full.replace(
+            "{ name = \"w4\", server_id = 4, peer = \"10.0.0.14:4470\" }",
+            "",
+        );
+        let e = format!("{:#}", WorkerConfig::parse(&alone).unwrap_err());
+        assert!(e.contains("peer.workers"), "{e}");
+        let twice = full.replace("name = \"w4\"", "name = \"w3\"");
+        let e = format!("{:#}", WorkerConfig::parse(&twice).unwrap_err());
+        assert!(e.contains("twice"), "{e}");
+        let not_dns = full.replace("\"w4\"", "\"not a name\"");
+        let e = format!("{:#}", WorkerConfig::parse(&not_dns).unwrap_err());
+        assert!(e.contains("DNS"), "{e}");
         assert_eq!(WorkerConfig::parse(base).unwrap().name(), "worker-3");
         // The shipped example parses.
         WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
@@ -300,7 +356,8 @@ mod tests {
     fn control_tls_settings() {
         let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
                     name = \"w3\"\ncontrol_socket = \"/run/baton/w3.sock\"\nsecrets = \"s.toml\"\n";
-        let peer = "[peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n";
+        let peer = "[peer]\nlisten = \"10.0.0.13:4470\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\nkey = \"w3.key\"\n\
+                    workers = [{ name = \"w4\", server_id = 4, peer = \"10.0.0.14:4470\" }]\n";
         let tls = "[control_tls]\nlisten = \"10.0.0.13:7400\"\nca = \"ca.pem\"\ncert = \"w3.pem\"\n\
                    key = \"w3.key\"\nclients = [\"baton-controller\"]\n";
         let c = WorkerConfig::parse(&format!("{base}{peer}{tls}")).unwrap();

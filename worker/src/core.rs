@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
@@ -223,7 +223,31 @@ pub struct WorkerCore {
     /// Datagrams held in `forward`, all exports together (bounded by [`MAX_FORWARD`]).
     forward_len: usize,
     next_forward_key: u64,
+    /// The CIDs of connections imported from another worker, by which that worker may forward
+    /// the datagrams that still reach it: only these, from that worker, from the client's
+    /// address, a bounded number for a bounded time (see [`handle_forwarded`](Self::handle_forwarded)).
+    forwardable: HashMap<Vec<u8>, Forwardable>,
+    /// Forwarded datagrams refused (see `forwardable`), for the log and tests.
+    forwarded_refused: u64,
 }
+
+/// What a peer may forward for one CID of a connection imported from it.
+struct Forwardable {
+    ch: ConnectionHandle,
+    /// The server ID of the worker it was imported from.
+    source: u32,
+    /// The client's address at the export: the only address forwarded datagrams may claim, so
+    /// no peer can make this worker send to an address the client never used.
+    client: SocketAddr,
+    /// Datagrams still accepted for this CID (the source holds at most [`MAX_FORWARD`] of all
+    /// its exports at once, so more than that from one CID is not forwarding).
+    left: usize,
+    until: Instant,
+}
+
+/// How long after an import its source may still forward datagrams: the source forwards until
+/// the controller releases it, or at most 30 s (`RELEASE_DEADLINE` in migrate.rs), plus slack.
+const FORWARDABLE_FOR: Duration = Duration::from_secs(40);
 
 impl WorkerCore {
     pub fn new(config: CoreConfig, service: Arc<dyn Service>) -> anyhow::Result<Self> {
@@ -270,6 +294,8 @@ impl WorkerCore {
             forward: HashMap::new(),
             forward_len: 0,
             next_forward_key: 0,
+            forwardable: HashMap::new(),
+            forwarded_refused: 0,
         })
     }
 
@@ -612,6 +638,19 @@ impl WorkerCore {
         now: Instant,
         held: bool,
     ) -> Result<usize, ImportFailure> {
+        self.import_from(bytes, now, held, None)
+    }
+
+    /// [`import`](Self::import) of a connection sent by the worker with server ID `source`
+    /// (None: this worker's own export, a rollback): `source` may then forward the datagrams
+    /// that still reach it for the connection's old CIDs ([`handle_forwarded`](Self::handle_forwarded)).
+    pub fn import_from(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        held: bool,
+        source: Option<u32>,
+    ) -> Result<usize, ImportFailure> {
         if bytes.len() < 8 {
             return Err(ImportFailure::Decode("truncated".into()));
         }
@@ -636,6 +675,21 @@ impl WorkerCore {
             }
         }
         conn.rotate_local_cids(now);
+        if let Some(source) = source {
+            self.forwardable.retain(|_, f| f.until > now);
+            for (_, c) in &handoff.connection.local_cids {
+                self.forwardable.insert(
+                    c.to_vec(),
+                    Forwardable {
+                        ch,
+                        source,
+                        client: handoff.connection.remote,
+                        left: MAX_FORWARD,
+                        until: now + FORWARDABLE_FOR,
+                    },
+                );
+            }
+        }
         info!(id = ch.0, remote = %handoff.connection.remote, vip = ?handoff.connection.local_ip, held, "connection imported");
         self.conns.insert(
             ch,
@@ -675,6 +729,7 @@ impl WorkerCore {
             return false;
         }
         let live = self.conns.remove(&ch).expect("checked");
+        self.forwardable.retain(|_, f| f.ch != ch);
         // The endpoint forgets the connection and its CIDs; the connection itself never sent.
         self.endpoint.handle_event(ch, EndpointEvent::drained());
         for (c, key) in live.reclaimed {
@@ -719,6 +774,49 @@ impl WorkerCore {
             .iter()
             .find(|(_, l)| l.key == key)
             .map(|(ch, _)| ch.0)
+    }
+
+    /// Handles a datagram the worker with server ID `source` forwarded (it reached `source`
+    /// after the connection moved here). Accepted only for a CID of a connection imported from
+    /// `source`, claiming that connection's client address, within [`FORWARDABLE_FOR`] of the
+    /// import and [`MAX_FORWARD`] datagrams; anything else is dropped and counted, never answered
+    /// (a peer must not be able to make this worker send to an address of its choosing).
+    /// Returns whether it was accepted.
+    pub fn handle_forwarded(
+        &mut self,
+        now: Instant,
+        source: u32,
+        from: SocketAddr,
+        data: BytesMut,
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
+        let ok = match self.dcid(&data).and_then(|c| self.forwardable.get_mut(c)) {
+            Some(f) if f.source == source && f.client == from && f.until > now && f.left > 0 => {
+                f.left -= 1;
+                true
+            }
+            _ => false,
+        };
+        if ok {
+            self.handle(now, from, None, None, data, out);
+        } else {
+            self.forwarded_refused += 1;
+            if self.forwarded_refused.is_power_of_two() {
+                warn!(
+                    source,
+                    %from,
+                    refused = self.forwarded_refused,
+                    "dropping a forwarded datagram that is not for a connection imported from \
+                     that worker, or claims another client address, or comes too late"
+                );
+            }
+        }
+        ok
+    }
+
+    /// Forwarded datagrams refused so far (see [`handle_forwarded`](Self::handle_forwarded)).
+    pub fn forwarded_refused(&self) -> u64 {
+        self.forwarded_refused
     }
 
     /// Stop keeping datagrams for these CIDs (the LB routes them elsewhere; they are retired).

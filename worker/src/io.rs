@@ -27,11 +27,15 @@ enum Command {
     Import {
         bytes: Zeroizing<Vec<u8>>,
         held: bool,
+        /// The server ID of the worker that sent it (None: a local rollback or a test).
+        source: Option<u32>,
         reply: oneshot::Sender<Result<usize, String>>,
     },
     Commit(usize, oneshot::Sender<bool>),
     Discard(usize),
     Inject(Vec<(SocketAddr, Vec<u8>)>),
+    /// Datagrams another worker (this server ID) forwarded: checked before they are handled.
+    InjectFromPeer(u32, Vec<(SocketAddr, Vec<u8>)>),
     TakeForward(oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     TakeForwardFor(Vec<Vec<u8>>, oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     Forget(Vec<Vec<u8>>),
@@ -70,19 +74,39 @@ impl WorkerHandle {
     /// Imports a connection another worker exported (the bytes hold secrets: zeroized on drop).
     /// It is live at once: use this only when no other worker can send for it (a rollback).
     pub async fn import(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
-        self.import_with(bytes, false).await
+        self.import_with(bytes, false, None).await
     }
 
     /// Imports a connection that sends nothing until [`commit`](Self::commit) (or is dropped
     /// silently by [`discard`](Self::discard)).
     pub async fn import_held(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
-        self.import_with(bytes, true).await
+        self.import_with(bytes, true, None).await
     }
 
-    async fn import_with(&self, bytes: Zeroizing<Vec<u8>>, held: bool) -> Result<usize, String> {
+    /// [`import_held`](Self::import_held) of a connection the worker with server ID `source`
+    /// sent: it may then forward the connection's late datagrams ([`inject_from_peer`](Self::inject_from_peer)).
+    pub async fn import_held_from(
+        &self,
+        bytes: Zeroizing<Vec<u8>>,
+        source: u32,
+    ) -> Result<usize, String> {
+        self.import_with(bytes, true, Some(source)).await
+    }
+
+    async fn import_with(
+        &self,
+        bytes: Zeroizing<Vec<u8>>,
+        held: bool,
+        source: Option<u32>,
+    ) -> Result<usize, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Import { bytes, held, reply })
+            .send(Command::Import {
+                bytes,
+                held,
+                source,
+                reply,
+            })
             .await
             .map_err(gone)?;
         rx.await.map_err(gone)?
@@ -106,6 +130,20 @@ impl WorkerHandle {
     /// Hands this worker datagrams another worker kept for a connection now imported here.
     pub async fn inject(&self, datagrams: Vec<(SocketAddr, Vec<u8>)>) -> Result<(), String> {
         self.tx.send(Command::Inject(datagrams)).await.map_err(gone)
+    }
+
+    /// Datagrams the worker with server ID `source` forwarded over the peer channel: handled
+    /// only if they are for a connection imported from it, from its client's address
+    /// ([`WorkerCore::handle_forwarded`]); the rest are dropped.
+    pub async fn inject_from_peer(
+        &self,
+        source: u32,
+        datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    ) -> Result<(), String> {
+        self.tx
+            .send(Command::InjectFromPeer(source, datagrams))
+            .await
+            .map_err(gone)
     }
 
     pub async fn take_forward(&self) -> Result<Vec<(SocketAddr, Vec<u8>)>, String> {
@@ -311,8 +349,16 @@ fn command(
                 )));
             }
         }
-        Command::Import { bytes, held, reply } => {
-            let _ = reply.send(core.import(&bytes, now, held).map_err(|e| e.to_string()));
+        Command::Import {
+            bytes,
+            held,
+            source,
+            reply,
+        } => {
+            let _ = reply.send(
+                core.import_from(&bytes, now, held, source)
+                    .map_err(|e| e.to_string()),
+            );
         }
         Command::Commit(id, reply) => {
             let _ = reply.send(core.commit(id));
@@ -321,10 +367,16 @@ fn command(
             core.discard(id);
         }
         Command::Inject(datagrams) => {
-            // Forwarded by the source worker, which kept only the client's address: they are
-            // for an imported connection, which replies from its own VIP whatever is given here.
+            // This worker's own (the datagrams kept during a rolled-back export) or a test's:
+            // trusted, handled as if just received. A connection replies from its own VIP
+            // whatever is given here.
             for (from, data) in datagrams {
                 core.handle(now, from, None, None, BytesMut::from(&data[..]), out);
+            }
+        }
+        Command::InjectFromPeer(source, datagrams) => {
+            for (from, data) in datagrams {
+                core.handle_forwarded(now, source, from, BytesMut::from(&data[..]), out);
             }
         }
         Command::TakeForward(reply) => {

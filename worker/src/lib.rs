@@ -8,6 +8,7 @@ pub mod io;
 pub mod limits;
 pub mod metrics;
 pub mod service;
+pub mod tls;
 pub mod udp;
 
 use rustls::pki_types::pem::PemObject;

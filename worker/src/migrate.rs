@@ -12,9 +12,19 @@
 //!   [`commit_wait`] make the target discard the import silently. So at most one worker ever sends
 //!   for the connection: the source stops at the freeze and resumes only if it never committed.
 //! - unidirectional: forwarded client datagrams, `(u8 len | address text | u32 len | bytes)*`.
+//!
+//! Who may talk: only the workers listed in `[peer] workers`, by the DNS name of their
+//! certificate (the CA alone is not enough: the controller's certificate is from the same CA). A
+//! transfer's `source` must be the authenticated peer's server ID; its header and token are
+//! checked before any of its snapshot is read, and the snapshot is read in pieces against a
+//! deadline and a per-peer byte budget. Forwarded datagrams are handled only for connections
+//! imported from the peer that forwards them, from their client's address
+//! ([`crate::core::WorkerCore::handle_forwarded`]).
+use crate::config::PeerWorker;
 use crate::io::WorkerHandle;
 use crate::{hex, unhex};
 use anyhow::{Context, Result};
+use migration::protocol::ErrorKind;
 use migration::{
     ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationError, MigrationId,
     MigrationPipeline, MigrationToken, MigrationTokenManager, WorkerId,
@@ -45,6 +55,29 @@ const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The byte by which the source hands the connection over (see the module comment).
 const COMMIT: u8 = 0xC1;
+/// Longest transfer header (JSON of a few ids and a token: about 300 bytes).
+const MAX_HEADER: usize = 4096;
+/// Largest sealed snapshot accepted. A connection holds at most its `[limits]` windows and
+/// buffers (about 21 MiB with the defaults); this leaves room for larger configured limits.
+const MAX_SNAPSHOT: u64 = 64 << 20;
+/// A transfer's header, token and snapshot length must arrive within this of the stream opening.
+const HEADER_DEADLINE: Duration = Duration::from_secs(2);
+/// Snapshot bytes being received from one peer at once, all its transfers together: a worker
+/// that misbehaves (or is compromised) cannot make this one hold more for it.
+const PEER_IMPORT_BUDGET: u64 = 256 << 20;
+/// Peer-channel connections one worker may hold to this one at once (it needs one; a restart
+/// leaves the old one until it times out).
+const MAX_CONNECTIONS_PER_PEER: usize = 4;
+/// Transfers (bidirectional streams) and forwarded-datagram batches (unidirectional) a peer
+/// connection may have open at once: above `baton drain`'s default concurrency of 16.
+const PEER_STREAMS: u32 = 64;
+/// Handshakes the peer channel runs at once (a refused one costs only its handshake).
+const MAX_PEER_HANDSHAKES: usize = 64;
+/// Largest forwarded-datagram stream: the source holds at most MAX_FORWARD datagrams of
+/// MAX_UDP_PAYLOAD; a batch is a fraction of that.
+const MAX_FORWARD_STREAM: usize = 8 << 20;
+/// A forwarded-datagram stream must be complete within this.
+const FORWARD_STREAM_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A failure with the migration crate's error kind (what the controller reports).
 #[derive(Debug)]
@@ -68,20 +101,28 @@ impl From<MigrationError> for Failure {
     }
 }
 
-/// The peer channel's TLS: server and client side, both demanding a certificate from the CA.
+/// The peer channel's TLS: server and client side, both demanding a certificate from the CA;
+/// the server admits only the certificates of `workers` (by DNS name).
 pub fn peer_tls(
     ca: &Path,
     cert: &Path,
     key: &Path,
+    workers: &[PeerWorker],
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = Arc::new(crate::load_roots(ca)?);
     let (certs, key) = crate::load_tls(cert, key)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.clone(),
         provider.clone(),
     )
     .build()?;
+    let names: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
+    let verifier = Arc::new(crate::tls::AllowedNames::new(
+        inner,
+        crate::tls::dns_names(&names, "peer.workers")?,
+        "peer.workers",
+    ));
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -93,9 +134,15 @@ pub fn peer_tls(
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)?;
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
-    let server = quinn::ServerConfig::with_crypto(Arc::new(
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(server)?,
     ));
+    let mut server_transport = quinn::TransportConfig::default();
+    server_transport
+        .max_concurrent_bidi_streams(PEER_STREAMS.into())
+        .max_concurrent_uni_streams(PEER_STREAMS.into());
+    server.transport_config(Arc::new(server_transport));
+    server.max_incoming(MAX_PEER_HANDSHAKES);
     let mut client = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(client)?,
     ));
@@ -114,6 +161,11 @@ pub struct Ctx {
     pub tokens: Mutex<MigrationTokenManager>,
     pub pipeline: MigrationPipeline,
     pub endpoint: quinn::Endpoint,
+    /// `[peer] workers`: who may connect, as which server ID, and where a migration dials.
+    workers: Vec<PeerWorker>,
+    worker_names: Vec<rustls::pki_types::DnsName<'static>>,
+    /// Per peer server ID: its open peer-channel connections and its import byte budget.
+    admitted: Mutex<HashMap<u32, (usize, Arc<tokio::sync::Semaphore>)>>,
     peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
     released: Mutex<HashMap<String, Option<Instant>>>,
@@ -127,8 +179,11 @@ impl Ctx {
         tokens: MigrationTokenManager,
         pipeline: MigrationPipeline,
         endpoint: quinn::Endpoint,
+        workers: Vec<PeerWorker>,
     ) -> Result<Arc<Self>> {
         let peer_addr = endpoint.local_addr()?;
+        let names: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
+        let worker_names = crate::tls::dns_names(&names, "peer.workers")?;
         Ok(Arc::new(Self {
             name,
             server_id,
@@ -137,9 +192,79 @@ impl Ctx {
             tokens: Mutex::new(tokens),
             pipeline,
             endpoint,
+            workers,
+            worker_names,
+            admitted: Default::default(),
             peers: Default::default(),
             released: Default::default(),
         }))
+    }
+
+    /// The configured worker an authenticated peer-channel connection comes from (its
+    /// certificate passed the handshake's name check, so one matches).
+    fn identify(&self, conn: &quinn::Connection) -> Option<PeerWorker> {
+        let certs = conn
+            .peer_identity()?
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        let i = crate::tls::matching_name(certs.first()?, &self.worker_names)?;
+        Some(self.workers[i].clone())
+    }
+
+    /// Counts a connection from `peer` in; None if it already has [`MAX_CONNECTIONS_PER_PEER`].
+    fn admit(&self, peer: u32) -> Option<Admitted<'_>> {
+        let mut a = self.admitted.lock().unwrap();
+        let (n, _) = a.entry(peer).or_insert_with(|| {
+            (
+                0,
+                Arc::new(tokio::sync::Semaphore::new(
+                    (PEER_IMPORT_BUDGET >> 10) as usize,
+                )),
+            )
+        });
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Admitted { ctx: self, peer })
+    }
+
+    fn import_budget(&self, peer: u32) -> Arc<tokio::sync::Semaphore> {
+        self.admitted.lock().unwrap()[&peer].1.clone()
+    }
+
+    /// The configured worker a migration goes to: the request names it, `[peer] workers` says
+    /// where it is (a request cannot send a snapshot anywhere else).
+    fn target(&self, t: &TargetRef) -> Result<PeerWorker, Failure> {
+        let w = self
+            .workers
+            .iter()
+            .find(|w| w.name == t.name)
+            .ok_or_else(|| {
+                Failure::new(
+                    ErrorKind::Config.as_str(),
+                    format!(
+                        "worker {} is not in this worker's [peer] workers: add it there (name, \
+                     server_id, peer) on every worker",
+                        t.name
+                    ),
+                )
+            })?;
+        if w.server_id != t.server_id {
+            return Err(Failure::new(
+                ErrorKind::Config.as_str(),
+                format!(
+                    "the controller says worker {} has server ID {}, [peer] workers says {}: \
+                     make migration.toml and the workers' configs agree",
+                    t.name, t.server_id, w.server_id
+                ),
+            ));
+        }
+        if w.peer != t.peer {
+            tracing::debug!(worker = %w.name, configured = %w.peer, requested = %t.peer,
+                "dialling the configured peer address, not the controller's");
+        }
+        Ok(w.clone())
     }
 
     async fn peer(&self, addr: SocketAddr, name: &str) -> Result<quinn::Connection, Failure> {
@@ -168,6 +293,20 @@ impl Ctx {
             .map_err(|e| unavailable(&e))?;
         peers.insert(addr, conn.clone());
         Ok(conn)
+    }
+}
+
+/// A peer-channel connection counted in [`Ctx::admit`]; counted out when dropped.
+struct Admitted<'a> {
+    ctx: &'a Ctx,
+    peer: u32,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if let Some((n, _)) = self.ctx.admitted.lock().unwrap().get_mut(&self.peer) {
+            *n -= 1;
+        }
     }
 }
 
@@ -235,6 +374,7 @@ fn token(hex_token: &str) -> Result<MigrationToken, Failure> {
 /// rollback). On success the exported connection's datagrams are forwarded until `release`.
 pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::Value, Failure> {
     let started = Instant::now();
+    let target = ctx.target(&req.target)?;
     let b = binding(
         &req.migration_id,
         &req.conn,
@@ -283,7 +423,7 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
             let mid = sealed.bytes.len() / 2;
             sealed.bytes[mid] ^= 0x04;
         }
-        let conn = ctx.peer(req.target.peer, &req.target.name).await?;
+        let conn = ctx.peer(target.peer, &target.name).await?;
         let header = TransferHeader {
             migration_id: req.migration_id.clone(),
             conn: req.conn.clone(),
@@ -329,7 +469,7 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
         Err(f) => {
             if f.kind == "target_unavailable" {
                 // A dead or restarted target: the next migration dials afresh.
-                if let Some(c) = ctx.peers.lock().await.remove(&req.target.peer) {
+                if let Some(c) = ctx.peers.lock().await.remove(&target.peer) {
                     c.close(0u32.into(), b"unavailable");
                 }
             }
@@ -478,7 +618,7 @@ async fn send_datagrams(conn: &quinn::Connection, d: &[(SocketAddr, Vec<u8>)]) -
 /// The forwarded-datagram stream's bytes (module comment). The address is the client's, as
 /// `SocketAddr` prints it: `192.0.2.1:5000` or `[2001:db8::1]:5000` (at most 55 bytes with
 /// a scope id, so its length fits the u8).
-fn encode_datagrams(d: &[(SocketAddr, Vec<u8>)]) -> Vec<u8> {
+pub fn encode_datagrams(d: &[(SocketAddr, Vec<u8>)]) -> Vec<u8> {
     let mut buf = Vec::new();
     for (from, data) in d {
         let a = from.to_string();
@@ -508,31 +648,33 @@ pub async fn serve_peer(ctx: Arc<Ctx>) {
     while let Some(incoming) = ctx.endpoint.accept().await {
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(
-                        "peer channel handshake failed (is the peer's certificate from our CA?): {e}"
-                    );
+                    warn!(%remote, "peer channel: handshake refused or failed (only the workers in [peer] workers, with certificates from our CA, are admitted): {e}");
                     return;
                 }
+            };
+            let Some(peer) = ctx.identify(&conn) else {
+                // The verifier admitted it, so this is not expected; refuse all the same.
+                warn!(%remote, "peer channel: cannot tell which worker this is; closing");
+                conn.close(1u32.into(), b"unknown peer");
+                return;
+            };
+            let Some(_admitted) = ctx.admit(peer.server_id) else {
+                warn!(%remote, worker = %peer.name, max = MAX_CONNECTIONS_PER_PEER, "peer channel: too many connections from this worker; closing the newest");
+                conn.close(2u32.into(), b"too many connections");
+                return;
             };
             loop {
                 tokio::select! {
                     bi = conn.accept_bi() => match bi {
-                        Ok((s, r)) => { tokio::spawn(answer_import(ctx.clone(), s, r)); }
+                        Ok((s, r)) => { tokio::spawn(answer_import(ctx.clone(), peer.clone(), s, r)); }
                         Err(_) => break,
                     },
                     uni = conn.accept_uni() => match uni {
-                        Ok(mut r) => {
-                            let ctx = ctx.clone();
-                            tokio::spawn(async move {
-                                match r.read_to_end(16 << 20).await.ok().and_then(|b| parse_datagrams(&b)) {
-                                    Some(d) => { let _ = ctx.handle.inject(d).await; }
-                                    None => warn!("malformed forwarded datagrams from a peer"),
-                                }
-                            });
-                        }
+                        Ok(r) => { tokio::spawn(take_forwarded(ctx.clone(), peer.clone(), r)); }
                         Err(_) => break,
                     },
                 }
@@ -541,8 +683,31 @@ pub async fn serve_peer(ctx: Arc<Ctx>) {
     }
 }
 
-async fn answer_import(ctx: Arc<Ctx>, mut s: quinn::SendStream, mut r: quinn::RecvStream) {
-    let (reply, held) = match import(&ctx, &mut r).await {
+/// One forwarded-datagram stream from `peer`: bounded in size and time, then handed to the
+/// worker loop, which accepts only what is for connections imported from `peer`.
+async fn take_forwarded(ctx: Arc<Ctx>, peer: PeerWorker, mut r: quinn::RecvStream) {
+    let read = tokio::time::timeout(FORWARD_STREAM_DEADLINE, r.read_to_end(MAX_FORWARD_STREAM));
+    match read.await {
+        Ok(Ok(b)) => match parse_datagrams(&b) {
+            Some(d) => {
+                let _ = ctx.handle.inject_from_peer(peer.server_id, d).await;
+            }
+            None => warn!(worker = %peer.name, "malformed forwarded datagrams from a peer"),
+        },
+        Ok(Err(e)) => warn!(worker = %peer.name, "forwarded datagrams cut short or too large: {e}"),
+        Err(_) => {
+            warn!(worker = %peer.name, "forwarded datagrams not complete within {} s", FORWARD_STREAM_DEADLINE.as_secs())
+        }
+    }
+}
+
+async fn answer_import(
+    ctx: Arc<Ctx>,
+    peer: PeerWorker,
+    mut s: quinn::SendStream,
+    mut r: quinn::RecvStream,
+) {
+    let (reply, held) = match import(&ctx, &peer, &mut r).await {
         Ok((id, mid, size)) => (
             TransferReply {
                 ok: true,
@@ -553,7 +718,7 @@ async fn answer_import(ctx: Arc<Ctx>, mut s: quinn::SendStream, mut r: quinn::Re
             Some((id, mid, size)),
         ),
         Err(f) => {
-            warn!(kind = %f.kind, "import refused: {}", f.message);
+            warn!(worker = %peer.name, kind = %f.kind, "import refused: {}", f.message);
             (
                 TransferReply {
                     ok: false,
@@ -593,45 +758,58 @@ async fn answer_import(ctx: Arc<Ctx>, mut s: quinn::SendStream, mut r: quinn::Re
     }
 }
 
-/// Reads, checks and imports (held) one transfer: returns the connection id, the migration id and
-/// the sealed snapshot's size.
-async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<(usize, String, usize), Failure> {
+/// Reads, checks and imports (held) one transfer from `peer`: returns the connection id, the
+/// migration id and the sealed snapshot's size. The header and token are checked before any of
+/// the snapshot is read; the snapshot is read in pieces, against a deadline and `peer`'s budget.
+async fn import(
+    ctx: &Ctx,
+    peer: &PeerWorker,
+    r: &mut quinn::RecvStream,
+) -> Result<(usize, String, usize), Failure> {
     let io = |e: &dyn std::fmt::Display| {
         Failure::new("state_corruption", format!("transfer cut short: {e}"))
     };
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await.map_err(|e| io(&e))?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > 64 * 1024 {
-        return Err(io(&"header too long"));
-    }
-    let mut h = vec![0u8; len];
-    r.read_exact(&mut h).await.map_err(|e| io(&e))?;
-    let header: TransferHeader = serde_json::from_slice(&h).map_err(|e| io(&e))?;
-    let mut len = [0u8; 8];
-    r.read_exact(&mut len).await.map_err(|e| io(&e))?;
-    let len = u64::from_be_bytes(len);
-    if len > 64 << 20 {
-        return Err(Failure::new("snapshot_too_large", format!("{len} bytes")));
-    }
-    let mut sealed = vec![0u8; len as usize];
-    r.read_exact(&mut sealed).await.map_err(|e| io(&e))?;
-    if let Some(ms) = std::env::var(TEST_IMPORT_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        warn!(
-            ms,
-            "{TEST_IMPORT_DELAY_ENV} set: delaying the import (fault tests only)"
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    let opened = tokio::time::Instant::now();
+    let late = || {
+        Failure::new(
+            ErrorKind::Timeout.as_str(),
+            format!(
+                "the transfer header did not arrive within {} s",
+                HEADER_DEADLINE.as_secs()
+            ),
+        )
+    };
+    let (header, len) = tokio::time::timeout_at(opened + HEADER_DEADLINE, async {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len).await.map_err(|e| io(&e))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_HEADER {
+            return Err(io(&format!("header of {len} bytes (at most {MAX_HEADER})")));
+        }
+        let mut h = vec![0u8; len];
+        r.read_exact(&mut h).await.map_err(|e| io(&e))?;
+        let header: TransferHeader = serde_json::from_slice(&h).map_err(|e| io(&e))?;
+        let mut len = [0u8; 8];
+        r.read_exact(&mut len).await.map_err(|e| io(&e))?;
+        Ok::<_, Failure>((header, u64::from_be_bytes(len)))
+    })
+    .await
+    .map_err(|_| late())??;
     if header.target != ctx.server_id {
         return Err(Failure::new(
             "target_unavailable",
             format!(
                 "this is worker {} (server ID {}), not server ID {}",
                 ctx.name, ctx.server_id, header.target
+            ),
+        ));
+    }
+    if header.source != peer.server_id {
+        return Err(Failure::new(
+            ErrorKind::Unauthorized.as_str(),
+            format!(
+                "worker {} (server ID {}) sent a transfer as server ID {}",
+                peer.name, peer.server_id, header.source
             ),
         ));
     }
@@ -645,6 +823,51 @@ async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<(usize, String, 
         .lock()
         .unwrap()
         .verify(&b, &token(&header.token)?, SystemTime::now())?;
+    if len > MAX_SNAPSHOT {
+        return Err(Failure::new(
+            "snapshot_too_large",
+            format!("{len} bytes (at most {MAX_SNAPSHOT})"),
+        ));
+    }
+    let len = len as usize;
+    // Held until the import is done: the peer's snapshots in memory stay within its budget.
+    let budget = ctx.import_budget(peer.server_id);
+    let deadline = opened + transfer_timeout(len);
+    let _permits = tokio::time::timeout_at(
+        deadline,
+        budget.acquire_many_owned(((len >> 10) + 1) as u32),
+    )
+    .await
+    .map_err(|_| {
+        Failure::new(
+            ErrorKind::RateLimited.as_str(),
+            format!(
+                "worker {} has {} MiB of snapshots in transfer already",
+                peer.name,
+                PEER_IMPORT_BUDGET >> 20
+            ),
+        )
+    })?
+    .expect("the budget semaphore is never closed");
+    let sealed = tokio::time::timeout_at(deadline, read_snapshot(r, len))
+        .await
+        .map_err(|_| {
+            Failure::new(
+                ErrorKind::Timeout.as_str(),
+                format!("the snapshot of {len} bytes did not arrive in time"),
+            )
+        })?
+        .map_err(|e| io(&e))?;
+    if let Some(ms) = std::env::var(TEST_IMPORT_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        warn!(
+            ms,
+            "{TEST_IMPORT_DELAY_ENV} set: delaying the import (fault tests only)"
+        );
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let size = sealed.len();
     let snapshot = ctx.pipeline.open(&b, sealed)?;
     let transport = snapshot.transport();
@@ -655,11 +878,25 @@ async fn import(ctx: &Ctx, r: &mut quinn::RecvStream) -> Result<(usize, String, 
     bytes.extend_from_slice(app);
     let id = ctx
         .handle
-        .import_held(bytes)
+        .import_held_from(bytes, peer.server_id)
         .await
         .map_err(|e| Failure::new("invalid_snapshot", e))?;
     info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported, held until the source commits");
     Ok((id, header.migration_id, size))
+}
+
+/// Reads exactly `len` snapshot bytes, growing the buffer as they arrive (not allocating what
+/// the header announced up front).
+async fn read_snapshot(r: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>> {
+    let mut sealed = Vec::with_capacity(len.min(1 << 20));
+    while sealed.len() < len {
+        let want = (len - sealed.len()).min(64 << 10);
+        match r.read_chunk(want, true).await? {
+            Some(chunk) => sealed.extend_from_slice(&chunk.bytes),
+            None => anyhow::bail!("stream ended after {} of {len} bytes", sealed.len()),
+        }
+    }
+    Ok(sealed)
 }
 
 #[cfg(test)]

@@ -141,7 +141,8 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
         format!(
             "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
              name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
-             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             workers = [{{ name = \"w2\", server_id = 2, peer = \"127.0.0.1:1\" }}]\n",
             d("service.pem"),
             d("service.key"),
             control.display(),

@@ -5,6 +5,7 @@
 //! token makes the source roll back, and the connection carries on there.
 mod common;
 
+use baton_worker::config::PeerWorker;
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
@@ -29,7 +30,50 @@ const QUIESCE_MS: u64 = 20_000;
 /// source's 1.5 s transfer timeout, so the source gives up first even if its timer fires late.
 const IMPORT_DELAY_MS: u64 = 3_000;
 
-fn ctx(dir: &Path, name: &str, sid: u32, handle: WorkerHandle, token_secret: &[u8]) -> Arc<Ctx> {
+/// Worker `name`'s peer-channel endpoint (bound, not yet serving), admitting w1 and w2.
+fn endpoint(dir: &Path, name: &str) -> quinn::Endpoint {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let names = [("w1", 1), ("w2", 2)].map(|(name, server_id)| PeerWorker {
+        name: name.into(),
+        server_id,
+        peer: any,
+    });
+    let (server, client) = baton_worker::migrate::peer_tls(
+        &dir.join("ca.pem"),
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}.key")),
+        &names,
+    )
+    .unwrap();
+    let mut ep = quinn::Endpoint::server(server, any).unwrap();
+    ep.set_default_client_config(client);
+    ep
+}
+
+/// `[peer] workers` with w1 and w2 at these endpoints' addresses.
+fn workers(w1: &quinn::Endpoint, w2: &quinn::Endpoint) -> Vec<PeerWorker> {
+    vec![
+        PeerWorker {
+            name: "w1".into(),
+            server_id: 1,
+            peer: w1.local_addr().unwrap(),
+        },
+        PeerWorker {
+            name: "w2".into(),
+            server_id: 2,
+            peer: w2.local_addr().unwrap(),
+        },
+    ]
+}
+
+fn ctx(
+    dir: &Path,
+    (name, sid): (&str, u32),
+    handle: WorkerHandle,
+    token_secret: &[u8],
+    ep: quinn::Endpoint,
+    workers: Vec<PeerWorker>,
+) -> Arc<Ctx> {
     let secrets = baton_worker::secrets::Secrets::load(&dir.join("secrets.toml")).unwrap();
     let (key_id, key) = secrets.snapshot_key.unwrap();
     let tokens = MigrationTokenManager::new(
@@ -42,15 +86,7 @@ fn ctx(dir: &Path, name: &str, sid: u32, handle: WorkerHandle, token_secret: &[u
         migration::SerializationService::new(Default::default()).unwrap(),
         migration::EncryptionService::new(key_id, key),
     );
-    let (server, client) = baton_worker::migrate::peer_tls(
-        &dir.join("ca.pem"),
-        &dir.join(format!("{name}.pem")),
-        &dir.join(format!("{name}.key")),
-    )
-    .unwrap();
-    let mut ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(client);
-    let ctx = Ctx::new(name.into(), sid, handle, tokens, pipeline, ep).unwrap();
+    let ctx = Ctx::new(name.into(), sid, handle, tokens, pipeline, ep, workers).unwrap();
     tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
     ctx
 }
@@ -109,10 +145,36 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         }
     });
     let secret = [7u8; 32];
-    let a = ctx(&dir, "w1", 1, handles[0].clone(), &secret);
-    let b = ctx(&dir, "w2", 2, handles[1].clone(), &secret);
-    // A third context for worker 2 whose token secret differs: it refuses every token.
-    let b_wrong = ctx(&dir, "w2", 2, handles[1].clone(), &[9u8; 32]);
+    let (ea, eb) = (endpoint(&dir, "w1"), endpoint(&dir, "w2"));
+    // A second w2 whose token secret differs (it refuses every token), and a w1 configured
+    // with that one as w2.
+    let (ea_wrong, eb_wrong) = (endpoint(&dir, "w1"), endpoint(&dir, "w2"));
+    let (to_b, to_b_wrong) = (workers(&ea, &eb), workers(&ea_wrong, &eb_wrong));
+    let a = ctx(
+        &dir,
+        ("w1", 1),
+        handles[0].clone(),
+        &secret,
+        ea,
+        to_b.clone(),
+    );
+    let b = ctx(&dir, ("w2", 2), handles[1].clone(), &secret, eb, to_b);
+    let a_wrong = ctx(
+        &dir,
+        ("w1", 1),
+        handles[0].clone(),
+        &secret,
+        ea_wrong,
+        to_b_wrong.clone(),
+    );
+    let b_wrong = ctx(
+        &dir,
+        ("w2", 2),
+        handles[1].clone(),
+        &[9u8; 32],
+        eb_wrong,
+        to_b_wrong,
+    );
     // Tokens live as long as allowed: a slow run must not see them expire (or leave the replay
     // caches, which step 3 watches).
     let mut controller = MigrationTokenManager::new(
@@ -173,7 +235,7 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
 
     // 1. The target refuses the token: rollback, the connection carries on at the source.
     let started = Instant::now();
-    let refused = baton_worker::migrate::migrate_out(&a, out(&b_wrong))
+    let refused = baton_worker::migrate::migrate_out(&a_wrong, out(&b_wrong))
         .await
         .unwrap_err();
     let refused_ms = started.elapsed().as_millis();

@@ -593,6 +593,14 @@ impl Run {
             std::fs::copy(pki.join("service.pem"), pki.join("ca.pem"))?;
         }
         let mut migration = format!("secrets = \"{}\"\n", pki.join("secrets.toml").display());
+        // Every worker's [peer] workers: the same list everywhere, only these are admitted.
+        let peers = WORKERS
+            .iter()
+            .map(|(name, _, sid, peer)| {
+                format!("{{ name = \"{name}\", server_id = {sid}, peer = \"{peer}\" }}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         for (name, _ns, server_id, peer) in WORKERS {
             let mut cfg = format!(
                 "vips = [\"{vip4}\", \"{vip6}\"]\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
@@ -605,7 +613,8 @@ impl Run {
             if migrations {
                 cfg.push_str(&format!(
                     "name = \"{name}\"\ncontrol_socket = \"{sock}\"\nsecrets = \"{secrets}\"\n\
-                     [peer]\nlisten = \"{peer}\"\nca = \"{ca}\"\ncert = \"{pcert}\"\nkey = \"{pkey}\"\n",
+                     [peer]\nlisten = \"{peer}\"\nca = \"{ca}\"\ncert = \"{pcert}\"\nkey = \"{pkey}\"\n\
+                     workers = [{peers}]\n",
                     sock = s.join(format!("{name}.sock")).display(),
                     secrets = pki.join("secrets.toml").display(),
                     ca = pki.join("ca.pem").display(),

@@ -131,13 +131,26 @@ pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     );
     let d = dir.display();
     let mut mc = format!("secrets = \"{d}/secrets.toml\"\n");
-    for sid in 1..=2 {
-        let name = format!("w{sid}");
-        let peer = if peer_v6 {
+    let peer_of = |sid: u32| {
+        if peer_v6 {
             format!("[fd00:201:1{sid}::2]:{PEER_PORT}")
         } else {
             format!("10.201.1{sid}.2:{PEER_PORT}")
-        };
+        }
+    };
+    // Every worker lists both (the same list everywhere): only they are admitted as peers.
+    let workers = (1..=2)
+        .map(|sid| {
+            format!(
+                "{{ name = \"w{sid}\", server_id = {sid}, peer = \"{}\" }}",
+                peer_of(sid)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    for sid in 1..=2 {
+        let name = format!("w{sid}");
+        let peer = peer_of(sid);
         let cfg = format!(
             r#"vips = ["{VIP4}", "{VIP6}"]
 port = {PORT}
@@ -154,6 +167,7 @@ listen = "{peer}"
 ca = "{d}/ca.pem"
 cert = "{d}/{name}.pem"
 key = "{d}/{name}.key"
+workers = [{workers}]
 "#
         );
         std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();

@@ -223,7 +223,8 @@ async fn serve(
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
             migration::EncryptionService::new(key_id, key),
         );
-        let (server, client) = baton_worker::migrate::peer_tls(&peer.ca, &peer.cert, &peer.key)?;
+        let (server, client) =
+            baton_worker::migrate::peer_tls(&peer.ca, &peer.cert, &peer.key, &peer.workers)?;
         let mut endpoint = quinn::Endpoint::server(server, peer.listen)
             .with_context(|| format!("binding the peer channel on {}", peer.listen))?;
         endpoint.set_default_client_config(client);
@@ -234,6 +235,7 @@ async fn serve(
             tokens,
             pipeline,
             endpoint,
+            peer.workers.clone(),
         )?;
         let listener = listener.context("control socket not bound")?;
         tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
