@@ -71,8 +71,12 @@ const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// Transfers (bidirectional streams) and forwarded-datagram batches (unidirectional) a peer
 /// connection may have open at once: above `baton drain`'s default concurrency of 16.
 const PEER_STREAMS: u32 = 64;
-/// Handshakes the peer channel runs at once (a refused one costs only its handshake).
+/// Handshakes the peer channel runs at once (a refused one costs only its handshake), all
+/// sources together and from one IP address.
 const MAX_PEER_HANDSHAKES: usize = 64;
+const MAX_PEER_HANDSHAKES_PER_IP: usize = 8;
+/// A peer-channel handshake must be done within this (workers on one network take milliseconds).
+const PEER_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 /// Largest forwarded-datagram stream: the source holds at most MAX_FORWARD datagrams of
 /// MAX_UDP_PAYLOAD; a batch is a fraction of that.
 const MAX_FORWARD_STREAM: usize = 8 << 20;
@@ -166,6 +170,8 @@ pub struct Ctx {
     worker_names: Vec<rustls::pki_types::DnsName<'static>>,
     /// Per peer server ID: its open peer-channel connections and its import byte budget.
     admitted: Mutex<HashMap<u32, (usize, Arc<tokio::sync::Semaphore>)>>,
+    /// Handshakes under way per source IP address.
+    handshaking: Mutex<HashMap<std::net::IpAddr, usize>>,
     peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
     released: Mutex<HashMap<String, Option<Instant>>>,
@@ -195,6 +201,7 @@ impl Ctx {
             workers,
             worker_names,
             admitted: Default::default(),
+            handshaking: Default::default(),
             peers: Default::default(),
             released: Default::default(),
         }))
@@ -293,6 +300,39 @@ impl Ctx {
             .map_err(|e| unavailable(&e))?;
         peers.insert(addr, conn.clone());
         Ok(conn)
+    }
+}
+
+/// A handshake counted against its source address; counted out when dropped.
+struct Handshaking {
+    ctx: Arc<Ctx>,
+    ip: std::net::IpAddr,
+}
+
+impl Handshaking {
+    fn begin(ctx: &Arc<Ctx>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut h = ctx.handshaking.lock().unwrap();
+        let n = h.entry(ip).or_default();
+        if *n >= MAX_PEER_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            ctx: ctx.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut h = self.ctx.handshaking.lock().unwrap();
+        if let Some(n) = h.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                h.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -647,15 +687,25 @@ fn parse_datagrams(mut b: &[u8]) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
 pub async fn serve_peer(ctx: Arc<Ctx>) {
     while let Some(incoming) = ctx.endpoint.accept().await {
         let ctx = ctx.clone();
+        let remote = incoming.remote_address();
+        let Some(handshake) = Handshaking::begin(&ctx, remote.ip()) else {
+            warn!(%remote, max = MAX_PEER_HANDSHAKES_PER_IP, "peer channel: too many handshakes from this address; refused");
+            incoming.refuse();
+            continue;
+        };
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
+            let conn = match tokio::time::timeout(PEER_HANDSHAKE_DEADLINE, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     warn!(%remote, "peer channel: handshake refused or failed (only the workers in [peer] workers, with certificates from our CA, are admitted): {e}");
                     return;
                 }
+                Err(_) => {
+                    warn!(%remote, "peer channel: handshake not done within {} s; dropped", PEER_HANDSHAKE_DEADLINE.as_secs());
+                    return;
+                }
             };
+            drop(handshake);
             let Some(peer) = ctx.identify(&conn) else {
                 // The verifier admitted it, so this is not expected; refuse all the same.
                 warn!(%remote, "peer channel: cannot tell which worker this is; closing");
