@@ -197,6 +197,7 @@ async fn serve(
             let metrics = baton_worker::metrics::Metrics {
                 sockets: socket.clone(),
                 budget,
+                endpoint: Default::default(),
             };
             Some(AbortOnDrop(tokio::spawn(baton_worker::metrics::serve(
                 listener, metrics,
