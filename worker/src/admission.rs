@@ -142,7 +142,7 @@ impl Default for LogLimit {
 
 impl LogLimit {
     /// Lines let through at once.
-    pub const BURST: f64 = 10.0;
+    pub const BURST: f64 = 20.0;
     /// One more line per this much time.
     pub const INTERVAL: Duration = Duration::from_secs(10);
 

@@ -226,7 +226,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                // Within the deadline below; hyper answers a late head with 408 itself.
+                // A client whose request head is not in by then is cut off (`deadline`).
                 .header_read_timeout(REQUEST_DEADLINE / 2)
                 .max_buf_size(MAX_HEAD)
                 // One request per connection: the deadline is the request's.
