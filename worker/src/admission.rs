@@ -1,6 +1,6 @@
 //! Admission on the worker's TCP listeners while their callers are still unknown (control over
 //! TLS until the handshake is done, the metrics endpoint for a whole request): at most `total`
-//! connections at once, and at most `per_source` from one IP address.
+//! connections at once, and at most `per_source` from one source (an IPv4 address, an IPv6 /64).
 //!
 //! A connection beyond its address's share is refused: closed at once, nothing read from it. When
 //! every place is taken, the oldest connection is cut off to make room for the new one, so a flood
@@ -91,6 +91,7 @@ impl Admission {
     /// Admits a connection from `ip`. Ok with its ticket and, if all places were taken, the
     /// address of the oldest connection, which was cut off to make room.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Ticket, Option<IpAddr>), Refused> {
+        let ip = source(ip);
         let mut s = self.lock();
         if s.by_source.get(&ip).copied().unwrap_or(0) >= self.per_source {
             return Err(Refused::SourceFull);
@@ -121,6 +122,19 @@ impl Admission {
     /// Connections admitted now.
     pub fn open(&self) -> usize {
         self.lock().open.len()
+    }
+}
+
+/// The source a connection counts against: its IPv4 address (also when it arrives IPv4-mapped on
+/// an IPv6 socket), or its IPv6 /64 (one host usually holds a whole /64, so counting single
+/// addresses would give it 2^64 shares).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -195,6 +209,18 @@ mod tests {
         let (_fifth, evicted) = a.admit(ip("10.0.0.1")).unwrap();
         assert_eq!(evicted, Some(ip("10.0.0.1")));
         assert_eq!(a.open(), 3);
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source() {
+        let a = Admission::new(8, 2);
+        let _t1 = a.admit(ip("2001:db8::1")).unwrap();
+        let _t2 = a.admit(ip("2001:db8::ffff:2")).unwrap();
+        assert_eq!(a.admit(ip("2001:db8::3")).unwrap_err(), Refused::SourceFull);
+        let _t3 = a.admit(ip("2001:db8:0:1::1")).unwrap();
+        let _t4 = a.admit(ip("::ffff:192.0.2.1")).unwrap();
+        let _t5 = a.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(a.admit(ip("192.0.2.1")).unwrap_err(), Refused::SourceFull);
     }
 
     #[tokio::test]

@@ -134,8 +134,8 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// callers can hold (a few KiB each). When all are taken the oldest is cut off for the newest
 /// ([`crate::admission`]), so idle connections cannot keep the controller out.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
-/// Handshakes in progress at once from one IP address: one host cannot take the places of all
-/// others (a controller needs one at a time).
+/// Handshakes in progress at once from one source (an IPv4 address, an IPv6 /64): one host
+/// cannot take the places of all others (a controller needs one at a time).
 pub const MAX_PENDING_PER_SOURCE: usize = 8;
 /// An authenticated TLS client that sends nothing for this long is disconnected (it holds one
 /// of the `max_clients` slots).
@@ -143,6 +143,9 @@ const TLS_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A client turned away for `max_clients` has this long to send its request before it is
 /// answered "busy" anyway (reading it first lets the answer arrive instead of a reset).
 const BUSY_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// A refused client's answer and close (close_notify) are not waited for longer: a client that
+/// does not read cannot hold the task.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// ALPN of the control API over TLS. Required: a client that negotiates none (rustls lets a
 /// client that offers none through) or another is refused, so other TLS clients of the same CA
 /// cannot speak to the control API by accident.
@@ -245,7 +248,7 @@ pub async fn serve_tls(
                 };
                 refused(&log, addr, &why);
                 let mut tls = tls;
-                let _ = tokio::time::timeout(BUSY_READ_TIMEOUT, tls.shutdown()).await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
                 return;
             }
             let Ok(_slot) = slots.try_acquire_owned() else {
@@ -281,7 +284,7 @@ async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, max_clients: usize)
         "the worker serves control_tls.max_clients = {max_clients} clients already; try again later")});
     let mut out = serde_json::to_vec(&answer).unwrap_or_default();
     out.push(b'\n');
-    let _ = tokio::time::timeout(BUSY_READ_TIMEOUT, async {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         tls.write_all(&out).await?;
         tls.shutdown().await
     })
