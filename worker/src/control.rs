@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -179,6 +180,42 @@ pub fn tls_acceptor(cfg: &ControlTlsConfig) -> Result<tokio_rustls::TlsAcceptor>
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
+/// TLS clients the control listener refused, by reason (`baton_worker_control_tls_refused_total`).
+#[derive(Debug, Default)]
+pub struct TlsRefusals {
+    /// Closed at once: their source held [`MAX_PENDING_PER_SOURCE`] pending handshakes.
+    pub source_limit: AtomicU64,
+    /// Cut off to make room: [`MAX_PENDING_HANDSHAKES`] were pending.
+    pub evicted: AtomicU64,
+    /// No finished handshake within [`TLS_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: AtomicU64,
+    /// The handshake failed: no certificate, another CA, a name not allowed, no common ALPN...
+    pub handshake_failed: AtomicU64,
+    /// Handshake done without ALPN [`CONTROL_ALPN`].
+    pub alpn: AtomicU64,
+    /// Authenticated, but `max_clients` were connected: answered `busy`.
+    pub busy: AtomicU64,
+}
+
+impl TlsRefusals {
+    /// (reason label, count) for the metrics page.
+    pub fn counts(&self) -> [(&'static str, u64); 6] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("source_limit", n(&self.source_limit)),
+            ("evicted", n(&self.evicted)),
+            ("handshake_timeout", n(&self.handshake_timeout)),
+            ("handshake_failed", n(&self.handshake_failed)),
+            ("alpn", n(&self.alpn)),
+            ("busy", n(&self.busy)),
+        ]
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Accepts TLS clients on `listener`. Until its handshake is done a connection holds only a
 /// pending place ([`MAX_PENDING_HANDSHAKES`], [`MAX_PENDING_PER_SOURCE`]) for at most
 /// [`TLS_HANDSHAKE_TIMEOUT`]; one of the `max_clients` slots is taken only by a client whose
@@ -189,6 +226,7 @@ pub async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     max_clients: usize,
     ctx: Arc<Ctx>,
+    stats: Arc<TlsRefusals>,
 ) {
     let pending = Admission::new(MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
@@ -206,6 +244,7 @@ pub async fn serve_tls(
         let mut ticket = match pending.admit(addr.ip()) {
             Ok((ticket, evicted)) => {
                 if let Some(old) = evicted {
+                    count(&stats.evicted);
                     let why = format!(
                         "too many pending handshakes: cut off the oldest (from {old}) to make room"
                     );
@@ -214,6 +253,7 @@ pub async fn serve_tls(
                 ticket
             }
             Err(Refused::SourceFull) => {
+                count(&stats.source_limit);
                 refused(
                     &log,
                     addr,
@@ -222,15 +262,26 @@ pub async fn serve_tls(
                 continue; // `tcp` is closed here, nothing read
             }
         };
-        let (acceptor, ctx, slots, log) =
-            (acceptor.clone(), ctx.clone(), slots.clone(), log.clone());
+        let (acceptor, ctx, slots, log, stats) = (
+            acceptor.clone(),
+            ctx.clone(),
+            slots.clone(),
+            log.clone(),
+            stats.clone(),
+        );
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
             let tls = tokio::select! {
                 r = handshake => match r {
                     Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return refused(&log, addr, &format!("client refused: {e}")),
-                    Err(_) => return refused(&log, addr, "client refused, handshake timed out"),
+                    Ok(Err(e)) => {
+                        count(&stats.handshake_failed);
+                        return refused(&log, addr, &format!("client refused: {e}"));
+                    }
+                    Err(_) => {
+                        count(&stats.handshake_timeout);
+                        return refused(&log, addr, "client refused, handshake timed out");
+                    }
                 },
                 _ = ticket.cut_off() => return,
             };
@@ -246,12 +297,14 @@ pub async fn serve_tls(
                         "client refused, it negotiated no ALPN (baton-control/1 is required)".into()
                     }
                 };
+                count(&stats.alpn);
                 refused(&log, addr, &why);
                 let mut tls = tls;
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
                 return;
             }
             let Ok(_slot) = slots.try_acquire_owned() else {
+                count(&stats.busy);
                 tracing::warn!(%addr, max_clients, "control TLS: refused, too many clients");
                 return busy(tls, max_clients).await;
             };

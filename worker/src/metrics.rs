@@ -33,6 +33,8 @@ pub struct Metrics {
     pub budget: Arc<BufferBudget>,
     /// What the endpoint refused.
     pub endpoint: Arc<EndpointStats>,
+    /// What the control API over TLS refused (with `[control_tls]`).
+    pub control_tls: Option<Arc<crate::control::TlsRefusals>>,
 }
 
 /// Connections the metrics endpoint refused or cut off, by reason.
@@ -145,6 +147,18 @@ impl Metrics {
                 "baton_worker_metrics_refused_total{{reason=\"{reason}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
+        }
+        if let Some(tls) = &self.control_tls {
+            out.push_str(
+                "# HELP baton_worker_control_tls_refused_total Control TLS connections refused: source_limit (8 handshakes pending from its address), evicted (64 pending: the oldest made room), handshake_timeout, handshake_failed (certificate, name or ALPN), alpn (none negotiated), busy (max_clients connected).\n\
+                 # TYPE baton_worker_control_tls_refused_total counter\n",
+            );
+            for (reason, n) in tls.counts() {
+                let _ = writeln!(
+                    out,
+                    "baton_worker_control_tls_refused_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
         }
         out
     }

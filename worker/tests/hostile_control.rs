@@ -333,6 +333,16 @@ async fn a_handshake_flood_does_not_keep_the_controller_out() {
     rss_peak = rss_peak.max(w.rss());
     // And the controller is served after the flood too.
     assert!(is_ok(&w.info(&controller, true).await));
+    // Each flood connection was refused once: at once, cut off, or at the deadline.
+    let tls = |r: &str| format!("baton_worker_control_tls_refused_total{{reason=\"{r}\"}}");
+    let source_limit = w.metric(&tls("source_limit")).await;
+    let evicted = w.metric(&tls("evicted")).await;
+    let timed_out = w.metric(&tls("handshake_timeout")).await;
+    assert!(
+        source_limit + evicted + timed_out >= 4 * 128,
+        "refusals counted: {source_limit} + {evicted} + {timed_out}"
+    );
+    assert!(source_limit > 0 && evicted > 0, "{source_limit} {evicted}");
     let log = w.log();
     let refusal_lines = log
         .lines()
@@ -340,7 +350,8 @@ async fn a_handshake_flood_does_not_keep_the_controller_out() {
         .count();
     eprintln!(
         "controller served in {served:?} during 4 floods of 128 idle connections; flood closed \
-         within {slowest:?}; {refusal_lines} refusal lines logged; RSS {} -> peak {} KiB",
+         within {slowest:?} (refused at once {source_limit}, cut off {evicted}, timed out \
+         {timed_out}); {refusal_lines} refusal lines logged; RSS {} -> peak {} KiB",
         rss_before / 1024,
         rss_peak / 1024
     );
@@ -392,7 +403,7 @@ async fn only_the_allowed_certificate_with_the_alpn_is_served() {
     let busy = w.info(&controller, true).await.expect("an answer");
     assert_eq!(busy["kind"], "busy", "{busy}");
     // Idle TCP connections take no client slot: with one slot free, the controller gets it.
-    let idle: Vec<_> = futures_connect(&w, 8).await;
+    let idle = idle_connections(&w, 8).await;
     held.pop();
     let start = Instant::now();
     loop {
@@ -409,6 +420,11 @@ async fn only_the_allowed_certificate_with_the_alpn_is_served() {
     }
     drop(idle);
 
+    let tls = |r: &str| format!("baton_worker_control_tls_refused_total{{reason=\"{r}\"}}");
+    // w2, no certificate, ALPN h2; no ALPN; one busy.
+    assert!(w.metric(&tls("handshake_failed")).await >= 3);
+    assert!(w.metric(&tls("alpn")).await >= 1);
+    assert!(w.metric(&tls("busy")).await >= 1);
     let log = w.log();
     for needle in [
         "not in control_tls.clients",
@@ -423,7 +439,7 @@ async fn only_the_allowed_certificate_with_the_alpn_is_served() {
 }
 
 /// `n` idle TCP connections to the control port from an attacker address.
-async fn futures_connect(w: &Worker, n: usize) -> Vec<TcpStream> {
+async fn idle_connections(w: &Worker, n: usize) -> Vec<TcpStream> {
     let mut v = Vec::new();
     for _ in 0..n {
         v.push(connect_from(attacker(40), w.control).await.unwrap());

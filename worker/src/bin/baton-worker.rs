@@ -190,6 +190,11 @@ async fn serve(
         .map(|&v| SocketAddr::new(v, config.port))
         .collect();
     tracing::info!(vips = ?addrs, server_id = config.server_id, "worker listening");
+    // Shared by the control TLS listener (counts) and the metrics page (shows them).
+    let control_tls_refusals = config
+        .control_tls
+        .as_ref()
+        .map(|_| Arc::new(baton_worker::control::TlsRefusals::default()));
     let _metrics = match config.metrics {
         Some(addr) => {
             let listener = baton_worker::metrics::bind(addr).await?;
@@ -198,6 +203,7 @@ async fn serve(
                 sockets: socket.clone(),
                 budget,
                 endpoint: Default::default(),
+                control_tls: control_tls_refusals.clone(),
             };
             Some(AbortOnDrop(tokio::spawn(baton_worker::metrics::serve(
                 listener, metrics,
@@ -250,6 +256,7 @@ async fn serve(
                 acceptor,
                 tls.max_clients,
                 ctx.clone(),
+                control_tls_refusals.clone().unwrap_or_default(),
             ));
         }
         tokio::spawn(baton_worker::control::serve(listener, ctx));
