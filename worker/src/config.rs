@@ -110,7 +110,9 @@ pub struct ControlTlsConfig {
     /// Client identities allowed to use the API, matched against the client certificate's DNS
     /// names (e.g. `["baton-controller"]`).
     pub clients: Vec<String>,
-    /// At most this many TLS clients at once (handshaking or connected); more are turned away.
+    /// At most this many authenticated clients at once (certificate accepted, ALPN negotiated);
+    /// one more is answered `busy` and closed. Connections still handshaking do not count: they
+    /// have their own limits (`control::MAX_PENDING_HANDSHAKES`, per address and in all).
     #[serde(default = "default_control_max_clients")]
     pub max_clients: usize,
 }

@@ -4,6 +4,9 @@
 //!
 //! With `[control_tls]` the same API is also served over TCP with mutual TLS ([`serve_tls`]), for
 //! a controller on another host; both transports share [`serve_conn`] and the request handler.
+//! Unknown TLS callers hold only a bounded, short-lived pending place until their handshake is
+//! done; a slot of `max_clients` is for authenticated controllers that negotiated the ALPN.
+use crate::admission::{Admission, LogLimit, Refused};
 use crate::config::ControlTlsConfig;
 use crate::hex;
 use crate::migrate::{Ctx, Failure, MigrateOut};
@@ -15,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -123,12 +127,29 @@ where
     let _ = w.shutdown().await;
 }
 
-/// A TLS client has this long to finish its handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS client has this long from its TCP connect to the end of its handshake: a real
+/// controller needs one round trip and two signatures (milliseconds), an idle or trickling
+/// connection is dropped well before it matters.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once, from all addresses: bounds the memory and tasks unknown
+/// callers can hold (a few KiB each). When all are taken the oldest is cut off for the newest
+/// ([`crate::admission`]), so idle connections cannot keep the controller out.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshakes in progress at once from one source (an IPv4 address, an IPv6 /64): one host
+/// cannot take the places of all others (a controller needs one at a time).
+pub const MAX_PENDING_PER_SOURCE: usize = 8;
 /// An authenticated TLS client that sends nothing for this long is disconnected (it holds one
 /// of the `max_clients` slots).
 const TLS_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// ALPN of the control API over TLS (keeps other TLS clients of the same CA out).
+/// A client turned away for `max_clients` has this long to send its request before it is
+/// answered "busy" anyway (reading it first lets the answer arrive instead of a reset).
+const BUSY_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// A refused client's answer and close (close_notify) are not waited for longer: a client that
+/// does not read cannot hold the task.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// ALPN of the control API over TLS. Required: a client that negotiates none (rustls lets a
+/// client that offers none through) or another is refused, so other TLS clients of the same CA
+/// cannot speak to the control API by accident.
 pub const CONTROL_ALPN: &[u8] = b"baton-control/1";
 
 /// The TLS side of the control API: TLS 1.3 only, a client certificate signed by `cfg.ca` is
@@ -159,15 +180,57 @@ pub fn tls_acceptor(cfg: &ControlTlsConfig) -> Result<tokio_rustls::TlsAcceptor>
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
-/// Accepts TLS clients on `listener`, at most `max_clients` at once; every refusal (handshake
-/// failed, certificate refused, too many clients) is logged with the client's address.
+/// TLS clients the control listener refused, by reason (`baton_worker_control_tls_refused_total`).
+#[derive(Debug, Default)]
+pub struct TlsRefusals {
+    /// Closed at once: their source held [`MAX_PENDING_PER_SOURCE`] pending handshakes.
+    pub source_limit: AtomicU64,
+    /// Cut off to make room: [`MAX_PENDING_HANDSHAKES`] were pending.
+    pub evicted: AtomicU64,
+    /// No finished handshake within [`TLS_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: AtomicU64,
+    /// The handshake failed: no certificate, another CA, a name not allowed, no common ALPN...
+    pub handshake_failed: AtomicU64,
+    /// Handshake done without ALPN [`CONTROL_ALPN`].
+    pub alpn: AtomicU64,
+    /// Authenticated, but `max_clients` were connected: answered `busy`.
+    pub busy: AtomicU64,
+}
+
+impl TlsRefusals {
+    /// (reason label, count) for the metrics page.
+    pub fn counts(&self) -> [(&'static str, u64); 6] {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("source_limit", n(&self.source_limit)),
+            ("evicted", n(&self.evicted)),
+            ("handshake_timeout", n(&self.handshake_timeout)),
+            ("handshake_failed", n(&self.handshake_failed)),
+            ("alpn", n(&self.alpn)),
+            ("busy", n(&self.busy)),
+        ]
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Accepts TLS clients on `listener`. Until its handshake is done a connection holds only a
+/// pending place ([`MAX_PENDING_HANDSHAKES`], [`MAX_PENDING_PER_SOURCE`]) for at most
+/// [`TLS_HANDSHAKE_TIMEOUT`]; one of the `max_clients` slots is taken only by a client whose
+/// certificate was accepted and that negotiated [`CONTROL_ALPN`]. Refusals are logged with the
+/// client's address, rate-limited ([`crate::admission::LogLimit`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     max_clients: usize,
     ctx: Arc<Ctx>,
+    stats: Arc<TlsRefusals>,
 ) {
+    let pending = Admission::new(MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_clients));
+    let log = Arc::new(LogLimit::default());
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -178,30 +241,107 @@ pub async fn serve_tls(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, max_clients, "control TLS: refused, too many clients");
-            continue;
+        let mut ticket = match pending.admit(addr.ip()) {
+            Ok((ticket, evicted)) => {
+                if let Some(old) = evicted {
+                    count(&stats.evicted);
+                    let why = format!(
+                        "too many pending handshakes: cut off the oldest (from {old}) to make room"
+                    );
+                    refused(&log, addr, &why);
+                }
+                ticket
+            }
+            Err(Refused::SourceFull) => {
+                count(&stats.source_limit);
+                refused(
+                    &log,
+                    addr,
+                    "refused, too many pending handshakes from this address",
+                );
+                continue; // `tcp` is closed here, nothing read
+            }
         };
-        let (acceptor, ctx) = (acceptor.clone(), ctx.clone());
+        let (acceptor, ctx, slots, log, stats) = (
+            acceptor.clone(),
+            ctx.clone(),
+            slots.clone(),
+            log.clone(),
+            stats.clone(),
+        );
         tokio::spawn(async move {
-            let _slot = slot;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::warn!(%addr, error = %e, "control TLS: client refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%addr, "control TLS: client refused, handshake timed out");
-                    return;
-                }
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        count(&stats.handshake_failed);
+                        return refused(&log, addr, &format!("client refused: {e}"));
+                    }
+                    Err(_) => {
+                        count(&stats.handshake_timeout);
+                        return refused(&log, addr, "client refused, handshake timed out");
+                    }
+                },
+                _ = ticket.cut_off() => return,
+            };
+            drop(ticket);
+            let (_, conn) = tls.get_ref();
+            if conn.alpn_protocol() != Some(CONTROL_ALPN) {
+                let offered = conn.alpn_protocol().map(String::from_utf8_lossy);
+                let why = match offered {
+                    Some(p) => {
+                        format!("client refused, it negotiated ALPN {p:?}, not baton-control/1")
+                    }
+                    None => {
+                        "client refused, it negotiated no ALPN (baton-control/1 is required)".into()
+                    }
+                };
+                count(&stats.alpn);
+                refused(&log, addr, &why);
+                let mut tls = tls;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
+                return;
+            }
+            let Ok(_slot) = slots.try_acquire_owned() else {
+                count(&stats.busy);
+                tracing::warn!(%addr, max_clients, "control TLS: refused, too many clients");
+                return busy(tls, max_clients).await;
             };
             tracing::info!(%addr, "control TLS: client authenticated");
             let (r, w) = tokio::io::split(tls);
             serve_conn(r, w, &ctx, Some(TLS_IDLE_TIMEOUT)).await;
         });
     }
+}
+
+/// Logs a refused TLS client, within `log`'s rate.
+fn refused(log: &LogLimit, addr: std::net::SocketAddr, why: &str) {
+    match log.allow() {
+        Some(0) => tracing::warn!(%addr, "control TLS: {why}"),
+        Some(left_out) => {
+            tracing::warn!(%addr, left_out, "control TLS: {why} (and {left_out} more refusals not logged)")
+        }
+        None => tracing::debug!(%addr, "control TLS: {why}"),
+    }
+}
+
+/// Answers an authenticated client beyond `max_clients` with a `busy` error (after its first
+/// request line, or [`BUSY_READ_TIMEOUT`]) and closes the connection.
+async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, max_clients: usize) {
+    let mut r = tokio::io::BufReader::new(&mut tls).take(MAX_REQUEST_LINE as u64);
+    let mut line = Vec::new();
+    let _ = tokio::time::timeout(BUSY_READ_TIMEOUT, r.read_until(b'\n', &mut line)).await;
+    drop(r);
+    let answer = json!({"ok": false, "kind": "busy", "error": format!(
+        "the worker serves control_tls.max_clients = {max_clients} clients already; try again later")});
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        tls.write_all(&out).await?;
+        tls.shutdown().await
+    })
+    .await;
 }
 
 /// The CA's verdict, then the client's name: one of its DNS names must be allowed.

@@ -1,6 +1,7 @@
 //! Baton's QUIC worker: a sans-IO core ([`core::WorkerCore`]) driving quinn-proto with live
 //! connection handoff, a tokio I/O loop ([`io`]), the application service trait ([`service`]) and
 //! the demo service ([`demo`]).
+pub mod admission;
 pub mod config;
 pub mod core;
 pub mod demo;

@@ -1,17 +1,51 @@
 //! The worker's Prometheus metrics (`metrics = "ip:port"` in `worker.toml`, `GET /metrics`):
 //! what its sends came to and what its services hold against the buffer budget.
+//!
+//! The endpoint holds against slow or many clients: one request per connection, answered or cut
+//! off within [`REQUEST_DEADLINE`] of the connect, at most [`MAX_CONNECTIONS`] at once and
+//! [`MAX_PER_SOURCE`] per IP address ([`crate::admission`]: over its address's share a connection
+//! is closed at once; when all places are taken the oldest is cut off). Each refusal is counted in
+//! `baton_worker_metrics_refused_total{reason}`.
 use crate::limits::BufferBudget;
 use crate::udp::VipSockets;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Metrics connections at once, all addresses: bounds the tasks and buffers unknown clients hold
+/// (a scraper needs one per scrape).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Metrics connections at once from one IP address: one host cannot take every place.
+pub const MAX_PER_SOURCE: usize = 8;
+/// A connection is closed this long after its connect, answered or not: a whole request (a
+/// scrape takes milliseconds), not a timeout that restarts with every byte a slow client sends.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// hyper's limit for the request head; a scraper's is a few hundred bytes (8 KiB is hyper's
+/// smallest allowed buffer).
+const MAX_HEAD: usize = 8 * 1024;
 
 /// What the metrics are read from.
 #[derive(Clone)]
 pub struct Metrics {
     pub sockets: Arc<VipSockets>,
     pub budget: Arc<BufferBudget>,
+    /// What the endpoint refused.
+    pub endpoint: Arc<EndpointStats>,
+    /// What the control API over TLS refused (with `[control_tls]`).
+    pub control_tls: Option<Arc<crate::control::TlsRefusals>>,
+}
+
+/// Connections the metrics endpoint refused or cut off, by reason.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Closed at once: their address held [`MAX_PER_SOURCE`] connections.
+    pub source_limit: AtomicU64,
+    /// Cut off to make room: [`MAX_CONNECTIONS`] were open.
+    pub evicted: AtomicU64,
+    /// Cut off at [`REQUEST_DEADLINE`] (or hyper's header read timeout, half of it).
+    pub deadline: AtomicU64,
 }
 
 fn errno_name(errno: i32) -> String {
@@ -98,6 +132,34 @@ impl Metrics {
             "limits.memory_budget: what the services may hold in all.",
             self.budget.limit(),
         );
+        out.push_str(
+            "# HELP baton_worker_metrics_refused_total Metrics connections refused or cut off: source_limit (its address had too many open), evicted (all places taken, the oldest made room), deadline (no answer within the request deadline).\n\
+             # TYPE baton_worker_metrics_refused_total counter\n",
+        );
+        let e = &self.endpoint;
+        for (reason, n) in [
+            ("source_limit", &e.source_limit),
+            ("evicted", &e.evicted),
+            ("deadline", &e.deadline),
+        ] {
+            let _ = writeln!(
+                out,
+                "baton_worker_metrics_refused_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        if let Some(tls) = &self.control_tls {
+            out.push_str(
+                "# HELP baton_worker_control_tls_refused_total Control TLS connections refused: source_limit (8 handshakes pending from its address), evicted (64 pending: the oldest made room), handshake_timeout, handshake_failed (certificate, name or ALPN), alpn (none negotiated), busy (max_clients connected).\n\
+                 # TYPE baton_worker_control_tls_refused_total counter\n",
+            );
+            for (reason, n) in tls.counts() {
+                let _ = writeln!(
+                    out,
+                    "baton_worker_control_tls_refused_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
         out
     }
 }
@@ -109,13 +171,19 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     })
 }
 
-/// Serves `GET /metrics` (HTTP/1.1, hyper) on `listener` until the task is dropped.
+/// Serves `GET /metrics` (HTTP/1.1, hyper) on `listener` until the task is dropped; see the
+/// module header for the limits.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    use crate::admission::{Admission, LogLimit};
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Method, Response, StatusCode};
-    /// A scraper that sends nothing for this long is disconnected.
-    const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+    let admission = Admission::new(MAX_CONNECTIONS, MAX_PER_SOURCE);
+    let log = LogLimit::default();
+    let refused = |peer: SocketAddr, why: &str| match log.allow() {
+        Some(left_out) => tracing::warn!(%peer, left_out, "metrics: {why}"),
+        None => tracing::debug!(%peer, "metrics: {why}"),
+    };
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -125,8 +193,34 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 continue;
             }
         };
+        let mut ticket = match admission.admit(peer.ip()) {
+            Ok((ticket, evicted)) => {
+                if let Some(old) = evicted {
+                    metrics.endpoint.evicted.fetch_add(1, Ordering::Relaxed);
+                    refused(
+                        peer,
+                        &format!(
+                            "{MAX_CONNECTIONS} connections open: cut off the oldest (from {old}) to make room"
+                        ),
+                    );
+                }
+                ticket
+            }
+            Err(_) => {
+                metrics
+                    .endpoint
+                    .source_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                refused(
+                    peer,
+                    &format!("refused, {MAX_PER_SOURCE} connections from this address are open"),
+                );
+                continue; // `tcp` is closed here, nothing read
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let stats = metrics.endpoint.clone();
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
@@ -146,10 +240,26 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                // A client whose request head is not in by then is cut off (`deadline`).
+                .header_read_timeout(REQUEST_DEADLINE / 2)
+                .max_buf_size(MAX_HEAD)
+                // One request per connection: the deadline is the request's.
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "metrics: connection ended");
+            tokio::select! {
+                r = tokio::time::timeout(REQUEST_DEADLINE, conn) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) if e.is_timeout() => {
+                        stats.deadline.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "metrics: cut off, no request head in time");
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics: connection ended"),
+                    Err(_) => {
+                        stats.deadline.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "metrics: cut off at the request deadline");
+                    }
+                },
+                _ = ticket.cut_off() => {}
             }
         });
     }

@@ -190,6 +190,11 @@ async fn serve(
         .map(|&v| SocketAddr::new(v, config.port))
         .collect();
     tracing::info!(vips = ?addrs, server_id = config.server_id, "worker listening");
+    // Shared by the control TLS listener (counts) and the metrics page (shows them).
+    let control_tls_refusals = config
+        .control_tls
+        .as_ref()
+        .map(|_| Arc::new(baton_worker::control::TlsRefusals::default()));
     let _metrics = match config.metrics {
         Some(addr) => {
             let listener = baton_worker::metrics::bind(addr).await?;
@@ -197,6 +202,8 @@ async fn serve(
             let metrics = baton_worker::metrics::Metrics {
                 sockets: socket.clone(),
                 budget,
+                endpoint: Default::default(),
+                control_tls: control_tls_refusals.clone(),
             };
             Some(AbortOnDrop(tokio::spawn(baton_worker::metrics::serve(
                 listener, metrics,
@@ -251,6 +258,7 @@ async fn serve(
                 acceptor,
                 tls.max_clients,
                 ctx.clone(),
+                control_tls_refusals.clone().unwrap_or_default(),
             ));
         }
         tokio::spawn(baton_worker::control::serve(listener, ctx));
