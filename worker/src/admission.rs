@@ -1,5 +1,6 @@
-//! Admission on the worker's TCP listeners while their callers are still unknown (control over
-//! TLS until the handshake is done, the metrics endpoint for a whole request): at most `total`
+//! Admission on the worker's listeners while their callers are still unknown (control over TLS
+//! and the peer channel until the handshake is done, the metrics endpoint for a whole request):
+//! at most `total`
 //! connections at once, and at most `per_source` from one source (an IPv4 address, an IPv6 /64).
 //!
 //! A connection beyond its address's share is refused: closed at once, nothing read from it. When

@@ -11,9 +11,6 @@ use crate::config::ControlTlsConfig;
 use crate::hex;
 use crate::migrate::{Ctx, Failure, MigrateOut};
 use anyhow::{Context, Result};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -161,16 +158,11 @@ pub fn tls_acceptor(cfg: &ControlTlsConfig) -> Result<tokio_rustls::TlsAcceptor>
     let inner =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()?;
-    let allowed = cfg
-        .clients
-        .iter()
-        .map(|n| {
-            rustls::pki_types::DnsName::try_from(n.as_str())
-                .map(|d| d.to_owned())
-                .map_err(|_| anyhow::anyhow!("control_tls.clients: {n:?} is not a DNS name"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let verifier = Arc::new(AllowedClients { inner, allowed });
+    let verifier = Arc::new(crate::tls::AllowedNames::new(
+        inner,
+        crate::tls::dns_names(&cfg.clients, "control_tls.clients")?,
+        "control_tls.clients",
+    ));
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -344,95 +336,6 @@ async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, max_clients: usize)
     .await;
 }
 
-/// The CA's verdict, then the client's name: one of its DNS names must be allowed.
-#[derive(Debug)]
-struct AllowedClients {
-    inner: Arc<dyn ClientCertVerifier>,
-    allowed: Vec<rustls::pki_types::DnsName<'static>>,
-}
-
-struct NameNotAllowed {
-    presented: Vec<String>,
-}
-
-// rustls prints the inner error of `CertificateError::Other` with `{:?}`: make that readable.
-impl std::fmt::Debug for NameNotAllowed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
-    }
-}
-
-impl std::fmt::Display for NameNotAllowed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "client certificate names [{}] are not in control_tls.clients",
-            self.presented.join(", ")
-        )
-    }
-}
-
-impl std::error::Error for NameNotAllowed {}
-
-impl ClientCertVerifier for AllowedClients {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        let mut presented = Vec::new();
-        for name in &self.allowed {
-            let name = ServerName::DnsName(name.clone());
-            match rustls::client::verify_server_name(&cert, &name) {
-                Ok(()) => return Ok(ClientCertVerified::assertion()),
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForNameContext { presented: p, .. },
-                )) => presented = p,
-                Err(_) => {}
-            }
-        }
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::Other(rustls::OtherError(Arc::new(NameNotAllowed {
-                presented,
-            }))),
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
     match req {
         Request::Info => {
@@ -499,7 +402,7 @@ mod tests {
             })
         };
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let name = ServerName::try_from("w1").unwrap();
+        let name = rustls::pki_types::ServerName::try_from("w1").unwrap();
         let client = match connector.connect(name, b).await {
             Ok(mut c) => {
                 let _ = c.write_all(b"x").await;

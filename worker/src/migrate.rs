@@ -170,8 +170,10 @@ pub struct Ctx {
     worker_names: Vec<rustls::pki_types::DnsName<'static>>,
     /// Per peer server ID: its open peer-channel connections and its import byte budget.
     admitted: Mutex<HashMap<u32, (usize, Arc<tokio::sync::Semaphore>)>>,
-    /// Handshakes under way per source IP address.
-    handshaking: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Keeps refused handshakes from flooding the log.
+    refusal_log: crate::admission::LogLimit,
+    /// Places for handshakes under way (per source and in all).
+    handshakes: Arc<crate::admission::Admission>,
     peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
     released: Mutex<HashMap<String, Option<Instant>>>,
@@ -201,7 +203,11 @@ impl Ctx {
             workers,
             worker_names,
             admitted: Default::default(),
-            handshaking: Default::default(),
+            refusal_log: crate::admission::LogLimit::default(),
+            handshakes: crate::admission::Admission::new(
+                MAX_PEER_HANDSHAKES,
+                MAX_PEER_HANDSHAKES_PER_IP,
+            ),
             peers: Default::default(),
             released: Default::default(),
         }))
@@ -300,39 +306,6 @@ impl Ctx {
             .map_err(|e| unavailable(&e))?;
         peers.insert(addr, conn.clone());
         Ok(conn)
-    }
-}
-
-/// A handshake counted against its source address; counted out when dropped.
-struct Handshaking {
-    ctx: Arc<Ctx>,
-    ip: std::net::IpAddr,
-}
-
-impl Handshaking {
-    fn begin(ctx: &Arc<Ctx>, ip: std::net::IpAddr) -> Option<Self> {
-        let mut h = ctx.handshaking.lock().unwrap();
-        let n = h.entry(ip).or_default();
-        if *n >= MAX_PEER_HANDSHAKES_PER_IP {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            ctx: ctx.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Handshaking {
-    fn drop(&mut self) {
-        let mut h = self.ctx.handshaking.lock().unwrap();
-        if let Some(n) = h.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                h.remove(&self.ip);
-            }
-        }
     }
 }
 
@@ -688,21 +661,36 @@ pub async fn serve_peer(ctx: Arc<Ctx>) {
     while let Some(incoming) = ctx.endpoint.accept().await {
         let ctx = ctx.clone();
         let remote = incoming.remote_address();
-        let Some(handshake) = Handshaking::begin(&ctx, remote.ip()) else {
-            warn!(%remote, max = MAX_PEER_HANDSHAKES_PER_IP, "peer channel: too many handshakes from this address; refused");
+        let Ok((mut handshake, _)) = ctx.handshakes.admit(remote.ip()) else {
+            if let Some(left_out) = ctx.refusal_log.allow() {
+                warn!(%remote, max = MAX_PEER_HANDSHAKES_PER_IP, left_out, "peer channel: too many handshakes from this source; refused");
+            }
             incoming.refuse();
             continue;
         };
         tokio::spawn(async move {
-            let conn = match tokio::time::timeout(PEER_HANDSHAKE_DEADLINE, incoming).await {
+            let conn = tokio::select! {
+                c = tokio::time::timeout(PEER_HANDSHAKE_DEADLINE, incoming) => c,
+                // Every place was taken and this was the oldest: dropping it ends the handshake.
+                () = handshake.cut_off() => return,
+            };
+            let refused = |why: &dyn std::fmt::Display| {
+                if let Some(left_out) = ctx.refusal_log.allow() {
+                    warn!(%remote, left_out, "peer channel: {why}");
+                }
+            };
+            let conn = match conn {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
-                    warn!(%remote, "peer channel: handshake refused or failed (only the workers in [peer] workers, with certificates from our CA, are admitted): {e}");
-                    return;
+                    return refused(&format_args!(
+                        "handshake refused or failed (only the workers in [peer] workers, with certificates from our CA, are admitted): {e}"
+                    ));
                 }
                 Err(_) => {
-                    warn!(%remote, "peer channel: handshake not done within {} s; dropped", PEER_HANDSHAKE_DEADLINE.as_secs());
-                    return;
+                    return refused(&format_args!(
+                        "handshake not done within {} s; dropped",
+                        PEER_HANDSHAKE_DEADLINE.as_secs()
+                    ));
                 }
             };
             drop(handshake);

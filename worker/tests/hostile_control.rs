@@ -84,6 +84,7 @@ listen = "127.0.0.1:{peer_port}"
 ca = "{d}/ca.pem"
 cert = "{d}/w1.pem"
 key = "{d}/w1.key"
+workers = [{{ name = "w2", server_id = 2, peer = "127.0.0.1:1" }}]
 [control_tls]
 listen = "{control}"
 ca = "{d}/ca.pem"
