@@ -32,10 +32,8 @@ impl std::fmt::Debug for Secrets {
 
 impl Secrets {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the secrets file {}", path.display()))?,
-        );
+        // Refused unless 0600 and owned by us (or root): see migration::secret_file.
+        let text = migration::secret_file::read_to_string(path).context("the secrets file")?;
         Self::parse(&text).with_context(|| format!("secrets file {}", path.display()))
     }
 
@@ -76,15 +74,31 @@ impl Secrets {
         })
     }
 
-    /// A fresh secrets file (random keys from the OS).
-    pub fn generate_toml() -> Zeroizing<String> {
+    /// Fresh secrets (random keys from the OS): the workers' file (token secret and snapshot
+    /// key) and the controller's (the same token secret, no snapshot key: the CLI host issues
+    /// tokens but cannot seal or open snapshots).
+    pub fn generate_toml_pair() -> (Zeroizing<String>, Zeroizing<String>) {
         use rand_like::fill;
-        Zeroizing::new(format!(
-            "# Baton migration secrets: keep mode 0600, identical on the controller and every worker.\n\
+        let token = Zeroizing::new(crate::hex(&fill::<32>()));
+        let key = Zeroizing::new(crate::hex(&fill::<32>()));
+        let worker = Zeroizing::new(format!(
+            "# Baton migration secrets for WORKERS: mode 0600, identical on every worker.\n\
+             # The controller (baton CLI host) gets controller-secrets.toml, without the snapshot key.\n\
              token_secret_id = 1\ntoken_secret = \"{}\"\nsnapshot_key_id = 1\nsnapshot_key = \"{}\"\n",
-            crate::hex(&fill::<32>()),
-            crate::hex(&fill::<32>())
-        ))
+            &*token, &*key
+        ));
+        let controller = Zeroizing::new(format!(
+            "# Baton migration secrets for the CONTROLLER (baton CLI host): mode 0600.\n\
+             # Only the token secret: the controller issues tokens, it never seals snapshots.\n\
+             token_secret_id = 1\ntoken_secret = \"{}\"\n",
+            &*token
+        ));
+        (worker, controller)
+    }
+
+    /// A fresh workers' secrets file (see [`Self::generate_toml_pair`]).
+    pub fn generate_toml() -> Zeroizing<String> {
+        Self::generate_toml_pair().0
     }
 }
 
@@ -110,6 +124,10 @@ mod tests {
         let s = Secrets::parse(&Secrets::generate_toml()).unwrap();
         assert!(s.snapshot_key.is_some());
         assert_eq!(format!("{s:?}"), "Secrets(<redacted>)");
+        let (w, c) = Secrets::generate_toml_pair();
+        let (w, c) = (Secrets::parse(&w).unwrap(), Secrets::parse(&c).unwrap());
+        assert!(w.snapshot_key.is_some() && c.snapshot_key.is_none());
+        assert_eq!(w.token_secret_id, c.token_secret_id);
         let e = Secrets::parse("token_secret_id = 1\ntoken_secret = \"abcd\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("32 bytes"), "{e:#}");
     }

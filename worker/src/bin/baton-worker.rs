@@ -212,12 +212,14 @@ async fn serve(
         let (key_id, key) = secrets
             .snapshot_key
             .context("the secrets file has no snapshot_key/snapshot_key_id (workers need it)")?;
-        let tokens = migration::MigrationTokenManager::new(
+        let mut tokens = migration::MigrationTokenManager::new(
             migration::TokenConfig::default(),
             secrets.token_secret_id,
             secrets.token_secret,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The replay cache is in memory: refuse tokens a previous run may have used.
+        tokens.refuse_issued_before(std::time::SystemTime::now());
         let pipeline = migration::MigrationPipeline::new(
             migration::SerializationService::new(migration::SerializationConfig::default())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
