@@ -136,7 +136,7 @@ pub fn read_to_string(path: &Path) -> Result<Zeroizing<String>, SecretFileError>
 }
 
 /// Writes a secret file created with mode 0600 (an existing file is truncated and chmod'ed to 0600).
-pub fn write(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+pub fn write(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new()
@@ -144,7 +144,7 @@ pub fn write(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
+        .open(path.as_ref())?;
     // `mode` applies only when the file is created; an older file keeps its bits otherwise.
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(contents.as_ref())?;
