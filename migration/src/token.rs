@@ -293,6 +293,16 @@ impl MigrationTokenManager {
         self.used.insert(id, expires, now_ms)
     }
 
+    /// The id of the secret new tokens are signed with.
+    pub fn current_secret_id(&self) -> u32 {
+        self.current
+    }
+
+    /// The ids of the secrets tokens verify under (the current one among them).
+    pub fn secret_ids(&self) -> Vec<u32> {
+        self.secrets.keys().copied().collect()
+    }
+
     pub fn replay_cache_len(&self) -> usize {
         self.used.len()
     }
