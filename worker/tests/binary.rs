@@ -24,8 +24,7 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
     // Private keys must be 0600 (migration::secret_file).
-    migration::secret_file::write(&dir.join("key.pem"), certified.key_pair.serialize_pem())
-        .unwrap();
+    migration::secret_file::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     // The client's socket first, so the port picked for the worker cannot be given to it.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();

@@ -208,6 +208,7 @@ async fn serve(
     if let (Some(control), Some(secrets), Some(peer)) =
         (&config.control_socket, &config.secrets, &config.peer)
     {
+        let secrets_path = secrets.clone();
         let secrets = baton_worker::secrets::Secrets::load(secrets)?;
         let (key_id, key) = secrets
             .snapshot_key
@@ -253,6 +254,14 @@ async fn serve(
                 ctx.clone(),
             ));
         }
+        // SIGHUP re-reads secrets.toml into the key rings (rotation without a restart).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(baton_worker::secrets::reload_on_sighup(
+            secrets_path.clone(),
+            hup,
+            ctx.clone(),
+        ));
         tokio::spawn(baton_worker::control::serve(listener, ctx));
         tracing::info!(name = %config.name(), control = %control.display(), peer = %peer.listen, "migrations enabled");
     }
