@@ -266,7 +266,10 @@ impl EncryptionService {
         let (key_id, entry) = {
             let ring = self.read();
             let entry = ring.keys.get(&ring.active).cloned();
-            (ring.active, entry.expect("the active key is always in the ring"))
+            (
+                ring.active,
+                entry.expect("the active key is always in the ring"),
+            )
         };
         let counter = entry
             .next_nonce
@@ -333,7 +336,10 @@ impl EncryptionService {
         let key_id = u32::from_be_bytes(envelope[5..9].try_into().expect("4 bytes"));
         let entry = {
             let ring = self.read();
-            ring.keys.get(&key_id).cloned().ok_or_else(|| ring.missing(key_id))?
+            ring.keys
+                .get(&key_id)
+                .cloned()
+                .ok_or_else(|| ring.missing(key_id))?
         };
         let instance: [u8; INSTANCE_ID_LEN] = envelope[9..9 + INSTANCE_ID_LEN]
             .try_into()
