@@ -302,7 +302,7 @@ impl<'a> R<'a> {
     }
     fn ranges(&mut self) -> Res<Vec<Range<u64>>> {
         let n = self.count(1 << 20)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(self.cap(n, 16));
         for _ in 0..n {
             let (start, end) = (self.u64()?, self.u64()?);
             if start > end {
@@ -314,7 +314,7 @@ impl<'a> R<'a> {
     }
     fn chunks(&mut self) -> Res<Vec<(u64, Vec<u8>)>> {
         let n = self.count(1 << 20)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(self.cap(n, 12));
         for _ in 0..n {
             v.push((self.u64()?, self.bytes()?.to_vec()));
         }
@@ -340,7 +340,7 @@ impl<'a> R<'a> {
         let stream_data_blocked = self.stream_ids()?;
         let crypto = self.chunks()?;
         let n = self.count(1 << 16)?;
-        let mut new_cids = Vec::with_capacity(n);
+        let mut new_cids = Vec::with_capacity(self.cap(n, 28));
         for _ in 0..n {
             new_cids.push((self.u64()?, self.cid()?, self.arr::<16>()?));
         }
@@ -364,7 +364,7 @@ impl<'a> R<'a> {
     }
     fn recovery(&mut self) -> Res<RecoverySnapshot> {
         let n = self.count(1 << 17)?;
-        let mut sent = Vec::with_capacity(n);
+        let mut sent = Vec::with_capacity(self.cap(n, 25));
         for _ in 0..n {
             let number = self.u64()?;
             let age = self.dur()?;
@@ -373,7 +373,7 @@ impl<'a> R<'a> {
             let largest_acked = self.opt(R::u64)?;
             let frames = self.opt(R::frames)?;
             let m = self.count(1 << 16)?;
-            let mut stream_frames = Vec::with_capacity(m);
+            let mut stream_frames = Vec::with_capacity(self.cap(m, 25));
             for _ in 0..m {
                 let id = self.stream_id()?;
                 let (start, end) = (self.u64()?, self.u64()?);
@@ -403,6 +403,12 @@ impl<'a> R<'a> {
             largest_acked_sent_age: self.dur()?,
             first_packet_after_rtt_sample: self.opt(R::u64)?,
         })
+    }
+    /// Capacity to reserve for `n` elements of at least `min_encoded` bytes each: never more than
+    /// the bytes left could hold, so a forged count in a short input allocates nothing large
+    /// (the reads that follow fail with `Truncated`).
+    fn cap(&self, n: usize, min_encoded: usize) -> usize {
+        n.min(self.0.len() / min_encoded.max(1))
     }
     fn count(&mut self, max: usize) -> Res<usize> {
         let n = self.u32()? as usize;
@@ -662,7 +668,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         // peer's parameters, which the server-side check would reject.
         TransportParameters::read(Side::Client, &mut params).map_err(|_| DecodeError::Invalid("transport parameters"))?;
     let n = r.count(MAX)?;
-    let mut local_cids = Vec::with_capacity(n);
+    let mut local_cids = Vec::with_capacity(r.cap(n, 12));
     for _ in 0..n {
         local_cids.push((r.u64()?, r.cid()?));
     }
@@ -673,7 +679,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let local_cid_retire_seq = r.u64()?;
     let remote_cid_offset = r.u64()?;
     let n = r.count(64)?;
-    let mut remote_cids = Vec::with_capacity(n);
+    let mut remote_cids = Vec::with_capacity(r.cap(n, 1));
     for _ in 0..n {
         remote_cids.push(r.opt(|r| Ok((r.cid()?, r.opt(|r| r.arr::<16>())?)))?);
     }
@@ -682,7 +688,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     let dedup_window = r.u128()?;
     let dedup_next = r.u64()?;
     let n = r.count(MAX)?;
-    let mut ranges = Vec::with_capacity(n);
+    let mut ranges = Vec::with_capacity(r.cap(n, 16));
     for _ in 0..n {
         let (start, end) = (r.u64()?, r.u64()?);
         if start > end {
@@ -741,7 +747,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     }
     let data_blocked_limit = r.opt(R::u64)?;
     let n = r.count(MAX)?;
-    let mut send = Vec::with_capacity(n);
+    let mut send = Vec::with_capacity(r.cap(n, 8));
     for _ in 0..n {
         let id = r.stream_id()?;
         send.push((
@@ -766,7 +772,7 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
     }
     r.runs(&mut send)?;
     let n = r.count(MAX)?;
-    let mut recv = Vec::with_capacity(n);
+    let mut recv = Vec::with_capacity(r.cap(n, 8));
     for _ in 0..n {
         let id = r.stream_id()?;
         recv.push((
@@ -864,4 +870,79 @@ pub fn decode(bytes: &[u8]) -> Result<Handoff, DecodeError> {
         connection,
         secrets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// Records the largest allocation made on the current thread (tests run in parallel).
+    struct Largest;
+    thread_local! { static LARGEST: Cell<usize> = const { Cell::new(0) }; }
+    fn note(size: usize) {
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
+    // SAFETY: forwards to the system allocator unchanged; only records sizes.
+    unsafe impl GlobalAlloc for Largest {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+    #[global_allocator]
+    static ALLOC: Largest = Largest;
+
+    fn largest_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|l| l.set(0));
+        let out = f();
+        (out, LARGEST.with(|l| l.get()))
+    }
+
+    #[test]
+    fn huge_counts_in_tiny_inputs_allocate_by_the_bytes_left() {
+        // A count at the limit, then one element's worth of bytes (or less).
+        let input = |count: u32, tail: usize| {
+            let mut b = count.to_le_bytes().to_vec();
+            b.resize(4 + tail, 0);
+            b
+        };
+        let b = input(1 << 20, 20);
+        let (r, big) = largest_during(|| R(&b).ranges());
+        assert_eq!(r.unwrap_err(), DecodeError::Truncated);
+        assert!(
+            big < 4096,
+            "ranges: {big} bytes allocated for 24 bytes of input"
+        );
+        let (r, big) = largest_during(|| R(&b).chunks());
+        assert_eq!(r.unwrap_err(), DecodeError::Truncated);
+        assert!(big < 4096, "chunks: {big} bytes");
+        let b = input(1 << 17, 30);
+        let (r, big) = largest_during(|| R(&b).recovery());
+        assert!(r.is_err());
+        assert!(
+            big < 4096,
+            "recovery: {big} bytes allocated for 34 bytes of input"
+        );
+        // Counts above the limits are refused outright.
+        let b = input(u32::MAX, 8);
+        assert_eq!(R(&b).ranges().unwrap_err(), DecodeError::Invalid("count"));
+    }
+
+    #[test]
+    fn capacity_follows_the_bytes_left() {
+        let b = [0u8; 100];
+        let r = R(&b);
+        assert_eq!(r.cap(1 << 20, 16), 6);
+        assert_eq!(r.cap(3, 16), 3);
+        assert_eq!(r.cap(1 << 20, 0), 100);
+    }
 }

@@ -28,7 +28,8 @@ pub const DEFAULT_MIGRATION_CONFIG: &str = "/etc/baton/migration.toml";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationConfig {
-    /// `secrets.toml` (the token secret; see docs/MIGRATION-FLOW.md).
+    /// The controller's secrets file: the token secret, and no snapshot key
+    /// (`controller-secrets.toml` from `baton-worker gen-certs`; docs/DEPLOYMENT.md).
     pub secrets: PathBuf,
     /// The controller's side of the workers' control API over mutual TLS; needed when a worker
     /// is reached through `control_tls`.
@@ -142,8 +143,10 @@ fn control_tls_config(c: &ControlTlsClient) -> Result<std::sync::Arc<rustls::Cli
             c.cert.display()
         );
     }
-    // No `{e}` detail from the key file beyond its path.
-    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|_| {
+    // Refused unless 0600 and ours (migration::secret_file); no `{e}` detail from the key itself.
+    let pem = migration::secret_file::read(&c.key)
+        .map_err(|e| anyhow::anyhow!("control_tls.key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
         anyhow::anyhow!(
             "control_tls.key: cannot read a private key from {}",
             c.key.display()
@@ -172,8 +175,8 @@ struct RawSecrets {
 }
 
 fn token_manager(path: &Path) -> Result<MigrationTokenManager> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the secrets file {}", path.display()))?;
+    // Refused unless 0600 and ours (or root's): see migration::secret_file.
+    let text = migration::secret_file::read_to_string(path).context("the secrets file")?;
     // No `{e}`: a TOML error can quote the line, i.e. the secret.
     let raw: RawSecrets = toml::from_str(&text).map_err(|_| {
         anyhow::anyhow!(
@@ -1180,7 +1183,7 @@ mod tests {
     fn conns_reports_workers_that_do_not_answer_instead_of_listing_them_empty() {
         let dir = std::env::temp_dir().join(format!("baton-conns-down-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
+        migration::secret_file::write(
             dir.join("secrets.toml"),
             format!(
                 "token_secret_id = 1\ntoken_secret = \"{}\"\n",
@@ -1391,14 +1394,14 @@ mod tests {
                 .contains(&cfg.display().to_string())
         );
         let secrets = dir.join("secrets.toml");
-        std::fs::write(
+        migration::secret_file::write(
             &secrets,
             "token_secret_id = 1\ntoken_secret = \"c0ffee-not-hex-SECRETVALUE\"\n",
         )
         .unwrap();
         let e = format!("{:#}", token_manager(&secrets).err().unwrap());
         assert!(e.contains("not hex") && !e.contains("SECRETVALUE"), "{e}");
-        std::fs::write(
+        migration::secret_file::write(
             &secrets,
             "token_secret_id = 1\ntoken_secret = SECRETVALUE\n",
         )
@@ -1408,7 +1411,7 @@ mod tests {
             e.contains("token_secret") && !e.contains("SECRETVALUE"),
             "{e}"
         );
-        std::fs::write(
+        migration::secret_file::write(
             &secrets,
             format!(
                 "token_secret_id = 1\ntoken_secret = \"{}\"\n",
@@ -1417,6 +1420,14 @@ mod tests {
         )
         .unwrap();
         token_manager(&secrets).unwrap();
+        // Readable by others: refused, naming the file and the fix.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", token_manager(&secrets).err().unwrap());
+        assert!(
+            e.contains(&format!("chmod 600 {}", secrets.display())),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::ids::MigrationBinding;
@@ -135,11 +136,29 @@ impl fmt::Debug for PlaintextBuffer {
 }
 
 /// The key ring: one active key seals, every non-retired key opens.
+///
+/// The ring sits behind a lock so a running worker can add, activate and retire keys (a reload of
+/// `secrets.toml`) while other tasks seal and open; a seal or open holds the lock only to pick its
+/// key (entries are shared, so each key's nonce counter survives ring changes).
 pub struct EncryptionService {
-    keys: BTreeMap<u32, KeyEntry>,
+    ring: RwLock<Ring>,
+    instance: [u8; INSTANCE_ID_LEN],
+}
+
+struct Ring {
+    keys: BTreeMap<u32, Arc<KeyEntry>>,
     retired: BTreeSet<u32>,
     active: u32,
-    instance: [u8; INSTANCE_ID_LEN],
+}
+
+impl Ring {
+    fn missing(&self, key_id: u32) -> MigrationError {
+        if self.retired.contains(&key_id) {
+            MigrationError::RetiredKey { key_id }
+        } else {
+            MigrationError::UnknownKey { key_id }
+        }
+    }
 }
 
 impl EncryptionService {
@@ -147,18 +166,19 @@ impl EncryptionService {
     pub fn new(key_id: u32, key: EncryptionKey) -> Self {
         let mut instance = [0u8; INSTANCE_ID_LEN];
         rand::rngs::OsRng.fill_bytes(&mut instance);
-        let mut ring = Self {
-            keys: BTreeMap::new(),
-            retired: BTreeSet::new(),
-            active: key_id,
+        let entry = Arc::new(Self::entry(&instance, key_id, key));
+        Self {
+            ring: RwLock::new(Ring {
+                keys: BTreeMap::from([(key_id, entry)]),
+                retired: BTreeSet::new(),
+                active: key_id,
+            }),
             instance,
-        };
-        ring.keys.insert(key_id, ring.entry(key_id, key));
-        ring
+        }
     }
 
-    fn entry(&self, key_id: u32, master: EncryptionKey) -> KeyEntry {
-        let sealer = master.derive_subkey(key_id, &self.instance);
+    fn entry(instance: &[u8; INSTANCE_ID_LEN], key_id: u32, master: EncryptionKey) -> KeyEntry {
+        let sealer = master.derive_subkey(key_id, instance);
         KeyEntry {
             master,
             sealer,
@@ -166,64 +186,75 @@ impl EncryptionService {
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        // A panic elsewhere cannot leave the ring half-changed (each change is one assignment).
+        self.ring.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Ring> {
+        self.ring.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds a key that opens envelopes; it seals only once [`activate`](Self::activate)d.
     /// Distribute a new key to every worker with `add_key` first, then activate it.
-    pub fn add_key(&mut self, key_id: u32, key: EncryptionKey) -> Result<(), MigrationError> {
-        if self.keys.contains_key(&key_id) || self.retired.contains(&key_id) {
+    pub fn add_key(&self, key_id: u32, key: EncryptionKey) -> Result<(), MigrationError> {
+        let entry = Arc::new(Self::entry(&self.instance, key_id, key));
+        let mut ring = self.write();
+        if ring.keys.contains_key(&key_id) || ring.retired.contains(&key_id) {
             return Err(MigrationError::Config(format!(
                 "key id {key_id} is already used; key ids are never reused"
             )));
         }
-        let entry = self.entry(key_id, key);
-        self.keys.insert(key_id, entry);
+        ring.keys.insert(key_id, entry);
         tracing::info!(key_id, "encryption key added");
         Ok(())
     }
 
-    pub fn activate(&mut self, key_id: u32) -> Result<(), MigrationError> {
-        if !self.keys.contains_key(&key_id) {
-            return Err(self.missing(key_id));
+    pub fn activate(&self, key_id: u32) -> Result<(), MigrationError> {
+        let mut ring = self.write();
+        if !ring.keys.contains_key(&key_id) {
+            return Err(ring.missing(key_id));
         }
-        self.active = key_id;
+        ring.active = key_id;
         tracing::info!(key_id, "encryption key activated for sealing");
         Ok(())
     }
 
     /// `add_key` + `activate`: older keys keep opening until retired.
-    pub fn rotate(&mut self, key_id: u32, key: EncryptionKey) -> Result<(), MigrationError> {
+    pub fn rotate(&self, key_id: u32, key: EncryptionKey) -> Result<(), MigrationError> {
         self.add_key(key_id, key)?;
         self.activate(key_id)
     }
 
-    /// Drops (and zeroizes) a key; envelopes sealed with it then fail with `RetiredKey`.
-    pub fn retire(&mut self, key_id: u32) -> Result<(), MigrationError> {
-        if key_id == self.active {
+    /// Drops (and zeroizes, once no seal or open still uses it) a key; envelopes sealed with it
+    /// then fail with `RetiredKey`.
+    pub fn retire(&self, key_id: u32) -> Result<(), MigrationError> {
+        let mut ring = self.write();
+        if key_id == ring.active {
             return Err(MigrationError::Config(format!(
                 "key id {key_id} is the active sealing key; activate another key before retiring it"
             )));
         }
-        if self.keys.remove(&key_id).is_none() {
-            return Err(self.missing(key_id));
+        if ring.keys.remove(&key_id).is_none() {
+            return Err(ring.missing(key_id));
         }
-        self.retired.insert(key_id);
+        ring.retired.insert(key_id);
         tracing::info!(key_id, "encryption key retired");
         Ok(())
     }
 
     pub fn active_key_id(&self) -> u32 {
-        self.active
+        self.read().active
     }
 
-    pub fn key_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.keys.keys().copied()
+    /// The ids of the keys that open envelopes (the active one among them).
+    pub fn key_ids(&self) -> Vec<u32> {
+        self.read().keys.keys().copied().collect()
     }
 
-    fn missing(&self, key_id: u32) -> MigrationError {
-        if self.retired.contains(&key_id) {
-            MigrationError::RetiredKey { key_id }
-        } else {
-            MigrationError::UnknownKey { key_id }
-        }
+    /// Whether `key_id` was used and retired (ids are never reused).
+    pub fn is_retired(&self, key_id: u32) -> bool {
+        self.read().retired.contains(&key_id)
     }
 
     /// Encrypts the buffer in place under the active key and returns the envelope.
@@ -232,11 +263,14 @@ impl EncryptionService {
         binding: &MigrationBinding,
         plaintext: PlaintextBuffer,
     ) -> Result<Vec<u8>, MigrationError> {
-        let key_id = self.active;
-        let entry = self
-            .keys
-            .get(&key_id)
-            .expect("the active key is always in the ring");
+        let (key_id, entry) = {
+            let ring = self.read();
+            let entry = ring.keys.get(&ring.active).cloned();
+            (
+                ring.active,
+                entry.expect("the active key is always in the ring"),
+            )
+        };
         let counter = entry
             .next_nonce
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
@@ -300,7 +334,13 @@ impl EncryptionService {
             ))));
         }
         let key_id = u32::from_be_bytes(envelope[5..9].try_into().expect("4 bytes"));
-        let entry = self.keys.get(&key_id).ok_or_else(|| self.missing(key_id))?;
+        let entry = {
+            let ring = self.read();
+            ring.keys
+                .get(&key_id)
+                .cloned()
+                .ok_or_else(|| ring.missing(key_id))?
+        };
         let instance: [u8; INSTANCE_ID_LEN] = envelope[9..9 + INSTANCE_ID_LEN]
             .try_into()
             .expect("12 bytes");
@@ -338,10 +378,11 @@ impl EncryptionService {
 
 impl fmt::Debug for EncryptionService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ring = self.read();
         f.debug_struct("EncryptionService")
-            .field("active_key_id", &self.active)
-            .field("key_ids", &self.keys.keys().collect::<Vec<_>>())
-            .field("retired_key_ids", &self.retired)
+            .field("active_key_id", &ring.active)
+            .field("key_ids", &ring.keys.keys().collect::<Vec<_>>())
+            .field("retired_key_ids", &ring.retired)
             .finish_non_exhaustive()
     }
 }

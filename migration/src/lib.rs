@@ -11,6 +11,7 @@ pub mod ids;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
+pub mod secret_file;
 pub mod serialization;
 pub mod session;
 pub mod snapshot;

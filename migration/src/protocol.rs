@@ -71,6 +71,8 @@ pub enum TokenRejection {
     NotYetValid,
     LifetimeTooLong,
     Replayed,
+    /// Issued before the verifier started: it may have been used before a restart.
+    IssuedBeforeRestart,
 }
 
 impl fmt::Display for TokenRejection {
@@ -84,6 +86,9 @@ impl fmt::Display for TokenRejection {
             Self::NotYetValid => "token issued in the future",
             Self::LifetimeTooLong => "token lifetime exceeds the configured maximum",
             Self::Replayed => "token already used",
+            Self::IssuedBeforeRestart => {
+                "token issued before the target worker (re)started; request a new token and retry"
+            }
         })
     }
 }

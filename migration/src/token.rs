@@ -126,6 +126,8 @@ pub struct MigrationTokenManager {
     current: u32,
     used: ReplayCache,
     limiter: RateLimiter,
+    /// Tokens issued before this instant (Unix ms) are refused; see [`Self::refuse_issued_before`].
+    not_before_ms: u64,
 }
 
 impl MigrationTokenManager {
@@ -157,7 +159,23 @@ impl MigrationTokenManager {
             current: secret_id,
             used: ReplayCache::new(config.replay_cache_capacity),
             limiter: RateLimiter::new(config.max_requests_per_second, config.max_tracked_sources),
+            not_before_ms: 0,
         })
+    }
+
+    /// Refuses every token issued before `start` (a verifier calls it with its process start).
+    ///
+    /// Why: the replay cache lives in memory, so a restarted target would re-accept a token it
+    /// used before the restart, for the rest of the token's lifetime. Rather than journal used
+    /// ids to disk (an fsync on every import, and a file that can be lost, corrupted or left on a
+    /// tmpfs), a verifier accepts only tokens issued after it started: every token it could have
+    /// used before is older than that. The cost is that a migration whose token was issued just
+    /// before the target restarted fails with `IssuedBeforeRestart` and is retried with a fresh
+    /// token. `issued at` is the controller's clock: a controller running ahead of the target by
+    /// `d` could replay tokens used in the last `d` before the restart, so keep clocks in sync
+    /// (NTP); `clock_skew` bounds how far ahead the controller may be at all.
+    pub fn refuse_issued_before(&mut self, start: SystemTime) {
+        self.not_before_ms = unix_ms(start);
     }
 
     /// New tokens are signed with `secret`; tokens under older secrets verify until retired.
@@ -269,7 +287,20 @@ impl MigrationTokenManager {
         if now_ms >= expires {
             return reject(TokenRejection::Expired);
         }
+        if issued < self.not_before_ms {
+            return reject(TokenRejection::IssuedBeforeRestart);
+        }
         self.used.insert(id, expires, now_ms)
+    }
+
+    /// The id of the secret new tokens are signed with.
+    pub fn current_secret_id(&self) -> u32 {
+        self.current
+    }
+
+    /// The ids of the secrets tokens verify under (the current one among them).
+    pub fn secret_ids(&self) -> Vec<u32> {
+        self.secrets.keys().copied().collect()
     }
 
     pub fn replay_cache_len(&self) -> usize {

@@ -166,7 +166,7 @@ fn another_instance_with_the_same_key_opens_and_uses_its_own_subkey() {
 
 #[test]
 fn rotation_keeps_old_keys_until_retired() {
-    let mut svc = EncryptionService::new(1, key(1));
+    let svc = EncryptionService::new(1, key(1));
     let old = svc.seal_slice(&binding(), b"old").unwrap();
     svc.rotate(2, key(2)).unwrap();
     assert_eq!(svc.active_key_id(), 2);
@@ -197,7 +197,6 @@ fn unknown_key_id() {
     assert_eq!(err, MigrationError::UnknownKey { key_id: 7 });
     assert!(err.to_string().contains("check"), "{err}");
     // Added (not yet active) keys open.
-    let mut opener = opener;
     opener.add_key(7, key(1)).unwrap();
     assert_eq!(opener.active_key_id(), 1);
     assert_eq!(opener.open(&binding(), &sealed).unwrap(), b"x");

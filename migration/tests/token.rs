@@ -268,3 +268,34 @@ fn secret_rotation() {
     assert!(TokenSecret::from_bytes(&[0; 16]).is_err());
     assert!(!format!("{m:?}").contains("[1, 1"));
 }
+
+#[test]
+fn a_restarted_verifier_refuses_tokens_used_before_the_restart() {
+    let mut controller = manager(TokenConfig::default());
+    let token = controller.issue(&binding(), t0()).unwrap();
+    let mut target = manager(TokenConfig::default());
+    target.refuse_issued_before(t0() - Duration::from_secs(60));
+    target.verify(&binding(), &token, t0()).unwrap();
+    // The target restarts 1 s later: a new manager, an empty replay cache, the same secret.
+    let restart = t0() + Duration::from_secs(1);
+    let mut target = manager(TokenConfig::default());
+    target.refuse_issued_before(restart);
+    assert_eq!(
+        rejected(target.verify(&binding(), &token, restart + Duration::from_millis(5))),
+        TokenRejection::IssuedBeforeRestart
+    );
+    // Tokens issued after the restart are accepted (once).
+    let fresh = controller.issue(&binding(), restart).unwrap();
+    target.verify(&binding(), &fresh, restart).unwrap();
+    assert_eq!(
+        rejected(target.verify(&binding(), &fresh, restart)),
+        TokenRejection::Replayed
+    );
+    // A forged token still reads as a bad MAC, not as a restart artefact.
+    let mut forged = token.as_bytes().to_vec();
+    forged[40] ^= 1;
+    assert_eq!(
+        rejected(target.verify(&binding(), &MigrationToken::from_bytes(forged), restart)),
+        TokenRejection::BadMac
+    );
+}

@@ -135,7 +135,7 @@ max_clients = {MAX_CLIENTS}
         let d = self.dir.display();
         let key = cert.replace(".pem", ".key");
         let text = format!(
-            "secrets = \"{d}/secrets.toml\"\n\
+            "secrets = \"{d}/controller-secrets.toml\"\n\
              [control_tls]\nca = \"{d}/{ca}\"\ncert = \"{d}/{cert}\"\nkey = \"{d}/{key}\"\n\
              [[workers]]\nname = \"w1\"\ncontrol_tls = \"{addr}\"\n"
         );

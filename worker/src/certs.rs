@@ -12,14 +12,22 @@ use std::path::{Path, PathBuf};
 /// DNS name of the controller's client certificate (what a worker's `control_tls.clients` lists).
 pub const CONTROLLER_NAME: &str = "baton-controller";
 
+/// The controller's secrets file: the token secret only (least privilege, docs/DEPLOYMENT.md).
+pub const CONTROLLER_SECRETS: &str = "controller-secrets.toml";
+
 fn write(path: &Path, contents: &str, secret: bool) -> Result<()> {
+    if secret {
+        // 0600 even when an older file exists with wider bits.
+        return migration::secret_file::write(path, contents.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()));
+    }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
+        .mode(0o644)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(contents.as_bytes())?;
@@ -99,9 +107,15 @@ pub fn generate(out: &Path, workers: &[String], service_name: &str) -> Result<Ve
         write(&path, &pem, secret)?;
         written.push(path);
     }
-    let path = out.join("secrets.toml");
-    write(&path, &crate::secrets::Secrets::generate_toml(), true)?;
-    written.push(path);
+    let (workers_toml, controller_toml) = crate::secrets::Secrets::generate_toml_pair();
+    for (file, toml) in [
+        ("secrets.toml", workers_toml),
+        (CONTROLLER_SECRETS, controller_toml),
+    ] {
+        let path = out.join(file);
+        write(&path, &toml, true)?;
+        written.push(path);
+    }
     Ok(written)
 }
 
@@ -111,7 +125,7 @@ mod tests {
     fn generated_files_load_as_peer_tls_and_secrets() {
         let dir = std::env::temp_dir().join(format!("baton-gen-certs-{}", std::process::id()));
         let files = super::generate(&dir, &["w1".into(), "w2".into()], "baton.test").unwrap();
-        assert_eq!(files.len(), 11);
+        assert_eq!(files.len(), 12);
         assert!(dir.join("controller.pem").exists() && dir.join("controller.key").exists());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join("w1.key"))
@@ -119,6 +133,18 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600, "private keys are not world-readable");
+        for f in &files {
+            let name = f.file_name().unwrap().to_str().unwrap();
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            let secret = name.ends_with(".key") || name.ends_with("secrets.toml");
+            assert_eq!(mode, if secret { 0o600 } else { 0o644 }, "{name}");
+        }
+        let controller =
+            crate::secrets::Secrets::load(&dir.join(super::CONTROLLER_SECRETS)).unwrap();
+        assert!(
+            controller.snapshot_key.is_none(),
+            "the controller holds no snapshot key"
+        );
         let workers = [crate::config::PeerWorker {
             name: "w2".into(),
             server_id: 2,

@@ -44,7 +44,8 @@ pub struct WorkerConfig {
     /// then `secrets` and `[peer]` are required too.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
-    /// `secrets.toml`: token secret and snapshot key, shared with the controller and other workers.
+    /// `secrets.toml`: token secret and snapshot key, identical on every worker (mode 0600; the
+    /// controller holds only the token secret). Re-read on SIGHUP.
     #[serde(default)]
     pub secrets: Option<PathBuf>,
     #[serde(default)]

@@ -22,7 +22,11 @@ pub fn load_tls(
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let certs = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
     anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key)?;
+    // The key file must be 0600 and ours (migration::secret_file); the same bytes are parsed.
+    let pem = migration::secret_file::read(key)?;
+    // No `{e}` detail from the key file beyond its path.
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|_| anyhow::anyhow!("cannot read a PEM private key from {}", key.display()))?;
     Ok((certs, key))
 }
 

@@ -23,7 +23,8 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
     std::fs::create_dir_all(&dir).unwrap();
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    // Private keys must be 0600 (migration::secret_file).
+    migration::secret_file::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     // The client's socket first, so the port picked for the worker cannot be given to it.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone()).unwrap();
@@ -202,4 +203,173 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
     );
     assert!(!control.exists(), "the control socket was left behind");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A secrets file or private key that group or others can read stops the worker at start, naming
+/// the file and the `chmod` that fixes it.
+#[test]
+fn readable_secrets_and_keys_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("baton-worker-modes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
+    let (port, peer_port) = {
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let d = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("worker.toml"),
+        format!(
+            "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
+             name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
+             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            d("service.pem"),
+            d("service.key"),
+            d("w1.sock"),
+            d("secrets.toml"),
+            d("ca.pem"),
+            d("w1.pem"),
+            d("w1.key"),
+        ),
+    )
+    .unwrap();
+    let chmod = |f: &str, mode: u32| {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    for file in ["secrets.toml", "service.key", "w1.key"] {
+        chmod(file, 0o644);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_baton-worker"))
+            .arg("--config")
+            .arg(dir.join("worker.toml"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut child, file);
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "started with a 0644 {file}");
+        assert!(err.contains(&format!("chmod 600 {}", d(file))), "{err}");
+        assert!(err.contains("mode 0644"), "{err}");
+        assert!(
+            !err.contains("PRIVATE KEY") && !err.contains("token_secret ="),
+            "{err}"
+        );
+        chmod(file, 0o600);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGHUP re-reads secrets.toml: new key ids are taken into use without a restart, and a file that
+/// does not load (here: mode 0644) is logged with the fix while the worker keeps running.
+#[test]
+fn sighup_reloads_the_secrets_and_a_bad_file_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("baton-worker-sighup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
+    let (port, peer_port) = {
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let control = dir.join("w1.sock");
+    let d = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("worker.toml"),
+        format!(
+            "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
+             name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
+             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            d("service.pem"),
+            d("service.key"),
+            control.display(),
+            d("secrets.toml"),
+            d("ca.pem"),
+            d("w1.pem"),
+            d("w1.key"),
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("worker.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let mut worker = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_baton-worker"))
+            .arg("--config")
+            .arg(dir.join("worker.toml"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + WAIT;
+    while !answers_info(&control) {
+        assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
+        assert!(Instant::now() < deadline, "the worker did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = || std::fs::read_to_string(&log_path).unwrap();
+    let wait_log = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        while !log().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in the log:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let hup = || {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(
+            unsafe { libc::kill(worker.0.id() as libc::pid_t, libc::SIGHUP) },
+            0
+        );
+    };
+    let token = baton_worker::hex(&[0x5a; 32]);
+    let key = baton_worker::hex(&[0xa5; 32]);
+    migration::secret_file::write(
+        dir.join("secrets.toml"),
+        format!(
+            "token_secret_id = 2\ntoken_secret = \"{token}\"\nsnapshot_key_id = 2\nsnapshot_key = \"{key}\"\n"
+        ),
+    )
+    .unwrap();
+    hup();
+    wait_log("secrets reloaded");
+    assert!(log().contains("new_snapshot_key=Some(2)"), "{}", log());
+
+    std::fs::set_permissions(
+        dir.join("secrets.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    hup();
+    wait_log("secrets NOT reloaded");
+    assert!(
+        log().contains(&format!("chmod 600 {}", d("secrets.toml"))),
+        "{}",
+        log()
+    );
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "a bad reload stopped the worker"
+    );
+    assert!(answers_info(&control));
+    let log = log();
+    assert!(
+        !log.contains(&token) && !log.contains(&key),
+        "a secret was logged"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

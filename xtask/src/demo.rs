@@ -592,7 +592,19 @@ impl Run {
             }
             std::fs::copy(pki.join("service.pem"), pki.join("ca.pem"))?;
         }
-        let mut migration = format!("secrets = \"{}\"\n", pki.join("secrets.toml").display());
+        // openssl keeps an older file's mode: private keys must be 0600 or the worker refuses them.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                pki.join("service.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )?;
+        }
+        // The CLI gets the token secret only: it issues tokens, it never seals snapshots.
+        let mut migration = format!(
+            "secrets = \"{}\"\n",
+            pki.join("controller-secrets.toml").display()
+        );
         // Every worker's [peer] workers: the same list everywhere, only these are admitted.
         let peers = WORKERS
             .iter()

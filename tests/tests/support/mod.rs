@@ -130,7 +130,8 @@ pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let d = dir.display();
-    let mut mc = format!("secrets = \"{d}/secrets.toml\"\n");
+    // The controller gets the token secret only (no snapshot key).
+    let mut mc = format!("secrets = \"{d}/controller-secrets.toml\"\n");
     let peer_of = |sid: u32| {
         if peer_v6 {
             format!("[fd00:201:1{sid}::2]:{PEER_PORT}")

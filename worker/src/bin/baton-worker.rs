@@ -215,16 +215,19 @@ async fn serve(
     if let (Some(control), Some(secrets), Some(peer)) =
         (&config.control_socket, &config.secrets, &config.peer)
     {
+        let secrets_path = secrets.clone();
         let secrets = baton_worker::secrets::Secrets::load(secrets)?;
         let (key_id, key) = secrets
             .snapshot_key
             .context("the secrets file has no snapshot_key/snapshot_key_id (workers need it)")?;
-        let tokens = migration::MigrationTokenManager::new(
+        let mut tokens = migration::MigrationTokenManager::new(
             migration::TokenConfig::default(),
             secrets.token_secret_id,
             secrets.token_secret,
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The replay cache is in memory: refuse tokens a previous run may have used.
+        tokens.refuse_issued_before(std::time::SystemTime::now());
         let pipeline = migration::MigrationPipeline::new(
             migration::SerializationService::new(migration::SerializationConfig::default())
                 .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -261,6 +264,14 @@ async fn serve(
                 control_tls_refusals.clone().unwrap_or_default(),
             ));
         }
+        // SIGHUP re-reads secrets.toml into the key rings (rotation without a restart).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(baton_worker::secrets::reload_on_sighup(
+            secrets_path.clone(),
+            hup,
+            ctx.clone(),
+        ));
         tokio::spawn(baton_worker::control::serve(listener, ctx));
         tracing::info!(name = %config.name(), control = %control.display(), peer = %peer.listen, "migrations enabled");
     }
