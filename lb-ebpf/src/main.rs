@@ -94,6 +94,13 @@ const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers walked before giving up on finding UDP (see `ipv6_find_udp`).
+const MAX_IPV6_EXT_HEADERS: usize = 6;
 const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 
@@ -357,11 +364,16 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         }
         ETH_P_IPV6 => {
             let ip = data + ETH_LEN;
-            // Extension headers are not walked: a next header other than UDP passes.
-            if ip + IPV6_LEN + 4 > end || read_u8(ip) >> 4 != 6 || read_u8(ip + 6) != IPPROTO_UDP {
+            if ip + IPV6_LEN > end || read_u8(ip) >> 4 != 6 {
                 return pass();
             }
-            let udp = ip + IPV6_LEN;
+            let (udp, unroutable) = match ipv6_find_udp(ip, end) {
+                Some(found) => found,
+                None => return pass(),
+            };
+            if udp + 4 > end {
+                return pass();
+            }
             let port = read_u16(udp + 2) as u64;
             if !is_vip(
                 &fp,
@@ -374,6 +386,9 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 return pass();
             }
             count(Stat::Ipv6);
+            if unroutable {
+                return drop_count(Stat::Malformed);
+            }
             udp
         }
         _ => return pass(),
@@ -490,6 +505,68 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         }
     };
     forward(ctx, worker, entry, why)
+}
+
+/// Walks at most [`MAX_IPV6_EXT_HEADERS`] IPv6 extension headers from the fixed header at `ip`
+/// (its 40 bytes checked by the caller) to a UDP header. Returns the UDP header's address and
+/// whether a datagram to a VIP behind this chain must be dropped rather than routed: a fragment
+/// (QUIC never lets IPv6 fragment; a worker would see one piece), a routing header with segments
+/// left (the VIP is a transit hop, not the destination), a hop-by-hop header not first (RFC 8200
+/// forbids it). `None` when no UDP header can be found: a non-first fragment (what follows is
+/// mid-payload, so there is no port to tell VIP traffic by), ESP, no next header, any other
+/// protocol, a chain longer than the limit, or a chain cut short; those pass as before.
+///
+/// AH (its length in 4-byte units) is walked, so an AH-protected datagram to a VIP is balanced
+/// and the worker's stack checks it. The limit is small because each header costs a bounded
+/// loop iteration the verifier explores, and real QUIC traffic carries none or one (hop-by-hop).
+#[inline(always)]
+fn ipv6_find_udp(ip: usize, end: usize) -> Option<(usize, bool)> {
+    let mut next = read_u8(ip + 6);
+    let mut hdr = ip + IPV6_LEN;
+    let mut unroutable = false;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        if next == IPPROTO_UDP {
+            return Some((hdr, unroutable));
+        }
+        // Every extension header we walk starts with next header and a length byte.
+        if hdr + 8 > end {
+            return None;
+        }
+        let len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                if next == IPPROTO_HOPOPTS && i != 0 {
+                    unroutable = true;
+                }
+                // Routing header byte 3: segments left.
+                if next == IPPROTO_ROUTING && read_u8(hdr + 3) != 0 {
+                    unroutable = true;
+                }
+                (read_u8(hdr + 1) as usize + 1) * 8
+            }
+            IPPROTO_FRAGMENT => {
+                // Bytes 2-3: offset (13 bits, 8-byte units), 2 reserved bits, M.
+                if read_u16(hdr + 2) & 0xfff8 != 0 {
+                    return None;
+                }
+                // A first fragment, or an atomic one (RFC 6946: offset 0, no M), which no QUIC
+                // stack sends (RFC 8021) and which we drop too, so a fragment header is never
+                // routed.
+                unroutable = true;
+                8
+            }
+            IPPROTO_AH => (read_u8(hdr + 1) as usize + 2) * 4,
+            _ => return None,
+        };
+        next = read_u8(hdr);
+        hdr += len;
+        i += 1;
+    }
+    if next == IPPROTO_UDP {
+        Some((hdr, unroutable))
+    } else {
+        None
+    }
 }
 
 /// Is `key` (a [`VipKey`] as three little-endian words) an enabled VIP? With the VIP table
