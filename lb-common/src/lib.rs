@@ -203,7 +203,9 @@ pub enum Stat {
     /// Not UDP to a configured VIP/port (or not yet configured): XDP_PASS.
     Passed = 0,
     /// UDP to a VIP with a truncated or malformed QUIC header: XDP_DROP. Also counts what no
-    /// client sends to a VIP: IPv4 first fragments (QUIC sets DF) and Retry packets.
+    /// client sends to a VIP: IPv4 first fragments (QUIC sets DF), IPv6 datagrams with a
+    /// fragment header, a routing header with segments left or a hop-by-hop header not first,
+    /// and Retry packets.
     Malformed = 1,
     /// Routed by an exact-CID override.
     RoutedOverride = 2,

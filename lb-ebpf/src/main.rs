@@ -13,6 +13,10 @@
 //! * unknown version: Maglev hash of the DCID (RFC 8999 invariants only);
 //! * anything else (not UDP to a VIP port, not configured yet): XDP_PASS.
 //!
+//! IPv6 extension headers are walked (at most [`MAX_IPV6_EXT_HEADERS`], see `ipv6_find_udp`); a
+//! fragment, a routing header with segments left or a misplaced hop-by-hop header in a datagram
+//! to a VIP is dropped and counted as malformed, as IPv4 first fragments are.
+//!
 //! Forwarding is layer-2 direct server return: the destination MAC becomes the worker's, the
 //! source MAC becomes the MAC the frame was sent to (our ingress interface's) so switches and
 //! bridges never learn the client's MAC behind our port; XDP_REDIRECT through the `BATON_TX_PORTS`
@@ -161,7 +165,8 @@ pub fn baton_xdp_pass(_ctx: XdpContext) -> u32 {
 }
 
 /// Benchmark baseline: the same header walk up to the DCID (Ethernet, IPv4 with options or
-/// IPv6, UDP, QUIC first octet and DCID bounds), no maps, then XDP_DROP.
+/// IPv6 without extension headers, UDP, QUIC first octet and DCID bounds), no maps, then
+/// XDP_DROP.
 #[xdp]
 pub fn baton_xdp_reference(ctx: XdpContext) -> u32 {
     reference_walk(&ctx)

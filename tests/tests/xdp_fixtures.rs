@@ -1009,6 +1009,16 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
     frames.push(short_to(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), PORT));
     frames.push(short_to(IpAddr::V4(VIP4), 444));
     frames.push(short_to(IpAddr::V6(VIP6), 8443));
+    for (_, chain) in ipv6_chains() {
+        frames.push(v6_ext(quic_short(&server_cid(0, SID[1], 2), 30), &chain).build());
+    }
+    frames.push(
+        v6_ext(
+            quic_short(&server_cid(0, SID[1], 2), 30),
+            &[fragment_header(0, true)],
+        )
+        .build(),
+    );
     let full = v4(quic_short(&server_cid(0, SID[0], 1), 4)).build();
     for len in [14, 30, 37, 42, 45, full.len()] {
         frames.push(full[..len].to_vec());
