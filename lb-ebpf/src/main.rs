@@ -15,7 +15,8 @@
 //!
 //! IPv6 extension headers are walked (at most [`MAX_IPV6_EXT_HEADERS`], see `ipv6_find_udp`); a
 //! fragment, a routing header with segments left or a misplaced hop-by-hop header in a datagram
-//! to a VIP is dropped and counted as malformed, as IPv4 first fragments are.
+//! to a VIP is dropped and counted as malformed, as IPv4 first fragments are; so are non-first
+//! fragments and longer chains to a VIP's address (`BATON_VIP_ADDRS`: they carry no port).
 //!
 //! Forwarding is layer-2 direct server return: the destination MAC becomes the worker's, the
 //! source MAC becomes the MAC the frame was sent to (our ingress interface's) so switches and
@@ -78,6 +79,9 @@ static MAGLEV: PinnedMap<u32, u32, ARRAY, MAGLEV_ENTRIES> = PinnedMap::new();
 #[btf_map(name = "BATON_TX_PORTS")]
 static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }> =
     PinnedMap::new();
+// Value: how many enabled VIP ports the address has (never 0).
+#[btf_map(name = "BATON_VIP_ADDRS")]
+static VIP_ADDRS: PinnedMap<VipKey, u32, HASH, { MAX_VIPS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_STATS")]
 static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STAT_COUNT as usize }> = PinnedMap::new();
 // Derived fast-path maps (lb_common::fastpath): each used only while its flag is set.
@@ -373,8 +377,21 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 return pass();
             }
             let (udp, unroutable) = match ipv6_find_udp(ip, end) {
-                Some(found) => found,
-                None => return pass(),
+                Ipv6Walk::Udp(udp, unroutable) => (udp, unroutable),
+                Ipv6Walk::NotUdp => return pass(),
+                // No port to match, but no client of a VIP address sends these: drop them if
+                // the address is a VIP's (so they never reach this host's reassembly).
+                Ipv6Walk::Hostile => {
+                    if is_vip_address([
+                        load_u64(ip + 24),
+                        load_u64(ip + 32),
+                        (AF_INET6 as u64) << 16,
+                    ]) {
+                        count(Stat::Ipv6);
+                        return drop_count(Stat::Malformed);
+                    }
+                    return pass();
+                }
             };
             if udp + 4 > end {
                 return pass();
@@ -512,31 +529,40 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     forward(ctx, worker, entry, why)
 }
 
+/// What [`ipv6_find_udp`] found.
+enum Ipv6Walk {
+    /// The UDP header's address, and whether a datagram to a VIP behind this chain must be
+    /// dropped rather than routed: a fragment (QUIC never lets IPv6 fragment; a worker would
+    /// see one piece), a routing header with segments left (the VIP is a transit hop, not the
+    /// destination), a hop-by-hop header not first (RFC 8200 forbids it).
+    Udp(usize, bool),
+    /// ESP, no next header, another protocol, or a chain cut short: passes as before.
+    NotUdp,
+    /// No port can be read, but no QUIC client sends this: a non-first fragment (what follows
+    /// is mid-payload) or a chain longer than the limit (walking on would cost the verifier
+    /// more states for nothing real traffic carries). Dropped if the address is a VIP's.
+    Hostile,
+}
+
 /// Walks at most [`MAX_IPV6_EXT_HEADERS`] IPv6 extension headers from the fixed header at `ip`
-/// (its 40 bytes checked by the caller) to a UDP header. Returns the UDP header's address and
-/// whether a datagram to a VIP behind this chain must be dropped rather than routed: a fragment
-/// (QUIC never lets IPv6 fragment; a worker would see one piece), a routing header with segments
-/// left (the VIP is a transit hop, not the destination), a hop-by-hop header not first (RFC 8200
-/// forbids it). `None` when no UDP header can be found: a non-first fragment (what follows is
-/// mid-payload, so there is no port to tell VIP traffic by), ESP, no next header, any other
-/// protocol, a chain longer than the limit, or a chain cut short; those pass as before.
+/// (its 40 bytes checked by the caller) to a UDP header.
 ///
 /// AH (its length in 4-byte units) is walked, so an AH-protected datagram to a VIP is balanced
 /// and the worker's stack checks it. The limit is small because each header costs a bounded
 /// loop iteration the verifier explores, and real QUIC traffic carries none or one (hop-by-hop).
 #[inline(always)]
-fn ipv6_find_udp(ip: usize, end: usize) -> Option<(usize, bool)> {
+fn ipv6_find_udp(ip: usize, end: usize) -> Ipv6Walk {
     let mut next = read_u8(ip + 6);
     let mut hdr = ip + IPV6_LEN;
     let mut unroutable = false;
     let mut i = 0;
     while i < MAX_IPV6_EXT_HEADERS {
         if next == IPPROTO_UDP {
-            return Some((hdr, unroutable));
+            return Ipv6Walk::Udp(hdr, unroutable);
         }
         // Every extension header we walk starts with next header and a length byte.
         if hdr + 8 > end {
-            return None;
+            return Ipv6Walk::NotUdp;
         }
         let len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
@@ -552,7 +578,7 @@ fn ipv6_find_udp(ip: usize, end: usize) -> Option<(usize, bool)> {
             IPPROTO_FRAGMENT => {
                 // Bytes 2-3: offset (13 bits, 8-byte units), 2 reserved bits, M.
                 if read_u16(hdr + 2) & 0xfff8 != 0 {
-                    return None;
+                    return Ipv6Walk::Hostile;
                 }
                 // A first fragment, or an atomic one (RFC 6946: offset 0, no M), which no QUIC
                 // stack sends (RFC 8021) and which we drop too, so a fragment header is never
@@ -561,17 +587,30 @@ fn ipv6_find_udp(ip: usize, end: usize) -> Option<(usize, bool)> {
                 8
             }
             IPPROTO_AH => (read_u8(hdr + 1) as usize + 2) * 4,
-            _ => return None,
+            _ => return Ipv6Walk::NotUdp,
         };
         next = read_u8(hdr);
         hdr += len;
         i += 1;
     }
-    if next == IPPROTO_UDP {
-        Some((hdr, unroutable))
-    } else {
-        None
+    match next {
+        IPPROTO_UDP => Ipv6Walk::Udp(hdr, unroutable),
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH => {
+            Ipv6Walk::Hostile
+        }
+        _ => Ipv6Walk::NotUdp,
     }
+}
+
+/// Is `key` (a [`VipKey::address`] as three little-endian words) the address of an enabled
+/// VIP? A hash lookup: only packets that carry no port get here.
+#[inline(always)]
+fn is_vip_address(key: [u64; 3]) -> bool {
+    let mut mem = core::mem::MaybeUninit::uninit();
+    let buf = KeyBuf::zeroed_in(&mut mem);
+    buf.0 = key;
+    let k: &mut VipKey = buf.as_mut();
+    VIP_ADDRS.lookup(k).is_some()
 }
 
 /// Is `key` (a [`VipKey`] as three little-endian words) an enabled VIP? With the VIP table

@@ -525,15 +525,23 @@ impl XdpFixture {
     }
 
     fn sync_vips(&mut self) -> Result<()> {
-        let Some(fp) = self.fastpath.as_mut() else {
-            return Ok(());
-        };
         let map = self
             .ebpf
             .map(map_names::VIPS)
             .ok_or_else(|| anyhow!("no map {}", map_names::VIPS))?;
         let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(map)?;
-        fp.sync_vips(&vips)?;
+        let enabled: Vec<VipKey> = vips
+            .iter()
+            .filter_map(|kv| kv.ok().filter(|(_, v)| v.flags & 1 != 0).map(|(k, _)| k))
+            .collect();
+        if let Some(fp) = self.fastpath.as_mut() {
+            fp.sync_vips(&vips)?;
+        }
+        // As the controller does; an older object (see `load_object`) has no such map.
+        if let Some(map) = self.ebpf.map_mut(map_names::VIP_ADDRS) {
+            let mut addrs: HashMap<&mut MapData, VipKey, u32> = HashMap::try_from(map)?;
+            crate::pinned::sync_vip_addrs_to(&enabled, &mut addrs)?;
+        }
         Ok(())
     }
 

@@ -654,33 +654,111 @@ fn ipv6_fragments_and_transit_routing_to_a_vip_are_dropped_as_malformed() {
     }
 }
 
-#[test]
-fn ipv6_without_a_findable_udp_header_passes_untouched() {
-    let f = setup("ipv6-ext-pass");
-    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+/// Datagrams to the VIP address whose port cannot be read, but that no QUIC client sends.
+fn ipv6_portless(quic: &[u8]) -> Vec<(&'static str, Datagram)> {
     let seven: Vec<_> = (0..7).map(|_| ext_header(IPPROTO_DSTOPTS, 1, 0)).collect();
-    let mut esp = v6(quic.clone());
-    esp.protocol = IPPROTO_ESP;
-    let mut cases = vec![
+    vec![
         // What follows a non-first fragment header is the middle of the datagram: no port.
         (
             "non-first fragment",
-            v6_ext(quic.clone(), &[fragment_header(16, true)]).build(),
+            v6_ext(quic.to_vec(), &[fragment_header(16, true)]),
         ),
         (
-            "last fragment",
-            v6_ext(quic.clone(), &[fragment_header(16, false)]).build(),
+            "last fragment behind hop-by-hop",
+            v6_ext(
+                quic.to_vec(),
+                &[
+                    ext_header(IPPROTO_HOPOPTS, 1, 0),
+                    fragment_header(16, false),
+                ],
+            ),
         ),
-        (
-            "seven extension headers",
-            v6_ext(quic.clone(), &seven).build(),
-        ),
-        ("ESP", esp.build()),
-    ];
+        ("seven extension headers", v6_ext(quic.to_vec(), &seven)),
+    ]
+}
+
+#[test]
+fn ipv6_portless_fragments_and_long_chains_to_a_vip_address_are_dropped() {
+    let mut f = setup("ipv6-portless");
+    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+    for (what, d) in ipv6_portless(&quic) {
+        let frame = d.build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_DROP, "{what}");
+        assert_eq!(out.frame, frame, "{what}: dropped untouched");
+        let after = stats(&f);
+        assert_eq!(before.delta(&after, Stat::Ipv6), 1, "{what}");
+        assert_eq!(before.delta(&after, Stat::Malformed), 1, "{what}");
+
+        // Any port: the address is what is known.
+        let mut other_port = d.clone();
+        other_port.dst_port = 8443;
+        assert_eq!(
+            f.run(PROG, &other_port.build()).unwrap().action,
+            XDP_DROP,
+            "{what}"
+        );
+
+        let mut other = d.clone();
+        other.dst = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101));
+        let frame = other.build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{what}, not to a VIP");
+        assert_eq!(out.frame, frame, "{what}, not to a VIP: untouched");
+        assert_eq!(before.delta(&stats(&f), Stat::Passed), 1, "{what}");
+    }
+    // The same with the fast-path maps off: the address index is not one of them.
+    f.disable_fastpath();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_DROP,
+            "{what}, hash maps"
+        );
+    }
+    f.enable_fastpath().unwrap();
+    // Once the address has no VIP left, they are none of our business.
+    let vip6 = VipKey {
+        addr: VIP6.octets(),
+        port: PORT,
+        family: AF_INET6,
+        _pad: 0,
+    };
+    f.del_vip(&vip6).unwrap();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_PASS,
+            "{what}, VIP removed"
+        );
+    }
+    f.add_vip(vip6).unwrap();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_DROP,
+            "{what}, VIP back"
+        );
+    }
+}
+
+#[test]
+fn ipv6_without_a_udp_header_passes_untouched() {
+    let f = setup("ipv6-ext-pass");
+    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+    let mut esp = v6(quic.clone());
+    esp.protocol = IPPROTO_ESP;
+    let mut esp_behind_hbh = v6_ext(quic.clone(), &[ext_header(IPPROTO_HOPOPTS, 1, 0)]);
+    esp_behind_hbh.protocol = IPPROTO_ESP;
     let mut other_vip_port = v6_ext(quic.clone(), &[ext_header(IPPROTO_HOPOPTS, 1, 0)]);
     other_vip_port.dst_port = 8443;
-    cases.push(("hop-by-hop, UDP to another port", other_vip_port.build()));
-    for (what, frame) in cases {
+    for (what, frame) in [
+        ("ESP", esp.build()),
+        ("ESP behind hop-by-hop", esp_behind_hbh.build()),
+        ("hop-by-hop, UDP to another port", other_vip_port.build()),
+    ] {
         let before = stats(&f);
         let out = f.run(PROG, &frame).unwrap();
         assert_eq!(out.action, XDP_PASS, "{what}");
@@ -1019,6 +1097,9 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
         )
         .build(),
     );
+    for (_, d) in ipv6_portless(&quic_short(&server_cid(0, SID[1], 2), 30)) {
+        frames.push(d.build());
+    }
     let full = v4(quic_short(&server_cid(0, SID[0], 1), 4)).build();
     for len in [14, 30, 37, 42, 45, full.len()] {
         frames.push(full[..len].to_vec());
