@@ -28,6 +28,9 @@ pub mod map_names {
     pub const MAGLEV: &str = "BATON_MAGLEV";
     pub const TX_PORTS: &str = "BATON_TX_PORTS";
     pub const STATS: &str = "BATON_STATS";
+    /// The addresses of the enabled VIPs (keys: [`crate::VipKey::address`]), for packets to a
+    /// VIP that carry no readable port; filled from `BATON_VIPS` by the controller.
+    pub const VIP_ADDRS: &str = "BATON_VIP_ADDRS";
     /// Derived fast-path maps (see [`crate::fastpath`]): filled from the maps above by
     /// `lb_user::fastpath`, never authoritative on their own.
     pub const FASTPATH: &str = "BATON_FASTPATH";
@@ -73,6 +76,18 @@ pub struct VipKey {
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u8,
     pub _pad: u8,
+}
+
+impl VipKey {
+    /// The key of this VIP's address in `BATON_VIP_ADDRS`: the same key with port 0.
+    pub const fn address(&self) -> VipKey {
+        VipKey {
+            addr: self.addr,
+            port: 0,
+            family: self.family,
+            _pad: 0,
+        }
+    }
 }
 
 pub const AF_INET: u8 = 4;
@@ -203,7 +218,10 @@ pub enum Stat {
     /// Not UDP to a configured VIP/port (or not yet configured): XDP_PASS.
     Passed = 0,
     /// UDP to a VIP with a truncated or malformed QUIC header: XDP_DROP. Also counts what no
-    /// client sends to a VIP: IPv4 first fragments (QUIC sets DF) and Retry packets.
+    /// client sends to a VIP: IPv4 first fragments (QUIC sets DF), IPv6 datagrams with a
+    /// fragment header, a routing header with segments left or a hop-by-hop header not first,
+    /// and Retry packets; and, to a VIP's address whatever the port (`BATON_VIP_ADDRS`), IPv6
+    /// non-first fragments and chains of more extension headers than the program walks.
     Malformed = 1,
     /// Routed by an exact-CID override.
     RoutedOverride = 2,

@@ -13,6 +13,11 @@
 //! * unknown version: Maglev hash of the DCID (RFC 8999 invariants only);
 //! * anything else (not UDP to a VIP port, not configured yet): XDP_PASS.
 //!
+//! IPv6 extension headers are walked (at most [`MAX_IPV6_EXT_HEADERS`], see `ipv6_find_udp`); a
+//! fragment, a routing header with segments left or a misplaced hop-by-hop header in a datagram
+//! to a VIP is dropped and counted as malformed, as IPv4 first fragments are; so are non-first
+//! fragments and longer chains to a VIP's address (`BATON_VIP_ADDRS`: they carry no port).
+//!
 //! Forwarding is layer-2 direct server return: the destination MAC becomes the worker's, the
 //! source MAC becomes the MAC the frame was sent to (our ingress interface's) so switches and
 //! bridges never learn the client's MAC behind our port; XDP_REDIRECT through the `BATON_TX_PORTS`
@@ -74,6 +79,9 @@ static MAGLEV: PinnedMap<u32, u32, ARRAY, MAGLEV_ENTRIES> = PinnedMap::new();
 #[btf_map(name = "BATON_TX_PORTS")]
 static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }> =
     PinnedMap::new();
+// Value: how many enabled VIP ports the address has (never 0).
+#[btf_map(name = "BATON_VIP_ADDRS")]
+static VIP_ADDRS: PinnedMap<VipKey, u32, HASH, { MAX_VIPS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_STATS")]
 static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STAT_COUNT as usize }> = PinnedMap::new();
 // Derived fast-path maps (lb_common::fastpath): each used only while its flag is set.
@@ -94,6 +102,13 @@ const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers walked before giving up on finding UDP (see `ipv6_find_udp`).
+const MAX_IPV6_EXT_HEADERS: usize = 6;
 const IPV6_LEN: usize = 40;
 const UDP_LEN: usize = 8;
 
@@ -154,7 +169,8 @@ pub fn baton_xdp_pass(_ctx: XdpContext) -> u32 {
 }
 
 /// Benchmark baseline: the same header walk up to the DCID (Ethernet, IPv4 with options or
-/// IPv6, UDP, QUIC first octet and DCID bounds), no maps, then XDP_DROP.
+/// IPv6 without extension headers, UDP, QUIC first octet and DCID bounds), no maps, then
+/// XDP_DROP.
 #[xdp]
 pub fn baton_xdp_reference(ctx: XdpContext) -> u32 {
     reference_walk(&ctx)
@@ -357,11 +373,29 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         }
         ETH_P_IPV6 => {
             let ip = data + ETH_LEN;
-            // Extension headers are not walked: a next header other than UDP passes.
-            if ip + IPV6_LEN + 4 > end || read_u8(ip) >> 4 != 6 || read_u8(ip + 6) != IPPROTO_UDP {
+            if ip + IPV6_LEN > end || read_u8(ip) >> 4 != 6 {
                 return pass();
             }
-            let udp = ip + IPV6_LEN;
+            let (udp, unroutable) = match ipv6_find_udp(ip, end) {
+                Ipv6Walk::Udp(udp, unroutable) => (udp, unroutable),
+                Ipv6Walk::NotUdp => return pass(),
+                // No port to match, but no client of a VIP address sends these: drop them if
+                // the address is a VIP's (so they never reach this host's reassembly).
+                Ipv6Walk::Hostile => {
+                    if is_vip_address([
+                        load_u64(ip + 24),
+                        load_u64(ip + 32),
+                        (AF_INET6 as u64) << 16,
+                    ]) {
+                        count(Stat::Ipv6);
+                        return drop_count(Stat::Malformed);
+                    }
+                    return pass();
+                }
+            };
+            if udp + 4 > end {
+                return pass();
+            }
             let port = read_u16(udp + 2) as u64;
             if !is_vip(
                 &fp,
@@ -374,6 +408,9 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 return pass();
             }
             count(Stat::Ipv6);
+            if unroutable {
+                return drop_count(Stat::Malformed);
+            }
             udp
         }
         _ => return pass(),
@@ -490,6 +527,90 @@ fn route_packet(ctx: &XdpContext) -> u32 {
         }
     };
     forward(ctx, worker, entry, why)
+}
+
+/// What [`ipv6_find_udp`] found.
+enum Ipv6Walk {
+    /// The UDP header's address, and whether a datagram to a VIP behind this chain must be
+    /// dropped rather than routed: a fragment (QUIC never lets IPv6 fragment; a worker would
+    /// see one piece), a routing header with segments left (the VIP is a transit hop, not the
+    /// destination), a hop-by-hop header not first (RFC 8200 forbids it).
+    Udp(usize, bool),
+    /// ESP, no next header, another protocol, or a chain cut short: passes as before.
+    NotUdp,
+    /// No port can be read, but no QUIC client sends this: a non-first fragment (what follows
+    /// is mid-payload) or a chain longer than the limit (walking on would cost the verifier
+    /// more states for nothing real traffic carries). Dropped if the address is a VIP's.
+    Hostile,
+}
+
+/// Walks at most [`MAX_IPV6_EXT_HEADERS`] IPv6 extension headers from the fixed header at `ip`
+/// (its 40 bytes checked by the caller) to a UDP header.
+///
+/// AH (its length in 4-byte units) is walked, so an AH-protected datagram to a VIP is balanced
+/// and the worker's stack checks it. The limit is small because each header costs a bounded
+/// loop iteration the verifier explores, and real QUIC traffic carries none or one (hop-by-hop).
+#[inline(always)]
+fn ipv6_find_udp(ip: usize, end: usize) -> Ipv6Walk {
+    let mut next = read_u8(ip + 6);
+    let mut hdr = ip + IPV6_LEN;
+    let mut unroutable = false;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT_HEADERS {
+        if next == IPPROTO_UDP {
+            return Ipv6Walk::Udp(hdr, unroutable);
+        }
+        // Every extension header we walk starts with next header and a length byte.
+        if hdr + 8 > end {
+            return Ipv6Walk::NotUdp;
+        }
+        let len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                if next == IPPROTO_HOPOPTS && i != 0 {
+                    unroutable = true;
+                }
+                // Routing header byte 3: segments left.
+                if next == IPPROTO_ROUTING && read_u8(hdr + 3) != 0 {
+                    unroutable = true;
+                }
+                (read_u8(hdr + 1) as usize + 1) * 8
+            }
+            IPPROTO_FRAGMENT => {
+                // Bytes 2-3: offset (13 bits, 8-byte units), 2 reserved bits, M.
+                if read_u16(hdr + 2) & 0xfff8 != 0 {
+                    return Ipv6Walk::Hostile;
+                }
+                // A first fragment, or an atomic one (RFC 6946: offset 0, no M), which no QUIC
+                // stack sends (RFC 8021) and which we drop too, so a fragment header is never
+                // routed.
+                unroutable = true;
+                8
+            }
+            IPPROTO_AH => (read_u8(hdr + 1) as usize + 2) * 4,
+            _ => return Ipv6Walk::NotUdp,
+        };
+        next = read_u8(hdr);
+        hdr += len;
+        i += 1;
+    }
+    match next {
+        IPPROTO_UDP => Ipv6Walk::Udp(hdr, unroutable),
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH => {
+            Ipv6Walk::Hostile
+        }
+        _ => Ipv6Walk::NotUdp,
+    }
+}
+
+/// Is `key` (a [`VipKey::address`] as three little-endian words) the address of an enabled
+/// VIP? A hash lookup: only packets that carry no port get here.
+#[inline(always)]
+fn is_vip_address(key: [u64; 3]) -> bool {
+    let mut mem = core::mem::MaybeUninit::uninit();
+    let buf = KeyBuf::zeroed_in(&mut mem);
+    buf.0 = key;
+    let k: &mut VipKey = buf.as_mut();
+    VIP_ADDRS.lookup(k).is_some()
 }
 
 /// Is `key` (a [`VipKey`] as three little-endian words) an enabled VIP? With the VIP table

@@ -238,6 +238,10 @@ impl Controller {
         if let (true, Some(fp)) = (vips_changed, m.fastpath.as_mut()) {
             fp.sync_vips(&m.vips)?;
         }
+        // Every time, not only on change: a daemon upgraded over older pins starts it empty.
+        if let Some(addrs) = m.vip_addrs.as_mut() {
+            crate::pinned::sync_vip_addrs(&m.vips, addrs)?;
+        }
         // 5. Global config last: this is what makes a fresh data plane start routing.
         let lbc = LbConfig {
             cid_len: self.cfg.layout.cid_len() as u8,
@@ -255,6 +259,9 @@ impl Controller {
         }
         if let (true, Some(fp)) = (vips_changed, m.fastpath.as_mut()) {
             fp.sync_vips(&m.vips)?;
+        }
+        if let (true, Some(addrs)) = (vips_changed, m.vip_addrs.as_mut()) {
+            crate::pinned::sync_vip_addrs(&m.vips, addrs)?;
         }
         let live: HashMap<u32, &ResolvedWorker> =
             self.workers.iter().map(|w| (w.index, w)).collect();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub const LINK_PIN_NAME: &str = "baton_xdp_link";
 
 /// Every map the controller pins, in the order they are written on start-up.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     map_names::CONFIG,
     map_names::VIPS,
     map_names::CID_OVERRIDE,
@@ -23,6 +23,7 @@ pub const ALL_MAPS: [&str; 8] = [
     map_names::MAGLEV,
     map_names::TX_PORTS,
     map_names::STATS,
+    map_names::VIP_ADDRS,
 ];
 
 pub struct PinnedMaps {
@@ -35,6 +36,8 @@ pub struct PinnedMaps {
     pub maglev: Array<MapData, u32>,
     pub tx_ports: DevMap<MapData>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// `None` when pinned by an older build without it.
+    pub vip_addrs: Option<HashMap<MapData, VipKey, u32>>,
     /// The derived fast-path maps, when the object has them (see [`crate::fastpath`]).
     pub fastpath: Option<FastPath>,
 }
@@ -99,6 +102,11 @@ impl PinnedMaps {
             maglev: typed!(dir, map_names::MAGLEV),
             tx_ports: typed!(dir, map_names::TX_PORTS),
             stats: typed!(dir, map_names::STATS),
+            vip_addrs: if dir.join(map_names::VIP_ADDRS).exists() {
+                Some(typed!(dir, map_names::VIP_ADDRS))
+            } else {
+                None
+            },
             fastpath: if dir.join(map_names::FASTPATH).exists() {
                 Some(FastPath::open(dir)?)
             } else {
@@ -217,4 +225,52 @@ pub fn unpin_all(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Makes `BATON_VIP_ADDRS` hold exactly the addresses of the enabled entries of `BATON_VIPS`,
+/// each with its number of enabled ports. The program reads it only for packets to a VIP that
+/// carry no port (IPv6 non-first fragments, over-long extension header chains), so an empty or
+/// stale map only lets those pass as they did before it existed.
+pub fn sync_vip_addrs<T, U>(
+    vips: &HashMap<T, VipKey, VipValue>,
+    addrs: &mut HashMap<U, VipKey, u32>,
+) -> Result<()>
+where
+    T: std::borrow::Borrow<MapData>,
+    U: std::borrow::BorrowMut<MapData>,
+{
+    let mut enabled = Vec::new();
+    for kv in vips.iter() {
+        let (k, v) = kv.context("reading BATON_VIPS")?;
+        if v.flags & 1 != 0 {
+            enabled.push(k);
+        }
+    }
+    sync_vip_addrs_to(&enabled, addrs)
+}
+
+/// [`sync_vip_addrs`] from the enabled `BATON_VIPS` keys.
+pub fn sync_vip_addrs_to<U: std::borrow::BorrowMut<MapData>>(
+    enabled: &[VipKey],
+    addrs: &mut HashMap<U, VipKey, u32>,
+) -> Result<()> {
+    let mut want: std::collections::HashMap<VipKey, u32> = std::collections::HashMap::new();
+    for k in enabled {
+        *want.entry(k.address()).or_default() += 1;
+    }
+    let have: Vec<(VipKey, u32)> = addrs
+        .iter()
+        .collect::<Result<_, _>>()
+        .context("reading BATON_VIP_ADDRS")?;
+    for (k, n) in &want {
+        if !have.contains(&(*k, *n)) {
+            addrs.insert(*k, *n, 0).context("writing BATON_VIP_ADDRS")?;
+        }
+    }
+    for (k, _) in have {
+        if !want.contains_key(&k) {
+            addrs.remove(&k).context("writing BATON_VIP_ADDRS")?;
+        }
+    }
+    Ok(())
 }

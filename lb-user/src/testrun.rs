@@ -156,6 +156,10 @@ pub mod frames {
         pub dst_port: u16,
         /// IPv4 options (padded to a multiple of 4 bytes); ignored for IPv6.
         pub ipv4_options: Vec<u8>,
+        /// IPv6 extension headers between the fixed header and `protocol`, in order: each is its
+        /// protocol number and its bytes (see [`ext_header`], [`fragment_header`]); the builder
+        /// fills in every next-header byte. Ignored for IPv4.
+        pub ipv6_ext_headers: Vec<(u8, Vec<u8>)>,
         /// IP protocol / next header; the payload is wrapped in a UDP header only for UDP.
         pub protocol: u8,
         pub payload: Vec<u8>,
@@ -171,6 +175,7 @@ pub mod frames {
                 src_port: 40000,
                 dst_port,
                 ipv4_options: Vec::new(),
+                ipv6_ext_headers: Vec::new(),
                 protocol: IPPROTO_UDP,
                 payload,
             }
@@ -180,7 +185,13 @@ pub mod frames {
         pub fn offsets(&self) -> (usize, usize, usize) {
             let ip_len = match self.dst {
                 IpAddr::V4(_) => 20 + self.ipv4_options.len().div_ceil(4) * 4,
-                IpAddr::V6(_) => 40,
+                IpAddr::V6(_) => {
+                    40 + self
+                        .ipv6_ext_headers
+                        .iter()
+                        .map(|(_, h)| h.len())
+                        .sum::<usize>()
+                }
             };
             let l4 = 14 + ip_len;
             let payload = if self.protocol == IPPROTO_UDP {
@@ -225,19 +236,60 @@ pub mod frames {
                     f[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
                 }
                 (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    let ext = &self.ipv6_ext_headers;
+                    let ext_len: usize = ext.iter().map(|(_, h)| h.len()).sum();
                     f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
                     f.extend_from_slice(&[0x60, 0, 0, 0]);
-                    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-                    f.push(self.protocol);
+                    f.extend_from_slice(&((ext_len + l4.len()) as u16).to_be_bytes());
+                    f.push(ext.first().map_or(self.protocol, |(p, _)| *p));
                     f.push(64);
                     f.extend_from_slice(&s.octets());
                     f.extend_from_slice(&d.octets());
+                    for (i, (_, h)) in ext.iter().enumerate() {
+                        let start = f.len();
+                        f.extend_from_slice(h);
+                        f[start] = ext.get(i + 1).map_or(self.protocol, |(p, _)| *p);
+                    }
                 }
                 _ => panic!("source and destination must be the same IP version"),
             }
             f.extend_from_slice(&l4);
             f
         }
+    }
+
+    pub const IPPROTO_HOPOPTS: u8 = 0;
+    pub const IPPROTO_ROUTING: u8 = 43;
+    pub const IPPROTO_FRAGMENT: u8 = 44;
+    pub const IPPROTO_ESP: u8 = 50;
+    pub const IPPROTO_AH: u8 = 51;
+    pub const IPPROTO_DSTOPTS: u8 = 60;
+
+    /// A hop-by-hop, destination options or routing header `8 * units` bytes long (units ≥ 1):
+    /// the length byte set, options PadN-filled; for a routing header (type 4), `segments_left`
+    /// in byte 3. The next-header byte is left for [`Datagram::build`].
+    pub fn ext_header(kind: u8, units: usize, segments_left: u8) -> (u8, Vec<u8>) {
+        assert!((1..=256).contains(&units));
+        let mut h = vec![0u8; 8 * units];
+        h[1] = (units - 1) as u8;
+        if kind == IPPROTO_ROUTING {
+            h[2] = 4;
+            h[3] = segments_left;
+        } else {
+            // One PadN option covering the rest.
+            h[2] = 1;
+            h[3] = (8 * units - 4) as u8;
+        }
+        (kind, h)
+    }
+
+    /// An IPv6 fragment header: `offset` in 8-byte units, `more` = the M flag.
+    pub fn fragment_header(offset: u16, more: bool) -> (u8, Vec<u8>) {
+        let field = (offset << 3) | u16::from(more);
+        let mut h = vec![0u8; 8];
+        h[2..4].copy_from_slice(&field.to_be_bytes());
+        h[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        (IPPROTO_FRAGMENT, h)
     }
 
     fn checksum(bytes: &[u8]) -> u16 {
@@ -473,15 +525,23 @@ impl XdpFixture {
     }
 
     fn sync_vips(&mut self) -> Result<()> {
-        let Some(fp) = self.fastpath.as_mut() else {
-            return Ok(());
-        };
         let map = self
             .ebpf
             .map(map_names::VIPS)
             .ok_or_else(|| anyhow!("no map {}", map_names::VIPS))?;
         let vips: HashMap<&MapData, VipKey, VipValue> = HashMap::try_from(map)?;
-        fp.sync_vips(&vips)?;
+        let enabled: Vec<VipKey> = vips
+            .iter()
+            .filter_map(|kv| kv.ok().filter(|(_, v)| v.flags & 1 != 0).map(|(k, _)| k))
+            .collect();
+        if let Some(fp) = self.fastpath.as_mut() {
+            fp.sync_vips(&vips)?;
+        }
+        // As the controller does; an older object (see `load_object`) has no such map.
+        if let Some(map) = self.ebpf.map_mut(map_names::VIP_ADDRS) {
+            let mut addrs: HashMap<&mut MapData, VipKey, u32> = HashMap::try_from(map)?;
+            crate::pinned::sync_vip_addrs_to(&enabled, &mut addrs)?;
+        }
         Ok(())
     }
 

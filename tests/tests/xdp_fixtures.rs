@@ -11,7 +11,10 @@ use lb_common::{
     AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, NO_WORKER, QUIC_V1, QUIC_V2, Stat,
     TX_SAME_IFACE, VipKey, WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, cid_hash,
 };
-use lb_user::testrun::frames::{Datagram, IPPROTO_TCP, LongType, quic_long, quic_short};
+use lb_user::testrun::frames::{
+    Datagram, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
+    IPPROTO_TCP, LongType, ext_header, fragment_header, quic_long, quic_short,
+};
 use lb_user::testrun::{TestRunOutput, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, XdpFixture};
 
 const PROG: &str = "baton_xdp";
@@ -521,6 +524,249 @@ fn first_fragment_and_bad_udp_length_to_a_vip_are_malformed() {
     }
 }
 
+fn v6_ext(payload: Vec<u8>, ext: &[(u8, Vec<u8>)]) -> Datagram {
+    let mut d = v6(payload);
+    d.ipv6_ext_headers = ext.to_vec();
+    d
+}
+
+/// The IPv6 datagrams with extension headers the fixtures send, each with the packet it must be
+/// routed like (short header by server ID, long header by hash).
+fn ipv6_chains() -> Vec<(&'static str, Vec<(u8, Vec<u8>)>)> {
+    vec![
+        ("hop-by-hop", vec![ext_header(IPPROTO_HOPOPTS, 1, 0)]),
+        (
+            "destination options, routing (segments left 0)",
+            vec![
+                ext_header(IPPROTO_DSTOPTS, 2, 0),
+                ext_header(IPPROTO_ROUTING, 3, 0),
+            ],
+        ),
+        (
+            "hop-by-hop, AH, destination options",
+            vec![
+                ext_header(IPPROTO_HOPOPTS, 1, 0),
+                // AH with a 12-byte ICV: payload length (in 4-byte units, minus 2) = 4.
+                (IPPROTO_AH, {
+                    let mut h = vec![0u8; 24];
+                    h[1] = 4;
+                    h
+                }),
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+            ],
+        ),
+        (
+            "six headers (the limit), one of 2 KiB",
+            vec![
+                ext_header(IPPROTO_HOPOPTS, 1, 0),
+                ext_header(IPPROTO_DSTOPTS, 256, 0),
+                ext_header(IPPROTO_ROUTING, 1, 0),
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn ipv6_extension_headers_to_a_vip_are_walked_and_routed_as_without_them() {
+    let f = setup("ipv6-ext");
+    for (what, chain) in ipv6_chains() {
+        for w in 0..2 {
+            let quic = quic_short(&server_cid(0, SID[w], 3), 30);
+            let plain = f.run(PROG, &v6(quic.clone()).build()).unwrap();
+            let before = stats(&f);
+            assert_forwarded(&f, &v6_ext(quic, &chain).build(), w);
+            let after = stats(&f);
+            assert_eq!(worker_of(&plain), w, "{what}: plain IPv6 baseline");
+            assert_eq!(before.delta(&after, Stat::RoutedServerId), 1, "{what}");
+            assert_eq!(before.delta(&after, Stat::Ipv6), 1, "{what}");
+        }
+        let dcid = [0x5a; 12];
+        let initial = quic_long(LongType::Initial, QUIC_V1, &dcid, &[1; 8], 1200);
+        let before = stats(&f);
+        assert_forwarded(&f, &v6_ext(initial, &chain).build(), hashed_worker(&dcid));
+        assert_eq!(before.delta(&stats(&f), Stat::RoutedHash), 1, "{what}");
+    }
+}
+
+#[test]
+fn every_truncation_of_ipv6_with_extension_headers() {
+    let f = setup("trunc-v6-ext");
+    for (_, chain) in ipv6_chains().into_iter().take(3) {
+        check_every_truncation(
+            &f,
+            &v6_ext(quic_short(&server_cid(0, SID[0], 1), 4), &chain),
+        );
+    }
+}
+
+#[test]
+fn ipv6_fragments_and_transit_routing_to_a_vip_are_dropped_as_malformed() {
+    let f = setup("ipv6-frag");
+    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+    for (what, chain) in [
+        ("first fragment", vec![fragment_header(0, true)]),
+        (
+            "first fragment behind hop-by-hop, before destination options",
+            vec![
+                ext_header(IPPROTO_HOPOPTS, 1, 0),
+                fragment_header(0, true),
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+            ],
+        ),
+        (
+            "atomic fragment (offset 0, no M)",
+            vec![fragment_header(0, false)],
+        ),
+        (
+            "routing header with segments left (the VIP is a transit hop)",
+            vec![ext_header(IPPROTO_ROUTING, 3, 1)],
+        ),
+        (
+            "hop-by-hop not first",
+            vec![
+                ext_header(IPPROTO_DSTOPTS, 1, 0),
+                ext_header(IPPROTO_HOPOPTS, 1, 0),
+            ],
+        ),
+    ] {
+        let frame = v6_ext(quic.clone(), &chain).build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_DROP, "{what}");
+        assert_eq!(out.frame, frame, "{what}: dropped untouched");
+        let after = stats(&f);
+        assert_eq!(before.delta(&after, Stat::Ipv6), 1, "{what}");
+        assert_eq!(before.delta(&after, Stat::Malformed), 1, "{what}");
+        assert_eq!(before.delta(&after, Stat::Passed), 0, "{what}");
+
+        // The same datagram to an address that is not a VIP is none of our business.
+        let mut other = v6_ext(quic.clone(), &chain);
+        other.dst = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101));
+        let frame = other.build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{what}, not to a VIP");
+        assert_eq!(out.frame, frame, "{what}, not to a VIP: untouched");
+        assert_eq!(before.delta(&stats(&f), Stat::Passed), 1, "{what}");
+    }
+}
+
+/// Datagrams to the VIP address whose port cannot be read, but that no QUIC client sends.
+fn ipv6_portless(quic: &[u8]) -> Vec<(&'static str, Datagram)> {
+    let seven: Vec<_> = (0..7).map(|_| ext_header(IPPROTO_DSTOPTS, 1, 0)).collect();
+    vec![
+        // What follows a non-first fragment header is the middle of the datagram: no port.
+        (
+            "non-first fragment",
+            v6_ext(quic.to_vec(), &[fragment_header(16, true)]),
+        ),
+        (
+            "last fragment behind hop-by-hop",
+            v6_ext(
+                quic.to_vec(),
+                &[
+                    ext_header(IPPROTO_HOPOPTS, 1, 0),
+                    fragment_header(16, false),
+                ],
+            ),
+        ),
+        ("seven extension headers", v6_ext(quic.to_vec(), &seven)),
+    ]
+}
+
+#[test]
+fn ipv6_portless_fragments_and_long_chains_to_a_vip_address_are_dropped() {
+    let mut f = setup("ipv6-portless");
+    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+    for (what, d) in ipv6_portless(&quic) {
+        let frame = d.build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_DROP, "{what}");
+        assert_eq!(out.frame, frame, "{what}: dropped untouched");
+        let after = stats(&f);
+        assert_eq!(before.delta(&after, Stat::Ipv6), 1, "{what}");
+        assert_eq!(before.delta(&after, Stat::Malformed), 1, "{what}");
+
+        // Any port: the address is what is known.
+        let mut other_port = d.clone();
+        other_port.dst_port = 8443;
+        assert_eq!(
+            f.run(PROG, &other_port.build()).unwrap().action,
+            XDP_DROP,
+            "{what}"
+        );
+
+        let mut other = d.clone();
+        other.dst = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101));
+        let frame = other.build();
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{what}, not to a VIP");
+        assert_eq!(out.frame, frame, "{what}, not to a VIP: untouched");
+        assert_eq!(before.delta(&stats(&f), Stat::Passed), 1, "{what}");
+    }
+    // The same with the fast-path maps off: the address index is not one of them.
+    f.disable_fastpath();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_DROP,
+            "{what}, hash maps"
+        );
+    }
+    f.enable_fastpath().unwrap();
+    // Once the address has no VIP left, they are none of our business.
+    let vip6 = VipKey {
+        addr: VIP6.octets(),
+        port: PORT,
+        family: AF_INET6,
+        _pad: 0,
+    };
+    f.del_vip(&vip6).unwrap();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_PASS,
+            "{what}, VIP removed"
+        );
+    }
+    f.add_vip(vip6).unwrap();
+    for (what, d) in ipv6_portless(&quic) {
+        assert_eq!(
+            f.run(PROG, &d.build()).unwrap().action,
+            XDP_DROP,
+            "{what}, VIP back"
+        );
+    }
+}
+
+#[test]
+fn ipv6_without_a_udp_header_passes_untouched() {
+    let f = setup("ipv6-ext-pass");
+    let quic = quic_short(&server_cid(0, SID[0], 1), 30);
+    let mut esp = v6(quic.clone());
+    esp.protocol = IPPROTO_ESP;
+    let mut esp_behind_hbh = v6_ext(quic.clone(), &[ext_header(IPPROTO_HOPOPTS, 1, 0)]);
+    esp_behind_hbh.protocol = IPPROTO_ESP;
+    let mut other_vip_port = v6_ext(quic.clone(), &[ext_header(IPPROTO_HOPOPTS, 1, 0)]);
+    other_vip_port.dst_port = 8443;
+    for (what, frame) in [
+        ("ESP", esp.build()),
+        ("ESP behind hop-by-hop", esp_behind_hbh.build()),
+        ("hop-by-hop, UDP to another port", other_vip_port.build()),
+    ] {
+        let before = stats(&f);
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{what}");
+        assert_eq!(out.frame, frame, "{what} must pass untouched");
+        assert_eq!(before.delta(&stats(&f), Stat::Passed), 1, "{what}");
+    }
+}
+
 #[test]
 fn ethernet_padding_after_the_datagram_is_ignored() {
     let f = setup("padding");
@@ -841,6 +1087,19 @@ fn fast_path_and_hash_maps_decide_every_frame_alike() {
     frames.push(short_to(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101)), PORT));
     frames.push(short_to(IpAddr::V4(VIP4), 444));
     frames.push(short_to(IpAddr::V6(VIP6), 8443));
+    for (_, chain) in ipv6_chains() {
+        frames.push(v6_ext(quic_short(&server_cid(0, SID[1], 2), 30), &chain).build());
+    }
+    frames.push(
+        v6_ext(
+            quic_short(&server_cid(0, SID[1], 2), 30),
+            &[fragment_header(0, true)],
+        )
+        .build(),
+    );
+    for (_, d) in ipv6_portless(&quic_short(&server_cid(0, SID[1], 2), 30)) {
+        frames.push(d.build());
+    }
     let full = v4(quic_short(&server_cid(0, SID[0], 1), 4)).build();
     for len in [14, 30, 37, 42, 45, full.len()] {
         frames.push(full[..len].to_vec());
