@@ -136,22 +136,9 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
         )
     };
     let control = dir.join("w1.sock");
-    let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(
         dir.join("worker.toml"),
-        format!(
-            "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
-             name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
-             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-             workers = [{{ name = \"w2\", server_id = 2, peer = \"127.0.0.1:1\" }}]\n",
-            d("service.pem"),
-            d("service.key"),
-            control.display(),
-            d("secrets.toml"),
-            d("ca.pem"),
-            d("w1.pem"),
-            d("w1.key"),
-        ),
+        common::migrating_worker_config(&dir, port, peer_port, "", ""),
     )
     .unwrap();
     // A stale socket file: bound once, its owner gone (connecting is refused).
@@ -224,18 +211,7 @@ fn readable_secrets_and_keys_are_refused_at_start() {
     let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(
         dir.join("worker.toml"),
-        format!(
-            "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
-             name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
-             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            d("service.pem"),
-            d("service.key"),
-            d("w1.sock"),
-            d("secrets.toml"),
-            d("ca.pem"),
-            d("w1.pem"),
-            d("w1.key"),
-        ),
+        common::migrating_worker_config(&dir, port, peer_port, "", ""),
     )
     .unwrap();
     let chmod = |f: &str, mode: u32| {
@@ -284,18 +260,7 @@ fn sighup_reloads_the_secrets_and_a_bad_file_changes_nothing() {
     let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(
         dir.join("worker.toml"),
-        format!(
-            "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
-             name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
-             [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            d("service.pem"),
-            d("service.key"),
-            control.display(),
-            d("secrets.toml"),
-            d("ca.pem"),
-            d("w1.pem"),
-            d("w1.key"),
-        ),
+        common::migrating_worker_config(&dir, port, peer_port, "", ""),
     )
     .unwrap();
     let log_path = dir.join("worker.log");

@@ -14,6 +14,8 @@
 //! Attackers connect from 127.0.0.2 and up (all of 127/8 is loopback), the controller and the
 //! scraper from 127.0.0.1. Waits are generous (a loaded 2-core machine): what is asserted is who
 //! is served and who is not, never how fast.
+mod common;
+
 use serde_json::Value;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -69,32 +71,21 @@ impl Worker {
         let control: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let d = dir.display();
-        let cfg = format!(
-            r#"vip = "127.0.0.1"
-port = {vip_port}
-server_id = 1
-cert = "{d}/service.pem"
-key = "{d}/service.key"
-name = "w1"
-control_socket = "{d}/w1.sock"
-secrets = "{d}/secrets.toml"
-metrics = "{metrics}"
-[peer]
-listen = "127.0.0.1:{peer_port}"
-ca = "{d}/ca.pem"
-cert = "{d}/w1.pem"
-key = "{d}/w1.key"
-workers = [{{ name = "w2", server_id = 2, peer = "127.0.0.1:1" }}]
-[control_tls]
+        let cfg = common::migrating_worker_config(
+            &dir,
+            free_udp_port(),
+            free_udp_port(),
+            &format!("metrics = \"{metrics}\""),
+            &format!(
+                r#"[control_tls]
 listen = "{control}"
 ca = "{d}/ca.pem"
 cert = "{d}/w1.pem"
 key = "{d}/w1.key"
 clients = ["baton-controller"]
 max_clients = {MAX_CLIENTS}
-"#,
-            vip_port = free_udp_port(),
-            peer_port = free_udp_port(),
+"#
+            ),
         );
         std::fs::write(dir.join("w1.toml"), cfg).unwrap();
         let log = std::fs::File::create(dir.join("w1.log")).unwrap();

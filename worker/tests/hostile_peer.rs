@@ -49,23 +49,9 @@ impl Worker {
         let _ = std::fs::remove_dir_all(&dir);
         baton_worker::certs::generate(&dir, &["w1".into(), "w2".into()], "localhost").unwrap();
         let (port, peer_port) = (free_udp_port(), free_udp_port());
-        let d = |f: &str| dir.join(f).display().to_string();
         std::fs::write(
             dir.join("worker.toml"),
-            format!(
-                "vip = \"127.0.0.1\"\nport = {port}\nserver_id = 1\ncert = \"{}\"\nkey = \"{}\"\n\
-                 name = \"w1\"\ncontrol_socket = \"{}\"\nsecrets = \"{}\"\n\
-                 [peer]\nlisten = \"127.0.0.1:{peer_port}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-                 workers = [{{ name = \"w1\", server_id = 1, peer = \"127.0.0.1:{peer_port}\" }}, \
-                 {{ name = \"w2\", server_id = 2, peer = \"127.0.0.1:1\" }}]\n",
-                d("service.pem"),
-                d("service.key"),
-                d("w1.sock"),
-                d("secrets.toml"),
-                d("ca.pem"),
-                d("w1.pem"),
-                d("w1.key"),
-            ),
+            common::migrating_worker_config(&dir, port, peer_port, "", ""),
         )
         .unwrap();
         let log = dir.join("worker.log");

@@ -35,3 +35,39 @@ pub fn demo_client_endpoint(roots: rustls::RootCertStore) -> quinn::Endpoint {
     )));
     endpoint
 }
+
+/// The config of a worker that takes part in migrations, as the tests run it: `w1` (server ID 1)
+/// serving the demo on 127.0.0.1:`port` with `gen-certs` files from `dir`, its control socket
+/// `dir/w1.sock`, its peer channel on 127.0.0.1:`peer_port` with w2 as its one configured peer
+/// (at a port nobody listens on). `top` goes before the tables (e.g. `metrics = ..`), `tables`
+/// after `[peer]` (e.g. a `[control_tls]` table).
+pub fn migrating_worker_config(
+    dir: &Path,
+    port: u16,
+    peer_port: u16,
+    top: &str,
+    tables: &str,
+) -> String {
+    let d = dir.display();
+    format!(
+        r#"vip = "127.0.0.1"
+port = {port}
+server_id = 1
+cert = "{d}/service.pem"
+key = "{d}/service.key"
+name = "w1"
+control_socket = "{d}/w1.sock"
+secrets = "{d}/secrets.toml"
+{top}
+[peer]
+listen = "127.0.0.1:{peer_port}"
+ca = "{d}/ca.pem"
+cert = "{d}/w1.pem"
+key = "{d}/w1.key"
+workers = [
+  {{ name = "w1", server_id = 1, peer = "127.0.0.1:{peer_port}" }},
+  {{ name = "w2", server_id = 2, peer = "127.0.0.1:1" }},
+]
+{tables}"#
+    )
+}
