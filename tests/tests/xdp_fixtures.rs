@@ -530,9 +530,12 @@ fn v6_ext(payload: Vec<u8>, ext: &[(u8, Vec<u8>)]) -> Datagram {
     d
 }
 
+/// One IPv6 extension header as the frame builder takes it: its protocol number and its bytes.
+type ExtHeader = (u8, Vec<u8>);
+
 /// The IPv6 datagrams with extension headers the fixtures send, each with the packet it must be
 /// routed like (short header by server ID, long header by hash).
-fn ipv6_chains() -> Vec<(&'static str, Vec<(u8, Vec<u8>)>)> {
+fn ipv6_chains() -> Vec<(&'static str, Vec<ExtHeader>)> {
     vec![
         ("hop-by-hop", vec![ext_header(IPPROTO_HOPOPTS, 1, 0)]),
         (
