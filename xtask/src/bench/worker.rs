@@ -505,7 +505,11 @@ fn fair_run(setup: &Setup, opts: &WorkerOptions, server: &Running) -> Result<Loa
         .args(["--request-interval", "1s", "--request-timeout", "30s"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let mut flood = KillOnDrop(flood.spawn().with_context(|| format!("starting {flood:?}"))?);
+    let mut flood = KillOnDrop(
+        flood
+            .spawn()
+            .with_context(|| format!("starting {flood:?}"))?,
+    );
     // The flood's congestion window opens before the requests start.
     std::thread::sleep(Duration::from_secs(opts.warmup));
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
@@ -1076,7 +1080,9 @@ fn report(rounds: &[(Round, Round)], opts: &WorkerOptions) -> String {
             );
         }
     }
-    rows.push(exact_row(rounds, "  flood runs byte-exact", |r| r.flood.as_ref()));
+    rows.push(exact_row(rounds, "  flood runs byte-exact", |r| {
+        r.flood.as_ref()
+    }));
     let fc = FAIR_CONNECTIONS;
     add(
         &mut rows,
