@@ -126,15 +126,7 @@ fn sigterm_stops_cleanly_and_the_control_socket_is_claimed_safely() {
     let dir = std::env::temp_dir().join(format!("baton-worker-sigterm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    // Two distinct free ports: both sockets are held until both ports are known.
-    let (port, peer_port) = {
-        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (a, b) = (bind(), bind());
-        (
-            a.local_addr().unwrap().port(),
-            b.local_addr().unwrap().port(),
-        )
-    };
+    let [port, peer_port] = common::free_udp_ports();
     let control = dir.join("w1.sock");
     std::fs::write(
         dir.join("worker.toml"),
@@ -200,14 +192,7 @@ fn readable_secrets_and_keys_are_refused_at_start() {
     let dir = std::env::temp_dir().join(format!("baton-worker-modes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let (port, peer_port) = {
-        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (a, b) = (bind(), bind());
-        (
-            a.local_addr().unwrap().port(),
-            b.local_addr().unwrap().port(),
-        )
-    };
+    let [port, peer_port] = common::free_udp_ports();
     let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(
         dir.join("worker.toml"),
@@ -248,14 +233,7 @@ fn sighup_reloads_the_secrets_and_a_bad_file_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("baton-worker-sighup-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let (port, peer_port) = {
-        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (a, b) = (bind(), bind());
-        (
-            a.local_addr().unwrap().port(),
-            b.local_addr().unwrap().port(),
-        )
-    };
+    let [port, peer_port] = common::free_udp_ports();
     let control = dir.join("w1.sock");
     let d = |f: &str| dir.join(f).display().to_string();
     std::fs::write(

@@ -51,11 +51,6 @@ fn free_tcp_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
 impl Worker {
     /// A worker `w1` with `[control_tls]` (clients = baton-controller) and metrics on 127.0.0.1.
     async fn start(name: &str) -> Worker {
@@ -71,10 +66,11 @@ impl Worker {
         let control: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let d = dir.display();
+        let [vip_port, peer_port] = common::free_udp_ports();
         let cfg = common::migrating_worker_config(
             &dir,
-            free_udp_port(),
-            free_udp_port(),
+            vip_port,
+            peer_port,
             &format!("metrics = \"{metrics}\""),
             &format!(
                 r#"[control_tls]

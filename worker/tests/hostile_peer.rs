@@ -38,17 +38,12 @@ impl Drop for Worker {
     }
 }
 
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
 impl Worker {
     fn start(name: &str) -> Worker {
         let dir = std::env::temp_dir().join(format!("baton-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         baton_worker::certs::generate(&dir, &["w1".into(), "w2".into()], "localhost").unwrap();
-        let (port, peer_port) = (free_udp_port(), free_udp_port());
+        let [port, peer_port] = common::free_udp_ports();
         std::fs::write(
             dir.join("worker.toml"),
             common::migrating_worker_config(&dir, port, peer_port, "", ""),

@@ -71,3 +71,11 @@ workers = [
 {tables}"#
     )
 }
+
+/// `N` distinct free UDP ports on 127.0.0.1: every socket is held until all ports are known, so
+/// two of them can never be the same.
+pub fn free_udp_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::UdpSocket; N] =
+        std::array::from_fn(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    held.map(|s| s.local_addr().unwrap().port())
+}
