@@ -227,7 +227,7 @@ pub struct WorkerCore {
     /// the datagrams that still reach it: only these, from that worker, from the client's
     /// address, a bounded number for a bounded time (see [`handle_forwarded`](Self::handle_forwarded)).
     forwardable: HashMap<Vec<u8>, Forwardable>,
-    /// Forwarded datagrams refused (see `forwardable`), for the log and tests.
+    /// Forwarded datagrams refused (see `forwardable`): the log says how many so far.
     forwarded_refused: u64,
 }
 
@@ -812,11 +812,6 @@ impl WorkerCore {
             }
         }
         ok
-    }
-
-    /// Forwarded datagrams refused so far (see [`handle_forwarded`](Self::handle_forwarded)).
-    pub fn forwarded_refused(&self) -> u64 {
-        self.forwarded_refused
     }
 
     /// Stop keeping datagrams for these CIDs (the LB routes them elsewhere; they are retired).
