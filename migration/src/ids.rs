@@ -7,27 +7,7 @@ use crate::protocol::MigrationError;
 /// Longest QUIC connection ID (RFC 9000, section 17.2).
 pub const MAX_CID_LEN: usize = 20;
 
-/// One migration attempt. Random, so two controllers never hand out the same one.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct MigrationId(pub [u8; 16]);
-
-impl MigrationId {
-    pub fn random() -> Self {
-        Self(rand::random())
-    }
-}
-
-impl fmt::Display for MigrationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-impl fmt::Debug for MigrationId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MigrationId({self})")
-    }
-}
+pub use baton_protocol::MigrationId;
 
 /// A backend worker (the index the controller uses in `BATON_WORKERS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -1,62 +1,10 @@
-//! Messages exchanged between controller, source and target, and the error type of the crate.
+//! The error type of the crate (sealing, tokens, snapshots) and its [`ErrorKind`] mapping.
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::ids::{ConnectionId, MigrationBinding, MigrationId, WorkerId};
-use crate::state_machine::MigrationPhase;
-use crate::token::MigrationToken;
+pub use baton_protocol::ErrorKind;
 
-/// Controller -> target (and source): move `connection_id` from `source` to `target`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationRequest {
-    pub migration_id: MigrationId,
-    pub connection_id: ConnectionId,
-    pub source: WorkerId,
-    pub target: WorkerId,
-    /// Proof that the controller authorised exactly this migration (see [`crate::token`]).
-    pub token: MigrationToken,
-    /// Wall-clock time the request was made, milliseconds since the Unix epoch.
-    pub requested_at_unix_ms: u64,
-}
-
-impl MigrationRequest {
-    pub fn binding(&self) -> MigrationBinding {
-        MigrationBinding {
-            migration_id: self.migration_id,
-            connection_id: self.connection_id.clone(),
-            source: self.source,
-            target: self.target,
-        }
-    }
-}
-
-/// Who sends a confirmation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum MigrationParty {
-    Controller,
-    Source,
-    Target,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConfirmationStatus {
-    /// The party accepted the request and is preparing.
-    Accepted,
-    /// The party finished its part (target: the connection is live there; source: state released).
-    Completed,
-    /// The party refused or failed; the controller rolls back.
-    Rejected(MigrationError),
-}
-
-/// A party's answer to a [`MigrationRequest`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationConfirmation {
-    pub migration_id: MigrationId,
-    pub connection_id: ConnectionId,
-    pub party: MigrationParty,
-    pub status: ConfirmationStatus,
-    pub confirmed_at_unix_ms: u64,
-}
+use crate::ids::WorkerId;
 
 /// Why a token was refused. Deliberately coarse towards the peer: a forged MAC and a token bound
 /// to another migration look the same.
@@ -166,14 +114,6 @@ pub enum MigrationError {
     )]
     TargetUnavailable { target: WorkerId, reason: String },
     #[error(
-        "migration phase {phase} timed out after {elapsed_ms} ms (limit {limit_ms} ms); check that the target is reachable and not overloaded, and that the phase timeout fits the snapshot size"
-    )]
-    Timeout {
-        phase: MigrationPhase,
-        elapsed_ms: u64,
-        limit_ms: u64,
-    },
-    #[error(
         "{worker} exceeded {limit} migration requests per second; retry in {retry_after_ms} ms, and check for a controller loop re-requesting the same migrations"
     )]
     RateLimited {
@@ -186,115 +126,17 @@ pub enum MigrationError {
     )]
     ReplayCacheFull { capacity: usize },
     #[error(
-        "illegal transition: {event} in state {state}; check the order of migration events (Idle -> Preparing -> Transferring -> Completed | Failed)"
-    )]
-    IllegalTransition {
-        state: MigrationPhase,
-        event: String,
-    },
-    #[error(
         "unsupported snapshot format version {found} (this build reads {supported}); check that source and target run compatible Baton versions"
     )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("invalid snapshot: {0}")]
     InvalidSnapshot(String),
-    #[error(
-        "connection {0} is not registered with the session manager; check that the worker reported it"
-    )]
-    UnknownConnection(ConnectionId),
-    #[error("connection {0} is already being migrated; wait for that migration to finish or fail")]
-    AlreadyMigrating(ConnectionId),
-    #[error(
-        "migration {0} is unknown; check that it was started here and has not finished already"
-    )]
-    UnknownMigration(MigrationId),
     #[error("nonce counter exhausted for encryption key id {key_id}; rotate the key")]
     NonceExhausted { key_id: u32 },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("writing encoded state failed: {0}; check the output sink")]
     Output(String),
-}
-
-/// Fixed label set for per-kind error counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    InvalidToken,
-    StateCorruption,
-    SnapshotTooLarge,
-    UnknownKey,
-    RetiredKey,
-    InvalidKey,
-    TargetUnavailable,
-    Timeout,
-    RateLimited,
-    ReplayCacheFull,
-    IllegalTransition,
-    UnsupportedVersion,
-    InvalidSnapshot,
-    UnknownConnection,
-    AlreadyMigrating,
-    UnknownMigration,
-    NonceExhausted,
-    Config,
-    Output,
-    /// The caller is authenticated but not allowed to do this (e.g. a worker on the peer channel
-    /// sending a transfer in another worker's name).
-    Unauthorized,
-}
-
-impl ErrorKind {
-    pub const ALL: [ErrorKind; 20] = [
-        Self::InvalidToken,
-        Self::StateCorruption,
-        Self::SnapshotTooLarge,
-        Self::UnknownKey,
-        Self::RetiredKey,
-        Self::InvalidKey,
-        Self::TargetUnavailable,
-        Self::Timeout,
-        Self::RateLimited,
-        Self::ReplayCacheFull,
-        Self::IllegalTransition,
-        Self::UnsupportedVersion,
-        Self::InvalidSnapshot,
-        Self::UnknownConnection,
-        Self::AlreadyMigrating,
-        Self::UnknownMigration,
-        Self::NonceExhausted,
-        Self::Config,
-        Self::Output,
-        Self::Unauthorized,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidToken => "invalid_token",
-            Self::StateCorruption => "state_corruption",
-            Self::SnapshotTooLarge => "snapshot_too_large",
-            Self::UnknownKey => "unknown_key",
-            Self::RetiredKey => "retired_key",
-            Self::InvalidKey => "invalid_key",
-            Self::TargetUnavailable => "target_unavailable",
-            Self::Timeout => "timeout",
-            Self::RateLimited => "rate_limited",
-            Self::ReplayCacheFull => "replay_cache_full",
-            Self::IllegalTransition => "illegal_transition",
-            Self::UnsupportedVersion => "unsupported_version",
-            Self::InvalidSnapshot => "invalid_snapshot",
-            Self::UnknownConnection => "unknown_connection",
-            Self::AlreadyMigrating => "already_migrating",
-            Self::UnknownMigration => "unknown_migration",
-            Self::NonceExhausted => "nonce_exhausted",
-            Self::Config => "config",
-            Self::Output => "output",
-            Self::Unauthorized => "unauthorized",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
 }
 
 impl MigrationError {
@@ -307,15 +149,10 @@ impl MigrationError {
             Self::RetiredKey { .. } => ErrorKind::RetiredKey,
             Self::InvalidKey(_) => ErrorKind::InvalidKey,
             Self::TargetUnavailable { .. } => ErrorKind::TargetUnavailable,
-            Self::Timeout { .. } => ErrorKind::Timeout,
             Self::RateLimited { .. } => ErrorKind::RateLimited,
             Self::ReplayCacheFull { .. } => ErrorKind::ReplayCacheFull,
-            Self::IllegalTransition { .. } => ErrorKind::IllegalTransition,
             Self::UnsupportedVersion { .. } => ErrorKind::UnsupportedVersion,
             Self::InvalidSnapshot(_) => ErrorKind::InvalidSnapshot,
-            Self::UnknownConnection(_) => ErrorKind::UnknownConnection,
-            Self::AlreadyMigrating(_) => ErrorKind::AlreadyMigrating,
-            Self::UnknownMigration(_) => ErrorKind::UnknownMigration,
             Self::NonceExhausted { .. } => ErrorKind::NonceExhausted,
             Self::Config(_) => ErrorKind::Config,
             Self::Output(_) => ErrorKind::Output,

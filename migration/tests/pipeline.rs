@@ -75,11 +75,6 @@ fn errors_name_what_to_check() {
             target: WorkerId(2),
             reason: "down".into(),
         },
-        MigrationError::Timeout {
-            phase: migration::MigrationPhase::Transferring,
-            elapsed_ms: 10,
-            limit_ms: 5,
-        },
         MigrationError::RateLimited {
             worker: WorkerId(1),
             limit: 5,
@@ -95,48 +90,7 @@ fn errors_name_what_to_check() {
 }
 
 #[test]
-fn protocol_messages_round_trip_and_validate() {
-    use migration::token::{TokenConfig, TokenSecret};
-    use migration::{
-        ConfirmationStatus, MigrationConfirmation, MigrationParty, MigrationRequest,
-        MigrationTokenManager,
-    };
-    let b = binding();
-    let mut tokens =
-        MigrationTokenManager::new(TokenConfig::default(), 1, TokenSecret::generate()).unwrap();
-    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-    let request = MigrationRequest {
-        migration_id: b.migration_id,
-        connection_id: b.connection_id.clone(),
-        source: b.source,
-        target: b.target,
-        token: tokens.issue(&b, now).unwrap(),
-        requested_at_unix_ms: 1_700_000_000_000,
-    };
-    let decoded: MigrationRequest =
-        bincode::deserialize(&bincode::serialize(&request).unwrap()).unwrap();
-    assert_eq!(decoded, request);
-    tokens
-        .verify(&decoded.binding(), &decoded.token, now)
-        .unwrap();
-
-    let confirmation = MigrationConfirmation {
-        migration_id: b.migration_id,
-        connection_id: b.connection_id.clone(),
-        party: MigrationParty::Target,
-        status: ConfirmationStatus::Rejected(MigrationError::Timeout {
-            phase: migration::MigrationPhase::Transferring,
-            elapsed_ms: 10_001,
-            limit_ms: 10_000,
-        }),
-        confirmed_at_unix_ms: 1_700_000_010_001,
-    };
-    let bytes = bincode::serialize(&confirmation).unwrap();
-    assert_eq!(
-        bincode::deserialize::<MigrationConfirmation>(&bytes).unwrap(),
-        confirmation
-    );
-
+fn connection_ids_longer_than_quic_allows_are_refused_while_decoding() {
     // A connection ID longer than QUIC allows is refused while decoding, not just when built.
     let long = bincode::serialize(&serde_bytes::ByteBuf::from(vec![1u8; 21])).unwrap();
     assert!(bincode::deserialize::<migration::ConnectionId>(&long).is_err());
