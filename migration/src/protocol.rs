@@ -163,3 +163,9 @@ impl MigrationError {
         Self::StateCorruption(c)
     }
 }
+
+impl From<MigrationError> for baton_protocol::Failure {
+    fn from(e: MigrationError) -> Self {
+        Self::new(e.kind(), e)
+    }
+}

@@ -1,5 +1,5 @@
-//! The worker's control socket: a Unix stream socket (mode 0600) speaking JSON lines, one request
-//! per line, one answer per line (`{"ok":true,"data":..}` or `{"ok":false,"kind":..,"error":..}`).
+//! The worker's control socket: a Unix stream socket (mode 0600) speaking JSON lines, one
+//! `baton_protocol::worker::Request` per line, one `baton_protocol::envelope` answer per line.
 //! Contract: `docs/MIGRATION-FLOW.md`. State-changing requests carry a migration token.
 //!
 //! With `[control_tls]` the same API is also served over TCP with mutual TLS ([`serve_tls`]), for
@@ -8,25 +8,17 @@
 //! done; a slot of `max_clients` is for authenticated controllers that negotiated the ALPN.
 use crate::admission::{Admission, LogLimit, Refused};
 use crate::config::ControlTlsConfig;
-use crate::hex;
-use crate::migrate::{Ctx, Failure, MigrateOut};
+use crate::migrate::Ctx;
 use anyhow::{Context, Result};
-use serde::Deserialize;
-use serde_json::{Value, json};
+pub use baton_protocol::worker::CONTROL_ALPN;
+use baton_protocol::worker::{Conn, Info, Request};
+use baton_protocol::{Cid, ErrorKind, Failure, encode_answer};
+use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Info,
-    Conns,
-    MigrateOut(MigrateOut),
-    Release { migration_id: String },
-}
 
 /// Binds the socket; a stale file (nobody answers) is replaced, a live one is refused.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
@@ -102,21 +94,17 @@ where
         }
         let too_long = line.len() > MAX_REQUEST_LINE && line.last() != Some(&b'\n');
         let answer = if too_long {
-            json!({"ok": false, "kind": "config",
-                   "error": format!("request line longer than {MAX_REQUEST_LINE} bytes")})
+            Err(Failure::new(
+                ErrorKind::Config,
+                format!("request line longer than {MAX_REQUEST_LINE} bytes"),
+            ))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => match handle(ctx, req).await {
-                    Ok(data) => json!({"ok": true, "data": data}),
-                    Err(f) => json!({"ok": false, "kind": f.kind, "error": f.message}),
-                },
-                Err(e) => {
-                    json!({"ok": false, "kind": "config", "error": format!("bad request: {e}")})
-                }
+                Ok(req) => handle(ctx, req).await,
+                Err(e) => Err(Failure::new(ErrorKind::Config, format!("bad request: {e}"))),
             }
         };
-        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-        out.push(b'\n');
+        let out = encode_answer(&answer);
         if w.write_all(&out).await.is_err() || w.flush().await.is_err() || too_long {
             break;
         }
@@ -144,10 +132,6 @@ const BUSY_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// A refused client's answer and close (close_notify) are not waited for longer: a client that
 /// does not read cannot hold the task.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// ALPN of the control API over TLS. Required: a client that negotiates none (rustls lets a
-/// client that offers none through) or another is refused, so other TLS clients of the same CA
-/// cannot speak to the control API by accident.
-pub const CONTROL_ALPN: &[u8] = b"baton-control/1";
 
 /// The TLS side of the control API: TLS 1.3 only, a client certificate signed by `cfg.ca` is
 /// required, and its DNS names must include one of `cfg.clients`.
@@ -325,10 +309,13 @@ async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, max_clients: usize)
     let mut line = Vec::new();
     let _ = tokio::time::timeout(BUSY_READ_TIMEOUT, r.read_until(b'\n', &mut line)).await;
     drop(r);
-    let answer = json!({"ok": false, "kind": "busy", "error": format!(
-        "the worker serves control_tls.max_clients = {max_clients} clients already; try again later")});
-    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-    out.push(b'\n');
+    let answer: Result<(), _> = Err(Failure::new(
+        ErrorKind::Busy,
+        format!(
+            "the worker serves control_tls.max_clients = {max_clients} clients already; try again later"
+        ),
+    ));
+    let out = encode_answer(&answer);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         tls.write_all(&out).await?;
         tls.shutdown().await
@@ -336,31 +323,51 @@ async fn busy<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S, max_clients: usize)
     .await;
 }
 
+fn data<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("answers serialize")
+}
+
+/// Answers one request; the data of every answer is the protocol type the request names.
 async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
     match req {
-        Request::Info => {
-            Ok(json!({"name": ctx.name, "server_id": ctx.server_id, "peer": ctx.peer_addr}))
-        }
-        Request::Conns => {
+        Request::Info {} => Ok(data(&Info {
+            protocol: baton_protocol::PROTOCOL_VERSION,
+            name: ctx.name.clone(),
+            server_id: ctx.server_id,
+            peer: ctx.peer_addr,
+            cid: ctx.cid_layout,
+        })),
+        Request::Conns {} => {
             let conns = ctx
                 .handle
                 .connections()
                 .await
-                .map_err(|e| Failure::new("output", e))?;
-            Ok(Value::Array(
-                conns
-                    .iter()
-                    .map(|c| {
-                        json!({"conn": hex(&c.key), "id": c.id, "remote": c.remote, "vip": c.vip, "frozen": c.frozen, "held": c.held,
-                               "cids": c.cids.iter().map(|x| hex(x)).collect::<Vec<_>>()})
+                .map_err(|e| Failure::new(ErrorKind::Output, e))?;
+            let cid = |b: &[u8]| Cid::new(b).map_err(|e| Failure::new(ErrorKind::Output, e));
+            let list = conns
+                .iter()
+                .map(|c| {
+                    Ok(Conn {
+                        conn: cid(&c.key)?,
+                        id: c.id as u64,
+                        remote: c.remote,
+                        vip: c.vip,
+                        frozen: c.frozen,
+                        held: c.held,
+                        cids: c.cids.iter().map(|x| cid(x)).collect::<Result<_, _>>()?,
                     })
-                    .collect(),
-            ))
+                })
+                .collect::<Result<Vec<_>, Failure>>()?;
+            Ok(data(&list))
         }
-        Request::MigrateOut(m) => crate::migrate::migrate_out(ctx, m).await,
+        Request::MigrateOut(m) => crate::migrate::migrate_out(ctx, m)
+            .await
+            .map(|done| data(&done)),
         Request::Release { migration_id } => {
-            crate::migrate::release(ctx, &migration_id)?;
-            Ok(json!({"released": migration_id}))
+            crate::migrate::release(ctx, migration_id)?;
+            Ok(data(&baton_protocol::worker::Released {
+                released: migration_id,
+            }))
         }
     }
 }

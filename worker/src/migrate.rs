@@ -4,9 +4,10 @@
 //! mutual TLS (every worker presents a certificate signed by the deployment's CA).
 //!
 //! Peer channel streams:
-//! - bidirectional, one per migration: `u32 len | header JSON | u64 len | sealed snapshot`; the
-//!   target imports the connection *held* (it sends nothing) and answers one JSON object
-//!   (`{"ok":true,"id":..}` or `{"ok":false,"kind","error"}`), FIN. The source then writes the
+//! - bidirectional, one per migration: `u32 len | header JSON | sealed snapshot` (the header,
+//!   `baton_protocol::peer::TransferHeader`, says the snapshot's length); the
+//!   target imports the connection *held* (it sends nothing) and answers one envelope line
+//!   (`baton_protocol::envelope`, data `peer::Imported`), FIN. The source then writes the
 //!   commit byte and FIN: only now may the target send. A FIN without the commit byte (the source
 //!   gave up waiting and rolled back), a reset, a lost peer connection or no commit within
 //!   [`commit_wait`] make the target discard the import silently. So at most one worker ever sends
@@ -22,14 +23,14 @@
 //! ([`crate::core::WorkerCore::handle_forwarded`]).
 use crate::config::PeerWorker;
 use crate::io::WorkerHandle;
-use crate::{hex, unhex};
 use anyhow::{Context, Result};
-use migration::protocol::ErrorKind;
+use baton_protocol::peer::{Imported, MAX_HEADER, PEER_ALPN, TransferHeader};
+use baton_protocol::worker::{MigrateOut, MigratedOut, TargetRef};
+use baton_protocol::{Cid, ErrorKind, Failure, MigrationId};
 use migration::{
-    ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationError, MigrationId,
-    MigrationPipeline, MigrationToken, MigrationTokenManager, WorkerId,
+    ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationPipeline, MigrationToken,
+    MigrationTokenManager, WorkerId,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -38,7 +39,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
-pub const PEER_ALPN: &[u8] = b"baton-peer/1";
 /// How long the target may take to answer a transfer (an import takes well under 10 ms), plus
 /// [`transfer_timeout`]'s allowance for the snapshot's size. A dead target is noticed only by
 /// this timeout, and the connection stays frozen that long: keep it short.
@@ -55,8 +55,6 @@ const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The byte by which the source hands the connection over (see the module comment).
 const COMMIT: u8 = 0xC1;
-/// Longest transfer header (JSON of a few ids and a token: about 300 bytes).
-const MAX_HEADER: usize = 4096;
 /// Largest sealed snapshot accepted. A connection holds at most its `[limits]` windows and
 /// buffers (about 21 MiB with the defaults); this leaves room for larger configured limits.
 const MAX_SNAPSHOT: u64 = 64 << 20;
@@ -82,28 +80,6 @@ const PEER_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
 const MAX_FORWARD_STREAM: usize = 8 << 20;
 /// A forwarded-datagram stream must be complete within this.
 const FORWARD_STREAM_DEADLINE: Duration = Duration::from_secs(5);
-
-/// A failure with the migration crate's error kind (what the controller reports).
-#[derive(Debug)]
-pub struct Failure {
-    pub kind: String,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(kind: &str, message: impl std::fmt::Display) -> Self {
-        Self {
-            kind: kind.into(),
-            message: message.to_string(),
-        }
-    }
-}
-
-impl From<MigrationError> for Failure {
-    fn from(e: MigrationError) -> Self {
-        Self::new(e.kind().as_str(), e)
-    }
-}
 
 /// The peer channel's TLS: server and client side, both demanding a certificate from the CA;
 /// the server admits only the certificates of `workers` (by DNS name).
@@ -161,6 +137,9 @@ pub struct Ctx {
     pub name: String,
     pub server_id: u32,
     pub peer_addr: SocketAddr,
+    /// The CID layout this worker issues (reported in `info`; the controller checks it against
+    /// the LB's).
+    pub cid_layout: baton_protocol::worker::CidLayout,
     pub handle: WorkerHandle,
     pub tokens: Mutex<MigrationTokenManager>,
     pub pipeline: MigrationPipeline,
@@ -176,13 +155,14 @@ pub struct Ctx {
     handshakes: Arc<crate::admission::Admission>,
     peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
-    released: Mutex<HashMap<String, Option<Instant>>>,
+    released: Mutex<HashMap<MigrationId, Option<Instant>>>,
 }
 
 impl Ctx {
     pub fn new(
         name: String,
         server_id: u32,
+        cid_layout: baton_protocol::worker::CidLayout,
         handle: WorkerHandle,
         tokens: MigrationTokenManager,
         pipeline: MigrationPipeline,
@@ -196,6 +176,7 @@ impl Ctx {
             name,
             server_id,
             peer_addr,
+            cid_layout,
             handle,
             tokens: Mutex::new(tokens),
             pipeline,
@@ -255,7 +236,7 @@ impl Ctx {
             .find(|w| w.name == t.name)
             .ok_or_else(|| {
                 Failure::new(
-                    ErrorKind::Config.as_str(),
+                    ErrorKind::Config,
                     format!(
                         "worker {} is not in this worker's [peer] workers: add it there (name, \
                      server_id, peer) on every worker",
@@ -265,7 +246,7 @@ impl Ctx {
             })?;
         if w.server_id != t.server_id {
             return Err(Failure::new(
-                ErrorKind::Config.as_str(),
+                ErrorKind::Config,
                 format!(
                     "the controller says worker {} has server ID {}, [peer] workers says {}: \
                      make migration.toml and the workers' configs agree",
@@ -287,7 +268,7 @@ impl Ctx {
         }
         let unavailable = |e: &dyn std::fmt::Display| {
             Failure::new(
-                "target_unavailable",
+                ErrorKind::TargetUnavailable,
                 format!("cannot reach worker {name} at {addr}: {e}"),
             )
         };
@@ -323,99 +304,56 @@ impl Drop for Admitted<'_> {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TargetRef {
-    pub name: String,
-    pub server_id: u32,
-    pub peer: SocketAddr,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrateOut {
-    pub conn: String,
-    pub migration_id: String,
-    pub token: String,
-    pub target: TargetRef,
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    /// Test hook (fault tests): flip one bit of the sealed snapshot before sending it.
-    #[serde(default)]
-    pub test_tamper: bool,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct TransferHeader {
-    migration_id: String,
-    conn: String,
+fn binding(
+    mid: MigrationId,
+    conn: &Cid,
     source: u32,
     target: u32,
-    token: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct TransferReply {
-    ok: bool,
-    #[serde(default)]
-    id: Option<usize>,
-    #[serde(default)]
-    kind: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-fn binding(mid: &str, conn: &str, source: u32, target: u32) -> Result<MigrationBinding, Failure> {
-    let bad = |what: &str| Failure::new("config", format!("{what} is not valid hex"));
-    let mid: [u8; 16] = unhex(mid)
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| bad("migration_id (16 bytes)"))?;
-    let key = unhex(conn).ok_or_else(|| bad("conn"))?;
+) -> Result<MigrationBinding, Failure> {
     Ok(MigrationBinding {
-        migration_id: MigrationId(mid),
-        connection_id: ConnectionId::new(&key)?,
+        migration_id: mid,
+        connection_id: ConnectionId::new(conn.as_bytes())?,
         source: WorkerId(source),
         target: WorkerId(target),
     })
 }
 
-fn token(hex_token: &str) -> Result<MigrationToken, Failure> {
-    unhex(hex_token)
-        .map(MigrationToken::from_bytes)
-        .ok_or_else(|| Failure::new("invalid_token", "the token is not hex"))
+fn cids(c: &[Vec<u8>]) -> Vec<Cid> {
+    c.iter().filter_map(|c| Cid::new(c).ok()).collect()
 }
 
 /// The source side of one migration; returns once the target confirmed the import (or after the
 /// rollback). On success the exported connection's datagrams are forwarded until `release`.
-pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::Value, Failure> {
+pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut, Failure> {
     let started = Instant::now();
     let target = ctx.target(&req.target)?;
     let b = binding(
-        &req.migration_id,
+        req.migration_id,
         &req.conn,
         ctx.server_id,
         req.target.server_id,
     )?;
-    let tok = token(&req.token)?;
+    let tok = MigrationToken::from_bytes(req.token.0.clone());
     // The source checks the token too: nobody without the secret can make it freeze a connection.
     ctx.tokens
         .lock()
         .unwrap()
         .verify(&b, &tok, SystemTime::now())?;
-    let key = unhex(&req.conn).expect("checked by binding()");
     let Some(id) = ctx
         .handle
-        .find(key)
+        .find(req.conn.as_bytes().to_vec())
         .await
-        .map_err(|e| Failure::new("output", e))?
+        .map_err(|e| Failure::new(ErrorKind::Output, e))?
     else {
         return Err(Failure::new(
-            "unknown_connection",
+            ErrorKind::UnknownConnection,
             format!("no connection {} on worker {}", req.conn, ctx.name),
         ));
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(2000));
     let exported = ctx.handle.migrate_out(id, timeout).await.map_err(|e| {
         Failure::new(
-            "timeout",
+            ErrorKind::Timeout,
             format!("the connection could not be exported in time: {e}; it carries on here"),
         )
     })?;
@@ -438,19 +376,20 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
         }
         let conn = ctx.peer(target.peer, &target.name).await?;
         let header = TransferHeader {
-            migration_id: req.migration_id.clone(),
-            conn: req.conn.clone(),
+            migration_id: req.migration_id,
+            conn: req.conn,
             source: ctx.server_id,
             target: req.target.server_id,
             token: req.token.clone(),
+            snapshot_len: sealed.bytes.len() as u64,
         };
         let limit = transfer_timeout(sealed.bytes.len());
         // On timeout the stream is dropped, which finishes it without the commit byte: the
         // target discards its held import.
         let (target_id, mut stream) = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
             .await
-            .map_err(|_| Failure::new("target_unavailable", format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
-        stream_commit(&mut stream, &req.migration_id).await;
+            .map_err(|_| Failure::new(ErrorKind::TargetUnavailable, format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
+        stream_commit(&mut stream, req.migration_id).await;
         Ok::<_, Failure>((target_id, conn, sealed.bytes.len()))
     }
     .await;
@@ -460,27 +399,24 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<serde_json::
             let total = started.elapsed();
             info!(migration_id = %req.migration_id, conn = %req.conn, target = %req.target.name, bytes = size,
                   ms = total.as_millis() as u64, "migrated out; forwarding until released");
-            ctx.released
-                .lock()
-                .unwrap()
-                .insert(req.migration_id.clone(), None);
+            ctx.released.lock().unwrap().insert(req.migration_id, None);
             tokio::spawn(forward_until_released(
                 ctx.clone(),
-                req.migration_id.clone(),
+                req.migration_id,
                 cids.clone(),
                 exported.forward_key,
                 conn,
             ));
-            Ok(serde_json::json!({
-                "cids": cids.iter().map(|c| hex(c)).collect::<Vec<_>>(),
-                "target_id": target_id,
-                "snapshot_bytes": size,
-                "freeze_ms": (frozen_at - started).as_secs_f64() * 1000.0,
-                "total_ms": total.as_secs_f64() * 1000.0,
-            }))
+            Ok(MigratedOut {
+                cids: self::cids(&cids),
+                target_id,
+                snapshot_bytes: size as u64,
+                freeze_ms: (frozen_at - started).as_secs_f64() * 1000.0,
+                total_ms: total.as_secs_f64() * 1000.0,
+            })
         }
         Err(f) => {
-            if f.kind == "target_unavailable" {
+            if f.kind == ErrorKind::TargetUnavailable {
                 // A dead or restarted target: the next migration dials afresh.
                 if let Some(c) = ctx.peers.lock().await.remove(&target.peer) {
                     c.close(0u32.into(), b"unavailable");
@@ -517,7 +453,7 @@ fn commit_wait(bytes: usize) -> Duration {
 /// even if the write fails: the target may have received it, and two senders would reuse AEAD
 /// nonces. (If the target did not get it, it discards the import and the connection is lost:
 /// the safe side of the trade-off.)
-async fn stream_commit(s: &mut quinn::SendStream, mid: &str) {
+async fn stream_commit(s: &mut quinn::SendStream, mid: MigrationId) {
     let sent = async {
         s.write_all(&[COMMIT]).await?;
         s.finish()?;
@@ -535,42 +471,36 @@ async fn transfer(
     conn: &quinn::Connection,
     header: &TransferHeader,
     sealed: &[u8],
-) -> Result<(usize, quinn::SendStream), Failure> {
+) -> Result<(u64, quinn::SendStream), Failure> {
     let io = |e: &dyn std::fmt::Display| {
-        Failure::new("target_unavailable", format!("peer channel: {e}"))
+        Failure::new(ErrorKind::TargetUnavailable, format!("peer channel: {e}"))
     };
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| io(&e))?;
     let h = serde_json::to_vec(header).expect("serializable");
-    let mut msg = Vec::with_capacity(12 + h.len() + sealed.len());
+    let mut msg = Vec::with_capacity(4 + h.len() + sealed.len());
     msg.extend((h.len() as u32).to_be_bytes());
     msg.extend(&h);
-    msg.extend((sealed.len() as u64).to_be_bytes());
     msg.extend(sealed);
     s.write_all(&msg).await.map_err(|e| io(&e))?;
     let answer = r.read_to_end(64 * 1024).await.map_err(|e| io(&e))?;
-    let reply: TransferReply = serde_json::from_slice(&answer).map_err(|e| io(&e))?;
-    match reply {
-        TransferReply {
-            ok: true,
-            id: Some(id),
-            ..
-        } => Ok((id, s)),
-        r => Err(Failure::new(
-            r.kind.as_deref().unwrap_or("target_unavailable"),
-            format!("the target refused: {}", r.error.unwrap_or_default()),
+    match baton_protocol::decode_answer::<Imported>(&answer).map_err(|e| io(&e))? {
+        Ok(Imported { id }) => Ok((id, s)),
+        Err(f) => Err(Failure::new(
+            f.kind,
+            format!("the target refused: {}", f.message),
         )),
     }
 }
 
 /// Marks a migration released (the LB now routes its CIDs to the target).
-pub fn release(ctx: &Ctx, migration_id: &str) -> Result<(), Failure> {
-    match ctx.released.lock().unwrap().get_mut(migration_id) {
+pub fn release(ctx: &Ctx, migration_id: MigrationId) -> Result<(), Failure> {
+    match ctx.released.lock().unwrap().get_mut(&migration_id) {
         Some(r) => {
             r.get_or_insert_with(Instant::now);
             Ok(())
         }
         None => Err(Failure::new(
-            "unknown_migration",
+            ErrorKind::UnknownMigration,
             format!("no migration {migration_id} awaits release here"),
         )),
     }
@@ -578,7 +508,7 @@ pub fn release(ctx: &Ctx, migration_id: &str) -> Result<(), Failure> {
 
 async fn forward_until_released(
     ctx: Arc<Ctx>,
-    mid: String,
+    mid: MigrationId,
     cids: Vec<Vec<u8>>,
     forward_key: u64,
     conn: quinn::Connection,
@@ -746,31 +676,13 @@ async fn answer_import(
     mut r: quinn::RecvStream,
 ) {
     let (reply, held) = match import(&ctx, &peer, &mut r).await {
-        Ok((id, mid, size)) => (
-            TransferReply {
-                ok: true,
-                id: Some(id),
-                kind: None,
-                error: None,
-            },
-            Some((id, mid, size)),
-        ),
+        Ok((id, mid, size)) => (Ok(Imported { id: id as u64 }), Some((id, mid, size))),
         Err(f) => {
             warn!(worker = %peer.name, kind = %f.kind, "import refused: {}", f.message);
-            (
-                TransferReply {
-                    ok: false,
-                    id: None,
-                    kind: Some(f.kind),
-                    error: Some(f.message),
-                },
-                None,
-            )
+            (Err(f), None)
         }
     };
-    let _ = s
-        .write_all(&serde_json::to_vec(&reply).expect("serializable"))
-        .await;
+    let _ = s.write_all(&baton_protocol::encode_answer(&reply)).await;
     let _ = s.finish();
     let Some((id, mid, size)) = held else {
         return;
@@ -803,14 +715,17 @@ async fn import(
     ctx: &Ctx,
     peer: &PeerWorker,
     r: &mut quinn::RecvStream,
-) -> Result<(usize, String, usize), Failure> {
+) -> Result<(usize, MigrationId, usize), Failure> {
     let io = |e: &dyn std::fmt::Display| {
-        Failure::new("state_corruption", format!("transfer cut short: {e}"))
+        Failure::new(
+            ErrorKind::StateCorruption,
+            format!("transfer cut short: {e}"),
+        )
     };
     let opened = tokio::time::Instant::now();
     let late = || {
         Failure::new(
-            ErrorKind::Timeout.as_str(),
+            ErrorKind::Timeout,
             format!(
                 "the transfer header did not arrive within {} s",
                 HEADER_DEADLINE.as_secs()
@@ -827,15 +742,14 @@ async fn import(
         let mut h = vec![0u8; len];
         r.read_exact(&mut h).await.map_err(|e| io(&e))?;
         let header: TransferHeader = serde_json::from_slice(&h).map_err(|e| io(&e))?;
-        let mut len = [0u8; 8];
-        r.read_exact(&mut len).await.map_err(|e| io(&e))?;
-        Ok::<_, Failure>((header, u64::from_be_bytes(len)))
+        let len = header.snapshot_len;
+        Ok::<_, Failure>((header, len))
     })
     .await
     .map_err(|_| late())??;
     if header.target != ctx.server_id {
         return Err(Failure::new(
-            "target_unavailable",
+            ErrorKind::TargetUnavailable,
             format!(
                 "this is worker {} (server ID {}), not server ID {}",
                 ctx.name, ctx.server_id, header.target
@@ -844,7 +758,7 @@ async fn import(
     }
     if header.source != peer.server_id {
         return Err(Failure::new(
-            ErrorKind::Unauthorized.as_str(),
+            ErrorKind::Unauthorized,
             format!(
                 "worker {} (server ID {}) sent a transfer as server ID {}",
                 peer.name, peer.server_id, header.source
@@ -852,18 +766,19 @@ async fn import(
         ));
     }
     let b = binding(
-        &header.migration_id,
+        header.migration_id,
         &header.conn,
         header.source,
         header.target,
     )?;
+    let token = MigrationToken::from_bytes(header.token.0.clone());
     ctx.tokens
         .lock()
         .unwrap()
-        .verify(&b, &token(&header.token)?, SystemTime::now())?;
+        .verify(&b, &token, SystemTime::now())?;
     if len > MAX_SNAPSHOT {
         return Err(Failure::new(
-            "snapshot_too_large",
+            ErrorKind::SnapshotTooLarge,
             format!("{len} bytes (at most {MAX_SNAPSHOT})"),
         ));
     }
@@ -878,7 +793,7 @@ async fn import(
     .await
     .map_err(|_| {
         Failure::new(
-            ErrorKind::RateLimited.as_str(),
+            ErrorKind::RateLimited,
             format!(
                 "worker {} has {} MiB of snapshots in transfer already",
                 peer.name,
@@ -891,7 +806,7 @@ async fn import(
         .await
         .map_err(|_| {
             Failure::new(
-                ErrorKind::Timeout.as_str(),
+                ErrorKind::Timeout,
                 format!("the snapshot of {len} bytes did not arrive in time"),
             )
         })?
@@ -918,7 +833,7 @@ async fn import(
         .handle
         .import_held_from(bytes, peer.server_id)
         .await
-        .map_err(|e| Failure::new("invalid_snapshot", e))?;
+        .map_err(|e| Failure::new(ErrorKind::InvalidSnapshot, e))?;
     info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported, held until the source commits");
     Ok((id, header.migration_id, size))
 }

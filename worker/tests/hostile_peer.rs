@@ -108,7 +108,7 @@ impl Worker {
             }
             None => b.with_no_client_auth(),
         };
-        tls.alpn_protocols = vec![baton_worker::migrate::PEER_ALPN.to_vec()];
+        tls.alpn_protocols = vec![baton_protocol::peer::PEER_ALPN.to_vec()];
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
@@ -124,8 +124,8 @@ impl Worker {
     }
 }
 
-/// One transfer stream: `header` (JSON), then a snapshot length of `announced` bytes and
-/// `body` bytes of it; returns the worker's answer.
+/// One transfer stream: `header` (JSON) announcing a snapshot of `announced` bytes, then `body`
+/// bytes of it; returns the worker's answer.
 async fn transfer(
     conn: &quinn::Connection,
     header: &Value,
@@ -133,10 +133,11 @@ async fn transfer(
     body: usize,
 ) -> Result<Value, String> {
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let h = serde_json::to_vec(header).unwrap();
+    let mut header = header.clone();
+    header["snapshot_len"] = json!(announced);
+    let h = serde_json::to_vec(&header).unwrap();
     let mut msg = (h.len() as u32).to_be_bytes().to_vec();
     msg.extend(&h);
-    msg.extend(announced.to_be_bytes());
     s.write_all(&msg).await.map_err(|e| e.to_string())?;
     // The body goes out beside the read: a worker that stops reading must not wedge us.
     let writer = tokio::spawn(async move {

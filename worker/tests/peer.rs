@@ -5,11 +5,13 @@
 //! token makes the source roll back, and the connection carries on there.
 mod common;
 
+use baton_protocol::worker::{MigrateOut, TargetRef};
+use baton_protocol::{Cid, ErrorKind, HexBytes};
 use baton_worker::config::PeerWorker;
 use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
-use baton_worker::migrate::{Ctx, MigrateOut, TargetRef};
+use baton_worker::migrate::Ctx;
 use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
 use migration::{
@@ -86,7 +88,20 @@ fn ctx(
         migration::SerializationService::new(Default::default()).unwrap(),
         migration::EncryptionService::new(key_id, key),
     );
-    let ctx = Ctx::new(name.into(), sid, handle, tokens, pipeline, ep, workers).unwrap();
+    let ctx = Ctx::new(
+        name.into(),
+        sid,
+        baton_protocol::worker::CidLayout {
+            cid_len: 8,
+            server_id_len: 2,
+        },
+        handle,
+        tokens,
+        pipeline,
+        ep,
+        workers,
+    )
+    .unwrap();
     tokio::spawn(baton_worker::migrate::serve_peer(ctx.clone()));
     ctx
 }
@@ -209,7 +224,7 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     };
     request().await;
     let key = handles[0].connections().await.unwrap()[0].key.clone();
-    let conn_hex = baton_worker::hex(&key);
+    let conn_cid = Cid::new(&key).unwrap();
     let mut out = |target: &Arc<Ctx>| {
         let mid = MigrationId::random();
         let binding = MigrationBinding {
@@ -220,9 +235,9 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         };
         let token = controller.issue(&binding, SystemTime::now()).unwrap();
         MigrateOut {
-            conn: conn_hex.clone(),
-            migration_id: mid.to_string(),
-            token: baton_worker::hex(token.as_bytes()),
+            conn: conn_cid,
+            migration_id: mid,
+            token: HexBytes(token.as_bytes().to_vec()),
             target: TargetRef {
                 name: "w2".into(),
                 server_id: 2,
@@ -239,7 +254,7 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         .await
         .unwrap_err();
     let refused_ms = started.elapsed().as_millis();
-    assert_eq!(refused.kind, "invalid_token", "{}", refused.message);
+    assert_eq!(refused.kind, ErrorKind::InvalidToken, "{}", refused.message);
     assert_eq!(
         handles[0].connections().await.unwrap().len(),
         1,
@@ -255,22 +270,19 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
 
     // 2. A good token: the target imports; flip, release; the connection carries on at the target.
     let req = out(&b);
-    let mid = req.migration_id.clone();
+    let mid = req.migration_id;
     let replay = req.clone();
     let done = baton_worker::migrate::migrate_out(&a, req).await.unwrap();
     // (Step 1 and this move each dial a peer and transfer within the worker's 1.5 s transfer
     // timeout, which has no test knob; the figures show the margin.)
     eprintln!(
         "RESULT refused_ms={refused_ms} migrated_total_ms={} freeze_ms={}",
-        done["total_ms"], done["freeze_ms"]
+        done.total_ms, done.freeze_ms
     );
-    for c in done["cids"].as_array().unwrap() {
-        overrides
-            .lock()
-            .unwrap()
-            .insert(baton_worker::unhex(c.as_str().unwrap()).unwrap(), 1);
+    for c in &done.cids {
+        overrides.lock().unwrap().insert(c.as_bytes().to_vec(), 1);
     }
-    baton_worker::migrate::release(&a, &mid).unwrap();
+    baton_worker::migrate::release(&a, mid).unwrap();
     assert!(handles[0].connections().await.unwrap().is_empty());
     assert_eq!(
         handles[1].connections().await.unwrap()[0].key,
@@ -284,7 +296,12 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     let replayed = baton_worker::migrate::migrate_out(&a, replay)
         .await
         .unwrap_err();
-    assert_eq!(replayed.kind, "invalid_token", "{}", replayed.message);
+    assert_eq!(
+        replayed.kind,
+        ErrorKind::InvalidToken,
+        "{}",
+        replayed.message
+    );
     assert!(
         replayed.message.contains("already used"),
         "{}",
@@ -303,9 +320,9 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     };
     let token = controller.issue(&binding, SystemTime::now()).unwrap();
     let late = MigrateOut {
-        conn: conn_hex.clone(),
-        migration_id: mid.to_string(),
-        token: baton_worker::hex(token.as_bytes()),
+        conn: conn_cid,
+        migration_id: mid,
+        token: HexBytes(token.as_bytes().to_vec()),
         target: TargetRef {
             name: "w1".into(),
             server_id: 1,
@@ -322,7 +339,8 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
         .await
         .unwrap_err();
     assert_eq!(
-        timed_out.kind, "target_unavailable",
+        timed_out.kind,
+        ErrorKind::TargetUnavailable,
         "{}",
         timed_out.message
     );

@@ -241,6 +241,10 @@ async fn serve(
         let ctx = baton_worker::migrate::Ctx::new(
             config.name(),
             u32::try_from(config.server_id).context("server_id must fit 32 bits to migrate")?,
+            baton_protocol::worker::CidLayout {
+                cid_len: config.cid_len,
+                server_id_len: config.server_id_len,
+            },
             handle.clone(),
             tokens,
             pipeline,
