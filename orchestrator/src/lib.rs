@@ -12,5 +12,7 @@
 //! - a failure after the commit is never a rollback: the connection lives on the target and the
 //!   source keeps forwarding its late datagrams until released or its own deadline.
 pub mod machine;
+pub mod stats;
 
-pub use machine::{Action, Event, Migration, Outcome, Phase, Report};
+pub use machine::{Action, Event, Migration, Options, Outcome, Phase, Report};
+pub use stats::MigrationStats;
