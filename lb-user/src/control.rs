@@ -2,14 +2,20 @@
 //! line, one response object per line). The CLI uses it for what the maps cannot tell (worker
 //! names, health, the attach mode) and to stop the daemon before `baton-lb detach`.
 //!
+//! The messages are `baton_protocol::daemon`'s, in the one answer envelope:
+//!
 //! ```text
 //! -> {"cmd":"status"}
 //! <- {"ok":true,"data":{...}}
 //! ```
-use crate::controller::{Controller, WorkerStatus};
+//!
+//! `baton migrate` and `baton drain` also report each finished migration here
+//! (`migration_done`), so the daemon's `/metrics` shows the migrations of every CLI run.
+use crate::controller::Controller;
 use crate::dataplane::AttachInfo;
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use baton_protocol::{ErrorKind, Failure};
+use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -18,48 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    Workers,
-    /// Ask the daemon to exit (the XDP program stays attached).
-    Shutdown,
-    /// Send the CID (hex, the configured length) to worker slot `worker`. Through the daemon,
-    /// override writes are serialised with its own map updates (e.g. the fast-path rebuild).
-    OverrideSet {
-        cid: String,
-        worker: u32,
-    },
-    /// Remove the override for the CID (hex); answers `{"removed": bool}`.
-    OverrideDel {
-        cid: String,
-    },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DaemonStatus {
-    pub pid: u32,
-    pub config: PathBuf,
-    pub pin_dir: PathBuf,
-    pub interface: String,
-    pub mode: String,
-    pub program: String,
-    pub prog_id: u32,
-    pub link_id: u32,
-    pub readopted: bool,
-    pub uptime_secs: u64,
-    pub workers: Vec<WorkerStatus>,
-}
+pub use baton_protocol::daemon::{Request, Status as DaemonStatus};
 
 pub struct Shared {
     pub ctl: Arc<Mutex<Controller>>,
@@ -72,11 +37,19 @@ pub struct Shared {
     /// Held for the daemon's lifetime: the loaded object (program fd, log ring buffer) and the
     /// pin-directory lock.
     pub keep: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
+    /// Migrations the CLI orchestrated and reported (`/metrics`).
+    pub migrations: Mutex<baton_orchestrator::MigrationStats>,
 }
 
 impl Shared {
     pub fn status(&self) -> DaemonStatus {
-        let workers = self.ctl.lock().unwrap().status();
+        let ctl = self.ctl.lock().unwrap();
+        let workers = ctl.status();
+        let cid = baton_protocol::worker::CidLayout {
+            cid_len: ctl.cfg.layout.cid_len() as u8,
+            server_id_len: ctl.cfg.layout.server_id_len() as u8,
+        };
+        drop(ctl);
         DaemonStatus {
             pid: std::process::id(),
             config: self.config_path.clone(),
@@ -89,6 +62,7 @@ impl Shared {
             readopted: self.attach.readopted,
             uptime_secs: self.started.elapsed().as_secs(),
             workers,
+            cid,
         }
     }
 }
@@ -129,25 +103,26 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
             let mut lines = tokio::io::BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(Request::Status) => ok(&shared.status()),
-                    Ok(Request::Workers) => ok(&shared.status().workers),
+                    Ok(Request::Status {}) => ok(&shared.status()),
+                    Ok(Request::Workers {}) => ok(&shared.status().workers),
                     Ok(Request::OverrideSet { cid, worker }) => {
-                        respond(override_set(&shared, &cid, worker))
+                        respond(override_set(&shared, cid.as_bytes(), worker))
                     }
-                    Ok(Request::OverrideDel { cid }) => respond(override_del(&shared, &cid)),
-                    Ok(Request::Shutdown) => {
+                    Ok(Request::OverrideDel { cid }) => {
+                        respond(override_del(&shared, cid.as_bytes()))
+                    }
+                    Ok(Request::MigrationDone(record)) => {
+                        shared.migrations.lock().unwrap().record(&record);
+                        ok(&true)
+                    }
+                    Ok(Request::Shutdown {}) => {
                         tracing::info!("shutdown requested over the control socket");
                         shared.shutdown.notify_one();
                         ok(&"shutting down")
                     }
-                    Err(e) => Response {
-                        ok: false,
-                        data: None,
-                        error: Some(format!("bad request: {e}")),
-                    },
+                    Err(e) => Err(Failure::new(ErrorKind::Config, format!("bad request: {e}"))),
                 };
-                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                out.push(b'\n');
+                let out = baton_protocol::encode_answer(&resp);
                 if w.write_all(&out).await.is_err() {
                     break;
                 }
@@ -156,59 +131,37 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-fn override_set(shared: &Shared, cid: &str, worker: u32) -> Result<serde_json::Value> {
+fn override_set(shared: &Shared, cid: &[u8], worker: u32) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
-    let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
-    let key = crate::controller::override_key(&cid, ctl.cfg.layout.cid_len())?;
+    let key = crate::controller::override_key(cid, ctl.cfg.layout.cid_len())?;
     if !ctl.workers.iter().any(|w| w.index == worker) {
         bail!("worker slot {worker} is not in use");
     }
     ctl.maps.set_override(key, worker)?;
-    tracing::info!(cid = %crate::controller::hex(&cid), worker, "override set");
-    Ok(serde_json::json!({"worker_index": worker}))
+    tracing::info!(cid = %crate::controller::hex(cid), worker, "override set");
+    Ok(serde_json::to_value(baton_protocol::daemon::OverrideSet {
+        worker_index: worker,
+    })?)
 }
 
-fn override_del(shared: &Shared, cid: &str) -> Result<serde_json::Value> {
+fn override_del(shared: &Shared, cid: &[u8]) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
-    let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
-    let key = lb_common::CidKey::new(&cid).context("CID longer than 20 bytes")?;
+    let key = lb_common::CidKey::new(cid).context("CID longer than 20 bytes")?;
     let removed = ctl.maps.remove_override(&key)?;
     if removed {
-        tracing::info!(cid = %crate::controller::hex(&cid), "override removed");
+        tracing::info!(cid = %crate::controller::hex(cid), "override removed");
     }
-    Ok(serde_json::json!({"removed": removed}))
+    Ok(serde_json::to_value(
+        baton_protocol::daemon::OverrideRemoved { removed },
+    )?)
 }
 
-fn respond(r: Result<serde_json::Value>) -> Response {
-    match r {
-        Ok(v) => Response {
-            ok: true,
-            data: Some(v),
-            error: None,
-        },
-        Err(e) => Response {
-            ok: false,
-            data: None,
-            error: Some(format!("{e:#}")),
-        },
-    }
+fn respond(r: Result<serde_json::Value>) -> Result<serde_json::Value, Failure> {
+    r.map_err(|e| Failure::new(ErrorKind::Override, format!("{e:#}")))
 }
 
-fn ok<T: Serialize>(v: &T) -> Response {
-    Response {
-        ok: true,
-        data: serde_json::to_value(v).ok(),
-        error: None,
-    }
-}
-
-impl Request {
-    /// Whether asking again is harmless: reads, and override writes (setting or removing the same
-    /// entry twice ends in the same map). `Shutdown` is not: a retry could stop the daemon that
-    /// replaced the one that went away.
-    fn retryable(&self) -> bool {
-        !matches!(self, Request::Shutdown)
-    }
+fn ok<T: Serialize>(v: &T) -> Result<serde_json::Value, Failure> {
+    Ok(serde_json::to_value(v).expect("answers serialize"))
 }
 
 /// What the daemon's control socket gave a request.
@@ -339,12 +292,11 @@ fn ask_once(path: &Path, req: &Request) -> Result<Once, ControlError> {
         }
         Err(e) => return Err(io(e)),
     }
-    let resp: Response =
-        serde_json::from_str(&resp).map_err(|e| ControlError::Unreadable(e.to_string()))?;
-    if !resp.ok {
-        return Err(ControlError::Refused(resp.error.unwrap_or_default()));
+    match baton_protocol::decode_answer::<serde_json::Value>(resp.as_bytes()) {
+        Ok(Ok(v)) => Ok(Once::Answered(v)),
+        Ok(Err(f)) => Err(ControlError::Refused(f.message)),
+        Err(e) => Err(ControlError::Unreadable(e)),
     }
-    Ok(Once::Answered(resp.data.unwrap_or(serde_json::Value::Null)))
 }
 
 /// [`ask`] for callers that only need "the answer, or no daemon": a daemon that went away counts
@@ -423,14 +375,14 @@ mod tests {
         let dir = tempdir::Dir::new();
         let missing = dir.0.join("none.socket");
         assert!(matches!(
-            ask(&missing, &Request::Status),
+            ask(&missing, &Request::Status {}),
             Ok(Reply::NotRunning)
         ));
         // A killed daemon leaves its socket file; nobody accepts on it.
         let stale = dir.0.join("stale.socket");
         drop(StdListener::bind(&stale).unwrap());
         assert!(matches!(
-            ask(&stale, &Request::Status),
+            ask(&stale, &Request::Status {}),
             Ok(Reply::NotRunning)
         ));
     }
@@ -438,7 +390,7 @@ mod tests {
     #[test]
     fn a_daemon_that_goes_away_is_retried_then_reported() {
         let (_d, path, n) = daemon(vec![Act::Close]);
-        match ask(&path, &Request::Status) {
+        match ask(&path, &Request::Status {}) {
             Ok(Reply::WentAway(why)) => assert!(why.contains("went away"), "{why}"),
             other => panic!("expected WentAway, got {other:?}"),
         }
@@ -446,7 +398,7 @@ mod tests {
         // Half an answer is no answer either.
         let (_d, path, _) = daemon(vec![Act::Half]);
         assert!(matches!(
-            ask(&path, &Request::Workers),
+            ask(&path, &Request::Workers {}),
             Ok(Reply::WentAway(_))
         ));
     }
@@ -454,7 +406,7 @@ mod tests {
     #[test]
     fn the_restarted_daemon_answers_the_retry() {
         let (_d, path, n) = daemon(vec![Act::Close, Act::Answer(r#"{"ok":true,"data":[1]}"#)]);
-        match ask(&path, &Request::Workers) {
+        match ask(&path, &Request::Workers {}) {
             Ok(Reply::Answered(v)) => assert_eq!(v, serde_json::json!([1])),
             other => panic!("expected the retry's answer, got {other:?}"),
         }
@@ -465,7 +417,7 @@ mod tests {
     fn shutdown_is_never_sent_twice() {
         let (_d, path, n) = daemon(vec![Act::Close, Act::Answer(r#"{"ok":true}"#)]);
         assert!(matches!(
-            ask(&path, &Request::Shutdown),
+            ask(&path, &Request::Shutdown {}),
             Ok(Reply::WentAway(_))
         ));
         assert_eq!(n.load(Ordering::SeqCst), 1);
@@ -477,7 +429,7 @@ mod tests {
             r#"{"ok":false,"error":"worker slot 9 is not in use"}"#,
         )]);
         let req = Request::OverrideSet {
-            cid: "01".into(),
+            cid: "01".parse().unwrap(),
             worker: 9,
         };
         match ask(&path, &req) {

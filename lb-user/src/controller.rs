@@ -13,7 +13,6 @@ use lb_common::{
     CidKey, LbConfig, MAGLEV_TABLE_SIZE, ServerIdKey, TX_SAME_IFACE, VipKey, VipValue,
     WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, WorkerRef,
 };
-use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -39,18 +38,7 @@ impl ResolvedWorker {
 }
 
 /// What `baton workers` shows.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct WorkerStatus {
-    pub name: String,
-    pub index: u32,
-    pub server_id: u64,
-    pub address: String,
-    pub mac: Option<String>,
-    pub tx_interface: String,
-    pub tx: String,
-    pub healthy: bool,
-    pub maglev_slots: u32,
-}
+pub use baton_protocol::daemon::WorkerStatus;
 
 pub struct Controller {
     pub cfg: Config,

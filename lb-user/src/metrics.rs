@@ -51,6 +51,8 @@ pub fn render(shared: &Shared) -> String {
         "# HELP baton_xdp_attached Info about the attached program.\n# TYPE baton_xdp_attached gauge\nbaton_xdp_attached{{interface=\"{}\",mode=\"{}\",prog_id=\"{}\"}} 1",
         shared.attach.interface, shared.attach.mode, shared.attach.prog_id
     );
+    drop(ctl);
+    shared.migrations.lock().unwrap().render(&mut out);
     out
 }
 

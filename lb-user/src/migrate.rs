@@ -1,20 +1,23 @@
-//! The controller side of live migrations, run by the `baton` CLI (`migrate`, `drain`, `conns`):
-//! issues the token, asks the source worker to migrate (it sends the sealed snapshot to the target
-//! over the peer channel and relays the target's confirmation), THEN flips the LB overrides for
-//! every CID of the connection to the target, tells the source to release (forward what it
-//! buffered, forget the connection), and removes the overrides once the target reports the old
-//! CIDs retired. A failure before the flip has been rolled back by the source; the map is untouched.
+//! The driver of live migrations, run by the `baton` CLI (`migrate`, `drain`, `conns`): it carries
+//! out what `baton_orchestrator::Migration` (the model of one migration: resolve, authorize,
+//! transfer, flip, release) asks for, with blocking I/O: the workers' control API (Unix socket or
+//! mutual TLS, `baton_protocol::worker` messages), the token issuer, the LB's override map (through
+//! the running baton-lb, else the pinned maps). It also retires the overrides once the targets
+//! report the old CIDs unused, and reports every finished migration to baton-lb's `/metrics`.
 //! Contract and files: `docs/MIGRATION-FLOW.md`.
 use crate::control::{self, Reply, Request};
-use crate::controller::{hex, override_key, parse_hex};
+use crate::controller::override_key;
 use crate::pinned::PinnedMaps;
 use anyhow::{Context, Result, bail};
-use migration::{
-    ConnectionId, MigrationBinding, MigrationId, MigrationToken, MigrationTokenManager,
-    TokenConfig, WorkerId,
-};
+pub use baton_orchestrator::Report;
+use baton_orchestrator::{Action, Event, Migration, Options, Outcome};
+pub use baton_protocol::Failure;
+use baton_protocol::worker::{self as api, CONTROL_ALPN, CidLayout, Info};
+use baton_protocol::{Cid, ErrorKind, HexBytes, MigrationId};
+use migration::{ConnectionId, MigrationBinding, MigrationTokenManager, TokenConfig, WorkerId};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -184,7 +187,7 @@ fn token_manager(path: &Path) -> Result<MigrationTokenManager> {
             path.display()
         )
     })?;
-    let bytes = parse_hex(&raw.token_secret)
+    let bytes = baton_protocol::hex::decode(&raw.token_secret)
         .with_context(|| format!("{}: token_secret is not hex", path.display()))?;
     let secret = migration::TokenSecret::from_bytes(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -196,25 +199,28 @@ fn token_manager(path: &Path) -> Result<MigrationTokenManager> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// A failed migration: the error kind (migration crate's `ErrorKind` names, plus `override`) and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub kind: String,
-    pub error: String,
-    /// Nobody listens on the worker's control socket (no file, or connecting is refused): the
-    /// worker process is not running, so it holds no connections. A worker that is running but
-    /// does not answer in time is not this: its connections exist and are unaccounted for.
-    #[serde(skip)]
+/// A worker that could not be asked: why, and whether it is running at all. Nobody listening on
+/// its control socket (no file, or connecting is refused) means the worker process is not
+/// running, so it holds no connections; a worker that is running but does not answer in time is
+/// not that: its connections exist and are unaccounted for.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    pub failure: Failure,
     pub not_running: bool,
 }
 
-impl Failure {
-    fn new(kind: &str, error: impl std::fmt::Display) -> Self {
+impl From<Failure> for Unanswered {
+    fn from(failure: Failure) -> Self {
         Self {
-            kind: kind.into(),
-            error: error.to_string(),
+            failure,
             not_running: false,
         }
+    }
+}
+
+impl From<Unanswered> for Failure {
+    fn from(u: Unanswered) -> Self {
+        u.failure
     }
 }
 
@@ -225,9 +231,6 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `migrate_out` may take the quiesce timeout it is given plus this (snapshot, transfer to the
 /// target, its import).
 pub const MIGRATE_SLACK: Duration = Duration::from_secs(10);
-
-/// ALPN of the workers' control API over TLS (the worker's `control::CONTROL_ALPN`).
-const CONTROL_ALPN: &[u8] = b"baton-control/1";
 
 /// Where a worker's control API is reached.
 enum Target<'a> {
@@ -297,7 +300,7 @@ impl Write for Channel {
 
 /// An I/O error as something to act on: TLS failures say which side refused what and what to
 /// check. `Some(kind)` when it is a configuration problem (certificates) rather than reachability.
-fn explain(e: &std::io::Error, target: &Target<'_>) -> (String, Option<&'static str>) {
+fn explain(e: &std::io::Error, target: &Target<'_>) -> (String, Option<ErrorKind>) {
     use rustls::{AlertDescription as A, CertificateError as C};
     let server_name = match target {
         Target::Tls { server_name, .. } => server_name.to_str().into_owned(),
@@ -348,7 +351,7 @@ fn explain(e: &std::io::Error, target: &Target<'_>) -> (String, Option<&'static 
         ),
         _ => format!("TLS: {tls}"),
     };
-    (text, Some("config"))
+    (text, Some(ErrorKind::Config))
 }
 
 /// Connects within `timeout` and, for TLS, completes the handshake within it too.
@@ -410,18 +413,19 @@ fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
 /// (`target_unavailable`), or refused our TLS credentials / we refused its (`config`).
 fn call(
     target: &Target<'_>,
-    req: &Value,
+    req: &api::Request,
     timeout: Duration,
-) -> std::result::Result<Value, Failure> {
+) -> std::result::Result<Value, Unanswered> {
     let fail = |e: &std::io::Error| {
         let (text, kind) = explain(e, target);
         Failure::new(
-            kind.unwrap_or("target_unavailable"),
+            kind.unwrap_or(ErrorKind::TargetUnavailable),
             format!("{target}: {text}"),
         )
     };
-    let unavailable =
-        |e: &dyn std::fmt::Display| Failure::new("target_unavailable", format!("{target}: {e}"));
+    let unavailable = |e: &dyn std::fmt::Display| {
+        Failure::new(ErrorKind::TargetUnavailable, format!("{target}: {e}"))
+    };
     let timed_out = || unavailable(&format!("no answer within {} ms", timeout.as_millis()));
     let deadline = Instant::now() + timeout;
     let left = || {
@@ -438,14 +442,14 @@ fn call(
     };
     let mut s = open(target, timeout).map_err(|e| {
         if is_timeout(&e) {
-            return timed_out();
+            return timed_out().into();
         }
-        Failure {
+        Unanswered {
             not_running: matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) && e.get_ref().is_none_or(|i| !i.is::<rustls::Error>()),
-            ..fail(&e)
+            failure: fail(&e),
         }
     })?;
     // After a TLS 1.3 handshake the worker may still refuse our certificate: its alert arrives
@@ -460,7 +464,7 @@ fn call(
             )
         {
             Failure::new(
-                "config",
+                ErrorKind::Config,
                 format!(
                     "{target}: the worker closed the connection ({e}); it may have refused our \
                      client certificate (see its log)"
@@ -488,9 +492,9 @@ fn call(
         s.set_timeout(left()?).map_err(|e| fail(&e))?;
         match s.read(&mut buf) {
             Ok(0) if matches!(target, Target::Tls { .. }) && answer.is_empty() => {
-                return Err(reset(&std::io::ErrorKind::UnexpectedEof.into()));
+                return Err(reset(&std::io::ErrorKind::UnexpectedEof.into()).into());
             }
-            Ok(0) => return Err(unavailable(&"closed without answering")),
+            Ok(0) => return Err(unavailable(&"closed without answering").into()),
             Ok(n) => {
                 answer.extend_from_slice(&buf[..n]);
                 if buf[..n].contains(&b'\n') {
@@ -498,8 +502,8 @@ fn call(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return Err(timed_out()),
-            Err(e) => return Err(reset(&e)),
+            Err(e) if is_timeout(&e) => return Err(timed_out().into()),
+            Err(e) => return Err(reset(&e).into()),
         }
     }
     if let Channel::Tls(t) = &mut s {
@@ -507,15 +511,9 @@ fn call(
         t.conn.send_close_notify();
         let _ = t.flush();
     }
-    let v: Value = serde_json::from_slice(&answer)
-        .map_err(|e| unavailable(&format!("unreadable answer ({e})")))?;
-    if v["ok"].as_bool() == Some(true) {
-        Ok(v["data"].clone())
-    } else {
-        Err(Failure::new(
-            v["kind"].as_str().unwrap_or("output"),
-            v["error"].as_str().unwrap_or("refused"),
-        ))
+    match baton_protocol::decode_answer::<Value>(&answer) {
+        Ok(answer) => Ok(answer?),
+        Err(e) => Err(unavailable(&format!("unreadable answer ({e})")).into()),
     }
 }
 
@@ -535,9 +533,10 @@ fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     })
 }
 
+/// One connection, as `baton conns` lists it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnRow {
-    pub conn: String,
+    pub conn: Cid,
     pub worker: String,
     pub server_id: u32,
     pub id: u64,
@@ -545,17 +544,12 @@ pub struct ConnRow {
     /// The VIP the client talks to (the connection's replies come from it); empty from a worker
     /// that does not say.
     pub vip: String,
+    /// `live`, `migrating` (frozen for export) or `importing` (held, waiting for the commit).
     pub state: String,
-    pub cids: Vec<String>,
+    pub cids: Vec<Cid>,
     /// How many of its CIDs the LB still routes by exact-CID override (a recent migration whose
     /// old CIDs are not retired yet); filled by [`Orchestrator::conns`].
     pub overrides: usize,
-}
-
-#[derive(Clone, Debug)]
-struct WorkerInfo {
-    server_id: u32,
-    peer: String,
 }
 
 /// Test hooks for the fault tests (hidden CLI flags).
@@ -569,18 +563,6 @@ pub struct Faults {
     pub tamper_snapshot: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Report {
-    pub conn: String,
-    pub from: String,
-    pub to: String,
-    pub migration_id: String,
-    pub cids: Vec<String>,
-    pub snapshot_bytes: u64,
-    pub freeze_ms: f64,
-    pub total_ms: f64,
-}
-
 pub struct Orchestrator {
     cfg: MigrationConfig,
     tokens: Mutex<MigrationTokenManager>,
@@ -588,10 +570,12 @@ pub struct Orchestrator {
     pin_dir: PathBuf,
     /// Worker name -> slot in BATON_WORKERS, from the running baton-lb (None: no daemon).
     slots: Option<HashMap<String, u32>>,
+    /// The CID layout the data plane routes by (from baton-lb, else the pinned config).
+    lb_layout: Option<CidLayout>,
     maps: Mutex<Option<PinnedMaps>>,
-    /// Workers' `info` (server ID, peer address), asked once per worker: they are fixed by the
-    /// worker's config, and a drain would otherwise ask twice per connection.
-    infos: Mutex<HashMap<String, WorkerInfo>>,
+    /// Workers' `info`, asked once per worker: it is fixed by the worker's config, and a drain
+    /// would otherwise ask twice per connection.
+    infos: Mutex<HashMap<String, Info>>,
     pub faults: Faults,
     pub quiesce_timeout: Duration,
     /// Limit of short control-socket requests ([`CONTROL_TIMEOUT`] by default).
@@ -610,7 +594,8 @@ impl Orchestrator {
             .transpose()?;
         // A daemon that went away while answering (restarting) leaves the pinned maps, which
         // the program keeps using: the migration goes through them, as with no daemon.
-        let slots = match control::ask(lb_socket, &Request::Workers) {
+        let mut lb_layout = None;
+        let slots = match control::ask(lb_socket, &Request::Status {}) {
             Ok(Reply::Answered(v)) => Some(v),
             Ok(Reply::NotRunning) => None,
             Ok(Reply::WentAway(why)) => {
@@ -623,16 +608,27 @@ impl Orchestrator {
             }
         }
         .map(|v| {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|w| {
-                            Some((w["name"].as_str()?.to_string(), w["index"].as_u64()? as u32))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        });
+            let status: control::DaemonStatus = serde_json::from_value(v)
+                .context("baton-lb answered `status` with something this baton cannot read (another version?)")?;
+            lb_layout = Some(status.cid);
+            anyhow::Ok(
+                status
+                    .workers
+                    .into_iter()
+                    .map(|w| (w.name, w.index))
+                    .collect::<HashMap<_, _>>(),
+            )
+        })
+        .transpose()?;
+        // Without a daemon, the pinned config says how the data plane parses CIDs.
+        if lb_layout.is_none()
+            && let Ok(c) = PinnedMaps::open(pin_dir).and_then(|m| m.lb_config())
+        {
+            lb_layout = Some(CidLayout {
+                cid_len: c.cid_len,
+                server_id_len: c.server_id_len,
+            });
+        }
         Ok(Self {
             cfg,
             tokens: Mutex::new(tokens),
@@ -642,41 +638,58 @@ impl Orchestrator {
             maps: Mutex::new(None),
             infos: Mutex::new(HashMap::new()),
             faults: Faults::default(),
+            lb_layout,
             quiesce_timeout: Duration::from_secs(2),
             control_timeout: CONTROL_TIMEOUT,
             control_tls,
         })
     }
 
-    /// One request to a worker's control API, over its Unix socket or mutual TLS.
-    fn call(
+    /// One request to a worker's control API, over its Unix socket or mutual TLS; the answer is
+    /// read as the type the request names.
+    fn call<T: DeserializeOwned>(
         &self,
         ep: &WorkerEndpoint,
-        req: &Value,
+        req: &api::Request,
         timeout: Duration,
-    ) -> std::result::Result<Value, Failure> {
+    ) -> std::result::Result<T, Unanswered> {
+        let config = |e: &dyn std::fmt::Display| {
+            Failure::new(ErrorKind::Config, format!("worker {}: {e}", ep.name))
+        };
         let target = match (&ep.control, &ep.control_tls, &self.control_tls) {
             (Some(path), _, _) => Target::Unix(path),
-            (None, Some(addr), Some(config)) => Target::Tls {
+            (None, Some(addr), Some(tls)) => Target::Tls {
                 addr,
                 server_name: rustls::pki_types::ServerName::try_from(
                     ep.server_name.as_deref().unwrap_or(&ep.name),
                 )
-                .map_err(|e| Failure::new("config", format!("worker {}: {e}", ep.name)))?
+                .map_err(|e| config(&e))?
                 .to_owned(),
-                config: config.clone(),
+                config: tls.clone(),
             },
             _ => {
-                return Err(Failure::new(
-                    "config",
-                    format!(
-                        "worker {}: no control socket, or control_tls without a [control_tls] table",
-                        ep.name
-                    ),
-                ));
+                return Err(config(
+                    &"no control socket, or control_tls without a [control_tls] table",
+                )
+                .into());
             }
         };
-        call(&target, req, timeout)
+        let v = call(&target, req, timeout)?;
+        serde_json::from_value(v).map_err(|e| {
+            Failure::new(
+                ErrorKind::Output,
+                format!(
+                    "worker {} answered `{}` with something this baton cannot read (another \
+                     version?): {e}",
+                    ep.name,
+                    serde_json::to_value(req)
+                        .ok()
+                        .and_then(|v| v["cmd"].as_str().map(String::from))
+                        .unwrap_or_default()
+                ),
+            )
+            .into()
+        })
     }
 
     fn endpoint(&self, name: &str) -> Result<&WorkerEndpoint, Failure> {
@@ -687,7 +700,7 @@ impl Orchestrator {
             .ok_or_else(|| {
                 let known: Vec<&str> = self.cfg.workers.iter().map(|w| w.name.as_str()).collect();
                 Failure::new(
-                    "config",
+                    ErrorKind::Config,
                     format!(
                         "no worker {name:?} in the migration config (known: {})",
                         known.join(", ")
@@ -696,19 +709,15 @@ impl Orchestrator {
             })
     }
 
-    fn info(&self, name: &str) -> Result<WorkerInfo, Failure> {
+    fn info(&self, name: &str) -> Result<Info, Unanswered> {
         if let Some(i) = self.infos.lock().unwrap().get(name) {
             return Ok(i.clone());
         }
-        let v = self.call(
+        let info: Info = self.call(
             self.endpoint(name)?,
-            &json!({"cmd": "info"}),
+            &api::Request::Info {},
             self.control_timeout,
         )?;
-        let info = WorkerInfo {
-            server_id: v["server_id"].as_u64().unwrap_or(0) as u32,
-            peer: v["peer"].as_str().unwrap_or_default().to_string(),
-        };
         self.infos
             .lock()
             .unwrap()
@@ -721,49 +730,47 @@ impl Orchestrator {
     }
 
     /// Connections of one worker.
-    pub fn conns_of(&self, name: &str) -> Result<Vec<ConnRow>, Failure> {
+    pub fn conns_of(&self, name: &str) -> Result<Vec<ConnRow>, Unanswered> {
         let ep = self.endpoint(name)?;
         let info = self.info(name)?;
-        let v = self.call(ep, &json!({"cmd": "conns"}), self.control_timeout)?;
         // Anything but a list is an error, never "no connections".
-        let list = v.as_array().ok_or_else(|| {
-            Failure::new(
-                "output",
-                format!("worker {name} answered `conns` with something that is not a list"),
-            )
-        })?;
+        let list: Vec<api::Conn> = self
+            .call(ep, &api::Request::Conns {}, self.control_timeout)
+            .map_err(|mut u| {
+                if u.failure.kind == ErrorKind::Output {
+                    u.failure.message = format!(
+                        "worker {name} answered `conns` with something that is not a list of \
+                         connections: {}",
+                        u.failure.message
+                    );
+                }
+                u
+            })?;
         Ok(list
-            .iter()
+            .into_iter()
             .map(|c| ConnRow {
-                conn: c["conn"].as_str().unwrap_or_default().into(),
+                conn: c.conn,
                 worker: name.into(),
                 server_id: info.server_id,
-                id: c["id"].as_u64().unwrap_or(0),
-                remote: c["remote"].as_str().unwrap_or_default().into(),
-                vip: c["vip"].as_str().unwrap_or_default().into(),
-                state: if c["frozen"].as_bool() == Some(true) {
+                id: c.id,
+                remote: c.remote.to_string(),
+                vip: c.vip.map(|v| v.to_string()).unwrap_or_default(),
+                state: if c.frozen {
                     "migrating"
-                } else if c["held"].as_bool() == Some(true) {
+                } else if c.held {
                     "importing"
                 } else {
                     "live"
                 }
                 .into(),
-                cids: c["cids"]
-                    .as_array()
-                    .map(|x| {
-                        x.iter()
-                            .filter_map(|s| s.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                cids: c.cids,
                 overrides: 0,
             })
             .collect())
     }
 
-    /// Connections of every worker; unreachable workers are reported in the second list.
-    pub fn conns(&self) -> (Vec<ConnRow>, Vec<(String, Failure)>) {
+    /// Connections of every worker; the workers that could not be asked are in the second list.
+    pub fn conns(&self) -> (Vec<ConnRow>, Vec<(String, Unanswered)>) {
         let mut rows = Vec::new();
         let mut down = Vec::new();
         for w in &self.cfg.workers {
@@ -772,12 +779,16 @@ impl Orchestrator {
                 Err(f) => down.push((w.name.clone(), f)),
             }
         }
-        let overridden: HashSet<String> = PinnedMaps::open(&self.pin_dir)
+        let overridden: HashSet<Vec<u8>> = PinnedMaps::open(&self.pin_dir)
             .and_then(|m| m.overrides())
-            .map(|l| l.iter().map(|(k, _)| hex(k.as_slice())).collect())
+            .map(|l| l.iter().map(|(k, _)| k.as_slice().to_vec()).collect())
             .unwrap_or_default();
         for r in &mut rows {
-            r.overrides = r.cids.iter().filter(|c| overridden.contains(*c)).count();
+            r.overrides = r
+                .cids
+                .iter()
+                .filter(|c| overridden.contains(c.as_bytes()))
+                .count();
         }
         (rows, down)
     }
@@ -798,7 +809,7 @@ impl Orchestrator {
             .map(|w| w.worker)
             .map_err(|_| {
                 Failure::new(
-                    "config",
+                    ErrorKind::Config,
                     format!(
                         "the load balancer knows no worker with server ID {server_id} ({name})"
                     ),
@@ -810,7 +821,7 @@ impl Orchestrator {
         if m.is_none() {
             *m = Some(
                 PinnedMaps::open(&self.pin_dir)
-                    .map_err(|e| Failure::new("override", format!("{e:#}")))?,
+                    .map_err(|e| Failure::new(ErrorKind::Override, format!("{e:#}")))?,
             );
         }
         Ok(m.as_mut().unwrap())
@@ -818,10 +829,10 @@ impl Orchestrator {
 
     /// Through the running baton-lb (serialised with its own writes), else the pinned maps directly;
     /// both end in `PinnedMaps::set_override`, which keeps the fast path's counts.
-    fn set_override(&self, cid: &[u8], slot: u32) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
+    fn set_override(&self, cid: &Cid, slot: u32) -> Result<(), Failure> {
+        let fail = |e: anyhow::Error| Failure::new(ErrorKind::Override, format!("{e:#}"));
         let req = Request::OverrideSet {
-            cid: hex(cid),
+            cid: *cid,
             worker: slot,
         };
         if self.through_daemon(&req)? {
@@ -830,19 +841,19 @@ impl Orchestrator {
         let mut maps = self.maps.lock().unwrap();
         let maps = self.open_maps(&mut maps)?;
         let len = maps.lb_config().map_err(fail)?.cid_len as usize;
-        maps.set_override(override_key(cid, len).map_err(fail)?, slot)
+        maps.set_override(override_key(cid.as_bytes(), len).map_err(fail)?, slot)
             .map_err(fail)
     }
 
-    fn remove_override(&self, cid: &[u8]) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        if self.through_daemon(&Request::OverrideDel { cid: hex(cid) })? {
+    fn remove_override(&self, cid: &Cid) -> Result<(), Failure> {
+        let fail = |e: anyhow::Error| Failure::new(ErrorKind::Override, format!("{e:#}"));
+        if self.through_daemon(&Request::OverrideDel { cid: *cid })? {
             return Ok(());
         }
         let mut maps = self.maps.lock().unwrap();
         let maps = self.open_maps(&mut maps)?;
-        let key =
-            lb_common::CidKey::new(cid).ok_or_else(|| Failure::new("override", "CID too long"))?;
+        let key = lb_common::CidKey::new(cid.as_bytes())
+            .ok_or_else(|| Failure::new(ErrorKind::Override, "CID too long"))?;
         maps.remove_override(&key).map(|_| ()).map_err(fail)
     }
 
@@ -861,20 +872,20 @@ impl Orchestrator {
                 eprintln!("note: {why}; writing the pinned maps directly");
                 Ok(false)
             }
-            Err(e) => Err(Failure::new("override", e.to_string())),
+            Err(e) => Err(Failure::new(ErrorKind::Override, e.to_string())),
         }
     }
 
     /// Finds which worker holds `conn`.
-    pub fn locate(&self, conn: &str) -> Result<String, Failure> {
+    pub fn locate(&self, conn: &Cid) -> Result<String, Failure> {
         let (rows, down) = self.conns();
-        rows.into_iter().find(|r| r.conn == conn).map(|r| r.worker).ok_or_else(|| {
+        rows.into_iter().find(|r| r.conn == *conn).map(|r| r.worker).ok_or_else(|| {
             let silent: Vec<&str> = down.iter().filter(|(_, f)| !f.not_running).map(|(w, _)| w.as_str()).collect();
             if silent.is_empty() {
-                Failure::new("unknown_connection", format!("no worker holds connection {conn} (see `baton conns`)"))
+                Failure::new(ErrorKind::UnknownConnection, format!("no worker holds connection {conn} (see `baton conns`)"))
             } else {
                 Failure::new(
-                    "unknown_connection",
+                    ErrorKind::UnknownConnection,
                     format!(
                         "no worker that answered holds connection {conn}; {} did not answer and may hold it",
                         silent.join(", ")
@@ -884,110 +895,124 @@ impl Orchestrator {
         })
     }
 
-    /// Moves one connection; on success the overrides point at the target and the source is
-    /// released. The caller removes the overrides later with [`Self::retire`].
-    pub fn migrate(&self, conn: &str, from: &str, to: &str) -> Result<Report, Failure> {
-        if from == to {
-            return Err(Failure::new(
-                "config",
-                format!("connection {conn} is already on {to}"),
-            ));
+    /// Moves one connection by driving its [`Migration`] to the end; on success the overrides
+    /// point at the target and the source is released. The caller removes the overrides later
+    /// with [`Self::retire`]. The outcome is reported to baton-lb's metrics when it runs.
+    pub fn migrate(&self, conn: &Cid, from: &str, to: &str) -> Result<Report, Failure> {
+        let opts = Options {
+            quiesce_timeout: self.quiesce_timeout,
+            transfer_slack: MIGRATE_SLACK,
+            step_timeout: self.control_timeout,
+            lb_layout: self.lb_layout,
+            tamper_snapshot: self.faults.tamper_snapshot,
+        };
+        let mut m = Migration::new(*conn, from, to, MigrationId::random(), opts, Instant::now());
+        // Every action is carried out at once and answered (each call has its own timeout), so
+        // the machine never waits for its timer here.
+        while let Some(action) = m.poll_action() {
+            let event = self.perform(action);
+            m.handle(event, Instant::now());
         }
-        let started = Instant::now();
-        let src = self.endpoint(from)?.clone();
-        let (src_info, dst_info) = (self.info(from)?, self.info(to)?);
-        let key = parse_hex(conn).ok_or_else(|| {
-            Failure::new("config", format!("{conn:?} is not a hex connection key"))
-        })?;
-        let migration_id = MigrationId::random();
+        let record = m.record();
+        if self.slots.is_some() {
+            // Best effort: the metrics must never fail a migration.
+            if let Err(e) = control::ask(&self.lb_socket, &Request::MigrationDone(record)) {
+                tracing::debug!("could not report the migration to baton-lb: {e}");
+            }
+        }
+        match m.into_outcome() {
+            Some(Outcome::Moved(r)) => {
+                if let Some(w) = &r.release_warning {
+                    tracing::warn!(conn = %conn, from, "{w}");
+                }
+                Ok(r)
+            }
+            Some(Outcome::Failed { failure, .. }) => Err(failure),
+            None => Err(Failure::new(
+                ErrorKind::Output,
+                "the migration stopped without an outcome (a bug: please report it)",
+            )),
+        }
+    }
+
+    /// Carries out one action of a [`Migration`] and says what came of it.
+    fn perform(&self, action: Action) -> Event {
+        match action {
+            Action::AskInfo { worker } => Event::Info {
+                result: self.info(&worker).map_err(Failure::from),
+                worker,
+            },
+            Action::FindSlot { worker, server_id } => Event::Slot(self.slot_of(&worker, server_id)),
+            Action::IssueToken {
+                migration_id,
+                conn,
+                source,
+                target,
+            } => Event::Token(self.issue(migration_id, &conn, source, target)),
+            Action::MigrateOut {
+                worker,
+                request,
+                timeout,
+            } => Event::MigratedOut(self.endpoint(&worker).and_then(|ep| {
+                self.call(ep, &api::Request::MigrateOut(request), timeout)
+                    .map_err(Failure::from)
+            })),
+            Action::SetOverride { cid, slot } => Event::OverrideSet {
+                result: self.set_override(&cid, slot),
+                cid,
+            },
+            Action::Release {
+                worker,
+                migration_id,
+            } => Event::Released(self.endpoint(&worker).and_then(|ep| {
+                self.call::<api::Released>(
+                    ep,
+                    &api::Request::Release { migration_id },
+                    self.control_timeout,
+                )
+                .map(|_| ())
+                .map_err(Failure::from)
+            })),
+        }
+    }
+
+    /// A single-use token for exactly this migration (the fault hooks forge or age it).
+    fn issue(
+        &self,
+        migration_id: MigrationId,
+        conn: &Cid,
+        source: u32,
+        target: u32,
+    ) -> Result<HexBytes, Failure> {
         let binding = MigrationBinding {
             migration_id,
-            connection_id: ConnectionId::new(&key)
-                .map_err(|e| Failure::new(e.kind().as_str(), e))?,
-            source: WorkerId(src_info.server_id),
-            target: WorkerId(dst_info.server_id),
+            connection_id: ConnectionId::new(conn.as_bytes())?,
+            source: WorkerId(source),
+            target: WorkerId(target),
         };
-        let slot = self.slot_of(to, dst_info.server_id)?;
-        let token = {
-            let mut tokens = self.tokens.lock().unwrap();
-            let now = match self.faults.expire_token {
-                // Issued so long ago that it has already expired.
-                Some(age) => SystemTime::now() - age - Duration::from_secs(1),
-                None => SystemTime::now(),
-            };
-            tokens
-                .issue(&binding, now)
-                .map_err(|e| Failure::new(e.kind().as_str(), e))?
+        let now = match self.faults.expire_token {
+            // Issued so long ago that it has already expired.
+            Some(age) => SystemTime::now() - age - Duration::from_secs(1),
+            None => SystemTime::now(),
         };
+        let token = self.tokens.lock().unwrap().issue(&binding, now)?;
         let mut token = token.as_bytes().to_vec();
         if self.faults.forge_token {
             *token.last_mut().unwrap() ^= 1;
         }
-        let token = MigrationToken::from_bytes(token);
-        let req = json!({
-            "cmd": "migrate_out",
-            "conn": conn,
-            "migration_id": migration_id.to_string(),
-            "token": hex(token.as_bytes()),
-            "target": {"name": to, "server_id": dst_info.server_id, "peer": dst_info.peer},
-            "timeout_ms": self.quiesce_timeout.as_millis() as u64,
-            "test_tamper": self.faults.tamper_snapshot,
-        });
-        let done = self.call(&src, &req, self.quiesce_timeout + MIGRATE_SLACK)?;
-        // The target confirmed: only now does the data plane move.
-        let cids: Vec<String> = done["cids"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for c in &cids {
-            let cid = parse_hex(c)
-                .ok_or_else(|| Failure::new("output", "the source sent a non-hex CID"))?;
-            if let Err(f) = self.set_override(&cid, slot) {
-                // The target already serves the connection; the source keeps forwarding for a while.
-                return Err(Failure::new(
-                    "override",
-                    format!("connection moved but the override flip failed: {}", f.error),
-                ));
-            }
-        }
-        if let Err(f) = self.call(
-            &src,
-            &json!({"cmd": "release", "migration_id": migration_id.to_string()}),
-            self.control_timeout,
-        ) {
-            tracing::warn!(
-                conn,
-                from,
-                "release failed (the source forgets the connection by itself later): {}",
-                f.error
-            );
-        }
-        Ok(Report {
-            conn: conn.into(),
-            from: from.into(),
-            to: to.into(),
-            migration_id: migration_id.to_string(),
-            cids,
-            snapshot_bytes: done["snapshot_bytes"].as_u64().unwrap_or(0),
-            freeze_ms: done["freeze_ms"].as_f64().unwrap_or(0.0),
-            total_ms: started.elapsed().as_secs_f64() * 1000.0,
-        })
+        Ok(HexBytes(token))
     }
 
     /// Removes the overrides of migrated connections once their target no longer lists the old
     /// CIDs (the client retired them), waiting up to `timeout`. Returns the CIDs still overridden
     /// (still in use: removing them would strand the client).
-    pub fn retire(&self, moved: &[Report], timeout: Duration) -> Vec<String> {
-        let mut pending: BTreeMap<String, Vec<(String, HashSet<String>)>> = BTreeMap::new();
+    pub fn retire(&self, moved: &[Report], timeout: Duration) -> Vec<Cid> {
+        let mut pending: BTreeMap<String, Vec<(Cid, HashSet<Cid>)>> = BTreeMap::new();
         for r in moved {
             pending
                 .entry(r.to.clone())
                 .or_default()
-                .push((r.conn.clone(), r.cids.iter().cloned().collect()));
+                .push((r.conn, r.cids.iter().copied().collect()));
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -995,22 +1020,22 @@ impl Orchestrator {
                 let Ok(rows) = self.conns_of(worker) else {
                     continue;
                 };
-                let live: HashMap<&str, HashSet<&str>> = rows
+                let live: HashMap<Cid, HashSet<Cid>> = rows
                     .iter()
-                    .map(|r| (r.conn.as_str(), r.cids.iter().map(String::as_str).collect()))
+                    .map(|r| (r.conn, r.cids.iter().copied().collect()))
                     .collect();
                 for (conn, old) in list.iter_mut() {
-                    let in_use = live.get(conn.as_str());
+                    let in_use = live.get(conn);
                     old.retain(|cid| {
-                        if in_use.is_some_and(|l| l.contains(cid.as_str())) {
+                        if in_use.is_some_and(|l| l.contains(cid)) {
                             return true;
                         }
-                        match parse_hex(cid).map(|c| self.remove_override(&c)) {
-                            Some(Err(f)) => {
-                                tracing::warn!(cid, "could not remove the override: {}", f.error);
+                        match self.remove_override(cid) {
+                            Err(f) => {
+                                tracing::warn!(%cid, "could not remove the override: {}", f.message);
                                 true
                             }
-                            _ => false,
+                            Ok(()) => false,
                         }
                     });
                 }
@@ -1075,11 +1100,11 @@ pub fn drain(
     progress: Progress<'_>,
 ) -> Result<DrainSummary> {
     let started = Instant::now();
-    let conns = o.conns_of(worker).map_err(|f| {
+    let conns = o.conns_of(worker).map_err(|u| {
         anyhow::anyhow!(
             "cannot list the connections of worker {worker} ({}): {}",
-            f.kind,
-            f.error
+            u.failure.kind,
+            u.failure.message
         )
     })?;
     let targets: Vec<String> = match to {
@@ -1119,7 +1144,7 @@ pub fn drain(
         .collect();
     let mut errors = BTreeMap::new();
     for f in results.iter().filter_map(|r| r.as_ref().err()) {
-        *errors.entry(f.kind.clone()).or_default() += 1;
+        *errors.entry(f.kind.as_str().to_string()).or_default() += 1;
     }
     let left = o.retire(&moved, Duration::from_secs(10));
     let migration_ms: Vec<f64> = moved.iter().map(|r| r.total_ms).collect();
@@ -1170,7 +1195,7 @@ mod tests {
     fn info_then(conns: &'static str) -> impl Fn(&str) -> Option<String> {
         move |req: &str| {
             Some(if req.contains("\"info\"") {
-                r#"{"ok":true,"data":{"name":"w","server_id":1,"peer":"127.0.0.1:1"}}"#.to_string()
+                r#"{"ok":true,"data":{"protocol":1,"name":"w","server_id":1,"peer":"127.0.0.1:1","cid":{"cid_len":8,"server_id_len":2}}}"#.to_string()
             } else {
                 conns.to_string()
             })
@@ -1193,7 +1218,7 @@ mod tests {
         .unwrap();
         fake_worker(&dir.join("ok.sock"), |r| {
             info_then(
-                r#"{"ok":true,"data":[{"conn":"00aa","id":3,"remote":"10.0.0.1:5000","frozen":false,"cids":["0100"]}]}"#,
+                r#"{"ok":true,"data":[{"conn":"00aa","id":3,"remote":"10.0.0.1:5000","vip":null,"frozen":false,"held":false,"cids":["0100"]}]}"#,
             )(r)
         });
         fake_worker(&dir.join("stuck.sock"), |r| {
@@ -1230,7 +1255,7 @@ mod tests {
         );
         assert_eq!(rows.len(), 1);
         assert_eq!(
-            (rows[0].worker.as_str(), rows[0].conn.as_str()),
+            (rows[0].worker.as_str(), rows[0].conn.to_string().as_str()),
             ("ok", "00aa")
         );
         let names: Vec<&str> = down.iter().map(|(w, _)| w.as_str()).collect();
@@ -1242,12 +1267,20 @@ mod tests {
             "only the gone worker is known not to run"
         );
         assert!(
-            down[1].1.error.contains("no answer within 300 ms"),
+            down[1]
+                .1
+                .failure
+                .message
+                .contains("no answer within 300 ms"),
             "{:?}",
             down[1].1
         );
-        assert_eq!(down[1].1.kind, "target_unavailable");
-        assert!(down[2].1.error.contains("not a list"), "{:?}", down[2].1);
+        assert_eq!(down[1].1.failure.kind, ErrorKind::TargetUnavailable);
+        assert!(
+            down[2].1.failure.message.contains("not a list"),
+            "{:?}",
+            down[2].1
+        );
         let e = drain(&o, "stuck", Some("ok"), 1, &|_, _, _| {}).unwrap_err();
         assert!(format!("{e:#}").contains("worker stuck"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -1350,27 +1383,27 @@ mod tests {
         drop(closed);
         let f = call(
             &target(&addr),
-            &json!({"cmd": "info"}),
+            &api::Request::Info {},
             Duration::from_secs(2),
         )
         .unwrap_err();
         assert!(f.not_running, "{f:?}");
-        assert!(f.error.contains("nothing listens"), "{f:?}");
+        assert!(f.failure.message.contains("nothing listens"), "{f:?}");
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = silent.local_addr().unwrap().to_string();
         let started = Instant::now();
         let f = call(
             &target(&addr),
-            &json!({"cmd": "info"}),
+            &api::Request::Info {},
             Duration::from_millis(300),
         )
         .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(
-            !f.not_running && f.error.contains("no answer within 300 ms"),
+            !f.not_running && f.failure.message.contains("no answer within 300 ms"),
             "{f:?}"
         );
-        assert_eq!(f.kind, "target_unavailable");
+        assert_eq!(f.failure.kind, ErrorKind::TargetUnavailable);
         drop(silent);
     }
 

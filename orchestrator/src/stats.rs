@@ -116,8 +116,16 @@ impl MigrationStats {
     /// Prometheus text exposition of the metrics.
     pub fn render(&self, out: &mut String) {
         out.push_str("# HELP baton_migrations_total Migrations orchestrated, by result (reported by baton migrate and drain).\n# TYPE baton_migrations_total counter\n");
-        let _ = writeln!(out, "baton_migrations_total{{result=\"ok\"}} {}", self.succeeded);
-        let _ = writeln!(out, "baton_migrations_total{{result=\"failed\"}} {}", self.failed());
+        let _ = writeln!(
+            out,
+            "baton_migrations_total{{result=\"ok\"}} {}",
+            self.succeeded
+        );
+        let _ = writeln!(
+            out,
+            "baton_migrations_total{{result=\"failed\"}} {}",
+            self.failed()
+        );
         out.push_str("# HELP baton_migration_errors_total Failed migrations by error kind.\n# TYPE baton_migration_errors_total counter\n");
         for (kind, n) in &self.failed {
             let _ = writeln!(out, "baton_migration_errors_total{{kind=\"{kind}\"}} {n}");
@@ -126,10 +134,15 @@ impl MigrationStats {
         self.total_ms.render(out, "baton_migration_duration_ms", "");
         out.push_str("# HELP baton_migration_step_duration_ms Time in each step of a migration (resolve, authorize, transfer, flip, release), milliseconds.\n# TYPE baton_migration_step_duration_ms histogram\n");
         for (step, h) in &self.step_ms {
-            h.render(out, "baton_migration_step_duration_ms", &format!("step=\"{}\"", step.as_str()));
+            h.render(
+                out,
+                "baton_migration_step_duration_ms",
+                &format!("step=\"{}\"", step.as_str()),
+            );
         }
         out.push_str("# HELP baton_migration_snapshot_bytes Sealed snapshot sizes of migrations that got that far.\n# TYPE baton_migration_snapshot_bytes histogram\n");
-        self.snapshot_bytes.render(out, "baton_migration_snapshot_bytes", "");
+        self.snapshot_bytes
+            .render(out, "baton_migration_snapshot_bytes", "");
     }
 }
 

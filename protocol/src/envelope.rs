@@ -46,7 +46,10 @@ pub fn decode_answer<T: DeserializeOwned>(line: &[u8]) -> Result<Result<T, Failu
     let wire: Wire<T> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
     match (wire.ok, wire.data) {
         (true, Some(data)) => Ok(Ok(data)),
-        (true, None) => Err("an `ok` answer without `data`".into()),
+        // `"data": null` or none: fine for a type that has a null (unit, Option, Value).
+        (true, None) => serde_json::from_value(serde_json::Value::Null)
+            .map(Ok)
+            .map_err(|_| "an `ok` answer without `data`".into()),
         (false, _) => Ok(Err(Failure {
             kind: wire.kind.unwrap_or(ErrorKind::Unknown),
             message: wire

@@ -140,7 +140,7 @@ fn detach(cli: &Cli) -> Result<()> {
     let cfg = Config::load(&cli.config).ok();
     let sock = socket_path(cli, cfg.as_ref());
     // A running daemon would keep writing maps that are about to disappear: stop it first.
-    let asked = control::request(&sock, &Request::Shutdown)?.is_some();
+    let asked = control::request(&sock, &Request::Shutdown {})?.is_some();
     if asked {
         tracing::info!(socket = %sock.display(), "asked the running baton-lb to exit");
     }
@@ -328,6 +328,7 @@ async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Re
         shutdown: tokio::sync::Notify::new(),
         metrics: metrics_addr,
         keep: Mutex::new(vec![Box::new(dp), Box::new(pin_lock)]),
+        migrations: Default::default(),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
     if let Some(addr) = metrics_addr {

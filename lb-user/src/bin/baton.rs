@@ -176,12 +176,12 @@ fn conns(cli: &Cli) -> Result<()> {
         if f.not_running {
             eprintln!(
                 "warning: worker {w} is not running, so it holds no connections: {}",
-                f.error
+                f.failure.message
             );
         } else {
             eprintln!(
                 "warning: worker {w} did not answer ({}): {}",
-                f.kind, f.error
+                f.failure.kind, f.failure.message
             );
             silent.push(w.as_str());
         }
@@ -214,7 +214,7 @@ fn conns(cli: &Cli) -> Result<()> {
             r.state,
             r.remote,
             r.overrides,
-            r.cids.join(",")
+            join(&r.cids)
         );
     }
     println!("{} connections", rows.len());
@@ -243,7 +243,15 @@ fn migrate(
     };
     o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
     o.faults = faults;
-    let result = o.locate(conn).and_then(|from| o.migrate(conn, &from, to));
+    let result = conn
+        .parse::<baton_protocol::Cid>()
+        .map_err(|e| {
+            baton_protocol::Failure::new(
+                baton_protocol::ErrorKind::Config,
+                format!("{conn:?} is not a connection key ({e}); see `baton conns`"),
+            )
+        })
+        .and_then(|c| o.locate(&c).and_then(|from| o.migrate(&c, &from, to)));
     match result {
         Ok(r) => {
             let left = o.retire(std::slice::from_ref(&r), std::time::Duration::from_secs(5));
@@ -269,7 +277,7 @@ fn migrate(
                 println!(
                     "{} old CIDs still in use: their overrides stay ({})",
                     left.len(),
-                    left.join(",")
+                    join(&left)
                 );
             }
             Ok(())
@@ -277,11 +285,11 @@ fn migrate(
         Err(f) => {
             if cli.json {
                 print_json(
-                    &json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.error}),
+                    &json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.message}),
                 )?;
                 std::process::exit(1);
             }
-            bail!("migration failed ({}): {}", f.kind, f.error)
+            bail!("migration failed ({}): {}", f.kind, f.message)
         }
     }
 }
@@ -296,7 +304,7 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
         lb_user::migrate::Failure,
     >| {
         if let Err(f) = r {
-            eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.error);
+            eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.message);
         } else if !json_out && (done.is_multiple_of(25) || done == total) {
             eprintln!("[{done}/{total}] migrated");
         }
@@ -333,7 +341,7 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
 /// The running baton-lb's status, for what only it knows (names, health, mode). `None` when no
 /// daemon answers: every read-only command then answers from the pinned maps, saying why.
 fn daemon(cli: &Cli) -> Option<DaemonStatus> {
-    match control::ask(&cli.control_socket, &Request::Status) {
+    match control::ask(&cli.control_socket, &Request::Status {}) {
         Ok(Reply::Answered(v)) => serde_json::from_value(v).ok(),
         Ok(Reply::NotRunning) => None,
         Ok(Reply::WentAway(why)) => {
@@ -715,6 +723,14 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
     Ok(())
 }
 
+/// CIDs as the text lists show them: hex, comma-separated.
+fn join(cids: &[baton_protocol::Cid]) -> String {
+    cids.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn names_by_index(cli: &Cli) -> std::collections::HashMap<u32, String> {
     daemon(cli)
         .map(|d| d.workers.into_iter().map(|w| (w.index, w.name)).collect())
@@ -757,7 +773,7 @@ fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
     // Setting the same override twice is harmless, so a daemon that went away mid-request (it may
     // or may not have written it) is finished for through the pins.
     let req = Request::OverrideSet {
-        cid: hex(key.as_slice()),
+        cid: baton_protocol::Cid::new(key.as_slice())?,
         worker: idx,
     };
     match control::ask(&cli.control_socket, &req).map_err(mutation_failed)? {
@@ -783,7 +799,9 @@ fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     let key = CidKey::new(&cid).unwrap();
     let removed = match control::ask(
         &cli.control_socket,
-        &Request::OverrideDel { cid: hex(&cid) },
+        &Request::OverrideDel {
+            cid: baton_protocol::Cid::new(&cid)?,
+        },
     )
     .map_err(mutation_failed)?
     {
