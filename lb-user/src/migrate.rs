@@ -552,6 +552,31 @@ pub struct ConnRow {
     pub overrides: usize,
 }
 
+/// One worker in [`Orchestrator::check`].
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerCheck {
+    pub worker: String,
+    pub info: Option<Info>,
+    pub health: Option<api::Health>,
+    /// What stops migrations from or to it; empty when none.
+    pub problems: Vec<String>,
+}
+
+/// What `baton check` found.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    /// No problem anywhere.
+    pub ok: bool,
+    /// The token secret id this controller issues with.
+    pub token_secret_id: u32,
+    /// The CID layout the data plane routes by; `None` when neither baton-lb nor the pinned
+    /// maps could say.
+    pub lb_layout: Option<CidLayout>,
+    pub workers: Vec<WorkerCheck>,
+    /// Problems between workers (keys one seals with and another cannot open).
+    pub problems: Vec<String>,
+}
+
 /// Test hooks for the fault tests (hidden CLI flags).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
@@ -1001,6 +1026,101 @@ impl Orchestrator {
             *token.last_mut().unwrap() ^= 1;
         }
         Ok(HexBytes(token))
+    }
+
+    /// The migration machinery's health, as every migration needs it: each worker answers, speaks
+    /// our protocol and issues the LB's CIDs; it accepts the tokens this controller issues; every
+    /// worker can open what every other seals; every worker reaches its peers.
+    pub fn check(&self) -> CheckReport {
+        let token_secret_id = self.tokens.lock().unwrap().current_secret_id();
+        let mut problems = Vec::new();
+        let mut workers = Vec::new();
+        for ep in &self.cfg.workers {
+            let name = ep.name.clone();
+            let mut w = WorkerCheck {
+                worker: name.clone(),
+                info: None,
+                health: None,
+                problems: Vec::new(),
+            };
+            match self.info(&name) {
+                Ok(info) => {
+                    if info.protocol != baton_protocol::PROTOCOL_VERSION {
+                        w.problems.push(format!(
+                            "speaks control protocol version {}, this baton speaks {}",
+                            info.protocol,
+                            baton_protocol::PROTOCOL_VERSION
+                        ));
+                    }
+                    if let Some(lb) = self.lb_layout
+                        && lb != info.cid
+                    {
+                        w.problems.push(format!(
+                            "issues {} but the load balancer routes {}",
+                            info.cid, lb
+                        ));
+                    }
+                    w.info = Some(info);
+                }
+                Err(u) => w
+                    .problems
+                    .push(format!("does not answer `info`: {}", u.failure.message)),
+            }
+            if w.info.is_some() {
+                match self.call::<api::Health>(ep, &api::Request::Health {}, self.control_timeout) {
+                    Ok(h) => {
+                        if !h.token_secret_ids.contains(&token_secret_id) {
+                            w.problems.push(format!(
+                                "refuses the tokens this controller issues (token secret id \
+                                 {token_secret_id}; it holds {:?}): give the controller and the \
+                                 workers the same token secret",
+                                h.token_secret_ids
+                            ));
+                        }
+                        for p in &h.peers {
+                            if let Some(e) = &p.error {
+                                w.problems.push(format!(
+                                    "cannot reach peer {} ({}): {e}",
+                                    p.name, p.peer
+                                ));
+                            }
+                        }
+                        w.health = Some(h);
+                    }
+                    Err(u) => w
+                        .problems
+                        .push(format!("does not answer `health`: {}", u.failure.message)),
+                }
+            }
+            workers.push(w);
+        }
+        // A source seals with its current key; every target must hold that key.
+        for a in &workers {
+            let Some(ha) = &a.health else { continue };
+            for b in &workers {
+                let Some(hb) = &b.health else { continue };
+                if a.worker != b.worker && !hb.snapshot_key_ids.contains(&ha.snapshot_key_id) {
+                    problems.push(format!(
+                        "{} seals snapshots with key id {}, which {} does not hold ({:?}): \
+                         migrations {} -> {} would fail; give every worker the same secrets file",
+                        a.worker,
+                        ha.snapshot_key_id,
+                        b.worker,
+                        hb.snapshot_key_ids,
+                        a.worker,
+                        b.worker
+                    ));
+                }
+            }
+        }
+        let ok = problems.is_empty() && workers.iter().all(|w| w.problems.is_empty());
+        CheckReport {
+            ok,
+            token_secret_id,
+            lb_layout: self.lb_layout,
+            workers,
+            problems,
+        }
     }
 
     /// Removes the overrides of migrated connections once their target no longer lists the old

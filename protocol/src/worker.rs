@@ -22,6 +22,34 @@ pub enum Request {
     MigrateOut(MigrateOut),
     /// Answered with [`Released`].
     Release { migration_id: MigrationId },
+    /// Answered with [`Health`]: the worker's migration machinery (keys, peers).
+    Health {},
+}
+
+/// Whether a worker can take part in migrations: the keys it holds and the peers it reaches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Token secrets it verifies with (ids only), and the current one.
+    pub token_secret_ids: Vec<u32>,
+    pub token_secret_id: u32,
+    /// Snapshot keys it opens with (ids only), and the one it seals with.
+    pub snapshot_key_ids: Vec<u32>,
+    pub snapshot_key_id: u32,
+    /// Every worker of its `[peer] workers`, dialled on the peer channel.
+    pub peers: Vec<PeerHealth>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerHealth {
+    pub name: String,
+    pub server_id: u32,
+    pub peer: SocketAddr,
+    /// `None`: reachable (handshake done or connection up); else why not.
+    pub error: Option<String>,
+    /// How long reaching it took, milliseconds.
+    pub ms: f64,
 }
 
 /// The layout of the CIDs a party issues or routes: `cid_len` bytes, the first octet, then

@@ -475,6 +475,22 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     let key = listed[0]["conn"].as_str().unwrap().to_string();
     let first = listed[0]["worker"].as_str().unwrap().to_string();
 
+    // The migration machinery checks out: both workers answer, share the LB's CID layout and
+    // the controller's token secret, hold each other's snapshot key and reach each other.
+    let check = baton_mig(&lab, &workers, &["--json", "check"]);
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap_or_else(|e| {
+        panic!(
+            "baton check --json: {e}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        )
+    });
+    assert!(check.status.success() && report["ok"] == true, "{report}");
+    for w in report["workers"].as_array().unwrap() {
+        assert_eq!(w["info"]["cid"]["cid_len"], CID_LEN, "{w}");
+        let peers = w["health"]["peers"].as_array().unwrap();
+        assert!(peers.len() == 1 && peers[0]["error"].is_null(), "{w}");
+    }
+
     // 1. Move it, then SIGKILL the source at once.
     let to = other(&first);
     let out = baton_mig(
@@ -496,6 +512,15 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     );
     workers.kill(index(&first));
     t.carries_on(3, "at the target with the source dead");
+    // The dead worker is a problem `baton check` names (and the survivor cannot reach it).
+    let check = baton_mig(&lab, &workers, &["check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{first:<10} PROBLEM"))
+            && text.contains(&format!("cannot reach peer {first}")),
+        "{text}"
+    );
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["worker"], to);

@@ -363,6 +363,7 @@ async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
         Request::MigrateOut(m) => crate::migrate::migrate_out(ctx, m)
             .await
             .map(|done| data(&done)),
+        Request::Health {} => Ok(data(&crate::migrate::health(ctx).await)),
         Request::Release { migration_id } => {
             crate::migrate::release(ctx, migration_id)?;
             Ok(data(&baton_protocol::worker::Released {

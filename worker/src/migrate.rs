@@ -586,6 +586,47 @@ fn parse_datagrams(mut b: &[u8]) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
     Some(out)
 }
 
+/// How long the health check waits for each peer.
+const HEALTH_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The migration machinery's health: key ids held (never the keys) and whether every configured
+/// peer answers on the peer channel (dialled in turn, each within [`HEALTH_PEER_TIMEOUT`]; a
+/// live peer connection is reused, as a migration would).
+pub async fn health(ctx: &Arc<Ctx>) -> baton_protocol::worker::Health {
+    let (token_secret_ids, token_secret_id) = {
+        let t = ctx.tokens.lock().unwrap();
+        (t.secret_ids(), t.current_secret_id())
+    };
+    let keys = &ctx.pipeline.encryption;
+    let mut peers = Vec::new();
+    for w in ctx.workers.iter().filter(|w| w.server_id != ctx.server_id) {
+        let started = Instant::now();
+        let reached = tokio::time::timeout(HEALTH_PEER_TIMEOUT, ctx.peer(w.peer, &w.name)).await;
+        let error = match reached {
+            Ok(Ok(_)) => None,
+            Ok(Err(f)) => Some(f.message),
+            Err(_) => Some(format!(
+                "no answer within {} ms",
+                HEALTH_PEER_TIMEOUT.as_millis()
+            )),
+        };
+        peers.push(baton_protocol::worker::PeerHealth {
+            name: w.name.clone(),
+            server_id: w.server_id,
+            peer: w.peer,
+            error,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
+    }
+    baton_protocol::worker::Health {
+        token_secret_ids,
+        token_secret_id,
+        snapshot_key_ids: keys.key_ids(),
+        snapshot_key_id: keys.active_key_id(),
+        peers,
+    }
+}
+
 /// Serves the peer channel: imports from other workers, and datagrams they forward.
 pub async fn serve_peer(ctx: Arc<Ctx>) {
     while let Some(incoming) = ctx.endpoint.accept().await {

@@ -62,6 +62,10 @@ enum Cmd {
     },
     /// Every connection on every worker: its key (the `conn` to migrate), worker, state, CIDs.
     Conns,
+    /// Check the migration machinery: every worker answers, speaks this protocol version and
+    /// issues the LB's CID layout, accepts this controller's tokens, holds the snapshot keys the
+    /// others seal with, and reaches its peers. Exits 1 on any problem, naming it.
+    Check,
     /// Move one live connection to another worker (zero downtime). Prints the error kind and
     /// exits 1 if it failed; a failure before the LB flip is rolled back.
     Migrate {
@@ -136,6 +140,7 @@ fn run(cli: &Cli) -> Result<()> {
             OverrideCmd::List => override_list(cli),
         },
         Cmd::Conns => conns(cli),
+        Cmd::Check => check(cli),
         Cmd::Migrate {
             conn,
             to,
@@ -162,6 +167,62 @@ fn run(cli: &Cli) -> Result<()> {
 fn orchestrator(cli: &Cli) -> Result<lb_user::migrate::Orchestrator> {
     let cfg = lb_user::migrate::MigrationConfig::load(&cli.migration_config)?;
     lb_user::migrate::Orchestrator::new(cfg, &cli.control_socket, &cli.pin_dir)
+}
+
+fn check(cli: &Cli) -> Result<()> {
+    let o = orchestrator(cli)?;
+    let r = o.check();
+    if cli.json {
+        print_json(&r)?;
+    } else {
+        match r.lb_layout {
+            Some(l) => println!(
+                "load balancer: routes {l}; tokens issued with secret id {}",
+                r.token_secret_id
+            ),
+            None => println!(
+                "load balancer: CID layout unknown (no baton-lb answers and no pinned maps); tokens issued with secret id {}",
+                r.token_secret_id
+            ),
+        }
+        for w in &r.workers {
+            let what = match (&w.info, &w.health) {
+                (Some(i), Some(h)) => format!(
+                    "server ID {}, {}, seals with key {}, {} of {} peers reachable",
+                    i.server_id,
+                    i.cid,
+                    h.snapshot_key_id,
+                    h.peers.iter().filter(|p| p.error.is_none()).count(),
+                    h.peers.len()
+                ),
+                _ => "unreachable".into(),
+            };
+            let verdict = if w.problems.is_empty() {
+                "ok"
+            } else {
+                "PROBLEM"
+            };
+            println!("{:<10} {verdict:<8} {what}", w.worker);
+            for p in &w.problems {
+                println!("           - {p}");
+            }
+        }
+        for p in &r.problems {
+            println!("PROBLEM: {p}");
+        }
+        println!(
+            "{}",
+            if r.ok {
+                "migrations can run between every pair of workers"
+            } else {
+                "migrations will fail where a problem is listed"
+            }
+        );
+    }
+    if !r.ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn conns(cli: &Cli) -> Result<()> {
