@@ -577,15 +577,46 @@ pub struct CheckReport {
     pub problems: Vec<String>,
 }
 
-/// Test hooks for the fault tests (hidden CLI flags).
-#[derive(Clone, Copy, Debug, Default)]
+/// Test hooks of the fault tests: hidden `baton migrate` flags, compiled only with the
+/// `test-hooks` feature (which `cargo xtask test` enables for the binaries it tests and release
+/// builds do not). Without it this is empty and every hook is off.
+#[derive(Clone, Copy, Debug, Default, clap::Args)]
 pub struct Faults {
-    /// Flip a bit of the token's MAC.
+    /// Test hook: send a token with a corrupted MAC.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
     pub forge_token: bool,
-    /// Issue tokens that expired this long ago.
-    pub expire_token: Option<Duration>,
-    /// Ask the source to corrupt the sealed snapshot it sends.
+    /// Test hook: send a token that expired ten minutes ago.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
+    pub expired_token: bool,
+    /// Test hook: the source corrupts the sealed snapshot it sends.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true)]
     pub tamper_snapshot: bool,
+}
+
+impl Faults {
+    fn forge_token(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.forge_token;
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
+
+    fn token_age(&self) -> Option<Duration> {
+        #[cfg(feature = "test-hooks")]
+        return self.expired_token.then_some(Duration::from_secs(600));
+        #[cfg(not(feature = "test-hooks"))]
+        None
+    }
+
+    fn tamper_snapshot(&self) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.tamper_snapshot;
+        #[cfg(not(feature = "test-hooks"))]
+        false
+    }
 }
 
 pub struct Orchestrator {
@@ -929,7 +960,7 @@ impl Orchestrator {
             transfer_slack: MIGRATE_SLACK,
             step_timeout: self.control_timeout,
             lb_layout: self.lb_layout,
-            tamper_snapshot: self.faults.tamper_snapshot,
+            tamper_snapshot: self.faults.tamper_snapshot(),
         };
         let mut m = Migration::new(*conn, from, to, MigrationId::random(), opts, Instant::now());
         // Every action is carried out at once and answered (each call has its own timeout), so
@@ -1015,14 +1046,14 @@ impl Orchestrator {
             source: WorkerId(source),
             target: WorkerId(target),
         };
-        let now = match self.faults.expire_token {
+        let now = match self.faults.token_age() {
             // Issued so long ago that it has already expired.
             Some(age) => SystemTime::now() - age - Duration::from_secs(1),
             None => SystemTime::now(),
         };
         let token = self.tokens.lock().unwrap().issue(&binding, now)?;
         let mut token = token.as_bytes().to_vec();
-        if self.faults.forge_token {
+        if self.faults.forge_token() {
             *token.last_mut().unwrap() ^= 1;
         }
         Ok(HexBytes(token))

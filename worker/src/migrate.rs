@@ -43,8 +43,9 @@ use zeroize::Zeroizing;
 /// [`transfer_timeout`]'s allowance for the snapshot's size. A dead target is noticed only by
 /// this timeout, and the connection stays frozen that long: keep it short.
 const TRANSFER_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Test hook (fault tests only): the target waits this long after receiving a snapshot, so a
-/// test can kill it mid-transfer.
+/// Test hook (fault tests only, `test-hooks` feature): the target waits this long after receiving
+/// a snapshot, so a test can kill it mid-transfer.
+#[cfg(feature = "test-hooks")]
 const TEST_IMPORT_DELAY_ENV: &str = "BATON_TEST_IMPORT_DELAY_MS";
 /// After `release`, datagrams still reaching the source (in flight through the LB before the
 /// flip) keep being forwarded this long; then the source forgets the connection.
@@ -334,6 +335,12 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
         req.target.server_id,
     )?;
     let tok = MigrationToken::from_bytes(req.token.0.clone());
+    if req.test_tamper && !cfg!(feature = "test-hooks") {
+        return Err(Failure::new(
+            ErrorKind::Config,
+            "test_tamper is a fault-test hook; this worker is built without the test-hooks feature",
+        ));
+    }
     // The source checks the token too: nobody without the secret can make it freeze a connection.
     ctx.tokens
         .lock()
@@ -368,7 +375,9 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
             .transport_snapshot(transport.to_vec())
             .add_application_state("app", app.to_vec())
             .build()?;
+        #[allow(unused_mut)] // the test-hooks tamper hook writes it
         let mut sealed = ctx.pipeline.seal(&b, &snapshot)?;
+        #[cfg(feature = "test-hooks")]
         if req.test_tamper {
             warn!(migration_id = %req.migration_id, "test_tamper: corrupting the sealed snapshot (fault tests only)");
             let mid = sealed.bytes.len() / 2;
@@ -852,6 +861,7 @@ async fn import(
             )
         })?
         .map_err(|e| io(&e))?;
+    #[cfg(feature = "test-hooks")]
     if let Some(ms) = std::env::var(TEST_IMPORT_DELAY_ENV)
         .ok()
         .and_then(|v| v.parse().ok())

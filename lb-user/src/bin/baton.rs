@@ -77,15 +77,8 @@ enum Cmd {
         /// How long the source may wait for the connection to quiesce before giving up (ms).
         #[arg(long, default_value_t = 2000)]
         quiesce_timeout_ms: u64,
-        /// Test hook: send a token with a corrupted MAC.
-        #[arg(long, hide = true)]
-        forge_token: bool,
-        /// Test hook: send a token that has already expired.
-        #[arg(long, hide = true)]
-        expired_token: bool,
-        /// Test hook: the source corrupts the sealed snapshot it sends.
-        #[arg(long, hide = true)]
-        tamper_snapshot: bool,
+        #[command(flatten)]
+        faults: lb_user::migrate::Faults,
     },
     /// Move every connection off WORKER, several at a time, with progress and a summary.
     Drain {
@@ -145,17 +138,8 @@ fn run(cli: &Cli) -> Result<()> {
             conn,
             to,
             quiesce_timeout_ms,
-            forge_token,
-            expired_token,
-            tamper_snapshot,
-        } => {
-            let faults = lb_user::migrate::Faults {
-                forge_token: *forge_token,
-                expire_token: expired_token.then_some(std::time::Duration::from_secs(600)),
-                tamper_snapshot: *tamper_snapshot,
-            };
-            migrate(cli, conn, to, *quiesce_timeout_ms, faults)
-        }
+            faults,
+        } => migrate(cli, conn, to, *quiesce_timeout_ms, *faults),
         Cmd::Drain {
             worker,
             to,

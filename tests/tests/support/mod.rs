@@ -42,9 +42,18 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "lb-user", "--bins"])
-            .current_dir(workspace_root())
-            .env("CARGO_TARGET_DIR", &target_dir);
+        // With the fault-test hooks (hidden `baton migrate` flags); release builds leave them out.
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "lb-user",
+            "--bins",
+            "--features",
+            "test-hooks",
+        ])
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -77,6 +86,10 @@ fn package_bin(package: &'static str) -> PathBuf {
     let target_dir = dir.parent().expect("target dir").to_path_buf();
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "-q", "-p", package, "--bins"])
+        .args(match package {
+            "baton-worker" => &["--features", "test-hooks"][..],
+            _ => &[],
+        })
         .current_dir(workspace_root())
         .env("CARGO_TARGET_DIR", &target_dir);
     if dir.file_name().is_some_and(|n| n == "release") {
