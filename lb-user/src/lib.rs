@@ -1,5 +1,7 @@
-//! Baton's controller library: loads the XDP program, owns the pinned maps, computes Maglev tables.
-//! The binaries `baton-lb` (daemon) and `baton` (operator CLI) are thin layers over it.
+//! The load balancer's host side: loads and attaches the XDP program, owns the pinned maps,
+//! computes Maglev tables, health-checks workers and serves the control socket and `/metrics`.
+//! The `baton-lb` daemon is a thin layer over it; the operator CLI (`baton`, crate `baton-cli`)
+//! reads and writes the same pinned maps through it.
 
 /// The compiled XDP object, embedded at build time (see `build.rs`).
 pub mod object;
@@ -14,7 +16,6 @@ pub mod fastpath;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
-pub mod migrate;
 pub mod neigh;
 pub mod pinned;
 pub mod sys;

@@ -34,6 +34,8 @@ fn bin_dir() -> &'static Path {
             "-p",
             "lb-user",
             "-p",
+            "baton-cli",
+            "-p",
             "baton-worker",
             "-p",
             "baton-load",

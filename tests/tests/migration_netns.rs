@@ -416,6 +416,41 @@ fn connection_moves_between_worker_processes_byte_exact() {
         );
         t.carries_on(3, &format!("after the refused migration ({flag})"));
     }
+    // baton-lb's /metrics counts what the CLI orchestrated: every move, each refusal by kind,
+    // the step histograms and the snapshot sizes.
+    let metrics = lab.metrics();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert_eq!(
+        value("baton_migrations_total{result=\"ok\"}"),
+        migrations as f64
+    );
+    assert_eq!(value("baton_migrations_total{result=\"failed\"}"), 3.0);
+    assert_eq!(
+        value("baton_migration_errors_total{kind=\"invalid_token\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("baton_migration_errors_total{kind=\"state_corruption\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("baton_migration_duration_ms_count"),
+        migrations as f64
+    );
+    assert_eq!(
+        value("baton_migration_step_duration_ms_count{step=\"flip\"}"),
+        migrations as f64
+    );
+    // Sizes of the moved snapshots (a refused migration reports none).
+    assert_eq!(
+        value("baton_migration_snapshot_bytes_count"),
+        migrations as f64
+    );
     // Every override is gone: the client retired the old CIDs after each move.
     let overrides = lab.baton_json(&["override", "list"]);
     assert_eq!(
@@ -477,7 +512,7 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
 
     // The migration machinery checks out: both workers answer, share the LB's CID layout and
     // the controller's token secret, hold each other's snapshot key and reach each other.
-    let check = baton_mig(&lab, &workers, &["--json", "check"]);
+    let check = baton_mig(&lab, &workers, &["check"]);
     let report: Value = serde_json::from_slice(&check.stdout).unwrap_or_else(|e| {
         panic!(
             "baton check --json: {e}: {}",
@@ -514,12 +549,21 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     t.carries_on(3, "at the target with the source dead");
     // The dead worker is a problem `baton check` names (and the survivor cannot reach it).
     let check = baton_mig(&lab, &workers, &["check"]);
-    let text = String::from_utf8_lossy(&check.stdout);
-    assert!(!check.status.success(), "{text}");
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert!(!check.status.success() && report["ok"] == false, "{report}");
+    let problems = |w: &str| -> String {
+        report["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["worker"] == w)
+            .map(|x| x["problems"].to_string())
+            .unwrap()
+    };
+    assert!(problems(&first).contains("does not answer"), "{report}");
     assert!(
-        text.contains(&format!("{first:<10} PROBLEM"))
-            && text.contains(&format!("cannot reach peer {first}")),
-        "{text}"
+        problems(to).contains(&format!("cannot reach peer {first}")),
+        "{report}"
     );
     let rows = conns(&lab, &workers);
     assert_eq!(rows.len(), 1);

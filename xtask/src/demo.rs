@@ -191,7 +191,7 @@ pub(crate) fn preflight(bins: &Path, say: fn(&str)) -> Result<()> {
 /// `cargo build --release` of the binaries the demo runs; returns the directory they are in.
 pub(crate) fn build_release() -> Result<PathBuf> {
     say("building baton-lb, baton, baton-worker and baton-load (release)");
-    build_release_packages(&["lb-user", "baton-worker", "baton-load"])
+    build_release_packages(&["lb-user", "baton-cli", "baton-worker", "baton-load"])
 }
 
 /// Builds these workspace packages (release); returns the directory of the binaries.

@@ -48,9 +48,11 @@ pub fn bin_dir() -> &'static Path {
             "-q",
             "-p",
             "lb-user",
+            "-p",
+            "baton-cli",
             "--bins",
             "--features",
-            "test-hooks",
+            "baton-cli/test-hooks",
         ])
         .current_dir(workspace_root())
         .env("CARGO_TARGET_DIR", &target_dir);

@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Where the workers' control sockets and the secrets file are (for conns, migrate, drain).
-    #[arg(long, env = "BATON_MIGRATION_CONFIG", default_value = lb_user::migrate::DEFAULT_MIGRATION_CONFIG, global = true)]
+    #[arg(long, env = "BATON_MIGRATION_CONFIG", default_value = baton_cli::driver::DEFAULT_MIGRATION_CONFIG, global = true)]
     migration_config: PathBuf,
     #[command(subcommand)]
     command: Cmd,
@@ -78,7 +78,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         quiesce_timeout_ms: u64,
         #[command(flatten)]
-        faults: lb_user::migrate::Faults,
+        faults: baton_cli::driver::Faults,
     },
     /// Move every connection off WORKER, several at a time, with progress and a summary.
     Drain {
@@ -148,9 +148,9 @@ fn run(cli: &Cli) -> Result<()> {
     }
 }
 
-fn orchestrator(cli: &Cli) -> Result<lb_user::migrate::Orchestrator> {
-    let cfg = lb_user::migrate::MigrationConfig::load(&cli.migration_config)?;
-    lb_user::migrate::Orchestrator::new(cfg, &cli.control_socket, &cli.pin_dir)
+fn orchestrator(cli: &Cli) -> Result<baton_cli::driver::Orchestrator> {
+    let cfg = baton_cli::driver::MigrationConfig::load(&cli.migration_config)?;
+    baton_cli::driver::Orchestrator::new(cfg, &cli.control_socket, &cli.pin_dir)
 }
 
 fn check(cli: &Cli) -> Result<()> {
@@ -272,7 +272,7 @@ fn migrate(
     conn: &str,
     to: &str,
     quiesce_ms: u64,
-    faults: lb_user::migrate::Faults,
+    faults: baton_cli::driver::Faults,
 ) -> Result<()> {
     let mut o = match orchestrator(cli) {
         Ok(o) => o,
@@ -345,8 +345,8 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
     let progress = move |done: usize,
                          total: usize,
                          r: &std::result::Result<
-        lb_user::migrate::Report,
-        lb_user::migrate::Failure,
+        baton_cli::driver::Report,
+        baton_cli::driver::Failure,
     >| {
         if let Err(f) = r {
             eprintln!("[{done}/{total}] failed ({}): {}", f.kind, f.message);
@@ -354,7 +354,7 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
             eprintln!("[{done}/{total}] migrated");
         }
     };
-    let s = lb_user::migrate::drain(&o, worker, to, concurrency, &progress)?;
+    let s = baton_cli::driver::drain(&o, worker, to, concurrency, &progress)?;
     if cli.json {
         print_json(&s)?;
     } else {

@@ -5,15 +5,15 @@
 //! the running baton-lb, else the pinned maps). It also retires the overrides once the targets
 //! report the old CIDs unused, and reports every finished migration to baton-lb's `/metrics`.
 //! Contract and files: `docs/MIGRATION-FLOW.md`.
-use crate::control::{self, Reply, Request};
-use crate::controller::override_key;
-use crate::pinned::PinnedMaps;
 use anyhow::{Context, Result, bail};
 pub use baton_orchestrator::Report;
 use baton_orchestrator::{Action, Event, Migration, Options, Outcome};
 pub use baton_protocol::Failure;
 use baton_protocol::worker::{self as api, CONTROL_ALPN, CidLayout, Info};
 use baton_protocol::{Cid, ErrorKind, HexBytes, MigrationId};
+use lb_user::control::{self, Reply, Request};
+use lb_user::controller::override_key;
+use lb_user::pinned::PinnedMaps;
 use migration::{ConnectionId, MigrationBinding, MigrationTokenManager, TokenConfig, WorkerId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
