@@ -546,6 +546,8 @@ pub struct ConnRow {
     pub vip: String,
     /// `live`, `migrating` (frozen for export) or `importing` (held, waiting for the commit).
     pub state: String,
+    /// The migration phase this shows (`idle`, or `transferring` while frozen or held).
+    pub phase: baton_orchestrator::Phase,
     pub cids: Vec<Cid>,
     /// How many of its CIDs the LB still routes by exact-CID override (a recent migration whose
     /// old CIDs are not retired yet); filled by [`Orchestrator::conns`].
@@ -819,6 +821,11 @@ impl Orchestrator {
                     "live"
                 }
                 .into(),
+                phase: if c.frozen || c.held {
+                    baton_orchestrator::Phase::Transferring
+                } else {
+                    baton_orchestrator::Phase::Idle
+                },
                 cids: c.cids,
                 overrides: 0,
             })
@@ -965,9 +972,14 @@ impl Orchestrator {
         let mut m = Migration::new(*conn, from, to, MigrationId::random(), opts, Instant::now());
         // Every action is carried out at once and answered (each call has its own timeout), so
         // the machine never waits for its timer here.
+        let mut phase = m.phase();
         while let Some(action) = m.poll_action() {
             let event = self.perform(action);
             m.handle(event, Instant::now());
+            if m.phase() != phase {
+                phase = m.phase();
+                tracing::info!(migration_id = %m.id(), conn = %conn, from, to, ?phase, step = m.step().as_str(), "migration phase");
+            }
         }
         let record = m.record();
         if self.slots.is_some() {

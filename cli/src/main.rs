@@ -115,6 +115,15 @@ fn main() {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    // Warnings (a failed release, an override that could not be removed) on stderr; BATON_LOG
+    // (e.g. `info`: each migration's phases) for more. stdout stays the answer (`--json`).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     if let Err(e) = run(&cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -303,6 +312,7 @@ fn migrate(
             if cli.json {
                 let mut v = serde_json::to_value(&r)?;
                 v["ok"] = json!(true);
+                v["phase"] = json!(baton_orchestrator::Phase::Completed);
                 v["overrides_left"] = json!(left);
                 return print_json(&v);
             }
@@ -330,7 +340,7 @@ fn migrate(
         Err(f) => {
             if cli.json {
                 print_json(
-                    &json!({"ok": false, "conn": conn, "to": to, "kind": f.kind, "error": f.message}),
+                    &json!({"ok": false, "phase": baton_orchestrator::Phase::Failed, "conn": conn, "to": to, "kind": f.kind, "error": f.message}),
                 )?;
                 std::process::exit(1);
             }
