@@ -395,19 +395,11 @@ impl Controller {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use baton_protocol::hex::encode as hex;
 
+/// Hex that is not empty (a CID, a key).
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim().trim_start_matches("0x");
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    baton_protocol::hex::decode(s).filter(|b| !b.is_empty())
 }
 
 /// An exact-CID override key, checking the CID against the layout the data plane uses.
