@@ -599,8 +599,8 @@ fn parse_datagrams(mut b: &[u8]) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
 const HEALTH_PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The migration machinery's health: key ids held (never the keys) and whether every configured
-/// peer answers on the peer channel (dialled in turn, each within [`HEALTH_PEER_TIMEOUT`]; a
-/// live peer connection is reused, as a migration would).
+/// peer answers on the peer channel (a fresh handshake with each in turn, within
+/// [`HEALTH_PEER_TIMEOUT`]).
 pub async fn health(ctx: &Arc<Ctx>) -> baton_protocol::worker::Health {
     let (token_secret_ids, token_secret_id) = {
         let t = ctx.tokens.lock().unwrap();
@@ -610,10 +610,17 @@ pub async fn health(ctx: &Arc<Ctx>) -> baton_protocol::worker::Health {
     let mut peers = Vec::new();
     for w in ctx.workers.iter().filter(|w| w.server_id != ctx.server_id) {
         let started = Instant::now();
-        let reached = tokio::time::timeout(HEALTH_PEER_TIMEOUT, ctx.peer(w.peer, &w.name)).await;
+        // A fresh handshake, not the cached connection: that one outlives a dead peer until
+        // its idle timeout.
+        let dial = async {
+            let c = ctx.endpoint.connect(w.peer, &w.name)?.await?;
+            c.close(0u32.into(), b"health check");
+            anyhow::Ok(())
+        };
+        let reached = tokio::time::timeout(HEALTH_PEER_TIMEOUT, dial).await;
         let error = match reached {
-            Ok(Ok(_)) => None,
-            Ok(Err(f)) => Some(f.message),
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
             Err(_) => Some(format!(
                 "no answer within {} ms",
                 HEALTH_PEER_TIMEOUT.as_millis()
