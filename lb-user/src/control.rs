@@ -8,6 +8,7 @@
 //! ```
 use crate::controller::{Controller, WorkerStatus};
 use crate::dataplane::AttachInfo;
+use crate::overrides::OverrideWriter;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -156,14 +157,17 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
+/// Serialised with the controller's own map updates (its lock), ending in the one override
+/// writer ([`OverrideWriter::write`]).
 fn override_set(shared: &Shared, cid: &str, worker: u32) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
     let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
-    let key = crate::controller::override_key(&cid, ctl.cfg.layout.cid_len())?;
+    let cid_len = ctl.cfg.layout.cid_len();
+    crate::controller::override_key(&cid, cid_len)?;
     if !ctl.workers.iter().any(|w| w.index == worker) {
         bail!("worker slot {worker} is not in use");
     }
-    ctl.maps.set_override(key, worker)?;
+    OverrideWriter::write(&mut ctl.maps, cid_len, &cid, worker)?;
     tracing::info!(cid = %crate::controller::hex(&cid), worker, "override set");
     Ok(serde_json::json!({"worker_index": worker}))
 }
@@ -171,8 +175,7 @@ fn override_set(shared: &Shared, cid: &str, worker: u32) -> Result<serde_json::V
 fn override_del(shared: &Shared, cid: &str) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
     let cid = crate::controller::parse_hex(cid).context("the CID is not hex")?;
-    let key = lb_common::CidKey::new(&cid).context("CID longer than 20 bytes")?;
-    let removed = ctl.maps.remove_override(&key)?;
+    let removed = OverrideWriter::erase(&mut ctl.maps, &cid)?;
     if removed {
         tracing::info!(cid = %crate::controller::hex(&cid), "override removed");
     }

@@ -16,6 +16,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod migrate;
 pub mod neigh;
+pub mod overrides;
 pub mod pinned;
 pub mod sys;
 

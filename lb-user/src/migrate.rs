@@ -6,7 +6,8 @@
 //! CIDs retired. A failure before the flip has been rolled back by the source; the map is untouched.
 //! Contract and files: `docs/MIGRATION-FLOW.md`.
 use crate::control::{self, Reply, Request};
-use crate::controller::{hex, override_key, parse_hex};
+use crate::controller::{hex, parse_hex};
+use crate::overrides::OverrideWriter;
 use crate::pinned::PinnedMaps;
 use anyhow::{Context, Result, bail};
 use migration::{
@@ -584,11 +585,13 @@ pub struct Report {
 pub struct Orchestrator {
     cfg: MigrationConfig,
     tokens: Mutex<MigrationTokenManager>,
-    lb_socket: PathBuf,
     pin_dir: PathBuf,
     /// Worker name -> slot in BATON_WORKERS, from the running baton-lb (None: no daemon).
     slots: Option<HashMap<String, u32>>,
     maps: Mutex<Option<PinnedMaps>>,
+    /// Every override flip and retirement goes through it (through the daemon only if one
+    /// answered at start).
+    overrides: OverrideWriter,
     /// Workers' `info` (server ID, peer address), asked once per worker: they are fixed by the
     /// worker's config, and a drain would otherwise ask twice per connection.
     infos: Mutex<HashMap<String, WorkerInfo>>,
@@ -636,8 +639,11 @@ impl Orchestrator {
         Ok(Self {
             cfg,
             tokens: Mutex::new(tokens),
-            lb_socket: lb_socket.into(),
             pin_dir: pin_dir.into(),
+            overrides: match slots {
+                Some(_) => OverrideWriter::new(lb_socket, pin_dir),
+                None => OverrideWriter::pins_only(pin_dir),
+            },
             slots,
             maps: Mutex::new(None),
             infos: Mutex::new(HashMap::new()),
@@ -816,53 +822,19 @@ impl Orchestrator {
         Ok(m.as_mut().unwrap())
     }
 
-    /// Through the running baton-lb (serialised with its own writes), else the pinned maps directly;
-    /// both end in `PinnedMaps::set_override`, which keeps the fast path's counts.
+    /// Through the one override writer: the running baton-lb if one answered, else the pinned maps.
     fn set_override(&self, cid: &[u8], slot: u32) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        let req = Request::OverrideSet {
-            cid: hex(cid),
-            worker: slot,
-        };
-        if self.through_daemon(&req)? {
-            return Ok(());
-        }
-        let mut maps = self.maps.lock().unwrap();
-        let maps = self.open_maps(&mut maps)?;
-        let len = maps.lb_config().map_err(fail)?.cid_len as usize;
-        maps.set_override(override_key(cid, len).map_err(fail)?, slot)
-            .map_err(fail)
+        self.overrides
+            .set(cid, slot)
+            .map(drop)
+            .map_err(|e| Failure::new("override", format!("{e:#}")))
     }
 
     fn remove_override(&self, cid: &[u8]) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new("override", format!("{e:#}"));
-        if self.through_daemon(&Request::OverrideDel { cid: hex(cid) })? {
-            return Ok(());
-        }
-        let mut maps = self.maps.lock().unwrap();
-        let maps = self.open_maps(&mut maps)?;
-        let key =
-            lb_common::CidKey::new(cid).ok_or_else(|| Failure::new("override", "CID too long"))?;
-        maps.remove_override(&key).map(|_| ()).map_err(fail)
-    }
-
-    /// An override write through the running baton-lb (serialised with its own map updates).
-    /// `Ok(false)`: no daemon to write it, or one that went away mid-request (restarting): the
-    /// caller writes the pinned maps, which the program keeps using (slots are stable across
-    /// restarts, and writing the same entry twice is harmless).
-    fn through_daemon(&self, req: &Request) -> Result<bool, Failure> {
-        if self.slots.is_none() {
-            return Ok(false);
-        }
-        match control::ask(&self.lb_socket, req) {
-            Ok(Reply::Answered(_)) => Ok(true),
-            Ok(Reply::NotRunning) => Ok(false),
-            Ok(Reply::WentAway(why)) => {
-                eprintln!("note: {why}; writing the pinned maps directly");
-                Ok(false)
-            }
-            Err(e) => Err(Failure::new("override", e.to_string())),
-        }
+        self.overrides
+            .remove(cid)
+            .map(drop)
+            .map_err(|e| Failure::new("override", format!("{e:#}")))
     }
 
     /// Finds which worker holds `conn`.

@@ -497,7 +497,8 @@ impl XdpFixture {
     }
 
     /// Inserts into `BATON_CID_OVERRIDE` directly, bypassing the override counts (what a writer
-    /// that ignores `fastpath`'s rules does).
+    /// that ignores `fastpath`'s rules does). A test hook: only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub fn set_override_uncounted(&mut self, cid: &[u8], worker: u32) -> Result<()> {
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
         let mut m: HashMap<&mut MapData, CidKey, WorkerRef> =

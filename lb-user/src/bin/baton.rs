@@ -6,9 +6,10 @@ use lb_common::{
     CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry, WorkerRef,
 };
 use lb_user::config::format_mac;
-use lb_user::control::{self, ControlError, DaemonStatus, Reply, Request};
-use lb_user::controller::{WorkerStatus, hex, override_key, parse_hex};
+use lb_user::control::{self, DaemonStatus, Reply, Request};
+use lb_user::controller::{WorkerStatus, hex, parse_hex};
 use lb_user::dataplane::AttachedMode;
+use lb_user::overrides::OverrideWriter;
 use lb_user::pinned::{LINK_PIN_NAME, PinnedMaps};
 use lb_user::sys;
 use serde::Serialize;
@@ -749,27 +750,8 @@ fn resolve_worker(cli: &Cli, maps: &PinnedMaps, worker: &str) -> Result<u32> {
 
 fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
-    let mut maps = open_maps(cli)?;
-    let lbc = maps.lb_config()?;
-    let key = override_key(&cid, lbc.cid_len as usize)?;
-    let idx = resolve_worker(cli, &maps, worker)?;
-    // The running daemon writes it (serialised with its own map updates); without one, we do.
-    // Setting the same override twice is harmless, so a daemon that went away mid-request (it may
-    // or may not have written it) is finished for through the pins.
-    let req = Request::OverrideSet {
-        cid: hex(key.as_slice()),
-        worker: idx,
-    };
-    match control::ask(&cli.control_socket, &req).map_err(mutation_failed)? {
-        Reply::Answered(_) => {}
-        Reply::NotRunning => maps.set_override(key, idx)?,
-        Reply::WentAway(why) => {
-            maps.set_override(key, idx).with_context(|| {
-                format!("{why}, and writing the pinned override map failed too: the override may or may not be set, see `baton override list`")
-            })?;
-            eprintln!("note: {why}; wrote the override to the pinned maps directly");
-        }
-    }
+    let idx = resolve_worker(cli, &open_maps(cli)?, worker)?;
+    OverrideWriter::new(&cli.control_socket, &cli.pin_dir).set(&cid, idx)?;
     if cli.json {
         return print_json(&json!({"cid": hex(&cid), "worker": worker, "worker_index": idx}));
     }
@@ -779,32 +761,7 @@ fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
 
 fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
-    let mut maps = open_maps(cli)?;
-    let key = CidKey::new(&cid).unwrap();
-    let removed = match control::ask(
-        &cli.control_socket,
-        &Request::OverrideDel { cid: hex(&cid) },
-    )
-    .map_err(mutation_failed)?
-    {
-        Reply::Answered(v) => v["removed"].as_bool().unwrap_or(false),
-        Reply::NotRunning => maps.remove_override(&key)?,
-        Reply::WentAway(why) => {
-            let removed = maps.remove_override(&key).with_context(|| {
-                format!("{why}, and removing it from the pinned override map failed too: see `baton override list`")
-            })?;
-            if removed {
-                eprintln!("note: {why}; removed the override from the pinned maps directly");
-            } else {
-                // The daemon may have removed it before it went: what matters is that it is gone.
-                eprintln!(
-                    "note: {why}; the pinned maps hold no override for {} now",
-                    hex(&cid)
-                );
-            }
-            true
-        }
-    };
+    let (removed, _) = OverrideWriter::new(&cli.control_socket, &cli.pin_dir).remove(&cid)?;
     if !removed {
         bail!("there is no override for {}", hex(&cid));
     }
@@ -813,18 +770,6 @@ fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     }
     println!("override for {} removed", hex(&cid));
     Ok(())
-}
-
-/// A write the daemon did not finish: say whether anything changed.
-fn mutation_failed(e: ControlError) -> anyhow::Error {
-    match e {
-        ControlError::Refused(why) => anyhow::anyhow!("baton-lb refused: {why}; nothing changed"),
-        ControlError::Timeout { .. } | ControlError::Unreadable(_) => anyhow::anyhow!(
-            "{e}: the write may or may not have been applied; see `baton override list` \
-             (the pinned maps were not written directly, so as not to race a live daemon)"
-        ),
-        e => anyhow::anyhow!("{e}; nothing changed"),
-    }
 }
 
 fn override_list(cli: &Cli) -> Result<()> {
