@@ -3,7 +3,9 @@
 
 /// The compiled XDP object, embedded at build time (see `build.rs`).
 pub mod object;
-/// BPF_PROG_TEST_RUN helpers for the packet fixtures and the XDP benchmark.
+/// `baton route`: the loaded program's own answer, on the live maps with private counters.
+pub mod simulate;
+/// BPF_PROG_TEST_RUN helpers for `baton route`, the packet fixtures and the XDP benchmark.
 pub mod testrun;
 
 pub mod config;
