@@ -1,5 +1,6 @@
 //! `baton`: the operator CLI. Reads (and, for overrides, writes) the pinned maps directly, and asks
 //! the running baton-lb over its control socket for what only it knows (names, health, mode).
+//! `route` runs the XDP program itself on the pinned maps (`lb_user::simulate`).
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::{MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry};
@@ -22,7 +23,8 @@ use std::path::PathBuf;
     long_about = "Operate a Baton QUIC load balancer.\n\n\
 Works on the maps baton-lb pinned under --pin-dir (what the XDP program really uses), and asks \
 the running baton-lb over its control socket for worker names, health and the attach mode. \
-Needs root. Output is for people by default; --json prints one JSON document for scripts.",
+`baton route` runs the XDP program itself on a crafted packet (BPF_PROG_TEST_RUN) with those maps \
+and private counters, so its answer is the data plane's. Needs root. Output is for people by default; --json prints one JSON document for scripts.",
     after_help = "Examples:\n  baton conns\n  baton migrate <conn> --to w2\n  baton drain w1\n  baton status\n  baton workers --json\n  baton route 01000112345678ab\n  baton override set 01000112345678ab w2\n  baton override del 01000112345678ab"
 )]
 struct Cli {
