@@ -624,15 +624,15 @@ fn route(cli: &Cli, cid_hex: &str, initial: bool, vip: Option<std::net::SocketAd
     })?;
     let q = lb_user::simulate::RouteQuery { cid, initial, vip };
     let report = lb_user::simulate::route(object, &cli.pin_dir, &q)?;
+    let names = names_by_index(cli);
     let mut ans = report.answer;
-    ans.worker = ans
-        .worker_index
-        .and_then(|i| names_by_index(cli).get(&i).cloned());
-    if cli.json {
-        return print_json(&ans);
-    }
+    ans.worker = ans.worker_index.and_then(|i| names.get(&i).cloned());
+    // On stderr in both modes: e.g. that the attached program is another build.
     for n in &report.notes {
         eprintln!("{n}");
+    }
+    if cli.json {
+        return print_json(&ans);
     }
     match ans.worker_index {
         Some(i) => println!(
