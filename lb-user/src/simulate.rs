@@ -101,7 +101,7 @@ pub struct Simulator {
     /// live directory, or of another layout (fast-path mirrors only).
     private_maps: Vec<String>,
     notes: Vec<String>,
-    _private: PrivatePinDir,
+    private_dir: PrivatePinDir,
 }
 
 /// What one run of the program did.
@@ -212,13 +212,18 @@ impl Simulator {
             live: live.to_path_buf(),
             private_maps,
             notes,
-            _private: private_dir,
+            private_dir,
         })
     }
 
     /// Maps this instance does not share with the live data plane.
     pub fn private_maps(&self) -> &[String] {
         &self.private_maps
+    }
+
+    /// Where the private maps are pinned (removed when `self` is dropped).
+    pub fn private_dir(&self) -> &Path {
+        self.private_dir.path()
     }
 
     /// What loading noticed (maps missing or replaced), one line each.
@@ -891,7 +896,7 @@ mod tests {
             tag(f.program(crate::object::PROGRAM).unwrap()),
             tag(sim.program().unwrap())
         );
-        let private = sim._private.path().to_path_buf();
+        let private = sim.private_dir().to_path_buf();
         assert_eq!(list(&private), [map_names::STATS.to_string()]);
         drop(sim);
         assert!(!private.exists(), "the private pins go with the simulator");
