@@ -239,12 +239,18 @@ impl Simulator {
             .try_into()?)
     }
 
+    /// The kernel's tag of the loaded program: a hash of its instructions that does not depend
+    /// on which maps they use, so it names the build.
+    pub fn program_tag(&self) -> Result<u64> {
+        Ok(self.program()?.info()?.tag())
+    }
+
     /// Which program the live pin directory's link has attached, compared with this one.
     pub fn attached(&self) -> Result<Attached> {
         let Some(link) = crate::sys::pinned_link_info(&self.live.join(LINK_PIN_NAME))? else {
             return Ok(Attached::Nothing);
         };
-        let ours = self.program()?.info()?.tag();
+        let ours = self.program_tag()?;
         let theirs = aya::programs::loaded_programs()
             .filter_map(|p| p.ok())
             .find(|p| p.id() == link.prog_id)
@@ -390,7 +396,8 @@ pub fn route_frame(cid: &[u8], initial: bool, vip: SocketAddr) -> Vec<u8> {
     Datagram::udp(src, vip.ip(), vip.port(), payload).build()
 }
 
-fn action_name(action: u32) -> &'static str {
+/// The name `baton route` gives an XDP action.
+pub fn action_name(action: u32) -> &'static str {
     match action {
         XDP_ABORTED => "aborted",
         XDP_DROP => "drop",
@@ -416,7 +423,6 @@ pub fn route(object: &[u8], pin_dir: &Path, q: &RouteQuery) -> Result<RouteRepor
     let cid = &q.cid;
     let key =
         CidKey::new(cid).ok_or_else(|| anyhow!("a QUIC connection ID is at most 20 bytes"))?;
-
     let initial = q.initial || cid.len() != lbc.cid_len as usize;
     if !q.initial && initial {
         notes.push(format!(
@@ -426,47 +432,11 @@ pub fn route(object: &[u8], pin_dir: &Path, q: &RouteQuery) -> Result<RouteRepor
             cid.len()
         ));
     }
-    let mut enabled: Vec<VipKey> = maps
-        .vips
-        .iter()
-        .filter_map(|kv| kv.ok())
-        .filter(|(_, v)| v.flags & 1 != 0)
-        .map(|(k, _)| k)
-        .collect();
-    enabled.sort_by_key(|k| (k.family, k.addr, k.port));
-    let vip = match q.vip {
-        Some(v) => {
-            if !enabled.contains(&vip_key(v)) {
-                notes.push(format!("note: {v} is not an enabled VIP here"));
-            }
-            v
-        }
-        None => match enabled.first() {
-            Some(k) => vip_addr(k),
-            None => {
-                notes.push("note: no VIP is enabled: the data plane passes every packet".into());
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 443)
-            }
-        },
-    };
+    let vip = pick_vip(&maps, q.vip, &mut notes);
     drop(maps);
 
     let frame = route_frame(cid, initial, vip);
-    let sim = Simulator::load(object, pin_dir)?;
-    notes.extend(sim.notes().iter().cloned());
-    match sim.attached()? {
-        Attached::Same { .. } => {}
-        Attached::Nothing => notes.push(format!(
-            "note: no program is attached through {} (no pinned link): this is what it would do",
-            pin_dir.display()
-        )),
-        Attached::Other { prog_id } => notes.push(format!(
-            "note: the attached program (id {prog_id}) is another build than this baton's: this is what \
-             this build's program does with the live maps"
-        )),
-    }
-    let verdict = sim.run(&frame)?;
-    drop(sim);
+    let verdict = run_on_live_maps(object, pin_dir, &frame, &mut notes)?;
 
     // Re-read after the run: what the worker slot the program picked holds.
     let maps = PinnedMaps::open(pin_dir)?;
@@ -481,88 +451,21 @@ pub fn route(object: &[u8], pin_dir: &Path, q: &RouteQuery) -> Result<RouteRepor
         Some(_) => worker_of(object, pin_dir, &maps, &frame, &verdict)?,
         None => None,
     };
-    let entry: Option<WorkerEntry> = worker_index.and_then(|i| maps.workers.get(&i, 0).ok());
-
-    let layout = CidLayout::new(lbc.cid_len, lbc.server_id_len).ok();
-    let sid = layout.and_then(|l| l.decode_server_id(cid));
-    // Why a CID is hashed (explanation only: the decision is the program's).
-    let why_hashed = || {
-        let client_chosen = initial
-            && (cid.len() != lbc.cid_len as usize
-                || cid
-                    .first()
-                    .is_none_or(|b| lb_common::self_described_len(*b) != cid.len()));
-        if client_chosen {
-            "an Initial's client-chosen DCID".to_string()
-        } else {
-            match sid {
-                None if cid
-                    .first()
-                    .is_some_and(|b| lb_common::config_rotation(*b) == CR_UNROUTABLE) =>
-                {
-                    "config rotation 0b111 (unroutable)".to_string()
-                }
-                None => "too short to carry a server ID".to_string(),
-                Some(s) => format!("server ID {s} (0x{s:x}) belongs to no worker"),
-            }
-        }
-    };
-    let size = lbc.maglev_size.min(MAGLEV_TABLE_SIZE);
-    let (reason, mut detail) = match routed {
-        Some((Stat::RoutedOverride, r)) => (r, "exact-CID override".to_string()),
-        Some((Stat::RoutedServerId, r)) => {
-            let s = sid.or(entry.map(|e| e.server_id)).unwrap_or(0);
-            (r, format!("server ID {s} (0x{s:x}) in the CID"))
-        }
-        Some((_, r)) => {
-            let slot = lb_common::cid_hash(&key) % size.max(1);
-            (r, format!("{}; Maglev slot {slot}", why_hashed()))
-        }
-        None if verdict.counted(Stat::NoWorker) => (
-            "no_worker",
-            if size == 0 {
-                format!(
-                    "{}; Maglev table empty (no healthy worker): dropped",
-                    why_hashed()
-                )
-            } else {
-                format!(
-                    "{}; the worker its Maglev slot names has no entry: dropped",
-                    why_hashed()
-                )
-            },
-        ),
-        None if verdict.counted(Stat::Malformed) => (
-            "malformed",
-            "the data plane drops it as malformed".to_string(),
-        ),
-        None if verdict.counted(Stat::Passed) => (
-            "pass",
-            if lbc.ready == 0 {
-                "the data plane's tables are not ready: it passes every packet to the host stack"
-                    .to_string()
-            } else {
-                format!("not QUIC to a VIP ({vip}): passed to the host stack")
-            },
-        ),
-        None => bail!(
-            "the XDP program returned {} and counted {:?}: no verdict baton route knows",
-            action_name(verdict.action),
-            verdict.counted
-        ),
-    };
-    if verdict.counted(Stat::RedirectError) {
-        let port = entry.map(|e| e.tx_port).unwrap_or(0);
-        detail.push_str(&format!(
-            "; but BATON_TX_PORTS has no device at slot {port}: dropped (redirect_error)"
-        ));
-    }
     if routed.is_some() && worker_index.is_none() {
         notes.push(
             "note: no worker slot holds the MAC the program wrote (the maps changed meanwhile?)"
                 .into(),
         );
     }
+    let entry: Option<WorkerEntry> = worker_index.and_then(|i| maps.workers.get(&i, 0).ok());
+    let why = Why {
+        cid,
+        key: &key,
+        initial,
+        lbc: &lbc,
+        vip,
+    };
+    let (reason, detail) = why.explain(routed, entry.as_ref(), &verdict)?;
     let answer = RouteAnswer {
         cid: hex(cid),
         reason: reason.to_string(),
@@ -579,6 +482,156 @@ pub fn route(object: &[u8], pin_dir: &Path, q: &RouteQuery) -> Result<RouteRepor
         notes,
         verdict,
     })
+}
+
+/// `want` if given (noting when it is not an enabled VIP), else the first enabled VIP in
+/// (family, address, port) order; with none, a documentation address (the program passes it).
+fn pick_vip(maps: &PinnedMaps, want: Option<SocketAddr>, notes: &mut Vec<String>) -> SocketAddr {
+    let mut enabled: Vec<VipKey> = maps
+        .vips
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .filter(|(_, v)| v.flags & 1 != 0)
+        .map(|(k, _)| k)
+        .collect();
+    enabled.sort_by_key(|k| (k.family, k.addr, k.port));
+    if let Some(v) = want {
+        if !enabled.contains(&vip_key(v)) {
+            notes.push(format!("note: {v} is not an enabled VIP here"));
+        }
+        return v;
+    }
+    match enabled.first() {
+        Some(k) => vip_addr(k),
+        None => {
+            notes.push("note: no VIP is enabled: the data plane passes every packet".into());
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 443)
+        }
+    }
+}
+
+/// Loads a [`Simulator`] on the live maps, notes what it noticed and which program is attached,
+/// and runs `frame` once.
+fn run_on_live_maps(
+    object: &[u8],
+    pin_dir: &Path,
+    frame: &[u8],
+    notes: &mut Vec<String>,
+) -> Result<Verdict> {
+    let sim = Simulator::load(object, pin_dir)?;
+    notes.extend(sim.notes().iter().cloned());
+    match sim.attached()? {
+        Attached::Same { .. } => {}
+        Attached::Nothing => notes.push(format!(
+            "note: no program is attached through {} (no pinned link): this is what it would do",
+            pin_dir.display()
+        )),
+        Attached::Other { prog_id } => notes.push(format!(
+            "note: the attached program (id {prog_id}) is another build than this baton's: this is what \
+             this build's program does with the live maps"
+        )),
+    }
+    sim.run(frame)
+}
+
+/// What explains a verdict to an operator. Explanation only: the decision is the program's.
+struct Why<'a> {
+    cid: &'a [u8],
+    key: &'a CidKey,
+    initial: bool,
+    lbc: &'a LbConfig,
+    vip: SocketAddr,
+}
+
+impl Why<'_> {
+    /// `reason` (the counter the program bumped) and `detail` for the answer.
+    fn explain(
+        &self,
+        routed: Option<(Stat, &'static str)>,
+        entry: Option<&WorkerEntry>,
+        verdict: &Verdict,
+    ) -> Result<(&'static str, String)> {
+        let size = self.lbc.maglev_size.min(MAGLEV_TABLE_SIZE);
+        let (reason, mut detail) = match routed {
+            Some((Stat::RoutedOverride, r)) => (r, "exact-CID override".to_string()),
+            Some((Stat::RoutedServerId, r)) => {
+                let s = self.server_id().or(entry.map(|e| e.server_id)).unwrap_or(0);
+                (r, format!("server ID {s} (0x{s:x}) in the CID"))
+            }
+            Some((_, r)) => {
+                let slot = lb_common::cid_hash(self.key) % size.max(1);
+                (r, format!("{}; Maglev slot {slot}", self.hashed()))
+            }
+            None if verdict.counted(Stat::NoWorker) && size == 0 => (
+                "no_worker",
+                format!(
+                    "{}; Maglev table empty (no healthy worker): dropped",
+                    self.hashed()
+                ),
+            ),
+            None if verdict.counted(Stat::NoWorker) => (
+                "no_worker",
+                format!(
+                    "{}; the worker its Maglev slot names has no entry: dropped",
+                    self.hashed()
+                ),
+            ),
+            None if verdict.counted(Stat::Malformed) => (
+                "malformed",
+                "the data plane drops it as malformed".to_string(),
+            ),
+            None if verdict.counted(Stat::Passed) && self.lbc.ready == 0 => (
+                "pass",
+                "the data plane's tables are not ready: it passes every packet to the host stack"
+                    .to_string(),
+            ),
+            None if verdict.counted(Stat::Passed) => (
+                "pass",
+                format!("not QUIC to a VIP ({}): passed to the host stack", self.vip),
+            ),
+            None => bail!(
+                "the XDP program returned {} and counted {:?}: no verdict baton route knows",
+                action_name(verdict.action),
+                verdict.counted
+            ),
+        };
+        if verdict.counted(Stat::RedirectError) {
+            let port = entry.map(|e| e.tx_port).unwrap_or(0);
+            detail.push_str(&format!(
+                "; but BATON_TX_PORTS has no device at slot {port}: dropped (redirect_error)"
+            ));
+        }
+        Ok((reason, detail))
+    }
+
+    fn server_id(&self) -> Option<u64> {
+        CidLayout::new(self.lbc.cid_len, self.lbc.server_id_len)
+            .ok()
+            .and_then(|l| l.decode_server_id(self.cid))
+    }
+
+    /// Why a CID is hashed.
+    fn hashed(&self) -> String {
+        let (cid, lbc) = (self.cid, self.lbc);
+        let client_chosen = self.initial
+            && (cid.len() != lbc.cid_len as usize
+                || cid
+                    .first()
+                    .is_none_or(|b| lb_common::self_described_len(*b) != cid.len()));
+        if client_chosen {
+            return "an Initial's client-chosen DCID".to_string();
+        }
+        match self.server_id() {
+            None if cid
+                .first()
+                .is_some_and(|b| lb_common::config_rotation(*b) == CR_UNROUTABLE) =>
+            {
+                "config rotation 0b111 (unroutable)".to_string()
+            }
+            None => "too short to carry a server ID".to_string(),
+            Some(s) => format!("server ID {s} (0x{s:x}) belongs to no worker"),
+        }
+    }
 }
 
 /// The worker slot a routed run forwarded to: the one whose MAC the program wrote. Slots that
@@ -624,292 +677,4 @@ fn worker_of(
         .get(..6)
         .and_then(|m| by_tag.get(m).copied())
         .or(with_mac.first().copied()))
-}
-
-#[cfg(test)]
-mod tests {
-    //! `baton route`'s answer against what the program does with the same frame, on a fixture
-    //! loaded into a private pin directory (standing in for the daemon's). Need root; skipped
-    //! (with a message) without it or without an embedded object.
-    use super::*;
-    use crate::testrun::XdpFixture;
-    use lb_common::{TX_SAME_IFACE, WORKER_HEALTHY};
-
-    const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-    const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
-    const PORT: u16 = 443;
-    const MACS: [[u8; 6]; 3] = [
-        [0x02, 0xaa, 0, 0, 0, 0],
-        [0x02, 0xbb, 0, 0, 0, 1],
-        [0x02, 0xcc, 0, 0, 0, 2],
-    ];
-    /// Worker 0 is redirected through devmap slot 0, worker 1 is behind the receiving interface
-    /// (XDP_TX), worker 2 names an empty devmap slot (redirect error).
-    const SID: [u64; 3] = [0x0101, 0x0202, 0x0303];
-    const TX: [u32; 3] = [0, TX_SAME_IFACE, 9];
-    const MAGLEV_SIZE: u32 = 251;
-
-    fn config(maglev_size: u32) -> LbConfig {
-        LbConfig {
-            cid_len: 8,
-            server_id_len: 2,
-            ready: 1,
-            _pad: 0,
-            maglev_size,
-        }
-    }
-
-    fn fixture(test: &str) -> Option<XdpFixture> {
-        if !crate::sys::is_root() || crate::object::try_bytes().is_none() {
-            eprintln!("skipped: needs root and the embedded XDP object");
-            return None;
-        }
-        let mut f = XdpFixture::load(&format!("route-{test}")).expect("load the XDP object");
-        f.set_config(config(MAGLEV_SIZE)).unwrap();
-        f.add_vip(vip_key(SocketAddr::new(IpAddr::V4(VIP4), PORT)))
-            .unwrap();
-        f.add_vip(vip_key(SocketAddr::new(IpAddr::V6(VIP6), PORT)))
-            .unwrap();
-        for w in 0..3 {
-            f.set_worker(
-                w as u32,
-                WorkerEntry {
-                    mac: MACS[w],
-                    flags: WORKER_IN_USE | WORKER_HEALTHY,
-                    tx_port: TX[w],
-                    _pad: 0,
-                    server_id: SID[w],
-                },
-            )
-            .unwrap();
-            f.set_server_id(SID[w], w as u32).unwrap();
-        }
-        // Devmap slot 0 → loopback (the test run does not transmit).
-        f.set_tx_port(0, 1).unwrap();
-        // Workers 0 and 1 only.
-        let table: Vec<u32> = (0..MAGLEV_SIZE).map(|i| u32::from(i % 3 == 0)).collect();
-        f.set_maglev(&table).unwrap();
-        Some(f)
-    }
-
-    fn server_cid(cr: u8, server_id: u64, nonce: u8) -> Vec<u8> {
-        let mut cid = [0u8; 8];
-        // Config rotation 7 (unroutable) is never encoded: set it afterwards.
-        CidLayout::default()
-            .encode(cr.min(6), server_id, &[nonce, 1, 2, 3, nonce], &mut cid)
-            .unwrap();
-        cid[0] |= cr << 5;
-        cid.to_vec()
-    }
-
-    fn live_stats(f: &XdpFixture) -> Vec<u64> {
-        Stat::ALL.iter().map(|s| f.stat(*s).unwrap()).collect()
-    }
-
-    fn ask(f: &XdpFixture, cid: &[u8], initial: bool) -> RouteReport {
-        let q = RouteQuery {
-            cid: cid.to_vec(),
-            initial,
-            vip: None,
-        };
-        route(crate::object::bytes(), f.pin_dir(), &q).unwrap()
-    }
-
-    /// Asks `baton route`, checks the fixture's (live) counters did not move, then runs the
-    /// fixture's own program on the same frame and checks the answer says what it did.
-    fn check(f: &XdpFixture, cid: &[u8], initial: bool) -> RouteAnswer {
-        let before = live_stats(f);
-        let rep = ask(f, cid, initial);
-        assert_eq!(
-            live_stats(f),
-            before,
-            "a route query must not move the live counters"
-        );
-        // The default VIP is the first enabled one in (family, address, port) order: IPv4.
-        let vip = SocketAddr::new(IpAddr::V4(VIP4), PORT);
-        let frame = route_frame(cid, rep.answer.packet == "initial", vip);
-        let out = f.run(crate::object::PROGRAM, &frame).unwrap();
-        let after = live_stats(f);
-        let moved: Vec<Stat> = Stat::ALL
-            .iter()
-            .copied()
-            .filter(|s| after[*s as usize] > before[*s as usize])
-            .collect();
-        let a = rep.answer.clone();
-        assert_eq!(rep.verdict.action, out.action, "{a:?}");
-        assert_eq!(a.action, action_name(out.action), "{a:?}");
-        let counted: Vec<Stat> = rep.verdict.counted.iter().map(|(s, _)| *s).collect();
-        assert_eq!(
-            counted, moved,
-            "the private counters moved as the live ones do: {a:?}"
-        );
-        let want_reason = if moved.contains(&Stat::RoutedOverride) {
-            "override"
-        } else if moved.contains(&Stat::RoutedServerId) {
-            "server_id"
-        } else if moved.contains(&Stat::RoutedHash) {
-            "hash"
-        } else if moved.contains(&Stat::NoWorker) {
-            "no_worker"
-        } else if moved.contains(&Stat::Malformed) {
-            "malformed"
-        } else {
-            "pass"
-        };
-        assert_eq!(a.reason, want_reason, "{a:?}");
-        let want_worker =
-            if want_reason == "override" || want_reason == "server_id" || want_reason == "hash" {
-                Some(
-                    MACS.iter()
-                        .position(|m| out.frame[..6] == m[..])
-                        .expect("the program wrote a worker's MAC") as u32,
-                )
-            } else {
-                None
-            };
-        assert_eq!(a.worker_index, want_worker, "{a:?}");
-        if let Some(w) = want_worker {
-            assert_eq!(a.mac, Some(format_mac(&MACS[w as usize])), "{a:?}");
-            assert_eq!(a.server_id, Some(SID[w as usize]), "{a:?}");
-        }
-        assert_eq!(a.cid, hex(cid));
-        a
-    }
-
-    #[test]
-    fn route_answers_what_the_program_does() {
-        let Some(mut f) = fixture("answers") else {
-            return;
-        };
-        // Server ID in the CID.
-        let a = check(&f, &server_cid(0, SID[1], 1), false);
-        assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(1)));
-        assert_eq!(a.action, "tx");
-        // An override wins over the server ID; removing it restores the route.
-        let moved = server_cid(0, SID[1], 2);
-        f.set_override(&moved, 0).unwrap();
-        let a = check(&f, &moved, false);
-        assert_eq!((a.reason.as_str(), a.worker_index), ("override", Some(0)));
-        assert_eq!(a.action, "redirect");
-        f.del_override(&moved).unwrap();
-        assert_eq!(check(&f, &moved, false).reason, "server_id");
-        // A server ID no worker has, and an unroutable CID: Maglev.
-        let a = check(&f, &server_cid(0, 0x0777, 3), false);
-        assert_eq!(a.reason, "hash");
-        assert!(a.detail.contains("belongs to no worker"), "{a:?}");
-        let a = check(&f, &server_cid(7, SID[0], 4), false);
-        assert_eq!(a.reason, "hash");
-        assert!(a.detail.contains("unroutable"), "{a:?}");
-        // A DCID of another length can only be an Initial's; --initial asks about one anyway.
-        let a = check(&f, &[0x42; 12], false);
-        assert_eq!((a.reason.as_str(), a.packet.as_str()), ("hash", "initial"));
-        let a = check(&f, &server_cid(0, SID[0], 5), true);
-        assert_eq!(a.packet, "initial");
-        // The worker behind an empty devmap slot: chosen, then dropped.
-        let a = check(&f, &server_cid(0, SID[2], 6), false);
-        assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(2)));
-        assert_eq!(a.action, "drop");
-        assert!(a.detail.contains("redirect_error"), "{a:?}");
-        // Without the fast-path mirrors the program (and so the answer) decides the same.
-        f.disable_fastpath();
-        let a = check(&f, &server_cid(0, SID[1], 7), false);
-        assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(1)));
-    }
-
-    #[test]
-    fn unroutable_and_unconfigured_answers() {
-        let Some(mut f) = fixture("empty") else {
-            return;
-        };
-        // No healthy worker: the Maglev table is empty.
-        f.set_config(config(0)).unwrap();
-        let a = check(&f, &server_cid(7, 1, 1), false);
-        assert_eq!(
-            (a.reason.as_str(), a.action.as_str()),
-            ("no_worker", "drop")
-        );
-        assert!(a.detail.contains("Maglev table empty"), "{a:?}");
-        // Tables not ready: everything passes.
-        f.set_config(LbConfig {
-            ready: 0,
-            ..config(MAGLEV_SIZE)
-        })
-        .unwrap();
-        let a = check(&f, &server_cid(0, SID[0], 2), false);
-        assert_eq!((a.reason.as_str(), a.action.as_str()), ("pass", "pass"));
-    }
-
-    #[test]
-    fn workers_sharing_a_mac_are_told_apart() {
-        let Some(mut f) = fixture("shared-mac") else {
-            return;
-        };
-        // Worker 2 gets worker 0's MAC and devmap slot: only a second run can tell them apart.
-        f.set_worker(
-            2,
-            WorkerEntry {
-                mac: MACS[0],
-                flags: WORKER_IN_USE | WORKER_HEALTHY,
-                tx_port: 0,
-                _pad: 0,
-                server_id: SID[2],
-            },
-        )
-        .unwrap();
-        for (sid, want) in [(SID[0], 0), (SID[2], 2)] {
-            let before = live_stats(&f);
-            let a = ask(&f, &server_cid(0, sid, 1), false).answer;
-            assert_eq!(live_stats(&f), before);
-            assert_eq!(
-                (a.reason.as_str(), a.worker_index),
-                ("server_id", Some(want))
-            );
-            assert_eq!(a.server_id, Some(sid));
-        }
-    }
-
-    #[test]
-    fn nothing_is_left_behind_and_the_live_pins_are_untouched() {
-        let Some(f) = fixture("pins") else {
-            return;
-        };
-        let list = |d: &Path| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(d)
-                .map(|r| {
-                    r.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
-        let pins = list(f.pin_dir());
-        let sim = Simulator::load(crate::object::bytes(), f.pin_dir()).unwrap();
-        // Every map but the counters is the live one.
-        assert_eq!(sim.private_maps(), [map_names::STATS.to_string()]);
-        assert!(sim.notes().is_empty(), "{:?}", sim.notes());
-        assert_eq!(sim.attached().unwrap(), Attached::Nothing);
-        // The kernel's tag ignores map fds: the attached-program check compares builds.
-        let tag = |p: &Xdp| p.info().unwrap().tag();
-        assert_eq!(
-            tag(f.program(crate::object::PROGRAM).unwrap()),
-            tag(sim.program().unwrap())
-        );
-        let private = sim.private_dir().to_path_buf();
-        assert_eq!(list(&private), [map_names::STATS.to_string()]);
-        drop(sim);
-        assert!(!private.exists(), "the private pins go with the simulator");
-        let a = ask(&f, &server_cid(0, SID[0], 1), false);
-        assert!(
-            a.notes.iter().any(|n| n.contains("no program is attached")),
-            "{:?}",
-            a.notes
-        );
-        assert_eq!(
-            list(f.pin_dir()),
-            pins,
-            "nothing pinned in the live directory"
-        );
-    }
 }
