@@ -10,10 +10,12 @@
 //! answer: nothing of the routing decision is re-implemented here, so the answer cannot disagree
 //! with the program, and the running data plane's counters never move.
 //!
-//! Re-using pinned maps is aya's pin-by-name re-adoption (`EbpfLoader::map_pin_path` for each
-//! map): a pinned map is opened, not created, so nothing under the live pin directory is written.
-//! The private maps are pinned (the object pins every map by name) in a directory of their own
-//! next to it, removed when the [`Simulator`] is dropped.
+//! Re-using pinned maps is aya's pin-by-name re-adoption: the loader opens a map pinned under
+//! its directory instead of creating one. That directory is a private one next to the live pin
+//! directory, into which the live maps' fds are pinned a second time (the same kernel maps) and
+//! where the loader creates and pins the private ones (the object pins every map by name); the
+//! loader never sees the live directory, so nothing can be created or written there. The private
+//! directory goes when the [`Simulator`] is dropped (the live maps' own pins stay).
 use std::collections::HashMap as StdHashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -159,7 +161,9 @@ impl Simulator {
                 m.describe
             );
         }
-        // Every map the object pins: the live one if it is there, else a private one.
+        // Every map the object pins: the live one if it is there (its fd re-pinned into the
+        // private directory, so the loader never sees, let alone writes, the live directory), else
+        // a fresh private one.
         let mut names: Vec<&str> = obj
             .maps
             .iter()
@@ -167,37 +171,40 @@ impl Simulator {
             .map(|(n, _)| n.as_str())
             .collect();
         names.sort();
-        for name in &names {
-            if !private_maps.iter().any(|p| p == name) && !live.join(name).exists() {
-                notes.push(format!(
-                    "note: {name} is not pinned under {} (an older baton-lb): this run uses an empty one",
-                    live.display()
-                ));
-                private_maps.push(name.to_string());
-            }
-        }
         let parent = match live.parent() {
             Some(p) if crate::sys::is_bpffs(p) => p.to_path_buf(),
             _ => PathBuf::from("/sys/fs/bpf"),
         };
         let private_dir = PrivatePinDir::create(&parent, "route")?;
-        let paths: Vec<(&str, PathBuf)> = names
-            .iter()
-            .map(|name| {
-                let dir = if private_maps.iter().any(|p| p == name) {
-                    private_dir.path()
-                } else {
-                    live
-                };
-                (*name, dir.join(name))
-            })
-            .collect();
-        let mut loader = EbpfLoader::new();
-        // Nothing may be created under the live directory: every pinned map has its path above.
-        loader.default_map_pin_directory(private_dir.path());
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        for name in &names {
+            if private_maps.iter().any(|p| p == name) {
+                continue;
+            }
+            let shared = match MapData::from_pin(live.join(name)) {
+                Ok(map) => map,
+                Err(_) if !live.join(name).exists() => {
+                    notes.push(format!(
+                        "note: {name} is not pinned under {} (an older baton-lb): this run uses an empty one",
+                        live.display()
+                    ));
+                    private_maps.push(name.to_string());
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot open the pinned map {}", live.join(name).display())
+                    });
+                }
+            };
+            shared.pin(private_dir.path().join(name)).with_context(|| {
+                format!(
+                    "cannot re-pin {name} under {}",
+                    private_dir.path().display()
+                )
+            })?;
         }
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(private_dir.path());
         let mut ebpf = loader
             .load(object)
             .context("loading the XDP object on the pinned maps failed")?;
