@@ -12,7 +12,7 @@ pub use baton_protocol::Failure;
 use baton_protocol::worker::{self as api, CONTROL_ALPN, CidLayout, Info};
 use baton_protocol::{Cid, ErrorKind, HexBytes, MigrationId};
 use lb_user::control::{self, Reply, Request};
-use lb_user::controller::override_key;
+use lb_user::overrides::OverrideWriter;
 use lb_user::pinned::PinnedMaps;
 use migration::{ConnectionId, MigrationBinding, MigrationTokenManager, TokenConfig, WorkerId};
 use serde::de::DeserializeOwned;
@@ -624,13 +624,17 @@ impl Faults {
 pub struct Orchestrator {
     cfg: MigrationConfig,
     tokens: Mutex<MigrationTokenManager>,
-    lb_socket: PathBuf,
     pin_dir: PathBuf,
     /// Worker name -> slot in BATON_WORKERS, from the running baton-lb (None: no daemon).
     slots: Option<HashMap<String, u32>>,
     /// The CID layout the data plane routes by (from baton-lb, else the pinned config).
     lb_layout: Option<CidLayout>,
     maps: Mutex<Option<PinnedMaps>>,
+    /// Every override flip and retirement goes through it (through the daemon only if one
+    /// answered at start).
+    overrides: OverrideWriter,
+    /// baton-lb's control socket (migration records for its metrics).
+    lb_socket: PathBuf,
     /// Workers' `info`, asked once per worker: it is fixed by the worker's config, and a drain
     /// would otherwise ask twice per connection.
     infos: Mutex<HashMap<String, Info>>,
@@ -690,8 +694,12 @@ impl Orchestrator {
         Ok(Self {
             cfg,
             tokens: Mutex::new(tokens),
-            lb_socket: lb_socket.into(),
             pin_dir: pin_dir.into(),
+            lb_socket: lb_socket.into(),
+            overrides: match slots {
+                Some(_) => OverrideWriter::new(lb_socket, pin_dir),
+                None => OverrideWriter::pins_only(pin_dir),
+            },
             slots,
             maps: Mutex::new(None),
             infos: Mutex::new(HashMap::new()),
@@ -890,53 +898,19 @@ impl Orchestrator {
         Ok(m.as_mut().unwrap())
     }
 
-    /// Through the running baton-lb (serialised with its own writes), else the pinned maps directly;
-    /// both end in `PinnedMaps::set_override`, which keeps the fast path's counts.
+    /// Through the one override writer: the running baton-lb if one answered, else the pinned maps.
     fn set_override(&self, cid: &Cid, slot: u32) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new(ErrorKind::Override, format!("{e:#}"));
-        let req = Request::OverrideSet {
-            cid: *cid,
-            worker: slot,
-        };
-        if self.through_daemon(&req)? {
-            return Ok(());
-        }
-        let mut maps = self.maps.lock().unwrap();
-        let maps = self.open_maps(&mut maps)?;
-        let len = maps.lb_config().map_err(fail)?.cid_len as usize;
-        maps.set_override(override_key(cid.as_bytes(), len).map_err(fail)?, slot)
-            .map_err(fail)
+        self.overrides
+            .set(cid.as_bytes(), slot)
+            .map(drop)
+            .map_err(|e| Failure::new(ErrorKind::Override, format!("{e:#}")))
     }
 
     fn remove_override(&self, cid: &Cid) -> Result<(), Failure> {
-        let fail = |e: anyhow::Error| Failure::new(ErrorKind::Override, format!("{e:#}"));
-        if self.through_daemon(&Request::OverrideDel { cid: *cid })? {
-            return Ok(());
-        }
-        let mut maps = self.maps.lock().unwrap();
-        let maps = self.open_maps(&mut maps)?;
-        let key = lb_common::CidKey::new(cid.as_bytes())
-            .ok_or_else(|| Failure::new(ErrorKind::Override, "CID too long"))?;
-        maps.remove_override(&key).map(|_| ()).map_err(fail)
-    }
-
-    /// An override write through the running baton-lb (serialised with its own map updates).
-    /// `Ok(false)`: no daemon to write it, or one that went away mid-request (restarting): the
-    /// caller writes the pinned maps, which the program keeps using (slots are stable across
-    /// restarts, and writing the same entry twice is harmless).
-    fn through_daemon(&self, req: &Request) -> Result<bool, Failure> {
-        if self.slots.is_none() {
-            return Ok(false);
-        }
-        match control::ask(&self.lb_socket, req) {
-            Ok(Reply::Answered(_)) => Ok(true),
-            Ok(Reply::NotRunning) => Ok(false),
-            Ok(Reply::WentAway(why)) => {
-                eprintln!("note: {why}; writing the pinned maps directly");
-                Ok(false)
-            }
-            Err(e) => Err(Failure::new(ErrorKind::Override, e.to_string())),
-        }
+        self.overrides
+            .remove(cid.as_bytes())
+            .map(drop)
+            .map_err(|e| Failure::new(ErrorKind::Override, format!("{e:#}")))
     }
 
     /// Finds which worker holds `conn`.

@@ -1,14 +1,14 @@
 //! `baton`: the operator CLI. Reads (and, for overrides, writes) the pinned maps directly, and asks
 //! the running baton-lb over its control socket for what only it knows (names, health, mode).
+//! `route` runs the XDP program itself on the pinned maps (`lb_user::simulate`).
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use lb_common::{
-    CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry, WorkerRef,
-};
+use lb_common::{MAGLEV_TABLE_SIZE, TX_SAME_IFACE, WorkerEntry};
 use lb_user::config::format_mac;
-use lb_user::control::{self, ControlError, DaemonStatus, Reply, Request};
-use lb_user::controller::{WorkerStatus, hex, override_key, parse_hex};
+use lb_user::control::{self, DaemonStatus, Reply, Request};
+use lb_user::controller::{WorkerStatus, hex, parse_hex};
 use lb_user::dataplane::AttachedMode;
+use lb_user::overrides::OverrideWriter;
 use lb_user::pinned::{LINK_PIN_NAME, PinnedMaps};
 use lb_user::sys;
 use serde::Serialize;
@@ -23,7 +23,8 @@ use std::path::PathBuf;
     long_about = "Operate a Baton QUIC load balancer.\n\n\
 Works on the maps baton-lb pinned under --pin-dir (what the XDP program really uses), and asks \
 the running baton-lb over its control socket for worker names, health and the attach mode. \
-Needs root. Output is for people by default; --json prints one JSON document for scripts.",
+`baton route` runs the XDP program itself on a crafted packet (BPF_PROG_TEST_RUN) with those maps \
+and private counters, so its answer is the data plane's. Needs root. Output is for people by default; --json prints one JSON document for scripts.",
     after_help = "Examples:\n  baton conns\n  baton migrate <conn> --to w2\n  baton drain w1\n  baton status\n  baton workers --json\n  baton route 01000112345678ab\n  baton override set 01000112345678ab w2\n  baton override del 01000112345678ab"
 )]
 struct Cli {
@@ -50,10 +51,20 @@ enum Cmd {
     /// The workers the data plane knows: slot, server ID, MAC, tx path, health, Maglev share.
     Workers,
     /// Which worker a short-header packet with this destination CID reaches, and why
-    /// (exact-CID override, the server ID in the CID, or Maglev hashing).
+    /// (exact-CID override, the server ID in the CID, or Maglev hashing). Runs the XDP program
+    /// itself on such a packet (BPF_PROG_TEST_RUN) with the live maps, so the answer is the data
+    /// plane's; the live counters do not move.
     Route {
         /// The connection ID in hex, e.g. 0100011122334455.
         cid: String,
+        /// Ask about a QUIC v1 Initial with this DCID instead (a DCID of another length than
+        /// the configured one always is: only a long header carries it).
+        #[arg(long)]
+        initial: bool,
+        /// The VIP and port the packet goes to, e.g. 192.0.2.1:443 or [2001:db8::1]:443
+        /// (default: the first enabled VIP).
+        #[arg(long)]
+        vip: Option<std::net::SocketAddr>,
     },
     /// Exact-CID overrides: send one connection ID to a chosen worker (migrated connections).
     Override {
@@ -135,7 +146,7 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Cmd::Status => status(cli),
         Cmd::Workers => workers(cli),
-        Cmd::Route { cid } => route(cli, cid),
+        Cmd::Route { cid, initial, vip } => route(cli, cid, *initial, *vip),
         Cmd::Override { action } => match action {
             OverrideCmd::Set { cid, worker } => override_set(cli, cid, worker),
             OverrideCmd::Del { cid } => override_del(cli, cid),
@@ -667,103 +678,26 @@ fn parse_cid(s: &str) -> Result<Vec<u8>> {
     Ok(cid)
 }
 
-#[derive(Serialize)]
-struct RouteAnswer {
-    cid: String,
-    reason: String,
-    detail: String,
-    worker_index: Option<u32>,
-    worker: Option<String>,
-    server_id: Option<u64>,
-    mac: Option<String>,
-}
-
-fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
+fn route(cli: &Cli, cid_hex: &str, initial: bool, vip: Option<std::net::SocketAddr>) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
-    let maps = open_maps(cli)?;
-    let lbc: LbConfig = maps.lb_config()?;
+    let object = lb_user::object::try_bytes().ok_or_else(|| {
+        anyhow::anyhow!(
+            "this baton was built with AYA_BUILD_SKIP=1: it embeds no XDP program to ask (rebuild without it)"
+        )
+    })?;
+    let q = lb_user::simulate::RouteQuery { cid, initial, vip };
+    let report = lb_user::simulate::route(object, &cli.pin_dir, &q)?;
     let names = names_by_index(cli);
-    let key = CidKey::new(&cid).unwrap();
-    let mut notes = Vec::new();
-    if cid.len() != lbc.cid_len as usize {
-        notes.push(format!(
-            "note: short-header packets carry {}-byte CIDs here; the data plane reads only that many bytes",
-            lbc.cid_len
-        ));
+    let mut ans = report.answer;
+    ans.worker = ans.worker_index.and_then(|i| names.get(&i).cloned());
+    // On stderr in both modes: e.g. that the attached program is another build.
+    for n in &report.notes {
+        eprintln!("{n}");
     }
-    // Same order as the XDP program: override, server ID, Maglev.
-    let in_use = |w: u32| {
-        maps.workers
-            .get(&w, 0)
-            .is_ok_and(|e| e.flags & lb_common::WORKER_IN_USE != 0)
-    };
-    let (reason, detail, idx) = if let Some(w) = maps
-        .overrides
-        .get(&key, 0)
-        .ok()
-        .filter(|w: &WorkerRef| in_use(w.worker))
-    {
-        ("override", "exact-CID override".to_string(), Some(w.worker))
-    } else {
-        let sid = CidLayout::new(lbc.cid_len, lbc.server_id_len)
-            .ok()
-            .and_then(|l| l.decode_server_id(&cid));
-        let by_sid = sid.and_then(|s| {
-            maps.server_ids
-                .get(&lb_common::ServerIdKey { server_id: s }, 0)
-                .ok()
-                .filter(|w| in_use(w.worker))
-                .map(|w| (s, w.worker))
-        });
-        match (sid, by_sid) {
-            (Some(s), Some((_, w))) => (
-                "server_id",
-                format!("server ID {s} (0x{s:x}) in the CID"),
-                Some(w),
-            ),
-            _ => {
-                let why = match sid {
-                    None if cid.first().is_some_and(|b| {
-                        lb_common::config_rotation(*b) == lb_common::CR_UNROUTABLE
-                    }) =>
-                    {
-                        "config rotation 0b111 (unroutable)".to_string()
-                    }
-                    None => "too short to carry a server ID".to_string(),
-                    Some(s) => format!("server ID {s} (0x{s:x}) belongs to no worker"),
-                };
-                let size = lbc.maglev_size.min(MAGLEV_TABLE_SIZE);
-                if size == 0 {
-                    (
-                        "no_worker",
-                        format!("{why}; Maglev table empty (no healthy worker): dropped"),
-                        None,
-                    )
-                } else {
-                    let slot = lb_common::cid_hash(&key) % size;
-                    let w = maps.maglev.get(&slot, 0)?;
-                    ("hash", format!("{why}; Maglev slot {slot}"), Some(w))
-                }
-            }
-        }
-    };
-    let entry = idx.and_then(|i| maps.workers.get(&i, 0).ok());
-    let ans = RouteAnswer {
-        cid: hex(&cid),
-        reason: reason.into(),
-        detail,
-        worker_index: idx,
-        worker: idx.and_then(|i| names.get(&i).cloned()),
-        server_id: entry.map(|e| e.server_id),
-        mac: entry.map(|e| format_mac(&e.mac)),
-    };
     if cli.json {
         return print_json(&ans);
     }
-    for n in notes {
-        eprintln!("{n}");
-    }
-    match idx {
+    match ans.worker_index {
         Some(i) => println!(
             "{} -> worker {} (slot {i}, server ID {}, MAC {}) by {}: {}",
             ans.cid,
@@ -773,6 +707,7 @@ fn route(cli: &Cli, cid_hex: &str) -> Result<()> {
             ans.reason,
             ans.detail
         ),
+        None if ans.reason == "pass" => println!("{} -> passed: {}", ans.cid, ans.detail),
         None => println!("{} -> dropped: {}", ans.cid, ans.detail),
     }
     Ok(())
@@ -820,27 +755,8 @@ fn resolve_worker(cli: &Cli, maps: &PinnedMaps, worker: &str) -> Result<u32> {
 
 fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
-    let mut maps = open_maps(cli)?;
-    let lbc = maps.lb_config()?;
-    let key = override_key(&cid, lbc.cid_len as usize)?;
-    let idx = resolve_worker(cli, &maps, worker)?;
-    // The running daemon writes it (serialised with its own map updates); without one, we do.
-    // Setting the same override twice is harmless, so a daemon that went away mid-request (it may
-    // or may not have written it) is finished for through the pins.
-    let req = Request::OverrideSet {
-        cid: baton_protocol::Cid::new(key.as_slice())?,
-        worker: idx,
-    };
-    match control::ask(&cli.control_socket, &req).map_err(mutation_failed)? {
-        Reply::Answered(_) => {}
-        Reply::NotRunning => maps.set_override(key, idx)?,
-        Reply::WentAway(why) => {
-            maps.set_override(key, idx).with_context(|| {
-                format!("{why}, and writing the pinned override map failed too: the override may or may not be set, see `baton override list`")
-            })?;
-            eprintln!("note: {why}; wrote the override to the pinned maps directly");
-        }
-    }
+    let idx = resolve_worker(cli, &open_maps(cli)?, worker)?;
+    OverrideWriter::new(&cli.control_socket, &cli.pin_dir).set(&cid, idx)?;
     if cli.json {
         return print_json(&json!({"cid": hex(&cid), "worker": worker, "worker_index": idx}));
     }
@@ -850,34 +766,7 @@ fn override_set(cli: &Cli, cid_hex: &str, worker: &str) -> Result<()> {
 
 fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     let cid = parse_cid(cid_hex)?;
-    let mut maps = open_maps(cli)?;
-    let key = CidKey::new(&cid).unwrap();
-    let removed = match control::ask(
-        &cli.control_socket,
-        &Request::OverrideDel {
-            cid: baton_protocol::Cid::new(&cid)?,
-        },
-    )
-    .map_err(mutation_failed)?
-    {
-        Reply::Answered(v) => v["removed"].as_bool().unwrap_or(false),
-        Reply::NotRunning => maps.remove_override(&key)?,
-        Reply::WentAway(why) => {
-            let removed = maps.remove_override(&key).with_context(|| {
-                format!("{why}, and removing it from the pinned override map failed too: see `baton override list`")
-            })?;
-            if removed {
-                eprintln!("note: {why}; removed the override from the pinned maps directly");
-            } else {
-                // The daemon may have removed it before it went: what matters is that it is gone.
-                eprintln!(
-                    "note: {why}; the pinned maps hold no override for {} now",
-                    hex(&cid)
-                );
-            }
-            true
-        }
-    };
+    let (removed, _) = OverrideWriter::new(&cli.control_socket, &cli.pin_dir).remove(&cid)?;
     if !removed {
         bail!("there is no override for {}", hex(&cid));
     }
@@ -886,18 +775,6 @@ fn override_del(cli: &Cli, cid_hex: &str) -> Result<()> {
     }
     println!("override for {} removed", hex(&cid));
     Ok(())
-}
-
-/// A write the daemon did not finish: say whether anything changed.
-fn mutation_failed(e: ControlError) -> anyhow::Error {
-    match e {
-        ControlError::Refused(why) => anyhow::anyhow!("baton-lb refused: {why}; nothing changed"),
-        ControlError::Timeout { .. } | ControlError::Unreadable(_) => anyhow::anyhow!(
-            "{e}: the write may or may not have been applied; see `baton override list` \
-             (the pinned maps were not written directly, so as not to race a live daemon)"
-        ),
-        e => anyhow::anyhow!("{e}; nothing changed"),
-    }
 }
 
 fn override_list(cli: &Cli) -> Result<()> {

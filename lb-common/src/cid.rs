@@ -165,18 +165,26 @@ impl CidLayout {
     /// length byte and the CID's first 7 bytes, `words[1]` the next 8.
     #[inline(always)]
     pub fn decode_server_id_words(&self, words: &[u64; 3]) -> Option<u64> {
-        let sid_len = self.server_id_len();
-        let cid_len = (words[0] & 0xff) as usize;
-        if cid_len < 1 + sid_len || sid_len == 0 || sid_len > MAX_SERVER_ID_LEN {
-            return None;
-        }
-        if config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE {
-            return None;
-        }
-        // Key bytes 2..10 (CID bytes 1..9), lowest address in the lowest byte.
-        let after_first = (words[0] >> 16) | (words[1] << 48);
-        Some(after_first.swap_bytes() >> (64 - 8 * sid_len as u32))
+        decode_server_id_words(self.server_id_len(), words)
     }
+}
+
+/// [`CidLayout::decode_server_id_words`] given only the server ID length: the one definition of
+/// the word decoder. The XDP program calls it directly where it already knows the layout is
+/// valid (its fast path, whose flag userspace sets only for a valid layout), so it does not
+/// validate the layout again per packet; a `server_id_len` outside 1..=8 decodes nothing.
+#[inline(always)]
+pub fn decode_server_id_words(server_id_len: usize, words: &[u64; 3]) -> Option<u64> {
+    let cid_len = (words[0] & 0xff) as usize;
+    if cid_len < 1 + server_id_len || server_id_len == 0 || server_id_len > MAX_SERVER_ID_LEN {
+        return None;
+    }
+    if config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE {
+        return None;
+    }
+    // Key bytes 2..10 (CID bytes 1..9), lowest address in the lowest byte.
+    let after_first = (words[0] >> 16) | (words[1] << 48);
+    Some(after_first.swap_bytes() >> (64 - 8 * server_id_len as u32))
 }
 
 /// The config-rotation bits of a CID's first octet.

@@ -3,8 +3,8 @@
 //! helper call (array lookups are inlined by the verifier/JIT; a hash lookup is a helper call
 //! plus a jhash of the key, ~20 ns each on the benchmark machine).
 //!
-//! The existing maps stay authoritative (the controller's API and `baton route` read them). The
-//! maps here are opt-in: each is used by the XDP program only while its flag is set in
+//! The existing maps stay authoritative (the controller's API; `baton route` runs the program on
+//! them). The maps here are opt-in: each is used by the XDP program only while its flag is set in
 //! [`FastPathState::flags`] (`BATON_FASTPATH`), and `lb_user::fastpath` sets a flag only after
 //! it filled the map from the authoritative one. With every flag clear (a fresh map) the program
 //! behaves exactly as without these maps.

@@ -149,9 +149,9 @@ pub fn cid_key_words(key: &CidKey) -> [u64; 3] {
 }
 
 /// Hash of a connection ID for the Maglev lookup: the XDP program picks
-/// `BATON_MAGLEV[cid_hash(key) % LbConfig::maglev_size]`, and `baton route` uses the same function
-/// to explain a routing decision. Covers the length and the zero-padded bytes, so it is a hash of
-/// the CID alone.
+/// `BATON_MAGLEV[cid_hash(key) % LbConfig::maglev_size]`, and `baton route` (which runs the
+/// program) uses the same function to name the slot in its explanation. Covers the length and the
+/// zero-padded bytes, so it is a hash of the CID alone.
 #[inline(always)]
 pub fn cid_hash(key: &CidKey) -> u32 {
     cid_hash_words(&cid_key_words(key))

@@ -45,16 +45,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
+use lb_common::cid::decode_server_id_words;
 use lb_common::fastpath::{
     BPF_F_MMAPABLE, FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState,
     SERVER_ID_TABLE_MAX_LEN, SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS,
     VipTable, fastmod_u32, reciprocal_matches,
 };
 use lb_common::{
-    AF_INET, AF_INET6, CR_UNROUTABLE, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN,
+    AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN,
     MAX_CID_OVERRIDES, MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat,
     TX_SAME_IFACE, VipKey, VipValue, WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words,
-    cid_key_words, config_rotation, self_described_len,
+    cid_key_words, self_described_len,
 };
 use maps::{ARRAY, DEVMAP, HASH, PERCPU_ARRAY, PinnedMap};
 
@@ -725,17 +726,8 @@ fn route_server_cid(cfg: &LbConfig, fp: &Fast, key: &CidKey, words: &[u64; 3]) -
     let table_layout = same_layout && cfg.server_id_len <= SERVER_ID_TABLE_MAX_LEN;
     let sid = if table_layout && fp.flags & FP_SERVER_ID_TABLE != 0 {
         // Userspace set the flag only for a valid layout with a 1- or 2-byte server ID, and
-        // `same_layout` says it is the live one: `decode_server_id_words` reduced to that case.
-        let len = (words[0] & 0xff) as usize;
-        if len < 1 + cfg.server_id_len as usize
-            || config_rotation((words[0] >> 8) as u8) == CR_UNROUTABLE
-        {
-            None
-        } else if cfg.server_id_len == 2 {
-            Some((words[0] >> 8) & 0xff00 | (words[0] >> 24) & 0xff)
-        } else {
-            Some((words[0] >> 16) & 0xff)
-        }
+        // `same_layout` says it is the live one: no need to validate the layout per packet.
+        decode_server_id_words(cfg.server_id_len as usize, words)
     } else {
         match CidLayout::new(cfg.cid_len, cfg.server_id_len) {
             Ok(layout) => layout.decode_server_id_words(words),

@@ -13,6 +13,7 @@
 //! (`migration_done`), so the daemon's `/metrics` shows the migrations of every CLI run.
 use crate::controller::Controller;
 use crate::dataplane::AttachInfo;
+use crate::overrides::OverrideWriter;
 use anyhow::{Context, Result, bail};
 use baton_protocol::{ErrorKind, Failure};
 use serde::Serialize;
@@ -131,13 +132,16 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
+/// Serialised with the controller's own map updates (its lock), ending in the one override
+/// writer ([`OverrideWriter::write`]).
 fn override_set(shared: &Shared, cid: &[u8], worker: u32) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
-    let key = crate::controller::override_key(cid, ctl.cfg.layout.cid_len())?;
+    let cid_len = ctl.cfg.layout.cid_len();
+    crate::controller::override_key(cid, cid_len)?;
     if !ctl.workers.iter().any(|w| w.index == worker) {
         bail!("worker slot {worker} is not in use");
     }
-    ctl.maps.set_override(key, worker)?;
+    OverrideWriter::write(&mut ctl.maps, cid_len, cid, worker)?;
     tracing::info!(cid = %crate::controller::hex(cid), worker, "override set");
     Ok(serde_json::to_value(baton_protocol::daemon::OverrideSet {
         worker_index: worker,
@@ -146,8 +150,7 @@ fn override_set(shared: &Shared, cid: &[u8], worker: u32) -> Result<serde_json::
 
 fn override_del(shared: &Shared, cid: &[u8]) -> Result<serde_json::Value> {
     let mut ctl = shared.ctl.lock().unwrap();
-    let key = lb_common::CidKey::new(cid).context("CID longer than 20 bytes")?;
-    let removed = ctl.maps.remove_override(&key)?;
+    let removed = OverrideWriter::erase(&mut ctl.maps, cid)?;
     if removed {
         tracing::info!(cid = %crate::controller::hex(cid), "override removed");
     }

@@ -103,10 +103,19 @@ pub fn query_mode(ifname: &str) -> AttachedMode {
     query_xdp(ifname).0
 }
 
-/// Checks pinned maps left by an earlier run against the object's definitions: aya re-adopts a
-/// pinned map by name without comparing layouts, and a mismatch would corrupt routing.
-fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
-    let obj = aya_obj::Object::parse(object).context("the embedded XDP object does not parse")?;
+/// A pinned map whose key/value sizes, entries or flags differ from the object's definition.
+pub(crate) struct Mismatch {
+    pub name: String,
+    pub path: PathBuf,
+    /// What differs, for an error message.
+    pub describe: String,
+}
+
+/// The pinned maps under `pin_dir` that do not match the object's definitions (read-only):
+/// aya re-adopts a pinned map by name without comparing layouts, and a mismatch would corrupt
+/// routing. Maps the object defines but `pin_dir` lacks are not listed.
+pub(crate) fn pinned_mismatches(obj: &aya_obj::Object, pin_dir: &Path) -> Result<Vec<Mismatch>> {
+    let mut out = Vec::new();
     for (name, map) in &obj.maps {
         let path = pin_dir.join(name);
         if !path.exists() {
@@ -121,28 +130,44 @@ fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
             && info.value_size() == want_v
             && info.max_entries() == want_n
             && info.map_flags() & !KERNEL_SET == map.map_flags() & !KERNEL_SET;
-        if same {
-            continue;
+        if !same {
+            let describe = format!(
+                "the pinned map {} (key {} B, value {} B, {} entries, flags {:#x}) does not match this build's \
+                 {name} (key {want_k} B, value {want_v} B, {want_n} entries, flags {:#x})",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries(),
+                info.map_flags(),
+                map.map_flags()
+            );
+            out.push(Mismatch {
+                name: name.clone(),
+                path,
+                describe,
+            });
         }
-        if crate::fastpath::MAPS.contains(&name.as_str()) {
+    }
+    Ok(out)
+}
+
+/// Checks pinned maps left by an earlier run against the object's definitions (see
+/// [`pinned_mismatches`]); derived fast-path maps of another layout are removed, to be recreated.
+fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
+    let obj = aya_obj::Object::parse(object).context("the embedded XDP object does not parse")?;
+    for m in pinned_mismatches(&obj, pin_dir)? {
+        if crate::fastpath::MAPS.contains(&m.name.as_str()) {
             // Derived maps hold nothing the controller cannot rebuild: replace the pin. The running
             // program keeps its old map until the new one is swapped in, which starts with the
             // fast path off (hash maps only) until the controller's rebuild.
-            tracing::info!(map = %name, "the pinned fast-path map has another layout: recreating it");
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
+            tracing::info!(map = %m.name, "the pinned fast-path map has another layout: recreating it");
+            std::fs::remove_file(&m.path)
+                .with_context(|| format!("cannot remove {}", m.path.display()))?;
             continue;
         }
         bail!(
-            "the pinned map {} (key {} B, value {} B, {} entries, flags {:#x}) does not match this build's \
-                 {name} (key {want_k} B, value {want_v} B, {want_n} entries, flags {:#x}): it was made by an \
-                 incompatible Baton. Run `baton-lb detach` (forwarding stops) and start again",
-            path.display(),
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-            info.map_flags(),
-            map.map_flags()
+            "{}: it was made by an incompatible Baton. Run `baton-lb detach` (forwarding stops) and start again",
+            m.describe
         );
     }
     Ok(())

@@ -1,9 +1,10 @@
 //! Fills the XDP program's derived fast-path maps (`lb_common::fastpath`) from the authoritative
 //! ones (`BATON_VIPS`, `BATON_SERVER_IDS`, `BATON_CID_OVERRIDE`, `BATON_CONFIG`).
 //!
-//! The authoritative maps stay the controller's API and what `baton route` reads; the derived
-//! maps only let the program skip hash lookups. Each derived map is used by the program only
-//! while its flag is set in `BATON_FASTPATH`, and only for the CID layout recorded there, so:
+//! The authoritative maps stay the controller's API (`baton route` runs the program on them and
+//! the live mirrors); the derived maps only let the program skip hash lookups. Each derived map
+//! is used by the program only while its flag is set in `BATON_FASTPATH`, and only for the CID
+//! layout recorded there, so:
 //!
 //! * before [`FastPath::rebuild`] has run (fresh maps), the program uses the hash maps only;
 //! * a new `LbConfig` layout without a rebuild makes the program ignore the tables (slower,

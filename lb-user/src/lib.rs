@@ -5,7 +5,9 @@
 
 /// The compiled XDP object, embedded at build time (see `build.rs`).
 pub mod object;
-/// BPF_PROG_TEST_RUN helpers for the packet fixtures and the XDP benchmark.
+/// `baton route`: the loaded program's own answer, on the live maps with private counters.
+pub mod simulate;
+/// BPF_PROG_TEST_RUN helpers for `baton route`, the packet fixtures and the XDP benchmark.
 pub mod testrun;
 
 pub mod config;
@@ -17,6 +19,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod overrides;
 pub mod pinned;
 pub mod sys;
 

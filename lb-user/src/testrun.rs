@@ -1,12 +1,14 @@
-//! Running the XDP programs on crafted frames with `BPF_PROG_TEST_RUN` (what the packet-fixture
-//! tests and the XDP benchmark use), plus the frame builders and a fixture that loads the embedded
-//! object into a private pin directory.
+//! Running the XDP programs on crafted frames with `BPF_PROG_TEST_RUN` (what `baton route`, see
+//! [`crate::simulate`], the packet-fixture tests and the XDP benchmark use), plus the frame
+//! builders and a fixture that loads the embedded object into a private pin directory.
 //!
 //! aya 0.14 has no test-run API, so this issues the raw bpf(2) command on the program's fd.
 use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+
+use crate::simulate::remove_pin_dir;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::Ebpf;
@@ -497,7 +499,8 @@ impl XdpFixture {
     }
 
     /// Inserts into `BATON_CID_OVERRIDE` directly, bypassing the override counts (what a writer
-    /// that ignores `fastpath`'s rules does).
+    /// that ignores `fastpath`'s rules does). A test hook: only with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     pub fn set_override_uncounted(&mut self, cid: &[u8], worker: u32) -> Result<()> {
         let key = CidKey::new(cid).ok_or_else(|| anyhow!("CID longer than 20 bytes"))?;
         let mut m: HashMap<&mut MapData, CidKey, WorkerRef> =
@@ -638,14 +641,4 @@ impl Drop for XdpFixture {
     fn drop(&mut self) {
         remove_pin_dir(&self.pin_dir);
     }
-}
-
-/// Unpins everything in a fixture pin directory (files under bpffs) and removes it.
-fn remove_pin_dir(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }

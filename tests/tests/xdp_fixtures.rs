@@ -1463,3 +1463,224 @@ fn config_changes_without_a_rebuild_fall_back_to_exact_paths() {
     );
     assert_forwarded(&f, &v4(quic_short(&cid, 30)).build(), 0);
 }
+
+// ---- `baton route` (lb_user::simulate): the program's own answer on the fixture's maps ----
+//
+// The fixture's pin directory stands in for the daemon's: `route` loads its own instance of the
+// object on these maps, with private counters, and must say exactly what `baton_xdp` does.
+
+use lb_user::simulate::{
+    Attached, RouteAnswer, RouteQuery, RouteReport, Simulator, action_name, route, route_frame,
+};
+
+fn ask_route(f: &XdpFixture, cid: &[u8], initial: bool) -> RouteReport {
+    let q = RouteQuery {
+        cid: cid.to_vec(),
+        initial,
+        vip: None,
+    };
+    route(lb_user::object::bytes(), f.pin_dir(), &q).unwrap()
+}
+
+/// Asks `baton route`, checks the fixture's (live) counters did not move, then runs the
+/// fixture's own program on the same frame and checks the answer says what it did.
+fn check_route(f: &XdpFixture, cid: &[u8], initial: bool) -> RouteAnswer {
+    let before = stats(f);
+    let rep = ask_route(f, cid, initial);
+    assert_eq!(
+        stats(f).0,
+        before.0,
+        "a route query must not move the live counters"
+    );
+    // The default VIP is the first enabled one in (family, address, port) order: IPv4.
+    let frame = route_frame(
+        cid,
+        rep.answer.packet == "initial",
+        std::net::SocketAddr::new(IpAddr::V4(VIP4), PORT),
+    );
+    let out = f.run(PROG, &frame).unwrap();
+    let after = stats(f);
+    let moved: Vec<Stat> = Stat::ALL
+        .iter()
+        .copied()
+        .filter(|s| before.delta(&after, *s) > 0)
+        .collect();
+    let a = rep.answer.clone();
+    assert_eq!(rep.verdict.action, out.action, "{a:?}");
+    assert_eq!(a.action, action_name(out.action), "{a:?}");
+    let counted: Vec<Stat> = rep.verdict.counted.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        counted, moved,
+        "private counters move as the live ones: {a:?}"
+    );
+    let reasons = [
+        (Stat::RoutedOverride, "override"),
+        (Stat::RoutedServerId, "server_id"),
+        (Stat::RoutedHash, "hash"),
+        (Stat::NoWorker, "no_worker"),
+        (Stat::Malformed, "malformed"),
+        (Stat::Passed, "pass"),
+    ];
+    let (stat, want) = reasons
+        .into_iter()
+        .find(|(s, _)| moved.contains(s))
+        .expect("the program counted a verdict");
+    assert_eq!(a.reason, want, "{a:?}");
+    let routed = matches!(
+        stat,
+        Stat::RoutedOverride | Stat::RoutedServerId | Stat::RoutedHash
+    );
+    let want_worker = routed.then(|| worker_of(&out) as u32);
+    assert_eq!(a.worker_index, want_worker, "{a:?}");
+    if let Some(w) = want_worker {
+        assert_eq!(a.mac, Some(lb_user::config::format_mac(&MACS[w as usize])));
+        assert_eq!(a.server_id, Some(SID[w as usize]), "{a:?}");
+    }
+    assert_eq!(a.cid, lb_user::controller::hex(cid));
+    a
+}
+
+#[test]
+fn route_answers_what_the_program_does() {
+    let mut f = setup("route-answers");
+    // Server ID in the CID.
+    let a = check_route(&f, &server_cid(0, SID[1], 1), false);
+    assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(1)));
+    assert_eq!((a.action.as_str(), a.packet.as_str()), ("tx", "short"));
+    // An override wins over the server ID; removing it restores the route.
+    let moved = server_cid(0, SID[1], 2);
+    f.set_override(&moved, 0).unwrap();
+    let a = check_route(&f, &moved, false);
+    assert_eq!((a.reason.as_str(), a.worker_index), ("override", Some(0)));
+    assert_eq!(a.action, "redirect");
+    f.del_override(&moved).unwrap();
+    assert_eq!(check_route(&f, &moved, false).reason, "server_id");
+    // A server ID no worker has, and an unroutable CID: Maglev.
+    let a = check_route(&f, &server_cid(0, 0x0777, 3), false);
+    assert_eq!(a.reason, "hash");
+    assert!(a.detail.contains("belongs to no worker"), "{a:?}");
+    let a = check_route(&f, &unroutable_cid(4), false);
+    assert_eq!(a.reason, "hash");
+    assert!(a.detail.contains("unroutable"), "{a:?}");
+    // A DCID of another length can only be an Initial's; --initial asks about one anyway.
+    let a = check_route(&f, &[0x42; 12], false);
+    assert_eq!((a.reason.as_str(), a.packet.as_str()), ("hash", "initial"));
+    let a = check_route(&f, &server_cid(0, SID[0], 5), true);
+    assert_eq!(a.packet, "initial");
+    // The worker behind an empty devmap slot: chosen, then dropped.
+    let a = check_route(&f, &server_cid(0, SID[2], 6), false);
+    assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(2)));
+    assert_eq!(a.action, "drop");
+    assert!(a.detail.contains("redirect_error"), "{a:?}");
+    // Without the fast-path mirrors the program (and so the answer) decides the same.
+    f.disable_fastpath();
+    let a = check_route(&f, &server_cid(0, SID[1], 7), false);
+    assert_eq!((a.reason.as_str(), a.worker_index), ("server_id", Some(1)));
+}
+
+#[test]
+fn route_answers_for_no_worker_and_unconfigured_tables() {
+    let mut f = setup("route-empty");
+    // No healthy worker: the Maglev table is empty.
+    f.set_config(LbConfig {
+        maglev_size: 0,
+        ..base_config()
+    })
+    .unwrap();
+    let a = check_route(&f, &unroutable_cid(1), false);
+    assert_eq!(
+        (a.reason.as_str(), a.action.as_str()),
+        ("no_worker", "drop")
+    );
+    assert!(a.detail.contains("Maglev table empty"), "{a:?}");
+    // Tables not ready: everything passes.
+    f.set_config(LbConfig {
+        ready: 0,
+        ..base_config()
+    })
+    .unwrap();
+    let a = check_route(&f, &server_cid(0, SID[0], 2), false);
+    assert_eq!((a.reason.as_str(), a.action.as_str()), ("pass", "pass"));
+}
+
+#[test]
+fn route_tells_workers_sharing_a_mac_apart() {
+    let mut f = setup("route-shared-mac");
+    // Worker 2 gets worker 0's MAC and devmap slot: only a second run can tell them apart.
+    f.set_worker(
+        2,
+        WorkerEntry {
+            mac: MACS[0],
+            flags: WORKER_IN_USE | WORKER_HEALTHY,
+            tx_port: 0,
+            _pad: 0,
+            server_id: SID[2],
+        },
+    )
+    .unwrap();
+    for (sid, want) in [(SID[0], 0), (SID[2], 2)] {
+        let before = stats(&f);
+        let a = ask_route(&f, &server_cid(0, sid, 1), false).answer;
+        assert_eq!(stats(&f).0, before.0);
+        assert_eq!(
+            (a.reason.as_str(), a.worker_index),
+            ("server_id", Some(want))
+        );
+        assert_eq!(a.server_id, Some(sid));
+    }
+}
+
+#[test]
+fn route_shares_every_map_but_the_counters_and_leaves_no_pins() {
+    let f = setup("route-pins");
+    let list = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let pins = list(f.pin_dir());
+    let sim = Simulator::load(lb_user::object::bytes(), f.pin_dir()).unwrap();
+    assert_eq!(
+        sim.private_maps(),
+        [lb_common::map_names::STATS.to_string()]
+    );
+    assert!(sim.notes().is_empty(), "{:?}", sim.notes());
+    assert_eq!(sim.attached().unwrap(), Attached::Nothing);
+    // Same build, other maps (a private BATON_STATS): the same tag, which is what tells an
+    // attached program of another build apart.
+    let tag = f.program(PROG).unwrap().info().unwrap().tag();
+    assert_eq!(sim.program_tag().unwrap(), tag);
+    let private = sim.private_dir().to_path_buf();
+    // The loader saw only the private directory: the live maps re-pinned there (the same kernel
+    // maps), the counters a new one.
+    let id = |p: std::path::PathBuf| aya::maps::MapInfo::from_pin(p).unwrap().id();
+    let maps: Vec<String> = pins
+        .iter()
+        .filter(|n| n.starts_with("BATON_"))
+        .cloned()
+        .collect();
+    assert_eq!(list(&private), maps);
+    for name in &maps {
+        let same = id(private.join(name)) == id(f.pin_dir().join(name));
+        assert_eq!(same, name != lb_common::map_names::STATS, "{name}");
+    }
+    drop(sim);
+    assert!(!private.exists(), "the private pins go with the simulator");
+    let rep = ask_route(&f, &server_cid(0, SID[0], 1), false);
+    assert!(
+        rep.notes
+            .iter()
+            .any(|n| n.contains("no program is attached")),
+        "{:?}",
+        rep.notes
+    );
+    assert_eq!(
+        list(f.pin_dir()),
+        pins,
+        "nothing pinned in the live directory"
+    );
+}
