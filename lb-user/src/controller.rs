@@ -407,19 +407,12 @@ impl Controller {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// Lower-case hex (the one definition in lb-common).
+pub use lb_common::hex;
 
+/// Parses non-empty hex (optionally `0x`-prefixed); `None` for anything else.
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim().trim_start_matches("0x");
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    lb_common::unhex(s).filter(|b| !b.is_empty())
 }
 
 /// An exact-CID override key, checking the CID against the layout the data plane uses.

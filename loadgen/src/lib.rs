@@ -13,14 +13,11 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// ALPN of the demo service.
-pub const ALPN: &[u8] = b"baton-demo/1";
-/// First byte of a request stream.
-pub const KIND_REQUEST: u8 = 0x01;
-/// First byte of the long-lived echo stream.
-pub const KIND_STREAM: u8 = 0x02;
-/// Largest request body the demo service accepts.
-pub const MAX_REQUEST: usize = 1 << 20;
+/// The demo protocol's constants (ALPN, stream kinds, largest request): one definition, in
+/// lb-common, shared with the server.
+pub use lb_common::demo::{ALPN, KIND_REQUEST, KIND_STREAM, MAX_REQUEST};
+/// Nearest-rank percentile (`p` in 0..=100; 0 for an empty slice): one definition, in lb-common.
+pub use lb_common::percentile;
 
 pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -239,17 +236,6 @@ pub struct Summary {
     /// byte-exact, every request counter continuous.
     pub ok: bool,
     pub per_connection: Vec<ConnSummary>,
-}
-
-/// Nearest-rank percentile of `values` (`p` in 0..=100); 0 for an empty slice.
-pub fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 impl Summary {

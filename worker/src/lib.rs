@@ -52,19 +52,6 @@ pub mod control;
 pub mod migrate;
 pub mod secrets;
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses hex (optionally `0x`-prefixed); `None` if it is not an even number of hex digits.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim().trim_start_matches("0x");
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+/// Lower-case hex, and its parser (optionally `0x`-prefixed; `None` if it is not an even number
+/// of hex digits): the one definition in lb-common.
+pub use lb_common::{hex, unhex};

@@ -1068,15 +1068,8 @@ pub(crate) fn wait_until(
     Ok(())
 }
 
-pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
+/// Nearest-rank percentile: the one definition, in lb-common (which needs nothing generated).
+pub(crate) use lb_common::percentile;
 
 /// Stops what a demo started (its own children, or the pids a `--keep` run recorded), removes
 /// baton-lb's pins and the lab.
