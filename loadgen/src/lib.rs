@@ -6,7 +6,10 @@
 //! connection errors, reconnects and whether the long stream came back byte-exact.
 //!
 //! This library part holds what the binary and its tests share: the byte pattern, the duration
-//! and percentage parsers, the summary (JSON) types, and the emulated path ([`impair`]).
+//! and percentage parsers, the summary (JSON) types, the emulated path ([`impair`]), and the demo
+//! client itself ([`client`]: TLS and endpoints, requests and their checks, a checked long stream
+//! plus request loop), which the worker's and the netns tests use as well.
+pub mod client;
 pub mod impair;
 
 use hdrhistogram::Histogram;
@@ -47,6 +50,9 @@ pub fn fill(seed: u64, offset: u64, out: &mut [u8]) {
 pub fn first_mismatch(seed: u64, offset: u64, got: &[u8]) -> Option<u64> {
     let mut want = vec![0u8; got.len()];
     fill(seed, offset, &mut want);
+    if got == want.as_slice() {
+        return None; // the common case, one memcmp (also fast in a debug build)
+    }
     got.iter()
         .zip(&want)
         .position(|(a, b)| a != b)

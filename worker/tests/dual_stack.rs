@@ -7,7 +7,7 @@
 mod common;
 
 use baton_worker::core::{CoreConfig, WorkerCore};
-use baton_worker::demo::{DemoService, KIND_REQUEST};
+use baton_worker::demo::DemoService;
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
@@ -62,21 +62,9 @@ async fn request(conn: &quinn::Connection, n: u64) {
     let body: Vec<u8> = (0..200 + n as usize * 31)
         .map(|i| (i as u64 ^ n) as u8)
         .collect();
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    s.write_all(&[KIND_REQUEST]).await.unwrap();
-    s.write_all(&body).await.unwrap();
-    s.finish().unwrap();
-    let answer = tokio::time::timeout(WAIT, r.read_to_end(1 << 20))
+    common::client::expect_request(conn, &body, n, WAIT)
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "request {n} to {}: no answer within {WAIT:?}",
-                conn.remote_address()
-            )
-        })
-        .unwrap();
-    assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
-    assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Moves the connection whose client is `remote` from `from` to `to` (LB stand-in: overrides).
@@ -149,11 +137,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
 
     let roots = || common::roots_from_pem(&dir.join("ca.pem"));
     let v4_client = common::demo_client_endpoint(roots());
-    let mut v6_client = quinn::Endpoint::client(SocketAddr::new(V6, 0)).unwrap();
-    v6_client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(common::demo_client_tls(roots()))
-            .unwrap(),
-    )));
+    let v6_client = common::client::endpoint(SocketAddr::new(V6, 0), roots()).unwrap();
     let mut conns = Vec::new();
     for (ep, vip) in [(&v4_client, V4), (&v6_client, V6)] {
         let c = ep

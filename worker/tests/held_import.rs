@@ -111,7 +111,7 @@ fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Out
 fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() {
     let dir = std::env::temp_dir().join(format!("baton-held-test-{}", std::process::id()));
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let tls = common::demo_client_tls(common::roots_from_pem(&dir.join("ca.pem")));
+    let tls = common::client::client_tls(common::roots_from_pem(&dir.join("ca.pem")));
     let config = ClientConfig::new(Arc::new(
         quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));

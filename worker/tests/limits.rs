@@ -190,11 +190,6 @@ async fn request_bodies_at_the_size_limit() {
     conn.close(0u32.into(), b"done");
 }
 
-/// Pattern byte `i` of stream `seed`.
-fn pattern(seed: u64, i: u64) -> u8 {
-    (i.wrapping_mul(0x9e37_79b9).wrapping_add(seed) >> 7) as u8
-}
-
 /// Four clients write as fast as they can on long echo streams for at least 20 s and until 1 GB
 /// came back, while a fifth makes requests one after another. The worker's memory stays within a
 /// bound derived from its `[limits]` (it slows the writers through flow control instead of
@@ -227,9 +222,7 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
             let mut sent = 0u64;
             let mut buf = vec![0u8; 64 * 1024];
             while !stop_w.load(Ordering::Relaxed) {
-                for (j, b) in buf.iter_mut().enumerate() {
-                    *b = pattern(seed, sent + j as u64);
-                }
+                baton_load::fill(seed, sent, &mut buf);
                 send.write_all(&buf).await.unwrap();
                 sent += buf.len() as u64;
             }
@@ -241,13 +234,8 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
             let mut got = 0u64;
             let mut buf = vec![0u8; 64 * 1024];
             while let Some(n) = recv.read(&mut buf).await.unwrap() {
-                for (j, &b) in buf[..n].iter().enumerate() {
-                    assert_eq!(
-                        b,
-                        pattern(seed, got + j as u64),
-                        "stream {seed}, byte {}",
-                        got + j as u64
-                    );
+                if let Some(at) = baton_load::first_mismatch(seed, got, &buf[..n]) {
+                    panic!("stream {seed}, byte {at} differs from what was written");
                 }
                 got += n as u64;
                 echoed.fetch_add(n as u64, Ordering::Relaxed);
