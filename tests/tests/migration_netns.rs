@@ -13,27 +13,9 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 use support::*;
 
-/// How long a wait for something the test expects may take before the test gives up: far more
-/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// `baton migrate --quiesce-timeout-ms` where the quiesce timeout is not what is tested: the
 /// default 2 s is met easily, but a loaded machine must not turn a slow quiesce into a failure.
 const QUIESCE_MS: &str = "20000";
-
-/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
-/// the state `show` describes.
-fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "gave up after {} s waiting for {what}; state: {}",
-            PATIENCE.as_secs(),
-            show()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Two baton-worker processes (w1, w2) in the lab's worker namespaces; killed on drop.
 struct Workers {

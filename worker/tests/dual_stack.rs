@@ -6,8 +6,6 @@
 //! worker without the connection's VIP refuses to import it.
 mod common;
 
-use baton_worker::core::{CoreConfig, WorkerCore};
-use baton_worker::demo::DemoService;
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
@@ -37,24 +35,6 @@ fn dual_sockets() -> VipSockets {
         }
     }
     panic!("no port free on both 127.0.0.1 and ::1: {last:?}");
-}
-
-fn core(server_id: u64, vips: Vec<IpAddr>, dir: &std::path::Path) -> WorkerCore {
-    let (certs, key) =
-        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
-    WorkerCore::new(
-        CoreConfig {
-            server_id,
-            layout: CidLayout::default(),
-            certs,
-            key,
-            vips,
-            allow_mtud: false,
-            limits: Default::default(),
-        },
-        Arc::new(DemoService::default()),
-    )
-    .unwrap()
 }
 
 /// One request on `conn`; checks the session counter `n` and the echoed body.
@@ -112,7 +92,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
     let (mut senders, mut workers) = (Vec::new(), Vec::new());
     for server_id in [1u64, 2] {
         let (tx, rx) = mpsc::channel(4096);
-        let core = core(server_id, vips.clone(), &dir);
+        let core = common::demo_core(server_id, vips.clone(), &dir);
         workers.push(spawn(core, sockets.clone(), Inbound::Channel(rx)).0);
         senders.push(tx);
     }
@@ -183,7 +163,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
     // answer from ::1); the source takes it back and it carries on there.
     let (_tx, rx) = mpsc::channel(16);
     let v4_only = spawn(
-        core(3, vec![V4], &dir),
+        common::demo_core(3, vec![V4], &dir),
         sockets.clone(),
         Inbound::Channel(rx),
     )

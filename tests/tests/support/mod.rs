@@ -18,7 +18,43 @@ pub const CID_LEN: usize = 8;
 /// Prometheus port of baton-lb, inside the test's LB namespace (so tests never collide on it).
 pub const METRICS_PORT: u16 = 9650;
 
+/// How long a wait for something a test expects may take before the test gives up: far more
+/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
+/// the state `show` describes.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "gave up after {} s waiting for {what}; state: {}",
+            PATIENCE.as_secs(),
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `baton-worker gen-certs --workers <workers> <extra> --out <out>`: the CA, service and worker
+/// certificates and the secrets files.
+pub fn gen_certs(out: &Path, workers: &str, extra: &[&str]) {
+    let o = Command::new(worker_bin())
+        .args(["gen-certs", "--workers", workers])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "gen-certs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,23 +147,7 @@ pub fn write_worker_configs(dir: &Path) -> PathBuf {
 pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new(worker_bin())
-        .args([
-            "gen-certs",
-            "--workers",
-            "w1,w2",
-            "--service-name",
-            "baton.test",
-            "--out",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gen-certs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gen_certs(dir, "w1,w2", &["--service-name", "baton.test"]);
     let d = dir.display();
     // The controller gets the token secret only (no snapshot key).
     let mut mc = format!("secrets = \"{d}/controller-secrets.toml\"\n");

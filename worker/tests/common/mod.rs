@@ -16,6 +16,30 @@ pub fn demo_client_endpoint(roots: rustls::RootCertStore) -> quinn::Endpoint {
     client::endpoint("127.0.0.1:0".parse().unwrap(), roots).unwrap()
 }
 
+/// A worker core serving the demo (default CID layout and limits, no MTU discovery) as server
+/// `server_id` on `vips`, with the `gen-certs` service certificate from `dir`.
+pub fn demo_core(
+    server_id: u64,
+    vips: Vec<std::net::IpAddr>,
+    dir: &Path,
+) -> baton_worker::core::WorkerCore {
+    let (certs, key) =
+        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
+    baton_worker::core::WorkerCore::new(
+        baton_worker::core::CoreConfig {
+            server_id,
+            layout: lb_common::cid::CidLayout::default(),
+            certs,
+            key,
+            vips,
+            allow_mtud: false,
+            limits: Default::default(),
+        },
+        std::sync::Arc::new(baton_worker::demo::DemoService::default()),
+    )
+    .unwrap()
+}
+
 /// The config of a worker that takes part in migrations, as the tests run it: `w1` (server ID 1)
 /// serving the demo on 127.0.0.1:`port` with `gen-certs` files from `dir`, its control socket
 /// `dir/w1.sock`, its peer channel on 127.0.0.1:`peer_port` with w2 as its one configured peer
