@@ -481,6 +481,28 @@ mod tests {
         assert_eq!(t.client_gateway6(), "fd00:200:1::1");
     }
 
+    /// lab/lb.toml (the config `cargo xtask lab up` points at) names the fixed lab's interfaces,
+    /// VIPs, worker addresses and w2's fixed MAC.
+    #[test]
+    fn lb_toml_matches_the_fixed_lab() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/lb.toml")).unwrap();
+        let t = Topology::fixed();
+        let p = t.pairs();
+        for want in [
+            format!("interface = \"{}\"", t.lb_client_dev()),
+            format!("interface = \"{}\"", t.lb_worker_dev(0)),
+            format!("address = \"{}\"", FIXED.vip4),
+            format!("address = \"{}\"", FIXED.vip6),
+            format!("address = \"{}\"", t.worker_addr4(0)),
+            format!("address = \"{}\"", t.worker_addr4(1)),
+            format!("mac = \"{}\"", p[2].a.mac),
+            format!("--netns {}", t.lb),
+        ] {
+            assert!(text.contains(&want), "lab/lb.toml lacks {want}");
+        }
+    }
+
     #[test]
     fn private_lab_names() {
         let t = Topology::private("btt7x0");

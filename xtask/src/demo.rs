@@ -1141,3 +1141,20 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
     lab::down_quiet()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's workers are the fixed lab's (namespaces, peer-channel addresses).
+    #[test]
+    fn workers_are_the_labs() {
+        let lab = baton_lab::Topology::fixed();
+        for (i, (name, ns, server_id, peer)) in WORKERS.into_iter().enumerate() {
+            assert_eq!(name, format!("w{}", i + 1));
+            assert_eq!(server_id, i as u64 + 1);
+            assert_eq!(ns, lab.workers[i]);
+            assert_eq!(peer, format!("{}:4470", lab.worker_addr4(i)));
+        }
+    }
+}
