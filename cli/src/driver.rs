@@ -11,6 +11,7 @@ use baton_orchestrator::{Action, Event, Migration, Options, Outcome};
 pub use baton_protocol::Failure;
 use baton_protocol::worker::{self as api, CONTROL_ALPN, CidLayout, Info};
 use baton_protocol::{Cid, ErrorKind, HexBytes, MigrationId};
+use lb_common::percentile;
 use lb_user::control::{self, Reply, Request};
 use lb_user::overrides::OverrideWriter;
 use lb_user::pinned::PinnedMaps;
@@ -1214,17 +1215,6 @@ pub struct DrainSummary {
     pub freeze_ms_p99: f64,
     pub errors: BTreeMap<String, usize>,
     pub overrides_left: usize,
-}
-
-/// The `p`-th percentile (0..=100) of `v`, nearest rank; 0 when empty.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// Moves every connection off `worker` (to `to`, or spread over the other workers), at most

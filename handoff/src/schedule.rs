@@ -181,10 +181,7 @@ pub(crate) mod tests {
 
     /// Decodes the RFC 9001 test vectors' hex.
     pub(crate) fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        lb_common::unhex(s).expect("hex")
     }
 
     /// RFC 9001 Appendix A.1.

@@ -513,13 +513,7 @@ fn double_import_is_refused_and_unknown_cids_get_no_reset() {
     // A snapshot carries no secret, and the secrets print redacted.
     let shown = format!("{:?}", handoff.secrets);
     assert!(shown.contains("redacted"));
-    let hex: String = handoff
-        .secrets
-        .client_secret_0
-        .expose()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = lb_common::hex(handoff.secrets.client_secret_0.expose());
     assert!(!shown.contains(&hex[..16]));
     let shown_conn = format!("{:?}", handoff.connection);
     assert!(!shown_conn.contains(&hex[..16]));

@@ -225,10 +225,8 @@ mod tests {
 
     fn hex(s: &str) -> [u8; 32] {
         let mut out = [0u8; 32];
-        for (i, pair) in s.as_bytes().chunks(2).enumerate() {
-            let digit = |c: u8| (c as char).to_digit(16).unwrap() as u8;
-            out[i] = digit(pair[0]) << 4 | digit(pair[1]);
-        }
+        let bytes = crate::text::unhex(s).expect("hex");
+        out[..bytes.len()].copy_from_slice(&bytes);
         out
     }
 

@@ -4,11 +4,17 @@
 //! both sides. The BTF the XDP object carries names these structs, which is what makes
 //! `bpftool map dump pinned /sys/fs/bpf/baton/<map>` print readable keys and values.
 #![no_std]
-#[cfg(test)]
+#[cfg(any(test, feature = "std"))]
 extern crate std;
 
 pub mod cid;
+pub mod demo;
 pub mod fastpath;
+#[cfg(any(test, feature = "std"))]
+mod text;
+
+#[cfg(feature = "std")]
+pub use text::{hex, percentile, unhex};
 
 pub use cid::{
     CR_UNROUTABLE, CidLayout, LayoutError, MAX_CID_LEN, MAX_SERVER_ID_LEN, MIN_NONCE_LEN,

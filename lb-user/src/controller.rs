@@ -395,11 +395,12 @@ impl Controller {
     }
 }
 
-pub use baton_protocol::hex::encode as hex;
+/// Lower-case hex (the one definition in lb-common).
+pub use lb_common::hex;
 
-/// Hex that is not empty (a CID, a key).
+/// Parses non-empty hex (optionally `0x`-prefixed); `None` for anything else.
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    baton_protocol::hex::decode(s).filter(|b| !b.is_empty())
+    lb_common::unhex(s).filter(|b| !b.is_empty())
 }
 
 /// An exact-CID override key, checking the CID against the layout the data plane uses.

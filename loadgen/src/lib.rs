@@ -6,21 +6,21 @@
 //! connection errors, reconnects and whether the long stream came back byte-exact.
 //!
 //! This library part holds what the binary and its tests share: the byte pattern, the duration
-//! and percentage parsers, the summary (JSON) types, and the emulated path ([`impair`]).
+//! and percentage parsers, the summary (JSON) types, the emulated path ([`impair`]), and the demo
+//! client itself ([`client`]: TLS and endpoints, requests and their checks, a checked long stream
+//! plus request loop), which the worker's and the netns tests use as well.
+pub mod client;
 pub mod impair;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// ALPN of the demo service.
-pub const ALPN: &[u8] = b"baton-demo/1";
-/// First byte of a request stream.
-pub const KIND_REQUEST: u8 = 0x01;
-/// First byte of the long-lived echo stream.
-pub const KIND_STREAM: u8 = 0x02;
-/// Largest request body the demo service accepts.
-pub const MAX_REQUEST: usize = 1 << 20;
+/// The demo protocol's constants (ALPN, stream kinds, largest request): one definition, in
+/// lb-common, shared with the server.
+pub use lb_common::demo::{ALPN, KIND_REQUEST, KIND_STREAM, MAX_REQUEST};
+/// Nearest-rank percentile (`p` in 0..=100; 0 for an empty slice): one definition, in lb-common.
+pub use lb_common::percentile;
 
 pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -50,6 +50,9 @@ pub fn fill(seed: u64, offset: u64, out: &mut [u8]) {
 pub fn first_mismatch(seed: u64, offset: u64, got: &[u8]) -> Option<u64> {
     let mut want = vec![0u8; got.len()];
     fill(seed, offset, &mut want);
+    if got == want.as_slice() {
+        return None; // the common case, one memcmp (also fast in a debug build)
+    }
     got.iter()
         .zip(&want)
         .position(|(a, b)| a != b)
@@ -239,17 +242,6 @@ pub struct Summary {
     /// byte-exact, every request counter continuous.
     pub ok: bool,
     pub per_connection: Vec<ConnSummary>,
-}
-
-/// Nearest-rank percentile of `values` (`p` in 0..=100); 0 for an empty slice.
-pub fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 impl Summary {
@@ -487,14 +479,5 @@ mod tests {
         assert_eq!(s.p50_stall_ms, 5.0);
         let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
-    }
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-        assert_eq!(percentile(&[3.0], 99.0), 3.0);
     }
 }

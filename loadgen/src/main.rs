@@ -1,14 +1,13 @@
 //! `baton-load`: drive Baton's demo service with many QUIC connections and check every byte.
 use anyhow::{Context, Result, bail};
+use baton_load::client::{self, check_answer, request};
 use baton_load::impair::{DirectionConfig, ImpairedSocket, PathConfig, PathReport, PathStats};
 use baton_load::{
-    ALPN, ConnSummary, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch,
-    parse_delay, parse_duration, parse_percent,
+    ConnSummary, KIND_STREAM, MAX_REQUEST, Summary, fill, first_mismatch, parse_delay,
+    parse_duration, parse_percent,
 };
 use clap::Parser;
 use quinn::crypto::rustls::QuicClientConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -328,37 +327,16 @@ fn main() {
 }
 
 fn client_config(args: &Args) -> Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 with the ring provider")?;
-    let mut tls = if args.insecure_skip_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SkipServerVerification(provider)))
-            .with_no_client_auth()
+    let tls = if args.insecure_skip_verify {
+        client::insecure_client_tls()
     } else {
         let Some(ca) = &args.ca else {
             bail!(
                 "give --ca <PEM file> with the CA that signed the workers' certificate, or --insecure-skip-verify in a lab"
             );
         };
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca)
-            .with_context(|| format!("reading CA certificates from {}", ca.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("parsing {}", ca.display()))?;
-        if certs.is_empty() {
-            bail!("{} holds no PEM certificate", ca.display());
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .with_context(|| format!("adding a CA certificate from {}", ca.display()))?;
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        client::client_tls(client::roots_from_pem_file(ca)?)
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(
@@ -369,53 +347,6 @@ fn client_config(args: &Args) -> Result<quinn::ClientConfig> {
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     config.transport_config(Arc::new(transport));
     Ok(config)
-}
-
-/// `--insecure-skip-verify`: accepts any certificate, still checks the handshake signature made
-/// with it (so the TLS exchange itself stays well-formed).
-#[derive(Debug)]
-struct SkipServerVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for SkipServerVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 async fn run(args: Args) -> Result<bool> {
@@ -1046,34 +977,6 @@ async fn counted_request(
             Err(e)
         }
     }
-}
-
-async fn request(conn: &quinn::Connection, body: &[u8]) -> Result<Vec<u8>> {
-    let (mut send, mut recv) = conn.open_bi().await.context("opening a request stream")?;
-    send.write_all(&[KIND_REQUEST])
-        .await
-        .context("writing the request")?;
-    send.write_all(body).await.context("writing the request")?;
-    send.finish().context("finishing the request")?;
-    recv.read_to_end(body.len() + 8)
-        .await
-        .context("reading the answer")
-}
-
-/// Checks an answer (8-byte counter, then the body); returns the counter.
-fn check_answer(answer: &[u8], body: &[u8], expected: u64) -> Result<u64> {
-    if answer.len() != body.len() + 8 {
-        bail!(
-            "answer has {} bytes, expected {}",
-            answer.len(),
-            body.len() + 8
-        );
-    }
-    let counter = u64::from_be_bytes(answer[..8].try_into().expect("8 bytes"));
-    if &answer[8..] != body {
-        bail!("answer body differs from the request body (request {expected})");
-    }
-    Ok(counter)
 }
 
 /// Writes pattern bytes at `--stream-rate` until the run stops, then FIN; reads and checks every

@@ -3,9 +3,10 @@
 //! `baton-load` binary with `--rtt`/`--loss` against the same server.
 //!
 //! Only lower bounds are asserted (a delay is never shorter than asked); the figures are printed.
+use baton_load::client;
 use baton_load::impair::{DirectionConfig, ImpairedSocket, PathConfig, PathStats};
 use baton_load::{ALPN, KIND_REQUEST, KIND_STREAM, MAX_REQUEST, Summary};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,15 +85,7 @@ async fn serve_stream(
 }
 
 fn client_config(cert: &CertificateDer<'static>) -> quinn::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()))
+    client::quinn_config(client::client_tls(client::roots_of(cert.clone())))
 }
 
 fn impaired_client(path: &PathConfig, stats: Arc<PathStats>) -> quinn::Endpoint {
@@ -107,15 +100,9 @@ fn impaired_client(path: &PathConfig, stats: Arc<PathStats>) -> quinn::Endpoint 
     .unwrap()
 }
 
-/// One demo request; returns its session counter.
+/// One demo request (the answer checked byte-exact); returns its session counter.
 async fn request(conn: &quinn::Connection, body: &[u8]) -> u64 {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[KIND_REQUEST]).await.unwrap();
-    send.write_all(body).await.unwrap();
-    send.finish().unwrap();
-    let answer = recv.read_to_end(body.len() + 8).await.unwrap();
-    assert_eq!(&answer[8..], body);
-    u64::from_be_bytes(answer[..8].try_into().unwrap())
+    client::checked_request(conn, body).await.unwrap()
 }
 
 fn one_way(delay_ms: u64, loss: f64) -> DirectionConfig {

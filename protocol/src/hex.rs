@@ -1,29 +1,9 @@
 //! Hex, the text form of every binary value in these messages (CIDs, connection keys, tokens).
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::fmt::Write;
 
-/// Lower-case hex of `bytes`.
-pub fn encode(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-/// Parses hex (optionally `0x`-prefixed, surrounding blanks ignored); `None` if it is not an even
-/// number of hex digits.
-pub fn decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    let s = s.strip_prefix("0x").unwrap_or(s);
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+/// The one hex of the tree (`lb_common`'s): lower-case out; in, either case, optionally
+/// `0x`-prefixed, blanks around ignored, `None` unless an even number of hex digits.
+pub use lb_common::{hex as encode, unhex as decode};
 
 /// Bytes that travel as a hex string (a migration token).
 #[derive(Clone, PartialEq, Eq, Default)]

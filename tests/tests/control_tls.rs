@@ -15,11 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{bin_dir, worker_bin};
+use support::{PATIENCE, bin_dir, gen_certs, worker_bin};
 
 const MAX_CLIENTS: usize = 4;
-/// How long any wait on the worker may take before the test gives up (a loaded 2-core machine).
-const PATIENCE: Duration = Duration::from_secs(30);
 /// Read and write timeout of the test's own sockets to the worker.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -39,19 +37,6 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-fn gen_certs(out: &Path, workers: &str) {
-    let o = Command::new(worker_bin())
-        .args(["gen-certs", "--workers", workers, "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "gen-certs: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// One worker `w1` with `[control_tls]` on 127.0.0.1; killed (and its files removed) on drop.
 struct Worker {
     dir: PathBuf,
@@ -64,8 +49,8 @@ impl Worker {
         let dir = std::env::temp_dir().join(format!("baton-ctltls-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        gen_certs(&dir, "w1,w2");
-        gen_certs(&dir.join("other"), "w1");
+        gen_certs(&dir, "w1,w2", &[]);
+        gen_certs(&dir.join("other"), "w1", &[]);
         let control: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let d = dir.display();
         let cfg = format!(

@@ -4,58 +4,18 @@
 //! when the binaries have the migration CLI, every connection moved w1 -> w2 -> w1 twice while the
 //! load runs. Needs root. Uses the fixed lab names (`baton-client`, `baton-lb`, `baton-w1/2`) and
 //! `/sys/fs/bpf/baton`: it refuses to start while a demo or hand-started lab controller runs.
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds the binaries the demo runs into this test's own target/profile directory (as the netns
-/// harness does for baton-lb), so the demo does not need a release build of its own.
+/// Builds the binaries the demo runs into this test's own target/profile directory (the netns
+/// harness's builds: baton-lb and baton, baton-worker, baton-load), so the demo does not need a
+/// release build of its own.
 fn bin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>")
-            .to_path_buf();
-        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "lb-user",
-            "-p",
-            "baton-cli",
-            "-p",
-            "baton-worker",
-            "-p",
-            "baton-load",
-            "--bins",
-        ])
-        .current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", &target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd
-            .output()
-            .expect("run cargo build for the demo's binaries");
-        assert!(
-            out.status.success(),
-            "building the demo's binaries failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir
-    })
+    support::worker_bin();
+    support::load_bin();
+    support::bin_dir()
 }
 
 /// `key=value` fields of the RESULT line.
@@ -87,7 +47,7 @@ fn demo_small(extra: &[&str]) -> String {
         .args(["xtask", "demo", "--small", "--bin-dir"])
         .arg(bins)
         .args(extra)
-        .current_dir(workspace_root())
+        .current_dir(support::workspace_root())
         .output()
         .expect("run cargo xtask demo");
     let stdout = String::from_utf8_lossy(&out.stdout);

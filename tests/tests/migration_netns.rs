@@ -5,47 +5,17 @@
 //! checked, and the session's request counter must continue (no reconnect). Needs root.
 mod support;
 
+use baton_load::client::{self, RequestLoad, StreamLoad, Traffic, TrafficConfig};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
-const KIND_REQUEST: u8 = 0x01;
-const KIND_STREAM: u8 = 0x02;
-/// How long a wait for something the test expects may take before the test gives up: far more
-/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// `baton migrate --quiesce-timeout-ms` where the quiesce timeout is not what is tested: the
 /// default 2 s is met easily, but a loaded machine must not turn a slow quiesce into a failure.
 const QUIESCE_MS: &str = "20000";
-
-/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
-/// the state `show` describes.
-fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "gave up after {} s waiting for {what}; state: {}",
-            PATIENCE.as_secs(),
-            show()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn pattern(seed: u64, offset: u64) -> u8 {
-    let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (x >> 29) as u8 ^ (offset as u8)
-}
-
-fn fill(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| pattern(seed, offset + i)).collect()
-}
 
 /// Two baton-worker processes (w1, w2) in the lab's worker namespaces; killed on drop.
 struct Workers {
@@ -154,164 +124,58 @@ fn conns(lab: &Lab, w: &Workers) -> Vec<Value> {
         .clone()
 }
 
-/// The quinn client endpoint, its socket made inside the client namespace.
+/// The demo client's endpoint (baton-load's), its socket made inside the client namespace.
 fn client_endpoint(lab: &Lab, ca: &Path) -> quinn::Endpoint {
     let sock = in_netns(&lab.client, || {
         std::net::UdpSocket::bind("0.0.0.0:0").unwrap()
     });
-    sock.set_nonblocking(true).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).unwrap();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"baton-demo/1".to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .unwrap();
-    ep.set_default_client_config(config);
-    ep
-}
-
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    /// Requests answered so far, and long-stream bytes echoed and checked so far.
-    answered: Arc<AtomicU64>,
-    echoed: Arc<AtomicU64>,
-    writer: tokio::task::JoinHandle<u64>,
-    reader: tokio::task::JoinHandle<u64>,
-    requests: tokio::task::JoinHandle<(u64, Duration)>,
+    client::endpoint_on(sock, client::roots_from_pem_file(ca).unwrap()).unwrap()
 }
 
 /// One long-lived echo stream (every byte checked) and a request loop (counter and body checked).
 async fn traffic(conn: &quinn::Connection, seed: u64) -> Traffic {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[KIND_STREAM]).await.unwrap();
-    let sent = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        tokio::spawn(async move {
-            let mut offset = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let chunk = fill(seed, offset, 4096);
-                send.write_all(&chunk).await.unwrap();
-                offset += chunk.len() as u64;
-                sent.store(offset, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            send.finish().unwrap();
-            offset
-        })
-    };
-    let echoed = Arc::new(AtomicU64::new(0));
-    let answered = Arc::new(AtomicU64::new(0));
-    let echoed_so_far = echoed.clone();
-    let reader = tokio::spawn(async move {
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 65536];
-        while let Some(n) = recv.read(&mut buf).await.unwrap() {
-            for (i, &b) in buf[..n].iter().enumerate() {
-                assert_eq!(
-                    b,
-                    pattern(seed, got + i as u64),
-                    "long stream byte {}",
-                    got + i as u64
-                );
-            }
-            got += n as u64;
-            echoed_so_far.store(got, Ordering::Relaxed);
-        }
-        got
-    });
-    let requests = {
-        let (stop, conn, answered) = (stop.clone(), conn.clone(), answered.clone());
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut max_gap = Duration::ZERO;
-            let mut last = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let body = fill(seed * 1000 + n, 0, 300 + (n as usize * 997) % 8_000);
-                let (mut s, mut r) = conn.open_bi().await.unwrap();
-                s.write_all(&[KIND_REQUEST]).await.unwrap();
-                s.write_all(&body).await.unwrap();
-                s.finish().unwrap();
-                let answer = r.read_to_end(1 << 21).await.unwrap();
-                assert_eq!(
-                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
-                    n,
-                    "session request counter"
-                );
-                assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
-                answered.store(n, Ordering::Relaxed);
-                max_gap = max_gap.max(last.elapsed());
-                last = Instant::now();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            (n, max_gap)
-        })
-    };
-    Traffic {
-        stop,
-        answered,
-        echoed,
-        writer,
-        reader,
-        requests,
-    }
+    Traffic::start(
+        conn,
+        TrafficConfig {
+            seed,
+            stream: Some(StreamLoad {
+                chunk: 4096,
+                pause: Some(Duration::from_millis(1)),
+            }),
+            requests: Some(RequestLoad {
+                size: |n| 300 + (n as usize * 997) % 8_000,
+                pause: Some(Duration::from_millis(2)),
+            }),
+        },
+    )
+    .await
+    .unwrap()
 }
 
-impl Traffic {
-    /// Waits (from outside the runtime) until `n` more requests have been answered and the long
-    /// stream has echoed more bytes: the connection is alive and serving `when`.
-    fn carries_on(&self, n: u64, when: &str) {
-        let (requests, bytes) = (
-            self.answered.load(Ordering::Relaxed),
-            self.echoed.load(Ordering::Relaxed),
-        );
-        wait_for(
-            &format!("{n} more requests answered and more of the long stream echoed {when}"),
-            || {
-                self.answered.load(Ordering::Relaxed) >= requests + n
-                    && self.echoed.load(Ordering::Relaxed) > bytes
-            },
-            || {
-                format!(
-                    "requests answered {} (from {requests}), stream bytes echoed {} (from {bytes}); writer done: {}, reader done: {}, request loop done: {}",
-                    self.answered.load(Ordering::Relaxed),
-                    self.echoed.load(Ordering::Relaxed),
-                    self.writer.is_finished(),
-                    self.reader.is_finished(),
-                    self.requests.is_finished()
-                )
-            },
-        );
-    }
+/// Waits (from outside the runtime) until `n` more requests have been answered and the long
+/// stream has echoed more bytes: the connection is alive and serving `when`.
+fn carries_on(t: &Traffic, n: u64, when: &str) {
+    let (requests, bytes) = (t.answered(), t.echoed());
+    wait_for(
+        &format!("{n} more requests answered and more of the long stream echoed {when}"),
+        || t.answered() >= requests + n && t.echoed() > bytes,
+        || {
+            format!(
+                "requests answered {} (from {requests}), stream bytes echoed {} (from {bytes}); task ended: {:?}",
+                t.answered(),
+                t.echoed(),
+                t.ended()
+            )
+        },
+    );
+}
 
-    async fn finish(self) -> (u64, u64, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let written = self.writer.await.unwrap();
-        let echoed = self.reader.await.unwrap();
-        assert_eq!(echoed, written, "long stream echoed completely");
-        let (requests, gap) = self.requests.await.unwrap();
-        (echoed, requests, gap)
-    }
+/// Stops the traffic: every byte echoed, every answer right (or a panic saying what was not).
+/// Returns (long-stream bytes echoed, requests answered, largest gap between answers).
+async fn finish(t: Traffic) -> (u64, u64, Duration) {
+    let end = t.finish().await.unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(end.echoed, end.written, "long stream echoed completely");
+    (end.echoed, end.requests, end.max_gap)
 }
 
 fn owner_of(lab: &Lab, w: &Workers, conn: &str) -> String {
@@ -337,7 +201,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
     let vip: SocketAddr = vip(false);
     let conn = rt.block_on(async { ep.connect(vip, "baton.test").unwrap().await.unwrap() });
     let t = rt.block_on(traffic(&conn, 7));
-    t.carries_on(5, "before the first migration");
+    carries_on(&t, 5, "before the first migration");
 
     let listed = conns(&lab, &workers);
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -374,7 +238,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
         took.push(r["total_ms"].as_f64().unwrap());
         owner = to.to_string();
         assert_eq!(owner_of(&lab, &workers, &key), owner);
-        t.carries_on(3, &format!("after migration {} (to {to})", i + 1));
+        carries_on(&t, 3, &format!("after migration {} (to {to})", i + 1));
     }
 
     // Faults: a forged or expired token is refused (the source checks it before freezing), a
@@ -414,7 +278,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
             owner,
             "{flag}: connection stayed"
         );
-        t.carries_on(3, &format!("after the refused migration ({flag})"));
+        carries_on(&t, 3, &format!("after the refused migration ({flag})"));
     }
     // baton-lb's /metrics counts what the CLI orchestrated: every move, each refusal by kind,
     // the step histograms and the snapshot sizes.
@@ -458,7 +322,7 @@ fn connection_moves_between_worker_processes_byte_exact() {
         Some(0),
         "overrides left: {overrides}"
     );
-    let (echoed, requests, gap) = rt.block_on(t.finish());
+    let (echoed, requests, gap) = rt.block_on(finish(t));
     assert!(
         conn.close_reason().is_none(),
         "connection alive: {:?}",
@@ -505,7 +369,7 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
     let conn = rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
     let t = rt.block_on(traffic(&conn, 11));
-    t.carries_on(5, "before the first migration");
+    carries_on(&t, 5, "before the first migration");
     let listed = conns(&lab, &workers);
     let key = listed[0]["conn"].as_str().unwrap().to_string();
     let first = listed[0]["worker"].as_str().unwrap().to_string();
@@ -546,7 +410,7 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
         String::from_utf8_lossy(&out.stderr)
     );
     workers.kill(index(&first));
-    t.carries_on(3, "at the target with the source dead");
+    carries_on(&t, 3, "at the target with the source dead");
     // The dead worker is a problem `baton check` names (and the survivor cannot reach it).
     let check = baton_mig(&lab, &workers, &["check"]);
     let report: Value = serde_json::from_slice(&check.stdout).unwrap();
@@ -632,9 +496,9 @@ fn migrations_survive_a_dead_source_and_roll_back_from_a_dead_target() {
         Some(0),
         "map untouched"
     );
-    t.carries_on(3, "at the source after the rollback");
+    carries_on(&t, 3, "at the source after the rollback");
 
-    let (echoed, requests, gap) = rt.block_on(t.finish());
+    let (echoed, requests, gap) = rt.block_on(finish(t));
     assert!(
         conn.close_reason().is_none(),
         "connection alive: {:?}",
@@ -663,49 +527,29 @@ fn drain_moves_every_connection_off_a_worker() {
         .build()
         .unwrap();
     let ep = rt.block_on(async { client_endpoint(&lab, &workers.dir.join("ca.pem")) });
-    let stop = Arc::new(AtomicBool::new(false));
+    // A request loop on each connection (counter and body checked).
     let mut loops = Vec::new();
     let mut handles = Vec::new();
-    // Requests answered so far on each connection.
-    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     for c in 0..n {
         let conn =
             rt.block_on(async { ep.connect(vip(false), "baton.test").unwrap().await.unwrap() });
         handles.push(conn.clone());
-        let stop = stop.clone();
-        let answered = answered.clone();
-        loops.push(rt.spawn(async move {
-            let mut k = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                k += 1;
-                let body = fill(
-                    c as u64 * 1_000_000 + k,
-                    0,
-                    100 + (k as usize * 131) % 1_000,
-                );
-                let (mut s, mut r) = conn.open_bi().await.unwrap();
-                s.write_all(&[KIND_REQUEST]).await.unwrap();
-                s.write_all(&body).await.unwrap();
-                s.finish().unwrap();
-                let answer = r.read_to_end(1 << 16).await.unwrap();
-                assert_eq!(
-                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
-                    k,
-                    "connection {c}: counter"
-                );
-                assert_eq!(&answer[8..], &body[..], "connection {c}: body");
-                answered[c].store(k, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            k
-        }));
+        let config = TrafficConfig {
+            seed: c as u64 * 1_000_000,
+            stream: None,
+            requests: Some(RequestLoad {
+                size: |k| 100 + (k as usize * 131) % 1_000,
+                pause: Some(Duration::from_millis(200)),
+            }),
+        };
+        loops.push(rt.block_on(Traffic::start(&conn, config)).unwrap());
     }
     // Every connection answers one more request than it had at the start of `when`.
     let all_carry_on = |when: &str| {
-        let from: Vec<u64> = answered.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        let from: Vec<u64> = loops.iter().map(Traffic::answered).collect();
         let behind = || {
             (0..n)
-                .filter(|&c| answered[c].load(Ordering::Relaxed) <= from[c])
+                .filter(|&c| loops[c].answered() <= from[c])
                 .collect::<Vec<_>>()
         };
         wait_for(
@@ -717,7 +561,7 @@ fn drain_moves_every_connection_off_a_worker() {
                     "{} connections answered nothing more, e.g. {:?}; loops ended: {}",
                     b.len(),
                     &b[..b.len().min(10)],
-                    loops.iter().filter(|l| l.is_finished()).count()
+                    loops.iter().filter(|l| l.ended().is_some()).count()
                 )
             },
         );
@@ -754,10 +598,12 @@ fn drain_moves_every_connection_off_a_worker() {
         summaries.push(s);
         all_carry_on(&format!("after draining {w}"));
     }
-    stop.store(true, Ordering::Relaxed);
     let mut requests = 0;
-    for l in loops {
-        requests += rt.block_on(l).unwrap();
+    for (c, l) in loops.into_iter().enumerate() {
+        let end = rt
+            .block_on(l.finish())
+            .unwrap_or_else(|e| panic!("connection {c}: {e:#}"));
+        requests += end.requests;
     }
     for c in &handles {
         assert!(

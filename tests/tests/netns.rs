@@ -6,25 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 
-/// How long a wait for something the test expects may take before the test gives up: far more
-/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
-/// the state `show` describes.
-fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "gave up after {} s waiting for {what}; state: {}",
-            PATIENCE.as_secs(),
-            show()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn seq_of(pkt: &[u8]) -> Option<u32> {
     let i = pkt.windows(4).position(|w| w == b"BTST")?;
     Some(u32::from_be_bytes(pkt.get(i + 4..i + 8)?.try_into().ok()?))

@@ -16,6 +16,7 @@
 //! Needs root. Run: `cargo test --release -p baton-tests --test resilience_netns -- --test-threads=1`.
 mod support;
 
+use lb_common::unhex;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::UdpSocket;
@@ -415,13 +416,6 @@ fn cli_meets_a_dying_daemon(cli: &Cli, socket: &Path) -> String {
         taken.load(Ordering::SeqCst),
         ran.join(",")
     )
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, k: &str) -> u64 {

@@ -15,14 +15,11 @@ use quinn_proto::{Connection, Dir, StreamId, VarInt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const ALPN: &[u8] = b"baton-demo/1";
-pub const KIND_REQUEST: u8 = 0x01;
-pub const KIND_STREAM: u8 = 0x02;
+/// The wire constants, shared with the client (`baton_load`): one definition in lb-common.
+pub use lb_common::demo::{ALPN, KIND_REQUEST, KIND_STREAM, MAX_REQUEST};
 /// Application error code for a stream refused: unknown kind byte, no kind byte, or a request
 /// body over [`MAX_REQUEST`].
 pub const ERROR_REFUSED: u32 = 1;
-/// Largest request body answered.
-pub const MAX_REQUEST: usize = 1 << 20;
 
 /// The demo service; its sessions hold at most what `limits` allow and share one worker budget.
 pub struct DemoService {

@@ -52,5 +52,6 @@ pub mod control;
 pub mod migrate;
 pub mod secrets;
 
-/// Hex, as every text form of Baton shows bytes (`baton_protocol::hex`).
-pub use baton_protocol::hex::{decode as unhex, encode as hex};
+/// Lower-case hex, and its parser (optionally `0x`-prefixed; `None` if it is not an even number
+/// of hex digits): the one definition in lb-common.
+pub use lb_common::{hex, unhex};

@@ -1,7 +1,6 @@
 //! The `baton-worker` binary: TOML config, PEM files, the demo protocol over real UDP.
 mod common;
 
-use baton_worker::demo::KIND_REQUEST;
 use std::time::{Duration, Instant};
 
 /// How long to wait for anything the worker does (start, answer, exit): far beyond what it takes
@@ -75,16 +74,9 @@ async fn binary_serves_the_demo_protocol_from_its_config() {
         }
     };
     for n in 1..=3u64 {
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&[KIND_REQUEST]).await.unwrap();
-        s.write_all(b"hello baton").await.unwrap();
-        s.finish().unwrap();
-        let answer = tokio::time::timeout(WAIT, r.read_to_end(1024))
+        common::client::expect_request(&conn, b"hello baton", n, WAIT)
             .await
-            .unwrap_or_else(|_| panic!("no answer to request {n} within {WAIT:?}"))
-            .unwrap();
-        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
-        assert_eq!(&answer[8..], b"hello baton");
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
     conn.close(0u32.into(), b"bye");
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,8 +6,6 @@
 //! worker without the connection's VIP refuses to import it.
 mod common;
 
-use baton_worker::core::{CoreConfig, WorkerCore};
-use baton_worker::demo::{DemoService, KIND_REQUEST};
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::udp::{UdpIo, VipSockets};
 use lb_common::cid::CidLayout;
@@ -39,44 +37,14 @@ fn dual_sockets() -> VipSockets {
     panic!("no port free on both 127.0.0.1 and ::1: {last:?}");
 }
 
-fn core(server_id: u64, vips: Vec<IpAddr>, dir: &std::path::Path) -> WorkerCore {
-    let (certs, key) =
-        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
-    WorkerCore::new(
-        CoreConfig {
-            server_id,
-            layout: CidLayout::default(),
-            certs,
-            key,
-            vips,
-            allow_mtud: false,
-            limits: Default::default(),
-        },
-        Arc::new(DemoService::default()),
-    )
-    .unwrap()
-}
-
 /// One request on `conn`; checks the session counter `n` and the echoed body.
 async fn request(conn: &quinn::Connection, n: u64) {
     let body: Vec<u8> = (0..200 + n as usize * 31)
         .map(|i| (i as u64 ^ n) as u8)
         .collect();
-    let (mut s, mut r) = conn.open_bi().await.unwrap();
-    s.write_all(&[KIND_REQUEST]).await.unwrap();
-    s.write_all(&body).await.unwrap();
-    s.finish().unwrap();
-    let answer = tokio::time::timeout(WAIT, r.read_to_end(1 << 20))
+    common::client::expect_request(conn, &body, n, WAIT)
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "request {n} to {}: no answer within {WAIT:?}",
-                conn.remote_address()
-            )
-        })
-        .unwrap();
-    assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
-    assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Moves the connection whose client is `remote` from `from` to `to` (LB stand-in: overrides).
@@ -124,7 +92,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
     let (mut senders, mut workers) = (Vec::new(), Vec::new());
     for server_id in [1u64, 2] {
         let (tx, rx) = mpsc::channel(4096);
-        let core = core(server_id, vips.clone(), &dir);
+        let core = common::demo_core(server_id, vips.clone(), &dir);
         workers.push(spawn(core, sockets.clone(), Inbound::Channel(rx)).0);
         senders.push(tx);
     }
@@ -149,11 +117,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
 
     let roots = || common::roots_from_pem(&dir.join("ca.pem"));
     let v4_client = common::demo_client_endpoint(roots());
-    let mut v6_client = quinn::Endpoint::client(SocketAddr::new(V6, 0)).unwrap();
-    v6_client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(common::demo_client_tls(roots()))
-            .unwrap(),
-    )));
+    let v6_client = common::client::endpoint(SocketAddr::new(V6, 0), roots()).unwrap();
     let mut conns = Vec::new();
     for (ep, vip) in [(&v4_client, V4), (&v6_client, V6)] {
         let c = ep
@@ -199,7 +163,7 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
     // answer from ::1); the source takes it back and it carries on there.
     let (_tx, rx) = mpsc::channel(16);
     let v4_only = spawn(
-        core(3, vec![V4], &dir),
+        common::demo_core(3, vec![V4], &dir),
         sockets.clone(),
         Inbound::Channel(rx),
     )

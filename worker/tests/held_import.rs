@@ -5,10 +5,9 @@
 //! nonces.)
 mod common;
 
-use baton_worker::core::{CoreConfig, Outgoing, WorkerCore};
-use baton_worker::demo::{DemoService, KIND_REQUEST};
+use baton_worker::core::{Outgoing, WorkerCore};
+use baton_worker::demo::KIND_REQUEST;
 use bytes::BytesMut;
-use lb_common::cid::CidLayout;
 use quinn_proto::{
     ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
 };
@@ -73,21 +72,11 @@ impl Client {
 }
 
 fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
-    let (certs, key) =
-        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
-    WorkerCore::new(
-        CoreConfig {
-            server_id,
-            layout: CidLayout::default(),
-            certs,
-            key,
-            vips: vec![VIP.parse::<SocketAddr>().unwrap().ip()],
-            allow_mtud: false,
-            limits: Default::default(),
-        },
-        Arc::new(DemoService::default()),
+    common::demo_core(
+        server_id,
+        vec![VIP.parse::<SocketAddr>().unwrap().ip()],
+        dir,
     )
-    .unwrap()
 }
 
 /// Delivers the client's datagrams to `core`, polls it, and returns what it sent.
@@ -111,7 +100,7 @@ fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Out
 fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() {
     let dir = std::env::temp_dir().join(format!("baton-held-test-{}", std::process::id()));
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let tls = common::demo_client_tls(common::roots_from_pem(&dir.join("ca.pem")));
+    let tls = common::client::client_tls(common::roots_from_pem(&dir.join("ca.pem")));
     let config = ClientConfig::new(Arc::new(
         quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));

@@ -5,10 +5,11 @@
 mod common;
 
 use baton_worker::demo::{KIND_REQUEST, KIND_STREAM, MAX_REQUEST};
+use common::client::{StreamLoad, Traffic, TrafficConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Far beyond what anything takes on a loaded machine: only a worker that never gets there fails.
@@ -190,11 +191,6 @@ async fn request_bodies_at_the_size_limit() {
     conn.close(0u32.into(), b"done");
 }
 
-/// Pattern byte `i` of stream `seed`.
-fn pattern(seed: u64, i: u64) -> u8 {
-    (i.wrapping_mul(0x9e37_79b9).wrapping_add(seed) >> 7) as u8
-}
-
 /// Four clients write as fast as they can on long echo streams for at least 20 s and until 1 GB
 /// came back, while a fifth makes requests one after another. The worker's memory stays within a
 /// bound derived from its `[limits]` (it slows the writers through flow control instead of
@@ -214,48 +210,24 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
     request(&requester, b"warm-up", false).await.unwrap();
     let (rss_before, _) = worker.rss();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let echoed = Arc::new(AtomicU64::new(0));
+    // Each flooder writes pattern bytes as fast as it can and checks every echoed byte.
     let mut flooders = Vec::new();
     for seed in 0..FLOODERS {
         let endpoint = worker.endpoint();
         let conn = worker.connect(&endpoint).await;
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[KIND_STREAM]).await.unwrap();
-        let stop_w = stop.clone();
-        let writer = tokio::spawn(async move {
-            let mut sent = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            while !stop_w.load(Ordering::Relaxed) {
-                for (j, b) in buf.iter_mut().enumerate() {
-                    *b = pattern(seed, sent + j as u64);
-                }
-                send.write_all(&buf).await.unwrap();
-                sent += buf.len() as u64;
-            }
-            send.finish().unwrap();
-            sent
-        });
-        let echoed = echoed.clone();
-        let reader = tokio::spawn(async move {
-            let mut got = 0u64;
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Some(n) = recv.read(&mut buf).await.unwrap() {
-                for (j, &b) in buf[..n].iter().enumerate() {
-                    assert_eq!(
-                        b,
-                        pattern(seed, got + j as u64),
-                        "stream {seed}, byte {}",
-                        got + j as u64
-                    );
-                }
-                got += n as u64;
-                echoed.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            got
-        });
-        flooders.push((endpoint, conn, writer, reader));
+        let flood = TrafficConfig {
+            seed,
+            stream: Some(StreamLoad {
+                chunk: 64 * 1024,
+                pause: None,
+            }),
+            requests: None,
+        };
+        let traffic = Traffic::start(&conn, flood).await.unwrap();
+        flooders.push((endpoint, conn, traffic));
     }
+    let echoed = || -> u64 { flooders.iter().map(|(_, _, t)| t.echoed()).sum() };
+    let stop = Arc::new(AtomicBool::new(false));
 
     // Requests one after another on their own connection, all through the flood.
     let stop_r = stop.clone();
@@ -274,28 +246,32 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
 
     let started = Instant::now();
     let mut peak = 0;
-    while started.elapsed() < Duration::from_secs(20) || echoed.load(Ordering::Relaxed) < 1 << 30 {
+    while started.elapsed() < Duration::from_secs(20) || echoed() < 1 << 30 {
         assert!(
             started.elapsed() < Duration::from_secs(240),
             "only {} MiB echoed in 240 s",
-            echoed.load(Ordering::Relaxed) / MIB
+            echoed() / MIB
         );
+        if let Some((_, _, t)) = flooders.iter().find(|(_, _, t)| t.ended().is_some()) {
+            panic!("a flooder's {} ended early", t.ended().unwrap());
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
         peak = peak.max(worker.rss().0);
     }
     stop.store(true, Ordering::Relaxed);
-    for (_endpoint, conn, writer, reader) in flooders {
-        let sent = tokio::time::timeout(WAIT, writer)
+    let echoed_total = echoed();
+    let mut echoed_at_end = 0;
+    for (seed, (_endpoint, conn, traffic)) in flooders.into_iter().enumerate() {
+        // Every byte written came back, in order and byte-exact (or finish says what did not).
+        let end = tokio::time::timeout(WAIT, traffic.finish())
             .await
-            .expect("writer ends")
-            .unwrap();
-        let got = tokio::time::timeout(WAIT, reader)
-            .await
-            .expect("echo ends")
-            .unwrap();
-        assert_eq!(got, sent, "every byte written came back");
+            .expect("writer and echo end")
+            .unwrap_or_else(|e| panic!("stream {seed}: {e:#}"));
+        assert_eq!(end.echoed, end.written, "every byte written came back");
+        echoed_at_end += end.echoed;
         conn.close(0u32.into(), b"done");
     }
+    assert!(echoed_at_end >= echoed_total);
     let (answered, worst) = requests.await.unwrap();
     let (_, hwm) = worker.rss();
     peak = peak.max(hwm);
@@ -304,8 +280,8 @@ async fn flooding_clients_are_slowed_down_not_buffered() {
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "RESULT flood seconds={secs:.1} echoed_mib={} echo_mib_per_s={:.1} rss_before_mib={} rss_peak_mib={} buffered_peak_kib={} requests={answered} worst_request_ms={} send_errors={send_errors}",
-        echoed.load(Ordering::Relaxed) / MIB,
-        echoed.load(Ordering::Relaxed) as f64 / MIB as f64 / secs,
+        echoed_at_end / MIB,
+        echoed_at_end as f64 / MIB as f64 / secs,
         rss_before / MIB,
         peak / MIB,
         buffered_peak / 1024,

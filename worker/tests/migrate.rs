@@ -6,13 +6,13 @@
 mod common;
 
 use baton_worker::core::{CoreConfig, WorkerCore};
-use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
+use baton_worker::demo::DemoService;
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::udp::{UdpIo, VipSockets};
+use common::client::{self, RequestLoad, StreamLoad, Traffic, TrafficConfig};
 use lb_common::cid::CidLayout;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -31,15 +31,6 @@ async fn wait_until(what: impl std::fmt::Display, mut done: impl FnMut() -> bool
         assert!(Instant::now() < deadline, "waited {WAIT:?} for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn pattern(seed: u64, offset: u64) -> u8 {
-    let x = offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (x >> 29) as u8 ^ (offset as u8)
-}
-
-fn fill(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| pattern(seed, offset + i)).collect()
 }
 
 struct Lab {
@@ -199,83 +190,28 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
         .try_init();
     let lab = lab().await;
     let conn = client(&lab).await;
-    let stop = Arc::new(AtomicBool::new(false));
-
-    // The long-lived stream: the client writes continuously and checks every echoed byte.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[KIND_STREAM]).await.unwrap();
-    let sent = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        tokio::spawn(async move {
-            let mut offset = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let chunk = fill(7, offset, 4096);
-                send.write_all(&chunk).await.unwrap();
-                offset += chunk.len() as u64;
-                sent.store(offset, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            send.finish().unwrap();
-            offset
-        })
-    };
-    // Long-stream bytes checked so far, and requests answered so far.
-    let echoed = Arc::new(AtomicU64::new(0));
-    let answered = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let echoed = echoed.clone();
-        tokio::spawn(async move {
-            let mut got = 0u64;
-            let mut buf = vec![0u8; 65536];
-            while let Some(n) = recv.read(&mut buf).await.unwrap() {
-                for (i, &b) in buf[..n].iter().enumerate() {
-                    assert_eq!(
-                        b,
-                        pattern(7, got + i as u64),
-                        "long stream byte {}",
-                        got + i as u64
-                    );
-                }
-                got += n as u64;
-                echoed.store(got, Ordering::Relaxed);
-            }
-            got
-        })
-    };
-
-    // Request/response loop: the session's request counter must continue across migrations.
-    let requests = {
-        let (stop, conn, answered) = (stop.clone(), conn.clone(), answered.clone());
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut max_gap = Duration::ZERO;
-            let mut last = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let body = fill(1000 + n, 0, 500 + (n as usize * 997) % 20_000);
-                let (mut s, mut r) = conn.open_bi().await.unwrap();
-                s.write_all(&[KIND_REQUEST]).await.unwrap();
-                s.write_all(&body).await.unwrap();
-                s.finish().unwrap();
-                let answer = r.read_to_end(1 << 21).await.unwrap();
-                assert_eq!(
-                    u64::from_be_bytes(answer[..8].try_into().unwrap()),
-                    n,
-                    "session request counter"
-                );
-                assert_eq!(&answer[8..], &body[..], "response {n} byte-exact");
-                answered.store(n, Ordering::Relaxed);
-                max_gap = max_gap.max(last.elapsed());
-                last = Instant::now();
-            }
-            (n, max_gap)
-        })
-    };
+    // The long-lived stream (the client writes continuously and checks every echoed byte) and
+    // the request/response loop (the session's request counter must continue across migrations).
+    let traffic = Traffic::start(
+        &conn,
+        TrafficConfig {
+            seed: 7,
+            stream: Some(StreamLoad {
+                chunk: 4096,
+                pause: Some(Duration::from_millis(1)),
+            }),
+            requests: Some(RequestLoad {
+                size: |n| 500 + (n as usize * 997) % 20_000,
+                pause: None,
+            }),
+        },
+    )
+    .await
+    .unwrap();
 
     // Both flows are under way before the first move.
     wait_until("the first requests and echoed bytes", || {
-        answered.load(Ordering::Relaxed) >= 3 && echoed.load(Ordering::Relaxed) >= 64 * 1024
+        traffic.answered() >= 3 && traffic.echoed() >= 64 * 1024
     })
     .await;
     let mut owner = 0;
@@ -286,18 +222,14 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
         owner = 1 - owner;
         // The new owner serves: one request at a time, so the one after the next is opened only
         // once the move is over (the next may have been answered before the freeze).
-        let (a, e) = (
-            answered.load(Ordering::Relaxed),
-            echoed.load(Ordering::Relaxed),
-        );
+        let (a, e) = (traffic.answered(), traffic.echoed());
         wait_until(
             format_args!(
                 "requests and the long stream to go on at worker {owner} after migration {m}"
             ),
             || {
-                assert!(!requests.is_finished(), "the request loop ended");
-                assert!(!reader.is_finished(), "the long stream's reader ended");
-                answered.load(Ordering::Relaxed) >= a + 2 && echoed.load(Ordering::Relaxed) > e
+                assert_eq!(traffic.ended(), None, "a traffic task ended");
+                traffic.answered() >= a + 2 && traffic.echoed() > e
             },
         )
         .await;
@@ -307,11 +239,10 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
         wait_for_own_cids(&lab, owner).await;
         lab.overrides.lock().unwrap().clear();
     }
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.await.unwrap();
-    let echoed = reader.await.unwrap();
-    let (done, max_gap) = requests.await.unwrap();
-    assert_eq!(echoed, written, "long stream echoed completely");
+    // Every byte echoed, every answer byte-exact and in counter order (or an error here).
+    let end = traffic.finish().await.unwrap();
+    let (echoed, done, max_gap) = (end.echoed, end.requests, end.max_gap);
+    assert_eq!(echoed, end.written, "long stream echoed completely");
     assert!(
         conn.close_reason().is_none(),
         "connection alive: {:?}",
@@ -349,43 +280,20 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
 async fn migration_that_cannot_happen_in_time_rolls_back() {
     let lab = lab().await;
     let conn = client(&lab).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&[KIND_STREAM]).await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut offset = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let chunk = fill(9, offset, 16 * 1024);
-                send.write_all(&chunk).await.unwrap();
-                offset += chunk.len() as u64;
-                tokio::task::yield_now().await;
-            }
-            send.finish().unwrap();
-            offset
-        })
-    };
-    let echoed = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let echoed = echoed.clone();
-        tokio::spawn(async move {
-            let mut got = 0u64;
-            let mut buf = vec![0u8; 65536];
-            while let Some(n) = recv.read(&mut buf).await.unwrap() {
-                for (i, &b) in buf[..n].iter().enumerate() {
-                    assert_eq!(b, pattern(9, got + i as u64));
-                }
-                got += n as u64;
-                echoed.store(got, Ordering::Relaxed);
-            }
-            got
-        })
-    };
-    wait_until("the long stream to flow", || {
-        echoed.load(Ordering::Relaxed) >= 256 * 1024
-    })
-    .await;
+    let traffic = Traffic::start(
+        &conn,
+        TrafficConfig {
+            seed: 9,
+            stream: Some(StreamLoad {
+                chunk: 16 * 1024,
+                pause: None,
+            }),
+            requests: None,
+        },
+    )
+    .await
+    .unwrap();
+    wait_until("the long stream to flow", || traffic.echoed() >= 256 * 1024).await;
 
     let real = lab.workers[0].connections().await.unwrap()[0].remote;
     // Nothing listens there: the path validation towards it can never succeed.
@@ -432,9 +340,9 @@ async fn migration_that_cannot_happen_in_time_rolls_back() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let e = echoed.load(Ordering::Relaxed);
+    let e = traffic.echoed();
     wait_until("the long stream to flow again", || {
-        echoed.load(Ordering::Relaxed) > e + 64 * 1024
+        traffic.echoed() > e + 64 * 1024
     })
     .await;
     // Rolled back: still on the same worker, un-frozen, and the connection carries on.
@@ -442,59 +350,45 @@ async fn migration_that_cannot_happen_in_time_rolls_back() {
     assert_eq!(conns.len(), 1);
     assert!(!conns[0].frozen);
     for n in 1..=5u64 {
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&[KIND_REQUEST, 42]).await.unwrap();
-        s.finish().unwrap();
-        let answer = tokio::time::timeout(WAIT, r.read_to_end(64))
+        client::expect_request(&conn, &[42], n, WAIT)
             .await
-            .unwrap_or_else(|_| panic!("request {n} after the rollback: no answer within {WAIT:?}"))
-            .unwrap();
-        assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
-        assert_eq!(&answer[8..], &[42]);
+            .unwrap_or_else(|e| panic!("after the rollback: {e:#}"));
     }
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.await.unwrap();
-    assert_eq!(reader.await.unwrap(), written);
+    let end = traffic.finish().await.unwrap();
+    assert_eq!(end.echoed, end.written);
     assert!(conn.close_reason().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_worker_moves_every_connection() {
     let lab = lab().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut loops = Vec::new();
     let connections = 16;
-    // Requests answered so far, per connection.
-    let answered: Vec<Arc<AtomicU64>> = (0..connections).map(|_| Arc::default()).collect();
+    // A request loop per connection; requests answered so far, per connection.
+    let mut loops = Vec::new();
     for c in 0..connections {
         let conn = client(&lab).await;
-        let (stop, answered) = (stop.clone(), answered[c as usize].clone());
-        loops.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let body = fill(c * 1_000_000 + n, 0, 200 + (n as usize * 131) % 3_000);
-                let (mut s, mut r) = conn.open_bi().await.unwrap();
-                s.write_all(&[KIND_REQUEST]).await.unwrap();
-                s.write_all(&body).await.unwrap();
-                s.finish().unwrap();
-                let answer = r.read_to_end(1 << 16).await.unwrap();
-                assert_eq!(u64::from_be_bytes(answer[..8].try_into().unwrap()), n);
-                assert_eq!(&answer[8..], &body[..]);
-                answered.store(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            assert!(conn.close_reason().is_none());
-            n
-        }));
+        let traffic = Traffic::start(
+            &conn,
+            TrafficConfig {
+                seed: c * 1_000_000,
+                stream: None,
+                requests: Some(RequestLoad {
+                    size: |n| 200 + (n as usize * 131) % 3_000,
+                    pause: Some(Duration::from_millis(2)),
+                }),
+            },
+        )
+        .await
+        .unwrap();
+        loops.push((conn, traffic));
     }
-    let counts = || -> Vec<u64> { answered.iter().map(|a| a.load(Ordering::Relaxed)).collect() };
+    let counts = || -> Vec<u64> { loops.iter().map(|(_, t)| t.answered()).collect() };
     // Every connection answers at least `min[c]` requests (each loop runs one request at a time).
     let all_reach = |min: Vec<u64>| {
         let (counts, loops) = (&counts, &loops);
         move || {
             assert!(
-                loops.iter().all(|l| !l.is_finished()),
+                loops.iter().all(|(_, t)| t.ended().is_none()),
                 "a request loop ended"
             );
             counts().iter().zip(&min).all(|(n, m)| n >= m)
@@ -545,10 +439,10 @@ async fn draining_a_worker_moves_every_connection() {
             drained_in.as_millis()
         );
     }
-    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
-    for l in loops {
-        total += l.await.unwrap();
+    for (conn, traffic) in loops {
+        total += traffic.finish().await.unwrap().requests;
+        assert!(conn.close_reason().is_none());
     }
     eprintln!("RESULT drain connections={connections} rounds=3 requests={total}");
     assert!(

@@ -9,7 +9,7 @@ use baton_protocol::worker::{MigrateOut, TargetRef};
 use baton_protocol::{Cid, ErrorKind, HexBytes};
 use baton_worker::config::PeerWorker;
 use baton_worker::core::{CoreConfig, WorkerCore};
-use baton_worker::demo::{DemoService, KIND_REQUEST};
+use baton_worker::demo::DemoService;
 use baton_worker::io::{Inbound, WorkerHandle, spawn};
 use baton_worker::migrate::Ctx;
 use baton_worker::udp::{UdpIo, VipSockets};
@@ -208,19 +208,9 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     let mut n = 0u64;
     let mut request = async || {
         n += 1;
-        let (mut s, mut r) = conn.open_bi().await.unwrap();
-        s.write_all(&[KIND_REQUEST, n as u8]).await.unwrap();
-        s.finish().unwrap();
-        let answer = tokio::time::timeout(WAIT, r.read_to_end(64))
+        common::client::expect_request(&conn, &[n as u8], n, WAIT)
             .await
-            .unwrap_or_else(|_| panic!("request {n}: no answer within {WAIT:?}"))
-            .unwrap();
-        assert_eq!(
-            u64::from_be_bytes(answer[..8].try_into().unwrap()),
-            n,
-            "session counter"
-        );
-        assert_eq!(answer[8], n as u8);
+            .unwrap_or_else(|e| panic!("{e:#}"));
     };
     request().await;
     let key = handles[0].connections().await.unwrap()[0].key.clone();

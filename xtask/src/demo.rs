@@ -1068,15 +1068,8 @@ pub(crate) fn wait_until(
     Ok(())
 }
 
-pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
+/// Nearest-rank percentile: the one definition, in lb-common (which needs nothing generated).
+pub(crate) use lb_common::percentile;
 
 /// Stops what a demo started (its own children, or the pids a `--keep` run recorded), removes
 /// baton-lb's pins and the lab.
@@ -1147,4 +1140,21 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
     }
     lab::down_quiet()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's workers are the fixed lab's (namespaces, peer-channel addresses).
+    #[test]
+    fn workers_are_the_labs() {
+        let lab = baton_lab::Topology::fixed();
+        for (i, (name, ns, server_id, peer)) in WORKERS.into_iter().enumerate() {
+            assert_eq!(name, format!("w{}", i + 1));
+            assert_eq!(server_id, i as u64 + 1);
+            assert_eq!(ns, lab.workers[i]);
+            assert_eq!(peer, format!("{}:4470", lab.worker_addr4(i)));
+        }
+    }
 }

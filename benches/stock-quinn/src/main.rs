@@ -11,11 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const ALPN: &[u8] = b"baton-demo/1";
-const KIND_REQUEST: u8 = 0x01;
-const KIND_STREAM: u8 = 0x02;
-/// Largest request body.
-const MAX_BODY: usize = 1 << 20;
+use lb_common::demo::{ALPN, KIND_REQUEST, KIND_STREAM, MAX_REQUEST as MAX_BODY};
 /// Application error code of STOP_SENDING/RESET_STREAM for a bad stream.
 const BAD_STREAM: u32 = 1;
 /// Largest chunk a long stream reads before writing it back.

@@ -5,23 +5,58 @@
 
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const VIP4: &str = "10.201.100.1";
-pub const VIP6: &str = "fd00:201:100::1";
+pub const VIP4: &str = baton_lab::PRIVATE.vip4;
+pub const VIP6: &str = baton_lab::PRIVATE.vip6;
 pub const PORT: u16 = 4433;
 pub const CID_LEN: usize = 8;
 /// Prometheus port of baton-lb, inside the test's LB namespace (so tests never collide on it).
 pub const METRICS_PORT: u16 = 9650;
 
+/// How long a wait for something a test expects may take before the test gives up: far more
+/// than any of them needs, so that only a real failure (not a loaded machine) ends one.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn workspace_root() -> PathBuf {
+/// Polls `done` every 20 ms until it holds; after [`PATIENCE`] panics with what was awaited and
+/// the state `show` describes.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool, show: impl Fn() -> String) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "gave up after {} s waiting for {what}; state: {}",
+            PATIENCE.as_secs(),
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `baton-worker gen-certs --workers <workers> <extra> --out <out>`: the CA, service and worker
+/// certificates and the secrets files.
+pub fn gen_certs(out: &Path, workers: &str, extra: &[&str]) {
+    let o = Command::new(worker_bin())
+        .args(["gen-certs", "--workers", workers])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "gen-certs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -123,35 +158,22 @@ pub fn write_worker_configs(dir: &Path) -> PathBuf {
 }
 
 /// [`write_worker_configs`], with the worker-to-worker channel on the workers' IPv6 lab addresses
-/// (`[fd00:201:1<i>::2]:4470`) if `peer_v6`.
+/// (`[fd00:201:1<i>::2]:4470`, see `baton_lab::PRIVATE`) if `peer_v6`.
 pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new(worker_bin())
-        .args([
-            "gen-certs",
-            "--workers",
-            "w1,w2",
-            "--service-name",
-            "baton.test",
-            "--out",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "gen-certs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    gen_certs(dir, "w1,w2", &["--service-name", "baton.test"]);
     let d = dir.display();
     // The controller gets the token secret only (no snapshot key).
     let mut mc = format!("secrets = \"{d}/controller-secrets.toml\"\n");
+    // Every private lab has the same addresses (only the namespace names differ).
+    let net = baton_lab::Topology::private("");
     let peer_of = |sid: u32| {
+        let i = sid as usize - 1;
         if peer_v6 {
-            format!("[fd00:201:1{sid}::2]:{PEER_PORT}")
+            format!("[{}]:{PEER_PORT}", net.worker_addr6(i))
         } else {
-            format!("10.201.1{sid}.2:{PEER_PORT}")
+            format!("{}:{PEER_PORT}", net.worker_addr4(i))
         }
     };
     // Every worker lists both (the same list everywhere): only they are admitted as peers.
@@ -239,66 +261,22 @@ pub fn spawn_worker(lab: &Lab, dir: &Path, i: usize, env: &[(&str, &str)]) -> Ch
     child
 }
 
+/// Runs a command; panics with its stderr if it fails.
 pub fn sh(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    baton_lab::sh(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn sh_quiet(args: &[&str]) {
-    let _ = Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Runs `f` on a thread inside network namespace `ns`. Sockets created there stay in that
-/// namespace after the thread ends (membership is per thread, sockets keep theirs).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: valid netns fd; affects only this thread.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns {path}"
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use baton_lab::in_netns;
 
 /// Removes namespaces and pin directories left by earlier test processes that died without
 /// cleaning up (their pid is gone).
 fn sweep_leftovers() {
-    let dead = |name: &str, prefix: &str, sep: char| -> bool {
-        name.strip_prefix(prefix)
-            .and_then(|rest| rest.split(sep).next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-    };
-    if let Ok(rd) = std::fs::read_dir("/run/netns") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, "btt", 'x') {
-                sh_quiet(&["ip", "netns", "del", &name]);
-            }
-        }
-    }
+    baton_lab::sweep_namespaces("btt", 'x');
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if dead(&name, "baton-test-", '-') {
+            if baton_lab::owner_is_dead(&name, "baton-test-", '-') {
                 let _ = remove_pins(&e.path());
             }
         }
@@ -316,6 +294,9 @@ pub struct Lab {
     pub client: String,
     pub lb: String,
     pub workers: [String; 2],
+    /// The namespaces (the `baton-lab` topology); removed when the lab is dropped, after the
+    /// pins (the XDP link goes with them).
+    pub net: baton_lab::Netns,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
@@ -348,21 +329,24 @@ impl Lab {
         let _ = bin_dir();
         let pid = std::process::id();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let base = format!("btt{pid}x{n}");
+        let topology = baton_lab::Topology::private(&format!("btt{pid}x{n}"));
+        let net = baton_lab::Netns::up(topology).unwrap_or_else(|e| panic!("lab: {e:#}"));
+        net.wait_for_gateway(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let lab = Lab {
-            client: format!("{base}-cl"),
-            lb: format!("{base}-lb"),
-            workers: [format!("{base}-w1"), format!("{base}-w2")],
+            client: net.client.clone(),
+            lb: net.lb.clone(),
+            workers: net.workers.clone(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/baton-test-{pid}-{n}")),
             socket: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.sock")),
             config: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.toml")),
             log: std::env::temp_dir().join(format!("baton-test-{pid}-{n}.log")),
             daemon: None,
+            net,
         };
-        lab.build_topology();
         let config = format!(
             r#"
-interface = "t-lb-cl"
+interface = "{lb_cl}"
 xdp_mode = "{mode}"
 [cid]
 length = {CID_LEN}
@@ -376,13 +360,13 @@ ports = [{PORT}]
 [[workers]]
 name = "w1"
 server_id = 1
-address = "10.201.11.2"
+address = "{w1}"
 mac = "auto"
-interface = "t-lb-w1"
+interface = "{lb_w1}"
 [[workers]]
 name = "w2"
 server_id = 2
-address = "10.201.12.2"
+address = "{w2}"
 mac = "auto"
 [health]
 {health}
@@ -390,187 +374,16 @@ mac = "auto"
 socket = "{socket}"
 metrics = "127.0.0.1:{METRICS_PORT}"
 "#,
+            lb_cl = lab.net.lb_client_dev(),
+            lb_w1 = lab.net.lb_worker_dev(0),
+            w1 = lab.net.worker_addr4(0),
+            w2 = lab.net.worker_addr4(1),
             mode = opts.xdp_mode,
             health = opts.health,
             socket = lab.socket.display()
         );
         std::fs::write(&lab.config, config).unwrap();
         lab
-    }
-
-    fn build_topology(&self) {
-        let all = [&self.client, &self.lb, &self.workers[0], &self.workers[1]];
-        for ns in all {
-            sh(&["ip", "netns", "add", ns]);
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        let pairs = [
-            (
-                &self.client,
-                "t-cl",
-                "10.201.1.2/24",
-                "fd00:201:1::2/64",
-                &self.lb,
-                "t-lb-cl",
-                "10.201.1.1/24",
-                "fd00:201:1::1/64",
-            ),
-            (
-                &self.workers[0],
-                "t-w1",
-                "10.201.11.2/24",
-                "fd00:201:11::2/64",
-                &self.lb,
-                "t-lb-w1",
-                "10.201.11.1/24",
-                "fd00:201:11::1/64",
-            ),
-            (
-                &self.workers[1],
-                "t-w2",
-                "10.201.12.2/24",
-                "fd00:201:12::2/64",
-                &self.lb,
-                "t-lb-w2",
-                "10.201.12.1/24",
-                "fd00:201:12::1/64",
-            ),
-        ];
-        for (ans, adev, a4, a6, bns, bdev, b4, b6) in pairs {
-            sh(&[
-                "ip", "link", "add", adev, "netns", ans, "type", "veth", "peer", "name", bdev,
-                "netns", bns,
-            ]);
-            for (ns, dev, v4, v6) in [(ans, adev, a4, a6), (bns, bdev, b4, b6)] {
-                sh(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
-                sh(&["ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
-                sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
-            }
-        }
-        sh(&[
-            "ip",
-            "-n",
-            &self.client,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.201.1.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &self.client,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "fd00:201:1::1",
-        ]);
-        // See ENVIRONMENT.md: native redirect of locally sent UDP needs software checksums on the
-        // sender, and the target veth's peer needs NAPI (GRO) to take redirected frames.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.client,
-            "ethtool",
-            "-K",
-            "t-cl",
-            "tx",
-            "off",
-        ]);
-        for k in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.conf.all.rp_filter=0",
-        ] {
-            sh(&["ip", "netns", "exec", &self.lb, "sysctl", "-qw", k]);
-        }
-        for (i, ns) in self.workers.iter().enumerate() {
-            let dev = format!("t-w{}", i + 1);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{VIP4}/32"),
-                "dev",
-                "lo",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{VIP6}/128"),
-                "dev",
-                "lo",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.201.1{}.1", i + 1),
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:201:1{}::1", i + 1),
-            ]);
-            for k in [
-                "net.ipv4.conf.all.arp_ignore=1",
-                "net.ipv4.conf.all.arp_announce=2",
-            ] {
-                sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", k]);
-            }
-            sh(&[
-                "ip", "netns", "exec", ns, "ethtool", "-K", &dev, "gro", "on",
-            ]);
-        }
-        self.wait_for_gateway();
-    }
-
-    /// Resolves the client's gateway (ARP and NDP) before a test sends its burst: packets queued
-    /// behind a neighbour solicitation lost at link-up would wait a whole retransmit second.
-    fn wait_for_gateway(&self) {
-        let start = Instant::now();
-        for gw in ["10.201.1.1", "fd00:201:1::1"] {
-            loop {
-                let ip: IpAddr = gw.parse().unwrap();
-                in_netns(&self.client, move || {
-                    let s =
-                        UdpSocket::bind(if ip.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
-                    let _ = s.send_to(b"warm-up", SocketAddr::new(ip, 9));
-                });
-                let out = sh(&["ip", "-n", &self.client, "neigh", "show", gw]);
-                let text = String::from_utf8_lossy(&out.stdout);
-                if text.contains("lladdr")
-                    && !text.contains("FAILED")
-                    && !text.contains("INCOMPLETE")
-                {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "client cannot resolve its gateway {gw} in 30 s: {text}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
     }
 
     /// Starts baton-lb in the LB namespace and waits until its control socket answers.
@@ -786,11 +599,9 @@ impl Drop for Lab {
         if std::thread::panicking() {
             eprintln!("---- baton-lb log ----\n{}", self.log_text());
         }
-        // Pins first (the link goes with them), then the namespaces and files.
+        // Pins first (the link goes with them), then the files; the namespaces go when `net`
+        // is dropped, after this.
         let _ = remove_pins(&self.pin_dir);
-        for ns in [&self.client, &self.lb, &self.workers[0], &self.workers[1]] {
-            sh_quiet(&["ip", "netns", "del", ns]);
-        }
         for f in [&self.socket, &self.config, &self.log] {
             let _ = std::fs::remove_file(f);
         }
@@ -875,9 +686,8 @@ pub fn dcid_of(pkt: &[u8]) -> Vec<u8> {
     }
 }
 
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+#[allow(unused_imports)] // not every test file uses it
+pub use lb_common::hex;
 
 pub fn vip(v6: bool) -> SocketAddr {
     SocketAddr::new(

@@ -1,39 +1,43 @@
-//! Shared by the worker's integration tests: a client for the demo service.
+//! Shared by the worker's integration tests: the demo client (baton-load's), worker configs, ports.
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::Path;
-use std::sync::Arc;
+
+/// The demo client (baton-load's library): TLS, endpoints, checked requests, [`client::Traffic`].
+pub use baton_load::client;
 
 /// The CA certificates in a PEM file, as trust roots.
 pub fn roots_from_pem(path: &Path) -> rustls::RootCertStore {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(path).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    roots
+    client::roots_from_pem_file(path).unwrap()
 }
 
-/// TLS 1.3 for the demo service's ALPN, trusting `roots`.
-pub fn demo_client_tls(roots: rustls::RootCertStore) -> rustls::ClientConfig {
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![baton_worker::demo::ALPN.to_vec()];
-    tls
-}
-
-/// A quinn client endpoint on loopback speaking to the demo service, trusting `roots`.
+/// A demo client endpoint on loopback, trusting `roots`.
 pub fn demo_client_endpoint(roots: rustls::RootCertStore) -> quinn::Endpoint {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(demo_client_tls(roots)).unwrap(),
-    )));
-    endpoint
+    client::endpoint("127.0.0.1:0".parse().unwrap(), roots).unwrap()
+}
+
+/// A worker core serving the demo (default CID layout and limits, no MTU discovery) as server
+/// `server_id` on `vips`, with the `gen-certs` service certificate from `dir`.
+pub fn demo_core(
+    server_id: u64,
+    vips: Vec<std::net::IpAddr>,
+    dir: &Path,
+) -> baton_worker::core::WorkerCore {
+    let (certs, key) =
+        baton_worker::load_tls(&dir.join("service.pem"), &dir.join("service.key")).unwrap();
+    baton_worker::core::WorkerCore::new(
+        baton_worker::core::CoreConfig {
+            server_id,
+            layout: lb_common::cid::CidLayout::default(),
+            certs,
+            key,
+            vips,
+            allow_mtud: false,
+            limits: Default::default(),
+        },
+        std::sync::Arc::new(baton_worker::demo::DemoService::default()),
+    )
+    .unwrap()
 }
 
 /// The config of a worker that takes part in migrations, as the tests run it: `w1` (server ID 1)
