@@ -5,7 +5,7 @@
 //! bound to the migration ([`EncryptionService`]), and sent as one frame whose length is in the
 //! peer channel's transfer header. No inner framing, chunking or compression: the peer stream is
 //! reliable and ordered, the AEAD tag covers every byte, and compression does not pay for the
-//! state a connection carries (docs/MIGRATION-FLOW.md, "Snapshot envelope", has the figures).
+//! state a connection carries (docs/MIGRATION-PIPELINE.md, "Compression", has the figures).
 //!
 //! Sealed layout (every integer big-endian):
 //!
