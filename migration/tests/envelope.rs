@@ -280,3 +280,29 @@ fn write_fuzz_seeds() {
         .unwrap();
     }
 }
+
+/// The checked-in seeds are what the fuzz target expects: the sealed ones open with its key and
+/// binding, the encoded ones decode.
+#[test]
+fn the_fuzz_seeds_open_and_decode() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode_snapshot");
+    let s = SnapshotSealer::new(EncryptionService::new(
+        FUZZ_KEY_ID,
+        EncryptionKey::from_bytes(&FUZZ_KEY).unwrap(),
+    ));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("sealed-") {
+            s.open(&fuzz_binding(), bytes)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else {
+            envelope::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        seen += 1;
+    }
+    assert!(seen >= 2, "no seeds in {}", dir.display());
+}
