@@ -26,10 +26,13 @@ use crate::encryption::{
 use crate::ids::MigrationBinding;
 use crate::protocol::{Corruption, MigrationError};
 
+/// The envelope version this build seals and opens (it names the plaintext layout too).
+pub const VERSION: u8 = ENVELOPE_VERSION;
 /// Largest encoded state (handoff and application state with their lengths) sealed or opened.
 /// A connection holds at most its `[limits]` windows and buffers (about 21 MiB with the
 /// defaults); this leaves room for larger configured limits.
 pub const MAX_STATE_LEN: usize = 64 << 20;
+const _: () = assert!(MAX_STATE_LEN <= u32::MAX as usize, "lengths are u32");
 /// Bytes the encoding adds to the handoff and application state (two u32 lengths).
 pub const ENCODING_OVERHEAD: usize = 8;
 /// Bytes sealing adds to the encoding (header and tag).
@@ -65,12 +68,10 @@ impl fmt::Debug for ConnectionState {
     }
 }
 
+/// `limit` is at most [`MAX_STATE_LEN`], so each length also fits its u32.
 fn check_size(state: &ConnectionState, limit: usize) -> Result<(), MigrationError> {
     let size = state.encoded_len();
-    if size > limit
-        || state.handoff.len() > u32::MAX as usize
-        || state.app.len() > u32::MAX as usize
-    {
+    if size > limit {
         return Err(MigrationError::SnapshotTooLarge {
             size: size as u64,
             limit: limit as u64,
@@ -192,6 +193,3 @@ impl SnapshotSealer {
         decode(plaintext)
     }
 }
-
-/// The envelope version this build seals and opens.
-pub const VERSION: u8 = ENVELOPE_VERSION;
