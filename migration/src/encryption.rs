@@ -1,7 +1,7 @@
 //! AES-256-GCM sealing of encoded snapshots, with a key ring for rotation.
 //!
 //! Envelope: `magic "BTNE" | version | key id (u32 BE) | instance id (12) | nonce (12) |
-//! ciphertext | tag (16)`. The associated data is the envelope header followed by the
+//! ciphertext | tag (16)`; the plaintext is [`crate::envelope`]'s encoding. The associated data is the envelope header followed by the
 //! [`MigrationBinding`], so a sealed snapshot only opens for the migration, connection, source
 //! and target it was sealed for, and the header (key id, nonce) cannot be swapped either.
 //!
@@ -30,7 +30,8 @@ use crate::ids::MigrationBinding;
 use crate::protocol::{Corruption, MigrationError};
 
 pub const ENVELOPE_MAGIC: [u8; 4] = *b"BTNE";
-pub const ENVELOPE_VERSION: u8 = 1;
+/// 2: the plaintext is `crate::envelope`'s encoding (1 held a chunked, compressed stream).
+pub const ENVELOPE_VERSION: u8 = 2;
 pub const KEY_LEN: usize = 32;
 pub const INSTANCE_ID_LEN: usize = 12;
 pub const NONCE_LEN: usize = 12;
@@ -95,6 +96,8 @@ struct KeyEntry {
 
 /// Plaintext accumulated in place behind a reserved envelope header, so sealing encrypts without
 /// copying. Write the encoded snapshot into it, then pass it to [`EncryptionService::seal`].
+/// Zeroized if dropped unsealed (it holds secrets); reserve its final size up front, as a
+/// growing buffer leaves unzeroized copies behind.
 pub struct PlaintextBuffer {
     buf: Vec<u8>,
 }
@@ -108,6 +111,16 @@ impl PlaintextBuffer {
 
     pub fn plaintext(&self) -> &[u8] {
         &self.buf[ENVELOPE_HEADER_LEN..]
+    }
+
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+}
+
+impl Drop for PlaintextBuffer {
+    fn drop(&mut self) {
+        self.buf.zeroize();
     }
 }
 
@@ -275,7 +288,8 @@ impl EncryptionService {
             .next_nonce
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
             .map_err(|_| MigrationError::NonceExhausted { key_id })?;
-        let mut buf = plaintext.buf;
+        let mut plaintext = plaintext;
+        let mut buf = std::mem::take(&mut plaintext.buf);
         let header = &mut buf[..ENVELOPE_HEADER_LEN];
         header[..4].copy_from_slice(&ENVELOPE_MAGIC);
         header[4] = ENVELOPE_VERSION;
@@ -292,7 +306,15 @@ impl EncryptionService {
             .map_err(|_| MigrationError::SnapshotTooLarge {
                 size: body.len() as u64,
                 limit: 1 << 36,
-            })?;
+            });
+        let tag = match tag {
+            Ok(tag) => tag,
+            Err(e) => {
+                // Refused before encrypting: the buffer still holds the plaintext.
+                buf.zeroize();
+                return Err(e);
+            }
+        };
         buf.extend_from_slice(&tag);
         Ok(buf)
     }

@@ -46,24 +46,15 @@ impl fmt::Display for TokenRejection {
 pub enum Corruption {
     /// AES-GCM tag check failed: ciphertext, tag, header or binding altered, or wrong key.
     AuthenticationFailed,
-    /// The envelope or stream header is not ours or is malformed.
+    /// The envelope header is not ours, or of a version this build does not read.
     BadHeader(String),
-    /// The input ended before the final chunk (or inside a chunk header or payload).
+    /// The input ended early (inside the envelope header or tag, or inside a length or the bytes
+    /// it announces).
     Truncated(String),
-    /// A chunk arrived with a higher sequence number than expected (reordered or missing).
-    OutOfOrder { expected: u32, found: u32 },
-    /// A chunk arrived again (sequence number already seen).
-    Duplicate { seq: u32 },
-    /// A chunk announces more bytes than the stream's chunk size allows.
-    ChunkTooLarge { len: u32, limit: u32 },
-    /// A non-final chunk is shorter than the chunk size (not produced by our encoder).
-    ShortChunk { seq: u32, len: u32, chunk_size: u32 },
-    /// Compressed or decompressed input exceeds the configured maximum state size.
+    /// The encoded state exceeds the largest one accepted.
     TooLarge { limit: u64 },
-    /// Bytes follow the end of the snapshot.
+    /// Bytes follow the end of the state.
     TrailingData,
-    /// Decompression or bincode decoding failed.
-    Malformed(String),
 }
 
 impl fmt::Display for Corruption {
@@ -72,13 +63,8 @@ impl fmt::Display for Corruption {
             Self::AuthenticationFailed => f.write_str("authentication failed (ciphertext, tag, header or migration binding altered, or wrong key)"),
             Self::BadHeader(m) => write!(f, "bad header: {m}"),
             Self::Truncated(m) => write!(f, "truncated: {m}"),
-            Self::OutOfOrder { expected, found } => write!(f, "chunk {found} arrived where chunk {expected} was expected (reordered or missing chunk)"),
-            Self::Duplicate { seq } => write!(f, "chunk {seq} arrived twice"),
-            Self::ChunkTooLarge { len, limit } => write!(f, "chunk of {len} bytes exceeds the chunk size {limit}"),
-            Self::ShortChunk { seq, len, chunk_size } => write!(f, "non-final chunk {seq} has {len} bytes, expected {chunk_size}"),
             Self::TooLarge { limit } => write!(f, "state exceeds the limit of {limit} bytes"),
-            Self::TrailingData => f.write_str("data after the end of the snapshot"),
-            Self::Malformed(m) => write!(f, "malformed content: {m}"),
+            Self::TrailingData => f.write_str("data after the end of the state"),
         }
     }
 }
@@ -92,11 +78,11 @@ pub enum MigrationError {
     )]
     InvalidToken(TokenRejection),
     #[error(
-        "snapshot state rejected: {0}; check that both workers use the same key ring and compression settings, that the migration id, connection id, source and target match the ones the snapshot was sealed for, and that the transfer was not cut short"
+        "snapshot state rejected: {0}; check that both workers share the key ring and run compatible Baton versions, that the migration id, connection id, source and target match the ones the snapshot was sealed for, and that the transfer was not cut short"
     )]
     StateCorruption(Corruption),
     #[error(
-        "snapshot of {size} bytes exceeds the limit of {limit} bytes; check max_state_size on source and target, or reduce buffered stream data before migrating"
+        "snapshot of {size} bytes exceeds the limit of {limit} bytes; or reduce buffered stream data before migrating"
     )]
     SnapshotTooLarge { size: u64, limit: u64 },
     #[error(
@@ -125,18 +111,12 @@ pub enum MigrationError {
         "token replay cache is full ({capacity} live tokens); check the request rate against max_requests_per_second and token lifetime, or raise replay_cache_capacity"
     )]
     ReplayCacheFull { capacity: usize },
-    #[error(
-        "unsupported snapshot format version {found} (this build reads {supported}); check that source and target run compatible Baton versions"
-    )]
-    UnsupportedVersion { found: u16, supported: u16 },
     #[error("invalid snapshot: {0}")]
     InvalidSnapshot(String),
     #[error("nonce counter exhausted for encryption key id {key_id}; rotate the key")]
     NonceExhausted { key_id: u32 },
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("writing encoded state failed: {0}; check the output sink")]
-    Output(String),
 }
 
 impl MigrationError {
@@ -151,11 +131,9 @@ impl MigrationError {
             Self::TargetUnavailable { .. } => ErrorKind::TargetUnavailable,
             Self::RateLimited { .. } => ErrorKind::RateLimited,
             Self::ReplayCacheFull { .. } => ErrorKind::ReplayCacheFull,
-            Self::UnsupportedVersion { .. } => ErrorKind::UnsupportedVersion,
             Self::InvalidSnapshot(_) => ErrorKind::InvalidSnapshot,
             Self::NonceExhausted { .. } => ErrorKind::NonceExhausted,
             Self::Config(_) => ErrorKind::Config,
-            Self::Output(_) => ErrorKind::Output,
         }
     }
 

@@ -7,6 +7,7 @@ use baton_handoff::cid::LbCidGenerator;
 use baton_handoff::handoff::NotQuiescent;
 use bytes::BytesMut;
 use lb_common::cid::CidLayout;
+use migration::ConnectionState;
 use quinn_proto::{
     Connection, ConnectionHandle, DatagramEvent, Endpoint, EndpointConfig, EndpointEvent, Event,
     ServerConfig,
@@ -91,10 +92,11 @@ pub enum ImportFailure {
     NotOurVip(IpAddr, String),
 }
 
-/// An exported connection: the bytes for the importer and the CIDs that now route elsewhere.
+/// An exported connection: the state for the importer and the CIDs that now route elsewhere.
 pub struct Exported {
-    /// Handoff bytes (secrets included): send only over an encrypted, authenticated channel.
-    pub bytes: Zeroizing<Vec<u8>>,
+    /// The QUIC handoff and the application state (secrets included, zeroized on drop): send
+    /// only sealed ([`migration::SnapshotSealer`]), over an authenticated channel.
+    pub state: ConnectionState,
     pub cids: Vec<Vec<u8>>,
     /// Names this export's buffer of late datagrams ([`WorkerCore::take_forward_of`]).
     pub forward_key: u64,
@@ -103,7 +105,7 @@ pub struct Exported {
 impl std::fmt::Debug for Exported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exported")
-            .field("bytes", &self.bytes.len())
+            .field("state", &self.state)
             .field("cids", &self.cids.len())
             .finish()
     }
@@ -593,20 +595,19 @@ impl WorkerCore {
                 for c in &cids {
                     self.exported.insert(c.clone(), forward_key);
                 }
-                let quic = baton_handoff::wire::encode(&handoff);
-                let state = live.app.capture();
-                let mut bytes = Zeroizing::new(Vec::with_capacity(8 + quic.len() + state.len()));
-                bytes.extend((quic.len() as u64).to_be_bytes());
-                bytes.extend_from_slice(&quic);
-                bytes.extend_from_slice(&state);
+                let state = ConnectionState::new(
+                    baton_handoff::wire::encode(&handoff),
+                    Zeroizing::new(live.app.capture()),
+                );
                 info!(
                     id,
                     cids = cids.len(),
-                    bytes = bytes.len(),
+                    handoff_bytes = state.handoff.len(),
+                    app_bytes = state.app.len(),
                     "connection exported"
                 );
                 Ok(Exported {
-                    bytes,
+                    state,
                     cids,
                     forward_key,
                 })
@@ -634,11 +635,11 @@ impl WorkerCore {
     /// [`discard`](Self::discard)): the source decides who the one sender is.
     pub fn import(
         &mut self,
-        bytes: &[u8],
+        state: &ConnectionState,
         now: Instant,
         held: bool,
     ) -> Result<usize, ImportFailure> {
-        self.import_from(bytes, now, held, None)
+        self.import_from(state, now, held, None)
     }
 
     /// [`import`](Self::import) of a connection sent by the worker with server ID `source`
@@ -646,27 +647,20 @@ impl WorkerCore {
     /// that still reach it for the connection's old CIDs ([`handle_forwarded`](Self::handle_forwarded)).
     pub fn import_from(
         &mut self,
-        bytes: &[u8],
+        state: &ConnectionState,
         now: Instant,
         held: bool,
         source: Option<u32>,
     ) -> Result<usize, ImportFailure> {
-        if bytes.len() < 8 {
-            return Err(ImportFailure::Decode("truncated".into()));
-        }
-        let len = u64::from_be_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let quic = bytes
-            .get(8..8usize.saturating_add(len))
-            .ok_or_else(|| ImportFailure::Decode("truncated".into()))?;
-        let handoff =
-            baton_handoff::wire::decode(quic).map_err(|e| ImportFailure::Decode(e.to_string()))?;
+        let handoff = baton_handoff::wire::decode(&state.handoff)
+            .map_err(|e| ImportFailure::Decode(e.to_string()))?;
         if let Some(vip) = handoff.connection.local_ip {
             if !self.vips.contains(&vip) {
                 let ours = self.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>();
                 return Err(ImportFailure::NotOurVip(vip, ours.join(", ")));
             }
         }
-        let app = self.service.restore(&bytes[8 + len..])?;
+        let app = self.service.restore(&state.app)?;
         let (ch, mut conn, keys) = baton_handoff::import(&mut self.endpoint, &handoff, now)?;
         let mut reclaimed = Vec::new();
         for (_, c) in &handoff.connection.local_cids {

@@ -2,13 +2,13 @@
 use crate::core::{ConnInfo, Exported, Outgoing, WorkerCore};
 use crate::udp::{Received, VipSockets};
 use bytes::BytesMut;
+use migration::ConnectionState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
-use zeroize::Zeroizing;
 
 /// Where the worker's datagrams come from: its own sockets (one bound to each VIP), or a channel
 /// (tests, or a dispatcher in front of several workers). It always sends from the VIP sockets.
@@ -25,7 +25,7 @@ enum Command {
         reply: oneshot::Sender<Result<Exported, String>>,
     },
     Import {
-        bytes: Zeroizing<Vec<u8>>,
+        state: ConnectionState,
         held: bool,
         /// The server ID of the worker that sent it (None: a local rollback or a test).
         source: Option<u32>,
@@ -71,38 +71,39 @@ impl WorkerHandle {
         rx.await.map_err(gone)?
     }
 
-    /// Imports a connection another worker exported (the bytes hold secrets: zeroized on drop).
-    /// It is live at once: use this only when no other worker can send for it (a rollback).
-    pub async fn import(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
-        self.import_with(bytes, false, None).await
+    /// Imports a connection another worker exported ([`Exported::state`], opened from its
+    /// envelope; it holds secrets and is zeroized on drop). It is live at once: use this only
+    /// when no other worker can send for it (a rollback).
+    pub async fn import(&self, state: ConnectionState) -> Result<usize, String> {
+        self.import_with(state, false, None).await
     }
 
     /// Imports a connection that sends nothing until [`commit`](Self::commit) (or is dropped
     /// silently by [`discard`](Self::discard)).
-    pub async fn import_held(&self, bytes: Zeroizing<Vec<u8>>) -> Result<usize, String> {
-        self.import_with(bytes, true, None).await
+    pub async fn import_held(&self, state: ConnectionState) -> Result<usize, String> {
+        self.import_with(state, true, None).await
     }
 
     /// [`import_held`](Self::import_held) of a connection the worker with server ID `source`
     /// sent: it may then forward the connection's late datagrams ([`inject_from_peer`](Self::inject_from_peer)).
     pub async fn import_held_from(
         &self,
-        bytes: Zeroizing<Vec<u8>>,
+        state: ConnectionState,
         source: u32,
     ) -> Result<usize, String> {
-        self.import_with(bytes, true, Some(source)).await
+        self.import_with(state, true, Some(source)).await
     }
 
     async fn import_with(
         &self,
-        bytes: Zeroizing<Vec<u8>>,
+        state: ConnectionState,
         held: bool,
         source: Option<u32>,
     ) -> Result<usize, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Import {
-                bytes,
+                state,
                 held,
                 source,
                 reply,
@@ -350,13 +351,13 @@ fn command(
             }
         }
         Command::Import {
-            bytes,
+            state,
             held,
             source,
             reply,
         } => {
             let _ = reply.send(
-                core.import_from(&bytes, now, held, source)
+                core.import_from(&state, now, held, source)
                     .map_err(|e| e.to_string()),
             );
         }

@@ -28,8 +28,7 @@ use baton_protocol::peer::{Imported, MAX_HEADER, PEER_ALPN, TransferHeader};
 use baton_protocol::worker::{MigrateOut, MigratedOut, TargetRef};
 use baton_protocol::{Cid, ErrorKind, Failure, MigrationId};
 use migration::{
-    ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationPipeline, MigrationToken,
-    MigrationTokenManager, WorkerId,
+    ConnectionId, MigrationBinding, MigrationToken, MigrationTokenManager, SnapshotSealer, WorkerId,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,7 +36,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
-use zeroize::Zeroizing;
 
 /// How long the target may take to answer a transfer (an import takes well under 10 ms), plus
 /// [`transfer_timeout`]'s allowance for the snapshot's size. A dead target is noticed only by
@@ -56,9 +54,6 @@ const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// The byte by which the source hands the connection over (see the module comment).
 const COMMIT: u8 = 0xC1;
-/// Largest sealed snapshot accepted. A connection holds at most its `[limits]` windows and
-/// buffers (about 21 MiB with the defaults); this leaves room for larger configured limits.
-const MAX_SNAPSHOT: u64 = 64 << 20;
 /// A transfer's header, token and snapshot length must arrive within this of the stream opening.
 const HEADER_DEADLINE: Duration = Duration::from_secs(2);
 /// Snapshot bytes being received from one peer at once, all its transfers together: a worker
@@ -143,7 +138,7 @@ pub struct Ctx {
     pub cid_layout: baton_protocol::worker::CidLayout,
     pub handle: WorkerHandle,
     pub tokens: Mutex<MigrationTokenManager>,
-    pub pipeline: MigrationPipeline,
+    pub pipeline: SnapshotSealer,
     pub endpoint: quinn::Endpoint,
     /// `[peer] workers`: who may connect, as which server ID, and where a migration dials.
     workers: Vec<PeerWorker>,
@@ -166,7 +161,7 @@ impl Ctx {
         cid_layout: baton_protocol::worker::CidLayout,
         handle: WorkerHandle,
         tokens: MigrationTokenManager,
-        pipeline: MigrationPipeline,
+        pipeline: SnapshotSealer,
         endpoint: quinn::Endpoint,
         workers: Vec<PeerWorker>,
     ) -> Result<Arc<Self>> {
@@ -367,21 +362,13 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
     let frozen_at = Instant::now();
     let cids = exported.cids.clone();
     let sent = async {
-        let len = u64::from_be_bytes(exported.bytes[..8].try_into().expect("export prefix")) as usize;
-        let (transport, app) = exported.bytes[8..].split_at(len);
-        let now_ms = migration::token::unix_ms(SystemTime::now());
-        let snapshot = ConnectionStateSnapshot::builder(b.connection_id.clone(), b.source, b.target)
-            .timestamps(now_ms, now_ms)
-            .transport_snapshot(transport.to_vec())
-            .add_application_state("app", app.to_vec())
-            .build()?;
         #[allow(unused_mut)] // the test-hooks tamper hook writes it
-        let mut sealed = ctx.pipeline.seal(&b, &snapshot)?;
+        let mut sealed = ctx.pipeline.seal(&b, &exported.state)?;
         #[cfg(feature = "test-hooks")]
         if req.test_tamper {
             warn!(migration_id = %req.migration_id, "test_tamper: corrupting the sealed snapshot (fault tests only)");
-            let mid = sealed.bytes.len() / 2;
-            sealed.bytes[mid] ^= 0x04;
+            let mid = sealed.len() / 2;
+            sealed[mid] ^= 0x04;
         }
         let conn = ctx.peer(target.peer, &target.name).await?;
         let header = TransferHeader {
@@ -390,16 +377,16 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
             source: ctx.server_id,
             target: req.target.server_id,
             token: req.token.clone(),
-            snapshot_len: sealed.bytes.len() as u64,
+            snapshot_len: sealed.len() as u64,
         };
-        let limit = transfer_timeout(sealed.bytes.len());
+        let limit = transfer_timeout(sealed.len());
         // On timeout the stream is dropped, which finishes it without the commit byte: the
         // target discards its held import.
-        let (target_id, mut stream) = tokio::time::timeout(limit, transfer(&conn, &header, &sealed.bytes))
+        let (target_id, mut stream) = tokio::time::timeout(limit, transfer(&conn, &header, &sealed))
             .await
             .map_err(|_| Failure::new(ErrorKind::TargetUnavailable, format!("worker {} did not confirm within {} ms", req.target.name, limit.as_millis())))??;
         stream_commit(&mut stream, req.migration_id).await;
-        Ok::<_, Failure>((target_id, conn, sealed.bytes.len()))
+        Ok::<_, Failure>((target_id, conn, sealed.len()))
     }
     .await;
     match sent {
@@ -432,7 +419,7 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
                 }
             }
             // Roll back: the connection comes back here (its own export), with what arrived meanwhile.
-            match ctx.handle.import(exported.bytes).await {
+            match ctx.handle.import(exported.state).await {
                 Ok(id) => {
                     let kept = ctx.handle.take_forward_for(cids).await.unwrap_or_default();
                     let _ = ctx.handle.inject(kept).await;
@@ -833,10 +820,12 @@ async fn import(
         .lock()
         .unwrap()
         .verify(&b, &token, SystemTime::now())?;
-    if len > MAX_SNAPSHOT {
+    // Refused before reading (the largest envelope the sealer opens: migration::envelope).
+    let max = ctx.pipeline.max_sealed_len() as u64;
+    if len > max {
         return Err(Failure::new(
             ErrorKind::SnapshotTooLarge,
-            format!("{len} bytes (at most {MAX_SNAPSHOT})"),
+            format!("{len} bytes (at most {max})"),
         ));
     }
     let len = len as usize;
@@ -880,16 +869,10 @@ async fn import(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let size = sealed.len();
-    let snapshot = ctx.pipeline.open(&b, sealed)?;
-    let transport = snapshot.transport();
-    let app = snapshot.application_state("app").unwrap_or_default();
-    let mut bytes = Zeroizing::new(Vec::with_capacity(8 + transport.len() + app.len()));
-    bytes.extend((transport.len() as u64).to_be_bytes());
-    bytes.extend_from_slice(transport);
-    bytes.extend_from_slice(app);
+    let state = ctx.pipeline.open(&b, sealed)?;
     let id = ctx
         .handle
-        .import_held_from(bytes, peer.server_id)
+        .import_held_from(state, peer.server_id)
         .await
         .map_err(|e| Failure::new(ErrorKind::InvalidSnapshot, e))?;
     info!(migration_id = %header.migration_id, conn = %header.conn, source = header.source, id, "imported, held until the source commits");

@@ -61,7 +61,7 @@ async fn migrate(
         .find(|c| c.remote == remote)
         .unwrap_or_else(|| panic!("{remote} not on worker {from}: {conns:?}"));
     let exported = workers[from].migrate_out(c.id, QUIESCE).await.unwrap();
-    workers[to].import(exported.bytes).await.unwrap();
+    workers[to].import(exported.state).await.unwrap();
     let kept = workers[from].take_forward().await.unwrap();
     workers[to].inject(kept).await.unwrap();
     {
@@ -175,12 +175,12 @@ async fn ipv4_and_ipv6_clients_are_answered_from_their_vip_across_migrations() {
         .expect("the IPv6 connection");
     let exported = workers[owner].migrate_out(v6.id, QUIESCE).await.unwrap();
     let err = v4_only
-        .import_held(exported.bytes.clone())
+        .import_held(exported.state.clone())
         .await
         .unwrap_err();
     assert!(err.contains("not one of this worker's VIPs"), "{err}");
     assert!(v4_only.connections().await.unwrap().is_empty());
-    workers[owner].import(exported.bytes).await.unwrap();
+    workers[owner].import(exported.state).await.unwrap();
     let kept = workers[owner]
         .take_forward_for(exported.cids)
         .await

@@ -139,7 +139,7 @@ fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() 
     let exported = exported.expect("A exported the connection");
 
     // C imports held and is never committed: nothing comes out of it, then it discards.
-    let c_id = c.import(&exported.bytes, now, true).unwrap();
+    let c_id = c.import(&exported.state, now, true).unwrap();
     client.request(200);
     client.conn.ping();
     for _ in 0..20 {
@@ -163,7 +163,7 @@ fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() 
     );
 
     // B imports held: silent until the commit, then it answers (ACKs, the pending request).
-    let b_id = b.import(&exported.bytes, now, true).unwrap();
+    let b_id = b.import(&exported.state, now, true).unwrap();
     for _ in 0..5 {
         now += Duration::from_millis(5);
         let sent = exchange(&mut client, &mut b, now);

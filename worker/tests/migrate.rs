@@ -157,7 +157,7 @@ async fn migrate(lab: &Lab, from: usize) -> Duration {
         .migrate_out(conns[0].id, QUIESCE)
         .await
         .unwrap();
-    lab.workers[to].import(exported.bytes).await.unwrap();
+    lab.workers[to].import(exported.state).await.unwrap();
     // What reached the source while frozen goes first, then the LB flips.
     let kept = lab.workers[from].take_forward().await.unwrap();
     lab.workers[to].inject(kept).await.unwrap();
@@ -321,7 +321,7 @@ async fn migration_that_cannot_happen_in_time_rolls_back() {
             Ok(exported) => {
                 // Between a failed validation and the next datagram the connection can be
                 // exported: put it back where it was and look again.
-                lab.workers[owner].import(exported.bytes).await.unwrap();
+                lab.workers[owner].import(exported.state).await.unwrap();
                 let kept = lab.workers[owner].take_forward().await.unwrap();
                 lab.workers[owner].inject(kept).await.unwrap();
             }
@@ -410,7 +410,7 @@ async fn draining_a_worker_moves_every_connection() {
         let started = Instant::now();
         for c in conns {
             let exported = lab.workers[from].migrate_out(c.id, QUIESCE).await.unwrap();
-            lab.workers[to].import(exported.bytes).await.unwrap();
+            lab.workers[to].import(exported.state).await.unwrap();
             let kept = lab.workers[from].take_forward().await.unwrap();
             lab.workers[to].inject(kept).await.unwrap();
             let mut routes = lab.overrides.lock().unwrap();

@@ -84,10 +84,7 @@ fn ctx(
         TokenSecret::from_bytes(token_secret).unwrap(),
     )
     .unwrap();
-    let pipeline = migration::MigrationPipeline::new(
-        migration::SerializationService::new(Default::default()).unwrap(),
-        migration::EncryptionService::new(key_id, key),
-    );
+    let pipeline = migration::SnapshotSealer::new(migration::EncryptionService::new(key_id, key));
     let ctx = Ctx::new(
         name.into(),
         sid,
@@ -257,6 +254,27 @@ async fn migrate_out_over_the_peer_channel_and_roll_back_on_refusal() {
     for _ in 0..5 {
         request().await;
     }
+
+    // 1b. A good token, but one bit of the sealed snapshot flipped on the way (`test_tamper`):
+    //     the target refuses it (the AEAD tag), the source rolls back.
+    let tampered = baton_worker::migrate::migrate_out(
+        &a,
+        MigrateOut {
+            test_tamper: true,
+            ..out(&b)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        tampered.kind,
+        ErrorKind::StateCorruption,
+        "{}",
+        tampered.message
+    );
+    assert_eq!(handles[0].connections().await.unwrap().len(), 1);
+    assert!(handles[1].connections().await.unwrap().is_empty());
+    request().await;
 
     // 2. A good token: the target imports; flip, release; the connection carries on at the target.
     let req = out(&b);

@@ -38,7 +38,7 @@ enum Command {
     /// The mission end to end (root): lab, baton-lb, two workers, a client load, every connection
     /// migrated w1 -> w2 -> w1 several times while it runs; prints a report and a RESULT line.
     Demo(demo::Options),
-    /// Run the benchmarks (XDP per-packet cost, migration pipeline) and print a side-by-side report.
+    /// Run the benchmarks (XDP per-packet cost, migration snapshot envelope) and print a side-by-side report.
     Bench(bench::Options),
     /// Install what this machine lacks (apt tools, nightly rust-src, bpf-linker, bpffs); demo, test,
     /// build-ebpf, lab and bench do this first.

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
-use migration::{ConnectionId, ConnectionStateSnapshot, MigrationBinding, MigrationId, WorkerId};
+use migration::{ConnectionId, ConnectionState, MigrationBinding, MigrationId, WorkerId};
+use zeroize::Zeroizing;
 
 pub fn cid(n: u8) -> ConnectionId {
     ConnectionId::new(&[n, 1, 2, 3, 4, 5, 6, 7]).unwrap()
@@ -35,13 +36,10 @@ pub fn mixed_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-pub fn snapshot_for(b: &MigrationBinding, payload: usize) -> ConnectionStateSnapshot {
-    ConnectionStateSnapshot::builder(b.connection_id.clone(), b.source, b.target)
-        .timestamps(1_700_000_000_000, 1_700_000_000_500)
-        .transport_snapshot(mixed_bytes(256, 1))
-        .add_stream_buffer(0, mixed_bytes(payload / 2, 2))
-        .add_stream_buffer(4, mixed_bytes(payload - payload / 2, 3))
-        .add_application_state("session", b"user=42;role=admin".to_vec())
-        .build()
-        .unwrap()
+/// A connection's state: a handoff of `handoff` bytes and an application state of `app` bytes.
+pub fn state(handoff: usize, app: usize) -> ConnectionState {
+    ConnectionState::new(
+        Zeroizing::new(mixed_bytes(handoff, 1)),
+        Zeroizing::new(mixed_bytes(app, 2)),
+    )
 }

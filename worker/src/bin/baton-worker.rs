@@ -228,11 +228,8 @@ async fn serve(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         // The replay cache is in memory: refuse tokens a previous run may have used.
         tokens.refuse_issued_before(std::time::SystemTime::now());
-        let pipeline = migration::MigrationPipeline::new(
-            migration::SerializationService::new(migration::SerializationConfig::default())
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-            migration::EncryptionService::new(key_id, key),
-        );
+        let pipeline =
+            migration::SnapshotSealer::new(migration::EncryptionService::new(key_id, key));
         let (server, client) =
             baton_worker::migrate::peer_tls(&peer.ca, &peer.cert, &peer.key, &peer.workers)?;
         let mut endpoint = quinn::Endpoint::server(server, peer.listen)

@@ -31,7 +31,7 @@ pub struct Options {
 pub enum Suite {
     /// XDP program ns/packet per route kind vs. a minimal reference program (BPF_PROG_TEST_RUN). Needs root.
     Xdp,
-    /// Snapshot serialization, compression, encryption and the full workflow (criterion).
+    /// The snapshot envelope: AES-256-GCM, encode, seal, open and the round trip (criterion).
     Migration,
     /// Freeze+export and import of a live QUIC connection with 0, 10 and 100 open streams (criterion).
     Handoff,
