@@ -328,56 +328,17 @@ impl Migration {
         if self.outcome.is_some() {
             return;
         }
-        match (std::mem::replace(&mut self.state, State::Done), event) {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        // Each step's answer: a failure ends the migration, success moves to the next step.
+        let next = match (state, event) {
             (
                 State::Resolving {
-                    mut source,
-                    mut target,
-                    asked_slot,
-                },
-                Event::Info { worker, result },
-            ) if !asked_slot => {
-                let info = match result {
-                    Ok(i) => i,
-                    Err(f) => return self.fail(f, now),
-                };
-                if let Err(f) = self.check(&worker, &info) {
-                    return self.fail(f, now);
-                }
-                if worker == self.from && source.is_none() {
-                    source = Some(info);
-                } else if worker == self.to && target.is_none() {
-                    target = Some(info);
-                }
-                let asked_slot = match (&source, &target) {
-                    (Some(s), Some(t)) => {
-                        if s.cid != t.cid {
-                            return self.fail(
-                                Failure::new(
-                                    ErrorKind::Config,
-                                    format!(
-                                        "workers {} and {} issue different CIDs ({} and {}): give \
-                                         both the LB's [cid] layout",
-                                        self.from, self.to, s.cid, t.cid
-                                    ),
-                                ),
-                                now,
-                            );
-                        }
-                        self.actions.push_back(Action::FindSlot {
-                            worker: self.to.clone(),
-                            server_id: t.server_id,
-                        });
-                        true
-                    }
-                    _ => false,
-                };
-                self.state = State::Resolving {
                     source,
                     target,
-                    asked_slot,
-                };
-            }
+                    asked_slot: false,
+                },
+                Event::Info { worker, result },
+            ) => result.and_then(|info| self.on_info(source, target, worker, info)),
             (
                 State::Resolving {
                     source: Some(s),
@@ -385,89 +346,14 @@ impl Migration {
                     asked_slot: true,
                 },
                 Event::Slot(result),
-            ) => {
-                self.slot = match result {
-                    Ok(slot) => slot,
-                    Err(f) => return self.fail(f, now),
-                };
-                self.actions.push_back(Action::IssueToken {
-                    migration_id: self.id,
-                    conn: self.conn,
-                    source: s.server_id,
-                    target: t.server_id,
-                });
-                self.source = Some(s);
-                self.target = Some(t);
-                self.enter(Step::Authorize, self.opts.step_timeout, now);
-                self.state = State::Authorizing;
-            }
-            (State::Authorizing, Event::Token(result)) => {
-                let token = match result {
-                    Ok(t) => t,
-                    Err(f) => return self.fail(f, now),
-                };
-                let target = self.target.as_ref().expect("resolved");
-                let request = MigrateOut {
-                    conn: self.conn,
-                    migration_id: self.id,
-                    token,
-                    target: TargetRef {
-                        name: self.to.clone(),
-                        server_id: target.server_id,
-                        peer: target.peer,
-                    },
-                    timeout_ms: Some(self.opts.quiesce_timeout.as_millis() as u64),
-                    test_tamper: self.opts.tamper_snapshot,
-                };
-                let timeout = self.opts.quiesce_timeout + self.opts.transfer_slack;
-                self.actions.push_back(Action::MigrateOut {
-                    worker: self.from.clone(),
-                    request,
-                    timeout,
-                });
-                self.enter(Step::Transfer, timeout, now);
-                self.state = State::Transferring;
-            }
+            ) => result.map(|slot| self.on_slot(s, t, slot, now)),
+            (State::Authorizing, Event::Token(result)) => result.map(|t| self.on_token(t, now)),
+            // A failure here has been rolled back by the source: the map is untouched.
             (State::Transferring, Event::MigratedOut(result)) => {
-                let done = match result {
-                    Ok(d) => d,
-                    // The source rolled back: the connection carries on there, the map is untouched.
-                    Err(f) => return self.fail(f, now),
-                };
-                // Committed: from here on the target owns the connection.
-                for cid in &done.cids {
-                    self.actions.push_back(Action::SetOverride {
-                        cid: *cid,
-                        slot: self.slot,
-                    });
-                }
-                let left = done.cids.clone();
-                self.moved = Some(done);
-                self.enter(Step::Flip, self.opts.step_timeout, now);
-                if left.is_empty() {
-                    self.release(now);
-                } else {
-                    self.state = State::Flipping { left };
-                }
+                result.map(|done| self.on_committed(done, now))
             }
-            (State::Flipping { mut left }, Event::OverrideSet { cid, result }) => {
-                if let Err(f) = result {
-                    let f = Failure::new(
-                        ErrorKind::Override,
-                        format!(
-                            "connection moved to {} but the override flip of CID {cid} failed: {}; \
-                             the source forwards its datagrams until it gives up (30 s)",
-                            self.to, f.message
-                        ),
-                    );
-                    return self.fail(f, now);
-                }
-                left.retain(|c| *c != cid);
-                if left.is_empty() {
-                    self.release(now);
-                } else {
-                    self.state = State::Flipping { left };
-                }
+            (State::Flipping { left }, Event::OverrideSet { cid, result }) => {
+                self.on_override(left, cid, result, now)
             }
             (State::Releasing, Event::Released(result)) => {
                 if let Err(f) = result {
@@ -477,12 +363,146 @@ impl Migration {
                     ));
                 }
                 self.finish(now);
+                Ok(State::Done)
             }
             (state, event) => {
                 tracing::debug!(migration_id = %self.id, ?event, "event out of order, ignored");
-                self.state = state;
+                Ok(state)
             }
+        };
+        match next {
+            Ok(state) => {
+                if self.outcome.is_none() {
+                    self.state = state;
+                }
+            }
+            Err(f) => self.fail(f, now),
         }
+    }
+
+    /// One worker's `info`: checked, then, once both are in, the target's slot is asked for.
+    fn on_info(
+        &mut self,
+        mut source: Option<Info>,
+        mut target: Option<Info>,
+        worker: String,
+        info: Info,
+    ) -> Result<State, Failure> {
+        self.check(&worker, &info)?;
+        if worker == self.from && source.is_none() {
+            source = Some(info);
+        } else if worker == self.to && target.is_none() {
+            target = Some(info);
+        }
+        let asked_slot = match (&source, &target) {
+            (Some(s), Some(t)) => {
+                if s.cid != t.cid {
+                    return Err(Failure::new(
+                        ErrorKind::Config,
+                        format!(
+                            "workers {} and {} issue different CIDs ({} and {}): give both the \
+                             LB's [cid] layout",
+                            self.from, self.to, s.cid, t.cid
+                        ),
+                    ));
+                }
+                self.actions.push_back(Action::FindSlot {
+                    worker: self.to.clone(),
+                    server_id: t.server_id,
+                });
+                true
+            }
+            _ => false,
+        };
+        Ok(State::Resolving {
+            source,
+            target,
+            asked_slot,
+        })
+    }
+
+    /// Resolved: authorise.
+    fn on_slot(&mut self, s: Info, t: Info, slot: u32, now: Instant) -> State {
+        self.slot = slot;
+        self.actions.push_back(Action::IssueToken {
+            migration_id: self.id,
+            conn: self.conn,
+            source: s.server_id,
+            target: t.server_id,
+        });
+        self.source = Some(s);
+        self.target = Some(t);
+        self.enter(Step::Authorize, self.opts.step_timeout, now);
+        State::Authorizing
+    }
+
+    /// Authorised: ask the source to move the connection.
+    fn on_token(&mut self, token: HexBytes, now: Instant) -> State {
+        let target = self.target.as_ref().expect("resolved");
+        let request = MigrateOut {
+            conn: self.conn,
+            migration_id: self.id,
+            token,
+            target: TargetRef {
+                name: self.to.clone(),
+                server_id: target.server_id,
+                peer: target.peer,
+            },
+            timeout_ms: Some(self.opts.quiesce_timeout.as_millis() as u64),
+            test_tamper: self.opts.tamper_snapshot,
+        };
+        let timeout = self.opts.quiesce_timeout + self.opts.transfer_slack;
+        self.actions.push_back(Action::MigrateOut {
+            worker: self.from.clone(),
+            request,
+            timeout,
+        });
+        self.enter(Step::Transfer, timeout, now);
+        State::Transferring
+    }
+
+    /// Committed: from here on the target owns the connection; flip every CID to it.
+    fn on_committed(&mut self, done: MigratedOut, now: Instant) -> State {
+        for cid in &done.cids {
+            self.actions.push_back(Action::SetOverride {
+                cid: *cid,
+                slot: self.slot,
+            });
+        }
+        let left = done.cids.clone();
+        self.moved = Some(done);
+        self.enter(Step::Flip, self.opts.step_timeout, now);
+        if left.is_empty() {
+            self.release(now)
+        } else {
+            State::Flipping { left }
+        }
+    }
+
+    /// One CID flipped (or not: after the commit that is a failure, never a rollback).
+    fn on_override(
+        &mut self,
+        mut left: Vec<Cid>,
+        cid: Cid,
+        result: Result<(), Failure>,
+        now: Instant,
+    ) -> Result<State, Failure> {
+        if let Err(f) = result {
+            return Err(Failure::new(
+                ErrorKind::Override,
+                format!(
+                    "connection moved to {} but the override flip of CID {cid} failed: {}; the \
+                     source forwards its datagrams until it gives up (30 s)",
+                    self.to, f.message
+                ),
+            ));
+        }
+        left.retain(|c| *c != cid);
+        Ok(if left.is_empty() {
+            self.release(now)
+        } else {
+            State::Flipping { left }
+        })
     }
 
     /// A worker's info must speak our protocol and issue the LB's CIDs.
@@ -526,13 +546,13 @@ impl Migration {
         ));
     }
 
-    fn release(&mut self, now: Instant) {
+    fn release(&mut self, now: Instant) -> State {
         self.actions.push_back(Action::Release {
             worker: self.from.clone(),
             migration_id: self.id,
         });
         self.enter(Step::Release, self.opts.step_timeout, now);
-        self.state = State::Releasing;
+        State::Releasing
     }
 
     fn finish(&mut self, now: Instant) {

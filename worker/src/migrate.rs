@@ -128,6 +128,15 @@ pub fn peer_tls(
     Ok((server, client))
 }
 
+/// Who this worker is, as `info` reports it.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub server_id: u32,
+    /// The CID layout it issues (the controller checks it against the LB's).
+    pub cid_layout: baton_protocol::worker::CidLayout,
+}
+
 /// Everything the control socket and the peer channel share.
 pub struct Ctx {
     pub name: String,
@@ -156,9 +165,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(
-        name: String,
-        server_id: u32,
-        cid_layout: baton_protocol::worker::CidLayout,
+        me: Identity,
         handle: WorkerHandle,
         tokens: MigrationTokenManager,
         pipeline: SnapshotSealer,
@@ -168,6 +175,11 @@ impl Ctx {
         let peer_addr = endpoint.local_addr()?;
         let names: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
         let worker_names = crate::tls::dns_names(&names, "peer.workers")?;
+        let Identity {
+            name,
+            server_id,
+            cid_layout,
+        } = me;
         Ok(Arc::new(Self {
             name,
             server_id,

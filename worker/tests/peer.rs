@@ -86,11 +86,13 @@ fn ctx(
     .unwrap();
     let pipeline = migration::SnapshotSealer::new(migration::EncryptionService::new(key_id, key));
     let ctx = Ctx::new(
-        name.into(),
-        sid,
-        baton_protocol::worker::CidLayout {
-            cid_len: 8,
-            server_id_len: 2,
+        baton_worker::migrate::Identity {
+            name: name.into(),
+            server_id: sid,
+            cid_layout: baton_protocol::worker::CidLayout {
+                cid_len: 8,
+                server_id_len: 2,
+            },
         },
         handle,
         tokens,

@@ -236,11 +236,14 @@ async fn serve(
             .with_context(|| format!("binding the peer channel on {}", peer.listen))?;
         endpoint.set_default_client_config(client);
         let ctx = baton_worker::migrate::Ctx::new(
-            config.name(),
-            u32::try_from(config.server_id).context("server_id must fit 32 bits to migrate")?,
-            baton_protocol::worker::CidLayout {
-                cid_len: config.cid_len,
-                server_id_len: config.server_id_len,
+            baton_worker::migrate::Identity {
+                name: config.name(),
+                server_id: u32::try_from(config.server_id)
+                    .context("server_id must fit 32 bits to migrate")?,
+                cid_layout: baton_protocol::worker::CidLayout {
+                    cid_len: config.cid_len,
+                    server_id_len: config.server_id_len,
+                },
             },
             handle.clone(),
             tokens,
