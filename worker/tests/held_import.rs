@@ -6,70 +6,13 @@
 mod common;
 
 use baton_worker::core::{Outgoing, WorkerCore};
-use baton_worker::demo::KIND_REQUEST;
-use bytes::BytesMut;
-use quinn_proto::{
-    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
-};
+use common::{SansIoClient as Client, VIP};
+use quinn_proto::{ClientConfig, Endpoint, EndpointConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const VIP: &str = "10.99.0.1:443";
 const CLIENT: &str = "10.99.0.2:40000";
-
-struct Client {
-    endpoint: Endpoint,
-    ch: ConnectionHandle,
-    conn: Connection,
-}
-
-impl Client {
-    /// Everything the client wants to send now.
-    fn transmit(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        while let Some(t) = self.conn.poll_transmit(now, 1, &mut buf) {
-            out.push(buf[..t.size].to_vec());
-            buf.clear();
-        }
-        out
-    }
-
-    fn receive(&mut self, now: Instant, datagrams: Vec<Outgoing>) {
-        for d in datagrams {
-            let mut buf = Vec::new();
-            let event = self.endpoint.handle(
-                now,
-                VIP.parse().unwrap(),
-                None,
-                None,
-                BytesMut::from(&d.data[..]),
-                &mut buf,
-            );
-            if let Some(DatagramEvent::ConnectionEvent(ch, ev)) = event {
-                assert_eq!(ch, self.ch);
-                self.conn.handle_event(ev);
-            }
-        }
-        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
-            self.conn.handle_timeout(now);
-        }
-        while let Some(ev) = self.conn.poll_endpoint_events() {
-            if let Some(ev) = self.endpoint.handle_event(self.ch, ev) {
-                self.conn.handle_event(ev);
-            }
-        }
-        while self.conn.poll().is_some() {}
-    }
-
-    /// Opens a stream and sends one demo request on it.
-    fn request(&mut self, n: u8) {
-        let id = self.conn.streams().open(Dir::Bi).expect("stream credit");
-        self.conn.send_stream(id).write(&[KIND_REQUEST, n]).unwrap();
-        self.conn.send_stream(id).finish().unwrap();
-    }
-}
 
 fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
     common::demo_core(

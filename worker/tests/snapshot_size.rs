@@ -12,69 +12,19 @@ mod common;
 
 use baton_worker::core::{CoreConfig, Outgoing, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
-use bytes::BytesMut;
 use lb_common::cid::CidLayout;
 use migration::{
     ConnectionId, ConnectionState, EncryptionKey, EncryptionService, MigrationBinding, MigrationId,
     SnapshotSealer, WorkerId,
 };
-use quinn_proto::{
-    ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
-    StreamId,
-};
+use quinn_proto::{ClientConfig, Dir, Endpoint, EndpointConfig, StreamId};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const VIP: &str = "10.99.0.1:443";
+use common::{SansIoClient as Client, VIP};
 const CLIENT: &str = "10.99.0.2:40000";
-
-struct Client {
-    endpoint: Endpoint,
-    ch: ConnectionHandle,
-    conn: Connection,
-}
-
-impl Client {
-    fn transmit(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        while let Some(t) = self.conn.poll_transmit(now, 1, &mut buf) {
-            out.push(buf[..t.size].to_vec());
-            buf.clear();
-        }
-        out
-    }
-
-    /// Handles the worker's datagrams; reads nothing from the streams.
-    fn receive(&mut self, now: Instant, datagrams: Vec<Outgoing>) {
-        for d in datagrams {
-            let mut buf = Vec::new();
-            let event = self.endpoint.handle(
-                now,
-                VIP.parse().unwrap(),
-                None,
-                None,
-                BytesMut::from(&d.data[..]),
-                &mut buf,
-            );
-            if let Some(DatagramEvent::ConnectionEvent(ch, ev)) = event {
-                self.conn.handle_event(ev);
-                assert_eq!(ch, self.ch);
-            }
-        }
-        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
-            self.conn.handle_timeout(now);
-        }
-        while let Some(ev) = self.conn.poll_endpoint_events() {
-            if let Some(ev) = self.endpoint.handle_event(self.ch, ev) {
-                self.conn.handle_event(ev);
-            }
-        }
-        while self.conn.poll().is_some() {}
-    }
-}
 
 fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
     let mut out = Vec::new();

@@ -83,3 +83,73 @@ pub fn free_udp_ports<const N: usize>() -> [u16; N] {
         std::array::from_fn(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
     held.map(|s| s.local_addr().unwrap().port())
 }
+
+/// The VIP the sans-IO tests' client talks to.
+pub const VIP: &str = "10.99.0.1:443";
+
+/// A demo client on quinn-proto itself, driven by hand beside a `WorkerCore` (no sockets, no
+/// clock: the tests pass `now`).
+pub struct SansIoClient {
+    pub endpoint: quinn_proto::Endpoint,
+    pub ch: quinn_proto::ConnectionHandle,
+    pub conn: quinn_proto::Connection,
+}
+
+impl SansIoClient {
+    /// Everything the client wants to send now.
+    pub fn transmit(&mut self, now: std::time::Instant) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = self.conn.poll_transmit(now, 1, &mut buf) {
+            out.push(buf[..t.size].to_vec());
+            buf.clear();
+        }
+        out
+    }
+
+    /// Handles the worker's datagrams and the client's timers; reads nothing from the streams.
+    pub fn receive(
+        &mut self,
+        now: std::time::Instant,
+        datagrams: Vec<baton_worker::core::Outgoing>,
+    ) {
+        for d in datagrams {
+            let mut buf = Vec::new();
+            let event = self.endpoint.handle(
+                now,
+                VIP.parse().unwrap(),
+                None,
+                None,
+                bytes::BytesMut::from(&d.data[..]),
+                &mut buf,
+            );
+            if let Some(quinn_proto::DatagramEvent::ConnectionEvent(ch, ev)) = event {
+                assert_eq!(ch, self.ch);
+                self.conn.handle_event(ev);
+            }
+        }
+        if self.conn.poll_timeout().is_some_and(|t| t <= now) {
+            self.conn.handle_timeout(now);
+        }
+        while let Some(ev) = self.conn.poll_endpoint_events() {
+            if let Some(ev) = self.endpoint.handle_event(self.ch, ev) {
+                self.conn.handle_event(ev);
+            }
+        }
+        while self.conn.poll().is_some() {}
+    }
+
+    /// Opens a stream and sends one demo request on it.
+    pub fn request(&mut self, n: u8) {
+        let id = self
+            .conn
+            .streams()
+            .open(quinn_proto::Dir::Bi)
+            .expect("stream credit");
+        self.conn
+            .send_stream(id)
+            .write(&[lb_common::demo::KIND_REQUEST, n])
+            .unwrap();
+        self.conn.send_stream(id).finish().unwrap();
+    }
+}
