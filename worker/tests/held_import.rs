@@ -5,14 +5,10 @@
 //! nonces.)
 mod common;
 
-use baton_worker::core::{Outgoing, WorkerCore};
-use common::{SansIoClient as Client, VIP};
-use quinn_proto::{ClientConfig, Endpoint, EndpointConfig};
+use baton_worker::core::WorkerCore;
+use common::{SansIoClient as Client, VIP, exchange};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const CLIENT: &str = "10.99.0.2:40000";
 
 fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
     common::demo_core(
@@ -22,37 +18,12 @@ fn core(server_id: u64, dir: &std::path::Path) -> WorkerCore {
     )
 }
 
-/// Delivers the client's datagrams to `core`, polls it, and returns what it sent.
-fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
-    let mut out = Vec::new();
-    for d in client.transmit(now) {
-        core.handle(
-            now,
-            CLIENT.parse().unwrap(),
-            None,
-            None,
-            d.as_slice().into(),
-            &mut out,
-        );
-    }
-    core.poll(now, 1, &mut out);
-    out
-}
-
 #[test]
 fn a_held_import_sends_nothing_until_committed_and_a_discarded_one_never_does() {
     let dir = std::env::temp_dir().join(format!("baton-held-test-{}", std::process::id()));
     baton_worker::certs::generate(&dir, &["w1".into()], "localhost").unwrap();
-    let tls = common::client::client_tls(common::roots_from_pem(&dir.join("ca.pem")));
-    let config = ClientConfig::new(Arc::new(
-        quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, false, None);
     let mut now = Instant::now();
-    let (ch, conn) = endpoint
-        .connect(now, config, VIP.parse().unwrap(), "localhost")
-        .unwrap();
-    let mut client = Client { endpoint, ch, conn };
+    let mut client = Client::connect(&dir.join("ca.pem"), now);
     let (mut a, mut b, mut c) = (core(1, &dir), core(2, &dir), core(3, &dir));
 
     // Handshake and a few requests with A.

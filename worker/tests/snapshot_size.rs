@@ -10,37 +10,20 @@
 //! `cargo test --release -p baton-worker --test snapshot_size -- --ignored --nocapture`
 mod common;
 
-use baton_worker::core::{CoreConfig, Outgoing, WorkerCore};
+use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::{DemoService, KIND_REQUEST, KIND_STREAM};
 use lb_common::cid::CidLayout;
 use migration::{
     ConnectionId, ConnectionState, EncryptionKey, EncryptionService, MigrationBinding, MigrationId,
     SnapshotSealer, WorkerId,
 };
-use quinn_proto::{ClientConfig, Dir, Endpoint, EndpointConfig, StreamId};
+use quinn_proto::{Dir, StreamId};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{SansIoClient as Client, VIP};
-const CLIENT: &str = "10.99.0.2:40000";
-
-fn exchange(client: &mut Client, core: &mut WorkerCore, now: Instant) -> Vec<Outgoing> {
-    let mut out = Vec::new();
-    for d in client.transmit(now) {
-        core.handle(
-            now,
-            CLIENT.parse().unwrap(),
-            None,
-            None,
-            d.as_slice().into(),
-            &mut out,
-        );
-    }
-    core.poll(now, 1, &mut out);
-    out
-}
+use common::{SansIoClient as Client, VIP, exchange};
 
 /// Loadgen's echo data: deterministic pseudo-random bytes (incompressible).
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -100,16 +83,8 @@ fn export(dir: &std::path::Path, load: &[u8]) -> ConnectionState {
         Arc::new(DemoService::default()),
     )
     .unwrap();
-    let tls = common::client::client_tls(common::roots_from_pem(&dir.join("ca.pem")));
-    let config = ClientConfig::new(Arc::new(
-        quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None, false, None);
     let mut now = Instant::now();
-    let (ch, conn) = endpoint
-        .connect(now, config, VIP.parse().unwrap(), "localhost")
-        .unwrap();
-    let mut client = Client { endpoint, ch, conn };
+    let mut client = Client::connect(&dir.join("ca.pem"), now);
     let mut stream: Option<(StreamId, usize)> = None;
     for n in 0..4000u32 {
         if !client.conn.is_handshaking() {

@@ -84,8 +84,30 @@ pub fn free_udp_ports<const N: usize>() -> [u16; N] {
     held.map(|s| s.local_addr().unwrap().port())
 }
 
-/// The VIP the sans-IO tests' client talks to.
+/// The VIP the sans-IO tests' client talks to, and the client's address.
 pub const VIP: &str = "10.99.0.1:443";
+pub const CLIENT: &str = "10.99.0.2:40000";
+
+/// Delivers the client's datagrams to `core`, polls it, and returns what it sent.
+pub fn exchange(
+    client: &mut SansIoClient,
+    core: &mut baton_worker::core::WorkerCore,
+    now: std::time::Instant,
+) -> Vec<baton_worker::core::Outgoing> {
+    let mut out = Vec::new();
+    for d in client.transmit(now) {
+        core.handle(
+            now,
+            CLIENT.parse().unwrap(),
+            None,
+            None,
+            d.as_slice().into(),
+            &mut out,
+        );
+    }
+    core.poll(now, 1, &mut out);
+    out
+}
 
 /// A demo client on quinn-proto itself, driven by hand beside a `WorkerCore` (no sockets, no
 /// clock: the tests pass `now`).
@@ -96,6 +118,24 @@ pub struct SansIoClient {
 }
 
 impl SansIoClient {
+    /// Starts a handshake with the VIP, trusting the CA in `ca` (the `gen-certs` one).
+    pub fn connect(ca: &Path, now: std::time::Instant) -> Self {
+        let tls = client::client_tls(roots_from_pem(ca));
+        let config = quinn_proto::ClientConfig::new(std::sync::Arc::new(
+            quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let mut endpoint = quinn_proto::Endpoint::new(
+            std::sync::Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            false,
+            None,
+        );
+        let (ch, conn) = endpoint
+            .connect(now, config, VIP.parse().unwrap(), "localhost")
+            .unwrap();
+        Self { endpoint, ch, conn }
+    }
+
     /// Everything the client wants to send now.
     pub fn transmit(&mut self, now: std::time::Instant) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
