@@ -749,10 +749,7 @@ impl Orchestrator {
                     "worker {} answered `{}` with something this baton cannot read (another \
                      version?): {e}",
                     ep.name,
-                    serde_json::to_value(req)
-                        .ok()
-                        .and_then(|v| v["cmd"].as_str().map(String::from))
-                        .unwrap_or_default()
+                    req.cmd()
                 ),
             )
             .into()

@@ -26,6 +26,19 @@ pub enum Request {
     Health {},
 }
 
+impl Request {
+    /// The `cmd` tag, for messages about the request.
+    pub fn cmd(&self) -> &'static str {
+        match self {
+            Request::Info {} => "info",
+            Request::Conns {} => "conns",
+            Request::MigrateOut(_) => "migrate_out",
+            Request::Release { .. } => "release",
+            Request::Health {} => "health",
+        }
+    }
+}
+
 /// Whether a worker can take part in migrations: the keys it holds and the peers it reaches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -192,6 +205,10 @@ mod tests {
         let e = serde_json::from_str::<Request>(r#"{"cmd":"info","verbose":true}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        for r in [Request::Info {}, Request::Conns {}, Request::Health {}] {
+            let j = serde_json::to_value(&r).unwrap();
+            assert_eq!(j["cmd"], r.cmd(), "cmd() is the serde tag");
+        }
         let e = serde_json::from_str::<Request>(
             &j.replace("\"token\"", "\"token\":\"00\",\"timeout\":1,\"x\""),
         )
