@@ -19,6 +19,9 @@ pub enum ErrorKind {
     TargetUnavailable,
     /// A step did not finish in time (e.g. the connection did not quiesce for export).
     Timeout,
+    /// The connection's application had requests in flight for the whole of the migration's
+    /// bound (an HTTP/3 connection moves only between requests): it carries on where it was.
+    RequestsInFlight,
     RateLimited,
     ReplayCacheFull,
     UnsupportedVersion,
@@ -48,7 +51,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 23] = [
+    pub const ALL: [ErrorKind; 24] = [
         Self::InvalidToken,
         Self::StateCorruption,
         Self::SnapshotTooLarge,
@@ -57,6 +60,7 @@ impl ErrorKind {
         Self::InvalidKey,
         Self::TargetUnavailable,
         Self::Timeout,
+        Self::RequestsInFlight,
         Self::RateLimited,
         Self::ReplayCacheFull,
         Self::UnsupportedVersion,
@@ -85,6 +89,7 @@ impl ErrorKind {
             Self::InvalidKey => "invalid_key",
             Self::TargetUnavailable => "target_unavailable",
             Self::Timeout => "timeout",
+            Self::RequestsInFlight => "requests_in_flight",
             Self::RateLimited => "rate_limited",
             Self::ReplayCacheFull => "replay_cache_full",
             Self::UnsupportedVersion => "unsupported_version",

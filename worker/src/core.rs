@@ -75,6 +75,12 @@ pub enum ExportFailure {
     NotQuiescent(NotQuiescent),
     #[error("keys unavailable")]
     Keys,
+    /// The application has work in flight that must finish first (an HTTP request).
+    #[error("the application is busy: {0}")]
+    Busy(&'static str),
+    /// The worker's loop is gone (the worker is shutting down).
+    #[error("worker loop ended")]
+    LoopEnded,
 }
 
 /// Why an import was refused.
@@ -231,6 +237,31 @@ pub struct WorkerCore {
     forwardable: HashMap<Vec<u8>, Forwardable>,
     /// Forwarded datagrams refused (see `forwardable`): the log says how many so far.
     forwarded_refused: u64,
+    /// Connections whose sessions asked to be driven (from their own tasks).
+    woken: Arc<Woken>,
+}
+
+/// Connections woken by their sessions' own tasks ([`crate::service::AppSession::attach`]),
+/// and what tells the I/O loop.
+#[derive(Default)]
+pub struct Woken {
+    pending: std::sync::Mutex<Vec<ConnectionHandle>>,
+    /// Notified at each wake; the I/O loop waits on it beside its socket and commands.
+    pub notify: tokio::sync::Notify,
+}
+
+impl Woken {
+    fn wake(&self, ch: ConnectionHandle) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ch);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<ConnectionHandle> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// What a peer may forward for one CID of a connection imported from it.
@@ -298,7 +329,18 @@ impl WorkerCore {
             next_forward_key: 0,
             forwardable: HashMap::new(),
             forwarded_refused: 0,
+            woken: Arc::default(),
         })
+    }
+
+    /// What the sessions' own tasks wake: the I/O loop waits on its `notify`.
+    pub fn woken(&self) -> Arc<Woken> {
+        self.woken.clone()
+    }
+
+    fn wake_for(&self, ch: ConnectionHandle) -> crate::service::WakeCore {
+        let woken = self.woken.clone();
+        Arc::new(move || woken.wake(ch))
     }
 
     pub fn server_id(&self) -> u64 {
@@ -367,13 +409,15 @@ impl WorkerCore {
                 {
                     Ok((ch, conn)) => {
                         info!(id = ch.0, %remote, vip = ?local, "connection accepted");
+                        let mut app = self.service.new_session();
+                        app.attach(self.wake_for(ch));
                         self.conns.insert(
                             ch,
                             Live {
                                 key,
                                 conn,
                                 keys,
-                                app: self.service.new_session(),
+                                app,
                                 frozen: false,
                                 held: false,
                                 timer: None,
@@ -423,6 +467,7 @@ impl WorkerCore {
             }
         }
         self.dirty.extend(self.starved.drain());
+        self.dirty.extend(self.woken.take());
         let mut buf = Vec::new();
         for ch in std::mem::take(&mut self.dirty) {
             let Some(live) = self.conns.get_mut(&ch) else {
@@ -463,6 +508,9 @@ impl WorkerCore {
                 match self.export(ch.0, now) {
                     Err(ExportFailure::NotQuiescent(reason)) if now < deadline => {
                         debug!(id = ch.0, %reason, "waiting until the connection can be exported");
+                    }
+                    Err(ExportFailure::Busy(reason)) if now < deadline => {
+                        debug!(id = ch.0, reason, "waiting until the application is done");
                     }
                     result => {
                         self.pending_exports.remove(&ch);
@@ -580,6 +628,10 @@ impl WorkerCore {
             self.conns.insert(ch, live);
             return Err(ExportFailure::NotFrozen);
         }
+        if let Err(reason) = live.app.movable() {
+            self.conns.insert(ch, live);
+            return Err(ExportFailure::Busy(reason));
+        }
         // The connection moves out; the rest of `live` stays for the refusal path.
         let conn = live.conn;
         match baton_handoff::export(&mut self.endpoint, ch, conn, &live.keys, now) {
@@ -660,8 +712,9 @@ impl WorkerCore {
                 return Err(ImportFailure::NotOurVip(vip, ours.join(", ")));
             }
         }
-        let app = self.service.restore(&state.app)?;
+        let mut app = self.service.restore(&state.app)?;
         let (ch, mut conn, keys) = baton_handoff::import(&mut self.endpoint, &handoff, now)?;
+        app.attach(self.wake_for(ch));
         let mut reclaimed = Vec::new();
         for (_, c) in &handoff.connection.local_cids {
             if let Some(key) = self.exported.remove(&c[..]) {

@@ -1,5 +1,5 @@
 //! The tokio I/O loop around [`WorkerCore`], and a handle to control it.
-use crate::core::{ConnInfo, Exported, Outgoing, WorkerCore};
+use crate::core::{ConnInfo, ExportFailure, Exported, Outgoing, WorkerCore};
 use crate::udp::{Received, VipSockets};
 use bytes::BytesMut;
 use migration::ConnectionState;
@@ -22,7 +22,7 @@ enum Command {
     Migrate {
         id: usize,
         timeout: Duration,
-        reply: oneshot::Sender<Result<Exported, String>>,
+        reply: oneshot::Sender<Result<Exported, ExportFailure>>,
     },
     Import {
         state: ConnectionState,
@@ -62,13 +62,17 @@ impl WorkerHandle {
 
     /// Freeze connection `id`, wait (up to `timeout`) until it can be exported, export it. On timeout
     /// the connection is un-frozen and carries on here.
-    pub async fn migrate_out(&self, id: usize, timeout: Duration) -> Result<Exported, String> {
+    pub async fn migrate_out(
+        &self,
+        id: usize,
+        timeout: Duration,
+    ) -> Result<Exported, ExportFailure> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Migrate { id, timeout, reply })
             .await
-            .map_err(gone)?;
-        rx.await.map_err(gone)?
+            .map_err(|_| ExportFailure::LoopEnded)?;
+        rx.await.map_err(|_| ExportFailure::LoopEnded)?
     }
 
     /// Imports a connection another worker exported ([`Exported::state`], opened from its
@@ -231,8 +235,9 @@ async fn run(
 ) {
     let mut received = Vec::new();
     let mut out = Vec::new();
-    let mut export_replies: HashMap<usize, oneshot::Sender<Result<Exported, String>>> =
+    let mut export_replies: HashMap<usize, oneshot::Sender<Result<Exported, ExportFailure>>> =
         HashMap::new();
+    let woken = core.woken();
     let mut forwarders = Forwarders::new();
     loop {
         let now = Instant::now();
@@ -240,7 +245,7 @@ async fn run(
         core.poll(now, socket.max_gso_segments().max(1), &mut out);
         for (id, result) in core.take_export_results() {
             if let Some(reply) = export_replies.remove(&id) {
-                let _ = reply.send(result.map_err(|e| e.to_string()));
+                let _ = reply.send(result);
             }
         }
         send_all(&socket, &mut out).await;
@@ -271,6 +276,8 @@ async fn run(
                     None => return,
                     Some(cmd) => command(&mut core, cmd, &mut export_replies, &mut forwarders, &mut out),
                 },
+                // A session's own task has something for its connection.
+                () = woken.notify.notified() => {}
                 _ = sleep => {}
             }
         }
@@ -332,7 +339,7 @@ fn deliver_forwarded(core: &mut WorkerCore, forwarders: &mut Forwarders) {
 fn command(
     core: &mut WorkerCore,
     cmd: Command,
-    export_replies: &mut HashMap<usize, oneshot::Sender<Result<Exported, String>>>,
+    export_replies: &mut HashMap<usize, oneshot::Sender<Result<Exported, ExportFailure>>>,
     forwarders: &mut Forwarders,
     out: &mut Vec<Outgoing>,
 ) {
@@ -345,9 +352,7 @@ fn command(
             if core.begin_export(id, now + timeout) {
                 export_replies.insert(id, reply);
             } else {
-                let _ = reply.send(Err(format!(
-                    "no connection {id} (or it is already being migrated)"
-                )));
+                let _ = reply.send(Err(ExportFailure::Unknown(id)));
             }
         }
         Command::Import {

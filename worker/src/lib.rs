@@ -5,6 +5,7 @@ pub mod admission;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod http3;
 pub mod io;
 pub mod limits;
 pub mod metrics;

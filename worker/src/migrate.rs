@@ -365,12 +365,24 @@ pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut,
         ));
     };
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(2000));
-    let exported = ctx.handle.migrate_out(id, timeout).await.map_err(|e| {
-        Failure::new(
-            ErrorKind::Timeout,
-            format!("the connection could not be exported in time: {e}; it carries on here"),
-        )
-    })?;
+    let exported = ctx
+        .handle
+        .migrate_out(id, timeout)
+        .await
+        .map_err(|e| match e {
+            crate::core::ExportFailure::Busy(what) => Failure::new(
+                ErrorKind::RequestsInFlight,
+                format!(
+                    "{what} for {} ms: the migration waits for a boundary between requests at \
+                     most timeout_ms; the connection carries on here, try again",
+                    timeout.as_millis()
+                ),
+            ),
+            e => Failure::new(
+                ErrorKind::Timeout,
+                format!("the connection could not be exported in time: {e}; it carries on here"),
+            ),
+        })?;
     let frozen_at = Instant::now();
     let cids = exported.cids.clone();
     let sent = async {

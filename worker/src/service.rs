@@ -25,9 +25,23 @@ pub trait AppSession: Send {
     /// Accept, read and write the connection's streams. While `frozen`, take no new work: read
     /// (so receive buffers drain into the session) but do not write.
     fn drive(&mut self, conn: &mut Connection, frozen: bool) -> Drive;
-    /// Serializes the whole state (called at the export, after a drive with `frozen` set).
+    /// Serializes the whole state (called at the export, after a drive with `frozen` set and
+    /// [`movable`](Self::movable) said yes).
     fn capture(&self) -> Vec<u8>;
+    /// Whether the state can be captured now. A service whose work finishes on its own (an HTTP
+    /// request in flight) says no until it has: the export waits, up to the migration's bound,
+    /// and is rolled back if it never can ([`crate::core::ExportFailure::Busy`]).
+    fn movable(&self) -> Result<(), &'static str> {
+        Ok(())
+    }
+    /// Called once the connection has its place in the worker, with what wakes the worker to
+    /// drive it again: a session with work outside [`drive`](Self::drive) (tasks of its own)
+    /// calls it when that work has something for the connection.
+    fn attach(&mut self, _wake: WakeCore) {}
 }
+
+/// Wakes the worker to drive one connection at its next turn.
+pub type WakeCore = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// What a [`AppSession::drive`] left undone.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -1,21 +1,16 @@
 //! Real sockets, real tokio loops: an unmodified quinn client talks the demo protocol to two
-//! worker loops behind one VIP socket (a userspace stand-in for the XDP load balancer: routes by the
-//! CID's server ID, with per-CID overrides during a handoff; the workers send straight from the VIP
-//! socket, like direct server return). The connection moves between the workers while a long
+//! worker loops behind one VIP socket (`common::lab`: a userspace stand-in for the XDP load
+//! balancer, the workers sending straight from the VIP socket, like direct server return). The connection moves between the workers while a long
 //! stream and a request loop run; the client checks every byte and the session's request counter.
 mod common;
 
-use baton_worker::core::{CoreConfig, WorkerCore};
 use baton_worker::demo::DemoService;
-use baton_worker::io::{Inbound, WorkerHandle, spawn};
-use baton_worker::udp::{UdpIo, VipSockets};
 use common::client::{self, RequestLoad, StreamLoad, Traffic, TrafficConfig};
+use common::lab::Lab;
 use lb_common::cid::CidLayout;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// How long to wait for something that takes milliseconds (a request answered, the client moving
 /// onto new CIDs): far beyond what a loaded machine needs, so only a real stall fails a test.
@@ -30,86 +25,6 @@ async fn wait_until(what: impl std::fmt::Display, mut done: impl FnMut() -> bool
     while !done() {
         assert!(Instant::now() < deadline, "waited {WAIT:?} for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-struct Lab {
-    vip: SocketAddr,
-    workers: [WorkerHandle; 2],
-    overrides: Arc<Mutex<HashMap<Vec<u8>, usize>>>,
-    /// While set, the stand-in LB hands every datagram to the workers with this source address
-    /// instead of the client's (a NAT rebinding to an address that never answers).
-    rewrite_source: Arc<Mutex<Option<SocketAddr>>>,
-    cert: rustls::pki_types::CertificateDer<'static>,
-}
-
-async fn lab() -> Lab {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certified.cert.der().clone();
-    let key_der = certified.key_pair.serialize_der();
-    let socket = Arc::new(VipSockets::single(
-        UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
-    ));
-    let vip = socket.sockets()[0].local_addr().unwrap();
-    let layout = CidLayout::default();
-    let mut senders = Vec::new();
-    let mut handles = Vec::new();
-    for server_id in [1u64, 2] {
-        let core = WorkerCore::new(
-            CoreConfig {
-                server_id,
-                layout,
-                certs: vec![cert.clone()],
-                key: rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.clone().into()),
-                vips: vec![vip.ip()],
-                allow_mtud: !socket.may_fragment(),
-                limits: Default::default(),
-            },
-            Arc::new(DemoService::default()),
-        )
-        .unwrap();
-        let (tx, rx) = mpsc::channel(4096);
-        let (handle, _task) = spawn(core, socket.clone(), Inbound::Channel(rx));
-        senders.push(tx);
-        handles.push(handle);
-    }
-    let overrides: Arc<Mutex<HashMap<Vec<u8>, usize>>> = Arc::default();
-    let routes = overrides.clone();
-    let rewrite_source: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-    let rewrite = rewrite_source.clone();
-    tokio::spawn(async move {
-        let mut received = Vec::new();
-        loop {
-            if socket.recv(&mut received).await.is_err() {
-                return;
-            }
-            for mut d in received.drain(..) {
-                if let Some(from) = *rewrite.lock().unwrap() {
-                    d.from = from;
-                }
-                let w = if d.data[0] & 0x80 != 0 {
-                    0 // Initials and other long headers: worker A (the real LB hashes them)
-                } else {
-                    let cid = &d.data[1..1 + layout.cid_len()];
-                    match routes.lock().unwrap().get(cid) {
-                        Some(&w) => w,
-                        None => match layout.decode_server_id(cid) {
-                            Some(2) => 1,
-                            _ => 0,
-                        },
-                    }
-                };
-                let _ = senders[w].send(d).await;
-            }
-        }
-    });
-    let [a, b]: [WorkerHandle; 2] = handles.try_into().ok().unwrap();
-    Lab {
-        vip,
-        workers: [a, b],
-        overrides,
-        rewrite_source,
-        cert,
     }
 }
 
@@ -188,7 +103,7 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let lab = lab().await;
+    let lab = Lab::start(Arc::new(DemoService::default())).await;
     let conn = client(&lab).await;
     // The long-lived stream (the client writes continuously and checks every echoed byte) and
     // the request/response loop (the session's request counter must continue across migrations).
@@ -278,7 +193,7 @@ async fn quinn_client_keeps_its_connection_across_worker_migrations() {
 /// the connection carries on, byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_that_cannot_happen_in_time_rolls_back() {
-    let lab = lab().await;
+    let lab = Lab::start(Arc::new(DemoService::default())).await;
     let conn = client(&lab).await;
     let traffic = Traffic::start(
         &conn,
@@ -315,6 +230,7 @@ async fn migration_that_cannot_happen_in_time_rolls_back() {
             .await
         {
             Err(reason) => {
+                let reason = reason.to_string();
                 assert!(reason.contains("path validation"), "{reason}");
                 rolled_back = true;
             }
@@ -361,7 +277,7 @@ async fn migration_that_cannot_happen_in_time_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_worker_moves_every_connection() {
-    let lab = lab().await;
+    let lab = Lab::start(Arc::new(DemoService::default())).await;
     let connections = 16;
     // A request loop per connection; requests answered so far, per connection.
     let mut loops = Vec::new();

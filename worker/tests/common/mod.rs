@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+pub mod lab;
+
 /// The demo client (baton-load's library): TLS, endpoints, checked requests, [`client::Traffic`].
 pub use baton_load::client;
 
