@@ -25,6 +25,8 @@ requests counts every request that ended (F of them failed); bytes counts respon
 received; the latencies are those of the requests that succeeded. Exit code 0 if it ran to the end
 (even with failures), 1 if it could not start (bad arguments or CA file, or no dial ever completed
 its handshake). Logs go to stderr; --progress prints one JSON progress line per second there.
+Start-up takes about a second (the pattern table below is built before the first dial, and the
+duration counts from after it).
 
 The body pattern: byte i of a body with seed s is ((i * 2654435761 + s * 40503) >> 16) & 0xFF.
 """
@@ -424,7 +426,9 @@ def parse_args(argv):
     p.add_argument("--post-bytes", type=int, default=65536)
     p.add_argument("--keep-alive-ms", type=int, default=1000, help="PING interval, 0 for none")
     p.add_argument("--idle-timeout-ms", type=int, default=30000)
-    p.add_argument("--progress", action="store_true", help="a JSON progress line per second on stderr")
+    p.add_argument(
+        "--progress", action="store_true", help="a JSON progress line per second on stderr"
+    )
     args = p.parse_args(argv)
     host, sep, port = args.connect.rpartition(":")
     if not sep or not port.isdigit():

@@ -114,7 +114,10 @@ async fn endpoints_over_keep_alive() {
     let body = pattern(99, 0, 300_000);
     let r = request(
         &mut conn,
-        "POST /echo HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-test\r\ncontent-length: 300000\r\n\r\n",
+        concat!(
+            "POST /echo HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-test\r\n",
+            "content-length: 300000\r\n\r\n"
+        ),
         &body,
     )
     .await;
