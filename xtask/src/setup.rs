@@ -3,7 +3,9 @@
 //! and run Baton:
 //!
 //! - the commands the build, the lab and the tests run (bpftool, ethtool, ip, tcpdump, openssl, curl,
-//!   patch, git, tar, sha256sum), from apt;
+//!   patch, git, tar, sha256sum, python3), from apt;
+//! - the Python module aioquic (the HTTP/3 test client tests/support/h3_aioquic_client.py), pinned,
+//!   with pip (and Debian's python3-pip from apt when python3 has no pip);
 //! - the nightly toolchain's `rust-src` (the XDP object is built with `-Z build-std=core`);
 //! - bpf-linker, built from crates.io against the nightly's own libLLVM (docs/ENVIRONMENT.md);
 //! - bpffs mounted on /sys/fs/bpf (baton-lb pins its maps and link there).
@@ -65,18 +67,37 @@ const APT: &[(&str, &str, &str)] = &[
         "coreutils",
         "checks the pinned crate's checksum",
     ),
+    (
+        "python3",
+        "python3",
+        "runs tests/support/h3_aioquic_client.py, the HTTP/3 test client on aioquic",
+    ),
 ];
+
+/// The aioquic release the HTTP/3 test client is tested with; `pip install`ed when missing. (A
+/// macro, so ABOUT can name it too.)
+macro_rules! aioquic_pin {
+    () => {
+        "1.7.2"
+    };
+}
+const AIOQUIC: &str = aioquic_pin!();
 
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Long help of `cargo xtask setup`.
-pub const ABOUT: &str = "\
+pub const ABOUT: &str = concat!(
+    "\
 Install what this machine lacks to build and run Baton, then prepare the patched dependency sources.
 
 Checks each item and installs only what is missing (as root on Debian 12 or another Debian-like \
 system; elsewhere it fails and prints the command for each missing item):
   - apt packages for the commands bpftool, ethtool, ip (iproute2), tcpdump, openssl, curl, patch, \
-git, tar, sha256sum (coreutils)
+git, tar, sha256sum (coreutils), python3
+  - the Python module aioquic (the HTTP/3 test client), with `python3 -m pip install aioquic==",
+    aioquic_pin!(),
+    "` (plus --break-system-packages where the interpreter is marked externally managed, as \
+Debian's is); python3-pip from apt first if python3 has no pip
   - the nightly toolchain's rust-src component (`-Z build-std=core` for the XDP object)
   - bpf-linker, built with `cargo +stable install` against the nightly's own libLLVM (symlinked \
 under ~/.cache/bpf-llvm/lib), into $CARGO_HOME/bin; about a minute
@@ -84,7 +105,8 @@ under ~/.cache/bpf-llvm/lib), into $CARGO_HOME/bin; about a minute
 
 The nightly toolchain itself is not installed: if it is missing, install it with \
 `rustup toolchain install nightly --component rust-src`. `cargo xtask demo`, `test`, `build-ebpf`, \
-`lab` and `bench` run this step first.";
+`lab` and `bench` run this step first."
+);
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("[setup] {}", msg.as_ref());
@@ -298,6 +320,8 @@ enum Missing {
         why: &'static str,
     },
     RustSrc,
+    /// The Python module aioquic (`python3 -c "import aioquic"` fails).
+    Aioquic,
     /// `force`: a bpf-linker binary is there but does not run (e.g. its libLLVM link is gone).
     BpfLinker {
         llvm: Llvm,
@@ -322,6 +346,10 @@ impl Missing {
             Missing::RustSrc => {
                 "the nightly's rust-src: the XDP object is built with `-Z build-std=core`".into()
             }
+            Missing::Aioquic => format!(
+                "the Python module aioquic {AIOQUIC}: tests/support/h3_aioquic_client.py, the HTTP/3 \
+                 test client"
+            ),
             Missing::BpfLinker { llvm, force } => format!(
                 "bpf-linker{}: links the XDP program (lb-ebpf); built against the nightly's LLVM {}, \
                  about a minute",
@@ -344,6 +372,46 @@ impl Missing {
 struct Present {
     bpftool: String,
     bpf_linker: String,
+    aioquic: String,
+}
+
+/// Whether `python3` can import aioquic, and its version if so.
+fn aioquic_version() -> Option<String> {
+    output(
+        "python3",
+        &["-c", "import aioquic; print(aioquic.__version__)"],
+    )
+    .map(|v| v.trim().to_string())
+}
+
+fn has_pip() -> bool {
+    output("python3", &["-m", "pip", "--version"]).is_some()
+}
+
+/// Whether python3's installation is marked externally managed (PEP 668, as Debian's python3 is):
+/// pip then refuses to install outside a virtual environment unless told
+/// `--break-system-packages`. Root's pip installs under /usr/local there, beside (not over) the
+/// packages apt installed.
+fn python_externally_managed() -> bool {
+    output(
+        "python3",
+        &[
+            "-c",
+            "import os, sysconfig; \
+             print(os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))",
+        ],
+    )
+    .is_some_and(|o| o.trim() == "True")
+}
+
+/// `python3 -m pip install ... aioquic==AIOQUIC`.
+fn pip_install_args(externally_managed: bool) -> Vec<String> {
+    let mut args: Vec<String> = ["-m", "pip", "install", "--quiet"].map(String::from).into();
+    if externally_managed {
+        args.push("--break-system-packages".into());
+    }
+    args.push(format!("aioquic=={AIOQUIC}"));
+    args
 }
 
 fn is_debian_like() -> bool {
@@ -441,6 +509,22 @@ fn check() -> Result<(Vec<Missing>, Present)> {
     if !bpffs_mounted() {
         missing.push(Missing::Bpffs);
     }
+
+    // aioquic, and pip to install it with. Without python3 at all (an APT item above) both are
+    // missing too.
+    match aioquic_version() {
+        Some(v) => present.aioquic = v,
+        None => {
+            if !has_pip() {
+                missing.push(Missing::Apt {
+                    command: "python3 -m pip",
+                    package: "python3-pip",
+                    why: "installs the Python module aioquic",
+                });
+            }
+            missing.push(Missing::Aioquic);
+        }
+    }
     Ok((missing, present))
 }
 
@@ -505,6 +589,18 @@ pub fn ensure(what: &str) -> Result<()> {
                 }
             }
             Missing::Bpffs => run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?,
+            Missing::Aioquic => {
+                if !has_pip() {
+                    bail!(
+                        "python3 ({}) has no pip, even after installing python3-pip: install pip for \
+                         that interpreter (e.g. `python3 -m ensurepip`), or run `python3 -m pip \
+                         install aioquic=={AIOQUIC}` with a python3 that has one, then run this again",
+                        find_program("python3")
+                            .map_or("not found".into(), |p| p.display().to_string())
+                    );
+                }
+                run(Command::new("python3").args(pip_install_args(python_externally_managed())))?
+            }
         }
     }
 
@@ -525,9 +621,11 @@ fn summary(present: &Present) {
         .filter(|c| *c != "bpftool")
         .collect();
     log(format!(
-        "all prerequisites present (bpftool {}, bpf-linker {}, nightly rust-src, bpffs on {BPFFS}; {})",
+        "all prerequisites present (bpftool {}, bpf-linker {}, aioquic {}, nightly rust-src, bpffs on \
+         {BPFFS}; {})",
         present.bpftool,
         present.bpf_linker,
+        present.aioquic,
         others.join(" ")
     ));
 }
@@ -566,6 +664,10 @@ fn manual_instructions(what: &str, missing: &[Missing], reason: &str, debian: bo
             }
             Missing::Bpffs => {
                 let _ = writeln!(msg, "  sudo mount -t bpf bpf {BPFFS}");
+            }
+            Missing::Aioquic => {
+                let args = pip_install_args(python_externally_managed());
+                let _ = writeln!(msg, "  python3 {}", args.join(" "));
             }
         }
     }
