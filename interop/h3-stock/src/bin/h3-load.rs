@@ -9,7 +9,11 @@ fn main() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { load::CANNOT_START } else { 0 });
+            std::process::exit(if e.use_stderr() {
+                load::CANNOT_START
+            } else {
+                0
+            });
         }
     };
     tracing_subscriber::fmt()

@@ -248,11 +248,7 @@ async fn drive(
     error
 }
 
-async fn redial(
-    shared: &Shared,
-    idx: usize,
-    endpoint: &quinn::Endpoint,
-) -> Option<Established> {
+async fn redial(shared: &Shared, idx: usize, endpoint: &quinn::Endpoint) -> Option<Established> {
     let mut failures = 0;
     loop {
         if shared.past_deadline() {

@@ -84,9 +84,10 @@ pub async fn run(args: Args) -> i32 {
             }
         }
     }
-    stats
-        .handshakes
-        .store(args.connections as u64, std::sync::atomic::Ordering::Relaxed);
+    stats.handshakes.store(
+        args.connections as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     tracing::info!(connections = args.connections, "connected");
 
     let start = Instant::now();

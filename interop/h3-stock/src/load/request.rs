@@ -70,9 +70,7 @@ pub enum Failure {
 fn stream_failure(what: &str, e: StreamError) -> Failure {
     match e {
         StreamError::RemoteClosing { .. } => Failure::Refused,
-        StreamError::ConnectionError { 0: c, .. } => {
-            Failure::Connection(format!("{what}: {c}"))
-        }
+        StreamError::ConnectionError { 0: c, .. } => Failure::Connection(format!("{what}: {c}")),
         other => Failure::Request(format!("{what}: {other}")),
     }
 }
