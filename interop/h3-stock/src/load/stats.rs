@@ -1,0 +1,188 @@
+//! Counters shared by every connection and loop, and the JSON lines made from them.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How many error messages the summary keeps.
+const KEPT_ERRORS: usize = 10;
+
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    pub requests: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub failed: AtomicU64,
+    /// Response body bytes received (failed requests included).
+    pub bytes: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connection_errors: AtomicU64,
+    pub per_connection: Vec<ConnStats>,
+    /// Latency of every successful request, in microseconds.
+    latencies_us: Mutex<Vec<u64>>,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Stats {
+    pub fn new(connections: usize) -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connection_errors: AtomicU64::new(0),
+            per_connection: (0..connections).map(|_| ConnStats::default()).collect(),
+            latencies_us: Mutex::new(Vec::new()),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn success(&self, conn: usize, latency: Duration) {
+        self.requests.fetch_add(1, Relaxed);
+        self.per_connection[conn].requests.fetch_add(1, Relaxed);
+        self.latencies_us
+            .lock()
+            .unwrap()
+            .push(latency.as_micros() as u64);
+    }
+
+    pub fn failure(&self, conn: usize, message: String) {
+        self.requests.fetch_add(1, Relaxed);
+        self.failed.fetch_add(1, Relaxed);
+        let c = &self.per_connection[conn];
+        c.requests.fetch_add(1, Relaxed);
+        c.failed.fetch_add(1, Relaxed);
+        tracing::warn!(conn, "request failed: {message}");
+        self.error(message);
+    }
+
+    pub fn connection_error(&self, message: String) {
+        self.connection_errors.fetch_add(1, Relaxed);
+        tracing::warn!("connection error: {message}");
+        self.error(message);
+    }
+
+    fn error(&self, message: String) {
+        let mut errors = self.errors.lock().unwrap();
+        if errors.len() < KEPT_ERRORS {
+            errors.push(message);
+        }
+    }
+
+    pub fn progress(&self, elapsed: Duration) -> Progress {
+        Progress {
+            elapsed_ms: elapsed.as_millis() as u64,
+            requests: self.requests.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            connection_errors: self.connection_errors.load(Relaxed),
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        let mut lat = self.latencies_us.lock().unwrap().clone();
+        lat.sort_unstable();
+        Summary {
+            requests: self.requests.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            connections: self.per_connection.len(),
+            handshakes: self.handshakes.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            connection_errors: self.connection_errors.load(Relaxed),
+            p50_ms: percentile_ms(&lat, 50.0),
+            p99_ms: percentile_ms(&lat, 99.0),
+            max_ms: lat.last().map_or(0.0, |&us| us as f64 / 1000.0),
+            errors: self.errors.lock().unwrap().clone(),
+            per_connection: self
+                .per_connection
+                .iter()
+                .map(|c| PerConnection {
+                    requests: c.requests.load(Relaxed),
+                    failed: c.failed.load(Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted microsecond samples, in ms (0 when there is none).
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    let idx = rank.clamp(1, sorted_us.len()) - 1;
+    sorted_us[idx] as f64 / 1000.0
+}
+
+#[derive(Debug, Serialize)]
+pub struct Progress {
+    pub elapsed_ms: u64,
+    pub requests: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    pub reconnects: u64,
+    pub connection_errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PerConnection {
+    pub requests: u64,
+    pub failed: u64,
+}
+
+/// The one line printed on stdout at the end.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub requests: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    pub connections: usize,
+    pub handshakes: u64,
+    pub reconnects: u64,
+    pub connection_errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: Vec<String>,
+    pub per_connection: Vec<PerConnection>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let v: Vec<u64> = (1..=100).map(|x| x * 1000).collect();
+        assert_eq!(percentile_ms(&v, 50.0), 50.0);
+        assert_eq!(percentile_ms(&v, 99.0), 99.0);
+        assert_eq!(percentile_ms(&[7000], 99.0), 7.0);
+        assert_eq!(percentile_ms(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn summary_keeps_ten_errors_and_counts_per_connection() {
+        let s = Stats::new(2);
+        s.success(0, Duration::from_millis(3));
+        for i in 0..12 {
+            s.failure(1, format!("e{i}"));
+        }
+        let sum = s.summary();
+        assert_eq!((sum.requests, sum.failed), (13, 12));
+        assert_eq!(sum.errors.len(), 10);
+        assert_eq!(sum.per_connection[0].requests, 1);
+        assert_eq!(sum.per_connection[1].failed, 12);
+        assert_eq!(sum.p50_ms, 3.0);
+    }
+}
