@@ -67,6 +67,10 @@ pub struct WorkerConfig {
     /// Where to serve Prometheus metrics (`ip:port`, `GET /metrics`); unset: no metrics.
     #[serde(default)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The HTTP/3 reverse proxy (`service = "proxy"`): upstreams, routes, timeouts, limits
+    /// (see [`crate::http3::config::ProxyConfig`] and `docs/HTTP3.md`).
+    #[serde(default)]
+    pub proxy: Option<crate::http3::config::ProxyConfig>,
 }
 
 /// The worker-to-worker channel (quinn, mutual TLS).
@@ -226,6 +230,19 @@ impl WorkerConfig {
                     );
                 }
             }
+        }
+        match (c.service.as_str(), &c.proxy) {
+            ("proxy", None) => anyhow::bail!(
+                "service = \"proxy\" needs a [proxy] section with its upstreams and routes \
+                 (docs/HTTP3.md)"
+            ),
+            ("proxy", Some(p)) => p.validate().map_err(|e| anyhow::anyhow!("{e}"))?,
+            ("demo", Some(_)) => anyhow::bail!(
+                "a [proxy] section is set but service = \"demo\": set service = \"proxy\" or \
+                 remove [proxy]"
+            ),
+            ("demo", None) => {}
+            (other, _) => anyhow::bail!("unknown service {other:?} (known: demo, proxy)"),
         }
         Ok(c)
     }

@@ -70,7 +70,14 @@ async fn main() -> anyhow::Result<()> {
             config.limits.clone(),
             budget.clone(),
         )),
-        other => anyhow::bail!("unknown service {other:?} (known: demo)"),
+        "proxy" => {
+            let proxy = baton_worker::http3::proxy::ProxyService::new(
+                config.proxy.clone().context("[proxy] is required")?,
+            )?;
+            proxy.log_routes();
+            Arc::new(proxy)
+        }
+        other => anyhow::bail!("unknown service {other:?} (known: demo, proxy)"),
     };
     let layout = CidLayout::new(config.cid_len, config.server_id_len)
         .map_err(|e| anyhow::anyhow!("CID layout: {e}"))?;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+pub mod h3;
 pub mod lab;
 
 /// The demo client (baton-load's library): TLS, endpoints, checked requests, [`client::Traffic`].
