@@ -1212,15 +1212,41 @@ pub struct DrainSummary {
     pub freeze_ms_p99: f64,
     pub errors: BTreeMap<String, usize>,
     pub overrides_left: usize,
+    /// Connections that had requests in flight for a whole quiesce timeout and were tried
+    /// again (an HTTP/3 connection moves only between requests), and how many of them moved
+    /// in the end.
+    pub retried: usize,
+    pub retried_moved: usize,
+    /// The connections still busy after every retry: they stay on the worker.
+    pub busy: Vec<Cid>,
+}
+
+/// How a drain treats connections that were busy (`requests_in_flight`): tried again up to
+/// `retries` more times, `pause` apart.
+#[derive(Debug, Clone, Copy)]
+pub struct BusyRetry {
+    pub retries: usize,
+    pub pause: Duration,
+}
+
+impl Default for BusyRetry {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            pause: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Moves every connection off `worker` (to `to`, or spread over the other workers), at most
-/// `concurrency` at a time; `progress` is called after each migration.
+/// `concurrency` at a time; `progress` is called after each migration. Connections busy with
+/// requests for a whole quiesce timeout are tried again as `retry` says.
 pub fn drain(
     o: &Orchestrator,
     worker: &str,
     to: Option<&str>,
     concurrency: usize,
+    retry: BusyRetry,
     progress: Progress<'_>,
 ) -> Result<DrainSummary> {
     let started = Instant::now();
@@ -1243,33 +1269,78 @@ pub fn drain(
         bail!("no other worker to drain {worker} to");
     }
     let total = conns.len();
-    let queue = Mutex::new(conns.into_iter().enumerate().collect::<Vec<_>>());
-    let results = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..concurrency.max(1).min(total.max(1)) {
-            s.spawn(|| {
-                loop {
-                    let Some((i, c)) = queue.lock().unwrap().pop() else {
-                        break;
-                    };
-                    let r = o.migrate(&c.conn, worker, &targets[i % targets.len()]);
-                    let mut res = results.lock().unwrap();
-                    res.push(r.clone());
-                    progress(res.len(), total, &r);
-                }
-            });
+    let mut pending: Vec<(usize, Cid)> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.conn))
+        .collect();
+    let mut results: Vec<(Cid, Result<Report, Failure>)> = Vec::new();
+    let mut retried = std::collections::BTreeSet::new();
+    for pass in 0..=retry.retries {
+        if pending.is_empty() {
+            break;
         }
-    });
+        if pass > 0 {
+            std::thread::sleep(retry.pause);
+            retried.extend(pending.iter().map(|&(_, c)| c));
+        }
+        let queue = Mutex::new(std::mem::take(&mut pending));
+        let outcomes = Mutex::new(Vec::new());
+        let width = concurrency.max(1).min(queue.lock().unwrap().len().max(1));
+        std::thread::scope(|s| {
+            for _ in 0..width {
+                s.spawn(|| {
+                    loop {
+                        let Some((i, conn)) = queue.lock().unwrap().pop() else {
+                            break;
+                        };
+                        let r = o.migrate(&conn, worker, &targets[i % targets.len()]);
+                        let mut out = outcomes.lock().unwrap();
+                        out.push((i, conn, r.clone()));
+                        let last_try = pass == retry.retries;
+                        let busy = r
+                            .as_ref()
+                            .is_err_and(|f| f.kind == ErrorKind::RequestsInFlight);
+                        // A busy connection tried again is not done yet: no progress line.
+                        if !busy || last_try {
+                            progress(results.len() + out.len(), total, &r);
+                        }
+                    }
+                });
+            }
+        });
+        for (i, conn, r) in outcomes.into_inner().unwrap() {
+            let busy = r
+                .as_ref()
+                .is_err_and(|f| f.kind == ErrorKind::RequestsInFlight);
+            if busy && pass < retry.retries {
+                pending.push((i, conn));
+            } else {
+                results.push((conn, r));
+            }
+        }
+    }
     let moved_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let results = results.into_inner().unwrap();
     let moved: Vec<Report> = results
         .iter()
-        .filter_map(|r| r.as_ref().ok().cloned())
+        .filter_map(|(_, r)| r.as_ref().ok().cloned())
         .collect();
     let mut errors = BTreeMap::new();
-    for f in results.iter().filter_map(|r| r.as_ref().err()) {
+    for f in results.iter().filter_map(|(_, r)| r.as_ref().err()) {
         *errors.entry(f.kind.as_str().to_string()).or_default() += 1;
     }
+    let busy: Vec<Cid> = results
+        .iter()
+        .filter(|(_, r)| {
+            r.as_ref()
+                .is_err_and(|f| f.kind == ErrorKind::RequestsInFlight)
+        })
+        .map(|&(c, _)| c)
+        .collect();
+    let retried_moved = results
+        .iter()
+        .filter(|(c, r)| r.is_ok() && retried.contains(c))
+        .count();
     let left = o.retire(&moved, Duration::from_secs(10));
     let migration_ms: Vec<f64> = moved.iter().map(|r| r.total_ms).collect();
     let freeze_ms: Vec<f64> = moved.iter().map(|r| r.freeze_ms).collect();
@@ -1286,6 +1357,9 @@ pub fn drain(
         freeze_ms_p99: percentile(&freeze_ms, 99.0),
         errors,
         overrides_left: left.len(),
+        retried: retried.len(),
+        retried_moved,
+        busy,
     })
 }
 

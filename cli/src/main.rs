@@ -100,6 +100,14 @@ enum Cmd {
         /// Migrations in flight at once.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// How long each source may wait for its connection to quiesce (ms). An HTTP/3
+        /// connection waits here for its requests in flight to finish.
+        #[arg(long, default_value_t = 2000)]
+        quiesce_timeout_ms: u64,
+        /// Times a connection still busy with requests after a whole quiesce timeout
+        /// (`requests_in_flight`) is tried again, after every other connection was tried.
+        #[arg(long, default_value_t = 3)]
+        busy_retries: usize,
     },
 }
 
@@ -164,7 +172,16 @@ fn run(cli: &Cli) -> Result<()> {
             worker,
             to,
             concurrency,
-        } => drain(cli, worker, to.as_deref(), *concurrency),
+            quiesce_timeout_ms,
+            busy_retries,
+        } => drain(
+            cli,
+            worker,
+            to.as_deref(),
+            *concurrency,
+            *quiesce_timeout_ms,
+            *busy_retries,
+        ),
     }
 }
 
@@ -360,8 +377,16 @@ fn migrate(
     }
 }
 
-fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Result<()> {
-    let o = orchestrator(cli)?;
+fn drain(
+    cli: &Cli,
+    worker: &str,
+    to: Option<&str>,
+    concurrency: usize,
+    quiesce_ms: u64,
+    busy_retries: usize,
+) -> Result<()> {
+    let mut o = orchestrator(cli)?;
+    o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
     let json_out = cli.json;
     let progress = move |done: usize,
                          total: usize,
@@ -375,7 +400,11 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
             eprintln!("[{done}/{total}] migrated");
         }
     };
-    let s = baton_cli::driver::drain(&o, worker, to, concurrency, &progress)?;
+    let retry = baton_cli::driver::BusyRetry {
+        retries: busy_retries,
+        ..Default::default()
+    };
+    let s = baton_cli::driver::drain(&o, worker, to, concurrency, retry, &progress)?;
     if cli.json {
         print_json(&s)?;
     } else {
@@ -396,6 +425,20 @@ fn drain(cli: &Cli, worker: &str, to: Option<&str>, concurrency: usize) -> Resul
         );
         for (kind, n) in &s.errors {
             println!("  {n} failed with {kind}");
+        }
+        if s.retried > 0 {
+            println!(
+                "  {} connections had requests in flight and were tried again: {} moved, {} still busy{}",
+                s.retried,
+                s.retried_moved,
+                s.busy.len(),
+                if s.busy.is_empty() {
+                    String::new()
+                } else {
+                    let busy: Vec<String> = s.busy.iter().map(|c| c.to_string()).collect();
+                    format!(" ({}; they stay on {})", busy.join(", "), s.worker)
+                }
+            );
         }
     }
     if s.failed > 0 {

@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import ssl
 import sys
 import time
@@ -265,7 +266,7 @@ async def request_loop(client, args, totals, deadline, timeout):
     """Round-robin over the request mix until the deadline or the connection's end."""
     authority = (args.authority or args.server_name).encode()
     k = 0
-    while time.monotonic() < deadline and client.terminated is None:
+    while time.monotonic() < deadline.at and client.terminated is None:
         seed = totals.next_seed()
         kind = k % 3
         k += 1
@@ -322,7 +323,7 @@ async def run_connection(index, args, configuration, totals, deadline):
     host, port = args.host, args.port
     timeout = max(args.idle_timeout_ms / 1000.0, 1.0)
     first = True
-    while first or time.monotonic() < deadline:
+    while first or time.monotonic() < deadline.at:
         if not first:
             totals.reconnects += 1
         first = False
@@ -394,10 +395,24 @@ async def progress(totals, started):
         )
 
 
+class Deadline:
+    """When the loops stop starting requests; SIGTERM or SIGINT moves it to now (the requests in
+    flight finish, then the summary), so a test can stop the load when its migrations are done."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def now(self):
+        self.at = min(self.at, time.monotonic())
+
+
 async def main_async(args, configuration):
     totals = Totals()
     started = time.monotonic()
-    deadline = started + args.duration_ms / 1000.0
+    deadline = Deadline(started + args.duration_ms / 1000.0)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, deadline.now)
     prog = asyncio.ensure_future(progress(totals, started)) if args.progress else None
     await asyncio.gather(
         *(

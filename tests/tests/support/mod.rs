@@ -108,11 +108,44 @@ pub fn bin_dir() -> &'static Path {
 
 /// Builds `baton-worker` (once per test process) next to the baton binaries; returns its path.
 pub fn worker_bin() -> PathBuf {
-    package_bin("baton-worker")
+    package_bin("baton-worker").join("baton-worker")
+}
+
+/// `baton-upstream`, the real HTTP/1.1 and h2c server behind the HTTP/3 proxy (tests/upstream).
+pub fn upstream_bin() -> PathBuf {
+    package_bin("baton-test-upstream").join("baton-upstream")
+}
+
+/// `baton-path`, the emulated-path UDP relay for clients that are not ours (loadgen).
+pub fn path_relay_bin() -> PathBuf {
+    package_bin("baton-load").join("baton-path")
+}
+
+/// `h3-load`, the HTTP/3 load client on crates.io quinn and h3 without our patches
+/// (interop/h3-stock, its own workspace), built once per test process into `<target>/h3-stock`.
+pub fn h3_load_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let target = bin_dir().parent().expect("target dir").join("h3-stock");
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-q", "--release", "--manifest-path"])
+            .arg(workspace_root().join("interop/h3-stock/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .output()
+            .expect("run cargo build for interop/h3-stock");
+        assert!(
+            out.status.success(),
+            "building interop/h3-stock failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("release").join("h3-load")
+    })
+    .clone()
 }
 
 /// Builds package `package`'s binaries (once per test process, with the test's profile) next to
-/// the baton binaries; returns the path of the one named like the package.
+/// the baton binaries; returns the directory they are in.
 fn package_bin(package: &'static str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<(&str, PathBuf)>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -140,9 +173,8 @@ fn package_bin(package: &'static str) -> PathBuf {
         "building {package} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = dir.join(package);
-    built.push((package, path.clone()));
-    path
+    built.push((package, dir.to_path_buf()));
+    dir.to_path_buf()
 }
 
 /// The worker-to-worker channel's port (on each worker's lab address).
@@ -160,6 +192,12 @@ pub fn write_worker_configs(dir: &Path) -> PathBuf {
 /// [`write_worker_configs`], with the worker-to-worker channel on the workers' IPv6 lab addresses
 /// (`[fd00:201:1<i>::2]:4470`, see `baton_lab::PRIVATE`) if `peer_v6`.
 pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
+    write_worker_configs_for(dir, peer_v6, None)
+}
+
+/// [`write_worker_configs_with`], the workers serving the HTTP/3 proxy (`service = "proxy"`) with
+/// these `[proxy]` tables if `proxy` is given, else the demo.
+pub fn write_worker_configs_for(dir: &Path, peer_v6: bool, proxy: Option<&str>) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     gen_certs(dir, "w1,w2", &["--service-name", "baton.test"]);
@@ -189,8 +227,11 @@ pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
     for sid in 1..=2 {
         let name = format!("w{sid}");
         let peer = peer_of(sid);
+        let service = if proxy.is_some() { "proxy" } else { "demo" };
+        let tables = proxy.unwrap_or_default();
         let cfg = format!(
             r#"vips = ["{VIP4}", "{VIP6}"]
+service = "{service}"
 port = {PORT}
 server_id = {sid}
 cid_len = {CID_LEN}
@@ -206,6 +247,7 @@ ca = "{d}/ca.pem"
 cert = "{d}/{name}.pem"
 key = "{d}/{name}.key"
 workers = [{workers}]
+{tables}
 "#
         );
         std::fs::write(dir.join(format!("{name}.toml")), cfg).unwrap();
@@ -704,7 +746,7 @@ pub fn vip(v6: bool) -> SocketAddr {
 
 /// Builds `baton-load` (once per test process) next to the baton binaries; returns its path.
 pub fn load_bin() -> PathBuf {
-    package_bin("baton-load")
+    package_bin("baton-load").join("baton-load")
 }
 
 /// The data plane's counters (summed over CPUs) read by `baton --json status` from the pinned

@@ -39,6 +39,8 @@ pub struct Shared {
     pub request_timeout: Duration,
     /// Set once the initial connections are up.
     pub deadline: Option<Instant>,
+    /// Set on SIGTERM/SIGINT: stop as at the deadline (finish what is in flight, close).
+    pub stop: std::sync::atomic::AtomicBool,
     seeds: AtomicU64,
 }
 
@@ -74,12 +76,13 @@ impl Shared {
             sizes,
             request_timeout,
             deadline,
+            stop: std::sync::atomic::AtomicBool::new(false),
             seeds: AtomicU64::new(0),
         }
     }
 
     fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.stop.load(Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     fn next_seed(&self) -> u64 {

@@ -108,6 +108,26 @@ pub async fn run(args: Args) -> i32 {
         args.duration_ms.map(|d| start + Duration::from_millis(d)),
     ));
 
+    // SIGTERM or SIGINT ends the run like the deadline: in-flight requests finish, then the
+    // summary (a test stops the load when its migrations are done).
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping: signal");
+            shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
     let progress = args.progress.then(|| {
         let stats = stats.clone();
         tokio::spawn(async move {
