@@ -2,6 +2,7 @@
 mod drain;
 mod e2e;
 mod handoff;
+mod http3;
 mod migration;
 mod stall;
 mod worker;
@@ -16,7 +17,7 @@ pub struct Options {
     /// Run only these suites (default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Suite>,
-    /// stall, drain, worker: use the binaries in this directory instead of building them (release) first.
+    /// stall, drain, worker, http3: use the binaries in this directory instead of building them (release) first.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -25,6 +26,8 @@ pub struct Options {
     pub drain: drain::DrainOptions,
     #[command(flatten)]
     pub worker: worker::WorkerOptions,
+    #[command(flatten)]
+    pub http3: http3::Http3Options,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -50,6 +53,13 @@ pub enum Suite {
     /// byte-exact), --worker-idle idle connections (RSS per connection). Targets (issue 14):
     /// throughput >= 0.9x stock, CPU <= 1.1x stock, idle RSS <= stock.
     Worker,
+    /// baton-worker's HTTP/3 reverse proxy (service "proxy") vs. h3-stock-proxy (crates.io quinn
+    /// and h3, interop/h3-stock) in front of the same baton-upstream: both proxies pinned to core
+    /// 1, the upstream and the same h3-load on core 0, in --http3-rounds interleaved rounds of
+    /// --http3-connections x --http3-concurrency request loops, 1000 B GETs and the default mix
+    /// (1000 B GET, 500 kB GET, 64 KiB POST): requests/s, latency p50/p99, proxy CPU per request,
+    /// failed requests. Targets: requests/s >= 0.9x stock, no failed request on baton.
+    Http3,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -85,6 +95,10 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         };
         worker::run(&bins, &opts.worker)?;
+    }
+    if wanted(Suite::Http3) {
+        let bins = http3::build(opts.bin_dir.as_deref())?;
+        http3::run(&bins, &opts.http3)?;
     }
     Ok(())
 }

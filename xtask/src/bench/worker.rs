@@ -254,14 +254,14 @@ impl Running {
     }
 }
 
-fn free_udp_port() -> Result<u16> {
+pub(super) fn free_udp_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Whether something has a UDP socket bound to 127.0.0.1:`port` (/proc/net/udp).
-fn udp_port_bound(port: u16) -> bool {
+pub(super) fn udp_port_bound(port: u16) -> bool {
     let want = format!("0100007F:{port:04X}");
     std::fs::read_to_string("/proc/net/udp")
         .map(|t| {
@@ -272,7 +272,7 @@ fn udp_port_bound(port: u16) -> bool {
 }
 
 /// utime + stime of `pid` (all its threads), in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
     let rest = &text[text.rfind(')')? + 1..];
@@ -287,7 +287,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 /// utime + stime of every process but `skip` (and this one), per pid, in seconds: what else
 /// runs on the machine. Kernel threads count too (kworkers), except ksoftirqd, which on loopback
 /// does the benchmark's own packet processing when softirqs pile up.
-fn other_processes_cpu(skip: &[u32]) -> std::collections::HashMap<u32, f64> {
+pub(super) fn other_processes_cpu(skip: &[u32]) -> std::collections::HashMap<u32, f64> {
     let me = std::process::id();
     let mut out = std::collections::HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -312,7 +312,7 @@ fn other_processes_cpu(skip: &[u32]) -> std::collections::HashMap<u32, f64> {
 }
 
 /// CPU the processes in `end` used since `start` (a process new in `end` started in between).
-fn cpu_between(
+pub(super) fn cpu_between(
     start: &std::collections::HashMap<u32, f64>,
     end: &std::collections::HashMap<u32, f64>,
 ) -> f64 {
@@ -547,7 +547,7 @@ fn fair_run(setup: &Setup, opts: &WorkerOptions, server: &Running) -> Result<Loa
 }
 
 /// A child process killed (and reaped) if the run ends early.
-struct KillOnDrop(Child);
+pub(super) struct KillOnDrop(pub(super) Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -687,7 +687,7 @@ struct Round {
 }
 
 /// Cores of other processes' CPU above which a run counts as disturbed.
-const DISTURBED_CORES: f64 = 0.15;
+pub(super) const DISTURBED_CORES: f64 = 0.15;
 
 impl Round {
     /// The most CPU other processes used during any of this round's load windows, in cores.
@@ -897,7 +897,7 @@ fn raise_fd_limit(opts: &WorkerOptions) {
     }
 }
 
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+pub(super) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     match v {
         Some(x) if x.is_finite() => format!("{x:.digits$}"),
         _ => "n/a".into(),
@@ -930,7 +930,7 @@ fn round_line(b: &Round, s: &Round, opts: &WorkerOptions) -> String {
     line
 }
 
-fn median(values: Vec<f64>) -> Option<f64> {
+pub(super) fn median(values: Vec<f64>) -> Option<f64> {
     let v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         None
@@ -1164,7 +1164,7 @@ fn report(rounds: &[(Round, Round)], opts: &WorkerOptions) -> String {
     out
 }
 
-fn pass(ok: bool) -> String {
+pub(super) fn pass(ok: bool) -> String {
     if ok { "PASS" } else { "FAIL" }.into()
 }
 

@@ -55,6 +55,10 @@ pub struct Args {
     #[arg(long, default_value_t = 65_536)]
     pub post_bytes: u64,
 
+    /// Every request is the small GET (no large GET, no POST): a request-rate workload.
+    #[arg(long)]
+    pub small_only: bool,
+
     /// QUIC keep-alive interval in ms (0: none).
     #[arg(long, default_value_t = 1000)]
     pub keep_alive_ms: u64,

@@ -49,6 +49,8 @@ pub struct Sizes {
     pub small: u64,
     pub large: u64,
     pub post: u64,
+    /// Only the small GET, instead of the round-robin mix.
+    pub small_only: bool,
 }
 
 impl Shared {
@@ -305,7 +307,11 @@ async fn request_loop(
         if *dead.borrow() || quic.close_reason().is_some() {
             return state;
         }
-        let kind = MIX[(state.id + state.issued as usize) % MIX.len()];
+        let kind = if shared.sizes.small_only {
+            request::Kind::SmallGet
+        } else {
+            MIX[(state.id + state.issued as usize) % MIX.len()]
+        };
         let len = match kind {
             request::Kind::SmallGet => shared.sizes.small,
             request::Kind::LargeGet => shared.sizes.large,

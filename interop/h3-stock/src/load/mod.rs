@@ -103,6 +103,7 @@ pub async fn run(args: Args) -> i32 {
             small: args.small_bytes,
             large: args.large_bytes,
             post: args.post_bytes,
+            small_only: args.small_only,
         },
         Duration::from_millis(args.request_timeout_ms),
         args.duration_ms.map(|d| start + Duration::from_millis(d)),
