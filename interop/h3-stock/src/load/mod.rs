@@ -126,7 +126,9 @@ pub async fn run(args: Args) -> i32 {
                 _ = int.recv() => {}
             }
             tracing::info!("stopping: signal");
-            shared.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .stop
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
     let progress = args.progress.then(|| {
