@@ -743,7 +743,7 @@ async fn upstream_refusing_connections_is_502_and_other_routes_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_504_after_the_response_timeout_and_other_requests_go_on() {
-    const TIMEOUT_MS: u64 = 3000;
+    const TIMEOUT_MS: u64 = 5000;
     let (lab, mut good) = lab_and_good_client(&format!("response_timeout_ms = {TIMEOUT_MS}")).await;
     let mut c = client(&lab).await;
     let mut slow_send = c.send.clone();
