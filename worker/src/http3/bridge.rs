@@ -105,6 +105,8 @@ struct SendHalf {
     stopped: Option<u64>,
     waker: Option<Waker>,
     held: bool,
+    /// h3 wrote on it (a dropped stream is then finished, not reset).
+    wrote: bool,
     record: Option<Vec<u8>>,
     recorded_overflow: bool,
     /// Bytes already sent on this stream before a move: what h3 writes first must equal them,
@@ -680,7 +682,9 @@ fn open_bidi_refused() -> Poll<Result<BridgeBidi, StreamErrorIncoming>> {
 
 fn close(bridge: &Bridge, code: h3::error::Code, reason: &[u8]) {
     let mut inner = bridge.lock();
-    if inner.detached || inner.closed.is_some() {
+    // The first close wins, as with quinn: h3 closes with the error's code, then its dropped
+    // connection closes again with H3_NO_ERROR before the core has applied the first.
+    if inner.detached || inner.closed.is_some() || inner.close.is_some() {
         return;
     }
     inner.close = Some((code.value(), Bytes::copy_from_slice(reason)));
@@ -849,6 +853,7 @@ impl quic::SendStream<Bytes> for BridgeSend {
             if let Some(closed) = closed {
                 return Err(connection_gone(closed));
             }
+            w.wrote |= data.has_remaining();
             while data.has_remaining() {
                 let n = data.chunk().len();
                 let mut chunk = data.copy_to_bytes(n);
@@ -928,9 +933,17 @@ impl Drop for BridgeSend {
         let ((), w) = self.bridge.with_stream(self.id, |s, _| {
             if let Some(w) = &mut s.send {
                 w.held = false;
-                // Dropped without finishing: the response is cut short.
                 if !w.finish && !w.finished && w.reset.is_none() && w.stopped.is_none() {
-                    w.reset = Some(H3_REQUEST_CANCELLED);
+                    if w.wrote {
+                        // Dropped after h3 wrote on it: finished after what was written, as
+                        // quinn's streams do and h3 expects (its own 431 answer to oversized
+                        // request headers is written, then the stream dropped). A response cut
+                        // short is reset explicitly (`stop_stream`).
+                        w.finish = true;
+                    } else {
+                        // Dropped with nothing written: the response is cut short.
+                        w.reset = Some(H3_REQUEST_CANCELLED);
+                    }
                 }
             }
         });

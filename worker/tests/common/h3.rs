@@ -20,8 +20,15 @@ pub async fn upstream() -> SocketAddr {
 
 /// The proxy service with one upstream pool (`protocol`: `http1` or `h2c`) for every request.
 pub fn proxy(upstream: SocketAddr, protocol: &str) -> Arc<ProxyService> {
-    let config: ProxyConfig = toml::from_str(&format!(
+    proxy_with(upstream, protocol, "")
+}
+
+/// [`proxy`] with more top-level `[proxy]` keys (`extra`, TOML lines such as
+/// `response_timeout_ms = 500`).
+pub fn proxy_with(upstream: SocketAddr, protocol: &str, extra: &str) -> Arc<ProxyService> {
+    proxy_toml(&format!(
         r#"
+        {extra}
         [[upstreams]]
         name = "app"
         servers = ["{upstream}"]
@@ -30,7 +37,11 @@ pub fn proxy(upstream: SocketAddr, protocol: &str) -> Arc<ProxyService> {
         upstream = "app"
         "#
     ))
-    .unwrap();
+}
+
+/// The proxy service from a whole `[proxy]` table's TOML (several upstreams and routes).
+pub fn proxy_toml(text: &str) -> Arc<ProxyService> {
+    let config: ProxyConfig = toml::from_str(text).unwrap();
     Arc::new(ProxyService::new(config).unwrap())
 }
 
@@ -41,8 +52,9 @@ pub struct Client {
     pub driver: tokio::task::JoinHandle<h3::error::ConnectionError>,
 }
 
-/// Connects to the lab's VIP (ALPN h3, trusting its certificate).
-pub async fn client(lab: &Lab) -> Client {
+/// A QUIC connection to the lab's VIP with ALPN h3 (trusting its certificate), no HTTP/3 on it
+/// yet.
+pub async fn connect(lab: &Lab) -> quinn::Connection {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(lab.cert.clone()).unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -57,11 +69,16 @@ pub async fn client(lab: &Lab) -> Client {
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     )));
-    let conn = endpoint
+    endpoint
         .connect(lab.vip, "localhost")
         .unwrap()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Connects to the lab's VIP (ALPN h3, trusting its certificate).
+pub async fn client(lab: &Lab) -> Client {
+    let conn = connect(lab).await;
     let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
         .await
         .unwrap();
