@@ -1479,7 +1479,15 @@ mod tests {
             "{:?}",
             down[2].1
         );
-        let e = drain(&o, "stuck", Some("ok"), 1, &|_, _, _| {}).unwrap_err();
+        let e = drain(
+            &o,
+            "stuck",
+            Some("ok"),
+            1,
+            BusyRetry::default(),
+            &|_, _, _| {},
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("worker stuck"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
     }
