@@ -91,7 +91,6 @@ struct RecvHalf {
     /// Every byte received (unidirectional streams only), for a move; None once past
     /// [`MAX_RECORD`] (the connection can no longer move).
     record: Option<Vec<u8>>,
-    recorded_overflow: bool,
 }
 
 #[derive(Default)]
@@ -108,7 +107,6 @@ struct SendHalf {
     /// h3 wrote on it (a dropped stream is then finished, not reset).
     wrote: bool,
     record: Option<Vec<u8>>,
-    recorded_overflow: bool,
     /// Bytes already sent on this stream before a move: what h3 writes first must equal them,
     /// and is not sent again.
     replayed: Vec<u8>,
@@ -144,11 +142,12 @@ fn connection_gone(closed: &ConnectionErrorIncoming) -> StreamErrorIncoming {
     }
 }
 
-fn record(rec: &mut Option<Vec<u8>>, overflow: &mut bool, bytes: &[u8]) {
+/// Appends to a stream's record; past [`MAX_RECORD`] the record is dropped (None: the connection
+/// can no longer move).
+fn record(rec: &mut Option<Vec<u8>>, bytes: &[u8]) {
     if let Some(r) = rec {
         if r.len() + bytes.len() > MAX_RECORD {
             *rec = None;
-            *overflow = true;
         } else {
             r.extend_from_slice(bytes);
         }
@@ -468,7 +467,7 @@ fn drive_recv(conn: &mut Connection, id: StreamId, r: &mut RecvHalf, wakers: &mu
     let mut got = Vec::new();
     let read = read_within(conn, id, room, |b| got.push(b));
     for b in got {
-        record(&mut r.record, &mut r.recorded_overflow, &b);
+        record(&mut r.record, &b);
         r.len += b.len();
         r.buf.push_back(b);
     }
@@ -674,12 +673,6 @@ impl quic::Connection<Bytes> for BridgeConnection {
     }
 }
 
-fn open_bidi_refused() -> Poll<Result<BridgeBidi, StreamErrorIncoming>> {
-    Poll::Ready(Err(StreamErrorIncoming::Unknown(
-        "a server opens no bidirectional streams".into(),
-    )))
-}
-
 fn close(bridge: &Bridge, code: h3::error::Code, reason: &[u8]) {
     let mut inner = bridge.lock();
     // The first close wins, as with quinn: h3 closes with the error's code, then its dropped
@@ -693,29 +686,35 @@ fn close(bridge: &Bridge, code: h3::error::Code, reason: &[u8]) {
     wake(w);
 }
 
+/// The connection opens streams as its opener does (h3 uses both).
 impl quic::OpenStreams<Bytes> for BridgeConnection {
     type BidiStream = BridgeBidi;
     type SendStream = BridgeSend;
 
     fn poll_open_bidi(
         &mut self,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        open_bidi_refused()
+        quic::OpenStreams::poll_open_bidi(&mut self.opener_handle(), cx)
     }
 
     fn poll_open_send(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::SendStream, StreamErrorIncoming>> {
-        self.bridge.poll_open_uni(cx).map_ok(|id| BridgeSend {
-            bridge: self.bridge.clone(),
-            id,
-        })
+        self.opener_handle().poll_open_send(cx)
     }
 
     fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
-        close(&self.bridge, code, reason);
+        self.opener_handle().close(code, reason);
+    }
+}
+
+impl BridgeConnection {
+    fn opener_handle(&self) -> BridgeOpener {
+        BridgeOpener {
+            bridge: self.bridge.clone(),
+        }
     }
 }
 
@@ -727,7 +726,9 @@ impl quic::OpenStreams<Bytes> for BridgeOpener {
         &mut self,
         _cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
-        open_bidi_refused()
+        Poll::Ready(Err(StreamErrorIncoming::Unknown(
+            "a server opens no bidirectional streams".into(),
+        )))
     }
 
     fn poll_open_send(
@@ -871,7 +872,7 @@ impl quic::SendStream<Bytes> for BridgeSend {
                         }
                     }
                 }
-                record(&mut w.record, &mut w.recorded_overflow, &chunk);
+                record(&mut w.record, &chunk);
                 w.queue.push(chunk);
             }
             Ok(())

@@ -514,42 +514,33 @@ async fn request_body(
     };
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
-        let mut total = first.len() as u64;
-        if total > max {
-            too_large.store(true, Ordering::Relaxed);
-            let _ = tx
-                .send(Err(BodyError("request body too large".into())))
-                .await;
-            recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
-            return;
-        }
-        if tx.send(Ok(first)).await.is_err() {
-            return;
-        }
+        let mut total = 0u64;
+        let mut next = Some(first);
         loop {
-            match recv.recv_data().await {
-                Ok(None) => return,
-                Ok(Some(mut b)) => {
-                    let chunk = b.copy_to_bytes(b.remaining());
-                    total += chunk.len() as u64;
-                    if total > max {
-                        too_large.store(true, Ordering::Relaxed);
+            let chunk = match next.take() {
+                Some(c) => c,
+                None => match recv.recv_data().await {
+                    Ok(None) => return,
+                    Ok(Some(mut b)) => b.copy_to_bytes(b.remaining()),
+                    Err(e) => {
                         let _ = tx
-                            .send(Err(BodyError("request body too large".into())))
+                            .send(Err(BodyError(format!("client request body: {e}"))))
                             .await;
-                        recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
                         return;
                     }
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(BodyError(format!("client request body: {e}"))))
-                        .await;
-                    return;
-                }
+                },
+            };
+            total += chunk.len() as u64;
+            if total > max {
+                too_large.store(true, Ordering::Relaxed);
+                let _ = tx
+                    .send(Err(BodyError("request body too large".into())))
+                    .await;
+                recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                return;
+            }
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
             }
         }
     });
