@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -13,6 +13,23 @@ const KEPT_ERRORS: usize = 10;
 pub struct ConnStats {
     pub requests: AtomicU64,
     pub failed: AtomicU64,
+    /// When its last request completed, and the largest gap so far between two consecutive
+    /// completions (the stall a user of the connection saw, e.g. while it moved).
+    completions: Mutex<(Option<Instant>, Duration)>,
+}
+
+impl ConnStats {
+    fn completed(&self, at: Instant) {
+        let mut c = self.completions.lock().unwrap();
+        if let Some(last) = c.0 {
+            c.1 = c.1.max(at.saturating_duration_since(last));
+        }
+        c.0 = Some(c.0.map_or(at, |last| last.max(at)));
+    }
+
+    fn max_stall(&self) -> Duration {
+        self.completions.lock().unwrap().1
+    }
 }
 
 #[derive(Debug)]
@@ -46,8 +63,13 @@ impl Stats {
     }
 
     pub fn success(&self, conn: usize, latency: Duration) {
+        self.success_at(conn, latency, Instant::now());
+    }
+
+    fn success_at(&self, conn: usize, latency: Duration, at: Instant) {
         self.requests.fetch_add(1, Relaxed);
         self.per_connection[conn].requests.fetch_add(1, Relaxed);
+        self.per_connection[conn].completed(at);
         self.latencies_us
             .lock()
             .unwrap()
@@ -102,6 +124,11 @@ impl Stats {
             p50_ms: percentile_ms(&lat, 50.0),
             p99_ms: percentile_ms(&lat, 99.0),
             max_ms: lat.last().map_or(0.0, |&us| us as f64 / 1000.0),
+            max_stall_ms: self
+                .per_connection
+                .iter()
+                .map(|c| ms(c.max_stall()))
+                .fold(0.0, f64::max),
             errors: self.errors.lock().unwrap().clone(),
             per_connection: self
                 .per_connection
@@ -109,10 +136,15 @@ impl Stats {
                 .map(|c| PerConnection {
                     requests: c.requests.load(Relaxed),
                     failed: c.failed.load(Relaxed),
+                    max_stall_ms: ms(c.max_stall()),
                 })
                 .collect(),
         }
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// Nearest-rank percentile of sorted microsecond samples, in ms (0 when there is none).
@@ -139,6 +171,8 @@ pub struct Progress {
 pub struct PerConnection {
     pub requests: u64,
     pub failed: u64,
+    /// Largest gap between two consecutive successful completions on this connection.
+    pub max_stall_ms: f64,
 }
 
 /// The one line printed on stdout at the end.
@@ -154,6 +188,8 @@ pub struct Summary {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The largest [`PerConnection::max_stall_ms`].
+    pub max_stall_ms: f64,
     pub errors: Vec<String>,
     pub per_connection: Vec<PerConnection>,
 }
@@ -184,5 +220,19 @@ mod tests {
         assert_eq!(sum.per_connection[0].requests, 1);
         assert_eq!(sum.per_connection[1].failed, 12);
         assert_eq!(sum.p50_ms, 3.0);
+    }
+
+    #[test]
+    fn stall_is_the_largest_gap_between_completions_on_one_connection() {
+        let s = Stats::new(2);
+        let t = Instant::now();
+        let d = Duration::from_millis(1);
+        for (conn, at_ms) in [(0, 0), (1, 5), (0, 10), (0, 12), (1, 50), (0, 30)] {
+            s.success_at(conn, d, t + Duration::from_millis(at_ms));
+        }
+        let sum = s.summary();
+        assert_eq!(sum.per_connection[0].max_stall_ms, 18.0);
+        assert_eq!(sum.per_connection[1].max_stall_ms, 45.0);
+        assert_eq!(sum.max_stall_ms, 45.0);
     }
 }
