@@ -104,6 +104,48 @@ fn demo_small(extra: &[&str]) -> String {
     last
 }
 
+/// `cargo xtask demo --small --http3`: HTTP/3 clients that are not ours (h3 over crates.io quinn)
+/// through Baton's HTTP/3 proxy to a real upstream while every connection moves.
+#[test]
+fn demo_small_http3_keeps_every_connection_and_request() {
+    let bins = bin_dir();
+    // What --http3 runs beside the demo's binaries, built where the demo looks for them.
+    support::upstream_bin();
+    support::path_relay_bin();
+    support::h3_load_bin();
+    let out = Command::new(env!("CARGO"))
+        .args(["xtask", "demo", "--small", "--http3", "--bin-dir"])
+        .arg(bins)
+        .current_dir(support::workspace_root())
+        .output()
+        .expect("run cargo xtask demo --http3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let context = format!(
+        "---- stdout ----\n{stdout}\n---- stderr ----\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "cargo xtask demo --small --http3 failed ({}):\n{context}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("RESULT protocol=http3 "), "{context}");
+    eprintln!("--http3: {last}");
+    assert_eq!(field(&last, "connections"), 8.0, "{last}");
+    assert!(field(&last, "requests") >= 8.0, "{last}");
+    assert_eq!(field(&last, "failed"), 0.0, "{last}");
+    assert_eq!(field(&last, "reconnects"), 0.0, "{last}");
+    assert_eq!(field(&last, "migration_failed"), 0.0, "{last}");
+    // Two rounds: those on w1 to w2, then all eight back, then twice that again.
+    assert!(field(&last, "migrations") >= 16.0, "{last}\n{context}");
+    assert_eq!(
+        field(&last, "ipv4_connections") + field(&last, "ipv6_connections"),
+        8.0,
+        "{last}"
+    );
+}
+
 #[test]
 fn demo_small_keeps_every_connection_and_byte() {
     demo_small(&[]);

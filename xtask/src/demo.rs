@@ -8,6 +8,9 @@
 //! with the `RESULT ...` line. Exits non-zero if anything failed. Tears everything down unless
 //! `--keep` (then `cargo xtask demo --down` does). `--rtt`, `--loss` and the other path options
 //! go to baton-load, which emulates that path at the client (the lab's veth is ~0.1 ms, lossless).
+//! `--http3` runs the same scenario with HTTP/3 instead of the demo protocol ([`http3`]).
+mod http3;
+
 use crate::lab;
 use crate::util::{cargo, require_root, workspace_root};
 use anyhow::{Context, Result, bail};
@@ -24,6 +27,8 @@ pub const STATE_DIR: &str = "/run/baton/lab";
 pub(crate) const LB_SOCKET: &str = "/run/baton/baton.sock";
 pub(crate) const PIN_DIR: &str = "/sys/fs/bpf/baton";
 pub(crate) const SERVICE_NAME: &str = "baton.lab";
+/// How many more times a connection busy with requests is tried in a round.
+const BUSY_RETRIES: usize = 5;
 pub(crate) const WORKERS: [(&str, &str, u64, &str); 2] = [
     ("w1", "baton-w1", 1, "10.200.11.2:4470"),
     ("w2", "baton-w2", 2, "10.200.12.2:4470"),
@@ -73,6 +78,13 @@ pub struct Options {
     /// Run without migrations (load only) even if the migration CLI is available.
     #[arg(long)]
     pub no_migrate: bool,
+    /// HTTP/3 instead of the demo protocol: a real upstream HTTP server (`baton-upstream`) beside
+    /// each worker, both workers serving Baton's HTTP/3 reverse proxy (`service = "proxy"`), and
+    /// `h3-load` (h3 over crates.io quinn, not Baton's code) issuing GETs of 1 kB and 500 kB and
+    /// 64 KiB POSTs through the VIPs, every body checked, while every connection moves. Its
+    /// default size is 16 connections (`--small`: 8), each with two request loops.
+    #[arg(long)]
+    pub http3: bool,
     #[command(flatten)]
     pub path: crate::netpath::PathOptions,
 }
@@ -92,10 +104,17 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.down {
         return teardown_everything(&state, None);
     }
+    // HTTP/3 connections each carry two request loops with 500 kB responses: fewer of them.
+    let default_connections = match (opts.http3, opts.small) {
+        (false, false) => 64,
+        (false, true) => 16,
+        (true, false) => 16,
+        (true, true) => 8,
+    };
     let (connections, rounds, duration) = if opts.small {
         (
             if opts.connections == 64 {
-                16
+                default_connections
             } else {
                 opts.connections
             },
@@ -106,6 +125,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 opts.duration
             },
         )
+    } else if opts.connections == 64 {
+        (default_connections, opts.rounds, opts.duration)
     } else {
         (opts.connections, opts.rounds, opts.duration)
     };
@@ -113,12 +134,31 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("--connections must be at least 1");
     }
     opts.path.check()?;
+    if opts.http3 {
+        opts.path.relay_args()?;
+    }
 
     let bins = match &opts.bin_dir {
         Some(d) => d.clone(),
+        None if opts.http3 => {
+            say("building baton-lb, baton, baton-worker, baton-load, baton-upstream (release)");
+            build_release_packages(&[
+                "lb-user",
+                "baton-cli",
+                "baton-worker",
+                "baton-load",
+                "baton-test-upstream",
+            ])?
+        }
         None => build_release()?,
     };
     preflight(&bins, say_str)?;
+    let h3_load = if opts.http3 {
+        http3::preflight(&bins)?;
+        Some(http3::build_h3_load(&bins)?)
+    } else {
+        None
+    };
 
     say("bringing the lab up");
     lab::up_quiet()?;
@@ -127,7 +167,10 @@ pub fn run(opts: &Options) -> Result<()> {
     run.keep = opts.keep;
     run.request_interval_ms = opts.request_interval_ms;
     run.settle = opts.settle;
-    let outcome = run.demo(opts, connections, rounds, duration);
+    let outcome = match h3_load {
+        Some(h3_load) => run.demo_http3(opts, &h3_load, connections, rounds, duration),
+        None => run.demo(opts, connections, rounds, duration),
+    };
     if let Err(e) = &outcome {
         say(format!("error: {e:#}"));
         run.show_logs();
@@ -239,6 +282,12 @@ pub(crate) struct Run {
     /// `baton override list` length after the last migration and the settle time.
     overrides_left: Option<usize>,
     settle: u64,
+    /// Connections tried again because they were busy with requests (see [`Run::move_all`]).
+    busy_retried: std::sync::atomic::AtomicUsize,
+    /// The workers serve this `[proxy]` config (`service = "proxy"`) instead of the demo service.
+    proxy: Option<&'static str>,
+    /// `baton migrate --quiesce-timeout-ms`: how long a source waits for requests in flight.
+    quiesce_ms: Option<u64>,
 }
 
 /// A running baton-load (the process itself is in the run's children).
@@ -251,7 +300,10 @@ pub(crate) struct Load {
 
 /// What one `baton migrate` reported.
 pub(crate) struct Migration {
+    pub(crate) conn: String,
     pub(crate) ok: bool,
+    /// The error kind `baton migrate --json` gave (empty on success).
+    pub(crate) code: String,
     pub(crate) ms: f64,
     /// `freeze_ms` of a successful migration (the source's freeze to export), else 0.
     pub(crate) freeze_ms: f64,
@@ -269,6 +321,9 @@ impl Run {
             request_interval_ms: 0,
             overrides_left: None,
             settle: 0,
+            busy_retried: Default::default(),
+            proxy: None,
+            quiesce_ms: None,
         }
     }
 
@@ -509,7 +564,13 @@ impl Run {
     }
 
     pub(crate) fn show_logs(&self) {
-        for name in ["baton-lb", "w1", "w2"] {
+        for name in ["baton-lb", "w1", "w2"].into_iter().chain(
+            self.proxy
+                .is_some()
+                .then_some(http3::PROCESSES)
+                .into_iter()
+                .flatten(),
+        ) {
             let p = self.state.join(format!("{name}.log"));
             if let Ok(text) = std::fs::read_to_string(&p) {
                 let lines: Vec<&str> = text.lines().collect();
@@ -616,7 +677,12 @@ impl Run {
         for (name, _ns, server_id, peer) in WORKERS {
             let mut cfg = format!(
                 "vips = [\"{vip4}\", \"{vip6}\"]\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
-                 cert = \"{cert}\"\nkey = \"{key}\"\nservice = \"demo\"\n",
+                 cert = \"{cert}\"\nkey = \"{key}\"\nservice = \"{service}\"\n",
+                service = if self.proxy.is_some() {
+                    "proxy"
+                } else {
+                    "demo"
+                },
                 vip4 = lab::VIP4,
                 vip6 = lab::VIP6,
                 cert = pki.join("service.pem").display(),
@@ -633,6 +699,9 @@ impl Run {
                     pcert = pki.join(format!("{name}.pem")).display(),
                     pkey = pki.join(format!("{name}.key")).display(),
                 ));
+            }
+            if let Some(proxy) = self.proxy {
+                cfg.push_str(proxy);
             }
             std::fs::write(s.join(format!("{name}.toml")), cfg)?;
             migration.push_str(&format!(
@@ -689,7 +758,10 @@ impl Run {
         let load = self.start_load_to(&targets, &args, true)?;
         let load_started = Instant::now();
         let result = self.drive(
-            &load,
+            |run: &mut Run| {
+                run.wait_ready(&load, connections, Duration::from_secs(60), say)
+                    .map(drop)
+            },
             connections,
             rounds,
             duration,
@@ -708,7 +780,7 @@ impl Run {
     #[allow(clippy::too_many_arguments)]
     fn drive(
         &mut self,
-        load: &Load,
+        wait_ready: impl FnOnce(&mut Run) -> Result<()>,
         connections: usize,
         rounds: u32,
         duration: u64,
@@ -718,7 +790,7 @@ impl Run {
         load_started: Instant,
     ) -> Result<Vec<Migration>> {
         // Wait until every connection is up.
-        self.wait_ready(load, connections, Duration::from_secs(60), say)?;
+        wait_ready(self)?;
         say(format!(
             "all {connections} connections are up; load running"
         ));
@@ -814,6 +886,8 @@ impl Run {
             ));
             for _ in all.len()..expected {
                 missing.push(Migration {
+                    conn: String::new(),
+                    code: "not_listed".into(),
                     ok: false,
                     ms: 0.0,
                     freeze_ms: 0.0,
@@ -823,6 +897,32 @@ impl Run {
                 });
             }
         }
+        let mut results = self.migrate_each(conns, to, concurrency);
+        // A connection that kept requests in flight for a whole quiesce timeout (HTTP/3 moves
+        // only between requests) rolled back; it is tried again, as `baton drain` does.
+        for _ in 0..BUSY_RETRIES {
+            let (busy, done): (Vec<Migration>, Vec<Migration>) = results
+                .into_iter()
+                .partition(|m| m.code == "requests_in_flight");
+            results = done;
+            if busy.is_empty() {
+                break;
+            }
+            self.busy_retried
+                .fetch_add(busy.len(), std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(200));
+            results.extend(self.migrate_each(
+                busy.into_iter().map(|m| m.conn).collect(),
+                to,
+                concurrency,
+            ));
+        }
+        results.extend(missing);
+        Ok(results)
+    }
+
+    /// `baton migrate` of each of `conns` to `to`, `concurrency` at a time.
+    fn migrate_each(&self, conns: Vec<String>, to: &str, concurrency: usize) -> Vec<Migration> {
         let queue = std::sync::Mutex::new(conns);
         let results = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|scope| {
@@ -838,20 +938,22 @@ impl Run {
                 });
             }
         });
-        let mut results = results.into_inner().unwrap();
-        results.extend(missing);
-        Ok(results)
+        results.into_inner().unwrap()
     }
 
     pub(crate) fn migrate(&self, conn: &str, to: &str) -> Migration {
         let t = Instant::now();
-        let out = self
-            .baton()
-            .args(["--json", "migrate", conn, "--to", to])
-            .output();
+        let mut cmd = self.baton();
+        cmd.args(["--json", "migrate", conn, "--to", to]);
+        if let Some(ms) = self.quiesce_ms {
+            cmd.args(["--quiesce-timeout-ms", &ms.to_string()]);
+        }
+        let out = cmd.output();
         let wall = t.elapsed().as_secs_f64() * 1000.0;
         match out {
             Err(e) => Migration {
+                conn: conn.into(),
+                code: "cli".into(),
                 ok: false,
                 ms: wall,
                 freeze_ms: 0.0,
@@ -861,6 +963,8 @@ impl Run {
                 let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
                 if o.status.success() && v["ok"] == true {
                     Migration {
+                        conn: conn.into(),
+                        code: String::new(),
                         ok: true,
                         ms: v["total_ms"].as_f64().unwrap_or(wall),
                         freeze_ms: v["freeze_ms"].as_f64().unwrap_or(0.0),
@@ -873,6 +977,8 @@ impl Run {
                         .map(String::from)
                         .unwrap_or_else(|| String::from_utf8_lossy(&o.stderr).trim().to_string());
                     Migration {
+                        conn: conn.into(),
+                        code: kind.into(),
                         ok: false,
                         ms: wall,
                         freeze_ms: 0.0,
@@ -1091,7 +1197,10 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
         }
         run.children.clear();
     } else {
-        for name in ["baton-load", "w1", "w2", "baton-lb"] {
+        let names = ["baton-load", "w1", "w2", "baton-lb"]
+            .into_iter()
+            .chain(http3::PROCESSES);
+        for name in names {
             let Ok(pid) = std::fs::read_to_string(state.join(format!("{name}.pid"))) else {
                 continue;
             };
@@ -1100,7 +1209,7 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
             };
             // Only signal it if it still is the program we started (pids get reused).
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim().starts_with("baton") {
+            if comm.trim().starts_with("baton") || comm.trim() == "h3-load" {
                 // SAFETY: kill(2) on a pid we recorded, checked to still be a baton process.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }

@@ -69,6 +69,28 @@ impl PathOptions {
             .collect()
     }
 
+    /// `baton-path`'s arguments for this path (the relay in front of clients that are not ours),
+    /// or an error naming the options it cannot emulate.
+    pub fn relay_args(&self) -> Result<Vec<String>> {
+        let mut args = Vec::new();
+        let mut unsupported = Vec::new();
+        for (flag, v) in self.pairs() {
+            match flag {
+                "--rtt" | "--jitter" | "--loss" => args.extend([flag.to_string(), v]),
+                "--impair-seed" => args.extend(["--seed".to_string(), v]),
+                _ => unsupported.push(flag),
+            }
+        }
+        if !unsupported.is_empty() {
+            bail!(
+                "{} cannot be emulated for HTTP/3 clients (baton-path, the relay in front of them, \
+                 takes --rtt, --jitter, --loss and --impair-seed)",
+                unsupported.join(", ")
+            );
+        }
+        Ok(args)
+    }
+
     /// Fails on a value baton-load would refuse, before anything is started.
     pub fn check(&self) -> Result<()> {
         for (flag, v) in self.pairs() {
@@ -161,5 +183,30 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn the_relay_takes_what_it_can_emulate_and_names_the_rest() {
+        let p = PathOptions {
+            rtt: Some("40ms".into()),
+            jitter: Some("2ms".into()),
+            loss: Some("1%".into()),
+            impair_seed: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.relay_args().unwrap(),
+            [
+                "--rtt", "40ms", "--jitter", "2ms", "--loss", "1%", "--seed", "3"
+            ]
+        );
+        assert!(PathOptions::default().relay_args().unwrap().is_empty());
+        let asymmetric = PathOptions {
+            delay_up: Some("5ms".into()),
+            reorder: Some("1%".into()),
+            ..Default::default()
+        };
+        let e = asymmetric.relay_args().unwrap_err().to_string();
+        assert!(e.contains("--delay-up, --reorder"), "{e}");
     }
 }

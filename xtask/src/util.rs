@@ -41,3 +41,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
+
+/// `cargo build --release` of interop/h3-stock (its own workspace: crates.io quinn, h3 and
+/// h3-quinn without our patches; `h3-load`, `h3-stock-proxy`) into `target`; returns the
+/// directory of its binaries.
+pub fn build_h3_stock(target: &std::path::Path) -> Result<PathBuf> {
+    run(cargo()
+        .args(["build", "--release", "--manifest-path"])
+        .arg(workspace_root().join("interop/h3-stock/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target))?;
+    Ok(target.join("release"))
+}

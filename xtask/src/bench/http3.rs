@@ -165,16 +165,7 @@ pub fn build(bin_dir: Option<&Path>) -> Result<Bins> {
         }
     };
     say("building interop/h3-stock (release, crates.io quinn + h3 without our patches)");
-    let root = workspace_root();
-    let target = root.join("target").join("h3-stock");
-    crate::util::run(
-        crate::util::cargo()
-            .args(["build", "--release", "--manifest-path"])
-            .arg(root.join("interop/h3-stock/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target),
-    )?;
-    let stock = target.join("release");
+    let stock = crate::util::build_h3_stock(&workspace_root().join("target").join("h3-stock"))?;
     let bins = Bins {
         worker: main_bins.join("baton-worker"),
         upstream: main_bins.join("baton-upstream"),
