@@ -515,27 +515,7 @@ impl Run {
     /// JSON summary.
     pub(crate) fn stop_load(&mut self, load: Load, limit: Duration) -> Result<Value> {
         std::fs::write(&load.stop_file, b"stop\n")?;
-        let pos = self
-            .children
-            .iter()
-            .position(|(n, _)| n == "baton-load")
-            .context("baton-load is not running")?;
-        let (_, mut child) = self.children.remove(pos);
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "baton-load did not stop within {} s of the stop file",
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = self.wait_stopped("baton-load", limit, "the stop file", |_| {})?;
         for r in load.relays {
             let _ = r.join();
         }
@@ -546,6 +526,36 @@ impl Run {
             )
         })?;
         serde_json::from_str(&text).context("parsing baton-load's summary")
+    }
+
+    /// Takes child `name` out of the run, does `stop` to it and waits up to `limit` for it to
+    /// exit (then kills it and fails, naming `how` it was asked to stop).
+    pub(crate) fn wait_stopped(
+        &mut self,
+        name: &str,
+        limit: Duration,
+        how: &str,
+        stop: impl FnOnce(&Child),
+    ) -> Result<std::process::ExitStatus> {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("{name} is not running"))?;
+        let (_, mut child) = self.children.remove(pos);
+        stop(&child);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{name} did not stop within {} s of {how}", limit.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub(crate) fn check_children(&mut self) -> Result<()> {
@@ -1002,8 +1012,8 @@ impl Run {
         // session counter, a long stream that did not come back byte-exact, a connection that
         // never came up or broke.
         let failed = n("failed") + n("streams_not_exact") + not_up + n("connection_errors");
-        let ok_ms: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
-        let migration_failed = migrated.len() - ok_ms.len();
+        let figures = MigrationFigures::of(migrated);
+        let migration_failed = figures.failed;
         let reconnects = n("reconnects");
         w!("");
         w!("Baton demo report ({:.1} s)", elapsed.as_secs_f64());
@@ -1073,18 +1083,7 @@ impl Run {
             n("lost_packets"),
             n("congestion_events")
         );
-        if migrated.is_empty() {
-            w!("  migrations       none (load only)");
-        } else {
-            w!(
-                "  migrations       {} done, {} failed; time per migration p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                ok_ms.len(),
-                migration_failed,
-                percentile(&ok_ms, 50.0),
-                percentile(&ok_ms, 99.0),
-                ok_ms.iter().copied().fold(0.0, f64::max)
-            );
-        }
+        w!("  migrations       {}", figures.line(""));
         if let Some(left) = self.overrides_left {
             w!(
                 "  LB overrides     {left} left {} s after the last migration (each goes once the client retires the CID)",
@@ -1132,14 +1131,48 @@ impl Run {
              reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}{emulated} \
              ipv4_connections={} ipv6_connections={}",
             n("requests"),
-            ok_ms.len(),
+            figures.ok,
             f("max_stall_ms"),
-            percentile(&ok_ms, 50.0),
-            percentile(&ok_ms, 99.0),
+            figures.p50,
+            figures.p99,
             n("ipv4_connections"),
             n("ipv6_connections"),
         );
         (ok, out)
+    }
+}
+
+/// What a run's migrations came to, for the report and the RESULT line.
+pub(crate) struct MigrationFigures {
+    pub(crate) ok: usize,
+    pub(crate) failed: usize,
+    /// Time per successful migration, ms.
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+}
+
+impl MigrationFigures {
+    pub(crate) fn of(migrated: &[Migration]) -> MigrationFigures {
+        let ok_ms: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
+        MigrationFigures {
+            ok: ok_ms.len(),
+            failed: migrated.len() - ok_ms.len(),
+            p50: percentile(&ok_ms, 50.0),
+            p99: percentile(&ok_ms, 99.0),
+            max: ok_ms.iter().copied().fold(0.0, f64::max),
+        }
+    }
+
+    /// The report's migrations line (after its label); `extra` follows the failed count.
+    pub(crate) fn line(&self, extra: &str) -> String {
+        if self.ok + self.failed == 0 {
+            return "none (load only)".into();
+        }
+        format!(
+            "{} done, {} failed{extra}; time per migration p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.ok, self.failed, self.p50, self.p99, self.max
+        )
     }
 }
 

@@ -12,7 +12,7 @@
 //! (`requests_in_flight`) and is tried again, up to `BUSY_RETRIES` times. With `--rtt`,
 //! `--jitter`, `--loss` the clients go through `baton-path` in the client namespace, a relay that
 //! emulates that path (h3-load has no impairment of its own).
-use super::{Migration, Run, WORKERS, percentile, say, vip_target};
+use super::{Migration, MigrationFigures, Run, WORKERS, say, vip_target};
 use crate::lab;
 use crate::netpath::{parse_ms, parse_pct};
 use crate::util::workspace_root;
@@ -295,30 +295,11 @@ impl Run {
     /// SIGTERM to child `name`, waits (up to `limit`) for it to exit and returns the last JSON
     /// line of its log that starts with `{` then `key`.
     fn stop_json(&mut self, name: &str, key: &str, limit: Duration) -> Result<Value> {
-        let pos = self
-            .children
-            .iter()
-            .position(|(n, _)| n == name)
-            .with_context(|| format!("{name} is not running"))?;
-        let (_, mut child) = self.children.remove(pos);
-        // `ip netns exec` execs the program: the signal reaches it.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{name} did not stop within {} s of SIGTERM",
-                    limit.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = self.wait_stopped(name, limit, "SIGTERM", |child| {
+            // `ip netns exec` execs the program: the signal reaches it.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        })?;
         let log = self.state.join(format!("{name}.log"));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let prefix = format!("{{{key}");
@@ -405,8 +386,8 @@ fn report(
     let failed = sum("failed") + sum("connection_errors");
     let reconnects = sum("reconnects");
     let handshakes = sum("handshakes");
-    let ok_ms: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
-    let migration_failed = migrated.len() - ok_ms.len();
+    let figures = MigrationFigures::of(migrated);
+    let migration_failed = figures.failed;
     let max_stall = most("max_stall_ms");
 
     w!("");
@@ -459,18 +440,12 @@ fn report(
             ""
         }
     );
-    if migrated.is_empty() {
-        w!("  migrations       none (load only)");
-    } else {
-        w!(
-            "  migrations       {} done, {migration_failed} failed, {busy_retried} tried again after waiting {QUIESCE_MS} ms for requests in flight; \
-             time per migration p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            ok_ms.len(),
-            percentile(&ok_ms, 50.0),
-            percentile(&ok_ms, 99.0),
-            ok_ms.iter().copied().fold(0.0, f64::max)
-        );
-    }
+    w!(
+        "  migrations       {}",
+        figures.line(&format!(
+            ", {busy_retried} tried again after waiting {QUIESCE_MS} ms for requests in flight"
+        ))
+    );
     if let Some(left) = overrides_left {
         w!(
             "  LB overrides     {left} left {settle} s after the last migration (each goes once the client retires the CID)"
@@ -513,9 +488,9 @@ fn report(
          reconnects={reconnects} max_stall_ms={max_stall:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}{emulated} \
          busy_retried={busy_retried} ipv4_connections={} ipv6_connections={}",
         sum("requests"),
-        ok_ms.len(),
-        percentile(&ok_ms, 50.0),
-        percentile(&ok_ms, 99.0),
+        figures.ok,
+        figures.p50,
+        figures.p99,
         per_family("IPv4"),
         per_family("IPv6"),
     );
