@@ -5,7 +5,10 @@
 //! - [`records`]: the record stored at each key, one serde type per kind, for writers and
 //!   readers alike;
 //! - [`node`]: one LB node's convergence from the watch ([`Node`]), a sans-IO state machine the
-//!   controller drives with what etcd said and whose actions it carries out on its pinned maps.
+//!   controller drives with what etcd said and whose actions it carries out on its pinned maps;
+//! - [`etcd`]: the one place that talks to etcd: leases, a worker's registration, and
+//!   [`etcd::follow`], which drives a [`Node`] from the watch.
+pub mod etcd;
 pub mod keys;
 pub mod node;
 pub mod records;

@@ -3,7 +3,7 @@
 //! and run Baton:
 //!
 //! - the commands the build, the lab and the tests run (bpftool, ethtool, ip, tcpdump, openssl, curl,
-//!   patch, git, tar, sha256sum, python3), from apt;
+//!   patch, git, tar, sha256sum, python3, protoc, etcd, etcdctl), from apt;
 //! - the Python module aioquic (the HTTP/3 test client tests/support/h3_aioquic_client.py), pinned,
 //!   with pip (and Debian's python3-pip from apt when python3 has no pip);
 //! - the nightly toolchain's `rust-src` (the XDP object is built with `-Z build-std=core`);
@@ -72,6 +72,21 @@ const APT: &[(&str, &str, &str)] = &[
         "python3",
         "runs tests/support/h3_aioquic_client.py, the HTTP/3 test client on aioquic",
     ),
+    (
+        "protoc",
+        "protobuf-compiler",
+        "etcd-client (the cluster's etcd API) compiles etcd's protobuf definitions when it builds",
+    ),
+    (
+        "etcd",
+        "etcd-server",
+        "the cluster tests run a real etcd (the state of a Baton cluster)",
+    ),
+    (
+        "etcdctl",
+        "etcd-client",
+        "inspecting a cluster's keys in etcd (docs, debugging)",
+    ),
 ];
 
 /// The aioquic release the HTTP/3 test client is tested with; `pip install`ed when missing. (A
@@ -93,7 +108,8 @@ Install what this machine lacks to build and run Baton, then prepare the patched
 Checks each item and installs only what is missing (as root on Debian 12 or another Debian-like \
 system; elsewhere it fails and prints the command for each missing item):
   - apt packages for the commands bpftool, ethtool, ip (iproute2), tcpdump, openssl, curl, patch, \
-git, tar, sha256sum (coreutils), python3
+git, tar, sha256sum (coreutils), python3, protoc (protobuf-compiler), etcd (etcd-server), etcdctl \
+(etcd-client)
   - the Python module aioquic (the HTTP/3 test client), with `python3 -m pip install aioquic==",
     aioquic_pin!(),
     "` (plus --break-system-packages where the interpreter is marked externally managed, as \

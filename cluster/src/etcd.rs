@@ -1,0 +1,405 @@
+//! The etcd side of a cluster (`etcd-client`): a client bound to one cluster prefix, leases kept
+//! alive, a worker's registration (its server ID claimed in a transaction, so two workers can
+//! never hold one), and [`follow`], the loop that drives an LB node's [`Node`] from the watch and
+//! carries out its actions on the node's [`Dataplane`].
+use crate::keys::{Key, Prefix};
+use crate::node::{Action, Input, Node, WatchEvent};
+use crate::records::{AppliedRecord, ServerIdClaim, WorkerRecord};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions, WatchStream,
+};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// How long one etcd request may take before the caller treats etcd as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest pause between two reconnection attempts of [`follow`].
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "etcd is unreachable at {endpoints}: {source} (is etcd running, and are [cluster] \
+         endpoints right?)"
+    )]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The server ID is held by another worker (the message names it).
+    #[error("{0}")]
+    ServerIdHeld(String),
+    #[error(
+        "worker name {name:?} is registered already with server ID {server_id}: give this worker \
+         another name, or stop the other one first"
+    )]
+    NameHeld { name: String, server_id: u64 },
+    #[error("{key} in etcd does not decode: {why}")]
+    BadRecord { key: String, why: String },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// An etcd client for one cluster's prefix.
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    prefix: Prefix,
+    endpoints: String,
+}
+
+impl Cluster {
+    /// Connects to `endpoints` (e.g. `http://10.0.0.5:2379`) and checks etcd answers.
+    pub async fn connect(endpoints: &[String], prefix: Prefix) -> Result<Cluster, ClusterError> {
+        let shown = endpoints.join(",");
+        let unreachable = |source| ClusterError::Unreachable {
+            endpoints: shown.clone(),
+            source,
+        };
+        let options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let mut client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(unreachable)?;
+        client.status().await.map_err(unreachable)?;
+        Ok(Cluster {
+            client,
+            prefix,
+            endpoints: shown,
+        })
+    }
+
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    /// The underlying client (for what this module does not wrap).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn unreachable(&self, source: etcd_client::Error) -> ClusterError {
+        ClusterError::Unreachable {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
+    /// A lease of `ttl` seconds, kept alive until the [`Lease`] is dropped or revoked.
+    pub async fn lease(&self, ttl: i64) -> Result<Lease, ClusterError> {
+        let mut client = self.client.clone();
+        let id = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .id();
+        let keeper = tokio::spawn(keep_alive(client.clone(), id, ttl));
+        Ok(Lease { id, keeper, client })
+    }
+
+    /// Registers `record` under a fresh lease of `ttl` seconds: claims `server-ids/<id>` and
+    /// writes `workers/<name>` in one transaction that succeeds only if neither exists. A claim
+    /// held by a worker of the same name (this worker before a restart, its lease not yet over)
+    /// is taken over; one held by another worker is refused with a message naming it.
+    pub async fn register_worker(
+        &self,
+        record: &WorkerRecord,
+        ttl: i64,
+    ) -> Result<Lease, ClusterError> {
+        crate::keys::check_name(&record.name).map_err(|e| ClusterError::BadRecord {
+            key: "workers/".into(),
+            why: e.to_string(),
+        })?;
+        let claim_key = self.prefix.key(&Key::ServerId(record.server_id));
+        let worker_key = self.prefix.key(&Key::Worker(record.name.clone()));
+        let claim = serde_json::to_vec(&ServerIdClaim {
+            worker: record.name.clone(),
+        })
+        .expect("a claim serializes");
+        let body = serde_json::to_vec(record).expect("a worker record serializes");
+        let lease = self.lease(ttl).await?;
+        let put =
+            |k: &str, v: &[u8]| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease.id())));
+        let mut client = self.client.clone();
+        let first = Txn::new()
+            .when([
+                Compare::create_revision(claim_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(worker_key.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([put(&claim_key, &claim), put(&worker_key, &body)])
+            .or_else([
+                TxnOp::get(claim_key.as_str(), None),
+                TxnOp::get(worker_key.as_str(), None),
+            ]);
+        let resp = client.txn(first).await.map_err(|e| self.unreachable(e))?;
+        if resp.succeeded() {
+            info!(worker = %record.name, server_id = record.server_id, lease = lease.id(), "registered in etcd");
+            return Ok(lease);
+        }
+        let mut found = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+            _ => None,
+        });
+        let held_claim = found.next().flatten();
+        let held_worker = found.next().flatten();
+        if let Some((value, _)) = &held_claim {
+            let holder: ServerIdClaim =
+                serde_json::from_slice(value).map_err(|e| ClusterError::BadRecord {
+                    key: claim_key.clone(),
+                    why: e.to_string(),
+                })?;
+            if holder.worker != record.name {
+                lease.revoke().await;
+                return Err(ClusterError::ServerIdHeld(
+                    holder.conflict(record.server_id, &record.name),
+                ));
+            }
+        }
+        if let Some((value, _)) = &held_worker {
+            let other: WorkerRecord =
+                serde_json::from_slice(value).map_err(|e| ClusterError::BadRecord {
+                    key: worker_key.clone(),
+                    why: e.to_string(),
+                })?;
+            if other.server_id != record.server_id {
+                lease.revoke().await;
+                return Err(ClusterError::NameHeld {
+                    name: record.name.clone(),
+                    server_id: other.server_id,
+                });
+            }
+        }
+        // Our own earlier registration: take it over if nobody changed it meanwhile.
+        let unchanged = |key: &str, seen: &Option<(Vec<u8>, i64)>| match seen {
+            Some((_, rev)) => Compare::mod_revision(key, CompareOp::Equal, *rev),
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+        };
+        let takeover = Txn::new()
+            .when([
+                unchanged(&claim_key, &held_claim),
+                unchanged(&worker_key, &held_worker),
+            ])
+            .and_then([put(&claim_key, &claim), put(&worker_key, &body)]);
+        let resp = client
+            .txn(takeover)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.succeeded() {
+            lease.revoke().await;
+            return Err(ClusterError::ServerIdHeld(format!(
+                "server ID {} changed hands while worker {:?} was registering: try again",
+                record.server_id, record.name
+            )));
+        }
+        info!(worker = %record.name, server_id = record.server_id, "registered in etcd, taking over its earlier registration");
+        Ok(lease)
+    }
+}
+
+/// A lease kept alive by a task of its own; dropping it stops the renewals (the keys under it go
+/// when its TTL runs out), [`Lease::revoke`] removes them at once.
+pub struct Lease {
+    id: i64,
+    keeper: JoinHandle<()>,
+    client: Client,
+}
+
+impl Lease {
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Ends the lease now; its keys are deleted. Best effort: etcd may be unreachable, and then
+    /// the TTL ends it.
+    pub async fn revoke(mut self) {
+        self.keeper.abort();
+        if let Err(e) = self.client.lease_revoke(self.id).await {
+            debug!(lease = self.id, "revoking the lease: {e} (its TTL ends it)");
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// Renews lease `id` every third of its TTL, reopening the keep-alive stream after an error.
+async fn keep_alive(mut client: Client, id: i64, ttl: i64) {
+    let every = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+    loop {
+        match client.lease_keep_alive(id).await {
+            Ok((mut keeper, mut stream)) => loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match stream.message().await {
+                    Ok(Some(r)) if r.ttl() <= 0 => {
+                        warn!(
+                            lease = id,
+                            "the lease expired in etcd (unreachable longer than its TTL): its keys are gone"
+                        );
+                        return;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+                tokio::time::sleep(every).await;
+            },
+            Err(e) => debug!(lease = id, "lease keep-alive: {e}"),
+        }
+        tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+    }
+}
+
+/// What an LB node's maps do with the node's map actions ([`Action::Workers`],
+/// [`Action::SetOverride`], [`Action::DelOverride`]).
+pub trait Dataplane {
+    fn apply(&mut self, action: &Action);
+}
+
+/// Drives `node` from etcd until `stop` turns true: reads and watches the prefix, hands every
+/// map action to `dataplane` in order, writes the node's applied revision (under `lease`, so a
+/// dead node stops counting). When etcd goes away the node keeps its maps and this loop retries
+/// with a growing pause; when it returns, the watch resumes past the applied revision.
+pub async fn follow(
+    cluster: &Cluster,
+    node: &mut Node,
+    dataplane: &mut impl Dataplane,
+    lease: Option<i64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut client = cluster.client.clone();
+    let prefix = cluster.prefix.as_str().to_string();
+    let applied_key = cluster.prefix.key(&Key::Applied(node.name().to_string()));
+    let mut backoff = Duration::from_millis(100);
+    let mut stream: Option<WatchStream> = None;
+    node.handle(Input::Connected);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let mut failed: Option<String> = None;
+        while let Some(action) = node.poll_action() {
+            match action {
+                Action::Resync => {
+                    match client
+                        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                        .await
+                    {
+                        Ok(r) => {
+                            let revision = r.header().map_or(0, |h| h.revision());
+                            let kvs = r
+                                .kvs()
+                                .iter()
+                                .map(|kv| {
+                                    (
+                                        String::from_utf8_lossy(kv.key()).into_owned(),
+                                        kv.value().to_vec(),
+                                    )
+                                })
+                                .collect();
+                            node.handle(Input::Snapshot { revision, kvs });
+                        }
+                        Err(e) => {
+                            failed = Some(format!("reading the prefix: {e}"));
+                            break;
+                        }
+                    }
+                }
+                Action::Watch { from_revision } => {
+                    let options = WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from_revision)
+                        .with_progress_notify();
+                    match client.watch(prefix.as_str(), Some(options)).await {
+                        Ok(s) => stream = Some(s),
+                        Err(e) => {
+                            failed = Some(format!("opening the watch: {e}"));
+                            break;
+                        }
+                    }
+                }
+                Action::ReportApplied { revision } => {
+                    let body = serde_json::to_vec(&AppliedRecord { revision })
+                        .expect("a revision serializes");
+                    let options = lease.map(|l| PutOptions::new().with_lease(l));
+                    if let Err(e) = client.put(applied_key.as_str(), body, options).await {
+                        // The maps are right; the report comes with the next change.
+                        warn!(
+                            node = node.name(),
+                            revision, "reporting the applied revision: {e}"
+                        );
+                    }
+                }
+                map_action => dataplane.apply(&map_action),
+            }
+        }
+        if failed.is_none() && stream.is_none() {
+            failed = Some("no watch open".into());
+        }
+        if let (None, Some(s)) = (&failed, stream.as_mut()) {
+            tokio::select! {
+                _ = stop.changed() => continue,
+                m = s.message() => match m {
+                    Ok(Some(resp)) => {
+                        backoff = Duration::from_millis(100);
+                        if resp.compact_revision() > 0 {
+                            stream = None;
+                            node.handle(Input::Compacted { compact_revision: resp.compact_revision() });
+                        } else if resp.canceled() {
+                            failed = Some(format!("the watch was cancelled: {}", resp.cancel_reason()));
+                        } else if resp.events().is_empty() {
+                            if !resp.created() {
+                                let revision = resp.header().map_or(0, |h| h.revision());
+                                node.handle(Input::Progress { revision });
+                            }
+                        } else {
+                            let events = resp
+                                .events()
+                                .iter()
+                                .filter_map(|e| {
+                                    let kv = e.kv()?;
+                                    Some(WatchEvent {
+                                        revision: kv.mod_revision(),
+                                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                        value: (e.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                                    })
+                                })
+                                .collect();
+                            node.handle(Input::Events(events));
+                        }
+                    }
+                    Ok(None) => failed = Some("etcd closed the watch".into()),
+                    Err(e) => failed = Some(format!("watching: {e}")),
+                },
+            }
+        }
+        if let Some(why) = failed {
+            warn!(
+                node = node.name(),
+                applied = node.applied(),
+                "etcd unreachable ({why}): forwarding on the last applied state, retrying in {} ms",
+                backoff.as_millis()
+            );
+            stream = None;
+            node.handle(Input::Disconnected);
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            node.handle(Input::Connected);
+        }
+    }
+}
