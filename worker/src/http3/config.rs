@@ -1,6 +1,10 @@
 //! The `[proxy]` section of `worker.toml` (service `proxy`): upstream pools, routes, timeouts,
 //! size limits and forwarding headers. Checked whole at start-up; every error names the key.
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Example:
@@ -19,7 +23,16 @@ use std::time::Duration;
 /// [[proxy.upstreams]]
 /// name = "app"
 /// servers = ["10.0.3.10:8080", "10.0.3.11:8080"]   # round robin
-/// protocol = "http1"            # or "h2c" (HTTP/2 with prior knowledge)
+/// protocol = "http1"            # or "h2c" (HTTP/2 with prior knowledge), "https", "h2"
+///
+/// [[proxy.upstreams]]
+/// name = "secure"
+/// servers = ["app.internal:8443"]
+/// protocol = "h2"               # HTTP/2 over TLS (ALPN h2); "https": HTTP/1.1 over TLS
+/// tls.ca = "/etc/baton/upstream-ca.pem"   # required: the CA bundle the servers' certificates chain to
+/// tls.server_name = "app.internal"        # optional: default, each server's host (a name or an IP)
+/// tls.cert = "/etc/baton/proxy-client.pem" # optional, with tls.key: a client certificate (mutual TLS)
+/// tls.key = "/etc/baton/proxy-client.key"
 ///
 /// [[proxy.routes]]
 /// authority = "www.example.com" # optional: any authority
@@ -68,6 +81,9 @@ pub struct UpstreamConfig {
     pub servers: Vec<String>,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    /// How the servers of a TLS pool (`https`, `h2`) are verified, and the client certificate.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -78,6 +94,200 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 over cleartext TCP with prior knowledge.
     H2c,
+    /// HTTP/1.1 over TLS (ALPN `http/1.1`) with a keep-alive pool.
+    Https,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// The name in `worker.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2c => "h2c",
+            Self::Https => "https",
+            Self::H2 => "h2",
+        }
+    }
+
+    /// Whether the servers speak TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Self::Https | Self::H2)
+    }
+
+    /// Whether requests go out as HTTP/2 (else HTTP/1.1).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Self::H2c | Self::H2)
+    }
+
+    /// The scheme of the URIs the proxy hands its upstream client.
+    pub fn scheme(self) -> &'static str {
+        if self.is_tls() { "https" } else { "http" }
+    }
+
+    /// The ALPN protocol a TLS pool offers (and the only one: the pool's protocol is fixed).
+    pub fn alpn(self) -> Option<&'static [u8]> {
+        match self {
+            Self::Https => Some(b"http/1.1"),
+            Self::H2 => Some(b"h2"),
+            Self::Http1 | Self::H2c => None,
+        }
+    }
+}
+
+/// `tls.*` of an upstream pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA certificate(s) the servers' certificates must chain to (required: the worker does
+    /// not read the system's trust store).
+    pub ca: Option<PathBuf>,
+    /// The name the servers' certificates are checked against, and the SNI sent. Unset: the host
+    /// part of each server's address (an IP address is checked against the certificate's IP
+    /// address SANs, and sends no SNI).
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for servers that ask for one (mutual TLS); with `key`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert` (a secret file: mode 0600, owned by the worker's user or root).
+    pub key: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    /// The TLS client configuration of a TLS pool (`None` for a cleartext one), with every file
+    /// read and checked. Errors say which `tls.*` key to fix, without the upstream's name.
+    pub fn client_tls(&self) -> Result<Option<rustls::ClientConfig>, String> {
+        let protocol = self.protocol.name();
+        let Some(alpn) = self.protocol.alpn() else {
+            if self.tls.is_some() {
+                return Err(format!(
+                    "has tls settings but protocol {protocol:?} is cleartext: set protocol = \
+                     \"https\" (HTTP/1.1 over TLS) or \"h2\" (HTTP/2 over TLS), or remove tls.*"
+                ));
+            }
+            return Ok(None);
+        };
+        let tls = self.tls.clone().unwrap_or_default();
+        let Some(ca) = &tls.ca else {
+            return Err(format!(
+                "protocol {protocol:?} needs tls.ca = \"/path/to/ca.pem\": the PEM CA bundle the \
+                 servers' certificates chain to (the system trust store is not used)"
+            ));
+        };
+        let roots = read_roots(ca)?;
+        match &tls.server_name {
+            Some(name) => {
+                server_name(name).map_err(|e| format!("tls.server_name {name:?} {e}"))?;
+            }
+            None => {
+                for s in &self.servers {
+                    let host = server_host(s);
+                    server_name(host).map_err(|e| {
+                        format!(
+                            "server {s:?}: its host {host:?} {e}; set tls.server_name to the name \
+                             in the servers' certificates"
+                        )
+                    })?;
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS set-up: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match (&tls.cert, &tls.key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(_), None) => {
+                return Err("tls.cert is set without tls.key: add tls.key = \
+                            \"/path/to/client.key\", the client certificate's PEM private key"
+                    .into());
+            }
+            (None, Some(_)) => {
+                return Err("tls.key is set without tls.cert: add tls.cert = \
+                            \"/path/to/client.pem\", the PEM client certificate chain of that key"
+                    .into());
+            }
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert, "tls.cert")?;
+                let key_der = read_key(key)?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| match e {
+                        rustls::Error::InconsistentKeys(_) => format!(
+                            "tls.key {} is not the key of the certificate in tls.cert {}",
+                            key.display(),
+                            cert.display()
+                        ),
+                        e => format!(
+                            "tls.cert {} / tls.key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        ),
+                    })?
+            }
+        };
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(Some(config))
+    }
+}
+
+/// The host of `host:port` or `[v6]:port`, brackets removed.
+pub fn server_host(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// A DNS name or an IP address, as rustls checks a certificate against it.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| "is neither a DNS name nor an IP address".to_string())
+}
+
+fn read_file(path: &Path, key: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))
+}
+
+/// The certificates of a PEM file (at least one).
+fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read_file(path, key)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{key}: {} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{key}: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn read_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(path, "tls.ca")? {
+        roots.add(c).map_err(|e| {
+            format!(
+                "tls.ca: {} holds a certificate that is not a usable CA: {e}",
+                path.display()
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The client key: a secret file (the same rule as the worker's other keys).
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = migration::secret_file::read(path).map_err(|e| format!("tls.key: {e}"))?;
+    // No detail from the key file beyond its path.
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        format!(
+            "tls.key: {} holds no PEM private key (-----BEGIN PRIVATE KEY-----, RSA or EC)",
+            path.display()
+        )
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -154,6 +364,8 @@ impl ProxyConfig {
                     ));
                 }
             }
+            u.client_tls()
+                .map_err(|e| format!("proxy.upstreams[{i}] ({}): {e}", u.name))?;
         }
         for (i, r) in self.routes.iter().enumerate() {
             if !r.path_prefix.starts_with('/') {
