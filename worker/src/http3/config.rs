@@ -512,4 +512,189 @@ mod tests {
         );
         assert!(toml::from_str::<ProxyConfig>("upstreams = []\nroutes = []\nbogus = 1").is_err());
     }
+
+    /// A CA, a server certificate and a client certificate with its key (0600), in a fresh
+    /// directory.
+    struct Files {
+        dir: std::path::PathBuf,
+    }
+
+    impl Files {
+        fn new(tag: &str) -> Files {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+            let dir = std::env::temp_dir()
+                .join(format!("baton-proxy-config-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca_key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca = p.self_signed(&ca_key).unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+            for name in ["client", "other"] {
+                let key = KeyPair::generate().unwrap();
+                let cert = CertificateParams::new(vec![name.to_string()])
+                    .unwrap()
+                    .signed_by(&key, &ca, &ca_key)
+                    .unwrap();
+                std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+                migration::secret_file::write(
+                    &dir.join(format!("{name}.key")),
+                    key.serialize_pem().as_bytes(),
+                )
+                .unwrap();
+            }
+            std::fs::write(dir.join("garbage.pem"), "not a certificate\n").unwrap();
+            Files { dir }
+        }
+
+        /// A config with one upstream of `protocol` on `server` and these extra upstream lines.
+        fn config(&self, protocol: &str, server: &str, lines: &str) -> ProxyConfig {
+            let lines = lines.replace("DIR", &self.dir.display().to_string());
+            parse(&format!(
+                "[[upstreams]]\nname = \"app\"\nservers = [\"{server}\"]\nprotocol = \"{protocol}\"\n\
+                 {lines}\n[[routes]]\nupstream = \"app\"\n"
+            ))
+        }
+
+        fn error(&self, protocol: &str, server: &str, lines: &str) -> String {
+            self.config(protocol, server, lines).validate().unwrap_err()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn tls_pools_load_their_files() {
+        let f = Files::new("ok");
+        let c = f.config("h2", "app.internal:8443", "tls.ca = \"DIR/ca.pem\"");
+        c.validate().unwrap();
+        let tls = c.upstreams[0].client_tls().unwrap().unwrap();
+        assert_eq!(tls.alpn_protocols, vec![b"h2".to_vec()]);
+        assert!(!tls.client_auth_cert_resolver.has_certs());
+        assert_eq!(c.upstreams[0].protocol.scheme(), "https");
+        assert!(c.upstreams[0].protocol.is_http2());
+        // An IP address as the default name (checked against IP SANs), a v6 one, a set name.
+        f.config("https", "10.0.0.1:443", "tls.ca = \"DIR/ca.pem\"")
+            .validate()
+            .unwrap();
+        f.config("https", "[2001:db8::1]:443", "tls.ca = \"DIR/ca.pem\"")
+            .validate()
+            .unwrap();
+        let c = f.config(
+            "https",
+            "10.0.0.1:443",
+            "tls.ca = \"DIR/ca.pem\"\ntls.server_name = \"app.internal\"\n\
+             tls.cert = \"DIR/client.pem\"\ntls.key = \"DIR/client.key\"",
+        );
+        c.validate().unwrap();
+        let tls = c.upstreams[0].client_tls().unwrap().unwrap();
+        assert_eq!(tls.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(tls.client_auth_cert_resolver.has_certs());
+        // The same as a [proxy.upstreams.tls] table.
+        let c = f.config(
+            "https",
+            "10.0.0.1:443",
+            "[upstreams.tls]\nca = \"DIR/ca.pem\"",
+        );
+        c.validate().unwrap();
+        // Cleartext pools need nothing, as before.
+        assert!(parse(BASE).upstreams[0].client_tls().unwrap().is_none());
+    }
+
+    #[test]
+    fn tls_errors_say_what_to_fix() {
+        let f = Files::new("errors");
+        let host = "app.internal:443";
+        let e = f.error("https", host, "");
+        assert!(
+            e.contains("proxy.upstreams[0] (app): protocol \"https\" needs tls.ca"),
+            "{e}"
+        );
+        let e = f.error("h2", host, "tls.server_name = \"app.internal\"");
+        assert!(e.contains("needs tls.ca"), "{e}");
+        let e = f.error("http1", host, "tls.ca = \"DIR/ca.pem\"");
+        assert!(
+            e.contains("cleartext") && e.contains("protocol = \"https\""),
+            "{e}"
+        );
+        let e = f.error("h2c", host, "tls.ca = \"DIR/ca.pem\"");
+        assert!(e.contains("cleartext"), "{e}");
+        let e = f.error("https", host, "tls.ca = \"DIR/missing.pem\"");
+        assert!(
+            e.contains("tls.ca: cannot read") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let e = f.error("https", host, "tls.ca = \"DIR/garbage.pem\"");
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/client.pem\"",
+        );
+        assert!(e.contains("tls.cert is set without tls.key"), "{e}");
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.key = \"DIR/client.key\"",
+        );
+        assert!(e.contains("tls.key is set without tls.cert"), "{e}");
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/client.pem\"\ntls.key = \"DIR/other.key\"",
+        );
+        assert!(e.contains("is not the key of the certificate"), "{e}");
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/garbage.pem\"\ntls.key = \"DIR/client.key\"",
+        );
+        assert!(
+            e.contains("tls.cert:") && e.contains("holds no PEM certificate"),
+            "{e}"
+        );
+        // A key is a secret file: 0600, and a PEM key.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            f.dir.join("other.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/other.pem\"\ntls.key = \"DIR/other.key\"",
+        );
+        assert!(e.contains("tls.key:") && e.contains("chmod 600"), "{e}");
+        migration::secret_file::write(&f.dir.join("bad.key"), b"no key here\n").unwrap();
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/client.pem\"\ntls.key = \"DIR/bad.key\"",
+        );
+        assert!(e.contains("holds no PEM private key"), "{e}");
+        let e = f.error(
+            "https",
+            host,
+            "tls.ca = \"DIR/ca.pem\"\ntls.server_name = \"not a name\"",
+        );
+        assert!(
+            e.contains("tls.server_name \"not a name\" is neither a DNS name nor an IP address"),
+            "{e}"
+        );
+        let e = f.error("https", "bad_host!:443", "tls.ca = \"DIR/ca.pem\"");
+        assert!(e.contains("set tls.server_name"), "{e}");
+        // Unknown tls keys and protocols are refused when parsed.
+        let unknown = "[[upstreams]]\nname = \"a\"\nservers = [\"h:1\"]\nprotocol = \"https\"\n\
+                       tls.bogus = 1\n[[routes]]\nupstream = \"a\"\n";
+        assert!(toml::from_str::<ProxyConfig>(unknown).is_err());
+        let unknown = "[[upstreams]]\nname = \"a\"\nservers = [\"h:1\"]\nprotocol = \"h3\"\n\
+                       [[routes]]\nupstream = \"a\"\n";
+        assert!(toml::from_str::<ProxyConfig>(unknown).is_err());
+    }
 }
