@@ -279,6 +279,7 @@ async fn an_upstream_certificate_from_another_ca_or_for_another_name_is_502_and_
 
         // The 502s' log lines name the upstream, the server and rustls' reason.
         let lines = logged_about(&r);
+        eprintln!("{}", lines.join("\n"));
         assert!(
             lines.iter().any(|l| l.contains("502")
                 && l.contains(&rogue.to_string())

@@ -539,7 +539,7 @@ mod tests {
                     .unwrap();
                 std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
                 migration::secret_file::write(
-                    &dir.join(format!("{name}.key")),
+                    dir.join(format!("{name}.key")),
                     key.serialize_pem().as_bytes(),
                 )
                 .unwrap();
@@ -671,7 +671,7 @@ mod tests {
             "tls.ca = \"DIR/ca.pem\"\ntls.cert = \"DIR/other.pem\"\ntls.key = \"DIR/other.key\"",
         );
         assert!(e.contains("tls.key:") && e.contains("chmod 600"), "{e}");
-        migration::secret_file::write(&f.dir.join("bad.key"), b"no key here\n").unwrap();
+        migration::secret_file::write(f.dir.join("bad.key"), b"no key here\n").unwrap();
         let e = f.error(
             "https",
             host,
