@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(
     name = "baton-upstream",
-    about = "Upstream HTTP/1.1 + h2c test server behind Baton's HTTP/3 proxy",
+    about = "Upstream HTTP/1.1 + h2c (or HTTPS: HTTP/1.1 + h2) test server behind Baton's HTTP/3 proxy",
     long_about = "Upstream HTTP/1.1 + h2c (prior knowledge) test server behind Baton's HTTP/3 \
 proxy. Endpoints: GET /bytes/{n}?seed={s} (with range/if-range), /echo (any method: streams the \
 request body back), GET /slow/{ms}, GET /drip/{n}?seed={s}&chunk={c}&interval_ms={t}, \
