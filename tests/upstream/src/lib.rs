@@ -1,7 +1,8 @@
 //! `baton-upstream`: the real upstream HTTP server behind Baton's HTTP/3 proxy in the netns tests,
 //! the demo and the bench. The worker (service "proxy", ALPN h3) forwards each client request to it
 //! over cleartext TCP, as HTTP/1.1 with keep-alive or as h2c with prior knowledge; this server
-//! speaks both on every listener.
+//! speaks both on every listener. With `--tls-cert`/`--tls-key` it serves HTTPS instead: HTTP/1.1
+//! or HTTP/2 by ALPN ([`tls`], [`server::serve_tls`]), optionally requiring a client certificate.
 //!
 //! Its endpoints (see the shared HTTP/3 spec; `server` implements them):
 //! - `GET /bytes/{n}?seed={s}`: n bytes of the deterministic pattern, with an etag `"n-s"` and
@@ -17,6 +18,7 @@
 //! against, so tests in Rust can build expected bodies from this library.
 
 pub mod server;
+pub mod tls;
 
 /// Multiplier of the byte index in the pattern (Knuth's multiplicative hash constant).
 pub const INDEX_MUL: u64 = 2_654_435_761;

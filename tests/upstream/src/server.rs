@@ -1,6 +1,6 @@
 //! The HTTP server: one accept loop per TCP listener, each connection served by hyper-util's auto
-//! builder (HTTP/1.1 with keep-alive, or h2c when the client opens with the HTTP/2 preface), and
-//! the endpoints of the crate's documentation. Response bodies are streamed: the pattern is
+//! builder (HTTP/1.1 with keep-alive, or h2c when the client opens with the HTTP/2 preface; over
+//! TLS with [`serve_tls`], the same two by ALPN), and the endpoints of the crate's documentation. Response bodies are streamed: the pattern is
 //! generated frame by frame, and `/echo` sends each request frame back as it arrives.
 use crate::{RangeRequest, fill_pattern, parse_range, query_param};
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 
 /// Size of the frames the pattern bodies are generated in.
 pub const FRAME: usize = 16 * 1024;
@@ -40,6 +42,28 @@ pub struct Stats {
 
 /// Accepts connections on `listener` forever, serving each on its own task.
 pub async fn serve(listener: TcpListener, stats: Arc<Stats>) -> std::io::Result<()> {
+    accept_loop(listener, stats, None).await
+}
+
+/// [`serve`] over TLS: each connection's handshake first (`acceptor`'s configuration, e.g.
+/// [`crate::tls::server_config`]), then HTTP/1.1 or HTTP/2, whichever the client speaks (ALPN
+/// `http/1.1` or `h2`).
+pub async fn serve_tls(
+    listener: TcpListener,
+    stats: Arc<Stats>,
+    acceptor: TlsAcceptor,
+) -> std::io::Result<()> {
+    accept_loop(listener, stats, Some(acceptor)).await
+}
+
+/// Longest a TLS client may take over its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(
+    listener: TcpListener,
+    stats: Arc<Stats>,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -56,20 +80,40 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>) -> std::io::Result<
         tracing::debug!(%peer, "connection");
         let builder = builder.clone();
         let stats = stats.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let stats = stats.clone();
-                async move { Ok::<_, Infallible>(handle(req, &stats).await) }
-            });
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, "connection ended: {e}");
-            } else {
-                tracing::debug!(%peer, "connection closed");
+            match tls {
+                None => serve_connection(builder, TokioIo::new(stream), peer, stats).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(builder, TokioIo::new(stream), peer, stats).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+async fn serve_connection<I>(
+    builder: auto::Builder<TokioExecutor>,
+    io: I,
+    peer: SocketAddr,
+    stats: Arc<Stats>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let stats = stats.clone();
+        async move { Ok::<_, Infallible>(handle(req, &stats).await) }
+    });
+    if let Err(e) = builder.serve_connection(io, service).await {
+        tracing::debug!(%peer, "connection ended: {e}");
+    } else {
+        tracing::debug!(%peer, "connection closed");
     }
 }
 

@@ -3,7 +3,7 @@
 //! bodies. A connection moves between requests: its session carries the bridge's record of the
 //! HTTP/3 control and QPACK streams, and the target's h3 resumes from it.
 use super::bridge::{Bridge, BridgeConnection, Captured};
-use super::config::{Forwarded, ProxyConfig, UpstreamProtocol};
+use super::config::{Forwarded, ProxyConfig};
 use super::upstream::{BodyError, RequestBody, Upstream};
 use crate::service::{AppSession, Drive, RestoreError, Service, WakeCore};
 use bytes::{Buf, Bytes};
@@ -52,8 +52,8 @@ impl ProxyService {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| (u.name.clone(), Upstream::new(u, &config)))
-            .collect();
+            .map(|u| Ok((u.name.clone(), Upstream::new(u, &config)?)))
+            .collect::<anyhow::Result<_>>()?;
         let fingerprint = fingerprint(&config);
         Ok(Self {
             proxy: Arc::new(Proxy {
@@ -365,7 +365,8 @@ async fn handle(resolver: H3Resolver, proxy: Arc<Proxy>, client: Option<SocketAd
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let uri = match format!("http://{server}{path_and_query}").parse::<http::Uri>() {
+    let scheme = upstream.protocol.scheme();
+    let uri = match format!("{scheme}://{server}{path_and_query}").parse::<http::Uri>() {
         Ok(u) => u,
         Err(_) => {
             respond(&mut send, StatusCode::BAD_REQUEST, "bad request target\n").await;
@@ -375,7 +376,7 @@ async fn handle(resolver: H3Resolver, proxy: Arc<Proxy>, client: Option<SocketAd
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     forwarding_headers(&mut headers, config, client, &authority);
-    if upstream.protocol == UpstreamProtocol::Http1 {
+    if !upstream.protocol.is_http2() {
         if let Ok(v) = HeaderValue::from_str(&authority) {
             headers.insert(header::HOST, v);
         }
@@ -385,9 +386,10 @@ async fn handle(resolver: H3Resolver, proxy: Arc<Proxy>, client: Option<SocketAd
     let mut forwarded = Request::builder()
         .method(parts.method.clone())
         .uri(uri)
-        .version(match upstream.protocol {
-            UpstreamProtocol::Http1 => http::Version::HTTP_11,
-            UpstreamProtocol::H2c => http::Version::HTTP_2,
+        .version(if upstream.protocol.is_http2() {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
         })
         .body(body)
         .expect("valid request");
