@@ -12,6 +12,8 @@ pub mod etcd;
 pub mod keys;
 pub mod node;
 pub mod records;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use keys::{Key, KeyError, Prefix, check_name};
 pub use node::{Action, Input, Node, View, WatchEvent};

@@ -2,14 +2,12 @@
 //! follow the prefix and agree, etcd SIGKILLed and restarted under them, a node whose watch
 //! history was compacted away. The nodes' maps are a model that applies their actions (the
 //! pinned-map side is baton-lb's); everything else is the real code path.
-mod common;
-
 use baton_cluster::etcd::{Cluster, ClusterError, Dataplane, follow};
+use baton_cluster::testing::Etcd;
 use baton_cluster::{
     Action, AppliedRecord, Key, MigrationStage, Node, OverrideRecord, Prefix, View, WorkerRecord,
 };
 use baton_protocol::{Cid, MigrationId};
-use common::Etcd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;

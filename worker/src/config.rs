@@ -71,6 +71,38 @@ pub struct WorkerConfig {
     /// (see [`crate::http3::config::ProxyConfig`] and `docs/HTTP3.md`).
     #[serde(default)]
     pub proxy: Option<crate::http3::config::ProxyConfig>,
+    /// Membership of a Baton cluster in etcd (`docs/CLUSTER.md`): the worker registers itself
+    /// under a lease and claims its server ID in a transaction; it refuses to start while another
+    /// worker holds that ID. Without it the worker is part of no cluster (single-node set-up).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` of a worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd's client URLs, e.g. `["http://10.0.0.5:2379"]`.
+    pub endpoints: Vec<String>,
+    /// The cluster's key prefix, one per cluster (e.g. `/baton/prod`).
+    pub prefix: String,
+    /// Where LB nodes send this worker's datagrams (its address on their segment).
+    pub address: IpAddr,
+    /// Seconds the registration outlives the worker if it dies without revoking it (it renews
+    /// every third of this).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: i64,
+    /// Relative share of new connections (Maglev weight).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_lease_ttl() -> i64 {
+    10
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 /// The worker-to-worker channel (quinn, mutual TLS).
@@ -165,6 +197,20 @@ impl WorkerConfig {
             anyhow::ensure!(!c.vips[..i].contains(v), "VIP {v} is listed twice");
         }
         c.limits.validate().map_err(anyhow::Error::msg)?;
+        if let Some(cl) = &c.cluster {
+            anyhow::ensure!(
+                !cl.endpoints.is_empty(),
+                "cluster.endpoints is empty: list etcd's client URLs (e.g. [\"http://10.0.0.5:2379\"])"
+            );
+            baton_cluster::Prefix::new(&cl.prefix)
+                .map_err(|e| anyhow::anyhow!("cluster.prefix: {e}"))?;
+            anyhow::ensure!(
+                cl.lease_ttl_s >= 2,
+                "cluster.lease_ttl_s must be at least 2 (seconds)"
+            );
+            anyhow::ensure!(cl.weight >= 1, "cluster.weight must be at least 1");
+            baton_cluster::check_name(&c.name()).map_err(|e| anyhow::anyhow!("name: {e}"))?;
+        }
         if c.control_socket.is_some() {
             anyhow::ensure!(
                 c.secrets.is_some(),
@@ -418,5 +464,27 @@ mod tests {
         ));
         assert!(e.contains("listen") || e.contains("socket address"), "{e}");
         WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\nname = \"w3\"\n";
+        let cluster = "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/baton/prod\"\naddress = \"10.0.0.13\"\n";
+        let c = WorkerConfig::parse(&format!("{base}{cluster}")).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!((cl.lease_ttl_s, cl.weight), (10, 1));
+        assert_eq!(cl.address.to_string(), "10.0.0.13");
+        let err = |text: String| format!("{:#}", WorkerConfig::parse(&text).unwrap_err());
+        let e = err(format!(
+            "{base}{}",
+            cluster.replace("\"http://127.0.0.1:2379\"", "")
+        ));
+        assert!(e.contains("cluster.endpoints"), "{e}");
+        let e = err(format!("{base}{}", cluster.replace("/baton/prod", "baton")));
+        assert!(e.contains("cluster.prefix"), "{e}");
+        let e = err(format!("{base}{cluster}lease_ttl_s = 1\n"));
+        assert!(e.contains("lease_ttl_s"), "{e}");
+        let e = err(format!("{}{cluster}", base.replace("\"w3\"", "\"w 3\"")));
+        assert!(e.contains("not a valid name"), "{e}");
     }
 }

@@ -91,6 +91,11 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // In a cluster: register before serving, so a worker whose server ID is held never serves.
+    let registration = match &config.cluster {
+        Some(cl) => Some(register(&config, cl).await?),
+        None => None,
+    };
     // From here on, leave through `shutdown` so the control socket file goes with us.
     let result = serve(
         &config,
@@ -106,7 +111,40 @@ async fn main() -> anyhow::Result<()> {
     if let Some(c) = &config.control_socket {
         let _ = std::fs::remove_file(c);
     }
+    if let Some(lease) = registration {
+        // LB nodes drop this worker now rather than when the lease would run out.
+        lease.revoke().await;
+    }
     result
+}
+
+/// Registers this worker in the cluster's etcd (`[cluster]`): its record under a lease kept
+/// alive for as long as the process runs, its server ID claimed. Fails, naming the holder, if
+/// another worker holds the ID.
+async fn register(
+    config: &WorkerConfig,
+    cl: &baton_worker::config::ClusterConfig,
+) -> anyhow::Result<baton_cluster::etcd::Lease> {
+    let prefix = baton_cluster::Prefix::new(&cl.prefix)?;
+    let cluster = baton_cluster::etcd::Cluster::connect(&cl.endpoints, prefix).await?;
+    let record = baton_cluster::WorkerRecord {
+        name: config.name(),
+        server_id: config.server_id,
+        address: cl.address,
+        weight: cl.weight,
+        control: config.control_tls.as_ref().map(|t| t.listen.to_string()),
+    };
+    let lease = cluster
+        .register_worker(&record, cl.lease_ttl_s)
+        .await
+        .context("registering in the cluster")?;
+    tracing::info!(
+        worker = %record.name,
+        server_id = record.server_id,
+        prefix = %cl.prefix,
+        "registered in the cluster"
+    );
+    Ok(lease)
 }
 
 /// SIGINT and SIGTERM (systemd's stop signal) both stop the worker cleanly. The handlers are

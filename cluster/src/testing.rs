@@ -1,7 +1,7 @@
-//! A real etcd for the cluster tests: Debian's `etcd` (installed by `cargo xtask setup`) on free
-//! loopback ports with a data directory of its own, killed on drop. It can be SIGKILLed and
-//! started again on the same ports and data, as an operator's etcd that crashed and came back.
-#![allow(dead_code)]
+//! Test support (feature `test-support`, never in release paths): a real etcd for tests, Debian's
+//! `etcd` (installed by `cargo xtask setup`) on free loopback ports with a data directory of its
+//! own, killed on drop. It can be SIGKILLed and started again on the same ports and data, as an
+//! operator's etcd that crashed and came back.
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -23,6 +23,7 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Starts one; `name` keeps concurrent tests' data directories apart.
     pub fn start(name: &str) -> Etcd {
         let dir = std::env::temp_dir().join(format!("baton-etcd-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
