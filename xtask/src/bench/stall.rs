@@ -24,6 +24,14 @@
 //! the `ok` column and its window in the stall figures; a path gives up after
 //! `--stall-give-up` failures in a row; a path whose load cannot run gets its error in the table
 //! and the next path runs.
+//!
+//! `--only http3-stall` is the same bench over HTTP/3 ([`Protocol::Http3`], stall_http3.rs): the
+//! workers are restarted as HTTP/3 reverse proxies with a `baton-upstream` beside each, the loop
+//! is `h3-load --small-only --concurrency 1 --gap-log` (one connection), and a path is emulated by
+//! `baton-path`, a UDP relay in the client namespace in front of the VIP, since h3-load has no
+//! impairment of its own. Each migration waits for the request in flight (the source's quiesce
+//! timeout, `baton migrate`'s default 2 s); one that rolls back (`requests_in_flight`) is a
+//! failed migration like any other. Windows, baselines, targets and the report are this file's.
 use super::e2e::{Lab, max, say, unix_us};
 use super::stall_http3::{self, H3Client};
 use crate::demo::{Load, percentile as pct};
