@@ -5,6 +5,7 @@ mod handoff;
 mod http3;
 mod migration;
 mod stall;
+mod stall_http3;
 mod worker;
 mod xdp;
 
@@ -17,7 +18,7 @@ pub struct Options {
     /// Run only these suites (default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Suite>,
-    /// stall, drain, worker, http3: use the binaries in this directory instead of building them (release) first.
+    /// stall, http3-stall, drain, worker, http3: use the binaries in this directory instead of building them (release) first.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -43,6 +44,12 @@ pub enum Suite {
     /// with loss 0 and 1%) vs. the same request loop without migration on the same path; target:
     /// every migration ok, added stall p99 <= 5 ms (10 ms with loss). Needs root.
     Stall,
+    /// The stall bench over HTTP/3 (issue 12): the lab's workers as HTTP/3 reverse proxies
+    /// (`service = "proxy"`) with a baton-upstream beside each, h3-load (h3 over crates.io quinn)
+    /// running one back-to-back GET loop with --gap-log, each path of --rtt x --loss emulated by
+    /// baton-path (a UDP relay in the client namespace); migrations wait for the request in
+    /// flight. Same options, windows and targets as `stall`. Needs root.
+    Http3Stall,
     /// `baton drain` of 1,000 idle connections w1 -> w2 (netns lab): connections/s, then every
     /// connection verified on w2; target >= 1000/s. Needs root.
     Drain,
@@ -73,14 +80,26 @@ pub fn run(opts: &Options) -> Result<()> {
     if wanted(Suite::Handoff) {
         handoff::run()?;
     }
-    if wanted(Suite::Stall) || wanted(Suite::Drain) {
+    if wanted(Suite::Stall) || wanted(Suite::Http3Stall) || wanted(Suite::Drain) {
         require_root("the stall and drain benchmarks (netns lab, XDP)")?;
         let bins = match &opts.bin_dir {
             Some(d) => d.clone(),
             None => crate::demo::build_release()?,
         };
         if wanted(Suite::Stall) {
-            stall::run(&bins, &opts.stall)?;
+            stall::run(&bins, &opts.stall, &stall::Protocol::Demo)?;
+        }
+        if wanted(Suite::Http3Stall) {
+            if opts.bin_dir.is_none() {
+                crate::demo::build_release_packages(&["baton-test-upstream"])?;
+            }
+            // h3-load (interop/h3-stock, its own workspace); the rest is in `bins`.
+            let h3 = http3::build(Some(&bins))?;
+            stall::run(
+                &bins,
+                &opts.stall,
+                &stall::Protocol::Http3 { h3_load: h3.load },
+            )?;
         }
         if wanted(Suite::Drain) {
             drain::run(&bins, &opts.drain)?;

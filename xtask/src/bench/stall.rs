@@ -24,16 +24,24 @@
 //! the `ok` column and its window in the stall figures; a path gives up after
 //! `--stall-give-up` failures in a row; a path whose load cannot run gets its error in the table
 //! and the next path runs.
+//!
+//! `--only http3-stall` is the same bench over HTTP/3 ([`Protocol::Http3`], stall_http3.rs): the
+//! workers are restarted as HTTP/3 reverse proxies with a `baton-upstream` beside each, the loop
+//! is `h3-load --small-only --concurrency 1 --gap-log` (one connection), and a path is emulated by
+//! `baton-path`, a UDP relay in the client namespace in front of the VIP, since h3-load has no
+//! impairment of its own. Each migration waits for the request in flight (the source's quiesce
+//! timeout, `baton migrate`'s default 2 s); one that rolls back (`requests_in_flight`) is a
+//! failed migration like any other. Windows, baselines, targets and the report are this file's.
 use super::e2e::{Lab, max, say, unix_us};
-use crate::demo::percentile as pct;
+use super::stall_http3::{self, H3Client};
+use crate::demo::{Load, percentile as pct};
 use crate::netpath::{num, parse_ms, parse_pct};
 use crate::util::workspace_root;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const TAG: &str = "stall";
 /// Target: p99 of the added stall on a path without loss ...
 const TARGET_ADDED_P99_MS: f64 = 5.0;
 /// ... and with loss.
@@ -108,15 +116,34 @@ pub struct StallOptions {
     pub give_up: usize,
 }
 
+/// The request loop the stall is measured on.
+pub(crate) enum Protocol {
+    /// baton-load's demo protocol, the workers' `service = "demo"`.
+    Demo,
+    /// HTTP/3 GETs through the workers' reverse proxy, by `h3-load` (this binary): see
+    /// stall_http3.rs.
+    Http3 { h3_load: PathBuf },
+}
+
+impl Protocol {
+    /// The bench's name for it: the progress lines' tag and the RESULT lines' first word.
+    fn tag(&self) -> &'static str {
+        match self {
+            Protocol::Demo => "stall",
+            Protocol::Http3 { .. } => stall_http3::TAG,
+        }
+    }
+}
+
 /// One path of the matrix.
 #[derive(Clone, Debug, PartialEq)]
-struct PathPoint {
-    rtt_ms: f64,
-    loss_pct: f64,
+pub(super) struct PathPoint {
+    pub(super) rtt_ms: f64,
+    pub(super) loss_pct: f64,
 }
 
 impl PathPoint {
-    fn emulated_rtt(&self) -> bool {
+    pub(super) fn emulated_rtt(&self) -> bool {
         self.rtt_ms >= MIN_EMULATED_RTT_MS
     }
 
@@ -251,22 +278,34 @@ struct Row {
     outcome: Result<Measured, String>,
 }
 
-pub fn run(bins: &Path, opts: &StallOptions) -> Result<()> {
+/// The stall bench with `protocol`'s request loop.
+pub fn run(bins: &Path, opts: &StallOptions, protocol: &Protocol) -> Result<()> {
     if opts.connections == 0 || opts.migrations == 0 {
         bail!("--stall-connections and --stall-migrations must be at least 1");
     }
+    if matches!(protocol, Protocol::Http3 { .. }) && opts.connections != 1 {
+        // h3-load does not say which client address is which of its connections.
+        bail!("the HTTP/3 stall runs one connection (--stall-connections 1)");
+    }
+    let tag = protocol.tag();
     let paths = opts.paths()?;
     let started = std::time::Instant::now();
     let mut lab = Lab::up(bins, &workspace_root().join("lab/lb.toml"), Vec::new())?;
+    if matches!(protocol, Protocol::Http3 { .. })
+        && let Err(e) = stall_http3::make_proxies(&mut lab, tag)
+    {
+        lab.run.show_logs();
+        return Err(e);
+    }
     let mut rows = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
         say(
-            TAG,
+            tag,
             format!("path {}/{}: {}", i + 1, paths.len(), path.label()),
         );
-        let outcome = measure(&mut lab, opts, path, i);
+        let outcome = measure(&mut lab, opts, protocol, path, i);
         if let Err(e) = &outcome {
-            say(TAG, format!("{}: {e:#}", path.label()));
+            say(tag, format!("{}: {e:#}", path.label()));
             lab.kill_load();
         }
         rows.push(Row {
@@ -286,58 +325,141 @@ pub fn run(bins: &Path, opts: &StallOptions) -> Result<()> {
         }
     }
     drop(lab); // tear down before the report, so the report is the last thing printed
-    println!("{}", report(opts, &rows));
+    println!("{}", report(opts, protocol, &rows));
     say(
-        TAG,
+        tag,
         format!("done in {:.0} s", started.elapsed().as_secs_f64()),
     );
     Ok(())
 }
 
-fn measure(lab: &mut Lab, opts: &StallOptions, path: &PathPoint, index: usize) -> Result<Measured> {
-    let gap_log = lab.run.state.join(format!("gaps-{index}.log"));
-    let n = opts.connections;
-    let mut args: Vec<String> = [
-        "--connections",
-        &n.to_string(),
-        "--request-interval",
-        "0",
-        "--stream-rate",
-        "0",
-        "--request-size",
-        &opts.request_size.to_string(),
-        "--progress-interval",
-        "10s",
-        "--gap-log",
-        gap_log.to_str().context("state path is UTF-8")?,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(path.load_args());
-    let load = lab.start_load(TAG, &args)?;
-    let locals = lab.wait_ready(TAG, &load, n, Duration::from_secs(60))?;
-    say(
-        TAG,
-        format!(
-            "{n} connection(s) up, back-to-back requests of {} bytes",
-            opts.request_size
-        ),
-    );
-    std::thread::sleep(Duration::from_secs(1).max(path.pause(0) * 2));
+/// The request loop of one path.
+enum Client {
+    Demo(Load),
+    Http3(Box<H3Client>),
+}
 
-    // Which connection key (for `baton migrate`) is which load connection, and where it is.
-    let mut keys = vec![String::new(); n];
-    let mut worker = vec![String::new(); n];
-    for row in lab.conns()? {
-        if let Some(&i) = locals.get(&row.remote) {
-            keys[i] = row.conn;
-            worker[i] = row.worker;
+impl Client {
+    /// Starts `protocol`'s loop of `opts.connections` connections on `path`, logging every
+    /// completion to `gap_log`, and waits until every connection is up; returns it with each
+    /// connection's key (for `baton migrate`) and worker, by connection index.
+    fn start(
+        lab: &mut Lab,
+        opts: &StallOptions,
+        protocol: &Protocol,
+        path: &PathPoint,
+        gap_log: &Path,
+    ) -> Result<(Client, Vec<String>, Vec<String>)> {
+        let tag = protocol.tag();
+        let n = opts.connections;
+        let (client, locals) = match protocol {
+            Protocol::Demo => {
+                let mut args: Vec<String> = [
+                    "--connections",
+                    &n.to_string(),
+                    "--request-interval",
+                    "0",
+                    "--stream-rate",
+                    "0",
+                    "--request-size",
+                    &opts.request_size.to_string(),
+                    "--progress-interval",
+                    "10s",
+                    "--gap-log",
+                    gap_log.to_str().context("state path is UTF-8")?,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(path.load_args());
+                let load = lab.start_load(tag, &args)?;
+                let locals = lab.wait_ready(tag, &load, n, Duration::from_secs(60))?;
+                say(
+                    tag,
+                    format!(
+                        "{n} connection(s) up, back-to-back requests of {} bytes",
+                        opts.request_size
+                    ),
+                );
+                (Client::Demo(load), Some(locals))
+            }
+            Protocol::Http3 { h3_load } => {
+                let mut c = H3Client::start(lab, h3_load, path, n, opts.request_size, gap_log)?;
+                c.wait_listed(lab, n, Duration::from_secs(60))?;
+                say(
+                    tag,
+                    format!(
+                        "{n} HTTP/3 connection(s) up, back-to-back GET /bytes/{}",
+                        opts.request_size
+                    ),
+                );
+                (Client::Http3(Box::new(c)), None)
+            }
+        };
+        std::thread::sleep(Duration::from_secs(1).max(path.pause(0) * 2));
+
+        // Which connection key (for `baton migrate`) is which load connection, and where it is.
+        let mut keys = vec![String::new(); n];
+        let mut worker = vec![String::new(); n];
+        let rows = lab.conns()?;
+        match &locals {
+            Some(locals) => {
+                for row in rows {
+                    if let Some(&i) = locals.get(&row.remote) {
+                        keys[i] = row.conn;
+                        worker[i] = row.worker;
+                    }
+                }
+            }
+            // h3-load is the only client, with one connection (`run` checked).
+            None => {
+                if let [row] = &rows[..] {
+                    keys[0] = row.conn.clone();
+                    worker[0] = row.worker.clone();
+                } else {
+                    bail!(
+                        "`baton conns` lists {} connections, h3-load has one",
+                        rows.len()
+                    );
+                }
+            }
+        }
+        if let Some(i) = keys.iter().position(String::is_empty) {
+            bail!("`baton conns` does not list load connection {i}");
+        }
+        Ok((client, keys, worker))
+    }
+
+    /// Fails if the load (or what it runs through) exited.
+    fn check(&mut self, lab: &mut Lab) -> Result<()> {
+        lab.run.check_children()?;
+        match self {
+            Client::Demo(_) => Ok(()),
+            Client::Http3(c) => c.check(),
         }
     }
-    if let Some(i) = keys.iter().position(String::is_empty) {
-        bail!("`baton conns` does not list load connection {i}");
+
+    /// Stops the load; its summary (baton-load's keys).
+    fn stop(self, lab: &mut Lab) -> Result<serde_json::Value> {
+        let limit = Duration::from_secs(30);
+        match self {
+            Client::Demo(load) => lab.stop_load(load, limit),
+            Client::Http3(c) => c.stop(limit),
+        }
     }
+}
+
+fn measure(
+    lab: &mut Lab,
+    opts: &StallOptions,
+    protocol: &Protocol,
+    path: &PathPoint,
+    index: usize,
+) -> Result<Measured> {
+    let tag = protocol.tag();
+    let gap_log = lab.run.state.join(format!("gaps-{index}.log"));
+    let n = opts.connections;
+    let (mut client, keys, mut worker) = Client::start(lab, opts, protocol, path, &gap_log)?;
 
     let pause = path.pause(opts.pause_ms);
     let mut migrated: Vec<Migrated> = Vec::with_capacity(opts.migrations);
@@ -345,7 +467,7 @@ fn measure(lab: &mut Lab, opts: &StallOptions, path: &PathPoint, index: usize) -
     let mut in_a_row = 0;
     let mut gave_up = false;
     for i in 0..opts.migrations {
-        lab.run.check_children()?;
+        client.check(lab)?;
         let c = i % n;
         let from = worker[c].clone();
         let to = if from == "w1" { "w2" } else { "w1" }.to_string();
@@ -385,13 +507,13 @@ fn measure(lab: &mut Lab, opts: &StallOptions, path: &PathPoint, index: usize) -
         let done = i + 1;
         if !m.ok && done <= 3 {
             say(
-                TAG,
+                tag,
                 format!("migration {done} failed: {}", migrated[i].error),
             );
         }
         if opts.give_up > 0 && in_a_row >= opts.give_up {
             say(
-                TAG,
+                tag,
                 format!("{in_a_row} migrations failed in a row: giving up on this path"),
             );
             gave_up = true;
@@ -400,7 +522,7 @@ fn measure(lab: &mut Lab, opts: &StallOptions, path: &PathPoint, index: usize) -
         if done % 10 == 0 || done == opts.migrations {
             let ok: Vec<f64> = migrated.iter().filter(|m| m.ok).map(|m| m.ms).collect();
             say(
-                TAG,
+                tag,
                 format!(
                     "{done}/{} migrations, {} failed; baton migrate p50 {:.1} ms, last {} -> {} {:.1} ms (window {:.1} ms)",
                     opts.migrations,
@@ -415,8 +537,8 @@ fn measure(lab: &mut Lab, opts: &StallOptions, path: &PathPoint, index: usize) -
         }
     }
     std::thread::sleep(Duration::from_millis(500).max(pause));
-    say(TAG, "stopping the load");
-    let summary = lab.stop_load(load, Duration::from_secs(30))?;
+    say(tag, "stopping the load");
+    let summary = client.stop(lab)?;
     let completions = read_gap_log(&gap_log)?;
     Ok(summarize(
         &summary,
@@ -570,30 +692,50 @@ fn three(p50: f64, p99: f64, max: f64) -> String {
     format!("{p50:.2} / {p99:.2} / {max:.2}")
 }
 
-fn report(opts: &StallOptions, rows: &[Row]) -> String {
+fn report(opts: &StallOptions, protocol: &Protocol, rows: &[Row]) -> String {
     let mut out = String::new();
     macro_rules! w {
         ($($t:tt)*) => {{ out.push_str(&format!($($t)*)); out.push('\n'); }};
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     w!("");
-    w!(
-        "== Live-migration stall by path (client-observed; netns lab, XDP baton-lb, two workers) =="
-    );
-    w!(
-        "load     {} connection(s), back-to-back requests of {} B; up to {} migrations per path (w1 <-> w2); machine load average {}",
-        opts.connections,
-        opts.request_size,
-        opts.migrations,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    w!(
-        "paths    emulated at the client by baton-load (--rtt: half each way; --loss: each direction); RTT under {} ms: the lab's own veth path, nothing added",
-        num(MIN_EMULATED_RTT_MS)
-    );
+    match protocol {
+        Protocol::Demo => {
+            w!(
+                "== Live-migration stall by path (client-observed; netns lab, XDP baton-lb, two workers) =="
+            );
+            w!(
+                "load     {} connection(s), back-to-back requests of {} B; up to {} migrations per path (w1 <-> w2); machine load average {load}",
+                opts.connections,
+                opts.request_size,
+                opts.migrations,
+            );
+            w!(
+                "paths    emulated at the client by baton-load (--rtt: half each way; --loss: each direction); RTT under {} ms: the lab's own veth path, nothing added",
+                num(MIN_EMULATED_RTT_MS)
+            );
+        }
+        Protocol::Http3 { .. } => {
+            w!(
+                "== HTTP/3 live-migration stall by path (client-observed; netns lab, XDP baton-lb, two workers proxying to a baton-upstream beside each) =="
+            );
+            w!(
+                "load     h3-load (h3 over crates.io quinn), {} connection(s), back-to-back GET /bytes/{} (--small-only --concurrency 1); up to {} migrations per path (w1 <-> w2), each waiting for the request in flight (baton migrate's quiesce timeout, 2 s); machine load average {load}",
+                opts.connections,
+                opts.request_size,
+                opts.migrations,
+            );
+            w!(
+                "paths    emulated by baton-path, a UDP relay in the client namespace in front of the VIP (--rtt: half each way; --loss: each direction); RTT under {} ms: the lab's own veth path (through the relay only with loss)",
+                num(MIN_EMULATED_RTT_MS)
+            );
+        }
+    }
     w!(
         "windows  largest gap between completed requests in a window: around a migration (baton migrate start to exit) and in equal windows without one, same loop, same path"
     );
@@ -712,15 +854,16 @@ fn report(opts: &StallOptions, rows: &[Row]) -> String {
         num(TARGET_ADDED_P99_LOSS_MS),
         rows.len()
     );
+    let tag = protocol.tag();
     for r in rows {
         let key = format!(
-            "rtt_ms={} loss_pct={}",
+            "{tag} rtt_ms={} loss_pct={}",
             num(r.path.rtt_ms),
             num(r.path.loss_pct)
         );
         match &r.outcome {
             Ok(m) => w!(
-                "RESULT stall {key} migrations={} ok={} failed={} stall_p50_ms={:.2} stall_p99_ms={:.2} stall_max_ms={:.2} baseline_p50_ms={:.2} baseline_p99_ms={:.2} baseline_max_ms={:.2} added_p50_ms={:.2} added_p99_ms={:.2} added_max_ms={:.2} {}",
+                "RESULT {key} migrations={} ok={} failed={} stall_p50_ms={:.2} stall_p99_ms={:.2} stall_max_ms={:.2} baseline_p50_ms={:.2} baseline_p99_ms={:.2} baseline_max_ms={:.2} added_p50_ms={:.2} added_p99_ms={:.2} added_max_ms={:.2} {}",
                 m.made,
                 m.ok,
                 m.made - m.ok,
@@ -735,7 +878,7 @@ fn report(opts: &StallOptions, rows: &[Row]) -> String {
                 m.added_max(),
                 if m.pass(&r.path) { "PASS" } else { "FAIL" }
             ),
-            Err(_) => w!("RESULT stall {key} error FAIL"),
+            Err(_) => w!("RESULT {key} error FAIL"),
         }
     }
     out
@@ -873,7 +1016,7 @@ mod tests {
                 outcome: Err("baton-load exited early".into()),
             },
         ];
-        let text = report(&opts(&["20ms"], &["0"]), &rows);
+        let text = report(&opts(&["20ms"], &["0"]), &Protocol::Demo, &rows);
         eprintln!("{text}");
         assert!(text.contains("RTT 20 ms, loss 0%"), "{text}");
         assert!(text.contains("1/2"), "{text}");
@@ -884,5 +1027,25 @@ mod tests {
         ));
         assert!(text.contains("RESULT stall rtt_ms=50 loss_pct=1 error FAIL"));
         assert!(text.contains("0 of 2 paths PASS"));
+    }
+
+    #[test]
+    fn the_http3_report_says_so() {
+        let rows = [Row {
+            path: PathPoint {
+                rtt_ms: 0.1,
+                loss_pct: 0.0,
+            },
+            outcome: Err("h3-load exited early".into()),
+        }];
+        let http3 = Protocol::Http3 {
+            h3_load: PathBuf::from("h3-load"),
+        };
+        let text = report(&opts(&["0.1ms"], &["0"]), &http3, &rows);
+        assert!(text.contains("== HTTP/3 live-migration stall"), "{text}");
+        assert!(text.contains("GET /bytes/64"), "{text}");
+        assert!(text.contains("FAIL (h3-load exited early)"), "{text}");
+        assert!(text.contains("RESULT http3-stall rtt_ms=0.1 loss_pct=0 error FAIL"));
+        assert!(!text.contains("RESULT stall"), "{text}");
     }
 }

@@ -78,6 +78,12 @@ pub struct Args {
     /// One JSON progress line per second on stderr.
     #[arg(long)]
     pub progress: bool,
+
+    /// Append a line per successful request to this file: `<connection index> <unix time in
+    /// microseconds>` (wall clock; baton-load's --gap-log format). Flushed every 100 ms and at
+    /// the end.
+    #[arg(long, value_name = "FILE")]
+    pub gap_log: Option<PathBuf>,
 }
 
 impl Args {

@@ -204,6 +204,9 @@ pub async fn run_slot(
                 Err(_) => stats.connection_error(format!("connection {idx}: driver hung")),
             }
         }
+        stats
+            .lost_packets
+            .fetch_add(quic.stats().path.lost_packets, Relaxed);
         quic.close(Code::H3_NO_ERROR.value().try_into().unwrap(), b"");
 
         let work_left = loops.iter().any(|l| !l.done) && !shared.past_deadline();

@@ -2,6 +2,7 @@
 
 pub mod cli;
 mod conn;
+mod gaplog;
 mod request;
 mod stats;
 
@@ -55,8 +56,19 @@ pub async fn run(args: Args) -> i32 {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
 
+    let mut stats = Stats::new(args.connections);
+    if let Some(path) = &args.gap_log {
+        match gaplog::GapLog::create(path) {
+            Ok(log) => stats = stats.with_gap_log(log),
+            Err(e) => {
+                eprintln!("h3-load: creating {}: {e}", path.display());
+                return CANNOT_START;
+            }
+        }
+    }
+    let stats = Arc::new(stats);
+
     // One UDP socket per connection, as separate clients would have.
-    let stats = Arc::new(Stats::new(args.connections));
     let mut dials = Vec::new();
     for idx in 0..args.connections {
         let endpoint = match quinn::Endpoint::client(bind) {
@@ -147,6 +159,19 @@ pub async fn run(args: Args) -> i32 {
         })
     });
 
+    let flusher = stats.gap_log().is_some().then(|| {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gaplog::FLUSH_EVERY);
+            loop {
+                tick.tick().await;
+                if let Some(log) = stats.gap_log() {
+                    let _ = log.flush();
+                }
+            }
+        })
+    });
+
     let mut endpoints = Vec::new();
     let mut slots = Vec::new();
     for (idx, endpoint, est) in first {
@@ -161,15 +186,24 @@ pub async fn run(args: Args) -> i32 {
     for s in slots {
         s.await.expect("connection task panicked");
     }
+    let elapsed = start.elapsed();
     if let Some(p) = progress {
         p.abort();
+    }
+    if let Some(f) = flusher {
+        f.abort();
+    }
+    if let (Some(log), Some(path)) = (stats.gap_log(), &args.gap_log) {
+        if let Err(e) = log.flush() {
+            eprintln!("h3-load: writing {}: {e}", path.display());
+        }
     }
     // Let the CONNECTION_CLOSE frames go out.
     for e in endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
     }
 
-    let summary = stats.summary();
+    let summary = stats.summary(elapsed);
     tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "done");
     println!(
         "{}",

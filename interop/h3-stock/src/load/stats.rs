@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::gaplog::GapLog;
+
 /// How many error messages the summary keeps.
 const KEPT_ERRORS: usize = 10;
 
@@ -41,7 +43,11 @@ pub struct Stats {
     pub handshakes: AtomicU64,
     pub reconnects: AtomicU64,
     pub connection_errors: AtomicU64,
+    /// Packets quinn declared lost, summed over the connections that ended.
+    pub lost_packets: AtomicU64,
     pub per_connection: Vec<ConnStats>,
+    /// `--gap-log`: a line per successful request.
+    gap_log: Option<GapLog>,
     /// Latency of every successful request, in microseconds.
     latencies_us: Mutex<Vec<u64>>,
     errors: Mutex<Vec<String>>,
@@ -56,10 +62,22 @@ impl Stats {
             handshakes: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             connection_errors: AtomicU64::new(0),
+            lost_packets: AtomicU64::new(0),
             per_connection: (0..connections).map(|_| ConnStats::default()).collect(),
+            gap_log: None,
             latencies_us: Mutex::new(Vec::new()),
             errors: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Logs every successful request's completion to `log` too.
+    pub fn with_gap_log(mut self, log: GapLog) -> Self {
+        self.gap_log = Some(log);
+        self
+    }
+
+    pub fn gap_log(&self) -> Option<&GapLog> {
+        self.gap_log.as_ref()
     }
 
     pub fn success(&self, conn: usize, latency: Duration) {
@@ -70,6 +88,9 @@ impl Stats {
         self.requests.fetch_add(1, Relaxed);
         self.per_connection[conn].requests.fetch_add(1, Relaxed);
         self.per_connection[conn].completed(at);
+        if let Some(log) = &self.gap_log {
+            log.completed(conn);
+        }
         self.latencies_us
             .lock()
             .unwrap()
@@ -110,7 +131,7 @@ impl Stats {
         }
     }
 
-    pub fn summary(&self) -> Summary {
+    pub fn summary(&self, elapsed: Duration) -> Summary {
         let mut lat = self.latencies_us.lock().unwrap().clone();
         lat.sort_unstable();
         Summary {
@@ -121,6 +142,8 @@ impl Stats {
             handshakes: self.handshakes.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             connection_errors: self.connection_errors.load(Relaxed),
+            lost_packets: self.lost_packets.load(Relaxed),
+            duration_s: elapsed.as_secs_f64(),
             p50_ms: percentile_ms(&lat, 50.0),
             p99_ms: percentile_ms(&lat, 99.0),
             max_ms: lat.last().map_or(0.0, |&us| us as f64 / 1000.0),
@@ -185,6 +208,10 @@ pub struct Summary {
     pub handshakes: u64,
     pub reconnects: u64,
     pub connection_errors: u64,
+    /// Packets quinn declared lost on the run's connections.
+    pub lost_packets: u64,
+    /// From the moment every connection was up to the end of the run.
+    pub duration_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -214,7 +241,7 @@ mod tests {
         for i in 0..12 {
             s.failure(1, format!("e{i}"));
         }
-        let sum = s.summary();
+        let sum = s.summary(Duration::from_secs(1));
         assert_eq!((sum.requests, sum.failed), (13, 12));
         assert_eq!(sum.errors.len(), 10);
         assert_eq!(sum.per_connection[0].requests, 1);
@@ -230,9 +257,25 @@ mod tests {
         for (conn, at_ms) in [(0, 0), (1, 5), (0, 10), (0, 12), (1, 50), (0, 30)] {
             s.success_at(conn, d, t + Duration::from_millis(at_ms));
         }
-        let sum = s.summary();
+        let sum = s.summary(Duration::from_secs(1));
         assert_eq!(sum.per_connection[0].max_stall_ms, 18.0);
         assert_eq!(sum.per_connection[1].max_stall_ms, 45.0);
         assert_eq!(sum.max_stall_ms, 45.0);
+    }
+
+    #[test]
+    fn the_gap_log_has_a_line_per_successful_request_only() {
+        let bytes = crate::load::gaplog::tests::Shared::default();
+        let s = Stats::new(2).with_gap_log(GapLog::to(Box::new(bytes.clone())));
+        s.success(1, Duration::from_millis(1));
+        s.failure(0, "refused".into());
+        s.success(0, Duration::from_millis(1));
+        s.gap_log().unwrap().flush().unwrap();
+        let text = String::from_utf8(bytes.0.lock().unwrap().clone()).unwrap();
+        let conns: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(conns, ["1", "0"], "{text}");
     }
 }
