@@ -53,7 +53,7 @@ pub fn run(bins: &Path, opts: &DrainOptions) -> Result<()> {
     let config = PathBuf::from(LB_CONFIG);
     std::fs::create_dir_all(config.parent().expect("has a parent"))?;
     std::fs::write(&config, without_worker(&full, "w2")?)?;
-    let mut lab = Lab::up(bins, &config, vec![config.clone()])?;
+    let mut lab = Lab::up(bins, &config, vec![config.clone()], false)?;
     let result = measure(&mut lab, opts, &config, &full);
     if result.is_err() {
         lab.run.show_logs();

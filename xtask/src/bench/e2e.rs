@@ -30,8 +30,15 @@ pub(crate) struct Lab {
 }
 
 impl Lab {
-    /// Brings the lab up and starts baton-lb with `lb_config` and both workers (migrations on).
-    pub(crate) fn up(bins: &Path, lb_config: &Path, extra_files: Vec<PathBuf>) -> Result<Lab> {
+    /// Brings the lab up and starts baton-lb with `lb_config` and both workers (migrations on);
+    /// with `http3` the workers serve the HTTP/3 proxy with an upstream beside each, as
+    /// `cargo xtask demo --http3` runs them.
+    pub(crate) fn up(
+        bins: &Path,
+        lb_config: &Path,
+        extra_files: Vec<PathBuf>,
+        http3: bool,
+    ) -> Result<Lab> {
         demo::preflight(bins, |m| say("lab", m))?;
         say("lab", "bringing the lab up");
         lab::up_quiet()?;
@@ -40,7 +47,17 @@ impl Lab {
             run: Run::new(bins.to_path_buf()),
             extra_files,
         };
-        if let Err(e) = lab.run.bring_up(lb_config, true) {
+        if http3 {
+            lab.run.serve_http3();
+        }
+        let up = lab.run.bring_up(lb_config, true).and_then(|()| {
+            if http3 {
+                lab.run.start_upstreams()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = up {
             lab.run.show_logs();
             return Err(e);
         }

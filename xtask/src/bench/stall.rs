@@ -290,13 +290,13 @@ pub fn run(bins: &Path, opts: &StallOptions, protocol: &Protocol) -> Result<()> 
     let tag = protocol.tag();
     let paths = opts.paths()?;
     let started = std::time::Instant::now();
-    let mut lab = Lab::up(bins, &workspace_root().join("lab/lb.toml"), Vec::new())?;
-    if matches!(protocol, Protocol::Http3 { .. })
-        && let Err(e) = stall_http3::make_proxies(&mut lab, tag)
-    {
-        lab.run.show_logs();
-        return Err(e);
-    }
+    let http3 = matches!(protocol, Protocol::Http3 { .. });
+    let mut lab = Lab::up(
+        bins,
+        &workspace_root().join("lab/lb.toml"),
+        Vec::new(),
+        http3,
+    )?;
     let mut rows = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
         say(

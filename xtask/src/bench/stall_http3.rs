@@ -1,14 +1,14 @@
 //! What `cargo xtask bench --only http3-stall` adds to the stall bench (stall.rs, which measures
-//! and reports): the lab's two workers turned into HTTP/3 reverse proxies (`service = "proxy"`,
-//! docs/HTTP3.md) with a `baton-upstream` beside each, in its worker's namespace on
-//! 127.0.0.1:18080 (as tests/tests/http3_netns.rs runs them), and the request loop: `h3-load`
+//! and reports): the lab's two workers run as HTTP/3 reverse proxies with a `baton-upstream`
+//! beside each (the set-up of `cargo xtask demo --http3`, `Lab::up` with `http3`), and the
+//! request loop: `h3-load`
 //! (interop/h3-stock: h3 over crates.io quinn) in the client namespace, `--small-only
 //! --concurrency 1` (a back-to-back GET loop per connection) with `--gap-log`. h3-load has no
 //! impairment of its own: an emulated path is `baton-path`, a UDP relay in the client namespace in
 //! front of the VIP (`--rtt`, `--loss`), the one the netns HTTP/3 test uses.
 use super::e2e::{Lab, say};
 use super::stall::PathPoint;
-use crate::demo::{self, SERVICE_NAME, WORKERS, wait_until};
+use crate::demo::{self, SERVICE_NAME};
 use crate::lab;
 use crate::netpath::num;
 use anyhow::{Context, Result, bail};
@@ -20,92 +20,8 @@ use std::time::{Duration, Instant};
 
 pub(super) const TAG: &str = "http3-stall";
 
-/// Each worker's upstream, in the worker's namespace (a sidecar: both answer alike).
-const UPSTREAM: &str = "127.0.0.1:18080";
-
-/// The worker config's proxy tables: every request to the sidecar.
-const PROXY_TABLES: &str = "\n[proxy]\n\n[[proxy.upstreams]]\nname = \"app\"\nservers = [\"127.0.0.1:18080\"]\n\n[[proxy.routes]]\nupstream = \"app\"\n";
-
 /// Where `baton-path` listens in the client namespace when the path is emulated.
 const RELAY: &str = "127.0.0.1:24433";
-
-/// The demo's worker config as a proxy's: `service = "proxy"` and the [proxy] tables.
-fn proxy_config(demo_config: &str) -> Result<String> {
-    const DEMO: &str = "service = \"demo\"\n";
-    if !demo_config.contains(DEMO) {
-        bail!("the lab's worker config has no `{}` line", DEMO.trim());
-    }
-    Ok(demo_config.replacen(DEMO, "service = \"proxy\"\n", 1) + PROXY_TABLES)
-}
-
-/// Turns the lab's running demo workers into HTTP/3 proxies: starts a `baton-upstream` in each
-/// worker namespace, then restarts each worker with its config made a proxy's (same name,
-/// server id, secrets, peer channel and control socket). Everything stays in the run's
-/// children, so the lab's checks and teardown cover it.
-pub(super) fn make_proxies(lab: &mut Lab, tag: &str) -> Result<()> {
-    let run = &mut lab.run;
-    for (name, ns, _, _) in WORKERS {
-        let upstream = format!("upstream-{name}");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(run.bins.join("baton-upstream"))
-            .args(["--listen", UPSTREAM]);
-        run.spawn(&upstream, &mut cmd)?;
-        let log = run.state.join(format!("{upstream}.log"));
-        wait_until(
-            Duration::from_secs(10),
-            &format!("baton-upstream in {ns}"),
-            || {
-                run.check_children()?;
-                Ok(std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .contains("listening"))
-            },
-        )?;
-    }
-    for (name, ns, _, _) in WORKERS {
-        say(
-            tag,
-            format!(
-                "restarting {name} as an HTTP/3 proxy (service \"proxy\", upstream {UPSTREAM} in {ns})"
-            ),
-        );
-        let pos = run
-            .children
-            .iter()
-            .position(|(n, _)| n == name)
-            .with_context(|| format!("worker {name} is not running"))?;
-        let (_, mut child) = run.children.remove(pos);
-        stop(&mut child, Duration::from_secs(5));
-        let config = run.state.join(format!("{name}.toml"));
-        let text = std::fs::read_to_string(&config)
-            .with_context(|| format!("reading {}", config.display()))?;
-        std::fs::write(&config, proxy_config(&text)?)?;
-        let socket = run.state.join(format!("{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let mut w = Command::new("ip");
-        w.args(["netns", "exec", ns])
-            .arg(run.bins.join("baton-worker"))
-            .arg("--config")
-            .arg(&config)
-            // As the demo starts them: BATON_LAB_WORKER_LOG (a tracing filter) for debugging.
-            .env(
-                "RUST_LOG",
-                std::env::var("BATON_LAB_WORKER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("BATON_LOG", "info");
-        run.spawn(name, &mut w)?;
-        wait_until(
-            Duration::from_secs(30),
-            &format!("{name}'s control socket"),
-            || {
-                run.check_children()?;
-                Ok(socket.exists())
-            },
-        )?;
-    }
-    Ok(())
-}
 
 /// SIGTERM, up to `grace` to exit, then SIGKILL; reaped.
 fn stop(child: &mut Child, grace: Duration) {
@@ -393,21 +309,6 @@ mod tests {
 
     fn path(rtt_ms: f64, loss_pct: f64) -> PathPoint {
         PathPoint { rtt_ms, loss_pct }
-    }
-
-    #[test]
-    fn the_demo_config_becomes_a_proxys() {
-        let demo = "vips = [\"10.200.100.1\"]\nport = 4433\nservice = \"demo\"\nname = \"w1\"\n[peer]\nlisten = \"x\"\n";
-        let proxy = proxy_config(demo).unwrap();
-        assert!(proxy.contains("service = \"proxy\"\n"), "{proxy}");
-        assert!(!proxy.contains("\"demo\""), "{proxy}");
-        // The tables come after every other table, so the top-level keys stay top-level.
-        assert!(
-            proxy.ends_with("[[proxy.routes]]\nupstream = \"app\"\n"),
-            "{proxy}"
-        );
-        assert!(proxy.contains("servers = [\"127.0.0.1:18080\"]"), "{proxy}");
-        assert!(proxy_config("service = \"proxy\"\n").is_err());
     }
 
     #[test]

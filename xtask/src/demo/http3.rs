@@ -105,8 +105,7 @@ impl Run {
         duration: u64,
     ) -> Result<(bool, String)> {
         let started = Instant::now();
-        self.proxy = Some(PROXY);
-        self.quiesce_ms = Some(QUIESCE_MS);
+        self.serve_http3();
         let migrations = !opts.no_migrate;
         self.bring_up(&workspace_root().join("lab/lb.toml"), true)?;
         self.start_upstreams()?;
@@ -187,8 +186,15 @@ impl Run {
         Ok(self.report_http3(&shape, &migrated, started.elapsed()))
     }
 
+    /// The workers of [`Run::bring_up`] serve the HTTP/3 proxy (each to the upstream
+    /// [`Run::start_upstreams`] starts beside it), and migrations wait for requests in flight.
+    pub(crate) fn serve_http3(&mut self) {
+        self.proxy = Some(PROXY);
+        self.quiesce_ms = Some(QUIESCE_MS);
+    }
+
     /// `baton-upstream` in each worker's namespace; waits until each listens.
-    fn start_upstreams(&mut self) -> Result<()> {
+    pub(crate) fn start_upstreams(&mut self) -> Result<()> {
         for (name, ns, ..) in WORKERS {
             say(format!(
                 "starting baton-upstream (HTTP/1.1) in namespace {ns} on {UPSTREAM}, {name}'s upstream"
