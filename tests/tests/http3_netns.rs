@@ -74,27 +74,11 @@ impl Front {
     }
 
     fn baton(&self, lab: &Lab, args: &[&str]) -> std::process::Output {
-        let mut a = vec![
-            "--migration-config",
-            self.migration_config.to_str().unwrap(),
-            "--json",
-        ];
-        a.extend_from_slice(args);
-        lab.baton_raw(&a)
+        lab.baton_migration(&self.migration_config, args)
     }
 
     fn conns(&self, lab: &Lab) -> Vec<Value> {
-        let out = self.baton(lab, &["conns"]);
-        assert!(
-            out.status.success(),
-            "baton conns: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        lab.conns(&self.migration_config)
     }
 
     fn log_text(&self, i: usize) -> String {

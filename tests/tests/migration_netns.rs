@@ -101,27 +101,11 @@ impl Drop for Workers {
 }
 
 fn baton_mig(lab: &Lab, w: &Workers, args: &[&str]) -> std::process::Output {
-    let mut a = vec![
-        "--migration-config",
-        w.migration_config.to_str().unwrap(),
-        "--json",
-    ];
-    a.extend_from_slice(args);
-    lab.baton_raw(&a)
+    lab.baton_migration(&w.migration_config, args)
 }
 
 fn conns(lab: &Lab, w: &Workers) -> Vec<Value> {
-    let out = baton_mig(lab, w, &["conns"]);
-    assert!(
-        out.status.success(),
-        "baton conns: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    lab.conns(&w.migration_config)
 }
 
 /// The demo client's endpoint (baton-load's), its socket made inside the client namespace.

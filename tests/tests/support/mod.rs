@@ -582,6 +582,33 @@ metrics = "127.0.0.1:{METRICS_PORT}"
             .expect("run baton")
     }
 
+    /// `baton --migration-config <config> --json ARGS` (the migration commands, e.g. `migrate`,
+    /// `drain`, `conns`), unparsed.
+    pub fn baton_migration(&self, migration_config: &Path, args: &[&str]) -> Output {
+        let mut a = vec![
+            "--migration-config",
+            migration_config.to_str().expect("a UTF-8 path"),
+            "--json",
+        ];
+        a.extend_from_slice(args);
+        self.baton_raw(&a)
+    }
+
+    /// Every connection the workers of `migration_config` list (`baton conns`).
+    pub fn conns(&self, migration_config: &Path) -> Vec<Value> {
+        let out = self.baton_migration(migration_config, &["conns"]);
+        assert!(
+            out.status.success(),
+            "baton conns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
     pub fn baton_json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
