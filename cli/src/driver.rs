@@ -5,6 +5,7 @@
 //! the running baton-lb, else the pinned maps). It also retires the overrides once the targets
 //! report the old CIDs unused, and reports every finished migration to baton-lb's `/metrics`.
 //! Contract and files: `docs/MIGRATION-FLOW.md`.
+use crate::cluster::{ClusterClient, ClusterLink};
 use anyhow::{Context, Result, bail};
 pub use baton_orchestrator::Report;
 use baton_orchestrator::{Action, Event, Migration, Options, Outcome};
@@ -39,7 +40,15 @@ pub struct MigrationConfig {
     /// is reached through `control_tls`.
     #[serde(default)]
     pub control_tls: Option<ControlTlsClient>,
+    /// The workers this host reaches. With `[cluster]`, the registered workers whose control API
+    /// listens on the network are added (through `[control_tls]`); list one here to reach it
+    /// otherwise (e.g. its Unix socket).
+    #[serde(default)]
     pub workers: Vec<WorkerEndpoint>,
+    /// The cluster (etcd) the LB nodes follow: the flip is written there, and the workers are
+    /// found there.
+    #[serde(default)]
+    pub cluster: Option<ClusterClient>,
 }
 
 /// `[control_tls]` of the migration config: what the controller trusts and presents.
@@ -84,8 +93,11 @@ impl MigrationConfig {
 
     pub fn parse(text: &str) -> Result<Self> {
         let c: Self = toml::from_str(text)?;
-        if c.workers.is_empty() {
-            bail!("list the workers ([[workers]] name, control or control_tls)");
+        if c.workers.is_empty() && c.cluster.is_none() {
+            bail!(
+                "list the workers ([[workers]] name, control or control_tls), or give the \
+                 [cluster] (etcd endpoints, prefix) where they register"
+            );
         }
         for w in &c.workers {
             let name = &w.name;
@@ -645,11 +657,27 @@ pub struct Orchestrator {
     pub control_timeout: Duration,
     /// Client TLS configuration from `[control_tls]` (workers reached through `control_tls`).
     control_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// `[cluster]`: flips go to etcd, which every LB node follows, instead of local maps.
+    cluster: Option<ClusterLink>,
 }
 
 impl Orchestrator {
-    pub fn new(cfg: MigrationConfig, lb_socket: &Path, pin_dir: &Path) -> Result<Self> {
+    pub fn new(mut cfg: MigrationConfig, lb_socket: &Path, pin_dir: &Path) -> Result<Self> {
         let tokens = token_manager(&cfg.secrets)?;
+        let cluster = match cfg.cluster.clone() {
+            None => None,
+            Some(settings) => {
+                let link =
+                    ClusterLink::connect(settings).map_err(|f| anyhow::anyhow!("{}", f.message))?;
+                add_registered_workers(
+                    &mut cfg,
+                    &link
+                        .workers()
+                        .map_err(|f| anyhow::anyhow!("{}", f.message))?,
+                )?;
+                Some(link)
+            }
+        };
         let control_tls = cfg
             .control_tls
             .as_ref()
@@ -658,7 +686,11 @@ impl Orchestrator {
         // A daemon that went away while answering (restarting) leaves the pinned maps, which
         // the program keeps using: the migration goes through them, as with no daemon.
         let mut lb_layout = None;
-        let slots = match control::ask(lb_socket, &Request::Status {}) {
+        // A cluster's flips go to etcd: no local daemon or maps are involved.
+        let ask_daemon = cluster.is_none();
+        let slots = match ask_daemon.then(|| control::ask(lb_socket, &Request::Status {})) {
+            None => None,
+            Some(answer) => match answer {
             Ok(Reply::Answered(v)) => Some(v),
             Ok(Reply::NotRunning) => None,
             Ok(Reply::WentAway(why)) => {
@@ -669,6 +701,7 @@ impl Orchestrator {
                 eprintln!("warning: {e}; using the pinned maps");
                 None
             }
+            },
         }
         .map(|v| {
             let status: control::DaemonStatus = serde_json::from_value(v)
@@ -685,6 +718,7 @@ impl Orchestrator {
         .transpose()?;
         // Without a daemon, the pinned config says how the data plane parses CIDs.
         if lb_layout.is_none()
+            && ask_daemon
             && let Ok(c) = PinnedMaps::open(pin_dir).and_then(|m| m.lb_config())
         {
             lb_layout = Some(CidLayout {
@@ -709,6 +743,7 @@ impl Orchestrator {
             quiesce_timeout: Duration::from_secs(2),
             control_timeout: CONTROL_TIMEOUT,
             control_tls,
+            cluster,
         })
     }
 
@@ -848,10 +883,16 @@ impl Orchestrator {
                 Err(f) => down.push((w.name.clone(), f)),
             }
         }
-        let overridden: HashSet<Vec<u8>> = PinnedMaps::open(&self.pin_dir)
-            .and_then(|m| m.overrides())
-            .map(|l| l.iter().map(|(k, _)| k.as_slice().to_vec()).collect())
-            .unwrap_or_default();
+        let overridden: HashSet<Vec<u8>> = match &self.cluster {
+            Some(c) => c
+                .overrides()
+                .map(|l| l.iter().map(|(cid, _)| cid.as_bytes().to_vec()).collect())
+                .unwrap_or_default(),
+            None => PinnedMaps::open(&self.pin_dir)
+                .and_then(|m| m.overrides())
+                .map(|l| l.iter().map(|(k, _)| k.as_slice().to_vec()).collect())
+                .unwrap_or_default(),
+        };
         for r in &mut rows {
             r.overrides = r
                 .cids
@@ -863,6 +904,10 @@ impl Orchestrator {
     }
 
     fn slot_of(&self, name: &str, server_id: u32) -> Result<u32, Failure> {
+        if self.cluster.is_some() {
+            // A cluster's override names the worker; each LB node maps it to its own slot.
+            return Ok(server_id);
+        }
         if let Some(slot) = self.slots.as_ref().and_then(|s| s.get(name)) {
             return Ok(*slot);
         }
@@ -905,6 +950,9 @@ impl Orchestrator {
     }
 
     fn remove_override(&self, cid: &Cid) -> Result<(), Failure> {
+        if let Some(c) = &self.cluster {
+            return c.retire(cid);
+        }
         self.overrides
             .remove(cid.as_bytes())
             .map(drop)
@@ -945,13 +993,58 @@ impl Orchestrator {
         // Every action is carried out at once and answered (each call has its own timeout), so
         // the machine never waits for its timer here.
         let mut phase = m.phase();
-        while let Some(action) = m.poll_action() {
-            let event = self.perform(action);
-            m.handle(event, Instant::now());
+        let mut flip_revision = None;
+        let mut carried: std::collections::VecDeque<Action> = Default::default();
+        while let Some(action) = carried.pop_front().or_else(|| m.poll_action()) {
+            match (&self.cluster, action) {
+                (Some(c), Action::SetOverride { cid, .. }) => {
+                    // The machine asks for every CID at once: a cluster flips them in one write.
+                    let mut cids = vec![cid];
+                    while let Some(next) = m.poll_action() {
+                        match next {
+                            Action::SetOverride { cid, .. } => cids.push(cid),
+                            other => carried.push_back(other),
+                        }
+                    }
+                    let result = c.flip(m.id(), from, to, &cids);
+                    if let Ok(rev) = result {
+                        flip_revision = Some(rev);
+                    }
+                    for cid in cids {
+                        let result = result.as_ref().map(drop).map_err(Clone::clone);
+                        m.handle(Event::OverrideSet { cid, result }, Instant::now());
+                    }
+                }
+                (Some(c), action) => {
+                    let event = match action {
+                        Action::MigrateOut { .. } => match c.begin(m.id(), from, to) {
+                            Ok(()) => self.perform(action),
+                            Err(f) => Event::MigratedOut(Err(f)),
+                        },
+                        // The source forwards late datagrams until it is released: only once
+                        // every live LB node routes by the flip.
+                        Action::Release { .. } => {
+                            match flip_revision.map_or(Ok(()), |rev| c.wait_applied(rev)) {
+                                Ok(()) => self.perform(action),
+                                Err(f) => Event::Released(Err(f)),
+                            }
+                        }
+                        action => self.perform(action),
+                    };
+                    m.handle(event, Instant::now());
+                }
+                (None, action) => {
+                    let event = self.perform(action);
+                    m.handle(event, Instant::now());
+                }
+            }
             if m.phase() != phase {
                 phase = m.phase();
                 tracing::info!(migration_id = %m.id(), conn = %conn, from, to, ?phase, step = m.step().as_str(), "migration phase");
             }
+        }
+        if let Some(c) = &self.cluster {
+            c.end(m.id());
         }
         let record = m.record();
         if self.slots.is_some() {
@@ -1669,4 +1762,38 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Adds the cluster's registered workers that the config does not list, reached through their
+/// registered control address over `[control_tls]`.
+fn add_registered_workers(
+    cfg: &mut MigrationConfig,
+    registered: &[baton_cluster::WorkerRecord],
+) -> Result<()> {
+    for r in registered {
+        if cfg.workers.iter().any(|w| w.name == r.name) {
+            continue;
+        }
+        let Some(addr) = &r.control else {
+            tracing::warn!(worker = %r.name, "registered without a network control API ([control_tls] in its config): list it under [[workers]] to migrate its connections from here");
+            continue;
+        };
+        if cfg.control_tls.is_none() {
+            bail!(
+                "worker {} registers its control API at {addr}: a [control_tls] table (ca, cert, \
+                 key) is needed to reach it",
+                r.name
+            );
+        }
+        cfg.workers.push(WorkerEndpoint {
+            name: r.name.clone(),
+            control: None,
+            control_tls: Some(addr.clone()),
+            server_name: None,
+        });
+    }
+    if cfg.workers.is_empty() {
+        bail!("no worker is registered in the cluster, and the config lists none");
+    }
+    Ok(())
 }

@@ -4,11 +4,15 @@
 //! carries out its actions on the node's [`Dataplane`].
 use crate::keys::{Key, Prefix};
 use crate::node::{Action, Input, Node, WatchEvent};
-use crate::records::{AppliedRecord, ServerIdClaim, WorkerRecord};
+use crate::records::{
+    AppliedRecord, MigrationRecord, MigrationStage, OverrideRecord, ServerIdClaim, WorkerRecord,
+};
+use baton_protocol::{Cid, MigrationId};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     TxnOpResponse, WatchOptions, WatchStream,
 };
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -218,6 +222,11 @@ impl Lease {
         self.id
     }
 
+    /// Whether etcd let it expire (the keep-alive task ended: its keys are gone).
+    pub fn expired(&self) -> bool {
+        self.keeper.is_finished()
+    }
+
     /// Ends the lease now; its keys are deleted. Best effort: etcd may be unreachable, and then
     /// the TTL ends it.
     pub async fn revoke(mut self) {
@@ -266,17 +275,23 @@ async fn keep_alive(mut client: Client, id: i64, ttl: i64) {
 /// [`Action::SetOverride`], [`Action::DelOverride`]).
 pub trait Dataplane {
     fn apply(&mut self, action: &Action);
+    /// Where the node stands after each round: the revision its maps reflect, and whether it
+    /// follows etcd now (false: forwarding on the last applied state). For status and metrics.
+    fn progress(&mut self, _applied: i64, _watching: bool) {}
 }
 
 /// Drives `node` from etcd until `stop` turns true: reads and watches the prefix, hands every
-/// map action to `dataplane` in order, writes the node's applied revision (under `lease`, so a
-/// dead node stops counting). When etcd goes away the node keeps its maps and this loop retries
-/// with a growing pause; when it returns, the watch resumes past the applied revision.
+/// map action to `dataplane` in order, writes the node's applied revision (under a lease of
+/// `lease_ttl` seconds that this loop keeps, so a dead node stops counting). When etcd goes away
+/// the node keeps its maps and this loop retries with a growing pause; when it returns, the watch
+/// resumes past the applied revision. A lease that expired meanwhile (etcd away longer than its
+/// TTL took the report with it) is granted afresh and the report written again at once, so a
+/// node that routes always counts as live.
 pub async fn follow(
     cluster: &Cluster,
     node: &mut Node,
     dataplane: &mut impl Dataplane,
-    lease: Option<i64>,
+    lease_ttl: Option<i64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut client = cluster.client.clone();
@@ -284,6 +299,10 @@ pub async fn follow(
     let applied_key = cluster.prefix.key(&Key::Applied(node.name().to_string()));
     let mut backoff = Duration::from_millis(100);
     let mut stream: Option<WatchStream> = None;
+    let mut lease: Option<Lease> = None;
+    // The applied revision must be (re)written even without a map change: first start, a new
+    // lease.
+    let mut report_due = true;
     node.handle(Input::Connected);
     loop {
         if *stop.borrow() {
@@ -331,16 +350,9 @@ pub async fn follow(
                     }
                 }
                 Action::ReportApplied { revision } => {
-                    let body = serde_json::to_vec(&AppliedRecord { revision })
-                        .expect("a revision serializes");
-                    let options = lease.map(|l| PutOptions::new().with_lease(l));
-                    if let Err(e) = client.put(applied_key.as_str(), body, options).await {
-                        // The maps are right; the report comes with the next change.
-                        warn!(
-                            node = node.name(),
-                            revision, "reporting the applied revision: {e}"
-                        );
-                    }
+                    report_due =
+                        !report_applied(cluster, &applied_key, revision, lease_ttl, &mut lease)
+                            .await;
                 }
                 map_action => dataplane.apply(&map_action),
             }
@@ -348,6 +360,14 @@ pub async fn follow(
         if failed.is_none() && stream.is_none() {
             failed = Some("no watch open".into());
         }
+        if failed.is_none()
+            && node.is_watching()
+            && (report_due || lease.as_ref().is_some_and(Lease::expired))
+        {
+            report_due =
+                !report_applied(cluster, &applied_key, node.applied(), lease_ttl, &mut lease).await;
+        }
+        dataplane.progress(node.applied(), failed.is_none() && node.is_watching());
         if let (None, Some(s)) = (&failed, stream.as_mut()) {
             tokio::select! {
                 _ = stop.changed() => continue,
@@ -394,6 +414,7 @@ pub async fn follow(
             );
             stream = None;
             node.handle(Input::Disconnected);
+            dataplane.progress(node.applied(), false);
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep(backoff) => {}
@@ -401,5 +422,213 @@ pub async fn follow(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             node.handle(Input::Connected);
         }
+    }
+}
+
+/// Writes `nodes/<node>/applied` under the node's lease (granted here when there is none, or
+/// when the last one expired). Returns whether it was written; a failure is logged (the maps are
+/// right; the report is tried again).
+async fn report_applied(
+    cluster: &Cluster,
+    key: &str,
+    revision: i64,
+    lease_ttl: Option<i64>,
+    lease: &mut Option<Lease>,
+) -> bool {
+    if lease.as_ref().is_some_and(Lease::expired) {
+        *lease = None;
+    }
+    let options = match lease_ttl {
+        None => None,
+        Some(ttl) => {
+            if lease.is_none() {
+                match cluster.lease(ttl).await {
+                    Ok(l) => *lease = Some(l),
+                    Err(e) => {
+                        warn!(revision, "reporting the applied revision: {e}");
+                        return false;
+                    }
+                }
+            }
+            lease.as_ref().map(|l| PutOptions::new().with_lease(l.id()))
+        }
+    };
+    let body = serde_json::to_vec(&AppliedRecord { revision }).expect("a revision serializes");
+    let mut client = cluster.client.clone();
+    match client.put(key, body, options).await {
+        Ok(_) => true,
+        Err(e) => {
+            // Perhaps the lease is gone (etcd away longer than its TTL): a new one next time.
+            *lease = None;
+            warn!(revision, "reporting the applied revision: {e}");
+            false
+        }
+    }
+}
+
+/// What a migration's driver (`baton migrate`, `baton drain`, from any host) reads and writes:
+/// the registered workers, the migration's record, the flip and its retirement, and the wait
+/// for every live LB node to have applied the flip.
+impl Cluster {
+    /// Every registered worker (records that do not decode are skipped, as LB nodes skip them).
+    pub async fn workers(&self) -> Result<Vec<WorkerRecord>, ClusterError> {
+        let mut out = Vec::new();
+        for (key, value) in self.list("workers/").await? {
+            match serde_json::from_slice::<WorkerRecord>(&value) {
+                Ok(w) => out.push(w),
+                Err(e) => warn!(%key, "a worker record that does not decode: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every override in etcd.
+    pub async fn overrides(&self) -> Result<Vec<(Cid, OverrideRecord)>, ClusterError> {
+        let mut out = Vec::new();
+        for (key, value) in self.list("overrides/").await? {
+            if let (Ok(Key::Override(cid)), Ok(r)) = (
+                self.prefix.parse(&key),
+                serde_json::from_slice::<OverrideRecord>(&value),
+            ) {
+                out.push((cid, r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each live LB node's applied revision (a node whose lease ended is not listed).
+    pub async fn applied(&self) -> Result<BTreeMap<String, i64>, ClusterError> {
+        let mut out = BTreeMap::new();
+        for (key, value) in self.list("nodes/").await? {
+            if let (Ok(Key::Applied(node)), Ok(r)) = (
+                self.prefix.parse(&key),
+                serde_json::from_slice::<AppliedRecord>(&value),
+            ) {
+                out.insert(node, r.revision);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a migration about to start (stage `started`): a driver that dies leaves it for
+    /// the next one to see. Nothing is committed yet.
+    pub async fn begin_migration(&self, record: &MigrationRecord) -> Result<(), ClusterError> {
+        let key = self.prefix.key(&Key::Migration(record.id));
+        let body = serde_json::to_vec(record).expect("a migration record serializes");
+        let mut client = self.client.clone();
+        client
+            .put(key, body, None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// The flip, written once: every override of `record.cids` to `record.to` (under a lease of
+    /// `override_ttl` seconds that is not renewed, so no override outlives the old CIDs by more)
+    /// and the migration's stage `flipped`, in one transaction. Returns the flip's revision.
+    pub async fn flip(
+        &self,
+        record: &MigrationRecord,
+        override_ttl: i64,
+    ) -> Result<i64, ClusterError> {
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(override_ttl, None)
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .id();
+        let body = serde_json::to_vec(&OverrideRecord {
+            worker: record.to.clone(),
+            migration: record.id,
+        })
+        .expect("an override serializes");
+        let mut ops: Vec<TxnOp> = record
+            .cids
+            .iter()
+            .map(|cid| {
+                TxnOp::put(
+                    self.prefix.key(&Key::Override(*cid)),
+                    body.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        let mut flipped = record.clone();
+        flipped.stage = MigrationStage::Flipped;
+        ops.push(TxnOp::put(
+            self.prefix.key(&Key::Migration(record.id)),
+            serde_json::to_vec(&flipped).expect("a migration record serializes"),
+            None,
+        ));
+        let resp = client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Waits until every live LB node has applied `revision` (the flip), checking every few
+    /// milliseconds, at most `timeout`. On timeout, returns the nodes still behind and where
+    /// they are.
+    pub async fn wait_applied(
+        &self,
+        revision: i64,
+        timeout: Duration,
+    ) -> Result<Result<(), BTreeMap<String, i64>>, ClusterError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let applied = self.applied().await?;
+            let behind: BTreeMap<String, i64> =
+                applied.into_iter().filter(|(_, r)| *r < revision).collect();
+            if behind.is_empty() {
+                return Ok(Ok(()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Err(behind));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Forgets a migration's record (done, or rolled back).
+    pub async fn end_migration(&self, id: MigrationId) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        client
+            .delete(self.prefix.key(&Key::Migration(id)), None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// Removes the override of `cid` (the client no longer uses it).
+    pub async fn retire_override(&self, cid: &Cid) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        client
+            .delete(self.prefix.key(&Key::Override(*cid)), None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// Every key and value under `P` `dir`.
+    async fn list(&self, dir: &str) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+        let mut client = self.client.clone();
+        let resp = client
+            .get(
+                format!("{}{dir}", self.prefix.as_str()),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
     }
 }

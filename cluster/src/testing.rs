@@ -1,7 +1,8 @@
 //! Test support (feature `test-support`, never in release paths): a real etcd for tests, Debian's
 //! `etcd` (installed by `cargo xtask setup`) on free loopback ports with a data directory of its
 //! own, killed on drop. It can be SIGKILLed and started again on the same ports and data, as an
-//! operator's etcd that crashed and came back.
+//! operator's etcd that crashed and came back. [`Etcd::start_in_netns`] runs it in a network
+//! namespace instead, listening on every address there (for the netns labs).
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,7 +13,12 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Run in this network namespace (`ip netns exec`), listening on all its addresses.
+    netns: Option<String>,
 }
+
+/// The client port of an etcd in a namespace of its own (nothing else listens there).
+pub const NETNS_CLIENT_PORT: u16 = 2379;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -33,9 +39,39 @@ impl Etcd {
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            netns: None,
         };
         etcd.spawn();
         etcd
+    }
+
+    /// Starts one in network namespace `ns`, on port [`NETNS_CLIENT_PORT`] of every address
+    /// there: reach it at any of the namespace's addresses.
+    pub fn start_in_netns(name: &str, ns: &str) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("baton-etcd-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut etcd = Etcd {
+            child: None,
+            dir,
+            client_port: NETNS_CLIENT_PORT,
+            peer_port: NETNS_CLIENT_PORT + 1,
+            netns: Some(ns.to_string()),
+        };
+        etcd.spawn();
+        etcd
+    }
+
+    /// A command run where etcd runs (its namespace, if any).
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -48,14 +84,23 @@ impl Etcd {
             .find(|p| std::path::Path::new(p).exists())
             .expect("etcd is not installed: run `cargo xtask setup` (Debian's etcd-server)");
         let client = self.endpoint();
+        let listen = match self.netns {
+            None => client.clone(),
+            Some(_) => format!("http://0.0.0.0:{}", self.client_port),
+        };
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = Command::new(bin)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))
+            .unwrap();
+        let child = self
+            .command(bin)
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.join("data"))
             .args([
                 "--listen-client-urls",
-                &client,
+                &listen,
                 "--advertise-client-urls",
                 &client,
             ])
@@ -85,8 +130,11 @@ impl Etcd {
                     panic!("etcd exited ({status}):\n{}", self.log());
                 }
             }
-            let ok = std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_ok()
-                && Command::new("etcdctl")
+            let reachable = self.netns.is_some()
+                || std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_ok();
+            let ok = reachable
+                && self
+                    .command("etcdctl")
                     .args(["--endpoints", &self.endpoint(), "endpoint", "health"])
                     .env("ETCDCTL_API", "3")
                     .output()
@@ -105,6 +153,23 @@ impl Etcd {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    /// `etcdctl ARGS` where etcd runs; its stdout (panics with its stderr if it fails).
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self
+            .command("etcdctl")
+            .args(["--endpoints", &self.endpoint()])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// SIGKILL: no clean shutdown.

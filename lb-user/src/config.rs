@@ -20,6 +20,12 @@
 //! mac = "auto"                # or "02:00:00:00:00:11"
 //! # interface = "eth1"        # tx interface; default: the route to `address`
 //! # weight = 1
+//!
+//! # Or, as one node of a cluster (docs/CLUSTER.md): no [[workers]]; they register in etcd.
+//! # [cluster]
+//! # endpoints = ["http://10.0.0.5:2379"]
+//! # prefix = "/baton/prod"
+//! # node = "lb1"              # default: the host name
 //! ```
 use anyhow::{Context, Result};
 use lb_common::CidLayout;
@@ -130,6 +136,19 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    endpoints: Vec<String>,
+    prefix: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    lease_ttl_s: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +231,19 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Where to serve Prometheus metrics (`None` = off).
     pub metrics: Option<SocketAddr>,
+    /// This LB is one node of a cluster: the workers and overrides come from etcd.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: the etcd this node follows, and its name there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub endpoints: Vec<String>,
+    pub prefix: baton_cluster::Prefix,
+    /// The node's name (its `nodes/<node>/applied` key); the host name by default.
+    pub node: String,
+    /// Seconds this node's applied report outlives it if it dies (renewed every third).
+    pub lease_ttl_s: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,8 +382,23 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
         ));
     }
 
-    if raw.workers.is_empty() {
-        return Err(bad("workers", "at least one [[workers]] entry is required"));
+    let cluster = raw.cluster.as_ref().map(validate_cluster).transpose()?;
+    match (&cluster, raw.workers.is_empty()) {
+        (None, true) => {
+            return Err(bad(
+                "workers",
+                "at least one [[workers]] entry is required (or a [cluster] table, whose workers \
+                 register in etcd)",
+            ));
+        }
+        (Some(_), false) => {
+            return Err(bad(
+                "workers",
+                "with [cluster] the workers come from etcd (each registers itself with its own \
+                 [cluster] table): remove the [[workers]] entries",
+            ));
+        }
+        _ => {}
     }
     if raw.workers.len() > lb_common::MAX_WORKERS as usize {
         return Err(bad(
@@ -502,6 +549,38 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
         health,
         control_socket,
         metrics,
+        cluster,
+    })
+}
+
+fn validate_cluster(c: &RawCluster) -> Result<ClusterSettings, FieldError> {
+    if c.endpoints.is_empty() {
+        return Err(bad(
+            "cluster.endpoints",
+            "list etcd's client URLs, e.g. [\"http://10.0.0.5:2379\"]",
+        ));
+    }
+    let prefix =
+        baton_cluster::Prefix::new(&c.prefix).map_err(|e| bad("cluster.prefix", e.to_string()))?;
+    let node = match &c.node {
+        Some(n) => n.clone(),
+        None => crate::sys::hostname().ok_or_else(|| {
+            bad(
+                "cluster.node",
+                "the host name cannot be read: give this node a name",
+            )
+        })?,
+    };
+    baton_cluster::check_name(&node).map_err(|e| bad("cluster.node", e.to_string()))?;
+    let lease_ttl_s = c.lease_ttl_s.unwrap_or(10);
+    if lease_ttl_s < 2 {
+        return Err(bad("cluster.lease_ttl_s", "must be at least 2 (seconds)"));
+    }
+    Ok(ClusterSettings {
+        endpoints: c.endpoints.clone(),
+        prefix,
+        node,
+        lease_ttl_s,
     })
 }
 

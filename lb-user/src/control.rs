@@ -40,6 +40,8 @@ pub struct Shared {
     pub keep: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
     /// Migrations the CLI orchestrated and reported (`/metrics`).
     pub migrations: Mutex<baton_orchestrator::MigrationStats>,
+    /// The node's convergence from etcd (only moves with `[cluster]`).
+    pub cluster: Arc<crate::cluster::ClusterStats>,
 }
 
 impl Shared {
@@ -50,6 +52,7 @@ impl Shared {
             cid_len: ctl.cfg.layout.cid_len() as u8,
             server_id_len: ctl.cfg.layout.server_id_len() as u8,
         };
+        let cluster = ctl.cfg.cluster.as_ref().map(|c| self.cluster.status(c));
         drop(ctl);
         DaemonStatus {
             pid: std::process::id(),
@@ -64,6 +67,7 @@ impl Shared {
             uptime_secs: self.started.elapsed().as_secs(),
             workers,
             cid,
+            cluster,
         }
     }
 }

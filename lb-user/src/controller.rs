@@ -50,6 +50,10 @@ pub struct Controller {
     maglev_slots: HashMap<u32, u32>,
     /// The fast-path maps still need their full rebuild (see [`crate::fastpath`]).
     fastpath_rebuild: bool,
+    /// A cluster node that has not read its worker set from etcd yet: the worker maps stay as
+    /// pinned (a restart while etcd is down keeps forwarding), only VIPs and the config are
+    /// written. Cleared by [`Controller::new`] with the cluster's workers.
+    pub hold_workers: bool,
 }
 
 fn vip_key(addr: IpAddr, port: u16) -> VipKey {
@@ -170,11 +174,24 @@ impl Controller {
             maglev,
             maglev_slots: HashMap::new(),
             fastpath_rebuild: true,
+            hold_workers: false,
         })
     }
 
     /// Writes the whole state into the maps (idempotent).
     pub fn sync(&mut self) -> Result<()> {
+        let size = if self.hold_workers {
+            // Whatever the pinned config says: the pinned workers and table keep routing.
+            self.maps.lb_config().map_or(0, |c| c.maglev_size)
+        } else {
+            self.sync_workers()?
+        };
+        self.sync_rest(size)
+    }
+
+    /// Steps 1 to 3 of [`Self::sync`]: the workers, their server IDs, the Maglev table. Returns
+    /// the Maglev size.
+    fn sync_workers(&mut self) -> Result<u32> {
         let m = &mut self.maps;
         // 1. Devmap slots and worker entries, before anything routes to them.
         for w in &self.workers {
@@ -210,6 +227,11 @@ impl Controller {
         // 3. Maglev over usable workers, then the healthy bits.
         let size = self.write_maglev()?;
         self.write_worker_entries(true)?;
+        Ok(size)
+    }
+
+    /// Steps 4 to 7 of [`Self::sync`]: VIPs, the global config, removals, the fast path.
+    fn sync_rest(&mut self, size: u32) -> Result<()> {
         // 4. VIPs.
         let m = &mut self.maps;
         let wanted: HashSet<VipKey> = self
@@ -251,28 +273,30 @@ impl Controller {
         if let (true, Some(addrs)) = (vips_changed, m.vip_addrs.as_mut()) {
             crate::pinned::sync_vip_addrs(&m.vips, addrs)?;
         }
-        let live: HashMap<u32, &ResolvedWorker> =
-            self.workers.iter().map(|w| (w.index, w)).collect();
-        for (sid, idx) in m.server_ids()? {
-            let keep = live
-                .get(&idx)
-                .is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
-            if !keep {
-                m.server_ids.remove(&ServerIdKey { server_id: sid })?;
-                if let Some(fp) = &m.fastpath {
-                    fp.remove_server_id(sid);
+        if !self.hold_workers {
+            let live: HashMap<u32, &ResolvedWorker> =
+                self.workers.iter().map(|w| (w.index, w)).collect();
+            for (sid, idx) in m.server_ids()? {
+                let keep = live
+                    .get(&idx)
+                    .is_some_and(|w| w.cfg.server_id == sid && w.mac.is_some());
+                if !keep {
+                    m.server_ids.remove(&ServerIdKey { server_id: sid })?;
+                    if let Some(fp) = &m.fastpath {
+                        fp.remove_server_id(sid);
+                    }
                 }
             }
-        }
-        for (key, wref) in m.overrides()? {
-            if !live.contains_key(&wref.worker) {
-                tracing::warn!(cid = %hex(key.as_slice()), worker = wref.worker, "removing an override to a worker that left the config");
-                m.remove_override(&key)?;
+            for (key, wref) in m.overrides()? {
+                if !live.contains_key(&wref.worker) {
+                    tracing::warn!(cid = %hex(key.as_slice()), worker = wref.worker, "removing an override to a worker that left the config");
+                    m.remove_override(&key)?;
+                }
             }
-        }
-        for (i, _) in m.workers()? {
-            if !live.contains_key(&i) {
-                m.workers.set(i, WorkerEntry::default(), 0)?;
+            for (i, _) in m.workers()? {
+                if !live.contains_key(&i) {
+                    m.workers.set(i, WorkerEntry::default(), 0)?;
+                }
             }
         }
         // 7. The fast-path mirrors, rebuilt once per controller (start, restart, reload: the CID

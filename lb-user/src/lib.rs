@@ -10,6 +10,7 @@ pub mod simulate;
 /// BPF_PROG_TEST_RUN helpers for `baton route`, the packet fixtures and the XDP benchmark.
 pub mod testrun;
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod controller;

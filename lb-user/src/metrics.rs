@@ -51,6 +51,24 @@ pub fn render(shared: &Shared) -> String {
         "# HELP baton_xdp_attached Info about the attached program.\n# TYPE baton_xdp_attached gauge\nbaton_xdp_attached{{interface=\"{}\",mode=\"{}\",prog_id=\"{}\"}} 1",
         shared.attach.interface, shared.attach.mode, shared.attach.prog_id
     );
+    if let Some(c) = ctl.cfg.cluster.as_ref().map(|c| shared.cluster.status(c)) {
+        let _ = writeln!(
+            out,
+            "# HELP baton_cluster_applied_revision The etcd revision this node's maps reflect.\n\
+             # TYPE baton_cluster_applied_revision gauge\n\
+             baton_cluster_applied_revision{{node=\"{node}\"}} {}\n\
+             # HELP baton_cluster_watching Whether the node follows etcd now (0: forwarding on the last state).\n\
+             # TYPE baton_cluster_watching gauge\n\
+             baton_cluster_watching{{node=\"{node}\"}} {}\n\
+             # HELP baton_cluster_apply_errors_total Changes from etcd that could not be written to the maps.\n\
+             # TYPE baton_cluster_apply_errors_total counter\n\
+             baton_cluster_apply_errors_total{{node=\"{node}\"}} {}",
+            c.applied_revision,
+            u8::from(c.watching),
+            c.apply_errors,
+            node = c.node,
+        );
+    }
     drop(ctl);
     shared.migrations.lock().unwrap().render(&mut out);
     out

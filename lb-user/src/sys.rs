@@ -226,3 +226,15 @@ pub fn if_indextoname(index: u32) -> Option<String> {
             .into_owned(),
     )
 }
+
+/// This host's name (`uname -n`), if it has one.
+pub fn hostname() -> Option<String> {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid utsname for uname to fill.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    // SAFETY: uname NUL-terminates nodename.
+    let name = unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) };
+    Some(name.to_string_lossy().into_owned()).filter(|n| !n.is_empty())
+}

@@ -62,6 +62,23 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
     /// The CID layout the data plane routes by.
     pub cid: crate::worker::CidLayout,
+    /// Where this node stands in its cluster (`None`: a single node, no `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A cluster node's convergence from etcd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Its name in the cluster (`nodes/<node>/applied`).
+    pub node: String,
+    pub prefix: String,
+    /// The etcd revision its maps reflect (0: not read yet; the pinned state routes).
+    pub applied_revision: i64,
+    /// Whether it follows etcd now (false: etcd unreachable, forwarding on the last state).
+    pub watching: bool,
+    /// Changes from etcd that could not be written to the maps (see the log).
+    pub apply_errors: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,13 +45,16 @@ pub enum ErrorKind {
     Setup,
     /// Writing the LB's exact-CID overrides failed.
     Override,
+    /// The cluster's state (etcd) cannot be reached: a cluster's migrations need it, the data
+    /// plane does not.
+    ClusterUnavailable,
     /// A kind this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 24] = [
+    pub const ALL: [ErrorKind; 25] = [
         Self::InvalidToken,
         Self::StateCorruption,
         Self::SnapshotTooLarge,
@@ -75,6 +78,7 @@ impl ErrorKind {
         Self::Busy,
         Self::Setup,
         Self::Override,
+        Self::ClusterUnavailable,
         Self::Unknown,
     ];
 
@@ -104,6 +108,7 @@ impl ErrorKind {
             Self::Busy => "busy",
             Self::Setup => "setup",
             Self::Override => "override",
+            Self::ClusterUnavailable => "cluster_unavailable",
             Self::Unknown => "unknown",
         }
     }

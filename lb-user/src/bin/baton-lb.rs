@@ -231,8 +231,24 @@ fn reload(
             "control.socket and control.metrics changes take effect at the next restart"
         );
     }
+    let running_cluster = ctl.lock().unwrap().cfg.cluster.clone();
+    if cfg.cluster != running_cluster {
+        anyhow::bail!(
+            "[cluster] changed: joining, leaving or changing a cluster needs a restart of baton-lb \
+             (forwarding goes on through it)"
+        );
+    }
+    let (held, known) = {
+        let c = ctl.lock().unwrap();
+        (c.hold_workers, c.cfg.workers.clone())
+    };
+    if cfg.cluster.is_some() {
+        // A cluster node's workers come from etcd, not the file: keep the ones it follows.
+        cfg.workers = known;
+    }
     let maps = PinnedMaps::open(&cli.pin_dir)?;
-    let next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
+    let mut next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
+    next.hold_workers = held;
     let mut c = ctl.lock().unwrap();
     *c = next;
     c.sync()
@@ -299,7 +315,10 @@ async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Re
     let mode = cfg.xdp_mode;
     let metrics_addr = cfg.metrics;
     let socket_path = cfg.control_socket.clone();
-    let ctl = tokio::task::block_in_place(|| Controller::new(cfg, maps, fresh))?;
+    let cluster = cfg.cluster.clone();
+    let mut ctl = tokio::task::block_in_place(|| Controller::new(cfg, maps, fresh))?;
+    // A cluster node's workers come from etcd: until it has read them, the pinned ones route.
+    ctl.hold_workers = cluster.is_some();
     let ctl = Arc::new(Mutex::new(ctl));
     if fresh {
         health::initial_round(&ctl).await;
@@ -329,12 +348,25 @@ async fn start(cli: &Cli, cfg: Config, listener: tokio::net::UnixListener) -> Re
         metrics: metrics_addr,
         keep: Mutex::new(vec![Box::new(dp), Box::new(pin_lock)]),
         migrations: Default::default(),
+        cluster: Default::default(),
     });
     tokio::spawn(control::serve(listener, shared.clone()));
     if let Some(addr) = metrics_addr {
         tokio::spawn(metrics::serve(addr, shared.clone()));
     }
     tokio::spawn(health::run(ctl.clone()));
+    if let Some(settings) = cluster {
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        // Dropped with the shared state at exit: the follower stops then.
+        shared.keep.lock().unwrap().push(Box::new(stop_tx));
+        tokio::spawn(lb_user::cluster::run(
+            settings,
+            ctl.clone(),
+            cli.pin_dir.clone(),
+            shared.cluster.clone(),
+            stop,
+        ));
+    }
     if let Some(logger) = logger {
         // aya-log records arrive through a ring buffer: flush it whenever it becomes readable.
         tokio::spawn(async move {

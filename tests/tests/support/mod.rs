@@ -350,6 +350,9 @@ pub struct LabOptions {
     pub xdp_mode: &'static str,
     /// The `[health]` table body.
     pub health: String,
+    /// The `[cluster]` table body: baton-lb as a cluster node, its workers from etcd (the
+    /// config then lists none).
+    pub cluster: Option<String>,
 }
 
 impl Default for LabOptions {
@@ -357,6 +360,7 @@ impl Default for LabOptions {
         Self {
             xdp_mode: "native",
             health: "kind = \"none\"".into(),
+            cluster: None,
         }
     }
 }
@@ -399,7 +403,17 @@ ports = [{PORT}]
 [[vips]]
 address = "{VIP6}"
 ports = [{PORT}]
-[[workers]]
+{workers}[health]
+{health}
+[control]
+socket = "{socket}"
+metrics = "127.0.0.1:{METRICS_PORT}"
+"#,
+            lb_cl = lab.net.lb_client_dev(),
+            workers = match &opts.cluster {
+                Some(table) => format!("[cluster]\n{table}\n"),
+                None => format!(
+                    r#"[[workers]]
 name = "w1"
 server_id = 1
 address = "{w1}"
@@ -410,16 +424,12 @@ name = "w2"
 server_id = 2
 address = "{w2}"
 mac = "auto"
-[health]
-{health}
-[control]
-socket = "{socket}"
-metrics = "127.0.0.1:{METRICS_PORT}"
 "#,
-            lb_cl = lab.net.lb_client_dev(),
-            lb_w1 = lab.net.lb_worker_dev(0),
-            w1 = lab.net.worker_addr4(0),
-            w2 = lab.net.worker_addr4(1),
+                    lb_w1 = lab.net.lb_worker_dev(0),
+                    w1 = lab.net.worker_addr4(0),
+                    w2 = lab.net.worker_addr4(1),
+                ),
+            },
             mode = opts.xdp_mode,
             health = opts.health,
             socket = lab.socket.display()

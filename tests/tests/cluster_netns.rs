@@ -1,0 +1,275 @@
+//! baton-lb as a cluster node (`[cluster]`), in the netns lab with a real etcd (in the LB's
+//! namespace, reachable from every host of the lab): the workers register themselves and the
+//! node routes to them; `baton migrate` runs on the *client* host, which has no baton-lb, no
+//! pins and no worker sockets: it finds the workers' control API (mutual TLS) in etcd and writes
+//! each flip there, and the node applies it. Then etcd is SIGKILLed under load: forwarding never
+//! stops, a migration asked for meanwhile fails with the etcd error, and once etcd is back the
+//! node catches up and migrations succeed again.
+mod support;
+
+use baton_cluster::testing::{Etcd, NETNS_CLIENT_PORT};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::Duration;
+use support::*;
+
+const PREFIX: &str = "/baton/lab";
+const NODE: &str = "lb1";
+const CONTROL_PORT: u16 = 4480;
+const PATIENCE: Duration = Duration::from_secs(60);
+const CONNECTIONS: usize = 6;
+
+/// The lab's two workers as cluster members: the usual configs plus `[cluster]` (etcd at their
+/// gateway, their own lab address) and `[control_tls]` on their lab address. Returns the
+/// migration config of a host that knows nothing but etcd and the controller's credentials.
+fn cluster_configs(lab: &Lab, dir: &Path) -> PathBuf {
+    write_worker_configs(dir);
+    let d = dir.display();
+    for i in 0..2 {
+        let path = dir.join(format!("w{}.toml", i + 1));
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let addr = lab.net.worker_addr4(i);
+        let gateway = format!("{}.1{}.1", baton_lab::PRIVATE.net4, i + 1);
+        text += &format!(
+            "[cluster]\nendpoints = [\"http://{gateway}:{NETNS_CLIENT_PORT}\"]\nprefix = \
+             \"{PREFIX}\"\naddress = \"{addr}\"\nlease_ttl_s = 10\n\
+             [control_tls]\nlisten = \"{addr}:{CONTROL_PORT}\"\nca = \"{d}/ca.pem\"\n\
+             cert = \"{d}/w{n}.pem\"\nkey = \"{d}/w{n}.key\"\nclients = [\"baton-controller\"]\n",
+            n = i + 1
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+    let mc = dir.join("cluster-migration.toml");
+    std::fs::write(
+        &mc,
+        format!(
+            "secrets = \"{d}/controller-secrets.toml\"\n\
+             [control_tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/controller.pem\"\nkey = \"{d}/controller.key\"\n\
+             [cluster]\nendpoints = [\"http://{}:{NETNS_CLIENT_PORT}\"]\nprefix = \"{PREFIX}\"\n\
+             applied_timeout_ms = 10000\n",
+            lab.net.client_gateway4()
+        ),
+    )
+    .unwrap();
+    mc
+}
+
+/// `baton --migration-config <mc> --json ARGS`, run in the client's namespace.
+fn baton_on_client(lab: &Lab, mc: &Path, args: &[&str]) -> Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.client])
+        .arg(bin_dir().join("baton"))
+        .arg("--migration-config")
+        .arg(mc)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run baton")
+}
+
+fn json_of(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// The node's view through its control socket: (applied revision, watching, healthy workers).
+fn node_state(lab: &Lab) -> (i64, bool, Vec<String>) {
+    let s = lab.status_via_socket().unwrap_or(Value::Null);
+    let c = &s["cluster"];
+    let workers = s["workers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|w| w["healthy"] == true && w["maglev_slots"].as_u64() > Some(0))
+                .filter_map(|w| w["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        c["applied_revision"].as_i64().unwrap_or(0),
+        c["watching"] == true,
+        workers,
+    )
+}
+
+/// The CIDs etcd holds overrides for, and the ones the node's map holds.
+fn overrides(lab: &Lab, etcd: &Etcd) -> (BTreeSet<String>, BTreeSet<String>) {
+    let in_etcd = etcd
+        .ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/overrides/"),
+        ])
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    let in_map = lab
+        .baton_json(&["override", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["cid"].as_str().map(String::from))
+        .collect();
+    (in_etcd, in_map)
+}
+
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Moves every connection to the other worker from the client host; returns the flips' count.
+fn migrate_all(lab: &Lab, mc: &Path, round: usize) -> usize {
+    let rows = json_of(&baton_on_client(lab, mc, &["conns"]), "baton conns");
+    let rows = rows.as_array().unwrap().clone();
+    assert_eq!(rows.len(), CONNECTIONS, "round {round}: {rows:?}");
+    for r in &rows {
+        let conn = r["conn"].as_str().unwrap();
+        let to = if r["worker"] == "w1" { "w2" } else { "w1" };
+        let v = json_of(
+            &baton_on_client(lab, mc, &["migrate", conn, "--to", to]),
+            &format!("round {round}: baton migrate {conn} --to {to}"),
+        );
+        assert_eq!(v["ok"], true, "round {round}: {v}");
+        assert!(
+            v["release_warning"].is_null(),
+            "round {round}: the source was released only after the node applied the flip: {v}"
+        );
+    }
+    rows.len()
+}
+
+#[test]
+fn a_cluster_node_follows_etcd_through_migrations_and_an_etcd_crash() {
+    let mut lab = Lab::new(LabOptions {
+        cluster: Some(format!(
+            "endpoints = [\"http://127.0.0.1:{NETNS_CLIENT_PORT}\"]\nprefix = \"{PREFIX}\"\n\
+             node = \"{NODE}\"\nlease_ttl_s = 4"
+        )),
+        ..Default::default()
+    });
+    let mut etcd = Etcd::start_in_netns("cluster-netns", &lab.lb);
+    lab.start_lb();
+    let (_, _, workers) = node_state(&lab);
+    assert!(
+        workers.is_empty(),
+        "no worker before any registers: {workers:?}"
+    );
+    wait_for(
+        "the node to follow etcd",
+        || node_state(&lab).1,
+        || format!("{:?}\n{}", node_state(&lab), tail(&lab.log_text(), 20)),
+    );
+
+    let dir = std::env::temp_dir().join(format!("baton-cluster-netns-{}", std::process::id()));
+    let mc = cluster_configs(&lab, &dir);
+    let _workers = Workers((0..2).map(|i| spawn_worker(&lab, &dir, i, &[])).collect());
+    wait_for(
+        "the node to route to both registered workers",
+        || node_state(&lab).2.len() == 2,
+        || format!("{:?}\n{}", node_state(&lab), tail(&lab.log_text(), 20)),
+    );
+
+    let mut load = Load::start(&lab, &dir, "cluster", vip(false), CONNECTIONS, PATIENCE);
+    let mut flips = 0;
+    for round in 1..=2 {
+        flips += migrate_all(&lab, &mc, round);
+    }
+    let (in_etcd, in_map) = overrides(&lab, &etcd);
+    assert!(!in_etcd.is_empty(), "the flips are in etcd");
+    assert_eq!(in_etcd, in_map, "the node's override map is etcd's");
+    assert_eq!(
+        etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/migrations/")
+        ])
+        .trim(),
+        "",
+        "no migration left in flight"
+    );
+
+    // etcd dies under load: the data plane keeps forwarding on what it applied.
+    let some = json_of(&baton_on_client(&lab, &mc, &["conns"]), "baton conns");
+    let conn = some[0]["conn"].as_str().unwrap().to_string();
+    etcd.kill();
+    let down = baton_on_client(&lab, &mc, &["migrate", &conn, "--to", "w1"]);
+    assert!(
+        !down.status.success(),
+        "a migration with etcd down must fail"
+    );
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        err.contains("etcd is unreachable"),
+        "the error names etcd: {err}"
+    );
+    wait_for(
+        "the node to notice etcd is gone",
+        || !node_state(&lab).1,
+        || format!("{:?}", node_state(&lab)),
+    );
+    let before = load.requests_per_connection();
+    wait_for(
+        "every connection to carry on while etcd is down",
+        || {
+            let now = load.requests_per_connection();
+            now.iter().zip(&before).all(|(n, b)| *n >= b + 20)
+        },
+        || format!("{before:?} -> {:?}", load.requests_per_connection()),
+    );
+    etcd.restart();
+    wait_for(
+        "the node to follow etcd again",
+        || node_state(&lab).1,
+        || format!("{:?}\n{}", node_state(&lab), tail(&lab.log_text(), 20)),
+    );
+    // The workers' registrations outlived the outage (etcd extends every lease when it starts).
+    wait_for(
+        "both workers registered and routed again",
+        || node_state(&lab).2.len() == 2,
+        || format!("{:?}", node_state(&lab)),
+    );
+    flips += migrate_all(&lab, &mc, 3);
+    let (in_etcd, in_map) = overrides(&lab, &etcd);
+    assert_eq!(
+        in_etcd, in_map,
+        "after etcd came back the node's maps are etcd's"
+    );
+
+    let summary = load.stop(PATIENCE);
+    let n = |k: &str| summary[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(n("established"), CONNECTIONS as u64, "{summary}");
+    assert_eq!(n("failed"), 0, "failed requests: {summary}");
+    assert_eq!(n("reconnects"), 0, "reconnects: {summary}");
+    assert_eq!(n("streams_not_exact"), 0, "streams not exact: {summary}");
+    assert_eq!(
+        n("stream_bytes_verified"),
+        n("stream_bytes_sent"),
+        "{summary}"
+    );
+    assert_eq!(summary["ok"], true, "{summary}");
+    let (applied, _, _) = node_state(&lab);
+    eprintln!(
+        "RESULT cluster_node connections={CONNECTIONS} migrations={flips} requests={} applied_revision={applied}",
+        n("requests")
+    );
+    drop(load);
+    let _ = std::fs::remove_dir_all(&dir);
+}
