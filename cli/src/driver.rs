@@ -667,14 +667,9 @@ impl Orchestrator {
         let cluster = match cfg.cluster.clone() {
             None => None,
             Some(settings) => {
-                let link =
-                    ClusterLink::connect(settings).map_err(|f| anyhow::anyhow!("{}", f.message))?;
-                add_registered_workers(
-                    &mut cfg,
-                    &link
-                        .workers()
-                        .map_err(|f| anyhow::anyhow!("{}", f.message))?,
-                )?;
+                // The failure itself (its kind says etcd is unreachable), not only its text.
+                let link = ClusterLink::connect(settings)?;
+                add_registered_workers(&mut cfg, &link.workers()?)?;
                 Some(link)
             }
         };

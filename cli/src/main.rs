@@ -316,8 +316,11 @@ fn migrate(
         // `--json` promises a JSON answer for every failure, also one before any worker was asked
         // (an unreadable config, or a baton-lb that went away while answering): nothing moved.
         Err(e) if cli.json => {
+            let kind = e
+                .downcast_ref::<baton_protocol::Failure>()
+                .map_or(baton_protocol::ErrorKind::Setup, |f| f.kind);
             print_json(
-                &json!({"ok": false, "conn": conn, "to": to, "kind": "setup", "error": format!("{e:#}")}),
+                &json!({"ok": false, "conn": conn, "to": to, "kind": kind, "error": format!("{e:#}")}),
             )?;
             std::process::exit(1);
         }

@@ -636,6 +636,42 @@ metrics = "127.0.0.1:9650"
     }
 
     #[test]
+    fn a_cluster_node_takes_its_workers_from_etcd() {
+        let base = GOOD.split("[[workers]]").next().unwrap().to_string();
+        let cluster = "[cluster]\nendpoints = [\"http://10.0.0.5:2379\"]\nprefix = \"/baton/prod\"\nnode = \"lb1\"\n";
+        let c = Config::parse(&format!("{base}{cluster}")).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!((cl.node.as_str(), cl.lease_ttl_s), ("lb1", 10));
+        assert_eq!(cl.prefix.as_str(), "/baton/prod/");
+        assert!(c.workers.is_empty());
+        // Without a node name, the host's.
+        let c = Config::parse(&format!(
+            "{base}{}",
+            cluster.replace("node = \"lb1\"\n", "")
+        ))
+        .unwrap();
+        assert_eq!(Some(c.cluster.unwrap().node), crate::sys::hostname());
+        let e = err(&format!("{GOOD}{cluster}"));
+        assert!(e.contains("workers") && e.contains("come from etcd"), "{e}");
+        let e = err(&base);
+        assert!(e.contains("[cluster]"), "{e}");
+        let e = err(&format!(
+            "{base}{}",
+            cluster.replace("/baton/prod", "baton")
+        ));
+        assert!(e.contains("cluster.prefix"), "{e}");
+        let e = err(&format!("{base}{}", cluster.replace("lb1", "lb 1")));
+        assert!(e.contains("cluster.node"), "{e}");
+        let e = err(&format!("{base}{cluster}lease_ttl_s = 1\n"));
+        assert!(e.contains("cluster.lease_ttl_s"), "{e}");
+        let e = err(&format!(
+            "{base}{}",
+            cluster.replace("[\"http://10.0.0.5:2379\"]", "[]")
+        ));
+        assert!(e.contains("cluster.endpoints"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = err(&GOOD.replace("server_id = 2", "server_id = 70000"));
         assert!(
