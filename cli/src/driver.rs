@@ -367,6 +367,64 @@ fn explain(e: &std::io::Error, target: &Target<'_>) -> (String, Option<ErrorKind
     (text, Some(ErrorKind::Config))
 }
 
+/// TLS handshakes this process has in progress with one worker at most. A worker takes only a
+/// few pending handshakes from one address (`MAX_PENDING_PER_SOURCE` there, 8) and resets the
+/// rest, so a drain's many migrations at once must not open all their channels together.
+const HANDSHAKES_PER_WORKER: usize = 4;
+
+/// A place among the [`HANDSHAKES_PER_WORKER`] handshakes to one address, freed on drop.
+struct HandshakeGate {
+    addr: String,
+}
+
+static HANDSHAKES: (Mutex<Option<HashMap<String, usize>>>, std::sync::Condvar) =
+    (Mutex::new(None), std::sync::Condvar::new());
+
+impl HandshakeGate {
+    /// Waits (at most `limit`) for a place.
+    fn enter(addr: &str, limit: Duration) -> std::io::Result<HandshakeGate> {
+        let deadline = Instant::now() + limit;
+        let mut map = HANDSHAKES.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let n = map
+                .get_or_insert_with(HashMap::new)
+                .entry(addr.to_string())
+                .or_default();
+            if *n < HANDSHAKES_PER_WORKER {
+                *n += 1;
+                return Ok(HandshakeGate {
+                    addr: addr.to_string(),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {} ms (waiting to open a channel)",
+                        limit.as_millis()
+                    ),
+                ));
+            }
+            map = HANDSHAKES
+                .1
+                .wait_timeout(map, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for HandshakeGate {
+    fn drop(&mut self) {
+        let mut map = HANDSHAKES.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.as_mut().and_then(|m| m.get_mut(&self.addr)) {
+            *n -= 1;
+        }
+        HANDSHAKES.1.notify_all();
+    }
+}
+
 /// Connects within `timeout` and, for TLS, completes the handshake within it too.
 fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
     match target {
@@ -388,6 +446,8 @@ fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
                         )
                     })
             };
+            // From the connect (the worker counts a handshake from its accept) to the handshake's end.
+            let gate = HandshakeGate::enter(addr, left()?)?;
             let mut last = None;
             let mut sock = None;
             for a in addr.to_socket_addrs()? {
@@ -416,6 +476,7 @@ fn open(target: &Target<'_>, timeout: Duration) -> std::io::Result<Channel> {
                 sock.set_write_timeout(Some(d))?;
                 tls.complete_io(&mut sock)?;
             }
+            drop(gate);
             Ok(Channel::Tls(Box::new(rustls::StreamOwned::new(tls, sock))))
         }
     }

@@ -21,6 +21,8 @@
 //! [`sweep_namespaces`] removes what test processes that died left behind.
 //!
 //! Deliberately light (std, anyhow, libc): xtask builds it on a fresh clone.
+pub mod cluster;
+
 use anyhow::{Context, Result, bail};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;

@@ -3,6 +3,8 @@
 //! torn down in `Drop`, also when the test fails.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -198,22 +200,27 @@ pub fn write_worker_configs_with(dir: &Path, peer_v6: bool) -> PathBuf {
 /// [`write_worker_configs_with`], the workers serving the HTTP/3 proxy (`service = "proxy"`) with
 /// these `[proxy]` tables if `proxy` is given, else the demo.
 pub fn write_worker_configs_for(dir: &Path, peer_v6: bool, proxy: Option<&str>) -> PathBuf {
+    // Every private lab has the same addresses (only the namespace names differ).
+    let net = baton_lab::Topology::private("");
+    let peers = [0, 1].map(|i| {
+        if peer_v6 {
+            format!("[{}]:{PEER_PORT}", net.worker_addr6(i))
+        } else {
+            format!("{}:{PEER_PORT}", net.worker_addr4(i))
+        }
+    });
+    write_worker_configs_at(dir, &peers, proxy)
+}
+
+/// [`write_worker_configs_for`] with the workers' peer channels at `peers` (w1's, w2's).
+pub fn write_worker_configs_at(dir: &Path, peers: &[String; 2], proxy: Option<&str>) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     gen_certs(dir, "w1,w2", &["--service-name", "baton.test"]);
     let d = dir.display();
     // The controller gets the token secret only (no snapshot key).
     let mut mc = format!("secrets = \"{d}/controller-secrets.toml\"\n");
-    // Every private lab has the same addresses (only the namespace names differ).
-    let net = baton_lab::Topology::private("");
-    let peer_of = |sid: u32| {
-        let i = sid as usize - 1;
-        if peer_v6 {
-            format!("[{}]:{PEER_PORT}", net.worker_addr6(i))
-        } else {
-            format!("{}:{PEER_PORT}", net.worker_addr4(i))
-        }
-    };
+    let peer_of = |sid: u32| peers[sid as usize - 1].clone();
     // Every worker lists both (the same list everywhere): only they are admitted as peers.
     let workers = (1..=2)
         .map(|sid| {
@@ -272,6 +279,11 @@ pub fn worker_call(sock: &Path, req: &str) -> Option<Value> {
 /// Starts lab worker `i` (w1 or w2, configured by [`write_worker_configs`] in `dir`) in its
 /// namespace with `env`, logging to `<dir>/w<i>.log`; returns once its control socket answers.
 pub fn spawn_worker(lab: &Lab, dir: &Path, i: usize, env: &[(&str, &str)]) -> Child {
+    spawn_worker_in(&lab.workers[i], dir, i, env)
+}
+
+/// [`spawn_worker`] in namespace `ns`.
+pub fn spawn_worker_in(ns: &str, dir: &Path, i: usize, env: &[(&str, &str)]) -> Child {
     let name = format!("w{}", i + 1);
     let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
@@ -280,7 +292,7 @@ pub fn spawn_worker(lab: &Lab, dir: &Path, i: usize, env: &[(&str, &str)]) -> Ch
         .open(&log_path)
         .unwrap();
     let child = Command::new("ip")
-        .args(["netns", "exec", &lab.workers[i]])
+        .args(["netns", "exec", ns])
         .arg(worker_bin())
         .arg("--config")
         .arg(dir.join(format!("{name}.toml")))
@@ -855,10 +867,31 @@ impl Load {
         extra: &[&str],
         patience: Duration,
     ) -> Load {
+        Load::start_in(
+            &lab.client,
+            dir,
+            name,
+            targets,
+            connections,
+            extra,
+            patience,
+        )
+    }
+
+    /// [`Load::start_with`] from namespace `client_ns`.
+    pub fn start_in(
+        client_ns: &str,
+        dir: &Path,
+        name: &str,
+        targets: &[SocketAddr],
+        connections: usize,
+        extra: &[&str],
+        patience: Duration,
+    ) -> Load {
         let file = |suffix: &str| dir.join(format!("{name}{suffix}"));
         let log = std::fs::File::create(file(".out")).unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &lab.client])
+            .args(["netns", "exec", client_ns])
             .arg(load_bin())
             .args(
                 targets

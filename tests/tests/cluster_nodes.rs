@@ -1,0 +1,156 @@
+//! Two LB nodes behind an ECMP router, following one etcd (issue 13): client flows spread over
+//! both nodes, which route them identically (the same Maglev table from the same worker set, the
+//! same overrides from the same flips). Every connection is moved by `baton drain`, run on the
+//! client host, three times under load; then one node's baton-lb is SIGKILLed and the router
+//! stops sending to it (its BGP session would end): its flows reach the other node, which routes
+//! them to the same workers, and a last drain moves them all again. Nothing fails, nothing
+//! reconnects, every stream is byte-exact.
+mod support;
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use support::cluster::ClusterLab;
+use support::*;
+
+const CONNECTIONS: usize = 32;
+const LOAD_PATIENCE: Duration = Duration::from_secs(90);
+
+/// IPv4 datagrams each node's program saw to the VIP.
+fn vip_packets(lab: &ClusterLab) -> Vec<u64> {
+    lab.nodes
+        .iter()
+        .map(|n| n.counters().get("ipv4").copied().unwrap_or(0))
+        .collect()
+}
+
+/// Drains `worker` from the client host: every connection it held moved, none failed.
+fn drain(lab: &ClusterLab, worker: &str) -> Value {
+    let s = lab.baton_json(&["drain", worker]);
+    assert_eq!(s["failed"], 0, "drain {worker}: {s}");
+    assert!(
+        s["moved"].as_u64() > Some(0),
+        "drain {worker} moved connections: {s}"
+    );
+    s
+}
+
+/// Every node's maps agree with etcd: the same overrides, the same Maglev table by name.
+fn nodes_agree(lab: &ClusterLab, when: &str) {
+    let want = lab.etcd_overrides();
+    let tables: Vec<Vec<String>> = lab.nodes.iter().map(|n| n.maglev_by_name()).collect();
+    for (k, node) in lab.nodes.iter().enumerate() {
+        wait_for(
+            &format!("{}'s overrides to be etcd's {when}", node.name),
+            || node.overrides() == lab.etcd_overrides(),
+            || format!("etcd {want:?}, {} {:?}", node.name, node.overrides()),
+        );
+        assert_eq!(
+            tables[k], tables[0],
+            "{when}: {} builds the Maglev table lb1 builds",
+            node.name
+        );
+    }
+}
+
+#[test]
+fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead_node() {
+    let mut lab = ClusterLab::up(2);
+    nodes_agree(&lab, "at the start");
+    let before = vip_packets(&lab);
+    let mut load = Load::start_in(
+        &lab.net.client,
+        &lab.dir,
+        "cluster2",
+        &[lab.vip()],
+        CONNECTIONS,
+        &["--request-interval", "50ms", "--stream-rate", "16384"],
+        LOAD_PATIENCE,
+    );
+    let carry_on = |load: &Load, when: &str| {
+        let from = load.requests_per_connection();
+        wait_for(
+            &format!("every connection to answer 5 more requests {when}"),
+            || {
+                let now = load.requests_per_connection();
+                now.iter().zip(&from).all(|(n, f)| *n >= f + 5)
+            },
+            || format!("{from:?} -> {:?}", load.requests_per_connection()),
+        );
+    };
+    carry_on(&load, "before the drains");
+    let mut drains = Vec::new();
+    for worker in ["w1", "w2", "w1"] {
+        let held = lab
+            .baton_json(&["conns"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["worker"] == worker)
+            .count();
+        if held == 0 {
+            continue;
+        }
+        let started = Instant::now();
+        let s = drain(&lab, worker);
+        assert_eq!(
+            s["moved"].as_u64(),
+            Some(held as u64),
+            "drain {worker}: {s}"
+        );
+        drains.push((worker, held, started.elapsed()));
+        carry_on(&load, &format!("after draining {worker}"));
+        nodes_agree(&lab, &format!("after draining {worker}"));
+    }
+    let seen: Vec<u64> = vip_packets(&lab)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let total: u64 = seen.iter().sum();
+    for (k, n) in seen.iter().enumerate() {
+        // 32 flows hashed over 2 next hops: fewer than 10% on one node is a one-in-a-million draw.
+        assert!(
+            *n * 10 >= total,
+            "lb{} routed a fair share of the VIP's datagrams: {seen:?}",
+            k + 1
+        );
+    }
+
+    // lb2 dies: its process goes, and the router stops sending to it (its BGP session ended).
+    lab.nodes[1].kill();
+    lab.net.route_through(&[0]).unwrap();
+    let on_lb1 = vip_packets(&lab)[0];
+    carry_on(&load, "after lb2 died");
+    assert!(vip_packets(&lab)[0] > on_lb1, "lb1 routes lb2's flows");
+    // The survivor is the only live node once lb2's lease ended: drains wait for it alone.
+    let conns = lab.baton_json(&["conns"]);
+    let worker = conns[0]["worker"].as_str().unwrap().to_string();
+    drain(&lab, &worker);
+    carry_on(&load, "after the drain with one node");
+
+    let summary = load.stop(LOAD_PATIENCE);
+    let n = |k: &str| summary[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(n("established"), CONNECTIONS as u64, "{summary}");
+    assert_eq!(n("failed"), 0, "failed requests: {summary}");
+    assert_eq!(n("reconnects"), 0, "reconnects: {summary}");
+    assert_eq!(n("connection_errors"), 0, "{summary}");
+    assert_eq!(n("counter_breaks"), 0, "{summary}");
+    assert_eq!(n("streams_not_exact"), 0, "streams not exact: {summary}");
+    assert!(n("stream_bytes_sent") > 0, "{summary}");
+    assert_eq!(
+        n("stream_bytes_verified"),
+        n("stream_bytes_sent"),
+        "{summary}"
+    );
+    assert_eq!(summary["ok"], true, "{summary}");
+    for (w, held, took) in &drains {
+        eprintln!(
+            "RESULT cluster2 drain={w} moved={held} ms={}",
+            took.as_millis()
+        );
+    }
+    eprintln!(
+        "RESULT cluster2 connections={CONNECTIONS} vip_datagrams_per_node={seen:?} requests={}",
+        n("requests")
+    );
+}
