@@ -29,6 +29,9 @@ pub struct Options {
     pub worker: worker::WorkerOptions,
     #[command(flatten)]
     pub http3: http3::Http3Options,
+    /// cluster: flips per node count.
+    #[arg(long, default_value_t = 1000)]
+    pub cluster_flips: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -67,6 +70,11 @@ pub enum Suite {
     /// (1000 B GET, 500 kB GET, 64 KiB POST): requests/s, latency p50/p99, proxy CPU per request,
     /// failed requests. Targets: requests/s >= 0.9x stock, no failed request on baton.
     Http3,
+    /// A cluster flip's convergence (issue 13): from a migration's flip written to etcd until
+    /// every LB node has applied and reported it, p50/p99 over --cluster-flips flips with 2 and 4
+    /// nodes (the real follower on a real etcd, in-memory maps), beside one plain etcd write and
+    /// read in the same run.
+    Cluster,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -118,6 +126,22 @@ pub fn run(opts: &Options) -> Result<()> {
     if wanted(Suite::Http3) {
         let bins = http3::build(opts.bin_dir.as_deref())?;
         http3::run(&bins, &opts.http3)?;
+    }
+    if wanted(Suite::Cluster) {
+        crate::util::run(crate::util::cargo().args([
+            "run",
+            "-q",
+            "--release",
+            "-p",
+            "baton-cluster",
+            "--example",
+            "flip_latency",
+            "--",
+            "--flips",
+            &opts.cluster_flips.to_string(),
+            "--nodes",
+            "2,4",
+        ]))?;
     }
     Ok(())
 }
