@@ -1,7 +1,10 @@
 //! `cargo xtask lab up|down`: the network-namespace lab for Baton, the fixed instance of the
 //! topology in the `baton-lab` crate (`lab/src/lib.rs`, which draws it): namespaces
 //! `baton-client`, `baton-lb`, `baton-w1`, `baton-w2`, addresses under 10.200/16 and
-//! fd00:200::/32, interfaces `bt-*`.
+//! fd00:200::/32, interfaces `bt-*`. With `--lb-nodes N` (N > 1) it builds the cluster topology
+//! instead (`lab/src/cluster.rs`): a router spreading the VIP over N LB nodes with ECMP, the
+//! workers and an etcd on one switched segment, namespaces `baton-c-*`, and writes each node's
+//! config.
 use crate::util::{require_root, workspace_root};
 use anyhow::Result;
 use baton_lab::Topology;
@@ -9,7 +12,12 @@ use baton_lab::Topology;
 #[derive(clap::Subcommand)]
 pub enum Action {
     /// Create the namespaces, links, addresses and routes (idempotent: re-running repairs).
-    Up,
+    Up {
+        /// LB nodes: 1 is the single-node lab; more builds the cluster lab (a router with an
+        /// ECMP route over the nodes, hashing on ports; etcd in a namespace of its own).
+        #[arg(long, default_value_t = 1)]
+        lb_nodes: usize,
+    },
     /// Remove the namespaces the lab made (and with them its interfaces).
     Down,
 }
@@ -22,7 +30,8 @@ pub const VIP6: &str = baton_lab::FIXED.vip6;
 pub fn run(action: Action) -> Result<()> {
     require_root("cargo xtask lab")?;
     match action {
-        Action::Up => up(),
+        Action::Up { lb_nodes: 1 } => up(),
+        Action::Up { lb_nodes } => cluster_up(lb_nodes),
         Action::Down => down(),
     }
 }
@@ -38,8 +47,81 @@ pub fn up_quiet() -> Result<()> {
     Topology::fixed().up()
 }
 
+/// The cluster lab's namespaces (`baton-c-*`, the fixed addresses).
+fn cluster_topology(lb_nodes: usize) -> Result<baton_lab::cluster::ClusterTopology> {
+    baton_lab::cluster::ClusterTopology::new("baton-c", lb_nodes, baton_lab::FIXED)
+}
+
+fn cluster_up(lb_nodes: usize) -> Result<()> {
+    let t = cluster_topology(lb_nodes)?;
+    t.up()?;
+    let dir = workspace_root().join("target/lab-cluster");
+    std::fs::create_dir_all(&dir)?;
+    let etcd = format!("http://{}:2379", t.etcd_addr());
+    println!(
+        "Baton cluster lab is up: {lb_nodes} LB nodes behind {} (ECMP over them for {VIP4}, hashing on ports)",
+        t.router
+    );
+    for k in 0..lb_nodes {
+        let name = format!("lb{}", k + 1);
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "# LB node {name} of the cluster lab (`cargo xtask lab up --lb-nodes {lb_nodes}`).\n\
+                 interface = \"{uplink}\"\nxdp_mode = \"skb\"\n[cid]\nlength = 8\nserver_id_length = 2\n\
+                 [[vips]]\naddress = \"{VIP4}\"\nports = [4433]\n[health]\nkind = \"none\"\n\
+                 [control]\nsocket = \"/run/baton/{name}.sock\"\n\
+                 [cluster]\nendpoints = [\"{etcd}\"]\nprefix = \"/baton/lab\"\nnode = \"{name}\"\n",
+                uplink = t.lb_uplink_dev(k),
+            ),
+        )?;
+        println!(
+            "  {:<13} uplink {} {}  segment {} {}",
+            t.lbs[k],
+            t.lb_uplink_dev(k),
+            t.lb_uplink_addr(k),
+            t.lb_segment_dev(k),
+            t.lb_segment_addr(k)
+        );
+    }
+    for i in 0..2 {
+        println!("  {:<13} {} (VIP on lo)", t.workers[i], t.worker_addr4(i));
+    }
+    println!(
+        "  {:<13} {}  client {}",
+        t.etcd,
+        t.etcd_addr(),
+        t.client_addr()
+    );
+    println!();
+    println!("Next (docs/CLUSTER.md):");
+    println!(
+        "  sudo ip netns exec {} etcd --data-dir /tmp/baton-lab-etcd --listen-client-urls http://0.0.0.0:2379 --advertise-client-urls {etcd} &",
+        t.etcd
+    );
+    for k in 0..lb_nodes {
+        println!(
+            "  sudo target/release/baton-lb --netns {} --pin-dir /sys/fs/bpf/baton-lb{} --config {} &",
+            t.lbs[k],
+            k + 1,
+            dir.join(format!("lb{}.toml", k + 1)).display()
+        );
+    }
+    println!(
+        "  workers: a [cluster] table (endpoints = [\"{etcd}\"], prefix = \"/baton/lab\", address = their segment address) registers them"
+    );
+    Ok(())
+}
+
 fn down() -> Result<()> {
     down_quiet()?;
+    for ns in cluster_topology(baton_lab::cluster::MAX_LB_NODES)?.namespaces() {
+        if baton_lab::ns_exists(ns) {
+            baton_lab::sh(&["ip", "netns", "del", ns])?;
+            println!("removed namespace {ns}");
+        }
+    }
     if std::path::Path::new("/sys/fs/bpf/baton").exists() {
         println!(
             "note: /sys/fs/bpf/baton still holds baton-lb's pins (the lab did not make them): \
