@@ -156,11 +156,16 @@ impl Cluster {
         let held_claim = found.next().flatten();
         let held_worker = found.next().flatten();
         if let Some((value, _)) = &held_claim {
-            let holder: ServerIdClaim =
-                serde_json::from_slice(value).map_err(|e| ClusterError::BadRecord {
-                    key: claim_key.clone(),
-                    why: e.to_string(),
-                })?;
+            let holder: ServerIdClaim = match serde_json::from_slice(value) {
+                Ok(h) => h,
+                Err(e) => {
+                    lease.revoke().await;
+                    return Err(ClusterError::BadRecord {
+                        key: claim_key.clone(),
+                        why: e.to_string(),
+                    });
+                }
+            };
             if holder.worker != record.name {
                 lease.revoke().await;
                 return Err(ClusterError::ServerIdHeld(
@@ -169,11 +174,16 @@ impl Cluster {
             }
         }
         if let Some((value, _)) = &held_worker {
-            let other: WorkerRecord =
-                serde_json::from_slice(value).map_err(|e| ClusterError::BadRecord {
-                    key: worker_key.clone(),
-                    why: e.to_string(),
-                })?;
+            let other: WorkerRecord = match serde_json::from_slice(value) {
+                Ok(o) => o,
+                Err(e) => {
+                    lease.revoke().await;
+                    return Err(ClusterError::BadRecord {
+                        key: worker_key.clone(),
+                        why: e.to_string(),
+                    });
+                }
+            };
             if other.server_id != record.server_id {
                 lease.revoke().await;
                 return Err(ClusterError::NameHeld {

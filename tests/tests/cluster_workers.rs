@@ -136,3 +136,57 @@ fn a_worker_claiming_a_held_server_id_is_refused_naming_the_holder() {
     let _ = w2.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_worker_whose_lease_expired_registers_again() {
+    let etcd = Etcd::start("reregister");
+    let dir = std::env::temp_dir().join(format!("baton-cluster-rereg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    gen_certs(&dir, "w1", &[]);
+    let key = format!("{PREFIX}/workers/w1");
+    let log = dir.join("w1.log");
+    let mut w1 = start(&write_config(&dir, "w1", 1, &etcd), &log);
+    let show = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("w1 to register", || !etcd_get(&etcd, &key).is_empty(), show);
+    // What etcd does to a lease it could not hear renewed for its TTL: end it (and its keys).
+    let lease = Command::new("etcdctl")
+        .args(["--endpoints", &etcd.endpoint(), "lease", "list"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    let ids: Vec<String> = String::from_utf8_lossy(&lease.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(ids.len(), 1, "one lease, w1's: {ids:?}");
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", &etcd.endpoint(), "lease", "revoke", &ids[0]])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        etcd_get(&etcd, &key),
+        "",
+        "the registration went with the lease"
+    );
+    wait_for(
+        "w1 to register again",
+        || etcd_get(&etcd, &key).contains(r#""server_id":1"#),
+        show,
+    );
+    assert_eq!(
+        etcd_get(&etcd, &format!("{PREFIX}/server-ids/1")),
+        r#"{"worker":"w1"}"#
+    );
+    let _ = w1.kill();
+    let _ = w1.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -93,7 +93,20 @@ async fn main() -> anyhow::Result<()> {
     };
     // In a cluster: register before serving, so a worker whose server ID is held never serves.
     let registration = match &config.cluster {
-        Some(cl) => Some(register(&config, cl).await?),
+        Some(cl) => {
+            let record = worker_record(&config, cl);
+            let cluster = connect_cluster(cl).await?;
+            let lease = register(&cluster, &record, cl).await?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(keep_registered(
+                cluster,
+                record,
+                cl.lease_ttl_s,
+                lease,
+                stopped,
+            ));
+            Some((stop, task))
+        }
         None => None,
     };
     // From here on, leave through `shutdown` so the control socket file goes with us.
@@ -111,31 +124,45 @@ async fn main() -> anyhow::Result<()> {
     if let Some(c) = &config.control_socket {
         let _ = std::fs::remove_file(c);
     }
-    if let Some(lease) = registration {
+    if let Some((stop, task)) = registration {
         // LB nodes drop this worker now rather than when the lease would run out.
-        lease.revoke().await;
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
     result
+}
+
+/// What this worker registers: its name, server ID, address, weight and control API.
+fn worker_record(
+    config: &WorkerConfig,
+    cl: &baton_worker::config::ClusterConfig,
+) -> baton_cluster::WorkerRecord {
+    baton_cluster::WorkerRecord {
+        name: config.name(),
+        server_id: config.server_id,
+        address: cl.address,
+        weight: cl.weight,
+        control: config.control_tls.as_ref().map(|t| t.listen.to_string()),
+    }
+}
+
+async fn connect_cluster(
+    cl: &baton_worker::config::ClusterConfig,
+) -> anyhow::Result<baton_cluster::etcd::Cluster> {
+    let prefix = baton_cluster::Prefix::new(&cl.prefix)?;
+    Ok(baton_cluster::etcd::Cluster::connect(&cl.endpoints, prefix).await?)
 }
 
 /// Registers this worker in the cluster's etcd (`[cluster]`): its record under a lease kept
 /// alive for as long as the process runs, its server ID claimed. Fails, naming the holder, if
 /// another worker holds the ID.
 async fn register(
-    config: &WorkerConfig,
+    cluster: &baton_cluster::etcd::Cluster,
+    record: &baton_cluster::WorkerRecord,
     cl: &baton_worker::config::ClusterConfig,
 ) -> anyhow::Result<baton_cluster::etcd::Lease> {
-    let prefix = baton_cluster::Prefix::new(&cl.prefix)?;
-    let cluster = baton_cluster::etcd::Cluster::connect(&cl.endpoints, prefix).await?;
-    let record = baton_cluster::WorkerRecord {
-        name: config.name(),
-        server_id: config.server_id,
-        address: cl.address,
-        weight: cl.weight,
-        control: config.control_tls.as_ref().map(|t| t.listen.to_string()),
-    };
     let lease = cluster
-        .register_worker(&record, cl.lease_ttl_s)
+        .register_worker(record, cl.lease_ttl_s)
         .await
         .context("registering in the cluster")?;
     tracing::info!(
@@ -145,6 +172,40 @@ async fn register(
         "registered in the cluster"
     );
     Ok(lease)
+}
+
+/// Keeps the registration while the worker runs: if etcd let the lease expire (unreachable for
+/// longer than its TTL, which took the registration with it), registers again once etcd answers,
+/// so LB nodes route new connections here again. Revokes the lease when `stop` turns true.
+async fn keep_registered(
+    cluster: baton_cluster::etcd::Cluster,
+    record: baton_cluster::WorkerRecord,
+    ttl: i64,
+    mut lease: baton_cluster::etcd::Lease,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        if !lease.expired() {
+            pause = std::time::Duration::from_millis(500);
+            continue;
+        }
+        match cluster.register_worker(&record, ttl).await {
+            Ok(l) => {
+                tracing::info!(worker = %record.name, "registered in the cluster again after the lease expired");
+                lease = l;
+            }
+            Err(e) => {
+                tracing::warn!(worker = %record.name, "registering again after the lease expired: {e}; retrying");
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+    lease.revoke().await;
 }
 
 /// SIGINT and SIGTERM (systemd's stop signal) both stop the worker cleanly. The handlers are
