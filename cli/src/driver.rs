@@ -1512,6 +1512,40 @@ pub fn drain(
     })
 }
 
+/// Adds the cluster's registered workers that the config does not list, reached through their
+/// registered control address over `[control_tls]`.
+fn add_registered_workers(
+    cfg: &mut MigrationConfig,
+    registered: &[baton_cluster::WorkerRecord],
+) -> Result<()> {
+    for r in registered {
+        if cfg.workers.iter().any(|w| w.name == r.name) {
+            continue;
+        }
+        let Some(addr) = &r.control else {
+            tracing::warn!(worker = %r.name, "registered without a network control API ([control_tls] in its config): list it under [[workers]] to migrate its connections from here");
+            continue;
+        };
+        if cfg.control_tls.is_none() {
+            bail!(
+                "worker {} registers its control API at {addr}: a [control_tls] table (ca, cert, \
+                 key) is needed to reach it",
+                r.name
+            );
+        }
+        cfg.workers.push(WorkerEndpoint {
+            name: r.name.clone(),
+            control: None,
+            control_tls: Some(addr.clone()),
+            server_name: None,
+        });
+    }
+    if cfg.workers.is_empty() {
+        bail!("no worker is registered in the cluster, and the config lists none");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1591,6 +1625,7 @@ mod tests {
             secrets: dir.join("secrets.toml"),
             control_tls: None,
             workers,
+            cluster: None,
         };
         let mut o = Orchestrator::new(cfg, &dir.join("no-lb.sock"), &dir.join("no-pins")).unwrap();
         o.control_timeout = Duration::from_millis(300);
@@ -1639,6 +1674,52 @@ mod tests {
         .unwrap_err();
         assert!(format!("{e:#}").contains("worker stuck"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cluster_config_finds_its_workers_in_etcd() {
+        let base = "secrets = \"/s.toml\"\n";
+        let cluster =
+            "[cluster]\nendpoints = [\"http://10.0.0.5:2379\"]\nprefix = \"/baton/prod\"\n";
+        let e = MigrationConfig::parse(base).unwrap_err().to_string();
+        assert!(e.contains("[cluster]"), "{e}");
+        let mut c = MigrationConfig::parse(&format!("{base}{cluster}")).unwrap();
+        assert!(c.workers.is_empty());
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!((cl.override_ttl_s, cl.applied_timeout_ms), (600, 5000));
+        let record = |name: &str, control: Option<&str>| baton_cluster::WorkerRecord {
+            name: name.into(),
+            server_id: 1,
+            address: "10.0.0.11".parse().unwrap(),
+            weight: 1,
+            control: control.map(String::from),
+        };
+        // A registered control API needs the [control_tls] identity to be reached.
+        let e = add_registered_workers(&mut c, &[record("w1", Some("10.0.0.11:4480"))])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[control_tls]") && e.contains("w1"), "{e}");
+        let mut c = MigrationConfig::parse(&format!(
+            "{base}[control_tls]\nca = \"/ca\"\ncert = \"/c\"\nkey = \"/k\"\n\
+             [[workers]]\nname = \"w2\"\ncontrol = \"/w2.sock\"\n{cluster}"
+        ))
+        .unwrap();
+        add_registered_workers(
+            &mut c,
+            &[
+                record("w1", Some("10.0.0.11:4480")),
+                record("w2", Some("10.0.0.12:4480")),
+                record("w3", None),
+            ],
+        )
+        .unwrap();
+        let names: Vec<(&str, Option<&str>)> = c
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), w.control_tls.as_deref()))
+            .collect();
+        // The listed w2 keeps its socket; w3 has no network control API and is left out.
+        assert_eq!(names, [("w2", None), ("w1", Some("10.0.0.11:4480"))]);
     }
 
     #[test]
@@ -1818,38 +1899,4 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Adds the cluster's registered workers that the config does not list, reached through their
-/// registered control address over `[control_tls]`.
-fn add_registered_workers(
-    cfg: &mut MigrationConfig,
-    registered: &[baton_cluster::WorkerRecord],
-) -> Result<()> {
-    for r in registered {
-        if cfg.workers.iter().any(|w| w.name == r.name) {
-            continue;
-        }
-        let Some(addr) = &r.control else {
-            tracing::warn!(worker = %r.name, "registered without a network control API ([control_tls] in its config): list it under [[workers]] to migrate its connections from here");
-            continue;
-        };
-        if cfg.control_tls.is_none() {
-            bail!(
-                "worker {} registers its control API at {addr}: a [control_tls] table (ca, cert, \
-                 key) is needed to reach it",
-                r.name
-            );
-        }
-        cfg.workers.push(WorkerEndpoint {
-            name: r.name.clone(),
-            control: None,
-            control_tls: Some(addr.clone()),
-            server_name: None,
-        });
-    }
-    if cfg.workers.is_empty() {
-        bail!("no worker is registered in the cluster, and the config lists none");
-    }
-    Ok(())
 }
