@@ -577,26 +577,99 @@ impl Cluster {
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
-    /// Waits until every live LB node has applied `revision` (the flip), checking every few
-    /// milliseconds, at most `timeout`. On timeout, returns the nodes still behind and where
-    /// they are.
+    /// Waits until every live LB node has applied `revision` (the flip), at most `timeout`:
+    /// reads the nodes' reports once, then follows them with a watch (a node's report changing,
+    /// or going with its lease). On timeout, returns the nodes still behind and where they are.
     pub async fn wait_applied(
         &self,
         revision: i64,
         timeout: Duration,
     ) -> Result<Result<(), BTreeMap<String, i64>>, ClusterError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let behind = |applied: &BTreeMap<String, i64>| -> BTreeMap<String, i64> {
+            applied
+                .iter()
+                .filter(|(_, r)| **r < revision)
+                .map(|(n, r)| (n.clone(), *r))
+                .collect()
+        };
+        let dir = format!("{}nodes/", self.prefix.as_str());
+        let mut client = self.client.clone();
+        // The watch first, from now on (a watch from a past revision is served late, in etcd's
+        // catch-up batches), then one read: nothing between the two is missed.
+        let mut stream = client
+            .watch(dir.as_str(), Some(WatchOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        // The client does not wait for etcd to confirm the watch: do, so the read below is after it.
         loop {
-            let applied = self.applied().await?;
-            let behind: BTreeMap<String, i64> =
-                applied.into_iter().filter(|(_, r)| *r < revision).collect();
-            if behind.is_empty() {
-                return Ok(Ok(()));
+            let created = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return self.applied().await.map(|a| Err(behind(&a))),
+                m = stream.message() => m.map_err(|e| self.unreachable(e))?,
+            };
+            match created {
+                Some(r) if r.created() => break,
+                Some(_) => {}
+                None => {
+                    return Err(ClusterError::Unreachable {
+                        endpoints: self.endpoints.clone(),
+                        source: etcd_client::Error::WatchError("etcd closed the watch".into()),
+                    });
+                }
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(Err(behind));
+        }
+        let resp = client
+            .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let mut applied = BTreeMap::new();
+        for kv in resp.kvs() {
+            self.note_applied(&mut applied, kv.key(), Some(kv.value()));
+        }
+        if behind(&applied).is_empty() {
+            return Ok(Ok(()));
+        }
+        loop {
+            let message = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(Err(behind(&applied))),
+                m = stream.message() => m,
+            };
+            match message {
+                Ok(Some(resp)) => {
+                    for e in resp.events() {
+                        if let Some(kv) = e.kv() {
+                            let value = (e.event_type() == EventType::Put).then(|| kv.value());
+                            self.note_applied(&mut applied, kv.key(), value);
+                        }
+                    }
+                    if behind(&applied).is_empty() {
+                        return Ok(Ok(()));
+                    }
+                }
+                Ok(None) => {
+                    return Err(ClusterError::Unreachable {
+                        endpoints: self.endpoints.clone(),
+                        source: etcd_client::Error::WatchError("etcd closed the watch".into()),
+                    });
+                }
+                Err(e) => return Err(self.unreachable(e)),
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// One node's report (`value` `None`: gone with its lease) into `applied`.
+    fn note_applied(&self, applied: &mut BTreeMap<String, i64>, key: &[u8], value: Option<&[u8]>) {
+        let Ok(Key::Applied(node)) = self.prefix.parse(&String::from_utf8_lossy(key)) else {
+            return;
+        };
+        match value.map(serde_json::from_slice::<AppliedRecord>) {
+            Some(Ok(r)) => {
+                applied.insert(node, r.revision);
+            }
+            // A report that does not decode counts as absent, as for the LB nodes.
+            Some(Err(_)) | None => {
+                applied.remove(&node);
+            }
         }
     }
 
