@@ -9,6 +9,7 @@ extern crate std;
 
 pub mod cid;
 pub mod demo;
+pub mod encap;
 pub mod fastpath;
 #[cfg(any(test, feature = "std"))]
 mod text;
@@ -42,6 +43,9 @@ pub mod map_names {
     pub const FASTPATH: &str = "BATON_FASTPATH";
     pub const VIP_TABLE: &str = "BATON_VIP_TABLE";
     pub const SERVER_ID_TABLE: &str = "BATON_SERVER_ID_TABLE";
+    /// Per worker slot, how forwarded datagrams are encapsulated ([`crate::encap::EncapEntry`]).
+    /// Added after the others: pin directories of older builds lack it (layer 2 only).
+    pub const WORKER_ENCAP: &str = "BATON_WORKER_ENCAP";
 }
 
 /// Size of the Maglev lookup table: a prime, as Maglev requires, large enough that moving one of
@@ -237,7 +241,7 @@ pub enum Stat {
     RoutedHash = 4,
     /// The chosen worker had no usable entry, or no healthy worker exists: XDP_DROP.
     NoWorker = 5,
-    /// `bpf_redirect_map` failed.
+    /// `bpf_redirect_map` failed, or (encapsulation) the frame could not be grown or trimmed.
     RedirectError = 6,
     /// Forwarded with XDP_TX.
     Tx = 7,
@@ -247,11 +251,21 @@ pub enum Stat {
     Ipv4 = 9,
     /// IPv6 packets seen to a VIP.
     Ipv6 = 10,
-    /// Bytes forwarded to workers.
+    /// Bytes forwarded to workers (frames as sent: encapsulated ones with their outer headers).
     Bytes = 11,
+    /// Forwarded with an outer header (`BATON_WORKER_ENCAP`: IPIP or GUE); also counted under the
+    /// route and `tx`/`redirected` as layer-2 forwards are.
+    Encapsulated = 12,
+    /// Would have exceeded the worker's path MTU once encapsulated: XDP_DROP (not counted as
+    /// routed). A QUIC client's path MTU probes are padded datagrams; losing one is how it learns.
+    EncapTooBig = 13,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 14;
+/// Slots in `BATON_STATS`: more than [`STAT_COUNT`], so that verdicts added later fit in a map
+/// pinned by an older build (a different size would force the map to be recreated).
+pub const STATS_SLOTS: u32 = 32;
+const _: () = assert!(STAT_COUNT <= STATS_SLOTS);
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -267,6 +281,8 @@ impl Stat {
         Stat::Ipv4,
         Stat::Ipv6,
         Stat::Bytes,
+        Stat::Encapsulated,
+        Stat::EncapTooBig,
     ];
 
     /// Stable snake_case name used by the CLI, JSON output and Prometheus.
@@ -284,6 +300,8 @@ impl Stat {
             Stat::Ipv4 => "ipv4",
             Stat::Ipv6 => "ipv6",
             Stat::Bytes => "bytes",
+            Stat::Encapsulated => "encapsulated",
+            Stat::EncapTooBig => "encap_too_big",
         }
     }
 }
@@ -291,6 +309,14 @@ impl Stat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_list_is_complete_and_in_index_order() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+        }
+        assert_eq!(Stat::EncapTooBig as u32, STAT_COUNT - 1);
+    }
 
     #[test]
     fn cid_hash_depends_on_every_byte_and_the_length() {
@@ -342,6 +368,7 @@ mod pod {
     unsafe impl aya::Pod for super::WorkerRef {}
     unsafe impl aya::Pod for super::ServerIdKey {}
     unsafe impl aya::Pod for super::WorkerEntry {}
+    unsafe impl aya::Pod for super::encap::EncapEntry {}
     unsafe impl aya::Pod for super::fastpath::FastPathState {}
     unsafe impl aya::Pod for super::fastpath::VipSlot {}
     unsafe impl aya::Pod for super::fastpath::VipTable {}
