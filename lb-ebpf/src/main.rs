@@ -21,7 +21,10 @@
 //! Forwarding is layer-2 direct server return: the destination MAC becomes the worker's, the
 //! source MAC becomes the MAC the frame was sent to (our ingress interface's) so switches and
 //! bridges never learn the client's MAC behind our port; XDP_REDIRECT through the `BATON_TX_PORTS`
-//! devmap, or XDP_TX when the worker sits behind the receiving interface.
+//! devmap, or XDP_TX when the worker sits behind the receiving interface. A worker whose
+//! `BATON_WORKER_ENCAP` slot says IPIP or GUE gets the datagram inside an outer IP (and UDP +
+//! GUE) header addressed to it, sent to the same next-hop MAC (see `encapsulate`), so it may
+//! sit on another subnet; a datagram that would then exceed the path MTU is dropped and counted.
 //!
 //! Fast path (`lb_common::fastpath`): while `BATON_FASTPATH`'s flags say so, the VIP check scans
 //! the `BATON_VIP_TABLE` array, the server ID indexes the `BATON_SERVER_ID_TABLE` array, the
@@ -41,11 +44,17 @@ mod maps;
 
 use aya_ebpf::{
     bindings::{bpf_devmap_val, xdp_action},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use lb_common::cid::decode_server_id_words;
+use lb_common::encap::{
+    ENCAP_GUE, ENCAP_IPIP, ENCAP_NONE, EncapEntry, IPPROTO_IPIP, IPPROTO_IPV6, IPV6_HDR_LEN,
+    OUTER_TTL, be16_native, csum_add_word, csum_fold, flow_hash, gue_source_port,
+    ipv4_header_words,
+};
 use lb_common::fastpath::{
     BPF_F_MMAPABLE, FP_OVERRIDE_COUNTS, FP_SERVER_ID_TABLE, FP_VIP_TABLE, FastPathState,
     SERVER_ID_TABLE_MAX_LEN, SERVER_ID_TABLE_SIZE, ServerIdSlot, VIP_SLOT_ENABLED, VIP_TABLE_SLOTS,
@@ -53,7 +62,7 @@ use lb_common::fastpath::{
 };
 use lb_common::{
     AF_INET, AF_INET6, CidKey, CidLayout, LbConfig, MAGLEV_TABLE_SIZE, MAX_CID_LEN,
-    MAX_CID_OVERRIDES, MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STAT_COUNT, ServerIdKey, Stat,
+    MAX_CID_OVERRIDES, MAX_VIPS, MAX_WORKERS, QUIC_V1, QUIC_V2, STATS_SLOTS, ServerIdKey, Stat,
     TX_SAME_IFACE, VipKey, VipValue, WORKER_IN_USE, WorkerEntry, WorkerRef, cid_hash_words,
     cid_key_words, self_described_len,
 };
@@ -84,7 +93,10 @@ static TX_PORTS: PinnedMap<u32, bpf_devmap_val, DEVMAP, { MAX_WORKERS as usize }
 #[btf_map(name = "BATON_VIP_ADDRS")]
 static VIP_ADDRS: PinnedMap<VipKey, u32, HASH, { MAX_VIPS as usize }> = PinnedMap::new();
 #[btf_map(name = "BATON_STATS")]
-static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STAT_COUNT as usize }> = PinnedMap::new();
+static STATS: PinnedMap<u32, u64, PERCPU_ARRAY, { STATS_SLOTS as usize }> = PinnedMap::new();
+// Per worker slot (as BATON_WORKERS): how to encapsulate; a zeroed slot is layer 2.
+#[btf_map(name = "BATON_WORKER_ENCAP")]
+static WORKER_ENCAP: PinnedMap<u32, EncapEntry, ARRAY, { MAX_WORKERS as usize }> = PinnedMap::new();
 // Derived fast-path maps (lb_common::fastpath): each used only while its flag is set.
 #[btf_map(name = "BATON_FASTPATH")]
 static FASTPATH: PinnedMap<u32, FastPathState, ARRAY, 1, MMAPABLE> = PinnedMap::new();
@@ -227,8 +239,9 @@ pub fn baton_xdp_forward_floor(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     count(Stat::Ipv4);
+    // Layer 2 only: the floor is the cheapest forward, and worker 0 is never encapsulated there.
     match worker_entry(0) {
-        Some(entry) => forward(&ctx, 0, entry, Stat::RoutedServerId),
+        Some(entry) => forward_l2(&ctx, 0, entry, Stat::RoutedServerId),
         None => drop_count(Stat::NoWorker),
     }
 }
@@ -338,7 +351,8 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     // Find UDP and build the VIP key as the three words of a `VipKey` (address, address,
     // port | family << 16). Until the destination port is readable we cannot tell VIP traffic
     // from anything else, so truncation up to there passes.
-    let udp = match read_u16(data + 12) {
+    let ethertype = read_u16(data + 12);
+    let udp = match ethertype {
         ETH_P_IP => {
             let ip = data + ETH_LEN;
             if ip + 20 > end {
@@ -527,7 +541,11 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             }
         }
     };
-    forward(ctx, worker, entry, why)
+    let inner = Inner {
+        v6: ethertype == ETH_P_IPV6,
+        udp,
+    };
+    forward(ctx, worker, entry, why, inner)
 }
 
 /// What [`ipv6_find_udp`] found.
@@ -793,36 +811,72 @@ fn worker_entry(worker: u32) -> Option<*const WorkerEntry> {
     }
 }
 
+/// The inner datagram as the parse left it: its family and its UDP header (checked up to at
+/// least 9 bytes, and `udp + udp length <= data_end`).
+#[derive(Clone, Copy)]
+struct Inner {
+    v6: bool,
+    udp: usize,
+}
+
+/// Forwards per the worker's `BATON_WORKER_ENCAP` entry: layer 2 for mode 0 (or when the map
+/// slot is missing), otherwise [`encapsulate`].
 #[inline(always)]
-fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) -> u32 {
-    // SAFETY: an in-use `BATON_WORKERS` slot (see `worker_entry`); array values stay valid.
-    let (mac_hi, mac_lo, tx_port) = unsafe {
-        (
-            *(entry as *const u32),
-            *((entry as *const u8).add(4) as *const u16),
-            (*entry).tx_port,
-        )
+fn forward(
+    ctx: &XdpContext,
+    worker: u32,
+    entry: *const WorkerEntry,
+    why: Stat,
+    inner: Inner,
+) -> u32 {
+    let encap = match WORKER_ENCAP.lookup(&worker) {
+        Some(e) => e as *const EncapEntry,
+        None => return forward_l2(ctx, worker, entry, why),
     };
+    // SAFETY: array value, valid for the program's run.
+    if unsafe { (*encap).mode } == ENCAP_NONE {
+        return forward_l2(ctx, worker, entry, why);
+    }
+    encapsulate(ctx, worker, entry, why, inner, encap)
+}
+
+/// Writes the Ethernet header: destination = the worker's (next hop's) MAC, source = the MAC the
+/// frame was sent to (ours) unless that was a group address, and (encapsulation) the ethertype.
+/// `orig` is the frame's original destination MAC (4 + 2 bytes) as loaded.
+#[inline(always)]
+fn write_eth(data: usize, entry: *const WorkerEntry, orig: (u32, u16)) {
+    // SAFETY: the caller checked 14 bytes from `data`; `entry` is an in-use array value;
+    // unaligned 4- and 2-byte packet accesses are fine (see `load_u32`).
+    unsafe {
+        let eth = data as *mut u8;
+        if orig.0 as u8 & 1 == 0 {
+            *(eth.add(6) as *mut u32) = orig.0;
+            *(eth.add(10) as *mut u16) = orig.1;
+        }
+        *(eth as *mut u32) = *(entry as *const u32);
+        *(eth.add(4) as *mut u16) = *((entry as *const u8).add(4) as *const u16);
+    }
+}
+
+#[inline(always)]
+fn forward_l2(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + ETH_LEN > end {
         return drop_count(Stat::Malformed);
     }
-    // SAFETY: 14 bytes checked above; XDP packet memory is writable; unaligned 4- and 2-byte
-    // packet accesses are fine (see `load_u32`).
-    unsafe {
-        let eth = data as *mut u8;
-        // New source = the MAC the frame was addressed to, i.e. ours, unless it was a group
-        // address (never valid as a source): then the source stays as it was.
-        if *eth & 1 == 0 {
-            let (hi, lo) = (*(eth as *const u32), *(eth.add(4) as *const u16));
-            *(eth.add(6) as *mut u32) = hi;
-            *(eth.add(10) as *mut u16) = lo;
-        }
-        *(eth as *mut u32) = mac_hi;
-        *(eth.add(4) as *mut u16) = mac_lo;
-    }
+    // SAFETY: 14 bytes checked above.
+    let orig = unsafe { (*(data as *const u32), *((data + 4) as *const u16)) };
+    write_eth(data, entry, orig);
+    send(ctx, worker, entry, why, end - data)
+}
+
+/// Counts the route and the bytes, then XDP_TX or XDP_REDIRECT to the worker's port.
+#[inline(always)]
+fn send(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat, len: usize) -> u32 {
+    // SAFETY: an in-use `BATON_WORKERS` slot (see `worker_entry`); array values stay valid.
+    let tx_port = unsafe { (*entry).tx_port };
     count(why);
-    add(Stat::Bytes, (end - data) as u64);
+    add(Stat::Bytes, len as u64);
     if tx_port == TX_SAME_IFACE {
         count(Stat::Tx);
         return xdp_action::XDP_TX;
@@ -844,6 +898,215 @@ fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) 
             drop_count(Stat::RedirectError)
         }
     }
+}
+
+/// Puts an outer IP header (IPIP) or outer IP + UDP + GUE header (GUE) between the Ethernet
+/// header and the inner datagram, which stays byte for byte as received (Ethernet padding after
+/// it is trimmed first, so the outer lengths describe the frame). Outer and inner family may
+/// differ: the protocol number (4 or 41) names the inner one.
+///
+/// Outer IPv4: no options, ID 0, DF, TTL 64, checksum over the 20 bytes; GUE over IPv4 sends
+/// UDP checksum 0 (RFC 768 allows it and the inner datagram carries its own). Outer IPv6: hop
+/// limit 64, flow label from the flow hash (RFC 6438); GUE over IPv6 carries a full UDP checksum
+/// computed without reading the payload: an inner datagram whose UDP checksum is right sums to
+/// a value known from its headers alone (Linux's local checksum offload rests on the same
+/// identity). Where that does not apply (an inner IPv6 datagram with extension headers, or
+/// inner IPv4 UDP with checksum 0) the outer checksum is 0, as RFC 6935/6936 allow for tunnels.
+#[inline(always)]
+fn encapsulate(
+    ctx: &XdpContext,
+    worker: u32,
+    entry: *const WorkerEntry,
+    why: Stat,
+    inner: Inner,
+    encap: *const EncapEntry,
+) -> u32 {
+    // SAFETY: array value, valid for the program's run; copied out field by field.
+    let (mode, family, mtu, gue_port, sport_base, e) = unsafe {
+        (
+            (*encap).mode,
+            (*encap).family,
+            (*encap).mtu,
+            (*encap).gue_port,
+            (*encap).gue_sport_base,
+            &*encap,
+        )
+    };
+    // Writers validate entries (`EncapEntry::validate`); anything else is not a usable worker.
+    if (mode != ENCAP_IPIP && mode != ENCAP_GUE) || (family != AF_INET && family != AF_INET6) {
+        return drop_count(Stat::NoWorker);
+    }
+    let outer_v6 = family == AF_INET6;
+    let gue = mode == ENCAP_GUE;
+
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip = data + ETH_LEN;
+    let udp = inner.udp;
+    let ip_min = if inner.v6 { IPV6_LEN } else { 20 };
+    if ip + ip_min > end || udp + UDP_LEN > end {
+        return drop_count(Stat::Malformed);
+    }
+    let udp_len = read_u16(udp + 4) as usize;
+    let ip_hdr_len = udp - ip;
+    let inner_len = if inner.v6 {
+        IPV6_LEN + read_u16(ip + 4) as usize
+    } else {
+        read_u16(ip + 2) as usize
+    };
+    // The inner datagram is exactly its headers and the UDP datagram (true of any QUIC packet):
+    // the outer lengths and the GUE/IPv6 checksum below rely on it.
+    if inner_len != ip_hdr_len + udp_len || ip + inner_len > end {
+        return drop_count(Stat::Malformed);
+    }
+    let overhead = e.overhead() as usize;
+    // Not forwarded silently and not fragmented: a QUIC client's path MTU probes are padded
+    // datagrams, and dropping an oversized one is how it learns the path is narrower.
+    if overhead + inner_len > mtu as usize {
+        return drop_count(Stat::EncapTooBig);
+    }
+
+    // Everything read from the inner datagram is read now: growing the frame moves it.
+    let orig_mac = (load_u32(data), read_u16_raw(data + 4));
+    let ports = load_u32(udp);
+    let client = if inner.v6 {
+        [load_u64(ip + 8), load_u64(ip + 16)]
+    } else {
+        [load_u32(ip + 12) as u64, 0]
+    };
+    let hash = flow_hash(client, ports);
+    let inner_proto = if inner.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    // Sum of the inner datagram's bytes (GUE over IPv6 only), `None` where it cannot be known
+    // from the headers. With a right UDP checksum, UDP segment + pseudo-header sums to 0, so the
+    // datagram sums to its IP header minus that pseudo-header: for IPv6 the addresses cancel
+    // and 8 header bytes remain; an IPv4 header sums to 0 by its own checksum.
+    let inner_sum = if !gue || !outer_v6 || read_u16_raw(udp + 6) == 0 {
+        None
+    } else if inner.v6 {
+        if read_u8(ip + 6) != IPPROTO_UDP {
+            None
+        } else {
+            let s = csum_add_word(csum_add_word(0, load_u32(ip)), load_u32(ip + 4));
+            Some(s + !be16_native(udp_len as u16) as u64 + !be16_native(IPPROTO_UDP as u16) as u64)
+        }
+    } else {
+        let p = csum_add_word(csum_add_word(0, load_u32(ip + 12)), load_u32(ip + 16))
+            + be16_native(udp_len as u16) as u64
+            + be16_native(IPPROTO_UDP as u16) as u64;
+        Some(!csum_fold(p) as u64)
+    };
+
+    let trailing = (end - ip) - inner_len;
+    if trailing > 0 {
+        // SAFETY: `ctx.ctx` is this run's xdp_md; shrinking by bytes past the datagram.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(trailing as i32)) } != 0 {
+            return drop_count(Stat::RedirectError);
+        }
+    }
+    // SAFETY: as above; grows the headroom side, which XDP guarantees 256 bytes of.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return drop_count(Stat::RedirectError);
+    }
+
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let outer = data + ETH_LEN;
+    let outer_len = (overhead + inner_len) as u16;
+    let l4_proto = if gue { IPPROTO_UDP } else { inner_proto };
+    // The UDP header's position, fixed per family so every store below has a constant offset.
+    let udp_out = if outer_v6 {
+        if outer + IPV6_LEN + UDP_LEN + 4 > end {
+            return drop_count(Stat::Malformed);
+        }
+        // SAFETY: 40 bytes checked above (and the 12 after them); the entry's addresses are
+        // 16 bytes each in an array value.
+        unsafe {
+            let o = outer as *mut u32;
+            // Version 6, traffic class 0, the 20-bit flow label.
+            *o = (0x6000_0000 | (hash & 0x000f_ffff)).to_be();
+            *o.add(1) = u32::from_ne_bytes([
+                ((outer_len - IPV6_HDR_LEN) >> 8) as u8,
+                (outer_len - IPV6_HDR_LEN) as u8,
+                l4_proto,
+                OUTER_TTL,
+            ]);
+            let src = e.src.as_ptr() as *const u32;
+            let dst = e.dst.as_ptr() as *const u32;
+            let mut i = 0;
+            while i < 4 {
+                *o.add(2 + i) = *src.add(i);
+                *o.add(6 + i) = *dst.add(i);
+                i += 1;
+            }
+        }
+        outer + IPV6_LEN
+    } else {
+        if outer + 20 + UDP_LEN + 4 > end {
+            return drop_count(Stat::Malformed);
+        }
+        // SAFETY: as above, for 20 bytes; IPv4 addresses are the entry's first 4 bytes.
+        unsafe {
+            let src = *(e.src.as_ptr() as *const u32);
+            let dst = *(e.dst.as_ptr() as *const u32);
+            let h = ipv4_header_words(outer_len, l4_proto, src, dst);
+            let o = outer as *mut u32;
+            *o = h[0];
+            *o.add(1) = h[1];
+            *o.add(2) = h[2];
+            *o.add(3) = h[3];
+            *o.add(4) = h[4];
+        }
+        outer + 20
+    };
+    if gue {
+        let len = outer_len - (udp_out - outer) as u16;
+        let sport = gue_source_port(sport_base, hash);
+        let w0 = be16_native(sport) as u32 | (be16_native(gue_port) as u32) << 16;
+        // GUE variant 0, C = 0, no optional fields: only the proto/ctype byte is set.
+        let gue_word = u32::from_ne_bytes([0, inner_proto, 0, 0]);
+        let csum = match inner_sum {
+            Some(inner_sum) => {
+                let mut s = inner_sum;
+                // The pseudo-header's addresses, from the entry (what was just written).
+                // SAFETY: two 16-byte arrays in an array value.
+                let (src, dst) = (e.src.as_ptr() as *const u32, e.dst.as_ptr() as *const u32);
+                let mut i = 0;
+                while i < 4 {
+                    s = csum_add_word(s, unsafe { *src.add(i) });
+                    s = csum_add_word(s, unsafe { *dst.add(i) });
+                    i += 1;
+                }
+                // Pseudo-header length and next header, then the UDP header (length again).
+                s += 2 * be16_native(len) as u64 + be16_native(IPPROTO_UDP as u16) as u64;
+                s = csum_add_word(s, w0);
+                s = csum_add_word(s, gue_word);
+                match !csum_fold(s) {
+                    0 => 0xffff,
+                    c => c,
+                }
+            }
+            None => 0,
+        };
+        // SAFETY: 12 bytes after the outer IP header checked above.
+        unsafe {
+            let u = udp_out as *mut u32;
+            *u = w0;
+            *u.add(1) = be16_native(len) as u32 | (csum as u32) << 16;
+            *u.add(2) = gue_word;
+        }
+    }
+    write_eth(data, entry, orig_mac);
+    // SAFETY: 14 bytes checked above (with the outer header).
+    unsafe {
+        *((data + 12) as *mut u16) = be16_native(if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP });
+    }
+    count(Stat::Encapsulated);
+    send(ctx, worker, entry, why, end - data)
+}
+
+/// Two packet bytes as a native load (no byte swap), for checksum sums and copies.
+#[inline(always)]
+fn read_u16_raw(addr: usize) -> u16 {
+    // SAFETY: as `read_u8`, for 2 bytes.
+    unsafe { *(addr as *const u16) }
 }
 
 #[cfg(not(test))]

@@ -165,6 +165,14 @@ fn check_pinned_compatible(object: &[u8], pin_dir: &Path) -> Result<()> {
                 .with_context(|| format!("cannot remove {}", m.path.display()))?;
             continue;
         }
+        if m.name == lb_common::map_names::STATS {
+            // Counters only (the program writes them): older builds sized the map to their
+            // verdicts. A new one starts from zero, which Prometheus reads as a counter reset.
+            tracing::info!(map = %m.name, "the pinned counters map has another size: recreating it (counters restart)");
+            std::fs::remove_file(&m.path)
+                .with_context(|| format!("cannot remove {}", m.path.display()))?;
+            continue;
+        }
         bail!(
             "{}: it was made by an incompatible Baton. Run `baton-lb detach` (forwarding stops) and start again",
             m.describe

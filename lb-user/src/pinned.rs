@@ -3,9 +3,10 @@
 use crate::fastpath::FastPath;
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray};
+use lb_common::encap::{EncapEntry, EncapError};
 use lb_common::{
-    CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef,
-    map_names,
+    AF_INET, AF_INET6, CidKey, LbConfig, STAT_COUNT, ServerIdKey, Stat, VipKey, VipValue,
+    WorkerEntry, WorkerRef, map_names,
 };
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 pub const LINK_PIN_NAME: &str = "baton_xdp_link";
 
 /// Every map the controller pins, in the order they are written on start-up.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     map_names::CONFIG,
     map_names::VIPS,
     map_names::CID_OVERRIDE,
@@ -24,6 +25,7 @@ pub const ALL_MAPS: [&str; 9] = [
     map_names::TX_PORTS,
     map_names::STATS,
     map_names::VIP_ADDRS,
+    map_names::WORKER_ENCAP,
 ];
 
 pub struct PinnedMaps {
@@ -40,6 +42,8 @@ pub struct PinnedMaps {
     pub vip_addrs: Option<HashMap<MapData, VipKey, u32>>,
     /// The derived fast-path maps, when the object has them (see [`crate::fastpath`]).
     pub fastpath: Option<FastPath>,
+    /// Per-worker encapsulation; `None` when pinned by an older build (layer 2 only).
+    pub worker_encap: Option<Array<MapData, EncapEntry>>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
@@ -112,17 +116,49 @@ impl PinnedMaps {
             } else {
                 None
             },
+            worker_encap: if dir.join(map_names::WORKER_ENCAP).exists() {
+                Some(typed!(dir, map_names::WORKER_ENCAP))
+            } else {
+                None
+            },
         })
+    }
+
+    /// The encapsulation of worker slot `worker` (a zeroed entry, layer 2, without the map).
+    pub fn worker_encap(&self, worker: u32) -> Result<EncapEntry> {
+        match &self.worker_encap {
+            Some(m) => Ok(m.get(&worker, 0)?),
+            None => Ok(EncapEntry::default()),
+        }
+    }
+
+    /// Writes slot `worker`'s encapsulation after checking it ([`check_encap`]). Refused on pins
+    /// of an older build without the map unless the entry is layer 2 (which they do anyway).
+    pub fn set_worker_encap(&mut self, worker: u32, entry: EncapEntry) -> Result<()> {
+        check_encap(&entry)?;
+        match &mut self.worker_encap {
+            Some(m) => m
+                .set(worker, entry, 0)
+                .with_context(|| format!("cannot write {} slot {worker}", map_names::WORKER_ENCAP)),
+            None if entry.mode == lb_common::encap::ENCAP_NONE => Ok(()),
+            None => bail!(
+                "{} is not pinned under {} (a baton-lb older than encapsulation): restart baton-lb with this build",
+                map_names::WORKER_ENCAP,
+                self.dir.display()
+            ),
+        }
     }
 
     pub fn lb_config(&self) -> Result<LbConfig> {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// Counters summed over CPUs, in [`Stat::ALL`] order.
+    /// Counters summed over CPUs, in [`Stat::ALL`] order. Verdicts newer than the pinned map
+    /// (pins of an older, still running build) are left out.
     pub fn stats(&self) -> Result<Vec<(Stat, u64)>> {
         let mut out = Vec::with_capacity(STAT_COUNT as usize);
-        for s in Stat::ALL {
+        let slots = self.stats.len();
+        for s in Stat::ALL.into_iter().filter(|s| (*s as u32) < slots) {
             let per_cpu = self.stats.get(&(s as u32), 0)?;
             out.push((s, per_cpu.iter().sum()));
         }
@@ -192,6 +228,23 @@ impl PinnedMaps {
         }
         Ok(out)
     }
+}
+
+/// What the XDP program trusts about an encapsulation entry, checked before it is written:
+/// [`EncapEntry::validate`], and the addresses of an IPv4 or IPv6 family set (not all zero).
+/// Inner datagrams of either family are carried whatever the outer family.
+pub fn check_encap(entry: &EncapEntry) -> Result<()> {
+    entry
+        .validate()
+        .map_err(|e: EncapError| anyhow::anyhow!("invalid encapsulation entry: {e}"))?;
+    if entry.mode != lb_common::encap::ENCAP_NONE {
+        let n = if entry.family == AF_INET { 4 } else { 16 };
+        debug_assert!(entry.family == AF_INET || entry.family == AF_INET6);
+        if entry.src[..n].iter().all(|b| *b == 0) || entry.dst[..n].iter().all(|b| *b == 0) {
+            bail!("invalid encapsulation entry: outer source and destination must be set");
+        }
+    }
+    Ok(())
 }
 
 /// Removes every pin Baton made under `dir` (link first, so forwarding stops cleanly before the

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::Ebpf;
 use aya::maps::{Array, DevMap, HashMap, MapData, PerCpuArray};
 use aya::programs::Xdp;
+use lb_common::encap::EncapEntry;
 use lb_common::{
     CidKey, LbConfig, ServerIdKey, Stat, VipKey, VipValue, WorkerEntry, WorkerRef, map_names,
 };
@@ -551,6 +552,20 @@ impl XdpFixture {
     pub fn set_worker(&mut self, index: u32, entry: WorkerEntry) -> Result<()> {
         let mut m: Array<&mut MapData, WorkerEntry> =
             Array::try_from(self.map(map_names::WORKERS)?)?;
+        Ok(m.set(index, entry, 0)?)
+    }
+
+    /// Writes worker slot `index`'s encapsulation, checked as the controller must
+    /// ([`crate::pinned::check_encap`]).
+    pub fn set_worker_encap(&mut self, index: u32, entry: EncapEntry) -> Result<()> {
+        crate::pinned::check_encap(&entry)?;
+        self.set_worker_encap_unchecked(index, entry)
+    }
+
+    /// As [`Self::set_worker_encap`] without the check: what the program does with a bad entry.
+    pub fn set_worker_encap_unchecked(&mut self, index: u32, entry: EncapEntry) -> Result<()> {
+        let mut m: Array<&mut MapData, EncapEntry> =
+            Array::try_from(self.map(map_names::WORKER_ENCAP)?)?;
         Ok(m.set(index, entry, 0)?)
     }
 
