@@ -23,7 +23,7 @@
 //! bridges never learn the client's MAC behind our port; XDP_REDIRECT through the `BATON_TX_PORTS`
 //! devmap, or XDP_TX when the worker sits behind the receiving interface. A worker whose
 //! `BATON_WORKER_ENCAP` slot says IPIP or GUE gets the datagram inside an outer IP (and UDP +
-//! GUE) header addressed to it, sent to the same next-hop MAC (see `encapsulate`), so it may
+//! GUE) header addressed to it, sent to the same next-hop MAC (see `baton_encapsulate`), so it may
 //! sit on another subnet; a datagram that would then exceed the path MTU is dropped and counted.
 //!
 //! Fast path (`lb_common::fastpath`): while `BATON_FASTPATH`'s flags say so, the VIP check scans
@@ -43,7 +43,7 @@
 mod maps;
 
 use aya_ebpf::{
-    bindings::{bpf_devmap_val, xdp_action},
+    bindings::{bpf_devmap_val, xdp_action, xdp_md},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{btf_map, xdp},
     programs::XdpContext,
@@ -479,6 +479,12 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     if udp_len < UDP_LEN + header_len || udp + udp_len > ctx.data_end() {
         return drop_count(Stat::Malformed);
     }
+    // Scalars only from here on: packet pointers kept live across the routing below would give the
+    // verifier one state per parse path there (different ranges never prune).
+    let inner = Inner {
+        v6: ethertype == ETH_P_IPV6,
+        udp_off: udp - data,
+    };
 
     let key: &CidKey = key_buf.as_mut();
     let route = if !long {
@@ -540,10 +546,6 @@ fn route_packet(ctx: &XdpContext) -> u32 {
                 None => return drop_count(Stat::NoWorker),
             }
         }
-    };
-    let inner = Inner {
-        v6: ethertype == ETH_P_IPV6,
-        udp,
     };
     forward(ctx, worker, entry, why, inner)
 }
@@ -811,16 +813,18 @@ fn worker_entry(worker: u32) -> Option<*const WorkerEntry> {
     }
 }
 
-/// The inner datagram as the parse left it: its family and its UDP header (checked up to at
-/// least 9 bytes, and `udp + udp length <= data_end`).
+/// The inner datagram as the parse left it: its family and its UDP header's offset in the frame.
+/// An offset, not a packet pointer: [`baton_encapsulate`] masks and re-checks it, so the verifier sees
+/// one state there whatever route and extension-header walk led to it (a pointer would carry each
+/// path's own range into the encapsulation's branches, past the verifier's instruction limit).
 #[derive(Clone, Copy)]
 struct Inner {
     v6: bool,
-    udp: usize,
+    udp_off: usize,
 }
 
 /// Forwards per the worker's `BATON_WORKER_ENCAP` entry: layer 2 for mode 0 (or when the map
-/// slot is missing), otherwise [`encapsulate`].
+/// slot is missing), otherwise [`baton_encapsulate`].
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -837,7 +841,13 @@ fn forward(
     if unsafe { (*encap).mode } == ENCAP_NONE {
         return forward_l2(ctx, worker, entry, why);
     }
-    encapsulate(ctx, worker, entry, why, inner, encap)
+    baton_encapsulate(
+        ctx.ctx,
+        worker,
+        why as u32,
+        inner.v6 as u32,
+        inner.udp_off as u32,
+    )
 }
 
 /// Writes the Ethernet header: destination = the worker's (next hop's) MAC, source = the MAC the
@@ -912,15 +922,39 @@ fn send(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat, len
 /// a value known from its headers alone (Linux's local checksum offload rests on the same
 /// identity). Where that does not apply (an inner IPv6 datagram with extension headers, or
 /// inner IPv4 UDP with checksum 0) the outer checksum is 0, as RFC 6935/6936 allow for tunnels.
-#[inline(always)]
-fn encapsulate(
-    ctx: &XdpContext,
+///
+/// A global BPF function (exported, not inlined), which the verifier checks once on its own with
+/// unknown arguments: inlined, or as a static subprogram, it is verified once per path through the
+/// parse and the route, and that product exceeds the verifier's instruction limit. Hence scalars
+/// and the context only, and everything re-read and re-checked here.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn baton_encapsulate(
+    raw_ctx: *mut xdp_md,
     worker: u32,
-    entry: *const WorkerEntry,
-    why: Stat,
-    inner: Inner,
-    encap: *const EncapEntry,
+    why: u32,
+    v6: u32,
+    udp_off: u32,
 ) -> u32 {
+    let ctx = &XdpContext::new(raw_ctx);
+    // The verifier knows nothing of the arguments: `why` is one of the route stats or nothing.
+    let why = match why {
+        w if w == Stat::RoutedOverride as u32 => Stat::RoutedOverride,
+        w if w == Stat::RoutedServerId as u32 => Stat::RoutedServerId,
+        w if w == Stat::RoutedHash as u32 => Stat::RoutedHash,
+        _ => return drop_count(Stat::NoWorker),
+    };
+    let inner = Inner {
+        v6: v6 != 0,
+        udp_off: udp_off as usize,
+    };
+    let Some(entry) = worker_entry(worker) else {
+        return drop_count(Stat::NoWorker);
+    };
+    let encap = match WORKER_ENCAP.lookup(&worker) {
+        Some(e) => e as *const EncapEntry,
+        None => return drop_count(Stat::NoWorker),
+    };
     // SAFETY: array value, valid for the program's run; copied out field by field.
     let (mode, family, mtu, gue_port, sport_base, e) = unsafe {
         (
@@ -941,20 +975,53 @@ fn encapsulate(
 
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = data + ETH_LEN;
-    let udp = inner.udp;
-    let ip_min = if inner.v6 { IPV6_LEN } else { 20 };
-    if ip + ip_min > end || udp + UDP_LEN > end {
+    // Headers never reach 16 KiB (at most 6 extension headers of 2 KiB): the mask is only a
+    // bound the verifier can see.
+    let udp = data + (inner.udp_off & 0x3fff);
+    if udp + UDP_LEN > end {
         return drop_count(Stat::Malformed);
     }
     let udp_len = read_u16(udp + 4) as usize;
-    let ip_hdr_len = udp - ip;
-    let inner_len = if inner.v6 {
-        IPV6_LEN + read_u16(ip + 4) as usize
+    let udp_csum = read_u16_raw(udp + 6);
+    // Per family, each read behind its own check: the verifier does not carry "not IPv6" from
+    // one branch on the ethertype to another. `inner_sum` is the sum of the inner datagram's
+    // bytes (for GUE over IPv6), `None` where it cannot be known from the headers: with a right
+    // UDP checksum, UDP segment + pseudo-header sums to 0, so the datagram sums to its IP header
+    // minus that pseudo-header. For IPv6 the addresses cancel and 8 header bytes remain (only
+    // with no extension headers); an IPv4 header sums to 0 by its own checksum.
+    let (inner_len, client, inner_sum) = if inner.v6 {
+        if ip + IPV6_LEN > end {
+            return drop_count(Stat::Malformed);
+        }
+        let sum = if read_u8(ip + 6) == IPPROTO_UDP && udp_csum != 0 {
+            let s = csum_add_word(csum_add_word(0, load_u32(ip)), load_u32(ip + 4));
+            Some(s + !be16_native(udp_len as u16) as u64 + !be16_native(IPPROTO_UDP as u16) as u64)
+        } else {
+            None
+        };
+        (
+            IPV6_LEN + read_u16(ip + 4) as usize,
+            [load_u64(ip + 8), load_u64(ip + 16)],
+            sum,
+        )
     } else {
-        read_u16(ip + 2) as usize
+        if ip + 20 > end {
+            return drop_count(Stat::Malformed);
+        }
+        let (src, dst) = (load_u32(ip + 12), load_u32(ip + 16));
+        let sum = if udp_csum != 0 {
+            let p = csum_add_word(csum_add_word(0, src), dst)
+                + be16_native(udp_len as u16) as u64
+                + be16_native(IPPROTO_UDP as u16) as u64;
+            Some(!csum_fold(p) as u64)
+        } else {
+            None
+        };
+        (read_u16(ip + 2) as usize, [src as u64, 0], sum)
     };
+    let ip_hdr_len = udp - ip;
     // The inner datagram is exactly its headers and the UDP datagram (true of any QUIC packet):
-    // the outer lengths and the GUE/IPv6 checksum below rely on it.
+    // the outer lengths and the GUE/IPv6 checksum rely on it.
     if inner_len != ip_hdr_len + udp_len || ip + inner_len > end {
         return drop_count(Stat::Malformed);
     }
@@ -965,35 +1032,11 @@ fn encapsulate(
         return drop_count(Stat::EncapTooBig);
     }
 
-    // Everything read from the inner datagram is read now: growing the frame moves it.
+    // Everything read from the inner datagram is read by now: growing the frame moves it.
     let orig_mac = (load_u32(data), read_u16_raw(data + 4));
-    let ports = load_u32(udp);
-    let client = if inner.v6 {
-        [load_u64(ip + 8), load_u64(ip + 16)]
-    } else {
-        [load_u32(ip + 12) as u64, 0]
-    };
-    let hash = flow_hash(client, ports);
+    let hash = flow_hash(client, load_u32(udp));
     let inner_proto = if inner.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-    // Sum of the inner datagram's bytes (GUE over IPv6 only), `None` where it cannot be known
-    // from the headers. With a right UDP checksum, UDP segment + pseudo-header sums to 0, so the
-    // datagram sums to its IP header minus that pseudo-header: for IPv6 the addresses cancel
-    // and 8 header bytes remain; an IPv4 header sums to 0 by its own checksum.
-    let inner_sum = if !gue || !outer_v6 || read_u16_raw(udp + 6) == 0 {
-        None
-    } else if inner.v6 {
-        if read_u8(ip + 6) != IPPROTO_UDP {
-            None
-        } else {
-            let s = csum_add_word(csum_add_word(0, load_u32(ip)), load_u32(ip + 4));
-            Some(s + !be16_native(udp_len as u16) as u64 + !be16_native(IPPROTO_UDP as u16) as u64)
-        }
-    } else {
-        let p = csum_add_word(csum_add_word(0, load_u32(ip + 12)), load_u32(ip + 16))
-            + be16_native(udp_len as u16) as u64
-            + be16_native(IPPROTO_UDP as u16) as u64;
-        Some(!csum_fold(p) as u64)
-    };
+    let inner_sum = if gue && outer_v6 { inner_sum } else { None };
 
     let trailing = (end - ip) - inner_len;
     if trailing > 0 {

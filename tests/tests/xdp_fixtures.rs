@@ -1684,3 +1684,395 @@ fn route_shares_every_map_but_the_counters_and_leaves_no_pins() {
         "nothing pinned in the live directory"
     );
 }
+
+// ---- Encapsulation (BATON_WORKER_ENCAP) ----
+//
+// Every outer header field is checked against the RFCs byte by byte here, with a checksum
+// computed straight from the output bytes (not with lb-common's helpers), and the inner datagram
+// must come out byte-identical.
+
+use lb_common::encap::{
+    ENCAP_GUE, ENCAP_IPIP, ENCAP_NONE, EncapEntry, GUE_SPORT_MASK, flow_hash, gue_source_port,
+};
+
+const LB4: [u8; 4] = [198, 51, 100, 1];
+const WORKER4: [u8; 4] = [203, 0, 113, 20];
+const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+const WORKER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xee, 0, 0, 0, 0, 0x20);
+const GUE_PORT: u16 = 6080;
+const SPORT_BASE: u16 = 0xc000;
+
+fn encap(mode: u8, family: u8, mtu: u16) -> EncapEntry {
+    let mut e = EncapEntry {
+        mode,
+        family,
+        mtu,
+        ..Default::default()
+    };
+    if mode == ENCAP_GUE {
+        e.gue_port = GUE_PORT;
+        e.gue_sport_base = SPORT_BASE;
+    }
+    if family == AF_INET {
+        e.src[..4].copy_from_slice(&LB4);
+        e.dst[..4].copy_from_slice(&WORKER4);
+    } else {
+        e.src = LB6.octets();
+        e.dst = WORKER6.octets();
+    }
+    e
+}
+
+/// RFC 1071 over `bytes`, big-endian 16-bit words, odd byte padded: 0 over a correct header or
+/// segment with its pseudo-header.
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u64;
+    for c in bytes.chunks(2) {
+        sum += u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The pseudo-header of a UDP segment (RFC 768 / RFC 8200 §8.1) of `len` bytes.
+fn pseudo(src: &[u8], dst: &[u8], len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(src);
+    p.extend_from_slice(dst);
+    if src.len() == 4 {
+        p.extend_from_slice(&[0, 17]);
+        p.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 17]);
+    }
+    p
+}
+
+/// `d` built with a correct UDP checksum (what a client's stack sends; the LB's GUE-over-IPv6
+/// checksum relies on it).
+fn build_checksummed(d: &Datagram) -> Vec<u8> {
+    let mut f = d.build();
+    let (_, l4, _) = d.offsets();
+    let (src, dst): (Vec<u8>, Vec<u8>) = match (d.src, d.dst) {
+        (IpAddr::V4(s), IpAddr::V4(t)) => (s.octets().to_vec(), t.octets().to_vec()),
+        (IpAddr::V6(s), IpAddr::V6(t)) => (s.octets().to_vec(), t.octets().to_vec()),
+        _ => unreachable!(),
+    };
+    let seg_len = f.len() - l4;
+    let mut sum_in = pseudo(&src, &dst, seg_len);
+    sum_in.extend_from_slice(&f[l4..]);
+    let c = match ones_sum(&sum_in) {
+        0 => 0xffff,
+        c => c,
+    };
+    f[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn inner_v4(len: usize) -> Datagram {
+    v4(quic_short(&server_cid(0, SID[0], 1), len))
+}
+
+fn inner_v6(len: usize) -> Datagram {
+    v6(quic_short(&server_cid(0, SID[0], 1), len))
+}
+
+/// Runs `frame` to worker 0 (redirected) with `entry` in its slot and checks the Ethernet
+/// header, every outer header field and the inner datagram; returns the output frame.
+fn assert_encapsulated(f: &mut XdpFixture, entry: EncapEntry, frame: &[u8]) -> Vec<u8> {
+    f.set_worker_encap(0, entry).unwrap();
+    let before = stats(f);
+    let out = f.run(PROG, frame).unwrap();
+    assert_eq!(out.action, XDP_REDIRECT, "verdict");
+    let o = &out.frame;
+    let inner_v6 = frame[12..14] == [0x86, 0xdd];
+    let inner_proto = if inner_v6 { 41 } else { 4 };
+    // The inner datagram's own length (any Ethernet padding after it is not carried).
+    let inner_len = if inner_v6 {
+        40 + u16::from_be_bytes([frame[18], frame[19]]) as usize
+    } else {
+        u16::from_be_bytes([frame[16], frame[17]]) as usize
+    };
+    let inner = &frame[14..14 + inner_len];
+
+    assert_eq!(
+        &o[..6],
+        &MACS[0],
+        "destination MAC = the next hop's (worker entry)"
+    );
+    assert_eq!(&o[6..12], &LB_MAC, "source MAC = ours");
+    let gue = entry.mode == ENCAP_GUE;
+    let (ip_len, l4_proto) = if entry.family == AF_INET {
+        assert_eq!(&o[12..14], &[0x08, 0x00], "ethertype IPv4");
+        let h = &o[14..34];
+        assert_eq!(h[0], 0x45, "version 4, IHL 5");
+        assert_eq!(h[1], 0, "DSCP/ECN");
+        assert_eq!(
+            u16::from_be_bytes([h[2], h[3]]) as usize,
+            o.len() - 14,
+            "total length"
+        );
+        assert_eq!(&h[4..6], &[0, 0], "identification");
+        assert_eq!(&h[6..8], &[0x40, 0], "DF set, offset 0");
+        assert_eq!(h[8], 64, "TTL");
+        assert_eq!(&h[12..16], &LB4, "outer source");
+        assert_eq!(&h[16..20], &WORKER4, "outer destination");
+        assert_eq!(ones_sum(h), 0, "IPv4 header checksum {:02x?}", &h[10..12]);
+        (20, h[9])
+    } else {
+        assert_eq!(&o[12..14], &[0x86, 0xdd], "ethertype IPv6");
+        let h = &o[14..54];
+        assert_eq!(h[0] >> 4, 6, "version 6");
+        assert_eq!(
+            (h[0] & 0x0f, h[1] >> 4),
+            (0, 0),
+            "traffic class 0 (flow label follows)"
+        );
+        assert_eq!(
+            u16::from_be_bytes([h[4], h[5]]) as usize,
+            o.len() - 54,
+            "payload length"
+        );
+        assert_eq!(h[7], 64, "hop limit");
+        assert_eq!(&h[8..24], &LB6.octets(), "outer source");
+        assert_eq!(&h[24..40], &WORKER6.octets(), "outer destination");
+        (40, h[6])
+    };
+    let outer_ip = &o[14..14 + ip_len];
+    let mut at = 14 + ip_len;
+    if gue {
+        assert_eq!(l4_proto, 17, "outer protocol UDP");
+        let u = &o[at..at + 8];
+        let sport = u16::from_be_bytes([u[0], u[1]]);
+        assert!(
+            (SPORT_BASE..=SPORT_BASE + GUE_SPORT_MASK).contains(&sport),
+            "source port {sport:#x} in the base's range"
+        );
+        assert_eq!(
+            u16::from_be_bytes([u[2], u[3]]),
+            GUE_PORT,
+            "destination port"
+        );
+        assert_eq!(
+            u16::from_be_bytes([u[4], u[5]]) as usize,
+            o.len() - at,
+            "UDP length"
+        );
+        let csum = u16::from_be_bytes([u[6], u[7]]);
+        if entry.family == AF_INET {
+            assert_eq!(csum, 0, "UDP checksum over IPv4: none");
+        } else {
+            assert_ne!(csum, 0, "UDP checksum over IPv6 is set");
+            let mut all = pseudo(&outer_ip[8..24], &outer_ip[24..40], o.len() - at);
+            all.extend_from_slice(&o[at..]);
+            assert_eq!(ones_sum(&all), 0, "UDP checksum over IPv6 verifies");
+        }
+        assert_eq!(
+            &o[at + 8..at + 12],
+            &[0, inner_proto, 0, 0],
+            "GUE: version 0, C 0, hlen 0, proto, flags 0"
+        );
+        at += 12;
+    } else {
+        assert_eq!(l4_proto, inner_proto, "IPIP protocol / next header");
+    }
+    assert_eq!(&o[at..], inner, "inner datagram unchanged");
+
+    let after = stats(f);
+    assert_eq!(before.delta(&after, Stat::Encapsulated), 1);
+    assert_eq!(before.delta(&after, Stat::RoutedServerId), 1);
+    assert_eq!(before.delta(&after, Stat::Redirected), 1);
+    assert_eq!(before.delta(&after, Stat::Bytes), o.len() as u64);
+    assert_eq!(before.delta(&after, Stat::EncapTooBig), 0);
+    out.frame
+}
+
+#[test]
+fn ipip_over_ipv4() {
+    let mut f = setup("ipip4");
+    let frame = inner_v4(1200).build();
+    let out = assert_encapsulated(&mut f, encap(ENCAP_IPIP, AF_INET, 1500), &frame);
+    assert_eq!(out.len(), frame.len() + 20);
+    // IPv6 inside IPv4 (protocol 41) too: the outer family need not be the inner one.
+    let frame = inner_v6(1200).build();
+    let out = assert_encapsulated(&mut f, encap(ENCAP_IPIP, AF_INET, 1500), &frame);
+    assert_eq!(out.len(), frame.len() + 20);
+}
+
+#[test]
+fn ipip_over_ipv6() {
+    let mut f = setup("ipip6");
+    let frame = inner_v6(1200).build();
+    let out = assert_encapsulated(&mut f, encap(ENCAP_IPIP, AF_INET6, 1500), &frame);
+    assert_eq!(out.len(), frame.len() + 40);
+    let frame = inner_v4(1200).build();
+    assert_encapsulated(&mut f, encap(ENCAP_IPIP, AF_INET6, 1500), &frame);
+}
+
+#[test]
+fn gue_over_ipv4() {
+    let mut f = setup("gue4");
+    let entry = encap(ENCAP_GUE, AF_INET, 1500);
+    let frame = inner_v4(1200).build();
+    let out = assert_encapsulated(&mut f, entry, &frame);
+    assert_eq!(out.len(), frame.len() + 32);
+    // The source port is the flow's hash: as lb-common computes it, and other client ports
+    // give other source ports (ECMP/RSS spread).
+    let client = u32::from_ne_bytes(CLIENT4.octets()) as u64;
+    let ports = u32::from_ne_bytes([0x9c, 0x40, 0x01, 0xbb]); // 40000 -> 443
+    let want = gue_source_port(SPORT_BASE, flow_hash([client, 0], ports));
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), want);
+    let mut sports = std::collections::HashSet::new();
+    for p in 0..32u16 {
+        let mut d = inner_v4(100);
+        d.src_port = 50000 + p;
+        let out = assert_encapsulated(&mut f, entry, &d.build());
+        sports.insert(u16::from_be_bytes([out[34], out[35]]));
+    }
+    assert!(sports.len() >= 28, "source ports do not spread: {sports:?}");
+    let frame = inner_v6(1200).build();
+    assert_encapsulated(&mut f, entry, &frame);
+}
+
+#[test]
+fn gue_over_ipv6_with_a_full_udp_checksum() {
+    let mut f = setup("gue6");
+    let entry = encap(ENCAP_GUE, AF_INET6, 1500);
+    for len in [1200, 1201, 30, 1] {
+        let frame = build_checksummed(&inner_v6(len));
+        let out = assert_encapsulated(&mut f, entry, &frame);
+        assert_eq!(out.len(), frame.len() + 52);
+        // Mixed: IPv4 inside IPv6.
+        let frame = build_checksummed(&inner_v4(len));
+        assert_encapsulated(&mut f, entry, &frame);
+    }
+    // Flow label: from the flow hash, the same for every packet of the flow.
+    let frame = build_checksummed(&inner_v6(500));
+    let a = assert_encapsulated(&mut f, entry, &frame);
+    let b = assert_encapsulated(&mut f, entry, &frame);
+    assert_eq!(a[15..18], b[15..18]);
+    assert_ne!([a[15] & 0x0f, a[16], a[17]], [0, 0, 0], "flow label set");
+}
+
+#[test]
+fn gue_over_ipv6_sends_checksum_zero_where_the_inner_one_cannot_be_used() {
+    // The outer checksum is derived from the inner UDP checksum; where that is impossible
+    // (inner IPv4 UDP without checksum, inner IPv6 with extension headers), RFC 6935/6936's
+    // zero checksum for tunnels is sent.
+    let mut f = setup("gue6zero");
+    f.set_worker_encap(0, encap(ENCAP_GUE, AF_INET6, 1500))
+        .unwrap();
+    let no_csum = inner_v4(200).build();
+    let ext = v6_ext(
+        quic_short(&server_cid(0, SID[0], 1), 200),
+        &[ext_header(IPPROTO_HOPOPTS, 1, 0)],
+    );
+    for frame in [no_csum, build_checksummed(&ext)] {
+        let out = f.run(PROG, &frame).unwrap();
+        assert_eq!(out.action, XDP_REDIRECT);
+        assert_eq!(&out.frame[54 + 6..54 + 8], &[0, 0], "UDP checksum 0");
+        assert_eq!(&out.frame[66..], &frame[14..], "inner unchanged");
+    }
+}
+
+#[test]
+fn encapsulated_datagrams_over_the_path_mtu_are_dropped_and_counted() {
+    let mut f = setup("encap-mtu");
+    for (entry, overhead) in [
+        (encap(ENCAP_IPIP, AF_INET, 1280), 20),
+        (encap(ENCAP_GUE, AF_INET, 1280), 32),
+        (encap(ENCAP_IPIP, AF_INET6, 1280), 40),
+        (encap(ENCAP_GUE, AF_INET6, 1280), 52),
+    ] {
+        f.set_worker_encap(0, entry).unwrap();
+        // Inner IPv4 of exactly MTU - overhead bytes fits; one more byte does not.
+        let fits = inner_v4(1280 - overhead - 20 - 8 - 9).build();
+        assert_eq!(fits.len() - 14, 1280 - overhead);
+        assert_encapsulated(
+            &mut f,
+            entry,
+            &build_checksummed(&inner_v4(1280 - overhead - 37)),
+        );
+        let too_big = build_checksummed(&inner_v4(1280 - overhead - 36));
+        let before = stats(&f);
+        let out = f.run(PROG, &too_big).unwrap();
+        assert_eq!(out.action, XDP_DROP);
+        assert_eq!(out.frame, too_big, "dropped untouched");
+        let after = stats(&f);
+        assert_eq!(before.delta(&after, Stat::EncapTooBig), 1);
+        assert_eq!(before.delta(&after, Stat::Ipv4), 1);
+        for s in [
+            Stat::Encapsulated,
+            Stat::RoutedServerId,
+            Stat::Redirected,
+            Stat::Bytes,
+        ] {
+            assert_eq!(before.delta(&after, s), 0, "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn encap_mode_0_is_layer_2_exactly_as_before() {
+    let mut f = setup("encap-none");
+    // A mode-0 entry with other fields set changes nothing either.
+    let mut none = encap(ENCAP_GUE, AF_INET6, 1280);
+    none.mode = ENCAP_NONE;
+    for entry in [EncapEntry::default(), none] {
+        f.set_worker_encap_unchecked(0, entry).unwrap();
+        f.set_worker_encap_unchecked(1, entry).unwrap();
+        for frame in [inner_v4(1400).build(), inner_v6(1400).build()] {
+            let before = stats(&f);
+            assert_forwarded(&f, &frame, 0);
+            let after = stats(&f);
+            assert_eq!(before.delta(&after, Stat::Encapsulated), 0);
+            assert_eq!(before.delta(&after, Stat::EncapTooBig), 0);
+            assert_eq!(before.delta(&after, Stat::Redirected), 1);
+            assert_eq!(before.delta(&after, Stat::Bytes), frame.len() as u64);
+        }
+        let frame = v4(quic_short(&server_cid(0, SID[1], 1), 40)).build();
+        assert_forwarded(&f, &frame, 1);
+    }
+}
+
+#[test]
+fn encapsulation_trims_ethernet_padding_and_uses_xdp_tx_for_the_same_interface() {
+    let mut f = setup("encap-pad");
+    let entry = encap(ENCAP_GUE, AF_INET, 1500);
+    f.set_worker_encap(1, entry).unwrap();
+    let d = v4(quic_short(&server_cid(0, SID[1], 1), 2));
+    let datagram = d.build();
+    let mut frame = datagram.clone();
+    frame.extend_from_slice(&[0; 18]);
+    let out = f.run(PROG, &frame).unwrap();
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!(&out.frame[..6], &MACS[1]);
+    assert_eq!(out.frame.len(), datagram.len() + 32, "padding trimmed");
+    assert_eq!(&out.frame[46..], &datagram[14..]);
+    assert_eq!(
+        u16::from_be_bytes([out.frame[16], out.frame[17]]) as usize,
+        out.frame.len() - 14
+    );
+}
+
+#[test]
+fn invalid_encap_entries_are_refused_and_dropped_if_written_anyway() {
+    let mut f = setup("encap-bad");
+    let mut bad = encap(ENCAP_IPIP, AF_INET, 1500);
+    bad.mode = 3;
+    assert!(f.set_worker_encap(0, bad).is_err(), "unknown mode refused");
+    let mut unset = encap(ENCAP_IPIP, AF_INET6, 1500);
+    unset.dst = [0; 16];
+    assert!(
+        f.set_worker_encap(0, unset).is_err(),
+        "no destination refused"
+    );
+    f.set_worker_encap_unchecked(0, bad).unwrap();
+    let before = stats(&f);
+    let out = f.run(PROG, &inner_v4(100).build()).unwrap();
+    assert_eq!(out.action, XDP_DROP);
+    assert_eq!(before.delta(&stats(&f), Stat::NoWorker), 1);
+}
