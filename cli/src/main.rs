@@ -619,6 +619,27 @@ struct WorkerRow {
     healthy: bool,
     maglev_slots: u32,
     address: Option<String>,
+    /// "none" (layer 2), or the encapsulation its datagrams get (`BATON_WORKER_ENCAP`).
+    encap: String,
+}
+
+/// One line for a `BATON_WORKER_ENCAP` entry: mode, outer source > destination, MTU.
+fn describe_encap(e: &lb_common::encap::EncapEntry) -> String {
+    use lb_common::encap::{ENCAP_GUE, ENCAP_IPIP, ENCAP_NONE};
+    let addr = |b: &[u8; 16]| -> std::net::IpAddr {
+        if e.family == lb_common::AF_INET6 {
+            std::net::Ipv6Addr::from(*b).into()
+        } else {
+            std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+        }
+    };
+    let (src, dst) = (addr(&e.src), addr(&e.dst));
+    match e.mode {
+        ENCAP_NONE => "none".into(),
+        ENCAP_IPIP => format!("ipip {src} > {dst} mtu {}", e.mtu),
+        ENCAP_GUE => format!("gue {src} > {dst}:{} mtu {}", e.gue_port, e.mtu),
+        m => format!("unknown mode {m}"),
+    }
 }
 
 /// The interface the pinned link is attached to, if it is in *this* network namespace. A link
@@ -681,6 +702,10 @@ fn worker_rows(cli: &Cli, maps: &PinnedMaps) -> Result<Vec<WorkerRow>> {
                     .map(|w| w.maglev_slots)
                     .unwrap_or_else(|| slots.get(&i).copied().unwrap_or(0)),
                 address: ds.map(|w| w.address.clone()),
+                encap: maps
+                    .worker_encap(i)
+                    .map(|e| describe_encap(&e))
+                    .unwrap_or_else(|e| format!("unreadable: {e}")),
             }
         })
         .collect())
@@ -706,7 +731,11 @@ fn workers(cli: &Cli) -> Result<()> {
             r.address.as_deref().unwrap_or("-"),
             if r.healthy { "healthy" } else { "DOWN" },
             100.0 * r.maglev_slots as f64 / MAGLEV_TABLE_SIZE as f64,
-            r.tx
+            if r.encap == "none" {
+                r.tx
+            } else {
+                format!("{} ({})", r.tx, r.encap)
+            }
         );
     }
     Ok(())

@@ -153,6 +153,17 @@ impl Topology {
         format!("{}:1{}::2", self.addressing.net6, i + 1)
     }
 
+    /// Worker `i`'s routed address: on its loopback, on a subnet of its own (`N.11<i+1>.0/24`)
+    /// that the LB reaches through a gateway (the worker's link address), as a worker on another
+    /// subnet is reached through routers. Encapsulated datagrams (IPIP, GUE) are sent to it.
+    pub fn worker_routed_addr4(&self, i: usize) -> String {
+        format!("{}.11{}.2", self.addressing.net4, i + 1)
+    }
+
+    pub fn worker_routed_addr6(&self, i: usize) -> String {
+        format!("{}:11{}::2", self.addressing.net6, i + 1)
+    }
+
     /// The veth pairs: client-LB, then worker 1-LB and worker 2-LB.
     pub fn pairs(&self) -> [Pair; 3] {
         let (n4, n6) = (self.addressing.net4, self.addressing.net6);
@@ -271,6 +282,16 @@ impl Topology {
             sh(&["ip", "-n", ns, "route", "replace", "default", "via", &gw4])?;
             sh(&[
                 "ip", "-n", ns, "-6", "route", "replace", "default", "via", &gw6,
+            ])?;
+            // The routed address, and the LB's route to it through the worker's link address.
+            let (r4, r6) = (self.worker_routed_addr4(i), self.worker_routed_addr6(i));
+            sh(&["ip", "-n", ns, "addr", "replace", &format!("{r4}/32"), "dev", "lo"])?;
+            sh(&["ip", "-n", ns, "addr", "replace", &format!("{r6}/128"), "dev", "lo"])?;
+            let lb = &self.lb;
+            let (via4, via6) = (self.worker_addr4(i), self.worker_addr6(i));
+            sh(&["ip", "-n", lb, "route", "replace", &format!("{r4}/32"), "via", &via4])?;
+            sh(&[
+                "ip", "-n", lb, "-6", "route", "replace", &format!("{r6}/128"), "via", &via6,
             ])?;
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),

@@ -7,7 +7,7 @@
 //! ([`Controller::hold_workers`]): a node restarted while etcd is down keeps forwarding exactly
 //! as before. The node's first view is what its pinned maps hold, so its first read writes only
 //! the difference.
-use crate::config::{ClusterSettings, MacSetting, Worker};
+use crate::config::{ClusterSettings, Encap, MacSetting, Worker};
 use crate::controller::Controller;
 use crate::overrides::OverrideWriter;
 use crate::pinned::PinnedMaps;
@@ -91,6 +91,9 @@ fn worker_of(r: &WorkerRecord) -> Worker {
         mac: MacSetting::Auto,
         interface: None,
         weight: r.weight.clamp(1, 1000),
+        encap: Encap::None,
+        mtu: None,
+        encap_source: None,
     }
 }
 

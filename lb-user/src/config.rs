@@ -85,6 +85,32 @@ pub enum MacSetting {
     Auto,
 }
 
+/// How forwarded datagrams reach a worker (`encap` of a `[[workers]]` entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encap {
+    /// Layer-2 direct server return: only the destination MAC changes; the worker must be on a
+    /// segment the LB is attached to.
+    #[default]
+    None,
+    /// IP in IP to the worker's address (protocol 4 or 41), through any router.
+    Ipip,
+    /// GUE (an outer UDP header to this port, then a 4-byte GUE header), through any router.
+    Gue { port: u16 },
+}
+
+/// The GUE port when a worker's entry names none (the worker's `[decap] gue_port` must match).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+impl Encap {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Encap::None => "none",
+            Encap::Ipip => "ipip",
+            Encap::Gue { .. } => "gue",
+        }
+    }
+}
+
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
@@ -195,6 +221,14 @@ struct RawWorker {
     interface: Option<String>,
     #[serde(default)]
     weight: Option<u32>,
+    #[serde(default)]
+    encap: Option<String>,
+    #[serde(default)]
+    gue_port: Option<u16>,
+    #[serde(default)]
+    mtu: Option<u16>,
+    #[serde(default)]
+    encap_source: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -261,6 +295,12 @@ pub struct Worker {
     /// Interface to redirect to; `None` = whatever the route to `address` uses.
     pub interface: Option<String>,
     pub weight: u32,
+    pub encap: Encap,
+    /// Encapsulated: the largest outer datagram the path to the worker carries (`None`: the
+    /// egress interface's MTU).
+    pub mtu: Option<u16>,
+    /// Encapsulated: the outer source address (`None`: the source the route to `address` picks).
+    pub encap_source: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -469,6 +509,65 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
                 format!("{weight} must be between 1 and 1000"),
             ));
         }
+        let encap = match w.encap.as_deref() {
+            None | Some("none") => Encap::None,
+            Some("ipip") => Encap::Ipip,
+            Some("gue") => Encap::Gue {
+                port: w.gue_port.unwrap_or(DEFAULT_GUE_PORT),
+            },
+            Some(other) => {
+                return Err(bad(
+                    format!("{field}.encap"),
+                    format!("{other:?} is not \"none\" (layer 2), \"ipip\" or \"gue\""),
+                ));
+            }
+        };
+        if w.gue_port.is_some() && !matches!(encap, Encap::Gue { .. }) {
+            return Err(bad(
+                format!("{field}.gue_port"),
+                "is only for encap = \"gue\"",
+            ));
+        }
+        if w.gue_port == Some(0) {
+            return Err(bad(format!("{field}.gue_port"), "0 is not a port"));
+        }
+        if encap == Encap::None && (w.mtu.is_some() || w.encap_source.is_some()) {
+            return Err(bad(
+                format!("{field}.encap"),
+                "mtu and encap_source describe an encapsulated path: set encap = \"ipip\" or \"gue\"",
+            ));
+        }
+        let min_mtu = if address.is_ipv4() { 576 } else { 1280 };
+        if let Some(mtu) = w.mtu.filter(|m| *m < min_mtu) {
+            return Err(bad(
+                format!("{field}.mtu"),
+                format!("{mtu} is below the minimum for {address} ({min_mtu})"),
+            ));
+        }
+        let encap_source = match &w.encap_source {
+            None => None,
+            Some(s) => {
+                let ip: IpAddr = s.parse().map_err(|_| {
+                    bad(
+                        format!("{field}.encap_source"),
+                        format!("{s:?} is not an IPv4 or IPv6 address"),
+                    )
+                })?;
+                if ip.is_ipv4() != address.is_ipv4() {
+                    return Err(bad(
+                        format!("{field}.encap_source"),
+                        format!("{ip} and the worker's address {address} are of different families"),
+                    ));
+                }
+                Some(ip)
+            }
+        };
+        if encap != Encap::None && matches!(mac, MacSetting::Fixed(_)) {
+            return Err(bad(
+                format!("{field}.mac"),
+                "an encapsulated worker's next hop is the router on the way to it: leave mac out (\"auto\")",
+            ));
+        }
         workers.push(Worker {
             name: w.name.clone(),
             server_id: w.server_id,
@@ -476,6 +575,9 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
             mac,
             interface: w.interface.clone(),
             weight,
+            encap,
+            mtu: w.mtu,
+            encap_source,
         });
     }
 

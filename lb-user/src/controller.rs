@@ -4,7 +4,8 @@
 //! before anything points at them, and stale entries go only after nothing points at them. A
 //! restarted controller computes the same state from the same config, so its writes are no-ops
 //! for the XDP program: restarts cannot drop or misroute packets.
-use crate::config::{Config, HealthKind, MacSetting, Worker, format_mac};
+use crate::config::{Config, Encap, HealthKind, MacSetting, Worker, format_mac};
+use lb_common::encap::EncapEntry;
 use crate::maglev;
 use crate::pinned::PinnedMaps;
 use crate::{neigh, sys};
@@ -25,10 +26,14 @@ pub struct ResolvedWorker {
     /// `None` until the MAC is known; such a worker receives nothing.
     pub mac: Option<[u8; 6]>,
     pub tx_interface: String,
+    /// Whose MAC frames to it carry: the worker itself (layer 2) or the gateway towards it.
+    pub next_hop: IpAddr,
     pub tx_ifindex: u32,
     /// Devmap slot, or [`TX_SAME_IFACE`].
     pub tx_port: u32,
     pub healthy: bool,
+    /// Its `BATON_WORKER_ENCAP` entry (zeroed: layer 2).
+    pub encap: EncapEntry,
 }
 
 impl ResolvedWorker {
@@ -74,6 +79,56 @@ fn vip_key(addr: IpAddr, port: u16) -> VipKey {
     k
 }
 
+/// GUE outer source ports are this plus 14 bits of the flow hash (49152..65535: the dynamic
+/// range, so they never look like a service to the routers and firewalls on the way).
+const GUE_SOURCE_PORT_BASE: u16 = 0xc000;
+
+/// The encapsulation entry of an encapsulated worker reached by `route` out of `dev`: outer
+/// source from the config or the route, MTU from the config or the interface.
+fn encap_entry(w: &Worker, route: &neigh::Route, dev: &str) -> Result<EncapEntry> {
+    let source = w.encap_source.or(route.source).with_context(|| {
+        format!(
+            "the route to {} picks no source address: set encap_source to this host's address towards it",
+            w.address
+        )
+    })?;
+    anyhow::ensure!(
+        source.is_ipv4() == w.address.is_ipv4(),
+        "the outer source {source} and the worker's address {} are of different families",
+        w.address
+    );
+    let mtu = match w.mtu {
+        Some(m) => m,
+        None => neigh::interface_mtu(dev)?,
+    };
+    let mut e = EncapEntry {
+        mtu,
+        ..Default::default()
+    };
+    match w.encap {
+        Encap::None => return Ok(EncapEntry::default()),
+        Encap::Ipip => e.mode = lb_common::encap::ENCAP_IPIP,
+        Encap::Gue { port } => {
+            e.mode = lb_common::encap::ENCAP_GUE;
+            e.gue_port = port;
+            e.gue_sport_base = GUE_SOURCE_PORT_BASE;
+        }
+    }
+    let put = |out: &mut [u8; 16], ip: IpAddr| match ip {
+        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => *out = a.octets(),
+    };
+    e.family = if w.address.is_ipv4() {
+        lb_common::AF_INET
+    } else {
+        lb_common::AF_INET6
+    };
+    put(&mut e.src, source);
+    put(&mut e.dst, w.address);
+    crate::pinned::check_encap(&e)?;
+    Ok(e)
+}
+
 impl Controller {
     /// Resolves where each worker is (tx interface, MAC) and which slot it keeps. Health starts
     /// from the map (a restart keeps what the previous controller knew). Workers the map does not
@@ -99,10 +154,22 @@ impl Controller {
         let mut workers = Vec::new();
         let mut tx_slots: BTreeMap<u32, u32> = BTreeMap::new();
         for w in &cfg.workers {
-            let tx_interface = match &w.interface {
-                Some(i) => i.clone(),
-                None => neigh::route_interface(w.address)
-                    .with_context(|| format!("worker {:?}: cannot find its interface", w.name))?,
+            // Layer 2: the worker is the next hop. Encapsulated: the route's gateway is.
+            let (tx_interface, next_hop, encap) = if w.encap == Encap::None {
+                let dev = match &w.interface {
+                    Some(i) => i.clone(),
+                    None => neigh::route_interface(w.address).with_context(|| {
+                        format!("worker {:?}: cannot find its interface", w.name)
+                    })?,
+                };
+                (dev, w.address, EncapEntry::default())
+            } else {
+                let route = neigh::route(w.address)
+                    .with_context(|| format!("worker {:?}: cannot find its route", w.name))?;
+                let dev = w.interface.clone().unwrap_or_else(|| route.dev.clone());
+                let encap = encap_entry(w, &route, &dev)
+                    .with_context(|| format!("worker {:?}: encap = {:?}", w.name, w.encap.name()))?;
+                (dev, route.next_hop(w.address), encap)
             };
             let tx_ifindex = sys::if_nametoindex(&tx_interface).with_context(|| {
                 format!(
@@ -128,7 +195,7 @@ impl Controller {
             let mac = match w.mac {
                 MacSetting::Fixed(m) => Some(m),
                 MacSetting::Auto => {
-                    match neigh::resolve_mac(w.address, &tx_interface, Duration::from_secs(3)) {
+                    match neigh::resolve_mac(next_hop, &tx_interface, Duration::from_secs(3)) {
                         Ok(m) => Some(m),
                         Err(e) => {
                             // Keep what the previous controller used rather than dropping its traffic.
@@ -149,9 +216,11 @@ impl Controller {
                 index,
                 mac,
                 tx_interface,
+                next_hop,
                 tx_ifindex,
                 tx_port,
                 healthy,
+                encap,
             });
         }
         let dev_len = maps.tx_ports.len();
@@ -320,6 +389,11 @@ impl Controller {
             let was_healthy = current.is_some_and(|e| e.flags & WORKER_HEALTHY != 0);
             if w.usable() && (raise_healthy || was_healthy) {
                 flags |= WORKER_HEALTHY;
+            }
+            // The encapsulation first: a slot never routes with another worker's (or no) outer
+            // header.
+            if self.maps.worker_encap(w.index)? != w.encap {
+                self.maps.set_worker_encap(w.index, w.encap)?;
             }
             let entry = WorkerEntry {
                 mac: w.mac.unwrap_or([0; 6]),

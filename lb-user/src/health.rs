@@ -106,6 +106,7 @@ pub async fn run(ctl: Arc<Mutex<Controller>>) {
                 .map(|w| Target {
                     name: w.cfg.name.clone(),
                     address: w.cfg.address,
+                    next_hop: w.next_hop,
                     tx_interface: w.tx_interface.clone(),
                     auto_mac: matches!(w.cfg.mac, crate::config::MacSetting::Auto),
                     healthy: w.healthy,
@@ -146,7 +147,7 @@ pub async fn run(ctl: Arc<Mutex<Controller>>) {
         if last_neigh.elapsed() >= Duration::from_secs(5) {
             last_neigh = tokio::time::Instant::now();
             for t in targets.iter().filter(|t| t.auto_mac) {
-                let (addr, dev) = (t.address, t.tx_interface.clone());
+                let (addr, dev) = (t.next_hop, t.tx_interface.clone());
                 let res = tokio::task::spawn_blocking(move || {
                     crate::neigh::resolve_mac(addr, &dev, Duration::from_millis(500))
                 })
@@ -167,6 +168,8 @@ pub async fn run(ctl: Arc<Mutex<Controller>>) {
 struct Target {
     name: String,
     address: IpAddr,
+    /// Whose MAC the worker's frames carry (the gateway, when encapsulated).
+    next_hop: IpAddr,
     tx_interface: String,
     auto_mac: bool,
     healthy: bool,

@@ -32,25 +32,72 @@ fn ip_json(args: &[&str]) -> Result<serde_json::Value> {
 struct RouteEntry {
     dev: Option<String>,
     gateway: Option<String>,
+    prefsrc: Option<String>,
 }
 
-/// The interface the kernel would send to `addr` through. Fails if the route goes via a gateway:
-/// layer-2 direct server return needs the worker on a directly connected segment.
-pub fn route_interface(addr: IpAddr) -> Result<String> {
+/// How the kernel would send to an address: out of `dev`, to `gateway` (or directly), from
+/// `source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dev: String,
+    pub gateway: Option<IpAddr>,
+    pub source: Option<IpAddr>,
+}
+
+impl Route {
+    /// The neighbour a frame to the destination goes to: the gateway, or the destination itself.
+    pub fn next_hop(&self, destination: IpAddr) -> IpAddr {
+        self.gateway.unwrap_or(destination)
+    }
+}
+
+/// The kernel's route to `addr` (`ip route get`).
+pub fn route(addr: IpAddr) -> Result<Route> {
     let v = ip_json(&["route", "get", &addr.to_string()])?;
     let routes: Vec<RouteEntry> = serde_json::from_value(v)?;
     let r = routes
         .into_iter()
         .next()
         .with_context(|| format!("no route to {addr}"))?;
+    let ip = |s: Option<String>| s.and_then(|s| s.parse::<IpAddr>().ok());
+    Ok(Route {
+        dev: r
+            .dev
+            .with_context(|| format!("the route to {addr} names no interface"))?,
+        gateway: ip(r.gateway),
+        source: ip(r.prefsrc),
+    })
+}
+
+/// The interface the kernel would send to `addr` through. Fails if the route goes via a gateway:
+/// layer-2 direct server return needs the worker on a directly connected segment.
+pub fn route_interface(addr: IpAddr) -> Result<String> {
+    let r = route(addr)?;
     if let Some(gw) = r.gateway {
         bail!(
             "{addr} is reached through gateway {gw}, not directly: layer-2 DSR needs each worker on a \
-             segment the load balancer is attached to (set the worker's `interface` and an on-link address)"
+             segment the load balancer is attached to (set the worker's `interface` and an on-link \
+             address, or encap = \"ipip\" / \"gue\" to reach it through routers)"
         );
     }
-    r.dev
-        .with_context(|| format!("the route to {addr} names no interface"))
+    Ok(r.dev)
+}
+
+#[derive(Deserialize)]
+struct LinkEntry {
+    mtu: Option<u32>,
+}
+
+/// The MTU of interface `dev`.
+pub fn interface_mtu(dev: &str) -> Result<u16> {
+    let v = ip_json(&["link", "show", "dev", dev])?;
+    let links: Vec<LinkEntry> = serde_json::from_value(v)?;
+    let mtu = links
+        .into_iter()
+        .next()
+        .and_then(|l| l.mtu)
+        .with_context(|| format!("`ip link show dev {dev}` gives no MTU"))?;
+    Ok(mtu.min(u16::MAX as u32) as u16)
 }
 
 #[derive(Deserialize)]

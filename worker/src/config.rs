@@ -76,6 +76,10 @@ pub struct WorkerConfig {
     /// worker holds that ID. Without it the worker is part of no cluster (single-node set-up).
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// Datagrams the load balancer encapsulated for this worker (IPIP, GUE): the worker takes the
+    /// outer header off itself (see [`crate::decap`] and `docs/CLUSTER.md`). Unset: layer-2 only.
+    #[serde(default)]
+    pub decap: Option<crate::decap::DecapConfig>,
 }
 
 /// `[cluster]` of a worker.
@@ -210,6 +214,17 @@ impl WorkerConfig {
             );
             anyhow::ensure!(cl.weight >= 1, "cluster.weight must be at least 1");
             baton_cluster::check_name(&c.name()).map_err(|e| anyhow::anyhow!("name: {e}"))?;
+        }
+        if let Some(d) = &c.decap {
+            anyhow::ensure!(
+                d.enabled(),
+                "[decap] accepts nothing: set gue_port (GUE) and/or ipip = true, or remove the table"
+            );
+            anyhow::ensure!(
+                d.gue_port != Some(0) && d.gue_port != Some(c.port),
+                "decap.gue_port must be a port of its own (not 0, not the VIP port {})",
+                c.port
+            );
         }
         if c.control_socket.is_some() {
             anyhow::ensure!(
@@ -464,6 +479,23 @@ mod tests {
         ));
         assert!(e.contains("listen") || e.contains("socket address"), "{e}");
         WorkerConfig::parse(include_str!("../worker.example.toml")).unwrap();
+    }
+
+    #[test]
+    fn decap_settings_are_checked() {
+        let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = WorkerConfig::parse(&format!("{base}[decap]\ngue_port = 6080\nipip = true\n")).unwrap();
+        let d = c.decap.unwrap();
+        assert_eq!((d.gue_port, d.ipip), (Some(6080), true));
+        for (table, want) in [
+            ("[decap]\n", "accepts nothing"),
+            ("[decap]\ngue_port = 4433\n", "a port of its own"),
+            ("[decap]\ngue_port = 0\n", "a port of its own"),
+            ("[decap]\nfou = true\n", "unknown field"),
+        ] {
+            let e = format!("{:#}", WorkerConfig::parse(&format!("{base}{table}")).unwrap_err());
+            assert!(e.contains(want), "{table}: {e}");
+        }
     }
 
     #[test]

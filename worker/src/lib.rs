@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod config;
 pub mod core;
+pub mod decap;
 pub mod demo;
 pub mod http3;
 pub mod io;

@@ -132,6 +132,31 @@ impl Metrics {
             "limits.memory_budget: what the services may hold in all.",
             self.budget.limit(),
         );
+        if let Some(d) = self.sockets.decap() {
+            out.push_str(
+                "# HELP baton_worker_decap_datagrams_total Encapsulated datagrams received and delivered, by encapsulation.\n\
+                 # TYPE baton_worker_decap_datagrams_total counter\n",
+            );
+            for (kind, n) in [("gue", &d.stats.gue), ("ipip", &d.stats.ipip)] {
+                let _ = writeln!(
+                    out,
+                    "baton_worker_decap_datagrams_total{{encap=\"{kind}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+            out.push_str(
+                "# HELP baton_worker_decap_dropped_total Encapsulated datagrams dropped, by reason (truncated, bad_header, bad_gue, fragment, not_udp, not_vip: not for this worker's VIPs and port, checksum).\n\
+                 # TYPE baton_worker_decap_dropped_total counter\n",
+            );
+            for r in crate::decap::DropReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "baton_worker_decap_dropped_total{{reason=\"{}\"}} {}",
+                    r.as_str(),
+                    d.stats.dropped(r)
+                );
+            }
+        }
         out.push_str(
             "# HELP baton_worker_metrics_refused_total Metrics connections refused or cut off: source_limit (its address had too many open), evicted (all places taken, the oldest made room), deadline (no answer within the request deadline).\n\
              # TYPE baton_worker_metrics_refused_total counter\n",

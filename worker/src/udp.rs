@@ -183,6 +183,8 @@ impl UdpIo {
 pub struct VipSockets {
     sockets: Vec<UdpIo>,
     stats: SendStats,
+    /// Tunnel sockets whose inner datagrams are received as if on the VIP sockets (`[decap]`).
+    decap: Option<crate::decap::Decapsulator>,
 }
 
 /// What the worker's sends came to, for the metrics: every failed send is counted by its error
@@ -268,7 +270,18 @@ impl VipSockets {
         Ok(Self {
             sockets,
             stats: SendStats::default(),
+            decap: None,
         })
+    }
+
+    /// Also receives what `decap`'s tunnel sockets bring (encapsulated by the load balancer).
+    pub fn with_decap(mut self, decap: crate::decap::Decapsulator) -> Self {
+        self.decap = Some(decap);
+        self
+    }
+
+    pub fn decap(&self) -> Option<&crate::decap::Decapsulator> {
+        self.decap.as_ref()
     }
 
     /// One socket.
@@ -276,6 +289,7 @@ impl VipSockets {
         Self {
             sockets: vec![socket],
             stats: SendStats::default(),
+            decap: None,
         }
     }
 
@@ -316,14 +330,17 @@ impl VipSockets {
         }
     }
 
-    /// Ready once any socket may have something to read.
+    /// Ready once any socket (tunnel sockets included) may have something to read.
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         for s in &self.sockets {
             if let Poll::Ready(r) = s.socket.poll_recv_ready(cx) {
                 return Poll::Ready(r);
             }
         }
-        Poll::Pending
+        match &self.decap {
+            Some(d) => d.poll_readable(cx),
+            None => Poll::Pending,
+        }
     }
 
     /// Takes one batch from each socket of what is already waiting, without blocking; returns
@@ -332,6 +349,9 @@ impl VipSockets {
         let mut n = 0;
         for s in &self.sockets {
             n += s.try_recv(out)?;
+        }
+        if let Some(d) = &self.decap {
+            n += d.try_recv(out)?;
         }
         Ok(n)
     }

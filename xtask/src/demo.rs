@@ -85,8 +85,78 @@ pub struct Options {
     /// default size is 16 connections (`--small`: 8), each with two request loops.
     #[arg(long)]
     pub http3: bool,
+    /// How baton-lb reaches the workers: `none` (layer-2 direct server return, the default),
+    /// `ipip` or `gue` over IPv4, `ipip6` or `gue6` over IPv6. One value for both workers or one
+    /// per worker (`--encap gue,ipip6`). An encapsulated worker is addressed at its routed
+    /// address (a subnet of its own, reached through a gateway) and takes the outer header off
+    /// itself (its `[decap]` table); replies still go straight to the client from the VIP.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub encap: Vec<EncapMode>,
     #[command(flatten)]
     pub path: crate::netpath::PathOptions,
+}
+
+/// `--encap`: how baton-lb forwards to one worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncapMode {
+    None,
+    Ipip,
+    Ipip6,
+    Gue,
+    Gue6,
+}
+
+/// The worker's `[decap] gue_port` and the LB's `gue_port` in the demo.
+const DEMO_GUE_PORT: u16 = 6080;
+
+impl EncapMode {
+    /// The mode of each of the two workers from `--encap`'s values.
+    fn per_worker(values: &[EncapMode]) -> Result<[EncapMode; 2]> {
+        match values {
+            [] => Ok([EncapMode::None; 2]),
+            [one] => Ok([*one; 2]),
+            [a, b] => Ok([*a, *b]),
+            _ => bail!("--encap takes one mode, or one per worker (two)"),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            EncapMode::None => "layer 2 (MAC rewrite)",
+            EncapMode::Ipip => "IPIP over IPv4",
+            EncapMode::Ipip6 => "IPIP over IPv6",
+            EncapMode::Gue => "GUE over IPv4",
+            EncapMode::Gue6 => "GUE over IPv6",
+        }
+    }
+
+    /// The worker's `[decap]` table ("" for layer 2).
+    fn decap_table(self) -> String {
+        match self {
+            EncapMode::None => String::new(),
+            EncapMode::Ipip | EncapMode::Ipip6 => "[decap]\nipip = true\n".into(),
+            EncapMode::Gue | EncapMode::Gue6 => format!("[decap]\ngue_port = {DEMO_GUE_PORT}\n"),
+        }
+    }
+
+    /// The LB's `[[workers]]` table for worker `i` (0-based) of the fixed lab.
+    fn lb_worker_table(self, i: usize, name: &str, server_id: u64) -> String {
+        let lab = baton_lab::Topology::fixed();
+        let (address, encap) = match self {
+            EncapMode::None => (lab.worker_addr4(i), "none"),
+            EncapMode::Ipip => (lab.worker_routed_addr4(i), "ipip"),
+            EncapMode::Ipip6 => (lab.worker_routed_addr6(i), "ipip"),
+            EncapMode::Gue => (lab.worker_routed_addr4(i), "gue"),
+            EncapMode::Gue6 => (lab.worker_routed_addr6(i), "gue"),
+        };
+        let mut t = format!(
+            "[[workers]]\nname = \"{name}\"\nserver_id = {server_id}\naddress = \"{address}\"\nencap = \"{encap}\"\n"
+        );
+        if encap == "gue" {
+            t.push_str(&format!("gue_port = {DEMO_GUE_PORT}\n"));
+        }
+        t
+    }
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -164,6 +234,7 @@ pub fn run(opts: &Options) -> Result<()> {
     lab::up_quiet()?;
 
     let mut run = Run::new(bins.clone());
+    run.encap = EncapMode::per_worker(&opts.encap)?;
     run.keep = opts.keep;
     run.request_interval_ms = opts.request_interval_ms;
     run.settle = opts.settle;
@@ -288,6 +359,10 @@ pub(crate) struct Run {
     proxy: Option<&'static str>,
     /// `baton migrate --quiesce-timeout-ms`: how long a source waits for requests in flight.
     quiesce_ms: Option<u64>,
+    /// How baton-lb reaches each worker (`--encap`).
+    encap: [EncapMode; 2],
+    /// The data plane's `encapsulated` and `encap_too_big` counters after the load.
+    encap_counters: Option<(u64, u64)>,
 }
 
 /// A running baton-load (the process itself is in the run's children).
@@ -324,17 +399,41 @@ impl Run {
             busy_retried: Default::default(),
             proxy: None,
             quiesce_ms: None,
+            encap: [EncapMode::None; 2],
+            encap_counters: None,
         }
     }
 
+    /// The baton-lb config of this run: lab/lb.toml, or (with `--encap`) a copy whose worker
+    /// tables say how each worker is reached, written into the state directory.
+    fn lb_config(&self) -> Result<PathBuf> {
+        let lab_config = workspace_root().join("lab/lb.toml");
+        if self.encap == [EncapMode::None; 2] {
+            return Ok(lab_config);
+        }
+        let text = std::fs::read_to_string(&lab_config)
+            .with_context(|| format!("reading {}", lab_config.display()))?;
+        let mut text = crate::lab::without_workers(&text, &["w1", "w2"])?;
+        for (i, ((name, _, sid, _), mode)) in WORKERS.iter().zip(self.encap).enumerate() {
+            text.push_str(&mode.lb_worker_table(i, name, *sid));
+        }
+        let path = self.state.join("lb.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     /// A fresh state directory with certificates, secrets and configs, then baton-lb (with
-    /// `lb_config`) and both workers, waiting until each answers. The lab must be up.
-    pub(crate) fn bring_up(&mut self, lb_config: &Path, migrations: bool) -> Result<()> {
+    /// `lb_config`, or this run's own: see [`Run::lb_config`]) and both workers, waiting until each answers. The lab must be up.
+    pub(crate) fn bring_up(&mut self, lb_config: Option<&Path>, migrations: bool) -> Result<()> {
         let _ = std::fs::remove_dir_all(&self.state);
         std::fs::create_dir_all(&self.state)
             .with_context(|| format!("creating {}", self.state.display()))?;
         self.prepare_files(migrations)?;
-        self.start_lb_and_workers(lb_config, migrations)
+        let lb_config = match lb_config {
+            Some(c) => c.to_path_buf(),
+            None => self.lb_config()?,
+        };
+        self.start_lb_and_workers(&lb_config, migrations)
     }
 
     /// Starts baton-lb with `lb_config` and both workers; waits until they answer.
@@ -713,6 +812,8 @@ impl Run {
             if let Some(proxy) = self.proxy {
                 cfg.push_str(proxy);
             }
+            let i = WORKERS.iter().position(|w| w.0 == name).expect("a lab worker");
+            cfg.push_str(&self.encap[i].decap_table());
             std::fs::write(s.join(format!("{name}.toml")), cfg)?;
             migration.push_str(&format!(
                 "[[workers]]\nname = \"{name}\"\ncontrol = \"{}\"\n",
@@ -737,7 +838,7 @@ impl Run {
                 "the migration CLI (`baton migrate`, `baton-worker gen-certs`) is not in these binaries: load only",
             );
         }
-        self.bring_up(&workspace_root().join("lab/lb.toml"), migrations)?;
+        self.bring_up(None, migrations)?;
 
         // The load.
         say(format!(
@@ -838,6 +939,17 @@ impl Run {
         while Instant::now() < until {
             self.check_children()?;
             std::thread::sleep(Duration::from_millis(200));
+        }
+        if self.encap != [EncapMode::None; 2] {
+            let status = self.baton().args(["--json", "status"]).output();
+            self.encap_counters = status
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .map(|v| {
+                    let c = |k: &str| v["counters"][k].as_u64().unwrap_or(0);
+                    (c("encapsulated"), c("encap_too_big"))
+                });
         }
         if migrations {
             let out = self.baton().args(["--json", "override", "list"]).output();
@@ -1084,6 +1196,19 @@ impl Run {
             n("congestion_events")
         );
         w!("  migrations       {}", figures.line(""));
+        if self.encap != [EncapMode::None; 2] {
+            w!(
+                "  workers reached  w1: {}, w2: {} ({})",
+                self.encap[0].label(),
+                self.encap[1].label(),
+                match self.encap_counters {
+                    Some((n, too_big)) => format!(
+                        "{n} datagrams encapsulated by XDP, {too_big} too big for the path after encapsulation"
+                    ),
+                    None => "baton status gave no counters".into(),
+                }
+            );
+        }
         if let Some(left) = self.overrides_left {
             w!(
                 "  LB overrides     {left} left {} s after the last migration (each goes once the client retires the CID)",

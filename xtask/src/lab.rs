@@ -170,3 +170,64 @@ fn print_summary() {
     println!("  sudo bpftool map dump pinned /sys/fs/bpf/baton/BATON_WORKERS");
     println!("  (`ip netns exec` would hide the host's bpffs from baton-lb: use --netns)");
 }
+
+/// `lb_toml` (lab/lb.toml's text) without the `[[workers]]` tables named in `names`; each must
+/// be there.
+pub(crate) fn without_workers(lb_toml: &str, names: &[&str]) -> Result<String> {
+    let mut out = String::new();
+    let mut block: Option<String> = None;
+    let mut removed = Vec::new();
+    let named = |b: &str| {
+        names.iter().copied().find(|name| {
+            b.lines()
+                .any(|l| l.trim().replace(' ', "") == format!("name=\"{name}\""))
+        })
+    };
+    let mut flush = |block: &mut Option<String>, out: &mut String| {
+        if let Some(b) = block.take() {
+            match named(&b) {
+                Some(name) => removed.push(name),
+                None => out.push_str(&b),
+            }
+        }
+    };
+    for line in lb_toml.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            flush(&mut block, &mut out);
+            if t.starts_with("[[workers]]") {
+                block = Some(String::new());
+            }
+        }
+        match &mut block {
+            Some(b) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    flush(&mut block, &mut out);
+    if let Some(missing) = names.iter().find(|n| !removed.contains(n)) {
+        anyhow::bail!("lab/lb.toml has no [[workers]] table named {missing}");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_the_named_worker_tables() {
+        let toml = "interface = \"x\"\n[cid]\nlength = 8\n\n[[workers]]\nname = \"w1\"\nserver_id = 1\n\n[[workers]]\nname = \"w2\"\nserver_id = 2\n# note\n\n[health]\nkind = \"none\"\n";
+        let out = without_workers(toml, &["w2"]).unwrap();
+        assert!(out.contains("name = \"w1\"") && !out.contains("w2") && out.contains("[health]"));
+        let out = without_workers(toml, &["w1", "w2"]).unwrap();
+        assert!(!out.contains("[[workers]]") && out.contains("[health]"), "{out}");
+        assert!(without_workers(toml, &["w3"]).is_err());
+    }
+}

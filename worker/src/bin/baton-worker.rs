@@ -253,11 +253,13 @@ async fn serve(
     listener: Option<tokio::net::UnixListener>,
     signals: &mut StopSignals,
 ) -> anyhow::Result<()> {
-    let socket = Arc::new(VipSockets::bind(
-        &config.vips,
-        config.port,
-        config.socket_buffer,
-    )?);
+    let mut socket = VipSockets::bind(&config.vips, config.port, config.socket_buffer)?;
+    if let Some(decap) = config.decap.as_ref().filter(|d| d.enabled()) {
+        let d = baton_worker::decap::Decapsulator::open(decap, &config.vips, config.port)?;
+        tracing::info!(gue_port = ?decap.gue_port, ipip = decap.ipip, "receiving encapsulated datagrams");
+        socket = socket.with_decap(d);
+    }
+    let socket = Arc::new(socket);
     for s in socket.sockets() {
         let (rcv, snd) = s.buffer_sizes();
         let vip = s.local_ip();

@@ -52,7 +52,7 @@ pub fn run(bins: &Path, opts: &DrainOptions) -> Result<()> {
         .context("reading lab/lb.toml")?;
     let config = PathBuf::from(LB_CONFIG);
     std::fs::create_dir_all(config.parent().expect("has a parent"))?;
-    std::fs::write(&config, without_worker(&full, "w2")?)?;
+    std::fs::write(&config, crate::lab::without_workers(&full, &["w2"])?)?;
     let mut lab = Lab::up(bins, &config, vec![config.clone()], false)?;
     let result = measure(&mut lab, opts, &config, &full);
     if result.is_err() {
@@ -66,48 +66,6 @@ pub fn run(bins: &Path, opts: &DrainOptions) -> Result<()> {
         format!("done in {:.0} s", started.elapsed().as_secs_f64()),
     );
     Ok(())
-}
-
-/// `lb_toml` without the `[[workers]]` table named `name`.
-fn without_worker(lb_toml: &str, name: &str) -> Result<String> {
-    let mut out = String::new();
-    let mut block: Option<String> = None;
-    let mut removed = false;
-    let flush = |block: &mut Option<String>, out: &mut String, removed: &mut bool| {
-        if let Some(b) = block.take() {
-            if b.lines()
-                .any(|l| l.trim().replace(' ', "") == format!("name=\"{name}\""))
-            {
-                *removed = true;
-            } else {
-                out.push_str(&b);
-            }
-        }
-    };
-    for line in lb_toml.lines() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            flush(&mut block, &mut out, &mut removed);
-            if t.starts_with("[[workers]]") {
-                block = Some(String::new());
-            }
-        }
-        match &mut block {
-            Some(b) => {
-                b.push_str(line);
-                b.push('\n');
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    flush(&mut block, &mut out, &mut removed);
-    if !removed {
-        bail!("lab/lb.toml has no [[workers]] table named {name}");
-    }
-    Ok(out)
 }
 
 /// Worker names baton-lb knows, with their Maglev slots.
@@ -474,17 +432,4 @@ fn report(
         if pass { "PASS" } else { "FAIL" }
     );
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drops_one_worker_table() {
-        let toml = "interface = \"x\"\n[cid]\nlength = 8\n\n[[workers]]\nname = \"w1\"\nserver_id = 1\n\n[[workers]]\nname = \"w2\"\nserver_id = 2\n# note\n\n[health]\nkind = \"none\"\n";
-        let out = without_worker(toml, "w2").unwrap();
-        assert!(out.contains("name = \"w1\"") && !out.contains("w2") && out.contains("[health]"));
-        assert!(without_worker(toml, "w3").is_err());
-    }
 }

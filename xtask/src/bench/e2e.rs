@@ -50,7 +50,7 @@ impl Lab {
         if http3 {
             lab.run.serve_http3();
         }
-        let up = lab.run.bring_up(lb_config, true).and_then(|()| {
+        let up = lab.run.bring_up(Some(lb_config), true).and_then(|()| {
             if http3 {
                 lab.run.start_upstreams()
             } else {

@@ -107,7 +107,7 @@ impl Run {
         let started = Instant::now();
         self.serve_http3();
         let migrations = !opts.no_migrate;
-        self.bring_up(&workspace_root().join("lab/lb.toml"), true)?;
+        self.bring_up(None, true)?;
         self.start_upstreams()?;
         let relay = opts.path.relay_args()?;
         let emulated = !relay.is_empty();
