@@ -1693,6 +1693,7 @@ mod tests {
             address: "10.0.0.11".parse().unwrap(),
             weight: 1,
             control: control.map(String::from),
+            encap: None,
         };
         // A registered control API needs the [control_tls] identity to be reached.
         let e = add_registered_workers(&mut c, &[record("w1", Some("10.0.0.11:4480"))])

@@ -102,6 +102,7 @@ async fn main() {
             address: "10.0.0.2".parse().unwrap(),
             weight: 1,
             control: None,
+            encap: None,
         };
         client
             .put(

@@ -19,5 +19,5 @@ pub use keys::{Key, KeyError, Prefix, check_name};
 pub use node::{Action, Input, Node, View, WatchEvent};
 pub use records::{
     AppliedRecord, HealthRecord, MigrationRecord, MigrationStage, OverrideRecord, ServerIdClaim,
-    WorkerRecord, all_applied,
+    RecordEncap, WorkerRecord, all_applied,
 };

@@ -19,6 +19,21 @@ pub struct WorkerRecord {
     /// The worker's control API (mutual TLS), for `baton migrate` / `drain` from any host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<String>,
+    /// How LB nodes reach it when it is not on their segment (it takes the outer header off
+    /// itself); absent: layer 2. Absent from a layer-2 record's JSON, so those stay readable by
+    /// nodes older than encapsulation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encap: Option<RecordEncap>,
+}
+
+/// A worker's encapsulation, as it registers it (its `[decap]` must accept it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RecordEncap {
+    /// IP in IP to `address`.
+    Ipip,
+    /// GUE to `address`, this UDP port.
+    Gue { port: u16 },
 }
 
 fn one() -> u32 {
@@ -118,6 +133,7 @@ mod tests {
             address: "10.0.0.2".parse().unwrap(),
             weight: 1,
             control: None,
+            encap: None,
         };
         let text = serde_json::to_string(&w).unwrap();
         assert_eq!(

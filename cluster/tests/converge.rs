@@ -197,6 +197,7 @@ fn worker(i: u8, weight: u32) -> (String, Vec<u8>) {
         address: format!("10.0.0.{i}").parse().unwrap(),
         weight,
         control: None,
+        encap: None,
     };
     (
         prefix().key(&Key::Worker(w.name.clone())),
@@ -315,6 +316,7 @@ fn worker_named(name: &str) -> WorkerRecord {
         address: "10.0.0.9".parse().unwrap(),
         weight: 1,
         control: None,
+        encap: None,
     }
 }
 

@@ -24,6 +24,7 @@ fn worker(name: &str, server_id: u64) -> WorkerRecord {
         address: format!("10.0.0.{server_id}").parse().unwrap(),
         weight: 1,
         control: None,
+        encap: None,
     }
 }
 

@@ -63,6 +63,7 @@ pub fn pinned_view(maps: &PinnedMaps) -> anyhow::Result<View> {
                     address: std::net::Ipv4Addr::UNSPECIFIED.into(),
                     weight: 0,
                     control: None,
+                    encap: None,
                 },
             );
         }
@@ -81,8 +82,9 @@ pub fn pinned_view(maps: &PinnedMaps) -> anyhow::Result<View> {
     Ok(view)
 }
 
-/// A registered worker as the controller configures it: its MAC from the neighbour table, its
-/// interface from the route to its address (registrations carry no link-layer detail).
+/// A registered worker as the controller configures it: its MAC (its own, or the gateway's when
+/// encapsulated) from the neighbour table, its interface and outer source from the route to its
+/// address (registrations carry no link-layer detail).
 fn worker_of(r: &WorkerRecord) -> Worker {
     Worker {
         name: r.name.clone(),
@@ -91,7 +93,11 @@ fn worker_of(r: &WorkerRecord) -> Worker {
         mac: MacSetting::Auto,
         interface: None,
         weight: r.weight.clamp(1, 1000),
-        encap: Encap::None,
+        encap: match r.encap {
+            None => Encap::None,
+            Some(baton_cluster::RecordEncap::Ipip) => Encap::Ipip,
+            Some(baton_cluster::RecordEncap::Gue { port }) => Encap::Gue { port },
+        },
         mtu: None,
         encap_source: None,
     }

@@ -179,3 +179,22 @@ fn demo_small_on_a_100ms_path_with_1pct_loss() {
     let last = demo_small(&["--rtt", "100ms", "--loss", "1%"]);
     assert_no_timeout_stalls(&last, 100.0);
 }
+
+/// Workers on subnets of their own (reached through a gateway, not on the LB's segment): w1 by
+/// GUE over IPv4, w2 by IPIP over IPv6, each taking the outer header off itself. The demo's
+/// checks hold unchanged (every connection moved between the two, nothing failed, byte-exact),
+/// and the data plane encapsulated datagrams without one too big for the path.
+#[test]
+fn demo_small_with_workers_reached_through_gue_and_ipip() {
+    let last = demo_small(&["--encap", "gue,ipip6"]);
+    assert!(field(&last, "encapsulated") > 0.0, "{last}");
+    assert_eq!(field(&last, "encap_too_big"), 0.0, "{last}");
+}
+
+/// The other two: IPIP over IPv4 to w1, GUE over IPv6 to w2.
+#[test]
+fn demo_small_with_workers_reached_through_ipip_and_gue_over_the_other_families() {
+    let last = demo_small(&["--encap", "ipip,gue6"]);
+    assert!(field(&last, "encapsulated") > 0.0, "{last}");
+    assert_eq!(field(&last, "encap_too_big"), 0.0, "{last}");
+}

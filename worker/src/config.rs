@@ -90,7 +90,8 @@ pub struct ClusterConfig {
     pub endpoints: Vec<String>,
     /// The cluster's key prefix, one per cluster (e.g. `/baton/prod`).
     pub prefix: String,
-    /// Where LB nodes send this worker's datagrams (its address on their segment).
+    /// Where LB nodes send this worker's datagrams: its address on their segment (layer 2), or
+    /// with `encap` any address of this host they can route to.
     pub address: IpAddr,
     /// Seconds the registration outlives the worker if it dies without revoking it (it renews
     /// every third of this).
@@ -99,6 +100,31 @@ pub struct ClusterConfig {
     /// Relative share of new connections (Maglev weight).
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// How LB nodes reach this worker: `"ipip"` or `"gue"` (the port is `[decap] gue_port`),
+    /// which `[decap]` must accept; unset: layer 2 (`address` on the LB nodes' segment).
+    #[serde(default)]
+    pub encap: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The encapsulation this worker registers (checked by [`WorkerConfig::parse`]).
+    pub fn record_encap(&self, decap: Option<&crate::decap::DecapConfig>) -> anyhow::Result<Option<baton_cluster::RecordEncap>> {
+        let decap = decap.cloned().unwrap_or_default();
+        match self.encap.as_deref() {
+            None | Some("none") => Ok(None),
+            Some("ipip") => {
+                anyhow::ensure!(decap.ipip, "cluster.encap = \"ipip\" needs [decap] ipip = true");
+                Ok(Some(baton_cluster::RecordEncap::Ipip))
+            }
+            Some("gue") => {
+                let port = decap
+                    .gue_port
+                    .ok_or_else(|| anyhow::anyhow!("cluster.encap = \"gue\" needs [decap] gue_port"))?;
+                Ok(Some(baton_cluster::RecordEncap::Gue { port }))
+            }
+            Some(other) => anyhow::bail!("cluster.encap: {other:?} is not \"none\", \"ipip\" or \"gue\""),
+        }
+    }
 }
 
 fn default_lease_ttl() -> i64 {
@@ -214,6 +240,7 @@ impl WorkerConfig {
             );
             anyhow::ensure!(cl.weight >= 1, "cluster.weight must be at least 1");
             baton_cluster::check_name(&c.name()).map_err(|e| anyhow::anyhow!("name: {e}"))?;
+            cl.record_encap(c.decap.as_ref())?;
         }
         if let Some(d) = &c.decap {
             anyhow::ensure!(
@@ -495,6 +522,25 @@ mod tests {
         ] {
             let e = format!("{:#}", WorkerConfig::parse(&format!("{base}{table}")).unwrap_err());
             assert!(e.contains(want), "{table}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_worker_registers_the_encapsulation_its_decap_accepts() {
+        let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\nname = \"w3\"\n";
+        let cluster = "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/baton/prod\"\naddress = \"10.0.7.13\"\n";
+        let c = WorkerConfig::parse(&format!("{base}{cluster}encap = \"gue\"\n[decap]\ngue_port = 6080\n")).unwrap();
+        let got = c.cluster.as_ref().unwrap().record_encap(c.decap.as_ref()).unwrap();
+        assert_eq!(got, Some(baton_cluster::RecordEncap::Gue { port: 6080 }));
+        let c = WorkerConfig::parse(&format!("{base}{cluster}")).unwrap();
+        assert_eq!(c.cluster.as_ref().unwrap().record_encap(None).unwrap(), None);
+        for (extra, want) in [
+            ("encap = \"gue\"\n[decap]\nipip = true\n", "needs [decap] gue_port"),
+            ("encap = \"ipip\"\n", "needs [decap] ipip = true"),
+            ("encap = \"vxlan\"\n", "is not"),
+        ] {
+            let e = format!("{:#}", WorkerConfig::parse(&format!("{base}{cluster}{extra}")).unwrap_err());
+            assert!(e.contains(want), "{extra}: {e}");
         }
     }
 

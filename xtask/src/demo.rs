@@ -1251,6 +1251,11 @@ impl Run {
         } else {
             String::new()
         };
+        // With --encap, the data plane's encapsulation counters too.
+        let emulated = match self.encap_counters {
+            Some((n, too_big)) => format!("{emulated} encapsulated={n} encap_too_big={too_big}"),
+            None => emulated,
+        };
         w!(
             "RESULT connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
              reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}{emulated} \

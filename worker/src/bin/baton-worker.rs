@@ -143,6 +143,8 @@ fn worker_record(
         address: cl.address,
         weight: cl.weight,
         control: config.control_tls.as_ref().map(|t| t.listen.to_string()),
+        // Checked when the config was parsed.
+        encap: cl.record_encap(config.decap.as_ref()).ok().flatten(),
     }
 }
 
