@@ -15,6 +15,9 @@
 //! traffic to the chosen worker's and redirects it out of `{p}-lb-w1`/`{p}-lb-w2` (layer-2 DSR).
 //! Workers hold the VIP on loopback (arp_ignore/arp_announce keep them from claiming it on the
 //! wire) and answer from the VIP via their default route, which the LB forwards as ordinary IP.
+//! Each worker also holds a routed address on loopback (`N.11<i>.2`, `N6:11<i>::2`) that the LB
+//! reaches through a gateway (the worker's link address): what encapsulated forwarding (IPIP,
+//! GUE) is addressed to, as to a worker on another subnet.
 //!
 //! Building is idempotent (re-running repairs a half-made lab), [`Topology::down`] removes the
 //! namespaces (and with them every interface), a [`Netns`] guard does that on drop, and
