@@ -7,56 +7,18 @@
 //! reconnects, every stream is byte-exact.
 mod support;
 
-use serde_json::Value;
 use std::time::{Duration, Instant};
-use support::cluster::ClusterLab;
+use support::cluster::{ClusterLab, carry_on};
 use support::*;
 
 const CONNECTIONS: usize = 32;
 const LOAD_PATIENCE: Duration = Duration::from_secs(90);
 
-/// IPv4 datagrams each node's program saw to the VIP.
-fn vip_packets(lab: &ClusterLab) -> Vec<u64> {
-    lab.nodes
-        .iter()
-        .map(|n| n.counters().get("ipv4").copied().unwrap_or(0))
-        .collect()
-}
-
-/// Drains `worker` from the client host: every connection it held moved, none failed.
-fn drain(lab: &ClusterLab, worker: &str) -> Value {
-    let s = lab.baton_json(&["drain", worker]);
-    assert_eq!(s["failed"], 0, "drain {worker}: {s}");
-    assert!(
-        s["moved"].as_u64() > Some(0),
-        "drain {worker} moved connections: {s}"
-    );
-    s
-}
-
-/// Every node's maps agree with etcd: the same overrides, the same Maglev table by name.
-fn nodes_agree(lab: &ClusterLab, when: &str) {
-    let want = lab.etcd_overrides();
-    let tables: Vec<Vec<String>> = lab.nodes.iter().map(|n| n.maglev_by_name()).collect();
-    for (k, node) in lab.nodes.iter().enumerate() {
-        wait_for(
-            &format!("{}'s overrides to be etcd's {when}", node.name),
-            || node.overrides() == lab.etcd_overrides(),
-            || format!("etcd {want:?}, {} {:?}", node.name, node.overrides()),
-        );
-        assert_eq!(
-            tables[k], tables[0],
-            "{when}: {} builds the Maglev table lb1 builds",
-            node.name
-        );
-    }
-}
-
 #[test]
 fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead_node() {
     let mut lab = ClusterLab::up(2);
-    nodes_agree(&lab, "at the start");
-    let before = vip_packets(&lab);
+    lab.nodes_agree("at the start");
+    let before = lab.vip_packets();
     let mut load = Load::start_in(
         &lab.net.client,
         &lab.dir,
@@ -66,17 +28,6 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
         &["--request-interval", "50ms", "--stream-rate", "16384"],
         LOAD_PATIENCE,
     );
-    let carry_on = |load: &Load, when: &str| {
-        let from = load.requests_per_connection();
-        wait_for(
-            &format!("every connection to answer 5 more requests {when}"),
-            || {
-                let now = load.requests_per_connection();
-                now.iter().zip(&from).all(|(n, f)| *n >= f + 5)
-            },
-            || format!("{from:?} -> {:?}", load.requests_per_connection()),
-        );
-    };
     carry_on(&load, "before the drains");
     let mut drains = Vec::new();
     for worker in ["w1", "w2", "w1"] {
@@ -91,7 +42,7 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
             continue;
         }
         let started = Instant::now();
-        let s = drain(&lab, worker);
+        let s = lab.drain(worker);
         assert_eq!(
             s["moved"].as_u64(),
             Some(held as u64),
@@ -99,9 +50,9 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
         );
         drains.push((worker, held, started.elapsed()));
         carry_on(&load, &format!("after draining {worker}"));
-        nodes_agree(&lab, &format!("after draining {worker}"));
+        lab.nodes_agree(&format!("after draining {worker}"));
     }
-    let seen: Vec<u64> = vip_packets(&lab)
+    let seen: Vec<u64> = lab.vip_packets()
         .iter()
         .zip(&before)
         .map(|(a, b)| a - b)
@@ -119,13 +70,13 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
     // lb2 dies: its process goes, and the router stops sending to it (its BGP session ended).
     lab.nodes[1].kill();
     lab.net.route_through(&[0]).unwrap();
-    let on_lb1 = vip_packets(&lab)[0];
+    let on_lb1 = lab.vip_packets()[0];
     carry_on(&load, "after lb2 died");
-    assert!(vip_packets(&lab)[0] > on_lb1, "lb1 routes lb2's flows");
+    assert!(lab.vip_packets()[0] > on_lb1, "lb1 routes lb2's flows");
     // The survivor is the only live node once lb2's lease ended: drains wait for it alone.
     let conns = lab.baton_json(&["conns"]);
     let worker = conns[0]["worker"].as_str().unwrap().to_string();
-    drain(&lab, &worker);
+    lab.drain(&worker);
     carry_on(&load, "after the drain with one node");
 
     let summary = load.stop(LOAD_PATIENCE);

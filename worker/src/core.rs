@@ -878,6 +878,19 @@ impl WorkerCore {
         }
         keys
     }
+
+    /// [`Self::forget_exported`] for one export only: those of `cids` that still belong to the
+    /// export `key`. A CID the connection brought back here since (moved back, then perhaps
+    /// exported again under another key) is left alone, so a late end of an older export's
+    /// forwarding never stops a newer one's.
+    pub fn forget_export(&mut self, key: u64, cids: &[Vec<u8>]) {
+        for c in cids {
+            if self.exported.get(c) == Some(&key) {
+                self.exported.remove(c);
+            }
+        }
+        self.take_forward_of(key);
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,8 @@ enum Command {
     TakeForward(oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     TakeForwardFor(Vec<Vec<u8>>, oneshot::Sender<Vec<(SocketAddr, Vec<u8>)>>),
     Forget(Vec<Vec<u8>>),
+    /// The end of one export's forwarding: its key and CIDs ([`WorkerCore::forget_export`]).
+    ForgetExport(u64, Vec<Vec<u8>>),
     Find(Vec<u8>, oneshot::Sender<Option<usize>>),
     SubscribeForward(u64, mpsc::UnboundedSender<Vec<(SocketAddr, Vec<u8>)>>),
 }
@@ -175,6 +177,14 @@ impl WorkerHandle {
 
     pub async fn forget_exported(&self, cids: Vec<Vec<u8>>) -> Result<(), String> {
         self.tx.send(Command::Forget(cids)).await.map_err(gone)
+    }
+
+    /// Forgets the CIDs of export `key` that still belong to it ([`WorkerCore::forget_export`]).
+    pub async fn forget_export(&self, key: u64, cids: Vec<Vec<u8>>) -> Result<(), String> {
+        self.tx
+            .send(Command::ForgetExport(key, cids))
+            .await
+            .map_err(gone)
     }
 
     /// The worker-local id of the connection named `key` (the client's first Initial DCID).
@@ -395,6 +405,10 @@ fn command(
             for key in core.forget_exported(&cids) {
                 forwarders.remove(&key);
             }
+        }
+        Command::ForgetExport(key, cids) => {
+            core.forget_export(key, &cids);
+            forwarders.remove(&key);
         }
         Command::Find(key, reply) => {
             let _ = reply.send(core.find_by_key(&key));

@@ -45,10 +45,13 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// a snapshot, so a test can kill it mid-transfer.
 #[cfg(feature = "test-hooks")]
 const TEST_IMPORT_DELAY_ENV: &str = "BATON_TEST_IMPORT_DELAY_MS";
-/// After `release`, datagrams still reaching the source (in flight through the LB before the
-/// flip) keep being forwarded this long; then the source forgets the connection.
+/// After `release`, the source keeps forwarding until no datagram has reached it for this long;
+/// then it forgets the connection. Datagrams in flight through the LB at the flip end at once,
+/// but an LB node that still routes by older state (cut off from etcd, so no longer counted as
+/// live by the controller) keeps sending them: forwarding goes on while they come.
 const RELEASE_GRACE: Duration = Duration::from_millis(250);
-/// A migration the controller never releases (it died) is released after this.
+/// The longest a source forwards: a migration the controller never releases (it died) is
+/// released after this, and no stream of late datagrams keeps one longer.
 const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 /// How often a forwarding task checks whether it was released.
 const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(20);
@@ -534,6 +537,7 @@ async fn forward_until_released(
     conn: quinn::Connection,
 ) {
     let start = Instant::now();
+    let mut last_datagram: Option<Instant> = None;
     let mut forwarded = 0usize;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     if ctx.handle.subscribe_forward(forward_key, tx).await.is_err() {
@@ -547,6 +551,7 @@ async fn forward_until_released(
                     batch.extend(more);
                 }
                 forwarded += batch.len();
+                last_datagram = Some(Instant::now());
                 if let Err(e) = send_datagrams(&conn, &batch).await {
                     warn!(migration_id = %mid, "forwarding to the target failed: {e}");
                 }
@@ -556,17 +561,16 @@ async fn forward_until_released(
             Err(_) => {}
         }
         let released = ctx.released.lock().unwrap().get(&mid).copied().flatten();
-        let done = match released {
-            Some(t) => t.elapsed() >= RELEASE_GRACE,
-            None => start.elapsed() >= RELEASE_DEADLINE,
-        };
+        let quiet = last_datagram.is_none_or(|t| t.elapsed() >= RELEASE_GRACE);
+        let done = start.elapsed() >= RELEASE_DEADLINE
+            || released.is_some_and(|t| t.elapsed() >= RELEASE_GRACE && quiet);
         if done {
             break;
         }
     }
     drop(rx);
     ctx.released.lock().unwrap().remove(&mid);
-    let _ = ctx.handle.forget_exported(cids).await;
+    let _ = ctx.handle.forget_export(forward_key, cids).await;
     info!(migration_id = %mid, forwarded, "released: connection forgotten here");
 }
 

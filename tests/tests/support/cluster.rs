@@ -329,6 +329,71 @@ lease_ttl_s = 4
     pub fn vip(&self) -> SocketAddr {
         SocketAddr::new(VIP4.parse().unwrap(), PORT)
     }
+
+    /// IPv4 datagrams each node's program saw to the VIP.
+    pub fn vip_packets(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| n.counters().get("ipv4").copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// Drains `worker` from the client host: every connection it held moved, none failed.
+    pub fn drain(&self, worker: &str) -> Value {
+        let s = self.baton_json(&["drain", worker]);
+        assert_eq!(s["failed"], 0, "drain {worker}: {s}");
+        assert!(
+            s["moved"].as_u64() > Some(0),
+            "drain {worker} moved connections: {s}"
+        );
+        s
+    }
+
+    /// The worker holding the most connections now, and how many it holds.
+    pub fn busiest_worker(&self) -> (String, usize) {
+        let conns = self.baton_json(&["conns"]);
+        let mut by_worker = std::collections::BTreeMap::<String, usize>::new();
+        for r in conns.as_array().unwrap() {
+            *by_worker
+                .entry(r["worker"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+        by_worker
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .expect("the workers hold connections")
+    }
+
+    /// Every node's maps agree with etcd: the same overrides, the same Maglev table by name.
+    pub fn nodes_agree(&self, when: &str) {
+        let want = self.etcd_overrides();
+        let tables: Vec<Vec<String>> = self.nodes.iter().map(|n| n.maglev_by_name()).collect();
+        for (k, node) in self.nodes.iter().enumerate() {
+            wait_for(
+                &format!("{}'s overrides to be etcd's {when}", node.name),
+                || node.overrides() == self.etcd_overrides(),
+                || format!("etcd {want:?}, {} {:?}", node.name, node.overrides()),
+            );
+            assert_eq!(
+                tables[k], tables[0],
+                "{when}: {} builds the Maglev table lb1 builds",
+                node.name
+            );
+        }
+    }
+}
+
+/// Waits until every connection of `load` answered 5 more requests.
+pub fn carry_on(load: &Load, when: &str) {
+    let from = load.requests_per_connection();
+    wait_for(
+        &format!("every connection to answer 5 more requests {when}"),
+        || {
+            let now = load.requests_per_connection();
+            now.iter().zip(&from).all(|(n, f)| *n >= f + 5)
+        },
+        || format!("{from:?} -> {:?}", load.requests_per_connection()),
+    );
 }
 
 impl Drop for ClusterLab {
