@@ -25,6 +25,10 @@
 //! `BATON_WORKER_ENCAP` slot says IPIP or GUE gets the datagram inside an outer IP (and UDP +
 //! GUE) header addressed to it, sent to the same next-hop MAC (see `baton_encapsulate`), so it may
 //! sit on another subnet; a datagram that would then exceed the path MTU is dropped and counted.
+//! `baton_encapsulate` is a global BPF function (verified once, on its own) called with only the
+//! context, the worker and the route: it finds the inner headers again rather than have the
+//! routing carry parse results, which would multiply the verifier's states (see its comment).
+//! The layer-2 path pays one inlined array lookup (`BATON_WORKER_ENCAP`) for all this.
 //!
 //! Fast path (`lb_common::fastpath`): while `BATON_FASTPATH`'s flags say so, the VIP check scans
 //! the `BATON_VIP_TABLE` array, the server ID indexes the `BATON_SERVER_ID_TABLE` array, the
