@@ -25,6 +25,10 @@
 //! `BATON_WORKER_ENCAP` slot says IPIP or GUE gets the datagram inside an outer IP (and UDP +
 //! GUE) header addressed to it, sent to the same next-hop MAC (see `baton_encapsulate`), so it may
 //! sit on another subnet; a datagram that would then exceed the path MTU is dropped and counted.
+//! `baton_encapsulate` is a global BPF function (verified once, on its own) called with only the
+//! context, the worker and the route: it finds the inner headers again rather than have the
+//! routing carry parse results, which would multiply the verifier's states (see its comment).
+//! The layer-2 path pays one inlined array lookup (`BATON_WORKER_ENCAP`) for all this.
 //!
 //! Fast path (`lb_common::fastpath`): while `BATON_FASTPATH`'s flags say so, the VIP check scans
 //! the `BATON_VIP_TABLE` array, the server ID indexes the `BATON_SERVER_ID_TABLE` array, the
@@ -351,8 +355,7 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     // Find UDP and build the VIP key as the three words of a `VipKey` (address, address,
     // port | family << 16). Until the destination port is readable we cannot tell VIP traffic
     // from anything else, so truncation up to there passes.
-    let ethertype = read_u16(data + 12);
-    let udp = match ethertype {
+    let udp = match read_u16(data + 12) {
         ETH_P_IP => {
             let ip = data + ETH_LEN;
             if ip + 20 > end {
@@ -479,12 +482,6 @@ fn route_packet(ctx: &XdpContext) -> u32 {
     if udp_len < UDP_LEN + header_len || udp + udp_len > ctx.data_end() {
         return drop_count(Stat::Malformed);
     }
-    // Scalars only from here on: packet pointers kept live across the routing below would give the
-    // verifier one state per parse path there (different ranges never prune).
-    let inner = Inner {
-        v6: ethertype == ETH_P_IPV6,
-        udp_off: udp - data,
-    };
 
     let key: &CidKey = key_buf.as_mut();
     let route = if !long {
@@ -547,7 +544,7 @@ fn route_packet(ctx: &XdpContext) -> u32 {
             }
         }
     };
-    forward(ctx, worker, entry, why, inner)
+    forward(ctx, worker, entry, why)
 }
 
 /// What [`ipv6_find_udp`] found.
@@ -813,26 +810,10 @@ fn worker_entry(worker: u32) -> Option<*const WorkerEntry> {
     }
 }
 
-/// The inner datagram as the parse left it: its family and its UDP header's offset in the frame.
-/// An offset, not a packet pointer: [`baton_encapsulate`] masks and re-checks it, so the verifier sees
-/// one state there whatever route and extension-header walk led to it (a pointer would carry each
-/// path's own range into the encapsulation's branches, past the verifier's instruction limit).
-#[derive(Clone, Copy)]
-struct Inner {
-    v6: bool,
-    udp_off: usize,
-}
-
 /// Forwards per the worker's `BATON_WORKER_ENCAP` entry: layer 2 for mode 0 (or when the map
 /// slot is missing), otherwise [`baton_encapsulate`].
 #[inline(always)]
-fn forward(
-    ctx: &XdpContext,
-    worker: u32,
-    entry: *const WorkerEntry,
-    why: Stat,
-    inner: Inner,
-) -> u32 {
+fn forward(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat) -> u32 {
     let encap = match WORKER_ENCAP.lookup(&worker) {
         Some(e) => e as *const EncapEntry,
         None => return forward_l2(ctx, worker, entry, why),
@@ -841,13 +822,9 @@ fn forward(
     if unsafe { (*encap).mode } == ENCAP_NONE {
         return forward_l2(ctx, worker, entry, why);
     }
-    baton_encapsulate(
-        ctx.ctx,
-        worker,
-        why as u32,
-        inner.v6 as u32,
-        inner.udp_off as u32,
-    )
+    // Only the worker and the route: nothing of the parse is carried past the routing (see
+    // `baton_encapsulate`).
+    baton_encapsulate(ctx.ctx, worker, why as u32)
 }
 
 /// Writes the Ethernet header: destination = the worker's (next hop's) MAC, source = the MAC the
@@ -923,19 +900,18 @@ fn send(ctx: &XdpContext, worker: u32, entry: *const WorkerEntry, why: Stat, len
 /// identity). Where that does not apply (an inner IPv6 datagram with extension headers, or
 /// inner IPv4 UDP with checksum 0) the outer checksum is 0, as RFC 6935/6936 allow for tunnels.
 ///
-/// A global BPF function (exported, not inlined), which the verifier checks once on its own with
-/// unknown arguments: inlined, or as a static subprogram, it is verified once per path through the
-/// parse and the route, and that product exceeds the verifier's instruction limit. Hence scalars
-/// and the context only, and everything re-read and re-checked here.
+/// A global BPF function (exported, not inlined; its BTF linkage is global), which the verifier
+/// checks once on its own with unknown arguments: inlined, or as a static subprogram, it would be
+/// verified once per path through the parse and the route. Its arguments are the context, the
+/// worker and the route only, so the caller keeps nothing of the parse alive across the routing:
+/// anything it did keep (the inner family, the UDP header's offset) differs per parse path, and
+/// the verifier, which then cannot prune the routing's states against each other, walks the
+/// routing once per parse path, past its instruction limit (1M instead of ~100k). So the inner
+/// headers are found again here (a few loads, and the extension-header walk for IPv6), and every
+/// entry re-read and re-checked.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn baton_encapsulate(
-    raw_ctx: *mut xdp_md,
-    worker: u32,
-    why: u32,
-    v6: u32,
-    udp_off: u32,
-) -> u32 {
+pub extern "C" fn baton_encapsulate(raw_ctx: *mut xdp_md, worker: u32, why: u32) -> u32 {
     let ctx = &XdpContext::new(raw_ctx);
     // The verifier knows nothing of the arguments: `why` is one of the route stats or nothing.
     let why = match why {
@@ -943,10 +919,6 @@ pub extern "C" fn baton_encapsulate(
         w if w == Stat::RoutedServerId as u32 => Stat::RoutedServerId,
         w if w == Stat::RoutedHash as u32 => Stat::RoutedHash,
         _ => return drop_count(Stat::NoWorker),
-    };
-    let inner = Inner {
-        v6: v6 != 0,
-        udp_off: udp_off as usize,
     };
     let Some(entry) = worker_entry(worker) else {
         return drop_count(Stat::NoWorker);
@@ -975,9 +947,26 @@ pub extern "C" fn baton_encapsulate(
 
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = data + ETH_LEN;
-    // Headers never reach 16 KiB (at most 6 extension headers of 2 KiB): the mask is only a
-    // bound the verifier can see.
-    let udp = data + (inner.udp_off & 0x3fff);
+    // The inner headers again, as `route_packet` found them (it routed only what passes these).
+    if ip + 20 > end {
+        return drop_count(Stat::Malformed);
+    }
+    let v6 = match read_u16(data + 12) {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return drop_count(Stat::Malformed),
+    };
+    let udp = if v6 {
+        if ip + IPV6_LEN > end {
+            return drop_count(Stat::Malformed);
+        }
+        match ipv6_find_udp(ip, end) {
+            Ipv6Walk::Udp(udp, false) => udp,
+            _ => return drop_count(Stat::Malformed),
+        }
+    } else {
+        ip + ((read_u8(ip) & 0x0f) as usize) * 4
+    };
     if udp + UDP_LEN > end {
         return drop_count(Stat::Malformed);
     }
@@ -989,7 +978,7 @@ pub extern "C" fn baton_encapsulate(
     // UDP checksum, UDP segment + pseudo-header sums to 0, so the datagram sums to its IP header
     // minus that pseudo-header. For IPv6 the addresses cancel and 8 header bytes remain (only
     // with no extension headers); an IPv4 header sums to 0 by its own checksum.
-    let (inner_len, client, inner_sum) = if inner.v6 {
+    let (inner_len, client, inner_sum) = if v6 {
         if ip + IPV6_LEN > end {
             return drop_count(Stat::Malformed);
         }
@@ -1035,7 +1024,7 @@ pub extern "C" fn baton_encapsulate(
     // Everything read from the inner datagram is read by now: growing the frame moves it.
     let orig_mac = (load_u32(data), read_u16_raw(data + 4));
     let hash = flow_hash(client, load_u32(udp));
-    let inner_proto = if inner.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    let inner_proto = if v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
     let inner_sum = if gue && outer_v6 { inner_sum } else { None };
 
     let trailing = (end - ip) - inner_len;
