@@ -9,6 +9,8 @@
 //! `--keep` (then `cargo xtask demo --down` does). `--rtt`, `--loss` and the other path options
 //! go to baton-load, which emulates that path at the client (the lab's veth is ~0.1 ms, lossless).
 //! `--http3` runs the same scenario with HTTP/3 instead of the demo protocol ([`http3`]).
+//! `--lb-nodes 2` runs it across the LB nodes of a cluster on etcd ([`cluster`]).
+mod cluster;
 mod http3;
 
 use crate::lab;
@@ -62,14 +64,16 @@ pub struct Options {
     /// Bytes per second each connection writes on its long-lived stream.
     #[arg(long, default_value_t = 32 * 1024)]
     pub stream_rate: u64,
-    /// A smaller run for tests: 16 connections, 2 rounds, 6 s (replaces only those left at their defaults).
+    /// A smaller run for tests: 16 connections (with `--lb-nodes N`: 16 per node), 2 rounds, 6 s
+    /// (replaces only those left at their defaults).
     #[arg(long)]
     pub small: bool,
     /// Leave the lab, baton-lb and the workers running afterwards (inspect with `baton`,
     /// `bpftool`); `cargo xtask demo --down` removes them.
     #[arg(long)]
     pub keep: bool,
-    /// Only tear down what a `--keep` run left (workers, baton-lb and its pins, the lab).
+    /// Only tear down what a `--keep` run left (workers, baton-lb and its pins, the lab; with
+    /// `--lb-nodes`, also etcd, the LB nodes and their pins, the cluster lab).
     #[arg(long)]
     pub down: bool,
     /// Use the binaries in this directory instead of building them (release) first.
@@ -92,6 +96,18 @@ pub struct Options {
     /// itself (its `[decap]` table); replies still go straight to the client from the VIP.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub encap: Vec<EncapMode>,
+    /// LB nodes. 1 (the default) is the single-node lab. More runs the demo on the cluster lab
+    /// (`cargo xtask lab up --lb-nodes N`): etcd in a namespace of its own, N `baton-lb` cluster
+    /// nodes behind a router that spreads the VIP's flows over them with ECMP, both workers
+    /// registering themselves in etcd, the load over IPv4 only (the cluster lab routes only the
+    /// IPv4 VIP; 32 connections per node, at least 64; `--small`: 16 per node), and every
+    /// migration driven from the client host by `baton migrate` with a cluster migration config
+    /// (etcd and the workers' mutual-TLS control API). The report adds each node's share of the
+    /// VIP's datagrams and the etcd revision it applied; the verdict also needs every node to have
+    /// routed at least a fifth of a fair share of them (10% with two nodes). `--keep` and
+    /// `--down` work as for one node.
+    #[arg(long, default_value_t = 1)]
+    pub lb_nodes: usize,
     #[command(flatten)]
     pub path: crate::netpath::PathOptions,
 }
@@ -172,14 +188,22 @@ pub fn run(opts: &Options) -> Result<()> {
     crate::setup::ensure("cargo xtask demo")?;
     let state = PathBuf::from(STATE_DIR);
     if opts.down {
-        return teardown_everything(&state, None);
+        teardown_everything(&state, None)?;
+        return cluster::remove_lab();
     }
+    interrupt::install();
     // HTTP/3 connections each carry two request loops with 500 kB responses: fewer of them.
     let default_connections = match (opts.http3, opts.small) {
         (false, false) => 64,
         (false, true) => 16,
         (true, false) => 16,
         (true, true) => 8,
+    };
+    // The cluster's ECMP spreads flows by their ports: more of them make an even share likelier.
+    let default_connections = match (opts.lb_nodes, opts.small) {
+        (1, _) => default_connections,
+        (n, true) => 16 * n,
+        (n, false) => (32 * n).max(64),
     };
     let (connections, rounds, duration) = if opts.small {
         (
@@ -223,6 +247,9 @@ pub fn run(opts: &Options) -> Result<()> {
         None => build_release()?,
     };
     preflight(&bins, say_str)?;
+    if opts.lb_nodes > 1 {
+        return cluster::run(opts, bins, connections, rounds, duration);
+    }
     let h3_load = if opts.http3 {
         http3::preflight(&bins)?;
         Some(http3::build_h3_load(&bins)?)
@@ -259,7 +286,12 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         teardown_everything(&state, Some(&mut run))?;
     }
-    // The report comes last, so the RESULT line is the last line of the output.
+    print_outcome(outcome)
+}
+
+/// Prints the report of a run that ended, last (so the RESULT line is the last line of the
+/// output); exits 1 if the run found failures.
+fn print_outcome(outcome: Result<(bool, String)>) -> Result<()> {
     match outcome {
         Ok((ok, report)) => {
             print!("{report}");
@@ -287,6 +319,7 @@ pub(crate) fn preflight(bins: &Path, say: fn(&str)) -> Result<()> {
             );
         }
     }
+    cluster::refuse_running_nodes()?;
     if lb_answers() {
         bail!(
             "a baton-lb is already running on {LB_SOCKET} (another lab or demo?): stop it first \
@@ -332,16 +365,20 @@ pub(crate) fn build_release_packages(packages: &[&str]) -> Result<PathBuf> {
 }
 
 pub(crate) fn lb_answers() -> bool {
+    lb_status(Path::new(LB_SOCKET)).is_some()
+}
+
+/// baton-lb's `status` through its control socket `socket` (its `data`); None if it does not
+/// answer.
+pub(crate) fn lb_status(socket: &Path) -> Option<Value> {
     use std::io::Write;
-    let Ok(s) = std::os::unix::net::UnixStream::connect(LB_SOCKET) else {
-        return false;
-    };
+    let s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if (&s).write_all(b"{\"cmd\":\"status\"}\n").is_err() {
-        return false;
-    }
+    (&s).write_all(b"{\"cmd\":\"status\"}\n").ok()?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).is_ok() && line.contains("\"ok\":true")
+    BufReader::new(&s).read_line(&mut line).ok()?;
+    let v: Value = serde_json::from_str(&line).ok()?;
+    (v["ok"] == true).then(|| v["data"].clone())
 }
 
 pub(crate) struct Run {
@@ -363,6 +400,24 @@ pub(crate) struct Run {
     encap: [EncapMode; 2],
     /// The data plane's `encapsulated` and `encap_too_big` counters after the load.
     encap_counters: Option<(u64, u64)>,
+    /// The namespace baton-load runs in.
+    client_ns: String,
+    /// Each worker's `[peer] listen` address.
+    worker_peers: [String; 2],
+    /// `baton` (conns, migrate) runs in this namespace (None: where the demo runs).
+    baton_netns: Option<String>,
+    /// What the cluster demo adds to the report.
+    extra: ReportExtra,
+}
+
+/// What a variant of the demo adds to the report: lines before the verdict, a failure the
+/// verdict must show, fields after `RESULT ` and at the end of the RESULT line.
+#[derive(Default)]
+pub(crate) struct ReportExtra {
+    lines: Vec<String>,
+    failure: Option<String>,
+    result_head: String,
+    result_tail: String,
 }
 
 /// A running baton-load (the process itself is in the run's children).
@@ -401,6 +456,10 @@ impl Run {
             quiesce_ms: None,
             encap: [EncapMode::None; 2],
             encap_counters: None,
+            client_ns: lab::CLIENT_NS.into(),
+            worker_peers: WORKERS.map(|w| w.3.to_string()),
+            baton_netns: None,
+            extra: ReportExtra::default(),
         }
     }
 
@@ -448,8 +507,13 @@ impl Run {
             self.check_children()?;
             Ok(lb_answers())
         })?;
+        self.start_workers(WORKERS.map(|w| w.1), migrations)
+    }
 
-        for (name, ns, _, _) in WORKERS {
+    /// Starts both workers, in `namespaces`; with `migrations`, waits until their control
+    /// sockets exist.
+    fn start_workers(&mut self, namespaces: [&str; 2], migrations: bool) -> Result<()> {
+        for ((name, ..), ns) in WORKERS.into_iter().zip(namespaces) {
             say(format!("starting baton-worker {name} in namespace {ns}"));
             let mut w = Command::new("ip");
             w.args(["netns", "exec", ns])
@@ -517,7 +581,7 @@ impl Run {
         let summary_file = self.state.join("load-summary.json");
         let _ = std::fs::remove_file(&stop_file);
         let mut load = Command::new("ip");
-        load.args(["netns", "exec", lab::CLIENT_NS])
+        load.args(["netns", "exec", &self.client_ns])
             .arg(self.bins.join("baton-load"))
             .args(
                 targets
@@ -658,6 +722,9 @@ impl Run {
     }
 
     pub(crate) fn check_children(&mut self) -> Result<()> {
+        if interrupt::happened() {
+            bail!("interrupted (a second Ctrl-C quits without tearing down)");
+        }
         for (name, c) in &mut self.children {
             if let Some(status) = c.try_wait()? {
                 if name == "baton-load" {
@@ -673,13 +740,18 @@ impl Run {
     }
 
     pub(crate) fn show_logs(&self) {
-        for name in ["baton-lb", "w1", "w2"].into_iter().chain(
-            self.proxy
-                .is_some()
-                .then_some(http3::PROCESSES)
-                .into_iter()
-                .flatten(),
-        ) {
+        let names = ["baton-lb", "w1", "w2"]
+            .into_iter()
+            .chain(
+                self.proxy
+                    .is_some()
+                    .then_some(http3::PROCESSES)
+                    .into_iter()
+                    .flatten(),
+            )
+            .map(String::from)
+            .chain(cluster::processes());
+        for name in names {
             let p = self.state.join(format!("{name}.log"));
             if let Ok(text) = std::fs::read_to_string(&p) {
                 let lines: Vec<&str> = text.lines().collect();
@@ -695,7 +767,14 @@ impl Run {
     }
 
     pub(crate) fn baton(&self) -> Command {
-        let mut c = Command::new(self.bins.join("baton"));
+        let mut c = match &self.baton_netns {
+            None => Command::new(self.bins.join("baton")),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(self.bins.join("baton"));
+                c
+            }
+        };
         c.env("BATON_MIGRATION_CONFIG", self.state.join("migration.toml"));
         c
     }
@@ -778,12 +857,13 @@ impl Run {
         // Every worker's [peer] workers: the same list everywhere, only these are admitted.
         let peers = WORKERS
             .iter()
-            .map(|(name, _, sid, peer)| {
+            .zip(&self.worker_peers)
+            .map(|((name, _, sid, _), peer)| {
                 format!("{{ name = \"{name}\", server_id = {sid}, peer = \"{peer}\" }}")
             })
             .collect::<Vec<_>>()
             .join(", ");
-        for (name, _ns, server_id, peer) in WORKERS {
+        for ((name, _ns, server_id, _), peer) in WORKERS.into_iter().zip(&self.worker_peers) {
             let mut cfg = format!(
                 "vips = [\"{vip4}\", \"{vip6}\"]\nport = 4433\nserver_id = {server_id}\ncid_len = 8\nserver_id_len = 2\n\
                  cert = \"{cert}\"\nkey = \"{key}\"\nservice = \"{service}\"\n",
@@ -812,7 +892,10 @@ impl Run {
             if let Some(proxy) = self.proxy {
                 cfg.push_str(proxy);
             }
-            let i = WORKERS.iter().position(|w| w.0 == name).expect("a lab worker");
+            let i = WORKERS
+                .iter()
+                .position(|w| w.0 == name)
+                .expect("a lab worker");
             cfg.push_str(&self.encap[i].decap_table());
             std::fs::write(s.join(format!("{name}.toml")), cfg)?;
             migration.push_str(&format!(
@@ -849,21 +932,7 @@ impl Run {
                 None => "on the lab's own path (veth, RTT ~0.1 ms, no loss)".into(),
             }
         ));
-        let mut args: Vec<String> = [
-            "--connections",
-            &connections.to_string(),
-            "--request-size",
-            &opts.request_size.to_string(),
-            "--stream-rate",
-            &opts.stream_rate.to_string(),
-            "--request-interval",
-            &format!("{}ms", opts.request_interval_ms),
-            "--progress-interval",
-            "2s",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(opts.path.load_args());
+        let args = load_args(opts, connections);
         // Half the connections over IPv4, half over IPv6 (baton-load alternates the targets).
         let targets = [vip_target(lab::VIP4), vip_target(lab::VIP6)];
         let load = self.start_load_to(&targets, &args, true)?;
@@ -1131,7 +1200,7 @@ impl Run {
         w!("Baton demo report ({:.1} s)", elapsed.as_secs_f64());
         w!(
             "  client load      {connections} QUIC connections from namespace {}: {} over IPv4 to {}, {} over IPv6 to {}",
-            lab::CLIENT_NS,
+            self.client_ns,
             n("ipv4_connections"),
             vip_target(lab::VIP4),
             n("ipv6_connections"),
@@ -1230,13 +1299,21 @@ impl Run {
                 );
             }
         }
-        let ok = failed == 0 && migration_failed == 0 && reconnects == 0 && connections > 0;
+        for line in &self.extra.lines {
+            w!("  {line}");
+        }
+        let ok = failed == 0
+            && migration_failed == 0
+            && reconnects == 0
+            && connections > 0
+            && self.extra.failure.is_none();
         w!(
             "  verdict          {}",
-            if ok {
-                "PASS: every request answered, every byte verified, no reconnect"
-            } else {
-                "FAIL"
+            match (&self.extra.failure, ok) {
+                (_, true) =>
+                    "PASS: every request answered, every byte verified, no reconnect".into(),
+                (Some(why), false) => format!("FAIL ({why})"),
+                (None, false) => "FAIL".to_string(),
             }
         );
         // On an emulated path the RESULT line also says which (extra keys at the end).
@@ -1257,9 +1334,10 @@ impl Run {
             None => emulated,
         };
         w!(
-            "RESULT connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
+            "RESULT {}connections={connections} requests={} failed={failed} migrations={} migration_failed={migration_failed} \
              reconnects={reconnects} max_stall_ms={:.1} p50_migration_ms={:.1} p99_migration_ms={:.1}{emulated} \
-             ipv4_connections={} ipv6_connections={}",
+             ipv4_connections={} ipv6_connections={}{}",
+            self.extra.result_head,
             n("requests"),
             figures.ok,
             f("max_stall_ms"),
@@ -1267,9 +1345,31 @@ impl Run {
             figures.p99,
             n("ipv4_connections"),
             n("ipv6_connections"),
+            self.extra.result_tail,
         );
         (ok, out)
     }
+}
+
+/// baton-load's arguments for `connections` connections with the options' request size, stream
+/// rate, pause and emulated path.
+fn load_args(opts: &Options, connections: usize) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--connections",
+        &connections.to_string(),
+        "--request-size",
+        &opts.request_size.to_string(),
+        "--stream-rate",
+        &opts.stream_rate.to_string(),
+        "--request-interval",
+        &format!("{}ms", opts.request_interval_ms),
+        "--progress-interval",
+        "2s",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(opts.path.load_args());
+    args
 }
 
 /// What a run's migrations came to, for the report and the RESULT line.
@@ -1345,6 +1445,34 @@ pub(crate) use lb_common::percentile;
 pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result<()> {
     let bins = run.as_ref().map(|r| r.bins.clone());
     say("tearing down: load, workers, baton-lb, lab");
+    stop_processes(state, run);
+    let Some(lb) = baton_lb_binary(bins.as_deref()) else {
+        if Path::new(PIN_DIR).exists() {
+            say(format!(
+                "no baton-lb binary found to detach {PIN_DIR}: run `baton-lb detach`"
+            ));
+        }
+        return lab::down_quiet();
+    };
+    if Path::new(PIN_DIR).exists() {
+        let out = Command::new(lb)
+            .arg("detach")
+            .output()
+            .context("running baton-lb detach")?;
+        if !out.status.success() {
+            say(format!(
+                "baton-lb detach: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    lab::down_quiet()?;
+    Ok(())
+}
+
+/// Stops the run's children (SIGTERM, then SIGKILL after 5 s), or without a run the processes a
+/// `--keep` run recorded in `state` (each still the program started: pids get reused).
+fn stop_processes(state: &Path, run: Option<&mut Run>) {
     if let Some(run) = run {
         for (_, c) in &mut run.children {
             // SAFETY: kill(2) on a child we started.
@@ -1362,7 +1490,9 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
     } else {
         let names = ["baton-load", "w1", "w2", "baton-lb"]
             .into_iter()
-            .chain(http3::PROCESSES);
+            .chain(http3::PROCESSES)
+            .map(String::from)
+            .chain(cluster::processes());
         for name in names {
             let Ok(pid) = std::fs::read_to_string(state.join(format!("{name}.pid"))) else {
                 continue;
@@ -1372,46 +1502,61 @@ pub(crate) fn teardown_everything(state: &Path, run: Option<&mut Run>) -> Result
             };
             // Only signal it if it still is the program we started (pids get reused).
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim().starts_with("baton") || comm.trim() == "h3-load" {
+            if comm.trim().starts_with("baton") || ["h3-load", "etcd"].contains(&comm.trim()) {
                 // SAFETY: kill(2) on a pid we recorded, checked to still be a baton process.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    // `baton-lb detach` needs the binary; find it next to where a run would have built it.
+}
+
+/// `baton-lb`, for `baton-lb detach`: in `bins`, or where a run would have built it.
+fn baton_lb_binary(bins: Option<&Path>) -> Option<PathBuf> {
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let mut candidates = vec![
-        target.join("release/baton-lb"),
-        root.join("target/release/baton-lb"),
+    let candidates = [
+        bins.map(|b| b.join("baton-lb")),
+        Some(target.join("release/baton-lb")),
+        Some(root.join("target/release/baton-lb")),
     ];
-    if let Some(b) = bins {
-        candidates.insert(0, b.join("baton-lb"));
-    }
-    if Path::new(PIN_DIR).exists() {
-        match candidates.iter().find(|p| p.is_file()) {
-            Some(lb) => {
-                let out = Command::new(lb)
-                    .arg("detach")
-                    .output()
-                    .context("running baton-lb detach")?;
-                if !out.status.success() {
-                    say(format!(
-                        "baton-lb detach: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ));
-                }
-            }
-            None => say(format!(
-                "no baton-lb binary found to detach {PIN_DIR}: run `baton-lb detach`"
-            )),
+    candidates.into_iter().flatten().find(|p| p.is_file())
+}
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP during a demo: the first one is noted, and the demo's
+/// next check of its processes ends the run so it tears everything down as after a failure
+/// (the processes it started, in the same process group, get a Ctrl-C too); a second one quits
+/// at once.
+mod interrupt {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static HAPPENED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only async-signal-safe operations here: an atomic swap and _exit.
+        if HAPPENED.swap(true, Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
         }
     }
-    lab::down_quiet()?;
-    Ok(())
+
+    pub(crate) fn install() {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: the handler only does async-signal-safe operations.
+            unsafe {
+                libc::signal(
+                    sig,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                )
+            };
+        }
+    }
+
+    pub(crate) fn happened() -> bool {
+        HAPPENED.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use crate::util::{require_root, workspace_root};
 use anyhow::Result;
 use baton_lab::Topology;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Subcommand)]
 pub enum Action {
@@ -48,34 +49,79 @@ pub fn up_quiet() -> Result<()> {
 }
 
 /// The cluster lab's namespaces (`baton-c-*`, the fixed addresses).
-fn cluster_topology(lb_nodes: usize) -> Result<baton_lab::cluster::ClusterTopology> {
+pub(crate) fn cluster_topology(lb_nodes: usize) -> Result<baton_lab::cluster::ClusterTopology> {
     baton_lab::cluster::ClusterTopology::new("baton-c", lb_nodes, baton_lab::FIXED)
 }
 
-fn cluster_up(lb_nodes: usize) -> Result<()> {
-    let t = cluster_topology(lb_nodes)?;
-    t.up()?;
-    let dir = workspace_root().join("target/lab-cluster");
-    std::fs::create_dir_all(&dir)?;
-    let etcd = format!("http://{}:2379", t.etcd_addr());
-    println!(
-        "Baton cluster lab is up: {lb_nodes} LB nodes behind {} (ECMP over them for {VIP4}, hashing on ports)",
-        t.router
-    );
-    for k in 0..lb_nodes {
+/// The etcd prefix of the cluster lab.
+pub(crate) const CLUSTER_PREFIX: &str = "/baton/lab";
+
+/// Where the cluster lab's etcd answers (in its namespace, on the worker segment).
+pub(crate) fn cluster_etcd_endpoint(t: &baton_lab::cluster::ClusterTopology) -> String {
+    format!("http://{}:2379", t.etcd_addr())
+}
+
+/// LB node `k`'s (0-based) control socket.
+pub(crate) fn cluster_node_socket(k: usize) -> PathBuf {
+    PathBuf::from(format!("/run/baton/lb{}.sock", k + 1))
+}
+
+/// LB node `k`'s pin directory.
+pub(crate) fn cluster_pin_dir(k: usize) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/baton-lb{}", k + 1))
+}
+
+/// Writes each LB node's config, `lb<k>.toml`, into `dir` (a comment says `made_by` wrote it);
+/// returns their paths.
+pub(crate) fn write_cluster_node_configs(
+    t: &baton_lab::cluster::ClusterTopology,
+    dir: &Path,
+    made_by: &str,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let etcd = cluster_etcd_endpoint(t);
+    let mut paths = Vec::new();
+    for k in 0..t.lbs.len() {
         let name = format!("lb{}", k + 1);
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "# LB node {name} of the cluster lab (`cargo xtask lab up --lb-nodes {lb_nodes}`).\n\
+                "# LB node {name} of the cluster lab ({made_by}).\n\
                  interface = \"{uplink}\"\nxdp_mode = \"skb\"\n[cid]\nlength = 8\nserver_id_length = 2\n\
                  [[vips]]\naddress = \"{VIP4}\"\nports = [4433]\n[health]\nkind = \"none\"\n\
-                 [control]\nsocket = \"/run/baton/{name}.sock\"\n\
-                 [cluster]\nendpoints = [\"{etcd}\"]\nprefix = \"/baton/lab\"\nnode = \"{name}\"\n",
+                 [control]\nsocket = \"{socket}\"\n\
+                 [cluster]\nendpoints = [\"{etcd}\"]\nprefix = \"{CLUSTER_PREFIX}\"\nnode = \"{name}\"\n",
                 uplink = t.lb_uplink_dev(k),
+                socket = cluster_node_socket(k).display(),
             ),
         )?;
+        paths.push(config);
+    }
+    Ok(paths)
+}
+
+/// Builds the cluster lab with `lb_nodes` nodes (idempotent); its topology.
+pub(crate) fn cluster_up_quiet(lb_nodes: usize) -> Result<baton_lab::cluster::ClusterTopology> {
+    let t = cluster_topology(lb_nodes)?;
+    t.up()?;
+    Ok(t)
+}
+
+fn cluster_up(lb_nodes: usize) -> Result<()> {
+    let t = cluster_up_quiet(lb_nodes)?;
+    let dir = workspace_root().join("target/lab-cluster");
+    let configs = write_cluster_node_configs(
+        &t,
+        &dir,
+        &format!("`cargo xtask lab up --lb-nodes {lb_nodes}`"),
+    )?;
+    let etcd = cluster_etcd_endpoint(&t);
+    println!(
+        "Baton cluster lab is up: {lb_nodes} LB nodes behind {} (ECMP over them for {VIP4}, hashing on ports)",
+        t.router
+    );
+    for k in 0..lb_nodes {
         println!(
             "  {:<13} uplink {} {}  segment {} {}",
             t.lbs[k],
@@ -95,33 +141,39 @@ fn cluster_up(lb_nodes: usize) -> Result<()> {
         t.client_addr()
     );
     println!();
-    println!("Next (docs/CLUSTER.md):");
+    println!("Next (docs/CLUSTER.md; `cargo xtask demo --lb-nodes {lb_nodes}` does it all):");
     println!(
         "  sudo ip netns exec {} etcd --data-dir /tmp/baton-lab-etcd --listen-client-urls http://0.0.0.0:2379 --advertise-client-urls {etcd} &",
         t.etcd
     );
-    for k in 0..lb_nodes {
+    for (k, config) in configs.iter().enumerate() {
         println!(
-            "  sudo target/release/baton-lb --netns {} --pin-dir /sys/fs/bpf/baton-lb{} --config {} &",
+            "  sudo target/release/baton-lb --netns {} --pin-dir {} --config {} &",
             t.lbs[k],
-            k + 1,
-            dir.join(format!("lb{}.toml", k + 1)).display()
+            cluster_pin_dir(k).display(),
+            config.display()
         );
     }
     println!(
-        "  workers: a [cluster] table (endpoints = [\"{etcd}\"], prefix = \"/baton/lab\", address = their segment address) registers them"
+        "  workers: a [cluster] table (endpoints = [\"{etcd}\"], prefix = \"{CLUSTER_PREFIX}\", address = their segment address) registers them"
     );
     Ok(())
 }
 
-fn down() -> Result<()> {
-    down_quiet()?;
+/// Removes the cluster lab's namespaces (whatever its size), saying which.
+pub(crate) fn cluster_down_quiet() -> Result<()> {
     for ns in cluster_topology(baton_lab::cluster::MAX_LB_NODES)?.namespaces() {
         if baton_lab::ns_exists(ns) {
             baton_lab::sh(&["ip", "netns", "del", ns])?;
             println!("removed namespace {ns}");
         }
     }
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    down_quiet()?;
+    cluster_down_quiet()?;
     if std::path::Path::new("/sys/fs/bpf/baton").exists() {
         println!(
             "note: /sys/fs/bpf/baton still holds baton-lb's pins (the lab did not make them): \
@@ -227,7 +279,10 @@ mod tests {
         let out = without_workers(toml, &["w2"]).unwrap();
         assert!(out.contains("name = \"w1\"") && !out.contains("w2") && out.contains("[health]"));
         let out = without_workers(toml, &["w1", "w2"]).unwrap();
-        assert!(!out.contains("[[workers]]") && out.contains("[health]"), "{out}");
+        assert!(
+            !out.contains("[[workers]]") && out.contains("[health]"),
+            "{out}"
+        );
         assert!(without_workers(toml, &["w3"]).is_err());
     }
 }
