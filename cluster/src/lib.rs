@@ -18,6 +18,6 @@ pub mod testing;
 pub use keys::{Key, KeyError, Prefix, check_name};
 pub use node::{Action, Input, Node, View, WatchEvent};
 pub use records::{
-    AppliedRecord, HealthRecord, MigrationRecord, MigrationStage, OverrideRecord, ServerIdClaim,
-    RecordEncap, WorkerRecord, all_applied,
+    AppliedRecord, HealthRecord, MigrationRecord, MigrationStage, OverrideRecord, RecordEncap,
+    ServerIdClaim, WorkerRecord, all_applied,
 };

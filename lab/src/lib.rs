@@ -288,13 +288,48 @@ impl Topology {
             ])?;
             // The routed address, and the LB's route to it through the worker's link address.
             let (r4, r6) = (self.worker_routed_addr4(i), self.worker_routed_addr6(i));
-            sh(&["ip", "-n", ns, "addr", "replace", &format!("{r4}/32"), "dev", "lo"])?;
-            sh(&["ip", "-n", ns, "addr", "replace", &format!("{r6}/128"), "dev", "lo"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "replace",
+                &format!("{r4}/32"),
+                "dev",
+                "lo",
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "replace",
+                &format!("{r6}/128"),
+                "dev",
+                "lo",
+            ])?;
             let lb = &self.lb;
             let (via4, via6) = (self.worker_addr4(i), self.worker_addr6(i));
-            sh(&["ip", "-n", lb, "route", "replace", &format!("{r4}/32"), "via", &via4])?;
             sh(&[
-                "ip", "-n", lb, "-6", "route", "replace", &format!("{r6}/128"), "via", &via6,
+                "ip",
+                "-n",
+                lb,
+                "route",
+                "replace",
+                &format!("{r4}/32"),
+                "via",
+                &via4,
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                lb,
+                "-6",
+                "route",
+                "replace",
+                &format!("{r6}/128"),
+                "via",
+                &via6,
             ])?;
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),

@@ -556,7 +556,9 @@ fn validate(raw: RawConfig) -> Result<Config, FieldError> {
                 if ip.is_ipv4() != address.is_ipv4() {
                     return Err(bad(
                         format!("{field}.encap_source"),
-                        format!("{ip} and the worker's address {address} are of different families"),
+                        format!(
+                            "{ip} and the worker's address {address} are of different families"
+                        ),
                     ));
                 }
                 Some(ip)
@@ -776,9 +778,17 @@ metrics = "127.0.0.1:9650"
     #[test]
     fn encapsulated_workers_parse_and_bad_settings_name_the_field() {
         let w2 = "address = \"10.0.0.12\"\nweight = 2";
-        let c = Config::parse(&GOOD.replace(w2, "address = \"10.9.0.12\"\nencap = \"gue\"\nmtu = 9000")).unwrap();
+        let c = Config::parse(
+            &GOOD.replace(w2, "address = \"10.9.0.12\"\nencap = \"gue\"\nmtu = 9000"),
+        )
+        .unwrap();
         assert_eq!(c.workers[0].encap, Encap::None);
-        assert_eq!(c.workers[1].encap, Encap::Gue { port: DEFAULT_GUE_PORT });
+        assert_eq!(
+            c.workers[1].encap,
+            Encap::Gue {
+                port: DEFAULT_GUE_PORT
+            }
+        );
         assert_eq!(c.workers[1].mtu, Some(9000));
         let c = Config::parse(&GOOD.replace(
             w2,
@@ -786,15 +796,24 @@ metrics = "127.0.0.1:9650"
         ))
         .unwrap();
         assert_eq!(c.workers[1].encap, Encap::Ipip);
-        assert_eq!(c.workers[1].encap_source, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            c.workers[1].encap_source,
+            Some("2001:db8::1".parse().unwrap())
+        );
         for (replacement, want) in [
             ("encap = \"vxlan\"", "workers[1].encap"),
             ("gue_port = 7000", "workers[1].gue_port"),
             ("encap = \"gue\"\ngue_port = 0", "workers[1].gue_port"),
             ("mtu = 1400", "workers[1].encap"),
             ("encap = \"ipip\"\nmtu = 500", "workers[1].mtu"),
-            ("encap = \"ipip\"\nencap_source = \"2001:db8::1\"", "different families"),
-            ("encap = \"ipip\"\nmac = \"02:00:00:00:00:12\"", "workers[1].mac"),
+            (
+                "encap = \"ipip\"\nencap_source = \"2001:db8::1\"",
+                "different families",
+            ),
+            (
+                "encap = \"ipip\"\nmac = \"02:00:00:00:00:12\"",
+                "workers[1].mac",
+            ),
         ] {
             let e = err(&GOOD.replace(w2, &format!("address = \"10.0.0.12\"\n{replacement}")));
             assert!(e.contains(want), "{replacement}: {e}");

@@ -5,11 +5,11 @@
 //! restarted controller computes the same state from the same config, so its writes are no-ops
 //! for the XDP program: restarts cannot drop or misroute packets.
 use crate::config::{Config, Encap, HealthKind, MacSetting, Worker, format_mac};
-use lb_common::encap::EncapEntry;
 use crate::maglev;
 use crate::pinned::PinnedMaps;
 use crate::{neigh, sys};
 use anyhow::{Context, Result};
+use lb_common::encap::EncapEntry;
 use lb_common::{
     CidKey, LbConfig, MAGLEV_TABLE_SIZE, ServerIdKey, TX_SAME_IFACE, VipKey, VipValue,
     WORKER_HEALTHY, WORKER_IN_USE, WorkerEntry, WorkerRef,
@@ -167,8 +167,9 @@ impl Controller {
                 let route = neigh::route(w.address)
                     .with_context(|| format!("worker {:?}: cannot find its route", w.name))?;
                 let dev = w.interface.clone().unwrap_or_else(|| route.dev.clone());
-                let encap = encap_entry(w, &route, &dev)
-                    .with_context(|| format!("worker {:?}: encap = {:?}", w.name, w.encap.name()))?;
+                let encap = encap_entry(w, &route, &dev).with_context(|| {
+                    format!("worker {:?}: encap = {:?}", w.name, w.encap.name())
+                })?;
                 (dev, route.next_hop(w.address), encap)
             };
             let tx_ifindex = sys::if_nametoindex(&tx_interface).with_context(|| {

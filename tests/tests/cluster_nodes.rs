@@ -52,7 +52,8 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
         carry_on(&load, &format!("after draining {worker}"));
         lab.nodes_agree(&format!("after draining {worker}"));
     }
-    let seen: Vec<u64> = lab.vip_packets()
+    let seen: Vec<u64> = lab
+        .vip_packets()
         .iter()
         .zip(&before)
         .map(|(a, b)| a - b)

@@ -49,7 +49,11 @@ fn an_lb_node_cut_off_from_etcd_keeps_every_flow_and_catches_up_when_back() {
     let routed_before = lab.vip_packets()[1];
     let (worker, held) = lab.busiest_worker();
     let s = lab.drain(&worker);
-    assert_eq!(s["moved"].as_u64(), Some(held as u64), "drain {worker}: {s}");
+    assert_eq!(
+        s["moved"].as_u64(),
+        Some(held as u64),
+        "drain {worker}: {s}"
+    );
     // Every connection, those whose datagrams reach lb2 among them, goes on answering while lb2
     // still routes the moved ones' old CIDs to the worker they left.
     carry_on(&load, &format!("after draining {worker} with lb2 cut off"));

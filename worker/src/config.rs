@@ -108,21 +108,29 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// The encapsulation this worker registers (checked by [`WorkerConfig::parse`]).
-    pub fn record_encap(&self, decap: Option<&crate::decap::DecapConfig>) -> anyhow::Result<Option<baton_cluster::RecordEncap>> {
+    pub fn record_encap(
+        &self,
+        decap: Option<&crate::decap::DecapConfig>,
+    ) -> anyhow::Result<Option<baton_cluster::RecordEncap>> {
         let decap = decap.cloned().unwrap_or_default();
         match self.encap.as_deref() {
             None | Some("none") => Ok(None),
             Some("ipip") => {
-                anyhow::ensure!(decap.ipip, "cluster.encap = \"ipip\" needs [decap] ipip = true");
+                anyhow::ensure!(
+                    decap.ipip,
+                    "cluster.encap = \"ipip\" needs [decap] ipip = true"
+                );
                 Ok(Some(baton_cluster::RecordEncap::Ipip))
             }
             Some("gue") => {
-                let port = decap
-                    .gue_port
-                    .ok_or_else(|| anyhow::anyhow!("cluster.encap = \"gue\" needs [decap] gue_port"))?;
+                let port = decap.gue_port.ok_or_else(|| {
+                    anyhow::anyhow!("cluster.encap = \"gue\" needs [decap] gue_port")
+                })?;
                 Ok(Some(baton_cluster::RecordEncap::Gue { port }))
             }
-            Some(other) => anyhow::bail!("cluster.encap: {other:?} is not \"none\", \"ipip\" or \"gue\""),
+            Some(other) => {
+                anyhow::bail!("cluster.encap: {other:?} is not \"none\", \"ipip\" or \"gue\"")
+            }
         }
     }
 }
@@ -511,7 +519,8 @@ mod tests {
     #[test]
     fn decap_settings_are_checked() {
         let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
-        let c = WorkerConfig::parse(&format!("{base}[decap]\ngue_port = 6080\nipip = true\n")).unwrap();
+        let c =
+            WorkerConfig::parse(&format!("{base}[decap]\ngue_port = 6080\nipip = true\n")).unwrap();
         let d = c.decap.unwrap();
         assert_eq!((d.gue_port, d.ipip), (Some(6080), true));
         for (table, want) in [
@@ -520,7 +529,10 @@ mod tests {
             ("[decap]\ngue_port = 0\n", "a port of its own"),
             ("[decap]\nfou = true\n", "unknown field"),
         ] {
-            let e = format!("{:#}", WorkerConfig::parse(&format!("{base}{table}")).unwrap_err());
+            let e = format!(
+                "{:#}",
+                WorkerConfig::parse(&format!("{base}{table}")).unwrap_err()
+            );
             assert!(e.contains(want), "{table}: {e}");
         }
     }
@@ -529,17 +541,34 @@ mod tests {
     fn a_cluster_worker_registers_the_encapsulation_its_decap_accepts() {
         let base = "vip = \"192.0.2.10\"\nserver_id = 3\ncert = \"c.pem\"\nkey = \"k.pem\"\nname = \"w3\"\n";
         let cluster = "[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"/baton/prod\"\naddress = \"10.0.7.13\"\n";
-        let c = WorkerConfig::parse(&format!("{base}{cluster}encap = \"gue\"\n[decap]\ngue_port = 6080\n")).unwrap();
-        let got = c.cluster.as_ref().unwrap().record_encap(c.decap.as_ref()).unwrap();
+        let c = WorkerConfig::parse(&format!(
+            "{base}{cluster}encap = \"gue\"\n[decap]\ngue_port = 6080\n"
+        ))
+        .unwrap();
+        let got = c
+            .cluster
+            .as_ref()
+            .unwrap()
+            .record_encap(c.decap.as_ref())
+            .unwrap();
         assert_eq!(got, Some(baton_cluster::RecordEncap::Gue { port: 6080 }));
         let c = WorkerConfig::parse(&format!("{base}{cluster}")).unwrap();
-        assert_eq!(c.cluster.as_ref().unwrap().record_encap(None).unwrap(), None);
+        assert_eq!(
+            c.cluster.as_ref().unwrap().record_encap(None).unwrap(),
+            None
+        );
         for (extra, want) in [
-            ("encap = \"gue\"\n[decap]\nipip = true\n", "needs [decap] gue_port"),
+            (
+                "encap = \"gue\"\n[decap]\nipip = true\n",
+                "needs [decap] gue_port",
+            ),
             ("encap = \"ipip\"\n", "needs [decap] ipip = true"),
             ("encap = \"vxlan\"\n", "is not"),
         ] {
-            let e = format!("{:#}", WorkerConfig::parse(&format!("{base}{cluster}{extra}")).unwrap_err());
+            let e = format!(
+                "{:#}",
+                WorkerConfig::parse(&format!("{base}{cluster}{extra}")).unwrap_err()
+            );
             assert!(e.contains(want), "{extra}: {e}");
         }
     }

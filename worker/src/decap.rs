@@ -547,7 +547,13 @@ mod tests {
     use super::*;
 
     /// An IPv4 UDP datagram with a correct checksum (RFC 768, computed here from the bytes).
-    pub(crate) fn ipv4_udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn ipv4_udp(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        body: &[u8],
+    ) -> Vec<u8> {
         let udp_len = 8 + body.len();
         let total = 20 + udp_len;
         let mut p = vec![0x45, 0x02];
@@ -636,7 +642,10 @@ mod tests {
         p[30] ^= 0x40;
         assert!(parse_inner(&p, None).is_ok());
         // Cut short.
-        assert_eq!(parse_inner(&good[..good.len() - 1], None), Err(DropReason::Truncated));
+        assert_eq!(
+            parse_inner(&good[..good.len() - 1], None),
+            Err(DropReason::Truncated)
+        );
         assert_eq!(parse_inner(&good[..10], None), Err(DropReason::Truncated));
         assert_eq!(parse_inner(&[], None), Err(DropReason::Truncated));
         // A fragment.
@@ -648,7 +657,10 @@ mod tests {
         p[9] = 6;
         assert_eq!(parse_inner(&p, None), Err(DropReason::NotUdp));
         // The outer header said IPv6 inside.
-        assert_eq!(parse_inner(&good, Some(IPPROTO_IPV6)), Err(DropReason::BadHeader));
+        assert_eq!(
+            parse_inner(&good, Some(IPPROTO_IPV6)),
+            Err(DropReason::BadHeader)
+        );
         // Not IP at all.
         assert_eq!(parse_inner(&[0x15; 40], None), Err(DropReason::BadHeader));
         // A UDP length that disagrees with the IP length.
@@ -662,7 +674,10 @@ mod tests {
         // Variant 0, no optional fields, IPv4 inside.
         assert_eq!(gue_inner_offset(&[0, 4, 0, 0, 0x45]), Ok((4, Some(4))));
         // Two words of optional fields.
-        assert_eq!(gue_inner_offset(&[2, 41, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x60]), Ok((12, Some(41))));
+        assert_eq!(
+            gue_inner_offset(&[2, 41, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x60]),
+            Ok((12, Some(41)))
+        );
         // Variant 1: the bare inner header.
         assert_eq!(gue_inner_offset(&[0x45, 0]), Ok((0, None)));
         assert_eq!(gue_inner_offset(&[0x60, 0]), Ok((0, None)));
@@ -676,7 +691,8 @@ mod tests {
 
     #[test]
     fn ipv6_extension_headers_are_walked_and_fragments_refused() {
-        let (s, d): (Ipv6Addr, Ipv6Addr) = ("2001:db8::7".parse().unwrap(), "fd00::1".parse().unwrap());
+        let (s, d): (Ipv6Addr, Ipv6Addr) =
+            ("2001:db8::7".parse().unwrap(), "fd00::1".parse().unwrap());
         let plain = ipv6_udp(s, d, 50000, 4433, b"ext");
         // Insert an 8-byte destination-options header (next header UDP, length 0, PadN).
         let mut p = plain[..40].to_vec();
@@ -711,16 +727,30 @@ mod tests {
         .unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut msg = vec![0, 4, 0, 0];
-        msg.extend(ipv4_udp([198, 51, 100, 3], [10, 9, 9, 9], 40000, 4433, b"hello"));
+        msg.extend(ipv4_udp(
+            [198, 51, 100, 3],
+            [10, 9, 9, 9],
+            40000,
+            4433,
+            b"hello",
+        ));
         tx.send_to(&msg, ("127.0.0.1", port)).unwrap();
         let mut other = vec![0, 4, 0, 0];
-        other.extend(ipv4_udp([198, 51, 100, 3], [10, 9, 9, 8], 40000, 4433, b"nope"));
+        other.extend(ipv4_udp(
+            [198, 51, 100, 3],
+            [10, 9, 9, 8],
+            40000,
+            4433,
+            b"nope",
+        ));
         tx.send_to(&other, ("127.0.0.1", port)).unwrap();
         let mut out = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while out.is_empty() || d.stats.dropped(DropReason::NotVip) == 0 {
             assert!(std::time::Instant::now() < deadline, "nothing arrived");
-            std::future::poll_fn(|cx| d.poll_readable(cx)).await.unwrap();
+            std::future::poll_fn(|cx| d.poll_readable(cx))
+                .await
+                .unwrap();
             d.try_recv(&mut out).unwrap();
         }
         assert_eq!(out.len(), 1);
