@@ -13,19 +13,25 @@ use support::*;
 const CONNECTIONS: usize = 24;
 const LOAD_PATIENCE: Duration = Duration::from_secs(90);
 
-/// A blackhole route to etcd in `ns`: the node's packets to etcd go nowhere (its TCP connection
-/// stalls, new ones fail), while everything else it routes is untouched.
-fn etcd_route(lab: &ClusterLab, ns: &str, action: &str) {
-    let etcd = format!("{}/32", lab.net.etcd_addr());
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "route", action, "blackhole", &etcd])
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip route {action} blackhole {etcd} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Cuts node `k` off from etcd (`action` "add") or joins it again ("del"): a blackhole route
+/// each way, in the node's namespace to etcd and in etcd's to the node, so neither side's
+/// packets reach the other (one way only would still deliver etcd's watch events), while
+/// everything else the node routes is untouched.
+fn etcd_link(lab: &ClusterLab, k: usize, action: &str) {
+    let node = &lab.nodes[k].ns;
+    let (etcd, addr) = (lab.net.etcd_addr(), lab.net.lb_segment_addr(k));
+    for (ns, to) in [(node, &etcd), (&lab.net.etcd, &addr)] {
+        let to = format!("{to}/32");
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "route", action, "blackhole", &to])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip route {action} blackhole {to} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
@@ -45,7 +51,7 @@ fn an_lb_node_cut_off_from_etcd_keeps_every_flow_and_catches_up_when_back() {
 
     // lb2 loses etcd; the router still sends it its share of the flows.
     let (applied_before, _, _) = lab.nodes[1].state();
-    etcd_route(&lab, &lab.nodes[1].ns, "add");
+    etcd_link(&lab, 1, "add");
     let routed_before = lab.vip_packets()[1];
     let (worker, held) = lab.busiest_worker();
     let s = lab.drain(&worker);
@@ -68,7 +74,7 @@ fn an_lb_node_cut_off_from_etcd_keeps_every_flow_and_catches_up_when_back() {
     );
 
     // lb2 reaches etcd again: it catches up, and the next drain routes through both nodes.
-    etcd_route(&lab, &lab.nodes[1].ns, "del");
+    etcd_link(&lab, 1, "del");
     wait_for(
         "lb2 to follow etcd again past its old revision",
         || {
