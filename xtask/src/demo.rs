@@ -10,7 +10,7 @@
 //! go to baton-load, which emulates that path at the client (the lab's veth is ~0.1 ms, lossless).
 //! `--http3` runs the same scenario with HTTP/3 instead of the demo protocol ([`http3`]).
 //! `--lb-nodes 2` runs it across the LB nodes of a cluster on etcd ([`cluster`]).
-mod cluster;
+pub(crate) mod cluster;
 mod http3;
 
 use crate::lab;
@@ -764,6 +764,26 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// `baton --json ARGS`, parsed; fails with its stderr when it exits non-zero.
+    pub(crate) fn baton_json(&self, args: &[&str]) -> Result<Value> {
+        let out = self
+            .baton()
+            .arg("--json")
+            .args(args)
+            .output()
+            .with_context(|| format!("running baton {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "baton {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing the output of `baton --json {}`", args.join(" ")))
     }
 
     pub(crate) fn baton(&self) -> Command {

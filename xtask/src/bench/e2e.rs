@@ -64,25 +64,9 @@ impl Lab {
         Ok(lab)
     }
 
-    /// `baton --json ARGS`, parsed; fails with its stderr when it exits non-zero.
+    /// `baton --json ARGS`, parsed ([`Run::baton_json`]).
     pub(crate) fn baton_json(&self, args: &[&str]) -> Result<Value> {
-        let out = self
-            .run
-            .baton()
-            .arg("--json")
-            .args(args)
-            .output()
-            .with_context(|| format!("running baton {}", args.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "baton {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("parsing the output of `baton --json {}`", args.join(" ")))
+        self.run.baton_json(args)
     }
 
     /// Every connection on every worker: (conn key, worker, client address).

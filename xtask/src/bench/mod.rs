@@ -1,4 +1,5 @@
 //! `cargo xtask bench`: every benchmark, each measured side by side with its baseline in one run.
+mod cluster_drain;
 mod drain;
 mod e2e;
 mod handoff;
@@ -18,13 +19,15 @@ pub struct Options {
     /// Run only these suites (default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Suite>,
-    /// stall, http3-stall, drain, worker, http3: use the binaries in this directory instead of building them (release) first.
+    /// stall, http3-stall, drain, cluster-drain, worker, http3: use the binaries in this directory instead of building them (release) first.
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
     #[command(flatten)]
     pub stall: stall::StallOptions,
     #[command(flatten)]
     pub drain: drain::DrainOptions,
+    #[command(flatten)]
+    pub cluster_drain: cluster_drain::ClusterDrainOptions,
     #[command(flatten)]
     pub worker: worker::WorkerOptions,
     #[command(flatten)]
@@ -75,6 +78,10 @@ pub enum Suite {
     /// nodes (the real follower on a real etcd, in-memory maps), beside one plain etcd write and
     /// read in the same run.
     Cluster,
+    /// `baton drain` of --cluster-drain-connections idle connections in the cluster lab with 2 LB
+    /// nodes beside 1 (issue 13): connections/s per size and the ratio, every connection
+    /// verified afterwards. Needs root.
+    ClusterDrain,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -88,7 +95,11 @@ pub fn run(opts: &Options) -> Result<()> {
     if wanted(Suite::Handoff) {
         handoff::run()?;
     }
-    if wanted(Suite::Stall) || wanted(Suite::Http3Stall) || wanted(Suite::Drain) {
+    if wanted(Suite::Stall)
+        || wanted(Suite::Http3Stall)
+        || wanted(Suite::Drain)
+        || wanted(Suite::ClusterDrain)
+    {
         require_root("the stall and drain benchmarks (netns lab, XDP)")?;
         let bins = match &opts.bin_dir {
             Some(d) => d.clone(),
@@ -111,6 +122,9 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         if wanted(Suite::Drain) {
             drain::run(&bins, &opts.drain)?;
+        }
+        if wanted(Suite::ClusterDrain) {
+            cluster_drain::run(&bins, &opts.cluster_drain)?;
         }
     }
     if wanted(Suite::Worker) {

@@ -168,7 +168,7 @@ fn etcd_binary() -> Result<PathBuf> {
         .context("etcd is not installed: run `cargo xtask setup` (Debian's etcd-server)")
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     topo: ClusterTopology,
     nodes: Vec<Node>,
     etcd_bin: PathBuf,
@@ -188,47 +188,11 @@ pub(crate) fn run(
     if !opts.encap.is_empty() {
         bail!("--lb-nodes reaches the workers on the cluster lab's segment: leave out --encap");
     }
-    let etcd_bin = etcd_binary()?;
-    // Checked before anything starts: the topology refuses a size the lab cannot build.
-    let topo = lab::cluster_topology(opts.lb_nodes)?;
-    let nodes: Vec<Node> = (0..opts.lb_nodes)
-        .map(|k| Node {
-            name: format!("lb{}", k + 1),
-            ns: topo.lbs[k].clone(),
-            socket: lab::cluster_node_socket(k),
-            pin_dir: lab::cluster_pin_dir(k),
-            config: Path::new(STATE_DIR).join(format!("lb{}.toml", k + 1)),
-        })
-        .collect();
-    for node in &nodes {
-        if node.pin_dir.exists() {
-            say(format!(
-                "removing stale pins in {} left by an earlier run (`baton-lb detach`)",
-                node.pin_dir.display()
-            ));
-            node.detach(Some(&bins));
-        }
-    }
-    say(format!(
-        "bringing the cluster lab up: {} LB nodes behind router {} (ECMP on ports), etcd and the workers on one segment",
-        opts.lb_nodes, topo.router
-    ));
-    let topo = lab::cluster_up_quiet(opts.lb_nodes)?;
-    let cluster = Cluster {
-        topo,
-        nodes,
-        etcd_bin,
-    };
-
-    let mut run = Run::new(bins.clone());
+    let cluster = Cluster::up(&bins, opts.lb_nodes)?;
+    let mut run = cluster.new_run(&bins);
     run.keep = opts.keep;
     run.request_interval_ms = opts.request_interval_ms;
     run.settle = opts.settle;
-    run.client_ns = cluster.topo.client.clone();
-    run.worker_peers = [0, 1].map(|i| format!("{}:{PEER_PORT}", cluster.topo.worker_addr4(i)));
-    // `baton` runs where an operator's would: on the client host, reaching etcd and the
-    // workers' control API through the router (it needs no pins and no socket of a node).
-    run.baton_netns = Some(cluster.topo.client.clone());
 
     let outcome = cluster.demo(&mut run, opts, connections, rounds, duration);
     if let Err(e) = &outcome {
@@ -245,6 +209,81 @@ pub(crate) fn run(
 }
 
 impl Cluster {
+    /// The cluster lab with `lb_nodes` nodes, up (namespaces, links, routes); nothing started in
+    /// it yet. Stale pins of an earlier run are removed first.
+    pub(crate) fn up(bins: &Path, lb_nodes: usize) -> Result<Cluster> {
+        let etcd_bin = etcd_binary()?;
+        // Checked before anything starts: the topology refuses a size the lab cannot build.
+        let topo = lab::cluster_topology(lb_nodes)?;
+        let nodes: Vec<Node> = (0..lb_nodes)
+            .map(|k| Node {
+                name: format!("lb{}", k + 1),
+                ns: topo.lbs[k].clone(),
+                socket: lab::cluster_node_socket(k),
+                pin_dir: lab::cluster_pin_dir(k),
+                config: Path::new(STATE_DIR).join(format!("lb{}.toml", k + 1)),
+            })
+            .collect();
+        for node in &nodes {
+            if node.pin_dir.exists() {
+                say(format!(
+                    "removing stale pins in {} left by an earlier run (`baton-lb detach`)",
+                    node.pin_dir.display()
+                ));
+                node.detach(Some(bins));
+            }
+        }
+        say(format!(
+            "bringing the cluster lab up: {lb_nodes} LB nodes behind router {} (ECMP on ports), etcd and the workers on one segment",
+            topo.router
+        ));
+        let topo = lab::cluster_up_quiet(lb_nodes)?;
+        Ok(Cluster {
+            topo,
+            nodes,
+            etcd_bin,
+        })
+    }
+
+    /// A [`Run`] in this cluster: the load in its client namespace, the workers' peers on their
+    /// segment, and `baton` where an operator's would run, on the client host, reaching etcd and
+    /// the workers' control API through the router (it needs no pins and no socket of a node).
+    pub(crate) fn new_run(&self, bins: &Path) -> Run {
+        let mut run = Run::new(bins.to_path_buf());
+        run.client_ns = self.topo.client.clone();
+        run.worker_peers = [0, 1].map(|i| format!("{}:{PEER_PORT}", self.topo.worker_addr4(i)));
+        run.baton_netns = Some(self.topo.client.clone());
+        run
+    }
+
+    /// A fresh state directory and its files, then etcd, the LB nodes and both workers, until
+    /// every node routes to both registered workers.
+    pub(crate) fn start(&self, run: &mut Run) -> Result<()> {
+        let _ = std::fs::remove_dir_all(&run.state);
+        std::fs::create_dir_all(&run.state)
+            .with_context(|| format!("creating {}", run.state.display()))?;
+        run.prepare_files(true)?;
+        self.write_files(run)?;
+        self.start_etcd(run)?;
+        self.start_nodes(run)?;
+        run.start_workers(self.topo.workers.each_ref().map(String::as_str), true)?;
+        for node in &self.nodes {
+            wait_until(
+                READY,
+                &format!("{} routing to both registered workers", node.name),
+                || {
+                    run.check_children()?;
+                    Ok(node.routed_workers() == 2)
+                },
+            )?;
+        }
+        say(format!(
+            "every node follows etcd and routes to both workers (etcd at revision {})",
+            self.etcd_revision().unwrap_or(0)
+        ));
+        Ok(())
+    }
+
     fn etcd_endpoint(&self) -> String {
         lab::cluster_etcd_endpoint(&self.topo)
     }
@@ -387,28 +426,7 @@ impl Cluster {
             );
         }
         let migrations = !opts.no_migrate;
-        let _ = std::fs::remove_dir_all(&run.state);
-        std::fs::create_dir_all(&run.state)
-            .with_context(|| format!("creating {}", run.state.display()))?;
-        run.prepare_files(true)?;
-        self.write_files(run)?;
-        self.start_etcd(run)?;
-        self.start_nodes(run)?;
-        run.start_workers(self.topo.workers.each_ref().map(String::as_str), true)?;
-        for node in &self.nodes {
-            wait_until(
-                READY,
-                &format!("{} routing to both registered workers", node.name),
-                || {
-                    run.check_children()?;
-                    Ok(node.routed_workers() == 2)
-                },
-            )?;
-        }
-        say(format!(
-            "every node follows etcd and routes to both workers (etcd at revision {})",
-            self.etcd_revision().unwrap_or(0)
-        ));
+        self.start(run)?;
 
         let before = self.counters(&run.bins)?;
         say(format!(
@@ -517,7 +535,7 @@ impl Cluster {
 
     /// Stops the load, workers, nodes and etcd (last: the workers revoke their leases as they
     /// stop), removes the nodes' pins, etcd's data and the cluster lab.
-    fn teardown(&self, run: &mut Run) -> Result<()> {
+    pub(crate) fn teardown(&self, run: &mut Run) -> Result<()> {
         say("tearing down: load, workers, LB nodes, etcd, cluster lab");
         let etcd = run
             .children
