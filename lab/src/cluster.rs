@@ -18,7 +18,7 @@
 //!
 //! The same [`Addressing`] as the single-node lab, so a test's private cluster lab never meets
 //! the fixed one; namespaces are removed when the [`ClusterNetns`] guard goes.
-use crate::{Addressing, link_exists, ns_exists, ns_sh, sh, sh_quiet, sysctl};
+use crate::{Addressing, link_exists, loopback_addrs, ns_exists, ns_sh, sh, sh_quiet, sysctl};
 use anyhow::{Result, bail};
 
 /// At most this many LB nodes (the router's links are N.21 to N.(20+MAX)).
@@ -274,27 +274,8 @@ impl ClusterTopology {
                 self.dev(&format!("s-w{}", i + 1)),
                 &self.worker_addr4(i),
             )?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{vip4}/32"),
-                "dev",
-                "lo",
-            ])?;
             // The workers serve both VIPs (the IPv6 one is not routed here, but they bind it).
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{vip6}/128"),
-                "dev",
-                "lo",
-            ])?;
+            loopback_addrs(ns, &[format!("{vip4}/32"), format!("{vip6}/128")])?;
             segment_default(ns)?;
             for (k, v) in [
                 ("net.ipv4.conf.all.arp_ignore", "1"),

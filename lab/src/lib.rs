@@ -262,52 +262,14 @@ impl Topology {
             let dev = self.dev(&format!("w{}", i + 1));
             let gw4 = format!("{}.1{}.1", self.addressing.net4, i + 1);
             let gw6 = format!("{}:1{}::1", self.addressing.net6, i + 1);
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{vip4}/32"),
-                "dev",
-                "lo",
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{vip6}/128"),
-                "dev",
-                "lo",
-            ])?;
+            loopback_addrs(ns, &[format!("{vip4}/32"), format!("{vip6}/128")])?;
             sh(&["ip", "-n", ns, "route", "replace", "default", "via", &gw4])?;
             sh(&[
                 "ip", "-n", ns, "-6", "route", "replace", "default", "via", &gw6,
             ])?;
             // The routed address, and the LB's route to it through the worker's link address.
             let (r4, r6) = (self.worker_routed_addr4(i), self.worker_routed_addr6(i));
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{r4}/32"),
-                "dev",
-                "lo",
-            ])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "replace",
-                &format!("{r6}/128"),
-                "dev",
-                "lo",
-            ])?;
+            loopback_addrs(ns, &[format!("{r4}/32"), format!("{r6}/128")])?;
             let lb = &self.lb;
             let (via4, via6) = (self.worker_addr4(i), self.worker_addr6(i));
             sh(&[
@@ -462,6 +424,14 @@ pub fn ns_sh(ns: &str, args: &[&str]) -> Result<Output> {
 /// Sets sysctl `key` to `val` in namespace `ns`.
 pub fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
     ns_sh(ns, &["sysctl", "-qw", &format!("{key}={val}")]).map(drop)
+}
+
+/// Puts each address (`addr/len`) on the loopback of `ns` (idempotent): VIPs, routed addresses.
+pub fn loopback_addrs(ns: &str, addrs: &[String]) -> Result<()> {
+    for a in addrs {
+        sh(&["ip", "-n", ns, "addr", "replace", a, "dev", "lo"])?;
+    }
+    Ok(())
 }
 
 pub fn ns_exists(ns: &str) -> bool {

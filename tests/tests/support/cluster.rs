@@ -412,3 +412,22 @@ impl Drop for ClusterLab {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// What a cluster test's load must come to: every connection established, no failed request,
+/// reconnect, connection error or counter break, every long stream byte-exact.
+pub fn assert_load_clean(summary: &Value, connections: usize) {
+    let n = |k: &str| summary[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(n("established"), connections as u64, "{summary}");
+    assert_eq!(n("failed"), 0, "failed requests: {summary}");
+    assert_eq!(n("reconnects"), 0, "reconnects: {summary}");
+    assert_eq!(n("connection_errors"), 0, "{summary}");
+    assert_eq!(n("counter_breaks"), 0, "{summary}");
+    assert_eq!(n("streams_not_exact"), 0, "streams not exact: {summary}");
+    assert!(n("stream_bytes_sent") > 0, "{summary}");
+    assert_eq!(
+        n("stream_bytes_verified"),
+        n("stream_bytes_sent"),
+        "{summary}"
+    );
+    assert_eq!(summary["ok"], true, "{summary}");
+}

@@ -79,21 +79,7 @@ fn measure(bins: &Path, lb_nodes: usize, opts: &ClusterDrainOptions) -> Result<D
     let result = (|| {
         cluster.start(&mut run)?;
         let n = opts.connections;
-        let args: Vec<String> = [
-            "--idle",
-            "--connections",
-            &n.to_string(),
-            "--ramp",
-            "1ms",
-            "--connect-timeout",
-            "10s",
-            "--request-timeout",
-            "15s",
-            "--progress-interval",
-            "10s",
-        ]
-        .map(String::from)
-        .to_vec();
+        let args = super::drain::idle_load_args(n);
         let t = Instant::now();
         let load = run.start_load_to(&[vip_target(lab::VIP4)], &args, false)?;
         run.wait_ready(&load, n, PATIENCE, say)?;

@@ -68,6 +68,26 @@ pub fn run(bins: &Path, opts: &DrainOptions) -> Result<()> {
     Ok(())
 }
 
+/// `baton-load` arguments for `n` idle connections (handshake, one request to prove each, then
+/// only keep-alives), opened 1 ms apart.
+pub(super) fn idle_load_args(n: usize) -> Vec<String> {
+    [
+        "--idle",
+        "--connections",
+        &n.to_string(),
+        "--ramp",
+        "1ms",
+        "--connect-timeout",
+        "10s",
+        "--request-timeout",
+        "15s",
+        "--progress-interval",
+        "10s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Worker names baton-lb knows, with their Maglev slots.
 fn lb_workers(lab: &Lab) -> Result<Vec<(String, u64)>> {
     let v = lab.baton_json(&["workers"])?;
@@ -110,22 +130,7 @@ fn measure(lab: &mut Lab, opts: &DrainOptions, config: &Path, full: &str) -> Res
         bail!("w2 is in baton-lb's table although the bench config left it out");
     }
 
-    let args: Vec<String> = [
-        "--idle",
-        "--connections",
-        &n.to_string(),
-        "--ramp",
-        "1ms",
-        "--connect-timeout",
-        "10s",
-        "--request-timeout",
-        "15s",
-        "--progress-interval",
-        "10s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = idle_load_args(n);
     let t = Instant::now();
     let load = lab.start_load(TAG, &args)?;
     let locals = lab.wait_ready(TAG, &load, n, Duration::from_secs(150))?;
