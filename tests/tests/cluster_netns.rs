@@ -13,106 +13,45 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::Duration;
+use support::cluster::{PREFIX, baton_in, cluster_member_configs, etcd_overrides, json_of};
 use support::*;
 
-const PREFIX: &str = "/baton/lab";
 const NODE: &str = "lb1";
-const CONTROL_PORT: u16 = 4480;
 const PATIENCE: Duration = Duration::from_secs(60);
 const CONNECTIONS: usize = 6;
 
-/// The lab's two workers as cluster members: the usual configs plus `[cluster]` (etcd at their
-/// gateway, their own lab address) and `[control_tls]` on their lab address. Returns the
-/// migration config of a host that knows nothing but etcd and the controller's credentials.
+/// The lab's two workers as cluster members (etcd at their gateway, their own lab address);
+/// returns the migration config of the client host (etcd at its gateway).
 fn cluster_configs(lab: &Lab, dir: &Path) -> PathBuf {
     write_worker_configs(dir);
-    let d = dir.display();
-    for i in 0..2 {
-        let path = dir.join(format!("w{}.toml", i + 1));
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        let addr = lab.net.worker_addr4(i);
-        let gateway = format!("{}.1{}.1", baton_lab::PRIVATE.net4, i + 1);
-        text += &format!(
-            "[cluster]\nendpoints = [\"http://{gateway}:{NETNS_CLIENT_PORT}\"]\nprefix = \
-             \"{PREFIX}\"\naddress = \"{addr}\"\nlease_ttl_s = 10\n\
-             [control_tls]\nlisten = \"{addr}:{CONTROL_PORT}\"\nca = \"{d}/ca.pem\"\n\
-             cert = \"{d}/w{n}.pem\"\nkey = \"{d}/w{n}.key\"\nclients = [\"baton-controller\"]\n",
-            n = i + 1
-        );
-        std::fs::write(&path, text).unwrap();
-    }
-    let mc = dir.join("cluster-migration.toml");
-    std::fs::write(
-        &mc,
+    let endpoints = [0, 1].map(|i| {
         format!(
-            "secrets = \"{d}/controller-secrets.toml\"\n\
-             [control_tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/controller.pem\"\nkey = \"{d}/controller.key\"\n\
-             [cluster]\nendpoints = [\"http://{}:{NETNS_CLIENT_PORT}\"]\nprefix = \"{PREFIX}\"\n\
-             applied_timeout_ms = 10000\n",
-            lab.net.client_gateway4()
-        ),
+            "http://{}.1{}.1:{NETNS_CLIENT_PORT}",
+            baton_lab::PRIVATE.net4,
+            i + 1
+        )
+    });
+    let driver = format!("http://{}:{NETNS_CLIENT_PORT}", lab.net.client_gateway4());
+    cluster_member_configs(
+        dir,
+        &endpoints,
+        &[0, 1].map(|i| lab.net.worker_addr4(i)),
+        &driver,
     )
-    .unwrap();
-    mc
 }
 
-/// `baton --migration-config <mc> --json ARGS`, run in the client's namespace.
 fn baton_on_client(lab: &Lab, mc: &Path, args: &[&str]) -> Output {
-    std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.client])
-        .arg(bin_dir().join("baton"))
-        .arg("--migration-config")
-        .arg(mc)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run baton")
-}
-
-fn json_of(out: &Output, what: &str) -> Value {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}"))
+    baton_in(&lab.client, mc, args)
 }
 
 /// The node's view through its control socket: (applied revision, watching, healthy workers).
 fn node_state(lab: &Lab) -> (i64, bool, Vec<String>) {
-    let s = lab.status_via_socket().unwrap_or(Value::Null);
-    let c = &s["cluster"];
-    let workers = s["workers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|w| w["healthy"] == true && w["maglev_slots"].as_u64() > Some(0))
-                .filter_map(|w| w["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    (
-        c["applied_revision"].as_i64().unwrap_or(0),
-        c["watching"] == true,
-        workers,
-    )
+    support::cluster::node_state(&lab.status_via_socket().unwrap_or(Value::Null))
 }
 
 /// The CIDs etcd holds overrides for, and the ones the node's map holds.
 fn overrides(lab: &Lab, etcd: &Etcd) -> (BTreeSet<String>, BTreeSet<String>) {
-    let in_etcd = etcd
-        .ctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            &format!("{PREFIX}/overrides/"),
-        ])
-        .lines()
-        .filter_map(|l| l.rsplit('/').next())
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let in_etcd = etcd_overrides(etcd);
     let in_map = lab
         .baton_json(&["override", "list"])
         .as_array()

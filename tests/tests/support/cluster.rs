@@ -81,21 +81,7 @@ impl LbNode {
 
     /// (applied revision, watching, workers it routes new connections to).
     pub fn state(&self) -> (i64, bool, Vec<String>) {
-        let s = self.status().unwrap_or(Value::Null);
-        let workers = s["workers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|w| w["healthy"] == true && w["maglev_slots"].as_u64() > Some(0))
-                    .filter_map(|w| w["name"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        (
-            s["cluster"]["applied_revision"].as_i64().unwrap_or(0),
-            s["cluster"]["watching"] == true,
-            workers,
-        )
+        node_state(&self.status().unwrap_or(Value::Null))
     }
 
     /// The data plane's counters (from the pins: also after the process died).
@@ -190,29 +176,13 @@ impl ClusterLab {
         let dir = std::env::temp_dir().join(format!("baton-cluster-{pid}-{n}"));
         let peers = [0, 1].map(|i| format!("{}:{PEER_PORT}", net.worker_addr4(i)));
         write_worker_configs_at(&dir, &peers, None);
-        let d = dir.display();
-        for i in 0..2 {
-            let path = dir.join(format!("w{}.toml", i + 1));
-            let mut text = std::fs::read_to_string(&path).unwrap();
-            let addr = net.worker_addr4(i);
-            text += &format!(
-                "[cluster]\nendpoints = [\"{endpoint}\"]\nprefix = \"{PREFIX}\"\naddress = \"{addr}\"\n\
-                 [control_tls]\nlisten = \"{addr}:{CONTROL_PORT}\"\nca = \"{d}/ca.pem\"\n\
-                 cert = \"{d}/w{k}.pem\"\nkey = \"{d}/w{k}.key\"\nclients = [\"baton-controller\"]\n",
-                k = i + 1
-            );
-            std::fs::write(&path, text).unwrap();
-        }
-        let migration_config = dir.join("cluster-migration.toml");
-        std::fs::write(
-            &migration_config,
-            format!(
-                "secrets = \"{d}/controller-secrets.toml\"\n\
-                 [control_tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/controller.pem\"\nkey = \"{d}/controller.key\"\n\
-                 [cluster]\nendpoints = [\"{endpoint}\"]\nprefix = \"{PREFIX}\"\napplied_timeout_ms = 10000\n"
-            ),
-        )
-        .unwrap();
+        let endpoints = [0, 1].map(|_| endpoint.clone());
+        let migration_config = cluster_member_configs(
+            &dir,
+            &endpoints,
+            &[0, 1].map(|i| net.worker_addr4(i)),
+            &endpoint,
+        );
         let nodes = (0..lb_nodes)
             .map(|k| {
                 let name = format!("lb{}", k + 1);
@@ -287,43 +257,17 @@ lease_ttl_s = 4
 
     /// `baton --migration-config <client config> --json ARGS` on the client host.
     pub fn baton(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.net.client])
-            .arg(bin_dir().join("baton"))
-            .arg("--migration-config")
-            .arg(&self.migration_config)
-            .arg("--json")
-            .args(args)
-            .output()
-            .expect("run baton")
+        baton_in(&self.net.client, &self.migration_config, args)
     }
 
     /// [`Self::baton`], which must succeed; its JSON answer.
     pub fn baton_json(&self, args: &[&str]) -> Value {
-        let out = self.baton(args);
-        assert!(
-            out.status.success(),
-            "baton {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("baton {args:?}: {e}"))
+        json_of(&self.baton(args), &format!("baton {args:?}"))
     }
 
     /// The CIDs etcd holds overrides for.
     pub fn etcd_overrides(&self) -> std::collections::BTreeSet<String> {
-        self.etcd
-            .ctl(&[
-                "get",
-                "--prefix",
-                "--keys-only",
-                &format!("{PREFIX}/overrides/"),
-            ])
-            .lines()
-            .filter_map(|l| l.rsplit('/').next())
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect()
+        etcd_overrides(&self.etcd)
     }
 
     pub fn vip(&self) -> SocketAddr {
@@ -430,4 +374,98 @@ pub fn assert_load_clean(summary: &Value, connections: usize) {
         "{summary}"
     );
     assert_eq!(summary["ok"], true, "{summary}");
+}
+
+/// Makes the two workers of the configs in `dir` (`write_worker_configs*`) cluster members:
+/// `[cluster]` with etcd at `endpoints[i]` and their `addresses[i]`, and `[control_tls]` on that
+/// address. Writes the migration config of a host that knows nothing but etcd (at
+/// `driver_endpoint`) and the controller's credentials, and returns its path.
+pub fn cluster_member_configs(
+    dir: &Path,
+    endpoints: &[String; 2],
+    addresses: &[String; 2],
+    driver_endpoint: &str,
+) -> PathBuf {
+    let d = dir.display();
+    for i in 0..2 {
+        let path = dir.join(format!("w{}.toml", i + 1));
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let (endpoint, addr) = (&endpoints[i], &addresses[i]);
+        text += &format!(
+            "[cluster]\nendpoints = [\"{endpoint}\"]\nprefix = \"{PREFIX}\"\naddress = \"{addr}\"\n\
+             [control_tls]\nlisten = \"{addr}:{CONTROL_PORT}\"\nca = \"{d}/ca.pem\"\n\
+             cert = \"{d}/w{k}.pem\"\nkey = \"{d}/w{k}.key\"\nclients = [\"baton-controller\"]\n",
+            k = i + 1
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+    let migration_config = dir.join("cluster-migration.toml");
+    std::fs::write(
+        &migration_config,
+        format!(
+            "secrets = \"{d}/controller-secrets.toml\"\n\
+             [control_tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/controller.pem\"\nkey = \"{d}/controller.key\"\n\
+             [cluster]\nendpoints = [\"{driver_endpoint}\"]\nprefix = \"{PREFIX}\"\napplied_timeout_ms = 10000\n"
+        ),
+    )
+    .unwrap();
+    migration_config
+}
+
+/// `baton --migration-config <mc> --json ARGS`, run in namespace `ns` (a host with no pins and
+/// no socket of a node).
+pub fn baton_in(ns: &str, mc: &Path, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin_dir().join("baton"))
+        .arg("--migration-config")
+        .arg(mc)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run baton")
+}
+
+/// The JSON answer of a `baton --json` run that must have succeeded.
+pub fn json_of(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// A node's `status` as (applied revision, watching, workers it routes new connections to).
+pub fn node_state(status: &Value) -> (i64, bool, Vec<String>) {
+    let workers = status["workers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|w| w["healthy"] == true && w["maglev_slots"].as_u64() > Some(0))
+                .filter_map(|w| w["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        status["cluster"]["applied_revision"].as_i64().unwrap_or(0),
+        status["cluster"]["watching"] == true,
+        workers,
+    )
+}
+
+/// The CIDs `etcd` holds overrides for (under [`PREFIX`]).
+pub fn etcd_overrides(etcd: &Etcd) -> std::collections::BTreeSet<String> {
+    etcd.ctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        &format!("{PREFIX}/overrides/"),
+    ])
+    .lines()
+    .filter_map(|l| l.rsplit('/').next())
+    .filter(|l| !l.is_empty())
+    .map(String::from)
+    .collect()
 }
