@@ -5,7 +5,8 @@
 use crate::keys::{Key, Prefix};
 use crate::node::{Action, Input, Node, WatchEvent};
 use crate::records::{
-    AppliedRecord, MigrationRecord, MigrationStage, OverrideRecord, ServerIdClaim, WorkerRecord,
+    AppliedRecord, HealthRecord, MigrationRecord, MigrationStage, OverrideRecord, ServerIdClaim,
+    WorkerRecord,
 };
 use baton_protocol::{Cid, MigrationId};
 use etcd_client::{
@@ -13,8 +14,9 @@ use etcd_client::{
     TxnOpResponse, WatchOptions, WatchStream,
 };
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -288,6 +290,68 @@ pub trait Dataplane {
     /// Where the node stands after each round: the revision its maps reflect, and whether it
     /// follows etcd now (false: forwarding on the last applied state). For status and metrics.
     fn progress(&mut self, _applied: i64, _watching: bool) {}
+    /// The workers' health as this node's checks see it now (worker name -> record), published
+    /// under `health/<node>/<worker>` with the node's lease; `None`: nothing to publish.
+    fn health(&mut self) -> Option<BTreeMap<String, HealthRecord>> {
+        None
+    }
+    /// Notified when [`Self::health`] may have changed, so it is published without waiting for
+    /// the next watch event.
+    fn health_changed(&self) -> Option<Arc<Notify>> {
+        None
+    }
+}
+
+/// Brings `health/<node>/...` in etcd to `view` under lease `lease`: what changed is written,
+/// what went is deleted. `published` is what etcd holds (as far as this node wrote it).
+async fn publish_health(
+    cluster: &Cluster,
+    node: &str,
+    view: &BTreeMap<String, HealthRecord>,
+    published: &mut BTreeMap<String, HealthRecord>,
+    lease: i64,
+) {
+    let mut client = cluster.client.clone();
+    let key = |worker: &str| {
+        cluster.prefix.key(&Key::Health {
+            node: node.to_string(),
+            worker: worker.to_string(),
+        })
+    };
+    for (worker, record) in view {
+        if published.get(worker) == Some(record) {
+            continue;
+        }
+        let body = serde_json::to_vec(record).expect("a health record serializes");
+        match client
+            .put(key(worker), body, Some(PutOptions::new().with_lease(lease)))
+            .await
+        {
+            Ok(_) => {
+                published.insert(worker.clone(), record.clone());
+            }
+            Err(e) => {
+                warn!(node, worker = %worker, "publishing the worker's health: {e}");
+                return;
+            }
+        }
+    }
+    let gone: Vec<String> = published
+        .keys()
+        .filter(|w| !view.contains_key(*w))
+        .cloned()
+        .collect();
+    for worker in gone {
+        match client.delete(key(&worker), None).await {
+            Ok(_) => {
+                published.remove(&worker);
+            }
+            Err(e) => {
+                warn!(node, worker = %worker, "removing the worker's health record: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Drives `node` from etcd until `stop` turns true: reads and watches the prefix, hands every
@@ -313,6 +377,10 @@ pub async fn follow(
     // The applied revision must be (re)written even without a map change: first start, a new
     // lease.
     let mut report_due = true;
+    // The health records this node wrote, and under which lease (a new lease: write them again).
+    let health_changed = dataplane.health_changed();
+    let mut published_health: BTreeMap<String, HealthRecord> = BTreeMap::new();
+    let mut health_lease: Option<i64> = None;
     node.handle(Input::Connected);
     loop {
         if *stop.borrow() {
@@ -377,10 +445,28 @@ pub async fn follow(
             report_due =
                 !report_applied(cluster, &applied_key, node.applied(), lease_ttl, &mut lease).await;
         }
+        if failed.is_none() {
+            if let (Some(l), Some(view)) =
+                (lease.as_ref().filter(|l| !l.expired()), dataplane.health())
+            {
+                if health_lease != Some(l.id()) {
+                    published_health.clear();
+                    health_lease = Some(l.id());
+                }
+                publish_health(cluster, node.name(), &view, &mut published_health, l.id()).await;
+            }
+        }
         dataplane.progress(node.applied(), failed.is_none() && node.is_watching());
         if let (None, Some(s)) = (&failed, stream.as_mut()) {
+            let health_wake = async {
+                match &health_changed {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.changed() => continue,
+                () = health_wake => continue,
                 m = s.message() => match m {
                     Ok(Some(resp)) => {
                         backoff = Duration::from_millis(100);

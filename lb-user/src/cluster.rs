@@ -12,13 +12,14 @@ use crate::controller::Controller;
 use crate::overrides::OverrideWriter;
 use crate::pinned::PinnedMaps;
 use baton_cluster::etcd::{Cluster, Dataplane};
-use baton_cluster::{Action, Node, OverrideRecord, View, WorkerRecord};
+use baton_cluster::{Action, HealthRecord, Node, OverrideRecord, View, WorkerRecord};
 use baton_protocol::{Cid, MigrationId};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// What `/metrics` and `baton status` show of the node's convergence.
 #[derive(Debug, Default)]
@@ -108,14 +109,21 @@ pub struct ClusterMaps {
     ctl: Arc<Mutex<Controller>>,
     pin_dir: PathBuf,
     stats: Arc<ClusterStats>,
+    /// Each worker's health verdict and since when (Unix ms), as published.
+    health: BTreeMap<String, HealthRecord>,
+    health_changed: Arc<Notify>,
 }
 
 impl ClusterMaps {
     pub fn new(ctl: Arc<Mutex<Controller>>, pin_dir: PathBuf, stats: Arc<ClusterStats>) -> Self {
+        let health_changed = Arc::new(Notify::new());
+        ctl.lock().unwrap().health_changed = Some(health_changed.clone());
         Self {
             ctl,
             pin_dir,
             stats,
+            health: BTreeMap::new(),
+            health_changed,
         }
     }
 
@@ -126,6 +134,8 @@ impl ClusterMaps {
         // Resolving MACs may wait for ARP: off the async threads.
         let next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
         let mut c = self.ctl.lock().unwrap();
+        let mut next = next;
+        next.health_changed = c.health_changed.take();
         *c = next;
         c.sync()?;
         let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
@@ -154,6 +164,43 @@ impl ClusterMaps {
 }
 
 impl Dataplane for ClusterMaps {
+    /// Every worker the node routes to, healthy or not by its checks (always healthy without
+    /// checks), since when this node has thought so.
+    fn health(&mut self) -> Option<BTreeMap<String, HealthRecord>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let view: Vec<(String, bool)> = {
+            let c = self.ctl.lock().unwrap();
+            if c.hold_workers {
+                return None;
+            }
+            c.workers
+                .iter()
+                .map(|w| (w.cfg.name.clone(), w.healthy))
+                .collect()
+        };
+        self.health
+            .retain(|name, _| view.iter().any(|(n, _)| n == name));
+        for (name, healthy) in view {
+            let r = self.health.entry(name).or_insert(HealthRecord {
+                healthy,
+                since_unix_ms: now,
+            });
+            if r.healthy != healthy {
+                *r = HealthRecord {
+                    healthy,
+                    since_unix_ms: now,
+                };
+            }
+        }
+        Some(self.health.clone())
+    }
+
+    fn health_changed(&self) -> Option<Arc<Notify>> {
+        Some(self.health_changed.clone())
+    }
+
     fn apply(&mut self, action: &Action) {
         let result = match action {
             Action::Workers(records) => self.set_workers(records),

@@ -16,6 +16,7 @@ use lb_common::{
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -59,6 +60,9 @@ pub struct Controller {
     /// pinned (a restart while etcd is down keeps forwarding), only VIPs and the config are
     /// written. Cleared by [`Controller::new`] with the cluster's workers.
     pub hold_workers: bool,
+    /// Notified when a worker's health changes (a cluster node publishes it in etcd). Carried
+    /// over when a reload or a new worker set replaces the controller.
+    pub health_changed: Option<Arc<tokio::sync::Notify>>,
 }
 
 fn vip_key(addr: IpAddr, port: u16) -> VipKey {
@@ -245,6 +249,7 @@ impl Controller {
             maglev_slots: HashMap::new(),
             fastpath_rebuild: true,
             hold_workers: false,
+            health_changed: None,
         })
     }
 
@@ -451,6 +456,9 @@ impl Controller {
         match self.workers.iter_mut().find(|w| w.cfg.name == name) {
             Some(w) if w.healthy != healthy => {
                 w.healthy = healthy;
+                if let Some(n) = &self.health_changed {
+                    n.notify_one();
+                }
                 true
             }
             _ => false,

@@ -8,7 +8,7 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::cluster::{ClusterLab, assert_load_clean, carry_on};
+use support::cluster::{ClusterLab, assert_load_clean, carry_on, etcd_health};
 use support::*;
 
 const CONNECTIONS: usize = 32;
@@ -18,6 +18,18 @@ const LOAD_PATIENCE: Duration = Duration::from_secs(90);
 fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead_node() {
     let mut lab = ClusterLab::up(2);
     lab.nodes_agree("at the start");
+    // Each node publishes each worker's health as its checks see it (none here: healthy).
+    let every = |healthy: bool| -> std::collections::BTreeMap<String, bool> {
+        ["lb1/w1", "lb1/w2", "lb2/w1", "lb2/w2"]
+            .map(|k| (k.to_string(), healthy))
+            .into_iter()
+            .collect()
+    };
+    wait_for(
+        "both nodes' health records of both workers",
+        || etcd_health(&lab.etcd) == every(true),
+        || format!("{:?}", etcd_health(&lab.etcd)),
+    );
     let before = lab.vip_packets();
     let mut load = Load::start_in(
         &lab.net.client,
@@ -71,6 +83,12 @@ fn two_lb_nodes_share_flows_and_route_them_identically_through_drains_and_a_dead
     // lb2 dies: its process goes, and the router stops sending to it (its BGP session ended).
     lab.nodes[1].kill();
     lab.net.route_through(&[0]).unwrap();
+    // Its health records go with its lease.
+    wait_for(
+        "lb2's health records to go with its lease",
+        || etcd_health(&lab.etcd).keys().all(|k| k.starts_with("lb1/")),
+        || format!("{:?}", etcd_health(&lab.etcd)),
+    );
     let on_lb1 = lab.vip_packets()[0];
     carry_on(&load, "after lb2 died");
     assert!(lab.vip_packets()[0] > on_lb1, "lb1 routes lb2's flows");

@@ -250,6 +250,7 @@ fn reload(
     let mut next = tokio::task::block_in_place(|| Controller::new(cfg, maps, false))?;
     next.hold_workers = held;
     let mut c = ctl.lock().unwrap();
+    next.health_changed = c.health_changed.take();
     *c = next;
     c.sync()
 }

@@ -469,3 +469,18 @@ pub fn etcd_overrides(etcd: &Etcd) -> std::collections::BTreeSet<String> {
     .map(String::from)
     .collect()
 }
+
+/// The health records in `etcd`: "<node>/<worker>" -> healthy.
+pub fn etcd_health(etcd: &Etcd) -> std::collections::BTreeMap<String, bool> {
+    let dir = format!("{PREFIX}/health/");
+    let out = etcd.ctl(&["get", "--prefix", &dir]);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    lines
+        .chunks(2)
+        .filter_map(|kv| {
+            let key = kv[0].strip_prefix(&dir)?.to_string();
+            let v: Value = serde_json::from_str(kv.get(1)?).ok()?;
+            Some((key, v["healthy"] == true))
+        })
+        .collect()
+}
