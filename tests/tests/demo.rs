@@ -8,25 +8,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-
-/// Builds the binaries the demo runs into this test's own target/profile directory (the netns
-/// harness's builds: baton-lb and baton, baton-worker, baton-load), so the demo does not need a
-/// release build of its own.
-fn bin_dir() -> &'static Path {
-    support::worker_bin();
-    support::load_bin();
-    support::bin_dir()
-}
-
-/// `key=value` fields of the RESULT line.
-fn field(result: &str, key: &str) -> f64 {
-    result
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("RESULT line has no {key}: {result}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{key} in {result}: {e}"))
-}
+use support::demo::{demo_bin_dir, field, run_demo};
 
 fn migration_cli_available(bins: &Path) -> bool {
     let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
@@ -38,32 +20,8 @@ fn migration_cli_available(bins: &Path) -> bool {
 /// 16 connections served throughout, nothing failed, no reconnect, no failed migration, every
 /// connection moved, every long stream byte-exact. Returns the RESULT line.
 fn demo_small(extra: &[&str]) -> String {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the demo test needs root (namespaces, XDP, bpffs)"
-    );
-    let bins = bin_dir();
-    let out = Command::new(env!("CARGO"))
-        .args(["xtask", "demo", "--small", "--bin-dir"])
-        .arg(bins)
-        .args(extra)
-        .current_dir(support::workspace_root())
-        .output()
-        .expect("run cargo xtask demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = format!("---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}");
-    assert!(
-        out.status.success(),
-        "cargo xtask demo --small {extra:?} failed ({}):\n{context}",
-        out.status
-    );
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        last.starts_with("RESULT "),
-        "the demo's output must end with the RESULT line:\n{context}"
-    );
-    eprintln!("{extra:?}: {last}");
+    let (last, context) = run_demo(extra, "RESULT ");
+    let bins = demo_bin_dir();
 
     assert_eq!(field(&last, "connections"), 16.0, "{last}");
     // How many requests a fixed-length run completes depends on the machine's load: only that
@@ -108,30 +66,11 @@ fn demo_small(extra: &[&str]) -> String {
 /// through Baton's HTTP/3 proxy to a real upstream while every connection moves.
 #[test]
 fn demo_small_http3_keeps_every_connection_and_request() {
-    let bins = bin_dir();
     // What --http3 runs beside the demo's binaries, built where the demo looks for them.
     support::upstream_bin();
     support::path_relay_bin();
     support::h3_load_bin();
-    let out = Command::new(env!("CARGO"))
-        .args(["xtask", "demo", "--small", "--http3", "--bin-dir"])
-        .arg(bins)
-        .current_dir(support::workspace_root())
-        .output()
-        .expect("run cargo xtask demo --http3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let context = format!(
-        "---- stdout ----\n{stdout}\n---- stderr ----\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "cargo xtask demo --small --http3 failed ({}):\n{context}",
-        out.status
-    );
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("RESULT protocol=http3 "), "{context}");
-    eprintln!("--http3: {last}");
+    let (last, context) = run_demo(&["--http3"], "RESULT protocol=http3 ");
     assert_eq!(field(&last, "connections"), 8.0, "{last}");
     assert!(field(&last, "requests") >= 8.0, "{last}");
     assert_eq!(field(&last, "failed"), 0.0, "{last}");

@@ -10,52 +10,11 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-
-/// Builds the binaries the demo runs into this test's own target/profile directory (the netns
-/// harness's builds), so the demo does not need a release build of its own.
-fn bin_dir() -> &'static Path {
-    support::worker_bin();
-    support::load_bin();
-    support::bin_dir()
-}
-
-/// `key=value` fields of the RESULT line.
-fn field(result: &str, key: &str) -> f64 {
-    result
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("RESULT line has no {key}: {result}"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{key} in {result}: {e}"))
-}
+use support::demo::{field, run_demo};
 
 #[test]
 fn demo_small_on_two_lb_nodes_keeps_every_connection_and_shares_the_traffic() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the demo test needs root (namespaces, XDP, bpffs)"
-    );
-    let bins = bin_dir();
-    let out = Command::new(env!("CARGO"))
-        .args(["xtask", "demo", "--small", "--lb-nodes", "2", "--bin-dir"])
-        .arg(bins)
-        .current_dir(support::workspace_root())
-        .output()
-        .expect("run cargo xtask demo --lb-nodes 2");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = format!("---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}");
-    assert!(
-        out.status.success(),
-        "cargo xtask demo --small --lb-nodes 2 failed ({}):\n{context}",
-        out.status
-    );
-    let last = stdout.lines().last().unwrap_or_default().to_string();
-    assert!(
-        last.starts_with("RESULT lb_nodes=2 "),
-        "the demo's output must end with the RESULT line:\n{context}"
-    );
-    eprintln!("--lb-nodes 2: {last}");
+    let (last, context) = run_demo(&["--lb-nodes", "2"], "RESULT lb_nodes=2 ");
 
     let connections = field(&last, "connections");
     assert_eq!(connections, 32.0, "{last}");

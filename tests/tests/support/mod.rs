@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod demo;
 
 use serde_json::Value;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
