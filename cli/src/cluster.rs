@@ -4,7 +4,7 @@
 //! workers, not only an LB host. Blocking wrappers over `baton_cluster::etcd::Cluster` (the one
 //! place that talks to etcd), on a small runtime of their own: the driver is blocking code, and
 //! a drain calls these from several threads at once.
-use baton_cluster::etcd::{Cluster, ClusterError};
+use baton_cluster::etcd::{Cluster, ClusterError, Lease};
 use baton_cluster::{MigrationRecord, MigrationStage, OverrideRecord, Prefix, WorkerRecord};
 use baton_protocol::{Cid, ErrorKind, Failure, MigrationId};
 use serde::Deserialize;
@@ -29,6 +29,14 @@ pub struct ClusterClient {
     /// until it gives up by itself) and the migration reports which nodes lag.
     #[serde(default = "default_applied_timeout")]
     pub applied_timeout_ms: u64,
+    /// Seconds the lease of this driver's migration records lasts after the driver stops
+    /// renewing it (it died): then another `baton` run resumes or rolls them back.
+    #[serde(default = "default_driver_lease")]
+    pub driver_lease_s: i64,
+}
+
+fn default_driver_lease() -> i64 {
+    10
 }
 
 fn default_override_ttl() -> i64 {
@@ -53,6 +61,9 @@ fn failure(e: ClusterError) -> Failure {
 pub struct ClusterLink {
     rt: tokio::runtime::Runtime,
     cluster: Cluster,
+    /// This driver's lease, named by each migration record it writes; renewed by a task on
+    /// `rt` while the driver lives.
+    lease: Lease,
     pub settings: ClusterClient,
 }
 
@@ -68,6 +79,9 @@ impl ClusterLink {
                 "override_ttl_s must be at least 10 (seconds)".into(),
             ));
         }
+        if settings.driver_lease_s < 2 {
+            return Err(config("driver_lease_s must be at least 2 (seconds)".into()));
+        }
         let prefix = Prefix::new(&settings.prefix).map_err(|e| config(format!("prefix: {e}")))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -77,9 +91,13 @@ impl ClusterLink {
         let cluster = rt
             .block_on(Cluster::connect(&settings.endpoints, prefix))
             .map_err(failure)?;
+        let lease = rt
+            .block_on(cluster.lease(settings.driver_lease_s))
+            .map_err(failure)?;
         Ok(Self {
             rt,
             cluster,
+            lease,
             settings,
         })
     }
@@ -97,10 +115,13 @@ impl ClusterLink {
         self.rt.block_on(self.cluster.applied()).map_err(failure)
     }
 
-    /// Records the migration in flight (stage `started`) before the source is asked.
-    pub fn begin(&self, id: MigrationId, from: &str, to: &str) -> Result<(), Failure> {
+    /// Records the migration in flight (stage `started`, under this driver's lease) before
+    /// the source is asked.
+    pub fn begin(&self, id: MigrationId, conn: &Cid, from: &str, to: &str) -> Result<(), Failure> {
         let record = MigrationRecord {
             id,
+            conn: Some(*conn),
+            driver_lease: Some(self.lease.id()),
             cids: Vec::new(),
             from: from.into(),
             to: to.into(),
@@ -116,20 +137,52 @@ impl ClusterLink {
     pub fn flip(
         &self,
         id: MigrationId,
+        conn: &Cid,
         from: &str,
         to: &str,
         cids: &[Cid],
     ) -> Result<i64, Failure> {
-        let record = MigrationRecord {
+        self.flip_record(&MigrationRecord {
             id,
+            conn: Some(*conn),
+            driver_lease: Some(self.lease.id()),
             cids: cids.to_vec(),
             from: from.into(),
             to: to.into(),
             stage: MigrationStage::Flipped,
             flip_revision: None,
-        };
+        })
+    }
+
+    /// Writes the flip of `record.cids` to `record.to`; returns its revision.
+    pub fn flip_record(&self, record: &MigrationRecord) -> Result<i64, Failure> {
         self.rt
-            .block_on(self.cluster.flip(&record, self.settings.override_ttl_s))
+            .block_on(self.cluster.flip(record, self.settings.override_ttl_s))
+            .map_err(failure)
+    }
+
+    /// This driver's lease (named by the records it writes).
+    pub fn lease_id(&self) -> i64 {
+        self.lease.id()
+    }
+
+    /// Every migration record in etcd, with its modification revision.
+    pub fn migrations(&self) -> Result<Vec<(MigrationRecord, i64)>, Failure> {
+        self.rt.block_on(self.cluster.migrations()).map_err(failure)
+    }
+
+    /// Whether the driver holding lease `id` still lives.
+    pub fn lease_alive(&self, id: i64) -> Result<bool, Failure> {
+        self.rt
+            .block_on(self.cluster.lease_alive(id))
+            .map_err(failure)
+    }
+
+    /// Takes over a dead driver's migration (`record` names this driver's lease) if nobody
+    /// changed it since revision `seen`; `false`: another driver took it.
+    pub fn adopt(&self, record: &MigrationRecord, seen: i64) -> Result<bool, Failure> {
+        self.rt
+            .block_on(self.cluster.adopt_migration(record, seen))
             .map_err(failure)
     }
 

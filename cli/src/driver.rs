@@ -628,6 +628,38 @@ pub struct ConnRow {
     pub overrides: usize,
 }
 
+/// A migration [`Orchestrator::recover`] found in etcd, and what became of it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recovered {
+    pub migration_id: MigrationId,
+    pub conn: Option<Cid>,
+    pub from: String,
+    pub to: String,
+    /// Where its record stood (`started` or `flipped`).
+    pub stage: baton_cluster::MigrationStage,
+    pub outcome: RecoveryOutcome,
+    /// Why it is undecided or failed, or what is left (a source not released).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryOutcome {
+    /// Its driver still runs it: left alone.
+    DriverAlive,
+    /// Committed: flipped (if it was not), every LB node caught up, the source released.
+    Completed,
+    /// Never committed: the connection carries on at the source; the record is gone.
+    RolledBack,
+    /// Not known yet (still running at the source, or a worker does not answer): run again.
+    Undecided,
+    /// Another driver took it over first.
+    TakenElsewhere,
+    /// etcd or the LB nodes failed it; the record stays for another try.
+    Failed,
+}
+
 /// One worker in [`Orchestrator::check`].
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkerCheck {
@@ -670,6 +702,22 @@ pub struct Faults {
     #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true)]
     pub tamper_snapshot: bool,
+    /// Test hook (cluster): the driver dies (exit without any clean-up, as a SIGKILL would
+    /// leave it) right after this step, leaving its migration to `baton recover`.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, value_enum)]
+    pub die_after: Option<DieAfter>,
+}
+
+/// Where the `die_after` test hook ends the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DieAfter {
+    /// The record of the migration is written; the source was not asked.
+    Begin,
+    /// The source reported the commit; the flip is not written.
+    Transfer,
+    /// The flip is written; the source is not released.
+    Flip,
 }
 
 impl Faults {
@@ -692,6 +740,15 @@ impl Faults {
         return self.tamper_snapshot;
         #[cfg(not(feature = "test-hooks"))]
         false
+    }
+
+    /// Ends the process here if the `die_after` hook names `step`.
+    fn die_after(&self, _step: DieAfter) {
+        #[cfg(feature = "test-hooks")]
+        if self.die_after == Some(_step) {
+            eprintln!("die_after {_step:?}: the driver exits here (fault tests only)");
+            std::process::exit(137);
+        }
     }
 }
 
@@ -1062,9 +1119,10 @@ impl Orchestrator {
                             other => carried.push_back(other),
                         }
                     }
-                    let result = c.flip(m.id(), from, to, &cids);
+                    let result = c.flip(m.id(), conn, from, to, &cids);
                     if let Ok(rev) = result {
                         flip_revision = Some(rev);
+                        self.faults.die_after(DieAfter::Flip);
                     }
                     for cid in cids {
                         let result = result.as_ref().map(drop).map_err(Clone::clone);
@@ -1073,8 +1131,15 @@ impl Orchestrator {
                 }
                 (Some(c), action) => {
                     let event = match action {
-                        Action::MigrateOut { .. } => match c.begin(m.id(), from, to) {
-                            Ok(()) => self.perform(action),
+                        Action::MigrateOut { .. } => match c.begin(m.id(), conn, from, to) {
+                            Ok(()) => {
+                                self.faults.die_after(DieAfter::Begin);
+                                let event = self.perform(action);
+                                if matches!(event, Event::MigratedOut(Ok(_))) {
+                                    self.faults.die_after(DieAfter::Transfer);
+                                }
+                                event
+                            }
                             Err(f) => Event::MigratedOut(Err(f)),
                         },
                         // The source forwards late datagrams until it is released: only once
@@ -1122,6 +1187,163 @@ impl Orchestrator {
                 "the migration stopped without an outcome (a bug: please report it)",
             )),
         }
+    }
+
+    /// Whether flips go to etcd (`[cluster]`).
+    pub fn in_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Looks for migrations whose driver died (their record's lease ended) and finishes what
+    /// they started: a committed one gets its flip, the LB nodes' catch-up and the source's
+    /// release; one that never committed only loses its record; one still running at the
+    /// source is left for a later look (see [`baton_orchestrator::recovery`]). Migrations whose
+    /// driver lives are listed, untouched. Without `[cluster]` there is nothing to look at.
+    pub fn recover(&self) -> Result<Vec<Recovered>, Failure> {
+        let Some(c) = &self.cluster else {
+            return Err(Failure::new(
+                ErrorKind::Config,
+                "recovery reads the migrations in flight from etcd: the migration config has no                  [cluster] table (a single LB node keeps no record a driver could resume)",
+            ));
+        };
+        let mut out = Vec::new();
+        for (record, seen) in c.migrations()? {
+            let alive = match record.driver_lease {
+                Some(lease) if lease == c.lease_id() => true,
+                Some(lease) => c.lease_alive(lease)?,
+                None => false,
+            };
+            let mut row = Recovered {
+                migration_id: record.id,
+                conn: record.conn,
+                from: record.from.clone(),
+                to: record.to.clone(),
+                stage: record.stage,
+                outcome: RecoveryOutcome::DriverAlive,
+                detail: None,
+            };
+            if !alive {
+                let (outcome, detail) = self.recover_one(c, record, seen);
+                row.outcome = outcome;
+                row.detail = detail;
+            }
+            match row.outcome {
+                RecoveryOutcome::DriverAlive => {}
+                RecoveryOutcome::Failed => {
+                    tracing::warn!(migration_id = %row.migration_id, detail = ?row.detail, "could not recover the migration")
+                }
+                o => {
+                    tracing::info!(migration_id = %row.migration_id, conn = ?row.conn, from = %row.from, to = %row.to, outcome = ?o, "recovered a dead driver's migration")
+                }
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    fn recover_one(
+        &self,
+        c: &ClusterLink,
+        mut record: baton_cluster::MigrationRecord,
+        seen: i64,
+    ) -> (RecoveryOutcome, Option<String>) {
+        use baton_orchestrator::recovery::{Resolution, TargetView, resolve};
+        let id = record.id;
+        let flipped = record.stage == baton_cluster::MigrationStage::Flipped;
+        let source = self
+            .endpoint(&record.from)
+            .map_err(Unanswered::from)
+            .and_then(|ep| {
+                self.call::<api::SourceStatus>(
+                    ep,
+                    &api::Request::MigrationStatus { migration_id: id },
+                    self.control_timeout,
+                )
+            })
+            .map(|s| s.state)
+            .ok();
+        let target = match self
+            .endpoint(&record.to)
+            .map_err(Unanswered::from)
+            .and_then(|ep| {
+                self.call::<Vec<api::Conn>>(ep, &api::Request::Conns {}, self.control_timeout)
+            }) {
+            Err(_) => TargetView::Silent,
+            Ok(list) => match list.into_iter().find(|x| Some(x.conn) == record.conn) {
+                None => TargetView::Absent,
+                Some(x) if x.held => TargetView::Held,
+                Some(x) => TargetView::Live { cids: x.cids },
+            },
+        };
+        let resolution = resolve(flipped, source, &target);
+        if let Resolution::Undecided { why } = resolution {
+            return (RecoveryOutcome::Undecided, Some(why.into()));
+        }
+        // Take it over (under this driver's lease) before acting, so two drivers never both do.
+        if flipped && record.flip_revision.is_none() {
+            record.flip_revision = Some(seen);
+        }
+        record.driver_lease = Some(c.lease_id());
+        match c.adopt(&record, seen) {
+            Ok(true) => {}
+            Ok(false) => {
+                return (
+                    RecoveryOutcome::TakenElsewhere,
+                    Some("another driver took it over meanwhile".into()),
+                );
+            }
+            Err(f) => return (RecoveryOutcome::Failed, Some(f.message)),
+        }
+        let (flip, release) = match resolution {
+            Resolution::RolledBack => {
+                c.end(id);
+                return (RecoveryOutcome::RolledBack, None);
+            }
+            Resolution::Complete { flip, release } => (flip, release),
+            Resolution::Undecided { .. } => unreachable!("answered above"),
+        };
+        let revision = match flip {
+            Some(cids) => {
+                record.cids = cids;
+                match c.flip_record(&record) {
+                    Ok(rev) => Some(rev),
+                    Err(f) => return (RecoveryOutcome::Failed, Some(f.message)),
+                }
+            }
+            None => record.flip_revision,
+        };
+        // The source forwards until released: only once every live LB node routes by the flip.
+        if let Some(rev) = revision
+            && let Err(f) = c.wait_applied(rev)
+        {
+            return (RecoveryOutcome::Failed, Some(f.message));
+        }
+        let mut detail = None;
+        if release {
+            let released = self
+                .endpoint(&record.from)
+                .map_err(Unanswered::from)
+                .and_then(|ep| {
+                    self.call::<api::Released>(
+                        ep,
+                        &api::Request::Release { migration_id: id },
+                        self.control_timeout,
+                    )
+                });
+            match released {
+                Ok(_) => {}
+                // It gave up forwarding by itself meanwhile: nothing left to release.
+                Err(u) if u.failure.kind == ErrorKind::UnknownMigration => {}
+                Err(u) => {
+                    detail = Some(format!(
+                        "the source was not released ({}): it forwards until its own deadline",
+                        u.failure.message
+                    ))
+                }
+            }
+        }
+        c.end(id);
+        (RecoveryOutcome::Completed, detail)
     }
 
     /// Carries out one action of a [`Migration`] and says what came of it.

@@ -91,6 +91,13 @@ enum Cmd {
         #[command(flatten)]
         faults: baton_cli::driver::Faults,
     },
+    /// Finish or roll back the migrations of a `baton` that died mid-way (cluster only). Each
+    /// migration in flight is recorded in etcd under its driver's lease; once that lease ended,
+    /// this asks both workers how far it got: a committed one is flipped (if it was not), waited
+    /// for on every LB node and its source released; one that never committed only loses its
+    /// record. `baton migrate` and `baton drain` do this first by themselves. Exits 1 if any is
+    /// still undecided (run it again) or failed.
+    Recover,
     /// Move every connection off WORKER, several at a time, with progress and a summary.
     Drain {
         worker: String,
@@ -162,6 +169,7 @@ fn run(cli: &Cli) -> Result<()> {
         },
         Cmd::Conns => conns(cli),
         Cmd::Check => check(cli),
+        Cmd::Recover => recover(cli),
         Cmd::Migrate {
             conn,
             to,
@@ -304,6 +312,70 @@ fn conns(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+fn recover(cli: &Cli) -> Result<()> {
+    use baton_cli::driver::RecoveryOutcome as O;
+    let o = orchestrator(cli)?;
+    let rows = o.recover()?;
+    let settled = rows
+        .iter()
+        .all(|r| !matches!(r.outcome, O::Undecided | O::Failed));
+    if cli.json {
+        print_json(&json!({"ok": settled, "migrations": rows}))?;
+    } else {
+        for r in &rows {
+            let conn = r.conn.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
+            let outcome = serde_json::to_value(r.outcome)?;
+            println!(
+                "{} {conn} {} -> {} ({:?}): {}{}",
+                r.migration_id,
+                r.from,
+                r.to,
+                r.stage,
+                outcome.as_str().unwrap_or("?"),
+                r.detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("{} migrations in flight in etcd", rows.len());
+    }
+    if !settled {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// What `migrate` and `drain` do first in a cluster: recover the migrations of drivers that
+/// died, saying so on stderr (stdout stays the command's own answer).
+fn recover_first(o: &baton_cli::driver::Orchestrator) {
+    use baton_cli::driver::RecoveryOutcome as O;
+    if !o.in_cluster() {
+        return;
+    }
+    match o.recover() {
+        Ok(rows) => {
+            for r in rows.iter().filter(|r| r.outcome != O::DriverAlive) {
+                let outcome = serde_json::to_value(r.outcome).unwrap_or_default();
+                eprintln!(
+                    "recovered migration {} of connection {} ({} -> {}), whose driver died: {}{}",
+                    r.migration_id,
+                    r.conn.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+                    r.from,
+                    r.to,
+                    outcome.as_str().unwrap_or("?"),
+                    r.detail
+                        .as_ref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        // The command's own etcd calls report it properly.
+        Err(f) => tracing::debug!("looking for migrations to recover: {}", f.message),
+    }
+}
+
 fn migrate(
     cli: &Cli,
     conn: &str,
@@ -328,6 +400,7 @@ fn migrate(
     };
     o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
     o.faults = faults;
+    recover_first(&o);
     let result = conn
         .parse::<baton_protocol::Cid>()
         .map_err(|e| {
@@ -390,6 +463,7 @@ fn drain(
 ) -> Result<()> {
     let mut o = orchestrator(cli)?;
     o.quiesce_timeout = std::time::Duration::from_millis(quiesce_ms);
+    recover_first(&o);
     let json_out = cli.json;
     let progress = move |done: usize,
                          total: usize,

@@ -137,6 +137,8 @@ async fn main() {
                 .unwrap();
             let record = MigrationRecord {
                 id,
+                conn: Some(cid),
+                driver_lease: None,
                 cids: vec![cid],
                 from: "w1".into(),
                 to: "w2".into(),

@@ -759,6 +759,62 @@ impl Cluster {
         }
     }
 
+    /// Every migration record in flight, each with its key's modification revision (of a
+    /// flipped record no driver has rewritten since: the flip's revision). A record that does
+    /// not decode is reported, not skipped: a driver must not lose track of a migration.
+    pub async fn migrations(&self) -> Result<Vec<(MigrationRecord, i64)>, ClusterError> {
+        let mut client = self.client.clone();
+        let dir = format!("{}migrations/", self.prefix.as_str());
+        let resp = client
+            .get(dir.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice::<MigrationRecord>(kv.value())
+                    .map(|r| (r, kv.mod_revision()))
+                    .map_err(|e| ClusterError::BadRecord {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        why: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Whether lease `id` is still alive (its holder renews it).
+    pub async fn lease_alive(&self, id: i64) -> Result<bool, ClusterError> {
+        let mut client = self.client.clone();
+        // etcd answers an expired or unknown lease with TTL -1.
+        let r = client
+            .lease_time_to_live(id, None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(r.ttl() > 0)
+    }
+
+    /// Takes over a migration whose driver died: rewrites its record as `record` (naming this
+    /// driver's lease) only if nobody changed it since revision `seen`. `false`: another driver
+    /// got there first, and this one leaves it alone.
+    pub async fn adopt_migration(
+        &self,
+        record: &MigrationRecord,
+        seen: i64,
+    ) -> Result<bool, ClusterError> {
+        let key = self.prefix.key(&Key::Migration(record.id));
+        let body = serde_json::to_vec(record).expect("a migration record serializes");
+        let mut client = self.client.clone();
+        let resp = client
+            .txn(
+                Txn::new()
+                    .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, seen)])
+                    .and_then([TxnOp::put(key.as_str(), body, None)]),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(resp.succeeded())
+    }
+
     /// Forgets a migration's record (done, or rolled back).
     pub async fn end_migration(&self, id: MigrationId) -> Result<(), ClusterError> {
         let mut client = self.client.clone();

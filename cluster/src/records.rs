@@ -94,12 +94,20 @@ pub enum MigrationStage {
 #[serde(deny_unknown_fields)]
 pub struct MigrationRecord {
     pub id: MigrationId,
+    /// The connection that moves (what a driver resuming the migration looks for on the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<Cid>,
+    /// The lease of the driver running it: while that lives nobody else touches the migration;
+    /// once it ended (the driver died) the next driver resumes or rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_lease: Option<i64>,
     /// The connection's CIDs the overrides cover.
     pub cids: Vec<Cid>,
     pub from: String,
     pub to: String,
     pub stage: MigrationStage,
-    /// The etcd revision of the flip (stage `flipped`).
+    /// The etcd revision of the flip (stage `flipped`), once a driver that resumed the migration
+    /// rewrote the record; before that it is the record's own modification revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flip_revision: Option<i64>,
 }
@@ -152,6 +160,8 @@ mod tests {
         );
         let m = MigrationRecord {
             id: MigrationId([1; 16]),
+            conn: Some("0102".parse().unwrap()),
+            driver_lease: Some(7),
             cids: vec!["0102".parse().unwrap()],
             from: "w1".into(),
             to: "w2".into(),

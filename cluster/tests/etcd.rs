@@ -238,6 +238,8 @@ async fn two_nodes_follow_etcd_and_agree() {
     // Other records in the prefix change no map.
     let m = baton_cluster::MigrationRecord {
         id: MigrationId([1; 16]),
+        conn: None,
+        driver_lease: None,
         cids: vec![cid(1)],
         from: "w1".into(),
         to: "w2".into(),
@@ -356,4 +358,59 @@ async fn a_node_whose_history_was_compacted_reads_afresh() {
     until_converged(&[&a], &want, "after the compaction").await;
     let node = a.stop().await;
     assert!(node.applied() >= now, "{} < {now}", node.applied());
+}
+
+/// What a driver resuming a dead driver's migration relies on: the records are listed with the
+/// revision they were written at (a flip's is the flip's own), a dead driver's lease reads as
+/// dead, and only one driver can adopt a record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_drivers_migration_is_found_and_adopted_once() {
+    let etcd = Etcd::start("recover");
+    let cluster = connect(&etcd).await;
+    let driver = cluster.lease(2).await.unwrap();
+    let record = baton_cluster::MigrationRecord {
+        id: MigrationId([7; 16]),
+        conn: Some(cid(7)),
+        driver_lease: Some(driver.id()),
+        cids: vec![cid(7)],
+        from: "w1".into(),
+        to: "w2".into(),
+        stage: MigrationStage::Started,
+        flip_revision: None,
+    };
+    cluster.begin_migration(&record).await.unwrap();
+    let flip = cluster.flip(&record, 30).await.unwrap();
+    let found = cluster.migrations().await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0.stage, MigrationStage::Flipped);
+    assert_eq!(
+        found[0].1, flip,
+        "a flipped record's revision is the flip's"
+    );
+    assert!(cluster.lease_alive(driver.id()).await.unwrap());
+    // The driver dies: its lease stops being renewed and ends.
+    drop(driver);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster
+        .lease_alive(record.driver_lease.unwrap())
+        .await
+        .unwrap()
+    {
+        assert!(Instant::now() < deadline, "the lease outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The record itself stays (it is not under the lease).
+    assert_eq!(cluster.migrations().await.unwrap().len(), 1);
+    let mine = cluster.lease(10).await.unwrap();
+    let mut adopted = found[0].0.clone();
+    adopted.driver_lease = Some(mine.id());
+    adopted.flip_revision = Some(flip);
+    assert!(cluster.adopt_migration(&adopted, flip).await.unwrap());
+    // A second driver that read the same revision loses.
+    assert!(!cluster.adopt_migration(&adopted, flip).await.unwrap());
+    let now = cluster.migrations().await.unwrap();
+    assert_eq!(now[0].0.driver_lease, Some(mine.id()));
+    assert_eq!(now[0].0.flip_revision, Some(flip));
+    cluster.end_migration(record.id).await.unwrap();
+    assert!(cluster.migrations().await.unwrap().is_empty());
 }

@@ -11,7 +11,10 @@
 //! - any failure before that leaves the map untouched (the source has rolled back);
 //! - a failure after the commit is never a rollback: the connection lives on the target and the
 //!   source keeps forwarding its late datagrams until released or its own deadline.
+//!
+//! [`recovery`] decides what becomes of a migration whose driver died mid-way.
 pub mod machine;
+pub mod recovery;
 pub mod stats;
 
 pub use machine::{Action, Event, Migration, Options, Outcome, Phase, Report};

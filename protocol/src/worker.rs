@@ -24,6 +24,9 @@ pub enum Request {
     Release { migration_id: MigrationId },
     /// Answered with [`Health`]: the worker's migration machinery (keys, peers).
     Health {},
+    /// Answered with [`SourceStatus`]: where this worker, as the source, stands in a
+    /// migration (for a driver that resumes the migration of one that died).
+    MigrationStatus { migration_id: MigrationId },
 }
 
 impl Request {
@@ -35,6 +38,7 @@ impl Request {
             Request::MigrateOut(_) => "migrate_out",
             Request::Release { .. } => "release",
             Request::Health {} => "health",
+            Request::MigrationStatus { .. } => "migration_status",
         }
     }
 }
@@ -164,6 +168,27 @@ pub struct Released {
     pub released: MigrationId,
 }
 
+/// A source's side of one migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    /// `migrate_out` is still running: the outcome is not known yet.
+    InFlight,
+    /// Committed: the target holds the connection; this worker forwards its late datagrams
+    /// until released.
+    Forwarding,
+    /// Nothing here: never asked, rolled back (the connection carried on here), or released
+    /// and forgotten.
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceStatus {
+    pub migration_id: MigrationId,
+    pub state: SourceState,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +219,21 @@ mod tests {
             serde_json::from_str::<Request>(&j).unwrap(),
             Request::MigrateOut(m)
         );
+        let status = Request::MigrationStatus {
+            migration_id: MigrationId([1; 16]),
+        };
+        let sj = serde_json::to_string(&status).unwrap();
+        assert!(
+            sj.starts_with(r#"{"cmd":"migration_status","migration_id":""#),
+            "{sj}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&sj).unwrap(), status);
+        let answer = SourceStatus {
+            migration_id: MigrationId([1; 16]),
+            state: SourceState::InFlight,
+        };
+        let aj = serde_json::to_string(&answer).unwrap();
+        assert!(aj.ends_with(r#""state":"in_flight"}"#), "{aj}");
         // A renamed or unknown field is an error, not a default.
         let e = serde_json::from_str::<Request>(&j.replace("\"conn\"", "\"connection\""))
             .unwrap_err()

@@ -4,12 +4,13 @@
 //! pins and no worker sockets: it finds the workers' control API (mutual TLS) in etcd and writes
 //! each flip there, and the node applies it. Then etcd is SIGKILLed under load: forwarding never
 //! stops, a migration asked for meanwhile fails with the etcd error, and once etcd is back the
-//! node catches up and migrations succeed again.
+//! node catches up and migrations succeed again. In between, drivers die mid-migration and
+//! `baton recover` finishes or rolls back what they left.
 mod support;
 
 use baton_cluster::testing::{Etcd, NETNS_CLIENT_PORT};
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::Duration;
@@ -94,6 +95,117 @@ fn migrate_all(lab: &Lab, mc: &Path, round: usize) -> usize {
     rows.len()
 }
 
+/// Three drivers die mid-migration (after writing the record, after the commit, after the
+/// flip); `baton recover` then rolls the first back and finishes the other two: the connections
+/// end where each migration got to, the load sees nothing, and no record is left. Returns the
+/// migrations that completed.
+fn drivers_that_die_are_recovered(lab: &Lab, mc: &Path, etcd: &Etcd) -> usize {
+    let rows = json_of(&baton_on_client(lab, mc, &["conns"]), "baton conns");
+    let rows = rows.as_array().unwrap();
+    let mut expected = Vec::new();
+    // What became of each: `baton recover` says, or a later `baton migrate` that recovered one
+    // first (a driver's lease may end before the next one starts) said so on stderr.
+    let mut outcomes: BTreeMap<String, String> = BTreeMap::new();
+    let mut note = |stderr: &str| {
+        for line in stderr.lines() {
+            if let Some(rest) = line.split("recovered migration ").nth(1) {
+                let conn = rest
+                    .split(" of connection ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next());
+                let outcome = rest.rsplit(": ").next();
+                if let (Some(c), Some(o)) = (conn, outcome) {
+                    outcomes.insert(c.into(), o.into());
+                }
+            }
+        }
+    };
+    for (r, step) in rows.iter().zip(["begin", "transfer", "flip"]) {
+        let conn = r["conn"].as_str().unwrap().to_string();
+        let from = r["worker"].as_str().unwrap().to_string();
+        let to = if from == "w1" { "w2" } else { "w1" };
+        let out = baton_on_client(
+            lab,
+            mc,
+            &["migrate", &conn, "--to", to, "--die-after", step],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(137),
+            "the driver dies after {step}: {stderr}"
+        );
+        note(&stderr);
+        let ends_on = if step == "begin" {
+            from.clone()
+        } else {
+            to.into()
+        };
+        let outcome = if step == "begin" {
+            "rolled_back"
+        } else {
+            "completed"
+        };
+        expected.push((conn, step, ends_on, outcome));
+    }
+    // Until a dead driver's lease ends (2 s) its migration is its own: left alone.
+    let report = std::cell::RefCell::new(Value::Null);
+    wait_for(
+        "baton recover to settle the three dead drivers' migrations",
+        || {
+            let r = json_of(&baton_on_client(lab, mc, &["recover"]), "baton recover");
+            assert_eq!(r["ok"], true, "{r}");
+            let m = r["migrations"].as_array().unwrap().clone();
+            *report.borrow_mut() = r;
+            for row in &m {
+                assert!(row["detail"].is_null(), "nothing was left over: {row}");
+                if row["outcome"] != "driver_alive" {
+                    outcomes.insert(
+                        row["conn"].as_str().unwrap().into(),
+                        row["outcome"].as_str().unwrap().into(),
+                    );
+                }
+            }
+            m.is_empty() && outcomes.len() == 3
+        },
+        || format!("{}", report.borrow()),
+    );
+    for (conn, step, _, outcome) in &expected {
+        assert_eq!(
+            outcomes.get(conn).map(String::as_str),
+            Some(*outcome),
+            "the driver died after {step}: {outcomes:?}"
+        );
+    }
+    let now = json_of(&baton_on_client(lab, mc, &["conns"]), "baton conns");
+    for (conn, step, ends_on, _) in &expected {
+        let row = now
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["conn"] == conn.as_str());
+        assert_eq!(
+            row.map(|r| r["worker"].clone()),
+            Some(Value::from(ends_on.as_str())),
+            "the driver died after {step}: {now}"
+        );
+    }
+    assert_eq!(
+        etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/migrations/")
+        ])
+        .trim(),
+        "",
+        "no migration left in flight after the recovery"
+    );
+    let again = json_of(&baton_on_client(lab, mc, &["recover"]), "baton recover");
+    assert_eq!(again["migrations"], Value::Array(vec![]), "{again}");
+    2
+}
+
 #[test]
 fn a_cluster_node_follows_etcd_through_migrations_and_an_etcd_crash() {
     let mut lab = Lab::new(LabOptions {
@@ -118,6 +230,9 @@ fn a_cluster_node_follows_etcd_through_migrations_and_an_etcd_crash() {
 
     let dir = std::env::temp_dir().join(format!("baton-cluster-netns-{}", std::process::id()));
     let mc = cluster_configs(&lab, &dir);
+    // Short driver leases: a driver that dies is recovered after 2 s ([cluster] is last).
+    let text = std::fs::read_to_string(&mc).unwrap();
+    std::fs::write(&mc, text + "driver_lease_s = 2\n").unwrap();
     let _workers = Workers((0..2).map(|i| spawn_worker(&lab, &dir, i, &[])).collect());
     wait_for(
         "the node to route to both registered workers",
@@ -153,6 +268,8 @@ fn a_cluster_node_follows_etcd_through_migrations_and_an_etcd_crash() {
         "",
         "no migration left in flight"
     );
+
+    flips += drivers_that_die_are_recovered(&lab, &mc, &etcd);
 
     // etcd dies under load: the data plane keeps forwarding on what it applied.
     let some = json_of(&baton_on_client(&lab, &mc, &["conns"]), "baton conns");

@@ -364,6 +364,9 @@ async fn handle(ctx: &Arc<Ctx>, req: Request) -> Result<Value, Failure> {
             .await
             .map(|done| data(&done)),
         Request::Health {} => Ok(data(&crate::migrate::health(ctx).await)),
+        Request::MigrationStatus { migration_id } => {
+            Ok(data(&crate::migrate::status(ctx, migration_id)))
+        }
         Request::Release { migration_id } => {
             crate::migrate::release(ctx, migration_id)?;
             Ok(data(&baton_protocol::worker::Released {

@@ -25,12 +25,12 @@ use crate::config::PeerWorker;
 use crate::io::WorkerHandle;
 use anyhow::{Context, Result};
 use baton_protocol::peer::{Imported, MAX_HEADER, PEER_ALPN, TransferHeader};
-use baton_protocol::worker::{MigrateOut, MigratedOut, TargetRef};
+use baton_protocol::worker::{MigrateOut, MigratedOut, SourceState, SourceStatus, TargetRef};
 use baton_protocol::{Cid, ErrorKind, Failure, MigrationId};
 use migration::{
     ConnectionId, MigrationBinding, MigrationToken, MigrationTokenManager, SnapshotSealer, WorkerId,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -164,6 +164,17 @@ pub struct Ctx {
     peers: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Exported connections whose datagrams are forwarded until released: migration id -> release time.
     released: Mutex<HashMap<MigrationId, Option<Instant>>>,
+    /// Migrations whose `migrate_out` is running here (see [`status`]).
+    in_flight: Mutex<HashSet<MigrationId>>,
+}
+
+/// Marks a migration in flight for as long as it lives.
+struct InFlight<'a>(&'a Mutex<HashSet<MigrationId>>, MigrationId);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
 }
 
 impl Ctx {
@@ -202,6 +213,7 @@ impl Ctx {
             ),
             peers: Default::default(),
             released: Default::default(),
+            in_flight: Default::default(),
         }))
     }
 
@@ -337,6 +349,10 @@ fn cids(c: &[Vec<u8>]) -> Vec<Cid> {
 /// rollback). On success the exported connection's datagrams are forwarded until `release`.
 pub async fn migrate_out(ctx: &Arc<Ctx>, req: MigrateOut) -> Result<MigratedOut, Failure> {
     let started = Instant::now();
+    // Until it returns (after `released` has the migration on success, so a status asked in
+    // between never sees neither).
+    ctx.in_flight.lock().unwrap().insert(req.migration_id);
+    let _in_flight = InFlight(&ctx.in_flight, req.migration_id);
     let target = ctx.target(&req.target)?;
     let b = binding(
         req.migration_id,
@@ -512,6 +528,21 @@ async fn transfer(
             f.kind,
             format!("the target refused: {}", f.message),
         )),
+    }
+}
+
+/// Where this worker, as the source, stands in `migration_id`.
+pub fn status(ctx: &Ctx, migration_id: MigrationId) -> SourceStatus {
+    let state = if ctx.in_flight.lock().unwrap().contains(&migration_id) {
+        SourceState::InFlight
+    } else if ctx.released.lock().unwrap().contains_key(&migration_id) {
+        SourceState::Forwarding
+    } else {
+        SourceState::Unknown
+    };
+    SourceStatus {
+        migration_id,
+        state,
     }
 }
 
