@@ -643,6 +643,28 @@ pub struct Recovered {
     pub detail: Option<String>,
 }
 
+impl std::fmt::Display for Recovered {
+    /// One line: "<id> <conn> <from> -> <to> (<stage>): <outcome>[: <detail>]".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conn = self.conn.map(|c| c.to_string());
+        let outcome = serde_json::to_value(self.outcome).unwrap_or_default();
+        write!(
+            f,
+            "{} {} {} -> {} ({:?}): {}",
+            self.migration_id,
+            conn.as_deref().unwrap_or("?"),
+            self.from,
+            self.to,
+            self.stage,
+            outcome.as_str().unwrap_or("?")
+        )?;
+        match &self.detail {
+            Some(d) => write!(f, ": {d}"),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecoveryOutcome {

@@ -323,20 +323,7 @@ fn recover(cli: &Cli) -> Result<()> {
         print_json(&json!({"ok": settled, "migrations": rows}))?;
     } else {
         for r in &rows {
-            let conn = r.conn.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
-            let outcome = serde_json::to_value(r.outcome)?;
-            println!(
-                "{} {conn} {} -> {} ({:?}): {}{}",
-                r.migration_id,
-                r.from,
-                r.to,
-                r.stage,
-                outcome.as_str().unwrap_or("?"),
-                r.detail
-                    .as_ref()
-                    .map(|d| format!(": {d}"))
-                    .unwrap_or_default()
-            );
+            println!("{r}");
         }
         println!("{} migrations in flight in etcd", rows.len());
     }

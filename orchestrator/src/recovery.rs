@@ -89,52 +89,45 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_flip_on_record_is_always_finished() {
-        for source in [
+    /// Every pair of what the source and the target may say.
+    fn every_answer() -> impl Iterator<Item = (Option<SourceState>, TargetView)> {
+        let sources = [
             None,
             Some(SourceState::InFlight),
             Some(SourceState::Forwarding),
             Some(SourceState::Unknown),
-        ] {
-            for target in [
+        ];
+        sources.into_iter().flat_map(|source| {
+            [
                 TargetView::Absent,
                 TargetView::Held,
                 TargetView::Silent,
                 live(),
-            ] {
-                let r = resolve(true, source, &target);
-                assert_eq!(
-                    r,
-                    Resolution::Complete {
-                        flip: None,
-                        release: source == Some(SourceState::Forwarding)
-                    },
-                    "{source:?} {target:?}"
-                );
-            }
+            ]
+            .map(|target| (source, target))
+        })
+    }
+
+    #[test]
+    fn a_flip_on_record_is_always_finished() {
+        for (source, target) in every_answer() {
+            assert_eq!(
+                resolve(true, source, &target),
+                Resolution::Complete {
+                    flip: None,
+                    release: source == Some(SourceState::Forwarding)
+                },
+                "{source:?} {target:?}"
+            );
         }
     }
 
     #[test]
     fn an_override_is_written_only_for_a_connection_the_target_runs() {
-        for source in [
-            None,
-            Some(SourceState::InFlight),
-            Some(SourceState::Forwarding),
-            Some(SourceState::Unknown),
-        ] {
-            for target in [
-                TargetView::Absent,
-                TargetView::Held,
-                TargetView::Silent,
-                live(),
-            ] {
-                if let Resolution::Complete { flip: Some(_), .. } = resolve(false, source, &target)
-                {
-                    assert_eq!(target, live(), "{source:?}");
-                    assert_ne!(source, Some(SourceState::InFlight));
-                }
+        for (source, target) in every_answer() {
+            if let Resolution::Complete { flip: Some(_), .. } = resolve(false, source, &target) {
+                assert_eq!(target, live(), "{source:?}");
+                assert_ne!(source, Some(SourceState::InFlight));
             }
         }
     }

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::Duration;
-use support::cluster::{PREFIX, baton_in, cluster_member_configs, etcd_overrides, json_of};
+use support::cluster::{
+    PREFIX, baton_in, cluster_member_configs, etcd_keys, etcd_overrides, json_of,
+};
 use support::*;
 
 const NODE: &str = "lb1";
@@ -191,14 +193,8 @@ fn drivers_that_die_are_recovered(lab: &Lab, mc: &Path, etcd: &Etcd) -> usize {
         );
     }
     assert_eq!(
-        etcd.ctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            &format!("{PREFIX}/migrations/")
-        ])
-        .trim(),
-        "",
+        etcd_keys(etcd, "migrations"),
+        Default::default(),
         "no migration left in flight after the recovery"
     );
     let again = json_of(&baton_on_client(lab, mc, &["recover"]), "baton recover");
@@ -258,14 +254,8 @@ fn a_cluster_node_follows_etcd_through_migrations_and_an_etcd_crash() {
     let (in_etcd, in_map) = overrides(&lab, &etcd);
     assert_eq!(in_etcd, in_map, "the node's override map is etcd's");
     assert_eq!(
-        etcd.ctl(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            &format!("{PREFIX}/migrations/")
-        ])
-        .trim(),
-        "",
+        etcd_keys(&etcd, "migrations"),
+        Default::default(),
         "no migration left in flight"
     );
 

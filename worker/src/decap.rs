@@ -19,10 +19,12 @@
 //! [`DropReason`] (`baton_worker_decap_dropped_total`), never answered.
 use crate::udp::Received;
 use bytes::BytesMut;
+use lb_common::encap::csum_fold;
 use serde::Deserialize;
+use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::unix::AsyncFd;
@@ -150,7 +152,7 @@ fn parse_ipv4(buf: &[u8]) -> Result<Inner, DropReason> {
         let mut sum = sum_bytes(&buf[12..20]);
         sum += IPPROTO_UDP as u64 + udp.len() as u64;
         sum += sum_bytes(udp);
-        if fold(sum) != 0xffff {
+        if csum_fold(sum) != 0xffff {
             return Err(DropReason::Checksum);
         }
     }
@@ -200,7 +202,7 @@ fn parse_ipv6(buf: &[u8]) -> Result<Inner, DropReason> {
     let mut sum = sum_bytes(&buf[8..40]);
     sum += IPPROTO_UDP as u64 + udp.len() as u64;
     sum += sum_bytes(udp);
-    if fold(sum) != 0xffff {
+    if csum_fold(sum) != 0xffff {
         return Err(DropReason::Checksum);
     }
     let traffic_class = ((buf[0] & 0x0f) << 4) | (buf[1] >> 4);
@@ -228,13 +230,6 @@ fn sum_bytes(b: &[u8]) -> u64 {
         sum += (*last as u64) << 8;
     }
     sum
-}
-
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// The inner datagram's offset in a GUE payload: variant 0's header and optional fields
@@ -297,7 +292,7 @@ enum Kind {
 }
 
 struct TunnelSocket {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<Socket>,
     kind: Kind,
 }
 
@@ -311,71 +306,21 @@ pub struct Decapsulator {
     pub stats: DecapStats,
 }
 
-fn socket(family: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = unsafe { libc::socket(family, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn gue_socket(v6: bool, port: u16) -> io::Result<OwnedFd> {
-    let std = if v6 {
-        let s = socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt with a c_int value on our own fd.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let udp = std::net::UdpSocket::from(s);
-        // Bind through std to avoid building sockaddrs by hand: rebind is not possible, so the
-        // socket was created unbound above only to set V6ONLY first.
-        bind(&udp, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))?;
-        udp
+/// A GUE socket: UDP on `port` of every address of one family (IPv6 only for `v6`, so both
+/// families can hold the port).
+fn gue_socket(v6: bool, port: u16) -> io::Result<Socket> {
+    let (domain, any) = if v6 {
+        (Domain::IPV6, IpAddr::from(Ipv6Addr::UNSPECIFIED))
     } else {
-        std::net::UdpSocket::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?
+        (Domain::IPV4, IpAddr::from(Ipv4Addr::UNSPECIFIED))
     };
-    std.set_nonblocking(true)?;
-    Ok(OwnedFd::from(std))
-}
-
-/// bind(2) of an unbound IPv6 UDP socket to `[::]:port`.
-fn bind(udp: &std::net::UdpSocket, addr: SocketAddr) -> io::Result<()> {
-    let SocketAddr::V6(a) = addr else {
-        unreachable!("IPv6 only")
-    };
-    let sa = libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as libc::sa_family_t,
-        sin6_port: a.port().to_be(),
-        sin6_flowinfo: 0,
-        sin6_addr: libc::in6_addr {
-            s6_addr: a.ip().octets(),
-        },
-        sin6_scope_id: 0,
-    };
-    // SAFETY: a valid sockaddr_in6 of the size given.
-    let r = unsafe {
-        libc::bind(
-            udp.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if v6 {
+        s.set_only_v6(true)?;
     }
-    Ok(())
+    s.bind(&SocketAddr::new(any, port).into())?;
+    s.set_nonblocking(true)?;
+    Ok(s)
 }
 
 impl Decapsulator {
@@ -383,11 +328,12 @@ impl Decapsulator {
     /// the worker serves: inner datagrams to anything else are dropped.
     pub fn open(cfg: &DecapConfig, vips: &[IpAddr], port: u16) -> io::Result<Self> {
         let mut sockets = Vec::new();
-        let mut add = |fd: OwnedFd, kind: Kind| -> io::Result<()> {
-            // SAFETY: an OwnedFd keeps its descriptor open, and the same one, for as long as
-            // the AsyncFd owns it.
-            let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
+        let mut add = |socket: Socket, kind: Kind| -> io::Result<()> {
+            // SAFETY: the Socket owns its descriptor, and keeps the same one open, for as long
+            // as the AsyncFd holds it.
+            let fd =
+                unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)?;
             sockets.push(TunnelSocket { fd, kind });
             Ok(())
         };
@@ -406,13 +352,15 @@ impl Decapsulator {
             }
         }
         if cfg.ipip {
-            for (family, inner) in [
-                (libc::AF_INET, IPPROTO_IPIP),
-                (libc::AF_INET, IPPROTO_IPV6),
-                (libc::AF_INET6, IPPROTO_IPIP),
-                (libc::AF_INET6, IPPROTO_IPV6),
+            for (domain, inner) in [
+                (Domain::IPV4, IPPROTO_IPIP),
+                (Domain::IPV4, IPPROTO_IPV6),
+                (Domain::IPV6, IPPROTO_IPIP),
+                (Domain::IPV6, IPPROTO_IPV6),
             ] {
-                let fd = socket(family, libc::SOCK_RAW, inner as libc::c_int).map_err(|e| {
+                let raw = Socket::new(domain, Type::RAW, Some(Protocol::from(inner as i32)))
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s));
+                let fd = raw.map_err(|e| {
                     let hint = if e.raw_os_error() == Some(libc::EPERM) {
                         " (raw sockets need CAP_NET_RAW: run the worker as root or grant it the capability)"
                     } else {
@@ -423,7 +371,7 @@ impl Decapsulator {
                         format!("[decap] ipip: cannot open a raw socket for protocol {inner}: {e}{hint}"),
                     )
                 })?;
-                let kind = if family == libc::AF_INET {
+                let kind = if domain == Domain::IPV4 {
                     Kind::Ipip4(inner)
                 } else {
                     Kind::Ipip6(inner)
@@ -447,24 +395,11 @@ impl Decapsulator {
             // bounded batch, so a socket may still hold datagrams after it ran.
             while let Poll::Ready(r) = s.fd.poll_read_ready(cx) {
                 let mut guard = r?;
-                let mut byte = 0u8;
-                // SAFETY: a 1-byte peek into a local.
-                let n = unsafe {
-                    libc::recv(
-                        s.fd.get_ref().as_raw_fd(),
-                        &mut byte as *mut u8 as *mut libc::c_void,
-                        1,
-                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                    )
-                };
-                if n >= 0 {
-                    return Poll::Ready(Ok(()));
+                match s.fd.get_ref().peek(&mut [MaybeUninit::uninit()]) {
+                    Ok(_) => return Poll::Ready(Ok(())),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    return Poll::Ready(Err(e));
-                }
-                guard.clear_ready();
             }
         }
         Poll::Pending
@@ -477,26 +412,14 @@ impl Decapsulator {
         let mut delivered = 0;
         for s in &self.sockets {
             for _ in 0..RECV_BATCH {
-                // SAFETY: recv(2) into our buffer of that length.
-                let n = unsafe {
-                    libc::recv(
-                        s.fd.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr() as *mut libc::c_void,
-                        buf.len(),
-                        libc::MSG_DONTWAIT,
-                    )
+                // The socket is non-blocking: an empty one says WouldBlock.
+                let n = match io::Read::read(&mut s.fd.get_ref(), &mut buf[..]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
                 };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        break;
-                    }
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-                match self.unwrap(s.kind, &buf[..n as usize]) {
+                match self.unwrap(s.kind, &buf[..n]) {
                     Ok(r) => {
                         out.push(r);
                         delivered += 1;
@@ -561,7 +484,7 @@ mod tests {
         p.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
         p.extend_from_slice(&src);
         p.extend_from_slice(&dst);
-        let hsum = !fold(sum_bytes(&p[..20]));
+        let hsum = !csum_fold(sum_bytes(&p[..20]));
         p[10..12].copy_from_slice(&hsum.to_be_bytes());
         p.extend_from_slice(&sport.to_be_bytes());
         p.extend_from_slice(&dport.to_be_bytes());
@@ -569,7 +492,7 @@ mod tests {
         p.extend_from_slice(&[0, 0]);
         p.extend_from_slice(body);
         let sum = sum_bytes(&p[12..20]) + IPPROTO_UDP as u64 + udp_len as u64 + sum_bytes(&p[20..]);
-        let c = match !fold(sum) {
+        let c = match !csum_fold(sum) {
             0 => 0xffff,
             c => c,
         };
@@ -590,7 +513,7 @@ mod tests {
         p.extend_from_slice(&[0, 0]);
         p.extend_from_slice(body);
         let sum = sum_bytes(&p[8..40]) + IPPROTO_UDP as u64 + udp_len as u64 + sum_bytes(&p[40..]);
-        let c = match !fold(sum) {
+        let c = match !csum_fold(sum) {
             0 => 0xffff,
             c => c,
         };

@@ -455,19 +455,20 @@ pub fn node_state(status: &Value) -> (i64, bool, Vec<String>) {
     )
 }
 
+/// The keys `etcd` holds under `[PREFIX]/dir/`, without that start.
+pub fn etcd_keys(etcd: &Etcd, dir: &str) -> std::collections::BTreeSet<String> {
+    let start = format!("{PREFIX}/{dir}/");
+    etcd.ctl(&["get", "--prefix", "--keys-only", &start])
+        .lines()
+        .filter_map(|l| l.strip_prefix(start.as_str()))
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// The CIDs `etcd` holds overrides for (under [`PREFIX`]).
 pub fn etcd_overrides(etcd: &Etcd) -> std::collections::BTreeSet<String> {
-    etcd.ctl(&[
-        "get",
-        "--prefix",
-        "--keys-only",
-        &format!("{PREFIX}/overrides/"),
-    ])
-    .lines()
-    .filter_map(|l| l.rsplit('/').next())
-    .filter(|l| !l.is_empty())
-    .map(String::from)
-    .collect()
+    etcd_keys(etcd, "overrides")
 }
 
 /// The health records in `etcd`: "<node>/<worker>" -> healthy.
